@@ -1,0 +1,3 @@
+"""kd: a command-line knowledge-distillation tool."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,175 @@
+"""`kd STAGE [hydra flags and overrides]`: the stage dispatcher in front of @hydra.main.
+
+It maps the stage word to its primary config, moves Hydra's own flags in front of the
+overrides (plain Hydra rejects `-m` between two overrides), turns every error into one line on
+stderr with a non-zero exit (KD_DEBUG=1 or `--debug` shows the traceback), and completes stage
+names in bash before handing completion of overrides to Hydra.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from kd_cli.errors import KdError, unknown_choice
+
+
+@dataclass(frozen=True)
+class Stage:
+    config: str  # primary config name under configs/ (Hydra stages), or "" for plain commands
+    summary: str
+
+
+STAGES: dict[str, Stage] = {
+    "train-teacher": Stage("train_teacher", "train a teacher network on a data set"),
+    "distill": Stage("distill", "train a student from a teacher with a distillation method"),
+    "evaluate": Stage("evaluate", "score a trained model: accuracy, calibration, size, MACs, latency"),
+}
+
+# Hydra flags that take a value (the value travels with the flag when flags are moved).
+FLAGS_WITH_VALUE = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
+                    "-p", "--package", "-sc", "--shell-completion", "-i", "--info", "--experimental-rerun"}
+FLAGS_WITHOUT_VALUE = {"-m", "--multirun", "--cfg", "-c", "--resolve", "--help", "-h", "--hydra-help",
+                       "--version", "-r", "--run"}
+# Flags whose value is optional (`--info` alone, or `--info config`); `--cfg` always takes one.
+INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+CFG_VALUES = {"job", "hydra", "all"}
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def usage() -> str:
+    width = max(len(name) for name in STAGES)
+    lines = ["usage: kd STAGE [overrides...] [hydra flags]", "", "stages:"]
+    lines += [f"  {name:<{width}}  {stage.summary}" for name, stage in STAGES.items()]
+    lines += [
+        "",
+        "Every setting is a Hydra override, e.g. `kd distill dataset=mnist student=mlp trainer.epochs=5`.",
+        "`kd STAGE --help` lists a stage's config groups and options; `-m` sweeps (`method.temperature=2,4`).",
+        "Errors print one line; set KD_DEBUG=1 (or pass --debug) to see the traceback.",
+    ]
+    return "\n".join(lines)
+
+
+def reorder_hydra_flags(args: list[str]) -> list[str]:
+    """Hydra flags (with their values) first, overrides after, each in their original order."""
+    flags: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in FLAGS_WITH_VALUE:
+            takes_value = arg not in ("-i", "--info") or (i + 1 < len(args) and args[i + 1] in INFO_VALUES)
+            flags += args[i : i + 2] if takes_value else [arg]
+            i += 2 if takes_value else 1
+        elif arg in ("--cfg", "-c"):
+            flags += args[i : i + 2]
+            i += 2
+        elif arg in FLAGS_WITHOUT_VALUE or (arg.startswith("-") and "=" not in arg and not arg[1:2].isdigit()):
+            flags.append(arg)
+            i += 1
+        else:
+            overrides.append(arg)
+            i += 1
+    return flags + overrides
+
+
+def complete_stage_or_strip(line: str) -> str | None:
+    """Bash completion: stage names while the stage word is typed, else the line without it."""
+    words = line.split()
+    typing_stage = len(words) == 1 or (len(words) == 2 and not line.endswith(" "))
+    if typing_stage:
+        prefix = words[1] if len(words) == 2 else ""
+        print(" ".join(name for name in STAGES if name.startswith(prefix)))
+        return None
+    return " ".join([words[0], *words[2:]]) + (" " if line.endswith(" ") else "")
+
+
+def run_hydra_stage(stage: str, args: list[str]) -> None:
+    import hydra
+
+    from kd_cli.config import register_configs
+    from kd_cli.stages import run
+
+    register_configs()
+    sys.argv = [sys.argv[0], *reorder_hydra_flags(args)]
+    main_fn: Callable = hydra.main(
+        version_base="1.3", config_path="pkg://kd_cli.configs", config_name=STAGES[stage].config
+    )(run)
+    main_fn()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("KD_DEBUG", "") not in ("", "0") or "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    # Let exceptions reach us instead of Hydra's multi-line report; we print one line.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        code = dispatch(args)
+    except KeyboardInterrupt:
+        print("kd: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else EXIT_ERROR)
+    except BaseException as error:  # noqa: BLE001 - the CLI boundary: one line, no traceback
+        if debug:
+            raise
+        print(f"kd: error: {one_line(error)}", file=sys.stderr)
+        code = EXIT_ERROR
+    sys.exit(code)
+
+
+def dispatch(args: list[str]) -> int:
+    if "COMP_LINE" in os.environ and any(a in ("-sc", "--shell-completion") for a in args):
+        return complete(args)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if args[0] == "--version":
+        from kd_cli import __version__
+
+        print(f"kd {__version__}")
+        return 0
+    stage, rest = args[0], args[1:]
+    if stage.startswith("-") and any(a in ("-sc", "--shell-completion") for a in args):
+        run_hydra_stage("distill", args)  # `kd -sc install=bash`: any stage prints the script
+        return 0
+    if stage not in STAGES:
+        raise unknown_choice("stage", stage, STAGES)
+    from kd_cli.resume import guard_run_dir, resume_arguments
+
+    rest = resume_arguments(stage, rest)
+    guard_run_dir(rest)
+    run_hydra_stage(stage, rest)
+    return 0
+
+
+def complete(args: list[str]) -> int:
+    stripped = complete_stage_or_strip(os.environ["COMP_LINE"])
+    if stripped is None:
+        return 0
+    stage = os.environ["COMP_LINE"].split()[1]
+    if stage not in STAGES:
+        return 0
+    os.environ["COMP_LINE"] = stripped
+    os.environ["COMP_POINT"] = str(len(stripped))
+    run_hydra_stage(stage, [a for a in args if a != stage])
+    return 0
+
+
+def one_line(error: BaseException) -> str:
+    """A readable single line from any exception, Hydra's multi-line ones included."""
+    if isinstance(error, KdError):
+        return str(error)
+    from kd_cli.hydra_errors import describe
+
+    return describe(error)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,141 @@
+"""Structured config schemas (types for every stage) and the teacher/student model options.
+
+The YAML files under configs/ hold every default value; the dataclasses here hold only types, so
+Hydra rejects a wrong type or an unknown key before anything runs and no default lives in two
+places. Data-set and method nodes are open dicts: their keys are checked against the signature
+of the registered loader or method instead (see kd_cli/registry.py).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class PathsConfig:
+    outputs: str = MISSING
+    data: str = MISSING
+
+
+@dataclass
+class ModelConfig:
+    arch: str = MISSING
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    # teacher only: a run directory, a model.safetensors file, `auto` (newest matching teacher run
+    # under paths.outputs, trained first when there is none) or null (train-teacher).
+    checkpoint: Optional[str] = None
+
+
+@dataclass
+class AugmentationConfig:
+    name: str = MISSING
+    crop_padding: int = MISSING
+    hflip: bool = MISSING
+    rotate_degrees: float = MISSING
+    erase_prob: float = MISSING
+    trivial_augment: bool = MISSING
+
+
+@dataclass
+class OptimConfig:
+    name: str = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    momentum: float = MISSING
+    nesterov: bool = MISSING
+    betas: List[float] = MISSING
+    schedule: str = MISSING
+    milestones: List[int] = MISSING
+    gamma: float = MISSING
+    warmup_epochs: float = MISSING
+    min_lr: float = MISSING
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    eval_batch_size: int = MISSING
+    device: str = MISSING
+    precision: str = MISSING
+    channels_last: bool = MISSING
+    compile: bool = MISSING
+    deterministic: bool = MISSING
+    num_workers: int = MISSING
+    eval_every: int = MISSING
+    grad_clip: Optional[float] = MISSING
+    progress: str = MISSING
+    max_steps_per_epoch: Optional[int] = MISSING
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING
+
+
+@dataclass
+class BaseConfig:
+    stage: str = MISSING
+    seed: int = MISSING
+    paths: PathsConfig = MISSING
+    dataset: Any = MISSING
+    trainer: TrainerConfig = MISSING
+
+
+@dataclass
+class TrainConfig(BaseConfig):
+    augmentation: AugmentationConfig = MISSING
+    method: Any = MISSING
+    optim: OptimConfig = MISSING
+    logger: LoggerConfig = MISSING
+    resume: Optional[str] = None
+
+
+@dataclass
+class TrainTeacherConfig(TrainConfig):
+    teacher: ModelConfig = MISSING
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    teacher: ModelConfig = MISSING
+    student: ModelConfig = MISSING
+
+
+@dataclass
+class EvaluateConfig(BaseConfig):
+    run: str = MISSING
+    split: str = MISSING
+    teacher: Optional[str] = None
+    latency_batches: int = MISSING
+    latency_batch_size: int = MISSING
+
+
+def model_options(builder) -> dict:
+    """The keyword options of a model builder with their defaults (the code is their one source)."""
+    fixed = {"num_classes", "in_channels", "input_size"}
+    params = inspect.signature(builder).parameters.items()
+    return {
+        name: list(p.default) if isinstance(p.default, tuple) else p.default
+        for name, p in params
+        if name not in fixed and p.default is not inspect.Parameter.empty
+    }
+
+
+def register_configs() -> None:
+    """Schemas, plus one `teacher=NAME` / `student=NAME` option per registered model."""
+    from kd_cli.models import MODELS
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_teacher_schema", node=TrainTeacherConfig)
+    cs.store(name="distill_schema", node=DistillConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
+    for name in MODELS.names():
+        options = model_options(MODELS.get(name))
+        cs.store(group="teacher", name=name, node={"arch": name, "kwargs": options, "checkpoint": "auto"})
+        cs.store(group="student", name=name, node={"arch": name, "kwargs": options})

@@ -1,0 +1,73 @@
+"""Device and precision: resolved once from the config, with clear errors for absent hardware."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from kd_cli.errors import KdError
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto` picks CUDA, then MPS, then CPU; an explicit device that is absent is an error."""
+    spec = str(spec).strip().lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise KdError(f"trainer.device={spec} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        _check_cuda(device, spec)
+    elif device.type == "mps" and not _mps_available():
+        raise KdError("trainer.device=mps but this machine has no MPS (Apple GPU); use trainer.device=cpu or auto")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise KdError(f"trainer.device={spec} is not supported; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def _check_cuda(device: torch.device, spec: str) -> None:
+    if not torch.cuda.is_available():
+        raise KdError(f"trainer.device={spec} but no CUDA GPU is available here; use trainer.device=cpu or auto")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise KdError(f"trainer.device={spec} but only {count} CUDA device(s) exist (cuda:0..cuda:{count - 1})")
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(spec: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype (float32 = no autocast). `auto` is bf16 on a GPU that supports it."""
+    spec = str(spec).lower()
+    if spec not in PRECISIONS:
+        raise KdError(f"trainer.precision={spec} is not one of {', '.join(PRECISIONS)}")
+    if spec == "auto":
+        gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if gpu_bf16 else torch.float32
+    if spec == "fp16" and device.type == "cpu":
+        raise KdError("trainer.precision=fp16 needs a GPU; on CPU use bf16 or fp32")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,201 @@
+"""The one training loop. Teacher training, distillation and compression recovery all run here:
+what differs between them is the method (a teacher-less `none`, `kd`, ...), not the loop."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch.nn.parallel import DistributedDataParallel
+
+from kd_cli.engine.checkpoint import LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from kd_cli.engine.device import autocast
+from kd_cli.engine.distributed import World, all_reduce_sum
+from kd_cli.engine.metrics import predict, topk_accuracy
+from kd_cli.engine.optim import build_optimizer, check_schedule, lr_at, set_lr
+from kd_cli.engine.progress import make_reporter
+from kd_cli.engine.rundir import RunDir
+from kd_cli.errors import KdError
+from kd_cli.methods.base import Distiller
+
+log = logging.getLogger("kd")
+
+
+@dataclass
+class Training:
+    """Everything one run of the loop needs."""
+
+    method: Distiller
+    train_loader: Any
+    test_loader: Any
+    optim: DictConfig
+    trainer: DictConfig
+    device: torch.device
+    dtype: torch.dtype
+    run: RunDir
+    title: str
+    world: World = field(default_factory=World)
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, Any]]
+    best_top1: float
+    best_epoch: int
+    resumed_from: int
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+
+def fit(job: Training) -> FitResult:
+    epochs = job.trainer.epochs
+    check_schedule(job.optim, epochs)
+    method = job.method.to(job.device)
+    if job.trainer.channels_last:
+        method.to(memory_format=torch.channels_last)
+    params = [p for p in method.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, job.optim)
+    state = _resume_state(job, method, optimizer)
+    if job.trainer.compile:
+        method.student.compile()
+    forward = _wrap_ddp(method, job)
+    steps = _steps_per_epoch(job)
+    scaler = torch.amp.GradScaler(job.device.type, enabled=job.dtype == torch.float16)
+    with make_reporter(job.trainer.progress if job.world.is_main else "none", job.title, epochs, steps) as bar:
+        for epoch in range(state["epoch"], epochs):
+            row = _train_epoch(job, method, forward, optimizer, scaler, epoch, steps, bar)
+            if (epoch + 1) % job.trainer.eval_every == 0 or epoch + 1 == epochs:
+                row.update(_evaluate(job, method))
+            state["history"].append(row)
+            _track_best(state, row)
+            if job.world.is_main:
+                job.run.write_metrics(state["history"])
+                save_checkpoint(job.run.path, _checkpoint(method, optimizer, epoch + 1, state))
+            bar.end_epoch(row)
+    best = state["best"]
+    return FitResult(state["history"], best["top1"], best["epoch"], state["resumed_from"])
+
+
+def _steps_per_epoch(job: Training) -> int:
+    steps = len(job.train_loader)
+    if job.trainer.max_steps_per_epoch:
+        steps = min(steps, job.trainer.max_steps_per_epoch)
+    if steps == 0:
+        raise KdError("the training split has fewer samples than one batch; lower trainer.batch_size")
+    return steps
+
+
+def _wrap_ddp(method: Distiller, job: Training):
+    if not job.world.distributed:
+        return method
+    ids = [job.device.index] if job.device.type == "cuda" else None
+    return DistributedDataParallel(method, device_ids=ids)
+
+
+def _train_epoch(job, method, forward, optimizer, scaler, epoch, steps, bar) -> dict[str, Any]:
+    method.train()
+    job.train_loader.set_epoch(epoch)
+    bar.start_epoch(epoch)
+    sums: dict[str, torch.Tensor] = {}
+    correct = torch.zeros((), device=job.device)
+    seen = 0
+    start = time.perf_counter()
+    for step, (images, labels) in enumerate(job.train_loader):
+        if step >= steps:
+            break
+        lr = lr_at(job.optim, epoch + step / steps, job.trainer.epochs)
+        set_lr(optimizer, lr)
+        if job.trainer.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(job.device, job.dtype):
+            logits, terms = forward(images, labels)
+        loss = sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if job.trainer.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(method.parameters(), job.trainer.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        _accumulate(sums, terms, loss, len(labels))
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += len(labels)
+        bar.step()
+    seconds = time.perf_counter() - start
+    return _epoch_row(job, epoch, sums, correct, seen, seconds, lr)
+
+
+def _accumulate(sums: dict, terms: dict, loss: torch.Tensor, batch: int) -> None:
+    """Sum each term on the device: no host sync per batch (the loop stays as fast as a bare one)."""
+    for name, value in {"loss": loss, **terms}.items():
+        value = value.detach().float() * batch
+        sums[name] = sums[name] + value if name in sums else value
+
+
+def _epoch_row(job, epoch, sums, correct, seen, seconds, lr) -> dict[str, Any]:
+    names = list(sums)
+    totals = torch.stack([sums[n] for n in names] + [correct, torch.tensor(float(seen), device=job.device)])
+    totals = all_reduce_sum(totals, job.world).tolist()
+    count = totals[-1]
+    row: dict[str, Any] = {"epoch": epoch + 1}
+    row.update({f"train_{n}": v / count for n, v in zip(names, totals)})
+    if not math.isfinite(row["train_loss"]):
+        raise KdError(
+            f"the training loss became {row['train_loss']} in epoch {epoch + 1}; "
+            "lower optim.lr, set trainer.grad_clip, or use trainer.precision=fp32"
+        )
+    row["train_top1"] = 100.0 * totals[-2] / count
+    row["lr"] = lr
+    row["images_per_s"] = count / seconds
+    row["seconds"] = seconds
+    return row
+
+
+def _evaluate(job: Training, method: Distiller) -> dict[str, float]:
+    logits, labels = predict(method.student, job.test_loader, job.device, job.dtype)
+    return {
+        "test_top1": topk_accuracy(logits, labels, 1),
+        "test_loss": torch.nn.functional.cross_entropy(logits, labels).item(),
+    }
+
+
+def _track_best(state: dict, row: dict) -> None:
+    if "test_top1" in row and row["test_top1"] > state["best"]["top1"]:
+        state["best"] = {"top1": row["test_top1"], "epoch": row["epoch"]}
+
+
+def _checkpoint(method: Distiller, optimizer, epochs_done: int, state: dict) -> dict:
+    return {
+        "epoch": epochs_done,
+        "method": method.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": rng_state(),
+        "history": state["history"],
+        "best": state["best"],
+    }
+
+
+def _resume_state(job: Training, method: Distiller, optimizer) -> dict:
+    """Fresh state, or the state of checkpoints/last.pt when the run directory has one."""
+    path = job.run.path / LAST
+    if not path.exists():
+        return {"epoch": 0, "history": [], "best": {"top1": -1.0, "epoch": 0}, "resumed_from": 0}
+    saved = load_checkpoint(path)
+    try:
+        method.load_state_dict(saved["method"])
+        optimizer.load_state_dict(saved["optimizer"])
+    except (KeyError, RuntimeError, ValueError) as error:
+        reason = str(error).splitlines()[0][:200]
+        raise KdError(
+            f"{path} does not match this run's model/method ({reason}); resume with the same config or start a new run"
+        ) from None
+    set_rng_state(saved["rng"])
+    log.info(f"resuming {job.title} from {path} after epoch {saved['epoch']}")
+    return {**saved, "resumed_from": saved["epoch"]}

@@ -1,0 +1,55 @@
+"""Fold Hydra's and OmegaConf's multi-line error reports into one line for the user."""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+NOISE = ("full_key:", "object_type", "reference_type", "See http", "Set the environment variable")
+
+
+def describe(error: BaseException) -> str:
+    parts = _messages(error)
+    lines = [line.strip() for part in parts for line in part.splitlines()]
+    lines = [line for line in lines if line and not line.startswith(NOISE)]
+    text = "; ".join(_fold_option_lists(lines))
+    text = _suggest_for_missing_option(text)
+    return text or type(error).__name__
+
+
+def _messages(error: BaseException) -> list[str]:
+    """The error's message and those of its causes, without repeats."""
+    seen: list[str] = []
+    while error is not None and len(seen) < 4:
+        message = str(error).strip()
+        if message and message not in seen:
+            seen.append(message)
+        error = error.__cause__ or error.__context__
+    return seen
+
+
+def _fold_option_lists(lines: list[str]) -> list[str]:
+    """`Available options in 'x':` followed by one option per line -> one line with a comma list."""
+    out: list[str] = []
+    options: list[str] | None = None
+    for line in lines:
+        if line.startswith("Available options in"):
+            options = []
+            out.append(line.rstrip(":") + ": ")
+        elif options is not None and re.fullmatch(r"[\w\-./]+", line):
+            options.append(line)
+            out[-1] = out[-1].split(": ")[0] + ": " + ", ".join(options)
+        else:
+            options = None
+            out.append(line)
+    return out
+
+
+def _suggest_for_missing_option(text: str) -> str:
+    """Add `did you mean` when Hydra could not find a group option that is close to a real one."""
+    missing = re.search(r"Could not find '([\w\-]+)/([\w\-.]+)'", text)
+    available = re.search(r"Available options in '[\w\-]+': ([\w\-, .]+)", text)
+    if not (missing and available):
+        return text
+    close = difflib.get_close_matches(missing.group(2), available.group(1).split(", "), n=3)
+    return text + (f"; did you mean {', '.join(close)}?" if close else "")

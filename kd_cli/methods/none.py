@@ -1,0 +1,24 @@
+"""`method=none`: the student trained alone with cross-entropy (teacher training, and the baseline)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kd_cli.methods import register_method
+from kd_cli.methods.base import Distiller
+
+
+@register_method("none")
+class NoDistillation(Distiller):
+    requires_teacher = False
+
+    def __init__(self, student, teacher=None, *, ce_weight: float, label_smoothing: float):
+        super().__init__(student, None)  # a teacher, if one is around, is ignored
+        self.ce_weight = ce_weight
+        self.label_smoothing = label_smoothing
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor):
+        logits = self.student(images)
+        ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        return logits, {"ce": self.ce_weight * ce}

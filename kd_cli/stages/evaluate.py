@@ -1,0 +1,148 @@
+"""`kd evaluate`: score any saved model (run directory or model.safetensors) on a split:
+top-1/top-5, NLL, ECE, per-class accuracy, confusion matrix, parameters, MACs, size, latency,
+and agreement with a teacher when one is given."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from kd_cli.data import load_dataset, make_loader
+from kd_cli.engine.artifacts import ModelSpec, load_model, resolve_weights
+from kd_cli.engine.metrics import classification_report, predict
+from kd_cli.engine.rundir import COMPLETE, CONFIG, RunDir
+from kd_cli.errors import KdError
+from kd_cli.stages.common import count_parameters, setup_run
+from kd_cli.stages.training import print_results
+
+log = logging.getLogger("kd")
+SPLITS = ("test", "train")
+
+
+def main(cfg: DictConfig, run: RunDir) -> float:
+    if cfg.split not in SPLITS:
+        raise KdError(f"split={cfg.split} is not one of {', '.join(SPLITS)}")
+    started = time.time()
+    setup = setup_run(cfg, run)
+    weights = resolve_weights(cfg.run)
+    model, spec = load_model(weights, setup.device)
+    data = load_dataset(_dataset_config(cfg, weights))
+    if (data.num_classes, data.in_channels) != (spec.num_classes, spec.in_channels):
+        raise KdError(f"{weights} expects {spec.num_classes} classes / {spec.in_channels} channel(s) but the data "
+                      f"set has {data.num_classes} / {data.in_channels}; pass the dataset it was trained on")
+    split = data.test if cfg.split == "test" else data.train
+    loader = make_loader(split, batch_size=cfg.trainer.eval_batch_size, train=False, spec=None, mean=spec.mean,
+                         std=spec.std, device=setup.device, seed=cfg.seed, num_workers=cfg.trainer.num_workers)
+    logits, labels = predict(model, loader, setup.device, setup.dtype)
+    report = classification_report(logits, labels, spec.num_classes)
+    confusion = report.pop("confusion")
+    summary = {
+        "stage": "evaluate", "model": str(weights), "arch": spec.arch, "dataset": spec.dataset, "split": cfg.split,
+        **report,
+        "params": count_parameters(model),
+        "macs": count_macs(model, spec, setup.device),
+        "size_bytes": weights.stat().st_size,
+        "latency_ms": measure_latency(model, spec, setup.device, cfg.latency_batch_size, cfg.latency_batches),
+        "latency_batch_size": cfg.latency_batch_size,
+        "device": str(setup.device),
+    }
+    if cfg.teacher:
+        summary["teacher_agreement"] = teacher_agreement(cfg.teacher, loader, logits, setup)
+    write_confusion(run.path, confusion, spec.class_names)
+    write_per_class(run.path / "per_class.csv", spec.class_names, report["per_class_accuracy"])
+    run.write_summary(COMPLETE, **summary, wall_time_s=time.time() - started)
+    print_results(f"evaluate {spec.arch} on {spec.dataset} ({cfg.split}, {report['num_samples']} images)", [
+        ("top-1 %", summary["top1"]), ("top-5 %", summary["top5"]), ("NLL", summary["nll"]),
+        ("ECE %", summary["ece"]), ("parameters", summary["params"]), ("MACs", summary["macs"]),
+        ("size on disk (bytes)", summary["size_bytes"]),
+        (f"latency ms / batch of {cfg.latency_batch_size}", summary["latency_ms"]),
+        *([("agreement with teacher %", summary["teacher_agreement"])] if cfg.teacher else []),
+        ("run directory", str(run.path)),
+    ])
+    return summary["top1"]
+
+
+def _dataset_config(cfg: DictConfig, weights: Path) -> dict:
+    """The data set given on the command line, else the one the model was trained on."""
+    if cfg.dataset is not None:
+        return OmegaConf.to_container(cfg.dataset, resolve=True)
+    saved = weights.parent / CONFIG
+    if not saved.exists():
+        raise KdError(f"no {CONFIG} beside {weights} to tell its data set; pass dataset=NAME (and its options)")
+    return OmegaConf.to_container(OmegaConf.load(saved).dataset, resolve=True)
+
+
+def count_macs(model: nn.Module, spec: ModelSpec, device: torch.device) -> int:
+    """Multiply-accumulates for one image (FLOPs / 2, counted by torch's FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sample = torch.zeros(1, spec.in_channels, spec.input_size, spec.input_size, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(sample)
+    return counter.get_total_flops() // 2
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, spec: ModelSpec, device: torch.device, batch: int, batches: int) -> float:
+    """Median milliseconds per batch, after warm-up batches (which absorb one-off allocation costs)."""
+    images = torch.randn(batch, spec.in_channels, spec.input_size, spec.input_size, device=device)
+    times = []
+    for i in range(batches + 3):
+        _sync(device)
+        start = time.perf_counter()
+        model(images)
+        _sync(device)
+        if i >= 3:
+            times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def teacher_agreement(teacher_path: str, loader, logits: torch.Tensor, setup) -> float:
+    teacher, _ = load_model(teacher_path, setup.device)
+    teacher_logits, _ = predict(teacher, loader, setup.device, setup.dtype)
+    if teacher_logits.shape != logits.shape:
+        raise KdError(f"teacher {teacher_path} predicts {teacher_logits.shape[1]} classes, the model {logits.shape[1]}")
+    return 100.0 * (teacher_logits.argmax(1) == logits.argmax(1)).float().mean().item()
+
+
+def write_confusion(directory: Path, confusion: torch.Tensor, class_names: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(class_names)
+    size = min(4 + n * 0.35, 30)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(confusion.numpy(), cmap="Blues")
+    if n <= 30:
+        ax.set_xticks(range(n), class_names, rotation=90)
+        ax.set_yticks(range(n), class_names)
+        for (i, j), value in zip(((i, j) for i in range(n) for j in range(n)), confusion.flatten().tolist()):
+            if value:
+                ax.text(j, i, str(value), ha="center", va="center", fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    fig.savefig(directory / "confusion.png", dpi=100)
+    plt.close(fig)
+
+
+def write_per_class(path: Path, class_names: list[str], accuracy: list[float]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["class", "top1"])
+        writer.writerows(zip(class_names, accuracy))

@@ -1,0 +1,33 @@
+"""`kd train-teacher`: train the teacher architecture alone on the data set."""
+
+from __future__ import annotations
+
+import time
+
+from omegaconf import DictConfig
+
+from kd_cli.engine.rundir import RunDir
+from kd_cli.errors import KdError
+from kd_cli.methods import method_requires_teacher
+from kd_cli.stages.common import print_config, setup_run
+from kd_cli.stages.training import finish, load_data, model_spec, print_results, train_and_save
+
+
+def main(cfg: DictConfig, run: RunDir) -> float:
+    if method_requires_teacher(cfg.method.name):
+        raise KdError(f"train-teacher trains without a teacher, so method={cfg.method.name} cannot be used; use method=none")
+    started = time.time()
+    setup = setup_run(cfg, run)
+    if setup.world.is_main:
+        print_config(cfg)
+    loaders = load_data(cfg, setup, run)
+    spec = model_spec(cfg.teacher, loaders.data, cfg.dataset)
+    model = spec.build()
+    result = train_and_save(cfg, run, setup, loaders, model, spec, teacher=None, title=f"teacher {spec.arch}")
+    if setup.world.is_main:
+        summary = finish(run, cfg, result, model, started, role="teacher", arch=spec.arch)
+        print_results(f"teacher {spec.arch} on {cfg.dataset.name}", [
+            ("test top-1 (last)", summary["last_top1"]), ("test top-1 (best)", summary["best_top1"]),
+            ("parameters", summary["params"]), ("run directory", str(run.path)),
+        ])
+    return result.best_top1

@@ -1,0 +1,95 @@
+"""Training shared by train-teacher and distill: data, loaders, the loop, saving, the summary."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from kd_cli.data import AugmentSpec, DataSplits, load_dataset, make_loader
+from kd_cli.engine.artifacts import ModelSpec, save_model
+from kd_cli.engine.loop import FitResult, Training, fit
+from kd_cli.engine.rundir import COMPLETE, RunDir
+from kd_cli.methods import build_method
+from kd_cli.stages.common import Setup, check_channels, count_parameters, dataset_options, model_spec
+
+log = logging.getLogger("kd")
+
+
+@dataclass
+class Loaders:
+    data: DataSplits
+    train: Any
+    test: Any
+
+
+def load_data(cfg: DictConfig, setup: Setup, run: RunDir) -> Loaders:
+    data = load_dataset(dataset_options(cfg))
+    check_channels(list(cfg.dataset.mean), list(cfg.dataset.std), data.in_channels)
+    augmentation = {k: v for k, v in OmegaConf.to_container(cfg.augmentation, resolve=True).items() if k != "name"}
+    common = dict(mean=list(cfg.dataset.mean), std=list(cfg.dataset.std), device=setup.device, seed=cfg.seed,
+                  rank=setup.world.rank, world_size=setup.world.size, num_workers=cfg.trainer.num_workers)
+    train = make_loader(data.train, batch_size=cfg.trainer.batch_size, train=True,
+                        spec=AugmentSpec(**augmentation), drop_last=True, **common)
+    test = make_loader(data.test, batch_size=cfg.trainer.eval_batch_size, train=False, spec=None,
+                       **{**common, "rank": 0, "world_size": 1})
+    if setup.world.is_main:
+        run.write_env(device=str(setup.device), seed=cfg.seed, world_size=setup.world.size,
+                      data_fingerprint=data.fingerprint, train_samples=len(data.train), test_samples=len(data.test))
+    log.info(f"data: {cfg.dataset.name}  {len(data.train)} train / {len(data.test)} test  "
+             f"{data.num_classes} classes  {data.in_channels}x{data.input_size}x{data.input_size}")
+    return Loaders(data, train, test)
+
+
+def train_and_save(
+    cfg: DictConfig, run: RunDir, setup: Setup, loaders: Loaders, model: nn.Module, spec: ModelSpec,
+    teacher: nn.Module | None, title: str,
+) -> FitResult:
+    """Train `model` with cfg.method (and the teacher, if any); save weights; return the history."""
+    method = build_method(OmegaConf.to_container(cfg.method, resolve=True), model, teacher)
+    job = Training(method=method, train_loader=loaders.train, test_loader=loaders.test, optim=cfg.optim,
+                   trainer=cfg.trainer, device=setup.device, dtype=setup.dtype, run=run, title=title,
+                   world=setup.world)
+    result = fit(job)
+    if setup.world.is_main:
+        save_model(run.path, model, spec)
+    return result
+
+
+def finish(run: RunDir, cfg: DictConfig, result: FitResult, model: nn.Module, started: float, **extra: Any) -> dict:
+    """Write summary.json with status complete (last, so its presence means the run is whole)."""
+    last = result.last
+    summary = {
+        "stage": cfg.stage,
+        "dataset": cfg.dataset.name,
+        "method": cfg.method.name,
+        "seed": cfg.seed,
+        "epochs": last.get("epoch", 0),
+        "best_top1": result.best_top1,
+        "best_epoch": result.best_epoch,
+        "last_top1": last.get("test_top1"),
+        "last_train_loss": last.get("train_loss"),
+        "params": count_parameters(model),
+        "images_per_s": last.get("images_per_s"),
+        "resumed_from_epoch": result.resumed_from,
+        "wall_time_s": time.time() - started,
+        **extra,
+    }
+    run.write_summary(COMPLETE, **summary)
+    return summary
+
+
+def print_results(title: str, rows: list[tuple[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("")
+    table.add_column("value", justify="right")
+    for name, value in rows:
+        table.add_row(name, f"{value:.2f}" if isinstance(value, float) else str(value))
+    Console().print(table)
