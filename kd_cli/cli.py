@@ -78,6 +78,13 @@ def reorder_hydra_flags(args: list[str]) -> list[str]:
     return flags + overrides
 
 
+def open_model_options(overrides: list[str]) -> list[str]:
+    """`student.kwargs.width=8` -> `++student.kwargs.width=8`: model options are open-ended (checked
+    against the model's own signature), so setting one must work whether or not the YAML lists it."""
+    prefixes = ("teacher.kwargs.", "student.kwargs.")
+    return [f"++{o}" if o.startswith(prefixes) else o for o in overrides]
+
+
 def complete_stage_or_strip(line: str) -> str | None:
     """Bash completion: stage names while the stage word is typed, else the line without it."""
     words = line.split()
@@ -96,7 +103,7 @@ def run_hydra_stage(stage: str, args: list[str]) -> None:
     from kd_cli.stages import run
 
     register_configs()
-    sys.argv = [sys.argv[0], *reorder_hydra_flags(args)]
+    sys.argv = [sys.argv[0], *open_model_options(reorder_hydra_flags(args))]
     main_fn: Callable = hydra.main(
         version_base="1.3", config_path="pkg://kd_cli.configs", config_name=STAGES[stage].config
     )(run)

@@ -1,0 +1,14 @@
+"""Data: the data-set registry, in-memory tensor splits, batched on-device augmentation, loaders.
+
+Importing this package registers every built-in data set.
+"""
+
+from kd_cli.data.augment import AugmentSpec
+from kd_cli.data.base import COMMON_KEYS, DATASETS, DataSplits, FolderSplit, TensorSplit, load_dataset, register_dataset
+from kd_cli.data.loader import make_loader
+from kd_cli.data import digits, folder, synthetic, torchvision_sets  # noqa: F401  (register the data sets)
+
+__all__ = [
+    "DATASETS", "register_dataset", "load_dataset", "DataSplits", "TensorSplit", "FolderSplit",
+    "AugmentSpec", "make_loader", "COMMON_KEYS",
+]

@@ -1,0 +1,207 @@
+"""Batches for the training loop: normalised float images and int64 labels, already on the device.
+
+In-memory splits live on the device as uint8 and are shuffled, sliced and augmented there; image folders
+go through a DataLoader with torchvision.transforms.v2. Both are deterministic in (seed, epoch): a run
+resumed at epoch k sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+
+from kd_cli.data.augment import AugmentSpec, augment_batch, channel_stats, check_in_memory
+from kd_cli.data.base import FolderSplit, TensorSplit
+from kd_cli.errors import KdError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def make_loader(
+    split: TensorSplit | FolderSplit,
+    *,
+    batch_size: int,
+    train: bool,
+    spec: AugmentSpec | None,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    seed: int,
+    drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 2,
+) -> TensorLoader | FolderLoader:
+    """A loader with `set_epoch`, `__iter__` -> (images, labels) on `device`, `__len__` and `num_samples`.
+
+    With `world_size` > 1 each rank gets its own shard: for training, disjoint and of equal size (the
+    last len % world_size samples of each epoch's shuffle are left out, so every rank takes the same
+    number of steps); for evaluation, disjoint and covering every sample (sizes differ by at most one),
+    so metrics summed over ranks count each test image once.
+    """
+    if batch_size < 1:
+        raise KdError(f"batch size must be >= 1, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world of size {world_size}")
+    spec = spec if train else None  # evaluation never augments
+    device = torch.device(device)
+    if isinstance(split, TensorSplit):
+        return TensorLoader(split, batch_size, spec, mean, std, device, seed, drop_last, rank, world_size, train)
+    return FolderLoader(split, batch_size, spec, mean, std, device, seed, drop_last, rank, world_size, train,
+                        num_workers)
+
+
+def epoch_seed(seed: int, epoch: int, stream: str) -> int:
+    """A 63-bit seed from (seed, epoch, stream): independent streams that never collide across epochs."""
+    digest = hashlib.sha256(f"{seed}/{epoch}/{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def shard(order: torch.Tensor, rank: int, world_size: int, equal: bool) -> torch.Tensor:
+    """This rank's disjoint share of `order`; `equal` trims the tail so all shares have one length."""
+    if equal:
+        order = order[: len(order) - len(order) % world_size]
+    return order[rank::world_size]
+
+
+class TensorLoader:
+    """Shuffles, slices, augments and normalises an in-memory split, all on its device."""
+
+    def __init__(self, split: TensorSplit, batch_size: int, spec: AugmentSpec | None, mean: Sequence[float],
+                 std: Sequence[float], device: torch.device, seed: int, drop_last: bool, rank: int,
+                 world_size: int, shuffle: bool):
+        if spec is not None:
+            check_in_memory(spec)  # fail before the first epoch, not after the data moved to the device
+        self.images = split.images.to(device)  # once: uint8 is 4x smaller than float
+        self.labels = split.labels.to(device)
+        self.mean, self.std = channel_stats(mean, std, split.images.shape[1], device, torch.float32)
+        self.batch_size, self.spec = batch_size, spec
+        self.device, self.seed, self.drop_last = device, seed, drop_last
+        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.epoch = 0
+        self.num_samples = len(shard(torch.arange(len(self.labels)), rank, world_size, equal=shuffle))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        whole, part = divmod(self.num_samples, self.batch_size)
+        return whole if self.drop_last else whole + (part > 0)
+
+    def __iter__(self) -> Iterator[Batch]:
+        order = shard(self._order(), self.rank, self.world_size, equal=self.shuffle).to(self.device)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(epoch_seed(self.seed, self.epoch, f"augment/rank{self.rank}"))
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            index = order[start : start + self.batch_size]
+            images = self.images[index]
+            if self.spec is not None:
+                images = augment_batch(images, self.spec, generator)
+            else:
+                images = images.float().div_(255.0)
+            yield images.sub_(self.mean).div_(self.std), self.labels[index]
+
+    def _order(self) -> torch.Tensor:
+        count = len(self.labels)
+        if not self.shuffle:
+            return torch.arange(count)
+        # Drawn on the CPU, identically on every rank, so the shards of one epoch never overlap.
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, "order"))
+        return torch.randperm(count, generator=generator)
+
+
+class FolderLoader:
+    """A DataLoader over an image folder, with torchvision.transforms.v2, yielding batches on `device`."""
+
+    def __init__(self, split: FolderSplit, batch_size: int, spec: AugmentSpec | None, mean: Sequence[float],
+                 std: Sequence[float], device: torch.device, seed: int, drop_last: bool, rank: int,
+                 world_size: int, shuffle: bool, num_workers: int):
+        dataset = Transformed(split.dataset, folder_transform(spec, split.image_size, mean, std))
+        self.device, self.seed, self.rank, self.num_workers = device, seed, rank, num_workers
+        self.epoch = 0
+        # Seeds both the shuffle and the workers' random transforms; re-seeded from (seed, epoch) per epoch.
+        self.generator = torch.Generator()
+        self.sampler = _sampler(dataset, shuffle, seed, rank, world_size, self.generator)
+        self.loader = DataLoader(
+            dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
+            pin_memory=device.type == "cuda", drop_last=drop_last, generator=self.generator,
+        )
+        self.num_samples = len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.generator.manual_seed(epoch_seed(self.seed, self.epoch, "folder"))
+        batches = iter(self.loader)
+        for step in range(len(self.loader)):
+            images, labels = self._next(batches, step)
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def _next(self, batches: Iterator[Batch], step: int) -> Batch:
+        if self.num_workers > 0:
+            return next(batches)  # workers are seeded from self.generator already
+        # Without workers the transforms draw from the global RNG: seed a private copy of it per batch.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(epoch_seed(self.seed, self.epoch, f"batch{step}/rank{self.rank}"))
+            return next(batches)
+
+
+class Transformed(Dataset):
+    """Applies `transform` to the image of each (image, label) pair; the split itself stays transform-free."""
+
+    def __init__(self, dataset: Dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[index]
+        return self.transform(image), label
+
+
+def folder_transform(spec: AugmentSpec | None, size: int, mean: Sequence[float], std: Sequence[float]):
+    """RandomResizedCrop/flip/TrivialAugment/rotation/erasing as `spec` asks; Resize+CenterCrop otherwise.
+
+    On image folders `crop_padding` > 0 switches on RandomResizedCrop (padding itself means nothing for
+    images of arbitrary size), so augmentation=standard does the usual ImageNet-style crop.
+    """
+    from torchvision.transforms import v2
+
+    spec = spec or AugmentSpec()
+    steps: list = [v2.ToImage()]
+    if spec.crop_padding:
+        steps.append(v2.RandomResizedCrop(size, antialias=True))
+    else:  # the usual evaluation crop: resize to size/0.875, keep the centre
+        steps += [v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size)]
+    if spec.hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    if spec.trivial_augment:
+        steps.append(v2.TrivialAugmentWide())
+    if spec.rotate_degrees:
+        steps.append(v2.RandomRotation(spec.rotate_degrees))
+    steps.append(v2.ToDtype(torch.float32, scale=True))
+    if spec.erase_prob:  # before Normalize: erased pixels are black, as on the in-memory path
+        steps.append(v2.RandomErasing(p=spec.erase_prob, value=0))
+    steps.append(v2.Normalize(list(mean), list(std)))
+    return v2.Compose(steps)
+
+
+def _sampler(dataset: Dataset, shuffle: bool, seed: int, rank: int, world_size: int, generator: torch.Generator):
+    count = len(dataset)
+    if world_size > 1 and shuffle:
+        return DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    if world_size > 1:
+        return shard(torch.arange(count), rank, world_size, equal=False).tolist()
+    if shuffle:
+        return RandomSampler(dataset, generator=generator)
+    return list(range(count))
