@@ -108,6 +108,11 @@ def run_hydra_stage(stage: str, args: list[str]) -> None:
         version_base="1.3", config_path="pkg://kd_cli.configs", config_name=STAGES[stage].config
     )(run)
     main_fn()
+    from kd_cli.stages.common import take_error
+
+    error = take_error()
+    if error is not None:
+        raise error
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -119,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = dispatch(args)
     except KeyboardInterrupt:
-        print("kd: interrupted", file=sys.stderr)
+        print("kd: error: interrupted; the run directory keeps its last checkpoint (continue with resume=RUN_DIR)",
+              file=sys.stderr)
         code = EXIT_INTERRUPTED
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else EXIT_ERROR)

@@ -5,15 +5,20 @@ from __future__ import annotations
 import difflib
 import re
 
-NOISE = ("full_key:", "object_type", "reference_type", "See http", "Set the environment variable")
+NOISE = ("full_key:", "object_type", "reference_type", "See http", "Set the environment variable",
+         "Config search path", "provider=")
 
 
 def describe(error: BaseException) -> str:
     parts = _messages(error)
     lines = [line.strip() for part in parts for line in part.splitlines()]
-    lines = [line for line in lines if line and not line.startswith(NOISE)]
+    lines = [line for line in lines if line and not line.startswith(NOISE) and "$VALUE" not in line
+             and "$FULL_KEY" not in line]
     text = "; ".join(_fold_option_lists(lines))
     text = _suggest_for_missing_option(text)
+    missing = re.fullmatch(r"Missing mandatory value: ([\w.]+)", text)
+    if missing:
+        text += f"; set it on the command line, e.g. {missing.group(1)}=..."
     return text or type(error).__name__
 
 

@@ -41,9 +41,9 @@ class ModelSpec:
     def build(self) -> nn.Module:
         from kd_cli.models import create_model
 
-        return create_model(
-            self.arch, self.num_classes, self.in_channels, self.input_size, **dict(self.kwargs)
-        )
+        # Saved weights replace any pretrained ones: never download them again to rebuild.
+        options = {k: v for k, v in dict(self.kwargs).items() if k != "pretrained"}
+        return create_model(self.arch, self.num_classes, self.in_channels, self.input_size, **options)
 
 
 def save_model(directory: Path, model: nn.Module, spec: ModelSpec) -> Path:

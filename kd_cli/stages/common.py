@@ -32,18 +32,28 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+# The first error of this process's jobs. Hydra prints its own multi-line report for an exception
+# escaping a job, so jobs hand errors over here and the CLI raises this one after Hydra returns.
+_errors: list[BaseException] = []
+
+
+def take_error() -> BaseException | None:
+    return _errors.pop(0) if _errors else None
+
+
 def guarded(stage_main: Callable[[DictConfig, RunDir], Any], cfg: DictConfig) -> Any:
     """Run a stage; record `failed`/`interrupted` in summary.json when it does not complete.
 
-    In a sweep a failed job is recorded and the sweep goes on; a single run exits non-zero.
+    In a sweep a failed job is recorded and the others go on; the command exits non-zero at the end.
     """
     run = RunDir(output_dir())
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     started = time.time()
     try:
         return stage_main(cfg, run)
-    except KeyboardInterrupt:
-        _mark(run, INTERRUPTED, started, "interrupted; resume with resume=" + str(run.path))
+    except KeyboardInterrupt as interrupt:
+        _mark(run, INTERRUPTED, started, "interrupted; continue with resume=" + str(run.path))
+        _errors.append(interrupt)
         raise
     except Exception as error:
         from kd_cli.cli import one_line
@@ -51,8 +61,10 @@ def guarded(stage_main: Callable[[DictConfig, RunDir], Any], cfg: DictConfig) ->
         _mark(run, FAILED, started, one_line(error))
         if in_multirun():
             log.error(f"kd: error: job {run.path} failed: {one_line(error)}")
-            return None
-        raise
+            error = KdError(f"a job of the sweep failed ({run.path}): {one_line(error)}")
+        if not _errors:
+            _errors.append(error)
+        return None
     finally:
         signal.signal(signal.SIGTERM, previous)
 
