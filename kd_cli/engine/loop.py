@@ -17,7 +17,7 @@ from kd_cli.engine.checkpoint import LAST, load_checkpoint, rng_state, save_chec
 from kd_cli.engine.device import autocast
 from kd_cli.engine.distributed import World, all_reduce_sum
 from kd_cli.engine.metrics import predict, topk_accuracy
-from kd_cli.engine.optim import build_optimizer, check_schedule, lr_at, set_lr
+from kd_cli.engine.optim import build_optimizer, check_optim, lr_at, set_lr
 from kd_cli.engine.progress import make_reporter
 from kd_cli.engine.rundir import RunDir
 from kd_cli.errors import KdError
@@ -56,7 +56,7 @@ class FitResult:
 
 def fit(job: Training) -> FitResult:
     epochs = job.trainer.epochs
-    check_schedule(job.optim, epochs)
+    check_optim(job.optim, epochs)
     method = job.method.to(job.device)
     if job.trainer.channels_last:
         method.to(memory_format=torch.channels_last)

@@ -19,8 +19,6 @@ SCHEDULES = ("cosine", "multistep", "constant")
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: DictConfig) -> torch.optim.Optimizer:
     params = list(params)
-    if cfg.lr <= 0:
-        raise KdError(f"optim.lr={cfg.lr} must be positive")
     # Every parameter is decayed, biases and BN scales included, as in the KD literature's recipes.
     if cfg.name == "sgd":
         nesterov = cfg.nesterov and cfg.momentum > 0
@@ -32,7 +30,13 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: DictConfig) -> to
     raise KdError(f"unknown optim.name '{cfg.name}' (choose from: sgd, adamw)")
 
 
-def check_schedule(cfg: DictConfig, epochs: int) -> None:
+def check_optim(cfg: DictConfig, epochs: int) -> None:
+    if cfg.name not in ("sgd", "adamw"):
+        raise KdError(f"unknown optim.name '{cfg.name}' (choose from: sgd, adamw)")
+    if cfg.lr <= 0:
+        raise KdError(f"optim.lr={cfg.lr} must be positive")
+    if cfg.weight_decay < 0 or not 0 <= cfg.momentum < 1:
+        raise KdError("optim.weight_decay must be >= 0 and optim.momentum in [0, 1)")
     if cfg.schedule not in SCHEDULES:
         raise KdError(f"unknown optim.schedule '{cfg.schedule}' (choose from: {', '.join(SCHEDULES)})")
     if cfg.warmup_epochs < 0 or cfg.warmup_epochs > epochs:

@@ -87,8 +87,25 @@ class Setup:
     world: World
 
 
+def check_training_config(cfg: DictConfig) -> None:
+    """Impossible values, found before any data is read or any teacher is trained."""
+    from kd_cli.engine.optim import check_optim
+    from kd_cli.methods import METHODS
+    from kd_cli.registry import check_options
+
+    for key in ("epochs", "batch_size", "eval_batch_size", "eval_every"):
+        if cfg.trainer[key] < 1:
+            raise KdError(f"trainer.{key}={cfg.trainer[key]} must be at least 1")
+    check_optim(cfg.optim, cfg.trainer.epochs)
+    method = METHODS.get(cfg.method.name)
+    options = {k: v for k, v in cfg.method.items() if k != "name"}
+    check_options(f"method '{cfg.method.name}'", method, options, exclude=("student", "teacher"))
+
+
 def setup_run(cfg: DictConfig, run: RunDir) -> Setup:
     """Seed, device, precision, process group; config and a `running` summary into the run dir."""
+    if "method" in cfg:
+        check_training_config(cfg)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.trainer.device)
     dtype = resolve_precision(cfg.trainer.precision, device)

@@ -71,10 +71,10 @@ def train_teacher(cfg: DictConfig) -> Path:
     args = [sys.executable, "-m", "kd_cli", "train-teacher", *_teacher_overrides(), f"hydra.run.dir={run_dir}"]
     log.info(f"teacher: no complete {cfg.teacher.arch} teacher for this data under {cfg.paths.outputs}; "
              f"training one first: kd {' '.join(args[3:])}")
-    done = subprocess.run(args, env={**os.environ, "KD_PARENT_STAGE": "distill"})
+    done = subprocess.run(args, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0 or not is_complete(run_dir):
-        raise KdError(f"training the teacher failed (see {run_dir}); train it with `kd train-teacher` and "
-                      "pass teacher.checkpoint=RUN_DIR")
+        reason = done.stderr.strip().splitlines()[-1].removeprefix("kd: error: ") if done.stderr.strip() else "?"
+        raise KdError(f"training the teacher failed: {reason} (run directory {run_dir})")
     return run_dir
 
 

@@ -1,0 +1,57 @@
+"""Run the real `kd` command in a subprocess, as a user would, and read what it wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+FAST = ["trainer.progress=plain", "trainer.num_workers=0"]
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.strip()]
+
+
+def kd(*args: str, cwd: Path, env: dict | None = None, timeout: float = 600) -> Result:
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    environment.pop("KD_DEBUG", None)
+    done = subprocess.run([sys.executable, "-m", "kd_cli", *args], cwd=cwd, env=environment,
+                          capture_output=True, text=True, timeout=timeout)
+    return Result(done.returncode, done.stdout, done.stderr)
+
+
+def kd_ok(*args: str, cwd: Path, **kwargs) -> Result:
+    result = kd(*args, cwd=cwd, **kwargs)
+    assert result.code == 0, f"kd {' '.join(args)} failed ({result.code}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def assert_one_line_error(result: Result, *fragments: str) -> str:
+    """Non-zero exit, exactly one line on stderr starting `kd: error:`, no traceback."""
+    assert result.code != 0, result.stdout[-2000:]
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    assert len(result.error_lines) == 1, result.stderr
+    line = result.error_lines[0]
+    assert line.startswith("kd: error: "), line
+    for fragment in fragments:
+        assert fragment in line, line
+    return line
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def run_dirs(outputs: Path, stage: str) -> list[Path]:
+    return sorted(p.parent for p in (Path(outputs) / stage).glob("*/*/summary.json"))

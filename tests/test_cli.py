@@ -1,0 +1,99 @@
+"""The `kd` command itself, run in a subprocess: stages, Hydra flags anywhere, completion,
+and a one-line error with a non-zero exit for each kind of bad input."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from kdrun import FAST, assert_one_line_error, kd, kd_ok
+
+
+def test_kd_alone_lists_the_stages(tmp_path):
+    result = kd_ok(cwd=tmp_path)
+    for stage in ("train-teacher", "distill", "evaluate"):
+        assert stage in result.stdout
+
+
+def test_stage_help_shows_config_groups(tmp_path):
+    out = kd_ok("distill", "--help", cwd=tmp_path).stdout
+    for group in ("dataset:", "method:", "student:", "teacher:", "trainer:", "optim:", "augmentation:"):
+        assert group in out
+    assert "cifar100" in out and "resnet32x4" in out
+
+
+def test_flags_may_stand_after_overrides(tmp_path):
+    out = kd_ok("distill", "dataset=mnist", "--cfg", "job", "student=resnet8x4", cwd=tmp_path).stdout
+    assert "name: mnist" in out and "arch: resnet8x4" in out
+    assert "default_teacher: cnn" in out
+
+
+def test_dataset_defaults_flow_into_teacher_and_student(tmp_path):
+    out = kd_ok("distill", "dataset=cifar100", "--cfg", "job", "--resolve", cwd=tmp_path).stdout
+    assert "arch: resnet32x4" in out and "arch: resnet8x4" in out
+
+
+def test_model_options_can_be_set_without_plus(tmp_path):
+    out = kd_ok("distill", "student.kwargs.hidden=[16]", "--cfg", "job", cwd=tmp_path).stdout
+    assert "hidden:\n    - 16" in out
+
+
+def test_info_and_user_config_dir(tmp_path):
+    user = tmp_path / "myconf" / "dataset"
+    user.mkdir(parents=True)
+    (user / "tiny.yaml").write_text(
+        "name: synthetic\nroot: x\ndownload: false\nnum_train: 64\nnum_test: 32\nnum_classes: 3\n"
+        "channels: 1\nimage_size: 8\nseed: 0\nmean: [0.5]\nstd: [0.25]\ndefault_teacher: cnn\n"
+        "default_student: mlp\nhflip: false\ncrop_padding: 1\n"
+    )
+    out = kd_ok("distill", "-cd", str(tmp_path / "myconf"), "dataset=tiny", "--cfg", "job", cwd=tmp_path).stdout
+    assert "num_classes: 3" in out
+    info = kd_ok("distill", "--info", "searchpath", cwd=tmp_path).stdout
+    assert "pkg://kd_cli.configs" in info
+
+
+def test_bash_completion_of_stages_and_options(tmp_path):
+    script = kd_ok("-sc", "install=bash", cwd=tmp_path).stdout
+    assert "complete" in script and "hydra_bash_completion" in script
+    stages = kd_ok("-sc", "query=bash", cwd=tmp_path, env={"COMP_LINE": "kd di", "COMP_POINT": "5"}).stdout
+    assert stages.split() == ["distill"]
+    options = kd_ok("distill", "-sc", "query=bash", cwd=tmp_path,
+                    env={"COMP_LINE": "kd distill dataset=", "COMP_POINT": "19"}).stdout
+    assert "dataset=digits" in options.split() and "dataset=cifar100" in options.split()
+
+
+BAD_INPUTS = [
+    (["disitl"], ["unknown stage 'disitl'", "distill"]),
+    (["distill", "trainer.epoch=3"], ["trainer.epoch"]),
+    (["distill", "trainer.epochs=abc"], ["trainer.epochs=abc"]),
+    (["distill", "student=resnt18"], ["student/resnt18", "did you mean resnet18"]),
+    (["distill", "method.temprature=3"], ["temprature"]),
+    (["distill", "student.kwargs.widht=3", "student=cnn"], ["widht", "width"]),
+    (["distill", "trainer.device=cuda"], ["no CUDA GPU", "trainer.device=cpu"]),
+    (["distill", "trainer.device=tpu"], ["trainer.device=tpu"]),
+    (["distill", "trainer.precision=fp8"], ["trainer.precision=fp8"]),
+    (["distill", "optim.lr=-1"], ["optim.lr"]),
+    (["distill", "trainer.batch_size=0"], ["trainer.batch_size"]),
+    (["distill", "method.temperature=0", "teacher.checkpoint=x"], []),
+    (["distill", "dataset=cifar100", "student=resnet18"], ["cifar-100-python", "dataset.download=true"]),
+    (["distill", "dataset=imagefolder"], ["dataset.root"]),
+    (["train-teacher", "method=kd"], ["method=none"]),
+    (["evaluate"], ["run="]),
+    (["evaluate", "run=/no/such/run"], ["/no/such/run"]),
+    (["distill", "resume=/no/such/run"], ["resume=/no/such/run"]),
+]
+
+
+@pytest.mark.parametrize("args, fragments", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_and_non_zero(tmp_path, args, fragments):
+    result = kd(*args, *FAST, f"paths.outputs={tmp_path / 'out'}", f"paths.data={tmp_path / 'data'}", cwd=tmp_path)
+    assert_one_line_error(result, *fragments)
+
+
+def test_debug_switch_shows_the_traceback(tmp_path):
+    result = kd("distill", "trainer.device=tpu", cwd=tmp_path, env={"KD_DEBUG": "1"})
+    # kdrun.kd removes KD_DEBUG from the environment on purpose; --debug works the same way
+    result = kd("distill", "trainer.device=tpu", "--debug", cwd=tmp_path)
+    assert result.code != 0 and "Traceback" in result.stderr
