@@ -111,7 +111,7 @@ class DistillConfig(TrainConfig):
 class EvaluateConfig(BaseConfig):
     run: str = MISSING
     split: str = MISSING
-    teacher: Optional[str] = None
+    teacher_run: Optional[str] = None
     latency_batches: int = MISSING
     latency_batch_size: int = MISSING
 

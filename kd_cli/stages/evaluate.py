@@ -53,8 +53,8 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         "latency_batch_size": cfg.latency_batch_size,
         "device": str(setup.device),
     }
-    if cfg.teacher:
-        summary["teacher_agreement"] = teacher_agreement(cfg.teacher, loader, logits, setup)
+    if cfg.teacher_run:
+        summary["teacher_agreement"] = teacher_agreement(cfg.teacher_run, loader, logits, setup)
     write_confusion(run.path, confusion, spec.class_names)
     write_per_class(run.path / "per_class.csv", spec.class_names, report["per_class_accuracy"])
     run.write_summary(COMPLETE, **summary, wall_time_s=time.time() - started)
@@ -63,7 +63,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         ("ECE %", summary["ece"]), ("parameters", summary["params"]), ("MACs", summary["macs"]),
         ("size on disk (bytes)", summary["size_bytes"]),
         (f"latency ms / batch of {cfg.latency_batch_size}", summary["latency_ms"]),
-        *([("agreement with teacher %", summary["teacher_agreement"])] if cfg.teacher else []),
+        *([("agreement with teacher %", summary["teacher_agreement"])] if cfg.teacher_run else []),
         ("run directory", str(run.path)),
     ])
     return summary["top1"]
