@@ -210,3 +210,15 @@ def test_sweep_with_the_flag_after_overrides(teacher_run, outputs):
                           and float(__import__("yaml").safe_load((sweep / str(i) / "config_resolved.yaml").read_text())["method"]["temperature"])
                           for i in (0, 1))
     assert temperatures == [2.0, 8.0]
+
+
+def test_torchrun_ddp_on_cpu_writes_one_run(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    run = tmp_path / "ddp"
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "kd_cli", "train-teacher",
+                           "trainer.epochs=2", *FAST, f"paths.outputs={tmp_path}", f"hydra.run.dir={run}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert summary(run)["status"] == "complete"
+    assert json.loads((run / "env.json").read_text())["world_size"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["ddp"]  # rank 1 wrote nothing under outputs

@@ -25,7 +25,8 @@ from kd_cli.errors import KdError
 log = logging.getLogger("kd")
 
 # Overrides of a distill command that also shape its auto-trained teacher.
-TEACHER_OVERRIDE_KEYS = ("dataset", "teacher", "trainer", "optim", "augmentation", "seed", "paths", "debug")
+TEACHER_OVERRIDE_KEYS = ("dataset", "teacher", "trainer", "optim", "augmentation", "seed", "paths", "debug",
+                         "experiment")
 
 
 def resolve_teacher(cfg: DictConfig, data: DataSplits, device: torch.device) -> tuple[nn.Module, ModelSpec, Path]:
@@ -84,7 +85,9 @@ def _teacher_overrides() -> list[str]:
                  if o.lstrip("+~").split("=")[0].split(".")[0] in TEACHER_OVERRIDE_KEYS
                  and not o.lstrip("+~").startswith("teacher.checkpoint")]
     user_dirs = [s.path for s in hydra.runtime.config_sources if s.provider == "command-line" and s.schema == "file"]
-    return [*(f"-cd={d}" for d in user_dirs), *overrides]
+    # method=none last: a preset (experiment=...) may pick a distillation method for the student.
+    config_dirs = [arg for d in user_dirs for arg in ("-cd", d)]
+    return [*config_dirs, *overrides, "method=none"]
 
 
 def check_teacher_fits(spec: ModelSpec, data: DataSplits, path: Path) -> None:
