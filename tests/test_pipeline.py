@@ -222,3 +222,13 @@ def test_torchrun_ddp_on_cpu_writes_one_run(tmp_path):
     assert summary(run)["status"] == "complete"
     assert json.loads((run / "env.json").read_text())["world_size"] == 2
     assert [p.name for p in tmp_path.iterdir()] == ["ddp"]  # rank 1 wrote nothing under outputs
+
+
+def test_progress_bars_and_plain_lines(tmp_path):
+    bars = kd_ok("train-teacher", "trainer.epochs=2", "trainer.progress=bar", f"hydra.run.dir={tmp_path / 'a'}",
+                 cwd=tmp_path).stdout
+    assert "epoch 2/2" in bars and "test top-1" in bars
+    plain = kd_ok("train-teacher", "trainer.epochs=2", "trainer.progress=plain", f"hydra.run.dir={tmp_path / 'b'}",
+                  cwd=tmp_path).stdout
+    assert "[teacher cnn] epoch 1/2" in plain and "[teacher cnn] epoch 2/2" in plain
+    assert "epoch 2/2" in (tmp_path / "a" / "train-teacher.log").read_text()  # bars still log each epoch to file

@@ -127,7 +127,7 @@ def _train_epoch(job, method, forward, optimizer, scaler, epoch, steps, bar) -> 
         _accumulate(sums, terms, loss, len(labels))
         correct += (logits.detach().argmax(1) == labels).sum()
         seen += len(labels)
-        bar.step()
+        bar.step(loss.detach)
     seconds = time.perf_counter() - start
     return _epoch_row(job, epoch, sums, correct, seen, seconds, lr)
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger("kd")
+SHOW_LOSS_EVERY = 20  # batches between loss readings on the bar (each reading waits for the GPU)
 
 
 def make_reporter(mode: str, title: str, epochs: int, steps: int):
@@ -38,8 +39,8 @@ class PlainReporter:
     def __exit__(self, *exc):
         return False
 
-    def step(self, loss: float | None = None) -> None:
-        pass
+    def step(self, loss: Callable[[], Any]) -> None:
+        """One batch done; `loss()` gives its loss tensor (read only when shown: reading syncs the GPU)."""
 
     def start_epoch(self, epoch: int) -> None:
         pass
@@ -73,11 +74,15 @@ class BarReporter(PlainReporter):
         return False
 
     def start_epoch(self, epoch: int) -> None:
+        self.done = 0
         self.progress.reset(self.batch_task, total=self.steps, info="")
 
-    def step(self, loss: float | None = None) -> None:
-        info = f"loss {loss:.4f}" if loss is not None else None
-        self.progress.update(self.batch_task, advance=1, **({"info": info} if info else {}))
+    def step(self, loss: Callable[[], Any]) -> None:
+        self.done += 1
+        if self.done % SHOW_LOSS_EVERY == 1:
+            self.progress.update(self.batch_task, advance=1, info=f"loss {float(loss()):.4f}")
+        else:
+            self.progress.update(self.batch_task, advance=1)
 
     def end_epoch(self, row: dict[str, Any]) -> None:
         info = f"test top-1 {row.get('test_top1', float('nan')):.2f}  {row.get('images_per_s', 0):.0f} img/s"

@@ -11,7 +11,8 @@ from kd_cli.engine.rundir import RunDir
 from kd_cli.methods import method_requires_teacher
 from kd_cli.stages.common import count_parameters, print_config, setup_run
 from kd_cli.stages.teacher import resolve_teacher
-from kd_cli.stages.training import finish, load_data, model_spec, print_results, train_and_save
+from kd_cli.stages.common import model_spec
+from kd_cli.stages.training import finish, load_data, print_results, train_and_save
 
 
 def main(cfg: DictConfig, run: RunDir) -> float:
@@ -40,7 +41,6 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         if teacher is not None:
             rows += [(f"teacher {teacher_spec.arch} test top-1", teacher_top1), ("teacher parameters", summary["teacher_params"])]
         rows += [(f"student {spec.arch} test top-1 (last)", summary["last_top1"]),
-                 ("student test top-1 (best)", summary["best_top1"]), ("student parameters", summary["params"]),
-                 ("run directory", str(run.path))]
-        print_results(f"distill ({cfg.method.name}) on {cfg.dataset.name}", rows)
+                 ("student test top-1 (best)", summary["best_top1"]), ("student parameters", summary["params"])]
+        print_results(f"distill ({cfg.method.name}) on {cfg.dataset.name}", rows, run.path)
     return result.best_top1

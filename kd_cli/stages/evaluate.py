@@ -64,8 +64,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         ("size on disk (bytes)", summary["size_bytes"]),
         (f"latency ms / batch of {cfg.latency_batch_size}", summary["latency_ms"]),
         *([("agreement with teacher %", summary["teacher_agreement"])] if cfg.teacher_run else []),
-        ("run directory", str(run.path)),
-    ])
+    ], run.path)
     return summary["top1"]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -83,7 +84,8 @@ def finish(run: RunDir, cfg: DictConfig, result: FitResult, model: nn.Module, st
     return summary
 
 
-def print_results(title: str, rows: list[tuple[str, Any]]) -> None:
+def print_results(title: str, rows: list[tuple[str, Any]], run_dir: Path) -> None:
+    """The final table; the run directory below it, whole (a table cell would cut a long path)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -91,5 +93,7 @@ def print_results(title: str, rows: list[tuple[str, Any]]) -> None:
     table.add_column("")
     table.add_column("value", justify="right")
     for name, value in rows:
-        table.add_row(name, f"{value:.2f}" if isinstance(value, float) else str(value))
-    Console().print(table)
+        table.add_row(name, f"{value:.2f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value))
+    console = Console()
+    console.print(table)
+    console.print(f"run directory: {run_dir}", highlight=False, soft_wrap=True)
