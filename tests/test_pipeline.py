@@ -82,9 +82,12 @@ def test_distill_then_evaluate_agree(teacher_run, outputs):
 
 
 def test_distill_auto_finds_the_matching_teacher(teacher_run, outputs):
+    # teacher=cnn spells out the options that teacher=default (the one trained) left implicit
     run = outputs / "auto"
-    kd_ok("distill", "trainer.epochs=1", *FAST, f"paths.outputs={outputs}", f"hydra.run.dir={run}", cwd=outputs)
+    kd_ok("distill", "teacher=cnn", "trainer.epochs=1", *FAST, f"paths.outputs={outputs}", f"hydra.run.dir={run}",
+          cwd=outputs)
     assert Path(summary(run)["teacher_run"]) == teacher_run
+    assert json.loads((teacher_run / "model.json").read_text())["kwargs"] == {"width": 32, "depth": 2, "dropout": 0.0}
 
 
 def test_distill_trains_a_teacher_first_when_none_exists(tmp_path):

@@ -141,10 +141,20 @@ def dataset_options(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg.dataset, resolve=True)
 
 
+def model_options(model_cfg: DictConfig) -> dict:
+    """Every option of the model, the builder's defaults filled in: `teacher=default` with `{}` and
+    `teacher=cnn` with `{width: 32, ...}` describe the same network, and model.json says so."""
+    from kd_cli.config import model_options as defaults
+    from kd_cli.models import MODELS
+
+    given = OmegaConf.to_container(model_cfg.kwargs, resolve=True)
+    return {**defaults(MODELS.get(model_cfg.arch)), **given}
+
+
 def model_spec(model_cfg: DictConfig, data, dataset_cfg: DictConfig) -> ModelSpec:
     return ModelSpec(
         arch=model_cfg.arch,
-        kwargs=OmegaConf.to_container(model_cfg.kwargs, resolve=True),
+        kwargs=model_options(model_cfg),
         num_classes=data.num_classes,
         in_channels=data.in_channels,
         input_size=data.input_size,

@@ -34,6 +34,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     weights = resolve_weights(cfg.run)
     model, spec = load_model(weights, setup.device)
     data = load_dataset(_dataset_config(cfg, weights))
+    run.write_env(device=str(setup.device), seed=cfg.seed, data_fingerprint=data.fingerprint, model=str(weights))
     if (data.num_classes, data.in_channels) != (spec.num_classes, spec.in_channels):
         raise KdError(f"{weights} expects {spec.num_classes} classes / {spec.in_channels} channel(s) but the data "
                       f"set has {data.num_classes} / {data.in_channels}; pass the dataset it was trained on")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from kd_cli.data import DataSplits
@@ -21,6 +21,7 @@ from kd_cli.engine.artifacts import META, ModelSpec, load_model
 from kd_cli.engine.files import read_json
 from kd_cli.engine.rundir import ENV, is_complete, read_summary
 from kd_cli.errors import KdError
+from kd_cli.stages.common import model_options
 
 log = logging.getLogger("kd")
 
@@ -43,7 +44,7 @@ def resolve_teacher(cfg: DictConfig, data: DataSplits, device: torch.device) -> 
 
 
 def find_teacher_run(cfg: DictConfig, data: DataSplits) -> Path | None:
-    wanted_kwargs = OmegaConf.to_container(cfg.teacher.kwargs, resolve=True)
+    wanted_kwargs = model_options(cfg.teacher)
     candidates = []
     for meta in Path(cfg.paths.outputs).glob("**/" + META):
         run = meta.parent
