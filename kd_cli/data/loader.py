@@ -83,6 +83,8 @@ class TensorLoader:
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
         self.epoch = 0
         self.num_samples = len(shard(torch.arange(len(self.labels)), rank, world_size, equal=shuffle))
+        # Methods with a per-sample memory (CRD) need each sample's index in the split: a third item.
+        self.with_index = False
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -102,7 +104,8 @@ class TensorLoader:
                 images = augment_batch(images, self.spec, generator)
             else:
                 images = images.float().div_(255.0)
-            yield images.sub_(self.mean).div_(self.std), self.labels[index]
+            images = images.sub_(self.mean).div_(self.std)
+            yield (images, self.labels[index], index) if self.with_index else (images, self.labels[index])
 
     def _order(self) -> torch.Tensor:
         count = len(self.labels)

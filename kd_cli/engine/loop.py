@@ -58,6 +58,8 @@ def fit(job: Training) -> FitResult:
     epochs = job.trainer.epochs
     check_optim(job.optim, epochs)
     method = job.method.to(job.device)
+    if method.needs_index:
+        _enable_index(job.train_loader)
     if job.trainer.channels_last:
         method.to(memory_format=torch.channels_last)
     params = [p for p in method.parameters() if p.requires_grad]
@@ -83,6 +85,13 @@ def fit(job: Training) -> FitResult:
     return FitResult(state["history"], best["top1"], best["epoch"], state["resumed_from"])
 
 
+def _enable_index(loader) -> None:
+    if not hasattr(loader, "with_index"):
+        raise KdError("this method keeps a memory per training sample, which needs an in-memory data set "
+                      "(digits, MNIST, CIFAR, SVHN, synthetic), not an image folder")
+    loader.with_index = True
+
+
 def _steps_per_epoch(job: Training) -> int:
     steps = len(job.train_loader)
     if job.trainer.max_steps_per_epoch:
@@ -101,13 +110,14 @@ def _wrap_ddp(method: Distiller, job: Training):
 
 def _train_epoch(job, method, forward, optimizer, scaler, epoch, steps, bar) -> dict[str, Any]:
     method.train()
+    method.start_epoch(epoch, job.trainer.epochs)
     job.train_loader.set_epoch(epoch)
     bar.start_epoch(epoch)
     sums: dict[str, torch.Tensor] = {}
     correct = torch.zeros((), device=job.device)
     seen = 0
     start = time.perf_counter()
-    for step, (images, labels) in enumerate(job.train_loader):
+    for step, (images, labels, *index) in enumerate(job.train_loader):
         if step >= steps:
             break
         lr = lr_at(job.optim, epoch + step / steps, job.trainer.epochs)
@@ -115,7 +125,7 @@ def _train_epoch(job, method, forward, optimizer, scaler, epoch, steps, bar) -> 
         if job.trainer.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(job.device, job.dtype):
-            logits, terms = forward(images, labels)
+            logits, terms = forward(images, labels, *index)
         loss = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

@@ -8,6 +8,7 @@ and a value for each option. Every module in this package is imported automatica
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 from typing import Any, Mapping
 
@@ -23,9 +24,14 @@ def register_method(name: str):
     return METHODS.register(name)
 
 
-def build_method(cfg: Mapping[str, Any], student: nn.Module, teacher: nn.Module | None) -> Distiller:
+def build_method(cfg: Mapping[str, Any], student: nn.Module, teacher: nn.Module | None,
+                 num_samples: int | None = None) -> Distiller:
+    """`num_samples` (the training split's size) is passed to methods that take it (CRD's memory)."""
     options = {k: v for k, v in cfg.items() if k != "name"}
-    return METHODS.build(cfg["name"], {"student": student, "teacher": teacher}, options)
+    fixed: dict[str, Any] = {"student": student, "teacher": teacher}
+    if "num_samples" in inspect.signature(METHODS.get(cfg["name"])).parameters:
+        fixed["num_samples"] = num_samples
+    return METHODS.build(cfg["name"], fixed, options)
 
 
 def method_requires_teacher(name: str) -> bool:

@@ -13,15 +13,23 @@ from abc import ABCMeta, abstractmethod
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from kd_cli.errors import KdError
+from kd_cli.models.features import FeatureTap, feature_shapes
 
 
 class Distiller(nn.Module, metaclass=ABCMeta):
     requires_teacher = True
+    # True for methods with a per-sample memory (CRD): forward then gets a third argument, the
+    # batch's sample indices in the training split (in-memory data sets only).
+    needs_index = False
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None):
         super().__init__()
         self.student = student
+        self.epoch, self.epochs = 0, 1
         self.__dict__["teacher"] = teacher  # plain attribute: not a submodule (see module docstring)
         if teacher is not None:
             teacher.eval().requires_grad_(False)
@@ -31,6 +39,10 @@ class Distiller(nn.Module, metaclass=ABCMeta):
         if self.teacher is not None:
             self.teacher.eval()  # the teacher's BN statistics and dropout stay frozen
         return self
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Called by the loop before each epoch (0-based), for schedules such as DKD's warm-up."""
+        self.epoch, self.epochs = epoch, epochs
 
     @torch.no_grad()
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -43,3 +55,69 @@ class Distiller(nn.Module, metaclass=ABCMeta):
     def extra_state(self) -> dict[str, Any]:
         """Learnable state beyond the student (adapters, memory banks): saved for resume only."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("student.")}
+
+
+class FeatureDistiller(Distiller):
+    """Base of the methods that compare intermediate features ("deep" distillation).
+
+    Features are read by forward hooks on named modules (`FeatureTap`), so any nn.Module works.
+    `student_layers` / `teacher_layers` name the modules; null picks the method's default from the
+    models' own lists (`default_layers`). Their shapes come from a dry run, so adapters are sized
+    automatically. Every feature method can add the cross-entropy term and Hinton's KD term
+    (`ce_weight`, `kd_weight`, `temperature`), as the literature does for FitNet, CRD and others.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, *, student_layers: list[str] | None,
+                 teacher_layers: list[str] | None, ce_weight: float, kd_weight: float, temperature: float):
+        super().__init__(student, teacher)
+        self.student_layers = list(student_layers or self.default_layers(student))
+        self.teacher_layers = list(teacher_layers or self.default_layers(teacher))
+        if len(self.student_layers) != len(self.teacher_layers):
+            raise KdError(
+                f"method.student_layers has {len(self.student_layers)} layer(s) but method.teacher_layers has "
+                f"{len(self.teacher_layers)}; name as many of each (they are paired in order)"
+            )
+        self.student_shapes = _shapes(student, self.student_layers)
+        self.teacher_shapes = _shapes(teacher, self.teacher_layers)
+        if temperature <= 0:
+            raise KdError(f"method.temperature={temperature} must be positive")
+        self.ce_weight, self.kd_weight, self.temperature = ce_weight, kd_weight, temperature
+
+    def default_layers(self, model: nn.Module) -> list[str]:
+        """The stage outputs, shallow to deep; methods on the embedding override this."""
+        return list(model.kd_feature_layers)
+
+    def student_features(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with FeatureTap(self.student, self.student_layers) as tap:
+            logits = self.student(images)
+        return logits, [tap.outputs[name] for name in self.student_layers]
+
+    @torch.no_grad()
+    def teacher_features(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with FeatureTap(self.teacher, self.teacher_layers, detach=True) as tap:
+            logits = self.teacher(images)
+        return logits, [tap.outputs[name] for name in self.teacher_layers]
+
+    def logit_terms(self, logits: torch.Tensor, teacher_logits: torch.Tensor,
+                    labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        from kd_cli.methods.kd import kd_loss
+
+        terms = {}
+        if self.ce_weight:
+            terms["ce"] = self.ce_weight * F.cross_entropy(logits, labels)
+        if self.kd_weight:
+            terms["kd"] = self.kd_weight * kd_loss(logits.float(), teacher_logits.float(), self.temperature)
+        return terms
+
+
+def embedding_layers(model: nn.Module) -> list[str]:
+    """The pooled embedding before the classifier, for methods that compare sample relations."""
+    return [model.kd_embedding_layer]
+
+
+def _shapes(model: nn.Module, layers: list[str]) -> list[tuple[int, ...]]:
+    shape = getattr(model, "kd_input_shape", None)
+    if shape is None:
+        raise KdError(f"{type(model).__name__} was not built by kd's model registry; its input shape is unknown")
+    found = feature_shapes(model, layers, shape[0], shape[1])
+    return [found[name] for name in layers]

@@ -27,4 +27,6 @@ def create_model(
     name: str, num_classes: int, in_channels: int = 3, input_size: int = 32, **options: Any
 ) -> nn.Module:
     fixed = {"num_classes": num_classes, "in_channels": in_channels, "input_size": input_size}
-    return MODELS.build(name, fixed, options)
+    model = MODELS.build(name, fixed, options)
+    model.kd_input_shape = (in_channels, input_size, input_size)  # for dry runs that size adapters
+    return model

@@ -99,7 +99,7 @@ def check_training_config(cfg: DictConfig) -> None:
     check_optim(cfg.optim, cfg.trainer.epochs)
     method = METHODS.get(cfg.method.name)
     options = {k: v for k, v in cfg.method.items() if k != "name"}
-    check_options(f"method '{cfg.method.name}'", method, options, exclude=("student", "teacher"))
+    check_options(f"method '{cfg.method.name}'", method, options, exclude=("student", "teacher", "num_samples"))
 
 
 def setup_run(cfg: DictConfig, run: RunDir) -> Setup:

@@ -51,7 +51,8 @@ def train_and_save(
     teacher: nn.Module | None, title: str,
 ) -> FitResult:
     """Train `model` with cfg.method (and the teacher, if any); save weights; return the history."""
-    method = build_method(OmegaConf.to_container(cfg.method, resolve=True), model, teacher)
+    method = build_method(OmegaConf.to_container(cfg.method, resolve=True), model, teacher,
+                          num_samples=len(loaders.data.train))
     job = Training(method=method, train_loader=loaders.train, test_loader=loaders.test, optim=cfg.optim,
                    trainer=cfg.trainer, device=setup.device, dtype=setup.dtype, run=run, title=title,
                    world=setup.world)
