@@ -99,6 +99,8 @@ class TrainConfig(BaseConfig):
 @dataclass
 class TrainTeacherConfig(TrainConfig):
     teacher: ModelConfig = MISSING
+    # Ignored: lets one experiment preset (teacher + student) serve train-teacher and distill alike.
+    student: Optional[ModelConfig] = None
 
 
 @dataclass
