@@ -63,7 +63,8 @@ def trainer_cfg(args):
 def kd_engine(args, device, data: TensorSplit) -> float:
     """Images/s of kd's own loop (evaluation disabled but for the one after the last epoch)."""
     teacher, student = models(args, device)
-    method = build_method({"name": "kd", "temperature": 4.0, "kd_weight": 0.9, "ce_weight": 0.1}, student, teacher)
+    method = build_method({"name": "kd", "temperature": 4.0, "kd_weight": 0.9, "ce_weight": 0.1,
+                           "logit_standardization": False}, student, teacher)
     train = make_loader(data, batch_size=args.batch, train=True, spec=SPEC, mean=MEAN, std=STD, device=device,
                         seed=0, drop_last=True)
     tiny_test = make_loader(TensorSplit(data.images[:8], data.labels[:8]), batch_size=8, train=False, spec=None,

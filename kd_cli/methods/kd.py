@@ -2,6 +2,7 @@
 
 The soft term is KL(p_teacher^T || p_student^T) averaged over the batch and multiplied by T^2,
 which keeps its gradient scale independent of the temperature (section 2 of the paper).
+With `logit_standardization` both models' logits are z-scored per sample first (Sun et al., 2024).
 """
 
 from __future__ import annotations
@@ -9,33 +10,37 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import Distiller
+from kd_cli.methods.logit_utils import check_temperature, tempered
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, *,
+            logit_standardization: bool = False) -> torch.Tensor:
     """T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes, averaged over the batch."""
-    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+    log_p_student = F.log_softmax(tempered(student_logits, temperature, logit_standardization), dim=1)
+    log_p_teacher = F.log_softmax(tempered(teacher_logits, temperature, logit_standardization), dim=1)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
     return kl * temperature**2
 
 
 @register_method("kd")
 class KD(Distiller):
-    def __init__(self, student, teacher, *, temperature: float, kd_weight: float, ce_weight: float):
+    def __init__(self, student, teacher, *, temperature: float, kd_weight: float, ce_weight: float,
+                 logit_standardization: bool):
         super().__init__(student, teacher)
-        if temperature <= 0:
-            raise KdError(f"method.temperature={temperature} must be positive")
+        check_temperature(temperature)
         self.temperature = temperature
         self.kd_weight = kd_weight
         self.ce_weight = ce_weight
+        self.logit_standardization = logit_standardization
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         logits = self.student(images)
         teacher_logits = self.teacher_logits(images)
-        terms = {"kd": self.kd_weight * kd_loss(logits.float(), teacher_logits.float(), self.temperature)}
+        soft = kd_loss(logits.float(), teacher_logits.float(), self.temperature,
+                       logit_standardization=self.logit_standardization)
+        terms = {"kd": self.kd_weight * soft}
         if self.ce_weight:
             terms["ce"] = self.ce_weight * F.cross_entropy(logits, labels)
         return logits, terms

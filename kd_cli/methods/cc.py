@@ -1,0 +1,71 @@
+"""`method=cc`: Peng et al., "Correlation Congruence for Knowledge Distillation" (ICCV 2019).
+
+The correlation between two samples is a Gaussian RBF kernel on L2-normalised embeddings,
+exp(-gamma ||a - b||^2) = exp(-2 gamma) exp(2 gamma a.b), approximated by its Taylor expansion
+to order P: sum_p exp(-2 gamma) (2 gamma)^p / p! (a.b)^p (the paper's equation 8). The loss is
+the mean squared difference of the student's and teacher's b x b correlation matrices (the
+paper's 1/n^2 ||.||^2). gamma=0.4, P=2 follow AberHu's Knowledge-Distillation-Zoo; the weight
+0.02 is RepDistiller's beta for its CC. When the student's embedding does not have the
+teacher's shape, a learnable linear embedding (a 1x1 conv + BN for maps) maps it onto it first.
+A batch of one has no relations: KdError.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_cli.errors import KdError
+from kd_cli.methods import register_method
+from kd_cli.methods.base import FeatureDistiller, embedding_layers
+from kd_cli.methods.feature_utils import Regressor, check_relation_batch, flatten, require_same_kind
+
+
+def correlation_matrix(features: torch.Tensor, gamma: float, order: int) -> torch.Tensor:
+    """(B, ...) -> (B, B): the order-P Taylor expansion of the RBF kernel on unit-norm features."""
+    unit = F.normalize(flatten(features), dim=1)
+    similarity = unit @ unit.T
+    scale = math.exp(-2 * gamma)
+    return sum(scale * (2 * gamma) ** p / math.factorial(p) * similarity.pow(p) for p in range(order + 1))
+
+
+def cc_loss(student: torch.Tensor, teacher: torch.Tensor, gamma: float, order: int) -> torch.Tensor:
+    check_relation_batch("cc", len(student))
+    return F.mse_loss(correlation_matrix(student, gamma, order), correlation_matrix(teacher, gamma, order))
+
+
+@register_method("cc")
+class CorrelationCongruence(FeatureDistiller):
+    def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
+                 ce_weight: float, kd_weight: float, temperature: float, cc_weight: float, gamma: float,
+                 order: int):
+        super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
+                         ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
+        if gamma <= 0 or order < 0 or int(order) != order:
+            raise KdError(f"method cc needs gamma > 0 and a whole order >= 0, got gamma={gamma}, order={order}; "
+                          f"the defaults are 0.4 and 2")
+        self.embeds = nn.ModuleList(self._embed(*pair) for pair in zip(
+            self.student_layers, self.student_shapes, self.teacher_layers, self.teacher_shapes))
+        self.cc_weight, self.gamma, self.order = cc_weight, gamma, int(order)
+
+    @staticmethod
+    def _embed(s_layer, s_shape, t_layer, t_shape) -> nn.Module | None:
+        if tuple(s_shape) == tuple(t_shape):
+            return None  # already comparable: nothing to learn
+        require_same_kind("cc", (s_layer, s_shape), (t_layer, t_shape))
+        return Regressor(s_shape, t_shape, relu=False)
+
+    def default_layers(self, model: nn.Module) -> list[str]:
+        return embedding_layers(model)  # RepDistiller's feat[-1]: the pooled embedding
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor):
+        logits, student = self.student_features(images)
+        teacher_logits, teacher = self.teacher_features(images)
+        loss = 0
+        for embed, s, t in zip(self.embeds, student, teacher):
+            s, t = embed(s, t) if embed is not None else (s, t)
+            loss = loss + cc_loss(s, t, self.gamma, self.order)
+        return logits, {**self.logit_terms(logits, teacher_logits, labels), "cc": self.cc_weight * loss}

@@ -1,0 +1,47 @@
+"""`method=sp`: Tung & Mori, "Similarity-Preserving Knowledge Distillation" (ICCV 2019).
+
+G = Q Q^T for the batch's flattened features Q (b x chw), each row L2-normalised; the loss is
+||G_t - G_s||_F^2 / b^2 (the paper's equation 4), summed over the layer pairs. The default pair
+is the last stage (RepDistiller's feat[-2]). Shapes may differ entirely: only b x b matrices are
+compared. A batch of one has no relations (G would be the constant 1): KdError.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_cli.methods import register_method
+from kd_cli.methods.base import FeatureDistiller
+from kd_cli.methods.feature_utils import check_relation_batch, flatten
+
+
+def similarity_matrix(features: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> (B, B) Gram matrix of the flattened features with unit-norm rows."""
+    flat = flatten(features)
+    return F.normalize(flat @ flat.T, dim=1)
+
+
+def sp_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    check_relation_batch("sp", len(student))
+    difference = similarity_matrix(teacher) - similarity_matrix(student)
+    return difference.pow(2).sum() / len(student) ** 2
+
+
+@register_method("sp")
+class SimilarityPreserving(FeatureDistiller):
+    def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
+                 ce_weight: float, kd_weight: float, temperature: float, sp_weight: float):
+        super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
+                         ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
+        self.sp_weight = sp_weight
+
+    def default_layers(self, model: nn.Module) -> list[str]:
+        return list(model.kd_feature_layers)[-1:]  # the last stage, before pooling
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor):
+        logits, student = self.student_features(images)
+        teacher_logits, teacher = self.teacher_features(images)
+        loss = sum(sp_loss(s, t) for s, t in zip(student, teacher))
+        return logits, {**self.logit_terms(logits, teacher_logits, labels), "sp": self.sp_weight * loss}
