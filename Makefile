@@ -16,7 +16,7 @@ run: $(STAMP)
 	$(BIN)/kd distill
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py

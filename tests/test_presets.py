@@ -1,0 +1,53 @@
+"""The experiment presets compose, with the per-pair settings of the literature (Hydra's Compose API:
+fast, and enough to check composition; the CLI itself is exercised by the other tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from kd_cli.config import register_configs
+from kd_cli.methods import METHODS
+from kd_cli.registry import check_options
+
+PRESETS = sorted(
+    str(p.relative_to(Path(__file__).parents[1] / "configs" / "experiment").with_suffix(""))
+    for p in (Path(__file__).parents[1] / "configs" / "experiment").rglob("*.yaml")
+)
+DKD_BETA = {"resnet56_resnet20": 2.0, "resnet110_resnet32": 2.0, "resnet32x4_resnet8x4": 8.0,
+            "wrn_40_2_wrn_16_2": 6.0, "wrn_40_2_wrn_40_1": 6.0, "vgg13_vgg8": 6.0,
+            "resnet32x4_shufflenetv2": 8.0, "vgg13_mobilenetv2": 6.0}
+
+
+def compose_distill(preset: str):
+    register_configs()
+    with initialize_config_module(config_module="kd_cli.configs", version_base="1.3"):
+        return compose("distill", overrides=[f"experiment={preset}"])
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_with_valid_method_options(preset):
+    cfg = compose_distill(preset)
+    OmegaConf.resolve(cfg)
+    method = dict(cfg.method)
+    check_options(f"method {method['name']}", METHODS.get(method.pop("name")), method,
+                  exclude=("student", "teacher", "num_samples"))
+    assert cfg.dataset.name == "cifar100" and cfg.trainer.epochs == 240
+    assert list(cfg.optim.milestones) == [150, 180, 210]
+
+
+def test_cifar100_table_presets_cover_the_pairs_and_methods():
+    for method in ("kd", "dkd", "crd", "fitnet", "at", "reviewkd"):
+        assert {p.split("/")[-1] for p in PRESETS if p.startswith(f"cifar100/{method}/")} == set(DKD_BETA)
+
+
+@pytest.mark.parametrize("pair", sorted(DKD_BETA))
+def test_per_pair_settings(pair):
+    cfg = compose_distill(f"cifar100/dkd/{pair}")
+    assert cfg.method.beta == DKD_BETA[pair]
+    small_student = cfg.student.arch in ("mobilenetv2", "shufflenetv2")
+    assert cfg.optim.lr == (0.01 if small_student else 0.05)
+    assert f"{cfg.teacher.arch}_{cfg.student.arch}" == pair
