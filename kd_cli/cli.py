@@ -29,6 +29,12 @@ STAGES: dict[str, Stage] = {
     "evaluate": Stage("evaluate", "score a trained model: accuracy, calibration, size, MACs, latency"),
 }
 
+# Commands that are not Hydra stages: module with `main(argv: list[str]) -> int`, and a summary.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "report": ("kd_cli.report.command", "tables and plots over runs and sweeps (mean ± std over seeds)"),
+    "reproduce": ("kd_cli.reproduce", "rerun a saved run from its config and compare the final metrics"),
+}
+
 # Hydra flags that take a value (the value travels with the flag when flags are moved).
 FLAGS_WITH_VALUE = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
                     "-p", "--package", "-sc", "--shell-completion", "-i", "--info", "--experimental-rerun"}
@@ -43,9 +49,11 @@ EXIT_INTERRUPTED = 130
 
 
 def usage() -> str:
-    width = max(len(name) for name in STAGES)
+    commands = available_commands()
+    width = max(len(name) for name in [*STAGES, *commands])
     lines = ["usage: kd STAGE [overrides...] [hydra flags]", "", "stages:"]
     lines += [f"  {name:<{width}}  {stage.summary}" for name, stage in STAGES.items()]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_module, summary) in commands.items()]
     lines += [
         "",
         "Every setting is a Hydra override, e.g. `kd distill dataset=mnist student=mlp trainer.epochs=5`.",
@@ -53,6 +61,20 @@ def usage() -> str:
         "Errors print one line; set KD_DEBUG=1 (or pass --debug) to see the traceback.",
     ]
     return "\n".join(lines)
+
+
+def available_commands() -> dict[str, tuple[str, str]]:
+    """Only the commands whose module is present are listed and dispatched."""
+    from importlib.util import find_spec
+
+    return {name: entry for name, entry in COMMANDS.items() if _module_exists(entry[0], find_spec)}
+
+
+def _module_exists(module: str, find_spec) -> bool:
+    try:
+        return find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def reorder_hydra_flags(args: list[str]) -> list[str]:
@@ -91,7 +113,7 @@ def complete_stage_or_strip(line: str) -> str | None:
     typing_stage = len(words) == 1 or (len(words) == 2 and not line.endswith(" "))
     if typing_stage:
         prefix = words[1] if len(words) == 2 else ""
-        print(" ".join(name for name in STAGES if name.startswith(prefix)))
+        print(" ".join(name for name in [*STAGES, *available_commands()] if name.startswith(prefix)))
         return None
     return " ".join([words[0], *words[2:]]) + (" " if line.endswith(" ") else "")
 
@@ -152,8 +174,13 @@ def dispatch(args: list[str]) -> int:
     if stage.startswith("-") and any(a in ("-sc", "--shell-completion") for a in args):
         run_hydra_stage("distill", args)  # `kd -sc install=bash`: any stage prints the script
         return 0
+    commands = available_commands()
+    if stage in commands:
+        from importlib import import_module
+
+        return import_module(commands[stage][0]).main(rest)
     if stage not in STAGES:
-        raise unknown_choice("stage", stage, STAGES)
+        raise unknown_choice("stage", stage, [*STAGES, *commands])
     from kd_cli.resume import guard_run_dir, resume_arguments
 
     rest = resume_arguments(stage, rest)

@@ -235,3 +235,15 @@ def test_progress_bars_and_plain_lines(tmp_path):
                   cwd=tmp_path).stdout
     assert "[teacher cnn] epoch 1/2" in plain and "[teacher cnn] epoch 2/2" in plain
     assert "epoch 2/2" in (tmp_path / "a" / "train-teacher.log").read_text()  # bars still log each epoch to file
+
+
+def test_born_again_generations_each_teach_the_next(teacher_run, tmp_path):
+    run = tmp_path / "ban"
+    out = kd_ok("distill", "method=born_again", "method.generations=2", "student=cnn", "student.kwargs.width=8",
+                f"teacher.checkpoint={teacher_run}", "trainer.epochs=2", *FAST, f"hydra.run.dir={run}",
+                cwd=tmp_path).stdout
+    first, final = summary(run / "generation-1"), summary(run)
+    assert first["status"] == "complete" and first["generation"] == 1
+    assert final["status"] == "complete" and len(final["generations_top1"]) == 2
+    assert final["generations_top1"] == [first["last_top1"], final["last_top1"]]
+    assert "generation 1 test top-1" in out and (run / "model.safetensors").exists()

@@ -25,6 +25,8 @@ class Distiller(nn.Module, metaclass=ABCMeta):
     # True for methods with a per-sample memory (CRD): forward then gets a third argument, the
     # batch's sample indices in the training split (in-memory data sets only).
     needs_index = False
+    # Born-again self-distillation: how many students to train in sequence, each teaching the next.
+    generations = 1
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None):
         super().__init__()

@@ -1,4 +1,5 @@
-"""`kd distill`: train the student from the teacher with the configured method."""
+"""`kd distill`: train the student from the teacher with the configured method (for born-again
+methods, a sequence of students, each teaching the next)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import time
 from omegaconf import DictConfig
 
 from kd_cli.engine.metrics import predict, topk_accuracy
-from kd_cli.engine.rundir import RunDir
+from kd_cli.engine.artifacts import load_model
+from kd_cli.engine.rundir import RunDir, is_complete, read_summary
 from kd_cli.methods import method_requires_teacher
-from kd_cli.stages.common import count_parameters, print_config, setup_run
+from kd_cli.stages.common import count_parameters, model_spec, print_config, setup_run
 from kd_cli.stages.teacher import resolve_teacher
-from kd_cli.stages.common import model_spec
 from kd_cli.stages.training import finish, load_data, print_results, train_and_save
 
 
@@ -27,20 +28,44 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         teacher, teacher_spec, teacher_path = resolve_teacher(cfg, loaders.data, setup.device)
         logits, labels = predict(teacher, loaders.test, setup.device, setup.dtype)
         teacher_top1 = topk_accuracy(logits, labels)
+    teacher_params = count_parameters(teacher) if teacher is not None else None
     spec = model_spec(cfg.student, loaders.data, cfg.dataset)
+    generations = int(cfg.method.get("generations", 1))
+    per_generation = []
+    for generation in range(1, generations):  # born-again: each student teaches the next
+        student = train_generation(cfg, run, setup, loaders, spec, teacher, generation, started)
+        per_generation.append(read_summary(run.path / f"generation-{generation}")["last_top1"])
+        teacher = student.eval().requires_grad_(False)
     student = spec.build()
     result = train_and_save(cfg, run, setup, loaders, student, spec, teacher, title=f"student {spec.arch}")
+    if generations > 1:
+        per_generation.append(result.last.get("test_top1"))
     if setup.world.is_main:
         summary = finish(
             run, cfg, result, student, started, role="student", arch=spec.arch,
+            generations_top1=per_generation or None,
             teacher_arch=teacher_spec.arch if teacher_spec else None,
             teacher_run=str(teacher_path) if teacher_path else None,
-            teacher_top1=teacher_top1, teacher_params=count_parameters(teacher) if teacher else None,
+            teacher_top1=teacher_top1, teacher_params=teacher_params,
         )
         rows = []
-        if teacher is not None:
+        if teacher_spec is not None:
             rows += [(f"teacher {teacher_spec.arch} test top-1", teacher_top1), ("teacher parameters", summary["teacher_params"])]
+        rows += [(f"generation {k} test top-1", top1) for k, top1 in enumerate(per_generation[:-1], 1)]
         rows += [(f"student {spec.arch} test top-1 (last)", summary["last_top1"]),
                  ("student test top-1 (best)", summary["best_top1"]), ("student parameters", summary["params"])]
         print_results(f"distill ({cfg.method.name}) on {cfg.dataset.name}", rows, run.path)
     return result.best_top1
+
+
+def train_generation(cfg, run: RunDir, setup, loaders, spec, teacher, generation: int, started: float):
+    """One born-again generation in run/generation-K (reused as it is when already complete)."""
+    gen_run = RunDir(run.path / f"generation-{generation}")
+    if is_complete(gen_run.path):
+        return load_model(gen_run.path, setup.device)[0]
+    student = spec.build()
+    result = train_and_save(cfg, gen_run, setup, loaders, student, spec, teacher,
+                            title=f"student {spec.arch} generation {generation}")
+    if setup.world.is_main:
+        finish(gen_run, cfg, result, student, started, role="student", arch=spec.arch, generation=generation)
+    return student

@@ -1,0 +1,25 @@
+"""`method=born_again`: Born-Again Networks (Furlanello et al., ICML 2018), self-distillation over
+generations. Generation 1 learns from the teacher; generation k+1 learns, with the KD loss, from the
+trained student of generation k (a fresh network of the same architecture each time). With the
+student's architecture as the teacher (`teacher=X student=X`) this is the paper's setting.
+
+The loss of each generation is Hinton's KD (`kd.py`); the generations themselves are run by the
+distill stage, which reads `generations` from the method (see `Distiller.generations`).
+"""
+
+from __future__ import annotations
+
+from kd_cli.errors import KdError
+from kd_cli.methods import register_method
+from kd_cli.methods.kd import KD
+
+
+@register_method("born_again")
+class BornAgain(KD):
+    def __init__(self, student, teacher, *, generations: int, temperature: float, kd_weight: float,
+                 ce_weight: float, logit_standardization: bool):
+        super().__init__(student, teacher, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
+                         logit_standardization=logit_standardization)
+        if int(generations) < 1:
+            raise KdError(f"method.generations={generations} must be at least 1")
+        self.generations = int(generations)

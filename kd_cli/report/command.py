@@ -1,0 +1,112 @@
+"""`kd report PATH... [--where KEY=VALUE] [--sort COLUMN] [--csv FILE] [--markdown FILE] [--plot DIR]`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kd_cli.errors import KdError
+from kd_cli.report.discover import Run, canonical, display_path, find_runs
+from kd_cli.report.table import METRICS, build_report, print_table, write_csv, write_markdown
+
+DESCRIPTION = """\
+One row per setting: runs that differ only in `seed` are one setting, shown as mean ± std over
+seeds of the complete runs (n = how many). Failed, interrupted and unfinished runs are counted in
+the status column and listed under the table, never averaged in. Columns: the keys that vary
+between settings, then best and last test top-1, teacher top-1, parameters, wall time, status."""
+
+EPILOG = """\
+examples:
+  kd report outputs                                  every run under outputs/
+  kd report outputs/multirun/2026-11-28/10-00-00-123456 --plot plots
+  kd report outputs --where method=kd --where dataset.name=digits --sort=-best_top1
+  kd report outputs --csv table.csv --markdown table.md"""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line through the CLI (exit 2), not argparse's usage block
+        raise KdError(f"kd report: {message} (see kd report --help)")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="kd report", description=DESCRIPTION, epilog=EPILOG, allow_abbrev=False,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="run directories, sweep folders or an outputs folder (searched recursively)")
+    parser.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                        help="keep runs whose override, config group choice, saved config value or summary.json value "
+                             "KEY equals VALUE, e.g. method=kd, method.name=kd, status=complete (repeat: all must hold)")
+    parser.add_argument("--sort", metavar="COLUMN",
+                        help="sort rows by a column: a varying key, best_top1, last_top1, n, teacher_top1, params, "
+                             "wall_time_s or status; --sort=-COLUMN for descending")
+    parser.add_argument("--csv", type=Path, metavar="FILE", help="also write the table as CSV (mean and std apart)")
+    parser.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table as Markdown")
+    parser.add_argument("--plot", type=Path, metavar="DIR",
+                        help="write PNGs: the metric against each swept numeric key, and training curves")
+    parser.add_argument("--metric", choices=METRICS, default="best_top1", help="the metric plotted (default best_top1)")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    conditions = [parse_where(text) for text in args.where]
+    runs, reproductions = drop_reproductions(args.paths)
+    runs = filter_runs(runs, conditions)
+    skipped = sum(all(run.value(key) == value for key, value in conditions) for run in reproductions)
+    report = build_report(runs, args.sort)
+    extra = [f"{skipped} run(s) made by `kd reproduce` not counted (they repeat a run); "
+             f"pass their reproduce/ folder to see them"] if skipped else []
+    print_table(report, extra)
+    write_outputs(report, args)
+    return 0
+
+
+def drop_reproductions(paths: list[str]) -> tuple[list[Run], list[Run]]:
+    """(runs, reproductions left out). A run made by `kd reproduce` repeats a run with its seed: counted
+    with it, it would fake a sample. Kept only where a path holds nothing else (the user asked for it)."""
+    kept: list[Run] = []
+    dropped: list[Run] = []
+    for path in paths:
+        found = find_runs([path])
+        originals = [run for run in found if run.reproduction_of is None]
+        kept += originals or found
+        dropped += [run for run in found if run.reproduction_of is not None] if originals else []
+    unique = {run.path: run for run in kept}  # a run reached through two paths counts once
+    return list(unique.values()), [run for run in dropped if run.path not in unique]
+
+
+def parse_where(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise KdError(f"--where {text}: expected KEY=VALUE, e.g. --where method.temperature=4")
+    return key.strip().lstrip("+~"), canonical(value.strip())
+
+
+def filter_runs(runs: list[Run], conditions: list[tuple[str, str]]) -> list[Run]:
+    for key, value in conditions:
+        kept = [run for run in runs if run.value(key) == value]
+        if not kept:
+            seen = sorted({run.value(key) or "(unset)" for run in runs})
+            raise KdError(f"no run matches --where {key}={value} ({key} here: {', '.join(seen)})")
+        runs = kept
+    return runs
+
+
+def write_outputs(report, args) -> None:
+    if args.csv:
+        write_csv(report, args.csv)
+        print(f"table written to {display_path(args.csv)}")
+    if args.markdown:
+        write_markdown(report, args.markdown)
+        print(f"table written to {display_path(args.markdown)}")
+    if args.plot:
+        from kd_cli.report.plots import write_plots
+
+        try:
+            written = write_plots(report, args.metric, args.plot.expanduser())
+        except OSError as error:
+            raise KdError(f"cannot write plots to {args.plot}: {error.strerror or error}") from None
+        for path in written:
+            print(f"plot written to {display_path(path)}")
+        if not any(path.name.startswith(args.metric) for path in written):
+            print(f"no {args.metric} plot: no swept key with numeric values varies between the settings")

@@ -1,0 +1,382 @@
+"""`kd reproduce RUN_DIR [overrides...]`: run a saved run again, into a new run directory, and
+compare its final metrics with the original's (exit 0 when identical, 1 when not).
+
+Before running, the config is recomposed from the saved overrides with today's code and config
+files and compared with the saved config_resolved.yaml: a default changed since (in kd or in a user
+config folder) is listed, since it changes what the run computes. Changed package versions or git
+commit are warned about. kd is deterministic on CPU (same seed, same metrics), so an unchanged set-up
+reproduces exactly; elsewhere `--tolerance` allows a small numeric difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kd_cli.errors import KdError
+
+CONFIG_NAMES = {"train-teacher": "train_teacher", "distill": "distill", "evaluate": "evaluate"}
+PACKAGE_CONFIGS = "kd_cli.configs"
+# Overrides that say where the original run lived, not what it computed: the reproduction is a new
+# run in a new directory, never a continuation of the old one.
+DROPPED_OVERRIDES = ("resume=", "hydra.")
+# Config keys that legitimately differ: `resume` names the original's own directory when it was
+# resumed. Values built from ${now:...} (time), ${hydra:...} (the run directory, job number) or
+# ${oc.env:...} (the shell) are found from the config itself and skipped too.
+IGNORED_CONFIG_KEYS = {"resume"}
+VOLATILE_RESOLVERS = ("${now:", "${hydra:", "${oc.env:")
+ENV_VERSION_KEYS = ("kd", "python", "torch", "torchvision", "hydra", "git_sha")
+# Compared after the run when the metrics differ: the likely causes.
+ENV_CAUSES = {"data_fingerprint": "the data differ", "train_samples": "the data differ",
+              "test_samples": "the data differ", "device": "another device", "world_size": "another process count"}
+SUMMARY_KEYS = ("best_top1", "best_epoch", "last_top1", "teacher_top1", "generations_top1",
+                "top1", "top5", "nll", "ece", "teacher_agreement")
+TIMING_COLUMNS = {"seconds", "images_per_s"}  # wall-clock facts: never the same twice
+SHOWN_DIFFERENCES = 20
+EXIT_DIFFERENT = 1
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line through the CLI (exit 2), not argparse's usage block
+        raise KdError(f"kd reproduce: {message} (see kd reproduce --help)")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="kd reproduce", allow_abbrev=False, description=(
+        "Run a saved run again from its stage and overrides into a new run directory, then compare the final "
+        "metrics (summary.json and metrics.csv without timings): exit 0 when identical, 1 when not."))
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the run directory to reproduce")
+    # OVERRIDE...: whatever is left after the options (see parse_arguments), so they may stand anywhere.
+    parser.usage = "kd reproduce [-h] [--out DIR] [--tolerance ABS] RUN_DIR [OVERRIDE ...]"
+    parser.epilog = "OVERRIDE: Hydra overrides applied after the saved ones, e.g. trainer.device=cpu"
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="put the new run under DIR/<date>/<time> (default: <paths.outputs>/reproduce)")
+    parser.add_argument("--tolerance", type=float, default=0.0, metavar="ABS",
+                        help="largest absolute difference counted as equal (default 0: identical)")
+    return parser
+
+
+@dataclass
+class SavedRun:
+    path: Path
+    stage: str
+    overrides: list[str]
+    config: dict[str, Any]  # config_resolved.yaml
+    hydra: dict[str, Any] = field(default_factory=dict)  # .hydra/hydra.yaml's `hydra` node
+    summary: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def original_cwd(self) -> str | None:
+        return (self.hydra.get("runtime") or {}).get("cwd")
+
+    @property
+    def cwd(self) -> Path:
+        """Where it ran: relative paths in its overrides and summary are relative to it."""
+        cwd = self.original_cwd
+        return Path(cwd) if cwd and Path(cwd).is_dir() else Path.cwd()
+
+    @property
+    def config_name(self) -> str:
+        return (self.hydra.get("job") or {}).get("config_name") or CONFIG_NAMES[self.stage]
+
+    @property
+    def user_config_dirs(self) -> list[str]:
+        """Folders given with `-cd` (Hydra records them as command-line config sources)."""
+        sources = (self.hydra.get("runtime") or {}).get("config_sources") or []
+        return [s["path"] for s in sources if s.get("provider") == "command-line" and s.get("schema") == "file"]
+
+    def replay_overrides(self) -> list[str]:
+        return [o for o in self.overrides if not o.lstrip("+~").startswith(DROPPED_OVERRIDES)]
+
+    def absolute(self, path: str) -> Path:
+        return Path(path) if Path(path).is_absolute() else self.cwd / path
+
+
+def load_saved_run(given: str) -> SavedRun:
+    path = Path(given).expanduser().absolute()
+    if not path.is_dir():
+        raise KdError(f"{given}: no such directory")
+    if not (path / ".hydra" / "overrides.yaml").is_file() or not (path / ".hydra" / "config.yaml").is_file():
+        hint = "; it is a sweep folder: give one of its numbered run directories" if (path / "multirun.yaml").exists() \
+            else "; give a run directory such as outputs/distill/<date>/<time>"
+        raise KdError(f"{given} is not a kd run directory (no .hydra/overrides.yaml and config.yaml){hint}")
+    stage = (_read_yaml(path / ".hydra" / "config.yaml") or {}).get("stage")
+    if stage not in CONFIG_NAMES:
+        raise KdError(f"{given}: its .hydra/config.yaml names no kd stage (stage: {stage})")
+    if not (path / "config_resolved.yaml").is_file():
+        raise KdError(f"{given}: the run stopped before it started (no config_resolved.yaml); nothing to reproduce")
+    return SavedRun(
+        path=path, stage=stage,
+        overrides=[str(o) for o in _read_yaml(path / ".hydra" / "overrides.yaml") or []],
+        config=_read_yaml(path / "config_resolved.yaml") or {},
+        hydra=(_read_yaml(path / ".hydra" / "hydra.yaml") or {}).get("hydra") or {},
+        summary=_read_json(path / "summary.json"),
+        env=_read_json(path / "env.json"),
+    )
+
+
+def check_complete(saved: SavedRun) -> None:
+    status = saved.summary.get("status", "unknown")
+    if status != "complete":
+        raise KdError(f"{saved.path} is {status}, not complete: it has no final metrics to compare with; "
+                      f"finish it first (kd {saved.stage} resume={saved.path})")
+
+
+# --- the config, then and now ------------------------------------------------------------------
+
+
+def recompose(saved: SavedRun, overrides: list[str]) -> tuple[dict[str, Any], set[str]]:
+    """Today's resolved config for the saved overrides (flattened), and the keys whose value comes from
+    a resolver that gives another value in every run (time, run directory, environment)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from kd_cli.config import register_configs
+    from kd_cli.report.discover import flatten
+
+    register_configs()
+    # The stage configs live in the package; a `-cd` folder only adds options, exactly as the CLI's
+    # search path does (package first, then the folder), so it is added to the search path.
+    search = [f"file://{d}" for d in saved.user_config_dirs]
+    extra = [f"hydra.searchpath=[{','.join(quote(s) for s in search)}]"] if search else []
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=PACKAGE_CONFIGS, version_base="1.3"):
+            cfg = compose(saved.config_name, overrides=[*overrides, *extra])
+    except Exception as error:  # noqa: BLE001 - Hydra raises many types; all mean "cannot recompose"
+        from kd_cli.cli import one_line
+
+        raise KdError(f"cannot recompose the config of {saved.path} from its overrides today: {one_line(error)}") from None
+    raw = flatten(OmegaConf.to_container(cfg, resolve=False))
+    volatile = {key for key, value in raw.items() if any(marker in str(value) for marker in VOLATILE_RESOLVERS)}
+    plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    for key in volatile:  # never resolved: ${hydra:...} cannot be outside a Hydra run
+        OmegaConf.update(plain, key, None, force_add=True)
+    return flatten(OmegaConf.to_container(plain, resolve=True)), volatile
+
+
+def config_differences(saved: SavedRun, now: dict[str, Any], volatile: set[str]) -> list[str]:
+    from kd_cli.report.discover import flatten
+
+    then = flatten(saved.config)
+    keys = [k for k in dict.fromkeys([*then, *now]) if k not in volatile and k not in IGNORED_CONFIG_KEYS]
+    absent = object()
+    return [f"{key}: {_show(then.get(key, absent), absent)} → {_show(now.get(key, absent), absent)}"
+            for key in keys if then.get(key, absent) != now.get(key, absent)]
+
+
+def environment_warnings(saved: SavedRun) -> list[str]:
+    from kd_cli.engine.rundir import environment
+
+    now = environment()
+    warnings = [f"{key} was {saved.env[key]} for the original run, now {now.get(key)}: results may differ"
+                for key in ENV_VERSION_KEYS if key in saved.env and saved.env[key] != now.get(key)]
+    if saved.original_cwd and not Path(saved.original_cwd).is_dir():
+        warnings.append(f"the run's working directory {saved.original_cwd} is gone: its relative paths "
+                        f"are taken from {Path.cwd()}")
+    return warnings
+
+
+# --- running it again ---------------------------------------------------------------------------
+
+
+def pinned_teacher(saved: SavedRun, new_overrides: list[str]) -> list[str]:
+    """`teacher.checkpoint=auto` picks the newest matching teacher, which may not be the one the run
+    used: pin that one (summary.json's teacher_run), unless the user names a teacher."""
+    teacher = saved.config.get("teacher") or {}
+    if saved.stage != "distill" or teacher.get("checkpoint") != "auto" or not saved.summary.get("teacher_run"):
+        return []
+    if any(o.lstrip("+~").startswith("teacher.checkpoint=") for o in new_overrides):
+        return []
+    path = saved.absolute(saved.summary["teacher_run"])
+    if not path.exists():
+        raise KdError(f"the teacher the run used ({path}) is gone; give one with teacher.checkpoint=PATH "
+                      f"(the metrics will then differ)")
+    print(f"teacher: pinned to the original run's teacher {path} (its teacher.checkpoint was auto)")
+    return [f"teacher.checkpoint={quote(str(path))}"]
+
+
+def new_run_dir(saved: SavedRun, out: Path | None) -> Path:
+    outputs = saved.absolute(str((saved.config.get("paths") or {}).get("outputs", "outputs")))
+    parent = out.expanduser().absolute() if out else outputs / "reproduce"
+    now = datetime.now()
+    return parent / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S-%f")
+
+
+def reproduction_command(saved: SavedRun, overrides: list[str], run_dir: Path) -> list[str]:
+    flags = [arg for d in saved.user_config_dirs for arg in ("-cd", d)]
+    if saved.config_name != CONFIG_NAMES[saved.stage]:
+        flags += ["-cn", saved.config_name]
+    return [sys.executable, "-m", "kd_cli", saved.stage, *flags, *overrides, f"hydra.run.dir={quote(str(run_dir))}"]
+
+
+def run_stage(saved: SavedRun, command: list[str], run_dir: Path) -> None:
+    """The real CLI in a subprocess, from the original's working directory (its relative paths)."""
+    print(f"running: kd {' '.join(command[3:])}", flush=True)
+    done = subprocess.run(command, cwd=saved.cwd, stderr=subprocess.PIPE, text=True)
+    errors = done.stderr.strip()
+    if done.returncode != 0:
+        reason = errors.splitlines()[-1].removeprefix("kd: error: ") if errors else f"exit status {done.returncode}"
+        raise KdError(f"the reproduction failed: {reason} (run directory {run_dir})")
+    if errors:
+        print(errors, file=sys.stderr)
+
+
+def quote(value: str) -> str:
+    """A Hydra override value: plain when it can be, else single-quoted (spaces, commas, brackets...)."""
+    if re.fullmatch(r"[\w./:@+-]+", value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# --- comparing the results ----------------------------------------------------------------------
+
+
+def metric_differences(original: Path, new: Path, tolerance: float) -> tuple[list[str], int]:
+    """(differences as `what: original → new`, how many values were compared)."""
+    from kd_cli.report.discover import read_metrics
+
+    differences, compared = _summary_differences(original, new, tolerance)
+    before, after = read_metrics(original), read_metrics(new)
+    if len(before) != len(after):
+        differences.append(f"metrics.csv: {len(before)} epochs → {len(after)}")
+    for old_row, new_row in zip(before, after):
+        for column in dict.fromkeys([*old_row, *new_row]):
+            if column in TIMING_COLUMNS:
+                continue
+            compared += 1
+            if not same(old_row.get(column), new_row.get(column), tolerance):
+                epoch = _show(old_row.get("epoch", "?"))
+                differences.append(f"metrics.csv epoch {epoch} {column}: "
+                                   f"{_show(old_row.get(column))} → {_show(new_row.get(column))}")
+    return differences, compared
+
+
+def _summary_differences(original: Path, new: Path, tolerance: float) -> tuple[list[str], int]:
+    before, after = _read_json(original / "summary.json"), _read_json(new / "summary.json")
+    keys = [key for key in SUMMARY_KEYS if key in before or key in after]
+    differences = [f"summary.json {key}: {_show(before.get(key))} → {_show(after.get(key))}"
+                   for key in keys if not same(before.get(key), after.get(key), tolerance)]
+    return differences, len(keys)
+
+
+def likely_causes(original: Path, new: Path) -> list[str]:
+    before, after = _read_json(original / "env.json"), _read_json(new / "env.json")
+    return [f"env.json {key}: {before.get(key)} → {after.get(key)} ({cause})"
+            for key, cause in ENV_CAUSES.items() if key in before and before.get(key) != after.get(key)]
+
+
+def same(a: Any, b: Any, tolerance: float) -> bool:
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y, tolerance) for x, y in zip(a, b))
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)):
+        return a == b
+    if math.isnan(a) or math.isnan(b):  # a NaN loss reproduced is a NaN loss
+        return math.isnan(a) and math.isnan(b)
+    return abs(a - b) <= tolerance
+
+
+def _show(value: Any, absent: Any = None) -> str:
+    if absent is not None and value is absent:
+        return "(absent)"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    unknown = [arg for arg in rest if arg.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = rest
+    if args.tolerance < 0:
+        parser.error(f"--tolerance {args.tolerance}: must be 0 or more")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_arguments(argv)
+    saved = load_saved_run(args.run_dir)
+    check_complete(saved)
+    overrides = saved.replay_overrides()
+    for warning in environment_warnings(saved):
+        print(f"kd: warning: {warning}", file=sys.stderr)
+    changed = config_differences(saved, *recompose(saved, overrides))
+    report_config(changed)
+    run_dir = new_run_dir(saved, args.out)
+    command = reproduction_command(saved, [*overrides, *pinned_teacher(saved, args.overrides), *args.overrides],
+                                   run_dir)
+    record(run_dir, reproduces=str(saved.path), command=command[3:], config_differences=changed)
+    run_stage(saved, command, run_dir)
+    differences, compared = metric_differences(saved.path, run_dir, args.tolerance)
+    record(run_dir, reproduces=str(saved.path), command=command[3:], config_differences=changed,
+           identical=not differences, differences=differences)
+    return report_result(saved.path, run_dir, differences, compared, args.tolerance)
+
+
+def report_config(changed: list[str]) -> None:
+    if not changed:
+        print("config: recomposed today from the saved overrides, it equals the saved config_resolved.yaml")
+        return
+    print(f"config: {len(changed)} value(s) differ from the saved config_resolved.yaml "
+          f"(code or config files changed since; saved → now):")
+    for line in changed:
+        print(f"  {line}")
+
+
+def report_result(original: Path, run_dir: Path, differences: list[str], compared: int, tolerance: float) -> int:
+    if not differences:
+        how = "identical" if tolerance == 0 else f"equal within {tolerance}"
+        print(f"reproduced: the final metrics are {how} ({compared} values: summary.json and metrics.csv "
+              f"without timings); new run {run_dir}")
+        return 0
+    print("differences (original → reproduction):")
+    for line in differences[:SHOWN_DIFFERENCES]:
+        print(f"  {line}")
+    if len(differences) > SHOWN_DIFFERENCES:
+        print(f"  ... and {len(differences) - SHOWN_DIFFERENCES} more")
+    for line in likely_causes(original, run_dir):  # the likely cause, when it is the data
+        print(f"  {line}")
+    print(f"not reproduced: {len(differences)} of {compared} compared values differ from the original run "
+          f"{original}; new run {run_dir}")
+    return EXIT_DIFFERENT
+
+
+def record(run_dir: Path, **facts: Any) -> None:
+    """reproduce.json in the new run: what it reproduces (kd report keeps it out of the averages)."""
+    from kd_cli.engine.files import write_json
+
+    write_json(run_dir / "reproduce.json", facts)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

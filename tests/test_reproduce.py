@@ -1,0 +1,81 @@
+"""`kd reproduce` through the real CLI: a sweep job made with a user config folder (`-cd`) and a
+relative `paths.outputs` reproduces exactly (CPU, same seed), from another working directory; after a
+default in that folder changes, the change is listed and the metrics differ (exit 1); what is not a
+complete kd run is a one-line error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+
+from kdrun import FAST, assert_one_line_error, kd, kd_ok
+
+TINY = [*FAST, "trainer.epochs=2"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A teacher, then one distill job (`-m`, seed 1) on `mydigits`: a user copy of the digits config."""
+    root = tmp_path_factory.mktemp("reproduce")
+    (root / "userconf" / "dataset").mkdir(parents=True)
+    digits = files("kd_cli.configs").joinpath("dataset", "digits.yaml").read_text()
+    (root / "userconf" / "dataset" / "mydigits.yaml").write_text(digits)
+    kd_ok("train-teacher", *TINY, "paths.outputs=outputs", cwd=root)
+    kd_ok("distill", "-m", "-cd", str(root / "userconf"), "dataset=mydigits", "seed=1", *TINY,
+          "paths.outputs=outputs", cwd=root)
+    return root
+
+
+def original_run(project: Path) -> Path:
+    (run,) = (project / "outputs" / "multirun").glob("*/*/0")
+    return run
+
+
+def reproductions(project: Path) -> list[Path]:
+    return sorted(p.parent for p in (project / "outputs" / "reproduce").glob("*/*/reproduce.json"))
+
+
+def test_unchanged_run_reproduces_identically(project, tmp_path):
+    run = original_run(project)
+    out = kd_ok("reproduce", str(run), cwd=tmp_path).stdout  # elsewhere: relative paths follow the run
+    assert "equals the saved config_resolved.yaml" in out
+    assert "teacher: pinned to the original run's teacher" in out
+    assert "reproduced: the final metrics are identical" in out
+    (new,) = reproductions(project)
+    assert json.loads((new / "summary.json").read_text())["status"] == "complete"
+    assert json.loads((new / "reproduce.json").read_text())["reproduces"] == str(run)
+    # `kd report` keeps the reproduction out of the averages: it repeats seed 1.
+    report = kd_ok("report", str(project / "outputs"), cwd=tmp_path).stdout
+    assert "1 run(s) made by `kd reproduce` not counted" in report
+
+
+def test_changed_default_is_listed_and_metrics_differ(project, tmp_path):
+    config = project / "userconf" / "dataset" / "mydigits.yaml"
+    saved = config.read_text()
+    config.write_text(saved.replace("test_fraction: 0.3", "test_fraction: 0.5"))
+    try:
+        result = kd("reproduce", str(original_run(project)), cwd=tmp_path)
+    finally:
+        config.write_text(saved)
+    assert result.code == 1, result.stderr[-2000:]
+    assert "dataset.test_fraction: 0.3 → 0.5" in result.stdout
+    verdicts = [line for line in result.stdout.splitlines() if line.startswith("not reproduced:")]
+    assert len(verdicts) == 1 and "differ from the original run" in verdicts[0]
+    assert "summary.json best_top1" in result.stdout or "summary.json last_top1" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_what_is_not_a_complete_run_is_one_line(project, tmp_path):
+    assert_one_line_error(kd("reproduce", str(tmp_path), cwd=tmp_path), "not a kd run directory")
+    assert_one_line_error(kd("reproduce", "/no/such/run", cwd=tmp_path), "no such directory")
+    sweep = original_run(project).parent
+    assert_one_line_error(kd("reproduce", str(sweep), cwd=tmp_path), "sweep folder")
+    failed = tmp_path / "failed"
+    shutil.copytree(original_run(project), failed)
+    (failed / "summary.json").write_text(json.dumps({"status": "failed", "error": "on purpose"}))
+    assert_one_line_error(kd("reproduce", str(failed), cwd=tmp_path), "is failed, not complete")
+    assert_one_line_error(kd("reproduce", cwd=tmp_path), "RUN_DIR")
