@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kd-installed
 
-.PHONY: run test bench clean
+.PHONY: run test test-slow bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/kd distill
 
+# The suite without the `slow` accuracy bars (a few minutes on 2 cores); CI runs both.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto
+	$(BIN)/python -m pytest -q -n auto -m "not slow"
+
+# The accuracy bars on real data (digits, MNIST): several minutes of training.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -n auto -m slow
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
