@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from kd_cli.errors import KdError
+from kd_cli.report.discover import read_json_dict
 
 CONFIG_NAMES = {"train-teacher": "train_teacher", "distill": "distill", "evaluate": "evaluate"}
 PACKAGE_CONFIGS = "kd_cli.configs"
@@ -120,8 +121,8 @@ def load_saved_run(given: str) -> SavedRun:
         overrides=[str(o) for o in _read_yaml(path / ".hydra" / "overrides.yaml") or []],
         config=_read_yaml(path / "config_resolved.yaml") or {},
         hydra=(_read_yaml(path / ".hydra" / "hydra.yaml") or {}).get("hydra") or {},
-        summary=_read_json(path / "summary.json"),
-        env=_read_json(path / "env.json"),
+        summary=read_json_dict(path / "summary.json"),
+        env=read_json_dict(path / "env.json"),
     )
 
 
@@ -264,7 +265,7 @@ def metric_differences(original: Path, new: Path, tolerance: float) -> tuple[lis
 
 
 def _summary_differences(original: Path, new: Path, tolerance: float) -> tuple[list[str], int]:
-    before, after = _read_json(original / "summary.json"), _read_json(new / "summary.json")
+    before, after = read_json_dict(original / "summary.json"), read_json_dict(new / "summary.json")
     keys = [key for key in SUMMARY_KEYS if key in before or key in after]
     differences = [f"summary.json {key}: {_show(before.get(key))} → {_show(after.get(key))}"
                    for key in keys if not same(before.get(key), after.get(key), tolerance)]
@@ -272,7 +273,7 @@ def _summary_differences(original: Path, new: Path, tolerance: float) -> tuple[l
 
 
 def likely_causes(original: Path, new: Path) -> list[str]:
-    before, after = _read_json(original / "env.json"), _read_json(new / "env.json")
+    before, after = read_json_dict(original / "env.json"), read_json_dict(new / "env.json")
     return [f"env.json {key}: {before.get(key)} → {after.get(key)} ({cause})"
             for key, cause in ENV_CAUSES.items() if key in before and before.get(key) != after.get(key)]
 
@@ -371,12 +372,3 @@ def _read_yaml(path: Path) -> Any:
     except (OSError, yaml.YAMLError):
         return None
 
-
-def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}

@@ -90,13 +90,13 @@ def _walk(directory: Path) -> Iterator[Path]:
 
 
 def load_run(path: Path) -> Run:
-    reproduction = _read_json(path / REPRODUCTION)
+    reproduction = read_json_dict(path / REPRODUCTION)
     return Run(
         path=path,
         overrides=dict(split_override(o) for o in _read_yaml(path / OVERRIDES) or []),
         choices=(((_read_yaml(path / HYDRA) or {}).get("hydra") or {}).get("runtime") or {}).get("choices") or {},
         config=flatten(_read_yaml(path / CONFIG) or {}),
-        summary=_read_json(path / SUMMARY),
+        summary=read_json_dict(path / SUMMARY),
         reproduction_of=reproduction.get("reproduces") if reproduction else None,
     )
 
@@ -183,7 +183,8 @@ def _read_yaml(path: Path) -> Any:
         return None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_dict(path: Path) -> dict[str, Any]:
+    """A JSON object from a file; {} when it is missing, unreadable or not an object."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
