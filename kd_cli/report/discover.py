@@ -142,7 +142,7 @@ def canonical(value: Any) -> str:
 
 def _parse_scalar(text: str) -> Any:
     lowered = text.strip().lower()
-    if lowered in ("null", "none", "~"):
+    if lowered in ("null", "~"):  # Hydra's and YAML's null; `none` is a real value in kd (method=none)
         return None
     if lowered in ("true", "false"):
         return lowered == "true"
