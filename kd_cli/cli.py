@@ -27,6 +27,7 @@ STAGES: dict[str, Stage] = {
     "train-teacher": Stage("train_teacher", "train a teacher network on a data set"),
     "distill": Stage("distill", "train a student from a teacher with a distillation method"),
     "evaluate": Stage("evaluate", "score a trained model: accuracy, calibration, size, MACs, latency"),
+    "compress": Stage("compress", "prune / low-rank / int8 a trained model, recover it with KD, measure it"),
 }
 
 # Commands that are not Hydra stages: module with `main(argv: list[str]) -> int`, and a summary.

@@ -118,6 +118,15 @@ class EvaluateConfig(BaseConfig):
     latency_batch_size: int = MISSING
 
 
+@dataclass
+class CompressConfig(TrainConfig):
+    run: str = MISSING
+    dataset: Any = None  # the model's own data set unless given
+    compression: Any = MISSING  # open: each step's options are checked against its class (kd_cli/compress)
+    latency_batches: int = MISSING
+    latency_batch_sizes: List[int] = MISSING
+
+
 def model_options(builder) -> dict:
     """The keyword options of a model builder with their defaults (the code is their one source)."""
     fixed = {"num_classes", "in_channels", "input_size"}
@@ -137,6 +146,7 @@ def register_configs() -> None:
     cs.store(name="train_teacher_schema", node=TrainTeacherConfig)
     cs.store(name="distill_schema", node=DistillConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="compress_schema", node=CompressConfig)
     for name in MODELS.names():
         options = model_options(MODELS.get(name))
         cs.store(group="teacher", name=name, node={"arch": name, "kwargs": options, "checkpoint": "auto"})

@@ -6,12 +6,13 @@ weights are loaded from safetensors, and every mismatch is a one-line error.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -48,11 +49,21 @@ class ModelSpec:
 
 def save_model(directory: Path, model: nn.Module, spec: ModelSpec) -> Path:
     directory = Path(directory)
-    state = {k: v.detach().contiguous().cpu() for k, v in _plain(model).state_dict().items()}
-    state = _unshare(state)
-    atomic_write(directory / WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT}))
+    tensors, metadata = weights_for_file(model)
+    atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     write_json(directory / META, {"format": FORMAT, **asdict(spec)})
     return directory / WEIGHTS
+
+
+def weights_for_file(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and header metadata of model.safetensors (int8 state encoded, see compress/qstate)."""
+    state = _plain(model).state_dict()
+    metadata = {"format": FORMAT}
+    from kd_cli.compress.qstate import LAYOUT_KEY, encode, needs_encoding
+
+    if needs_encoding(state):
+        state, metadata[LAYOUT_KEY] = encode(state)
+    return _unshare({k: v.detach().contiguous().cpu() for k, v in state.items()}), metadata
 
 
 def _plain(model: nn.Module) -> nn.Module:
@@ -99,15 +110,32 @@ def load_spec(weights: Path) -> ModelSpec:
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelSpec]:
+    """The saved network on `device` (int8 models stay on the CPU, where their kernels run)."""
     weights = resolve_weights(path)
     spec = load_spec(weights)
     model = spec.build()
-    try:
-        state = load_file(str(weights), device="cpu")
-    except (SafetensorError, OSError, ValueError) as error:
-        raise KdError(f"{weights} is corrupt or not a safetensors file ({error})") from None
+    transforms = spec.extra.get("transforms", [])
+    if transforms:  # compressed: redo the saved structure (pruned widths, factorised layers, int8)
+        from kd_cli.compress import is_int8, rebuild
+
+        model = rebuild(model, transforms)
+        if is_int8(spec.extra):
+            device = "cpu"
+    state = read_weights(weights)
     load_state(model, state, f"{weights} (arch {spec.arch})")
     return model.to(device).eval(), spec
+
+
+def read_weights(weights: Path) -> dict[str, Any]:
+    from kd_cli.compress.qstate import LAYOUT_KEY, decode
+
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as handle:
+            layout = (handle.metadata() or {}).get(LAYOUT_KEY)
+        state = load_file(str(weights), device="cpu")
+        return decode(state, layout) if layout else state
+    except (SafetensorError, OSError, ValueError, KeyError) as error:
+        raise KdError(f"{weights} is corrupt or not a safetensors file ({error})") from None
 
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -115,15 +143,28 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> N
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    wrong = [k for k in own if k in state and _shape(own[k]) != _shape(state[k])]
     if missing or unexpected or wrong:
         details = []
         if wrong:
             k = wrong[0]
-            details.append(f"{len(wrong)} shape mismatch(es), e.g. {k}: saved {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
+            details.append(f"{len(wrong)} shape mismatch(es), e.g. {k}: saved {_shape(state[k])} vs model {_shape(own[k])}")
         if missing:
             details.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
         if unexpected:
             details.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
         raise KdError(f"weights do not match {what}: {'; '.join(details)}; was it saved for another model or data set?")
+    # Module versions are not in the file; the rebuilt model's own are the ones that wrote it (same
+    # code), and torch.ao's int8 layers read their weights differently without them.
+    state = OrderedDict(state)
+    state._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]
     model.load_state_dict(state)
+
+
+def _shape(value: Any) -> Any:
+    """A tensor's shape; for packed int8 params (tuples) the shapes inside; else the value's type."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, tuple):
+        return tuple(_shape(v) for v in value)
+    return type(value).__name__

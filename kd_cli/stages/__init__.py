@@ -11,6 +11,7 @@ STAGE_MODULES = {
     "train-teacher": "kd_cli.stages.train_teacher",
     "distill": "kd_cli.stages.distill",
     "evaluate": "kd_cli.stages.evaluate",
+    "compress": "kd_cli.stages.compress",
 }
 
 

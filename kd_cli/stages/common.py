@@ -166,7 +166,12 @@ def model_spec(model_cfg: DictConfig, data, dataset_cfg: DictConfig) -> ModelSpe
 
 
 def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Weights and biases; int8 weights too (torch.ao packs those into buffers, not parameters)."""
+    stored = [t for v in model.state_dict().values() for t in (v if isinstance(v, tuple) else (v,))
+              if isinstance(t, torch.Tensor)]
+    if not any(t.is_quantized for t in stored):
+        return sum(p.numel() for p in model.parameters())
+    return sum(t.numel() for t in stored if t.is_quantized or isinstance(t, nn.Parameter))
 
 
 def check_channels(mean: list, std: list, in_channels: int) -> None:

@@ -33,6 +33,10 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     setup = setup_run(cfg, run)
     weights = resolve_weights(cfg.run)
     model, spec = load_model(weights, setup.device)
+    device, dtype = setup.device, setup.dtype
+    if _device_of(model).type != setup.device.type:  # int8 kernels run on the CPU only
+        device, dtype = _device_of(model), torch.float32
+        log.info(f"evaluate: {weights} holds int8 weights; it runs on the CPU")
     data = load_dataset(_dataset_config(cfg, weights))
     run.write_env(device=str(setup.device), seed=cfg.seed, data_fingerprint=data.fingerprint, model=str(weights))
     if (data.num_classes, data.in_channels) != (spec.num_classes, spec.in_channels):
@@ -40,22 +44,22 @@ def main(cfg: DictConfig, run: RunDir) -> float:
                       f"set has {data.num_classes} / {data.in_channels}; pass the dataset it was trained on")
     split = data.test if cfg.split == "test" else data.train
     loader = make_loader(split, batch_size=cfg.trainer.eval_batch_size, train=False, spec=None, mean=spec.mean,
-                         std=spec.std, device=setup.device, seed=cfg.seed, num_workers=cfg.trainer.num_workers)
-    logits, labels = predict(model, loader, setup.device, setup.dtype)
+                         std=spec.std, device=device, seed=cfg.seed, num_workers=cfg.trainer.num_workers)
+    logits, labels = predict(model, loader, device, dtype)
     report = classification_report(logits, labels, spec.num_classes)
     confusion = report.pop("confusion")
     summary = {
         "stage": "evaluate", "model": str(weights), "arch": spec.arch, "dataset": spec.dataset, "split": cfg.split,
         **report,
         "params": count_parameters(model),
-        "macs": count_macs(model, spec, setup.device),
+        "macs": count_macs(float_twin(model, spec), spec, _device_of(model)),
         "size_bytes": weights.stat().st_size,
-        "latency_ms": measure_latency(model, spec, setup.device, cfg.latency_batch_size, cfg.latency_batches),
+        "latency_ms": measure_latency(model, spec, device, cfg.latency_batch_size, cfg.latency_batches),
         "latency_batch_size": cfg.latency_batch_size,
-        "device": str(setup.device),
+        "device": str(device),
     }
     if cfg.teacher_run:
-        summary["teacher_agreement"] = teacher_agreement(cfg.teacher_run, loader, logits, setup)
+        summary["teacher_agreement"] = teacher_agreement(cfg.teacher_run, loader, logits, device, dtype)
     write_confusion(run.path, confusion, spec.class_names)
     write_per_class(run.path / "per_class.csv", spec.class_names, report["per_class_accuracy"])
     run.write_summary(COMPLETE, **summary, wall_time_s=time.time() - started)
@@ -77,6 +81,20 @@ def _dataset_config(cfg: DictConfig, weights: Path) -> dict:
     if not saved.exists():
         raise KdError(f"no {CONFIG} beside {weights} to tell its data set; pass dataset=NAME (and its options)")
     return OmegaConf.to_container(OmegaConf.load(saved).dataset, resolve=True)
+
+
+def float_twin(model: nn.Module, spec: ModelSpec) -> nn.Module:
+    """For an int8 model, the float network of the same shape (torch's counter skips int8 ops);
+    the multiply-adds are the same, done in 8 bits. Other models are returned as they are."""
+    from kd_cli.compress import is_int8, rebuild
+
+    if not is_int8(spec.extra):
+        return model
+    return rebuild(spec.build(), spec.extra["transforms"][:-1]).eval()
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next((t.device for t in model.state_dict().values() if isinstance(t, torch.Tensor)), torch.device("cpu"))
 
 
 def count_macs(model: nn.Module, spec: ModelSpec, device: torch.device) -> int:
@@ -110,9 +128,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def teacher_agreement(teacher_path: str, loader, logits: torch.Tensor, setup) -> float:
-    teacher, _ = load_model(teacher_path, setup.device)
-    teacher_logits, _ = predict(teacher, loader, setup.device, setup.dtype)
+def teacher_agreement(teacher_path: str, loader, logits: torch.Tensor, device: torch.device, dtype) -> float:
+    teacher, _ = load_model(teacher_path, device)
+    teacher_logits, _ = predict(teacher, loader, _device_of(teacher), dtype)
     if teacher_logits.shape != logits.shape:
         raise KdError(f"teacher {teacher_path} predicts {teacher_logits.shape[1]} classes, the model {logits.shape[1]}")
     return 100.0 * (teacher_logits.argmax(1) == logits.argmax(1)).float().mean().item()

@@ -1,0 +1,118 @@
+"""Structured (channel) pruning with Torch-Pruning's dependency graph (Fang et al., DepGraph, CVPR 2023).
+
+Removing an output channel of a conv also removes the matching BatchNorm entries, the input
+channels of every layer that reads it, and the same channel of every branch joined to it by a
+residual add; Torch-Pruning finds those groups by tracing the model. The pruned network really is
+smaller: its new layer widths go into model.json and load rebuilds them (layers.resize_layers).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_cli.compress import register_step
+from kd_cli.compress.context import StepContext
+from kd_cli.compress.layers import WEIGHTED, changed_layers, check_layer_names, classifier_name, resize_layers, tensor_shapes
+from kd_cli.errors import KdError
+
+log = logging.getLogger("kd")
+IMPORTANCE = ("magnitude", "bn_scale", "taylor", "random")
+SCOPES = ("uniform", "global")
+
+
+@register_step("prune_structured")
+class PruneStructured:
+    """ratio: share of channels removed (per layer for `uniform`, over the whole net for `global`);
+    importance: magnitude (L2 norm of a channel's weights), bn_scale (|gamma| of its BatchNorm,
+    Liu et al. 2017), taylor (|weight x gradient| on training batches, Molchanov et al. 2019) or
+    random; ignored_layers: names kept whole (the classifier always is)."""
+
+    def __init__(self, ratio: float, importance: str, scope: str, ignored_layers: list, iterative_steps: int,
+                 round_to: int | None, max_layer_ratio: float, taylor_batches: int):
+        if not 0.0 < ratio < 1.0:
+            raise KdError(f"compression.prune_structured.ratio={ratio} must be between 0 and 1 (exclusive): "
+                          f"{'1 would remove every channel' if ratio >= 1 else 'it is the share of channels removed'}; "
+                          f"e.g. 0.5")
+        if importance not in IMPORTANCE:
+            raise KdError(f"compression.prune_structured.importance={importance} is not one of {', '.join(IMPORTANCE)}")
+        if scope not in SCOPES:
+            raise KdError(f"compression.prune_structured.scope={scope} is not one of {', '.join(SCOPES)}")
+        if not 0.0 < max_layer_ratio < 1.0:
+            raise KdError(f"compression.prune_structured.max_layer_ratio={max_layer_ratio} must be between 0 and 1 "
+                          f"(exclusive): no layer may lose every channel")
+        if iterative_steps < 1 or taylor_batches < 1 or (round_to is not None and round_to < 1):
+            raise KdError("compression.prune_structured: iterative_steps, taylor_batches and round_to must be >= 1")
+        self.ratio, self.importance, self.scope = ratio, importance, scope
+        self.ignored_layers = list(ignored_layers)
+        self.iterative_steps, self.round_to = iterative_steps, round_to
+        self.max_layer_ratio, self.taylor_batches = max_layer_ratio, taylor_batches
+
+    def apply(self, model: nn.Module, ctx: StepContext) -> nn.Module:
+        import torch_pruning as tp
+
+        check_layer_names(model, self.ignored_layers, "compression.prune_structured.ignored_layers")
+        self._check_importance(model)
+        model.eval()
+        classifier = classifier_name(model, ctx.example)
+        ignored = {*self.ignored_layers, *([classifier] if classifier else [])}
+        before = tensor_shapes(model)
+        try:
+            pruner = tp.pruner.MetaPruner(
+                model, ctx.example, importance=self._criterion(tp), global_pruning=self.scope == "global",
+                pruning_ratio=self.ratio, max_pruning_ratio=self.max_layer_ratio,
+                iterative_steps=self.iterative_steps, round_to=self.round_to,
+                ignored_layers=[model.get_submodule(name) for name in sorted(ignored)],
+            )
+            for _ in range(self.iterative_steps):
+                if self.importance == "taylor":
+                    self._accumulate_gradients(model, ctx)
+                pruner.step()
+        except (RuntimeError, ValueError, ZeroDivisionError, IndexError, KeyError) as error:
+            # e.g. ShuffleNet's channel shuffle (a reshape across groups) defeats the dependency graph
+            raise KdError(f"Torch-Pruning cannot prune this {type(model).__name__} ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0][:120] if str(error) else 'no message'}); use lowrank, "
+                          f"prune_unstructured or quantize_int8, or list the failing block in ignored_layers") from None
+        model.zero_grad(set_to_none=True)
+        layers = changed_layers(before, model)
+        if not layers:
+            raise KdError("compression.prune_structured removed no channel: every prunable layer is ignored or "
+                          "too narrow; lower ignored_layers or raise ratio")
+        self._check_widths(model)
+        log.info(f"prune_structured: {len(layers)} layers resized (ignored: {', '.join(sorted(ignored)) or 'none'})")
+        ctx.record(kind=self.name, ratio=self.ratio, importance=self.importance, scope=self.scope, layers=layers)
+        return model
+
+    @staticmethod
+    def rebuild(model: nn.Module, record: dict) -> nn.Module:
+        return resize_layers(model, record["layers"])
+
+    def _criterion(self, tp):
+        if self.importance == "magnitude":
+            return tp.importance.GroupMagnitudeImportance(p=2)
+        if self.importance == "bn_scale":
+            return tp.importance.BNScaleImportance()
+        if self.importance == "taylor":
+            return tp.importance.GroupTaylorImportance()
+        return tp.importance.RandomImportance()
+
+    def _check_importance(self, model: nn.Module) -> None:
+        if self.importance == "bn_scale" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            raise KdError("compression.prune_structured.importance=bn_scale needs BatchNorm layers and this model "
+                          "has none; use importance=magnitude or taylor")
+
+    def _accumulate_gradients(self, model: nn.Module, ctx: StepContext) -> None:
+        """Gradients of the training loss (eval mode: BatchNorm statistics stay as trained)."""
+        model.zero_grad(set_to_none=True)
+        for images, labels in ctx.batches(self.taylor_batches):
+            F.cross_entropy(model(images), labels).backward()
+
+    @staticmethod
+    def _check_widths(model: nn.Module) -> None:
+        for name, module in model.named_modules():
+            if isinstance(module, WEIGHTED) and module.weight.numel() == 0:
+                raise KdError(f"compression.prune_structured removed every channel of {name}; lower ratio or "
+                              f"max_layer_ratio, or add it to ignored_layers")

@@ -1,0 +1,72 @@
+"""Unstructured magnitude pruning (Han et al., 2015): zero the smallest weights of conv and linear layers.
+
+The masks stay attached (torch.nn.utils.prune) through the recovery `finetune`, so the zeros stay
+zero while the rest learns; `make_permanent` folds them into plain weights before saving. Zeros
+do not shrink a dense file or speed up dense kernels: kd reports the sparsity, not a smaller size.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+from torch.nn.utils import prune
+
+from kd_cli.compress import register_step
+from kd_cli.compress.context import StepContext
+from kd_cli.compress.layers import WEIGHTED, check_layer_names, weight_sparsity
+from kd_cli.errors import KdError
+
+log = logging.getLogger("kd")
+SCOPES = ("global", "layer")
+
+
+@register_step("prune_unstructured")
+class PruneUnstructured:
+    """sparsity: share of the weights set to zero, chosen over all layers together (`global`: the
+    smallest |w| of the whole net) or per layer (`layer`); skip: layer names left dense."""
+
+    def __init__(self, sparsity: float, scope: str, skip: list):
+        if not 0.0 < sparsity < 1.0:
+            raise KdError(f"compression.prune_unstructured.sparsity={sparsity} must be between 0 and 1 (exclusive); "
+                          f"e.g. 0.5 zeroes half of the weights")
+        if scope not in SCOPES:
+            raise KdError(f"compression.prune_unstructured.scope={scope} is not one of {', '.join(SCOPES)}")
+        self.sparsity, self.scope, self.skip = sparsity, scope, list(skip)
+
+    def apply(self, model: nn.Module, ctx: StepContext) -> nn.Module:
+        check_layer_names(model, self.skip, "compression.prune_unstructured.skip")
+        targets = [(m, "weight") for n, m in model.named_modules() if isinstance(m, WEIGHTED) and n not in self.skip]
+        if not targets:
+            raise KdError("compression.prune_unstructured: no conv or linear layer left to prune (all skipped)")
+        if self.scope == "global":
+            prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=self.sparsity)
+        else:
+            for module, name in targets:
+                prune.l1_unstructured(module, name, amount=self.sparsity)
+        log.info(f"prune_unstructured: {len(targets)} layers, {weight_sparsity(model):.1f}% of weights zero")
+        ctx.record(kind=self.name, sparsity=self.sparsity, scope=self.scope)
+        return model
+
+    @staticmethod
+    def rebuild(model: nn.Module, record: dict) -> nn.Module:
+        return model  # the zeros are in the saved weights; the structure is unchanged
+
+
+def copyable(model: nn.Module) -> nn.Module:
+    """Let copy.deepcopy through a masked model: the cached `weight = weight_orig * mask` is a non-leaf
+    tensor deepcopy refuses; a detached cache is equal, and the next forward recomputes it anyway."""
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                setattr(module, hook._tensor_name, getattr(module, hook._tensor_name).detach())
+    return model
+
+
+def make_permanent(model: nn.Module) -> nn.Module:
+    """Fold pruning masks into plain weights (weight_orig * mask -> weight), in place."""
+    for module in model.modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, prune.BasePruningMethod):
+                prune.remove(module, hook._tensor_name)
+    return model

@@ -1,0 +1,223 @@
+"""`kd compress`: make a trained model smaller and faster (structured/unstructured pruning, low rank,
+int8), recover its accuracy with distillation from the uncompressed model through the same training
+loop as `kd distill`, and measure every step: parameters, MACs, size on disk, sparsity, CPU latency
+and top-1, before and after."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+
+from kd_cli.compress import FINETUNE, STEPS, build_step, is_int8
+from kd_cli.compress.context import StepContext
+from kd_cli.compress.measure import Measurement, measure
+from kd_cli.compress.prune_unstructured import copyable, make_permanent
+from kd_cli.data import make_loader
+from kd_cli.engine.artifacts import ModelSpec, load_model, resolve_weights, save_model
+from kd_cli.engine.loop import Training, fit
+from kd_cli.engine.metrics import predict
+from kd_cli.engine.rundir import COMPLETE, CONFIG, RunDir
+from kd_cli.errors import KdError
+from kd_cli.methods import build_method, method_requires_teacher
+from kd_cli.stages.common import Setup, print_config, setup_run
+from kd_cli.stages.training import Loaders, load_data
+
+log = logging.getLogger("kd")
+TABLE = "compression.csv"
+FLOAT_DIR = "float"  # beside an int8 result: the float model it was quantised from (for ONNX export)
+
+
+def main(cfg: DictConfig, run: RunDir) -> float:
+    started = time.time()
+    steps = plan(cfg.compression)
+    weights = resolve_weights(cfg.run)
+    use_saved_dataset(cfg, weights)
+    setup = setup_run(cfg, run)
+    print_config(cfg)
+    original, spec = load_model(weights, setup.device)
+    if is_int8(spec.extra):
+        raise KdError(f"{weights} is already int8; compress its float model instead")
+    loaders = load_data(cfg, setup, run)
+    check_fits(spec, loaders, weights)
+    ctx = StepContext(example=_example(spec, setup.device), device=setup.device,
+                      calibration_data=_calibration_loader(cfg, loaders, spec, setup.device),
+                      transforms=list(spec.extra.get("transforms", [])))
+    score = _scorer(cfg, loaders, spec, setup)
+    figures = dict(batch_sizes=list(cfg.latency_batch_sizes), batches=cfg.latency_batches)
+    rows = [measure("original", original, spec, predict_on=score, **figures)]
+    model, float_model = copy.deepcopy(original), None
+    for name, step in steps:
+        if name == FINETUNE:
+            model = finetune(cfg, run, setup, loaders, model, original)
+        else:
+            before = rows[-1]
+            float_model = copy.deepcopy(copyable(model)) if name == "quantize_int8" else None
+            model = step.apply(model, ctx)
+            carried = dict(params=before.params, macs=before.macs) if name == "quantize_int8" else {}
+            rows.append(measure(name, model, spec, predict_on=score, **figures, **carried))
+            continue
+        rows.append(measure(f"+ {FINETUNE} ({cfg.method.name})", model, spec, predict_on=score, **figures))
+    make_permanent(model)
+    saved = replace(spec, extra={**spec.extra, "transforms": ctx.transforms, "compressed_from": str(weights)})
+    if float_model is not None:
+        float_spec = replace(spec, extra={**spec.extra, "transforms": ctx.transforms[:-1]})
+        save_model(run.path / FLOAT_DIR, make_permanent(float_model), float_spec)
+    save_model(run.path, model, saved)
+    reload_top1 = check_reload(run.path, rows[-1], score)
+    summary = summarise(cfg, rows, reload_top1, started, spec)
+    write_table(run.path / TABLE, rows)
+    run.write_summary(COMPLETE, **summary)
+    print_table(cfg, rows, spec, run.path)
+    return rows[-1].top1
+
+
+def plan(compression: DictConfig) -> list[tuple[str, object]]:
+    """The steps with their options checked, before any data is read or model loaded."""
+    names = list(compression.steps)
+    if not names:
+        raise KdError("compression.steps is empty; pick a preset, e.g. compression=prune_structured")
+    if names.count(FINETUNE) > 1:
+        raise KdError("compression.steps: at most one finetune (the recovery training) per run")
+    if "quantize_int8" in names and names.index("quantize_int8") != len(names) - 1:
+        raise KdError("compression.steps: quantize_int8 must be the last step (int8 weights are not trained further)")
+    steps = []
+    for name in names:
+        if name == FINETUNE:
+            steps.append((name, None))
+            continue
+        if name not in STEPS:
+            raise KdError(f"compression.steps: unknown step '{name}' (choose from: {', '.join([*STEPS.names(), FINETUNE])})")
+        options = compression.get(name)
+        if options is None:
+            raise KdError(f"compression.steps names {name} but compression.{name} has no settings")
+        steps.append((name, build_step(name, OmegaConf.to_container(options, resolve=True))))
+    return steps
+
+
+def use_saved_dataset(cfg: DictConfig, weights: Path) -> None:
+    """The data set the model was trained on, unless the command line gives one."""
+    if cfg.dataset is not None:
+        return
+    saved = weights.parent / CONFIG
+    if not saved.exists():
+        raise KdError(f"no {CONFIG} beside {weights} to tell its data set; pass dataset=NAME (and its options)")
+    with open_dict(cfg):
+        cfg.dataset = OmegaConf.load(saved).dataset
+
+
+def check_fits(spec: ModelSpec, loaders: Loaders, weights: Path) -> None:
+    data = loaders.data
+    if (data.num_classes, data.in_channels, data.input_size) != (spec.num_classes, spec.in_channels, spec.input_size):
+        raise KdError(f"{weights} expects {spec.num_classes} classes of {spec.in_channels}x{spec.input_size}px but the "
+                      f"data set has {data.num_classes} of {data.in_channels}x{data.input_size}px; pass the data set "
+                      f"it was trained on")
+
+
+def finetune(cfg: DictConfig, run: RunDir, setup: Setup, loaders: Loaders, model: nn.Module,
+             uncompressed: nn.Module) -> nn.Module:
+    """Recovery training in the engine's one loop; the uncompressed model teaches (cfg.method)."""
+    teacher = None
+    if method_requires_teacher(cfg.method.name):
+        teacher = copy.deepcopy(uncompressed).eval().requires_grad_(False)
+    model = model.to(setup.device).requires_grad_(True)
+    method = build_method(OmegaConf.to_container(cfg.method, resolve=True), model, teacher,
+                          num_samples=len(loaders.data.train))
+    fit(Training(method=method, train_loader=loaders.train, test_loader=loaders.test, optim=cfg.optim,
+                 trainer=cfg.trainer, device=setup.device, dtype=setup.dtype, run=run,
+                 title=f"recovery ({cfg.method.name})", world=setup.world))
+    return model.eval()
+
+
+def _example(spec: ModelSpec, device: torch.device) -> torch.Tensor:
+    return torch.zeros(1, spec.in_channels, spec.input_size, spec.input_size, device=device)
+
+
+def _calibration_loader(cfg: DictConfig, loaders: Loaders, spec: ModelSpec, device: torch.device):
+    """Training images without augmentation, in a fixed order (calibration and Taylor scores)."""
+    return make_loader(loaders.data.train, batch_size=cfg.trainer.batch_size, train=False, spec=None,
+                       mean=spec.mean, std=spec.std, device=device, seed=cfg.seed, num_workers=cfg.trainer.num_workers)
+
+
+def _scorer(cfg: DictConfig, loaders: Loaders, spec: ModelSpec, setup: Setup):
+    """(logits, labels) of the test split: on the run's device, or the CPU for int8 models."""
+    cpu_loader = None
+
+    def score(model: nn.Module):
+        nonlocal cpu_loader
+        on_cpu = all(t.device.type == "cpu" for t in model.state_dict().values() if isinstance(t, torch.Tensor))
+        if not on_cpu or setup.device.type == "cpu":
+            return predict(model, loaders.test, setup.device, setup.dtype)
+        if cpu_loader is None:
+            cpu_loader = make_loader(loaders.data.test, batch_size=cfg.trainer.eval_batch_size, train=False,
+                                     spec=None, mean=spec.mean, std=spec.std, device=torch.device("cpu"),
+                                     seed=cfg.seed, num_workers=cfg.trainer.num_workers)
+        return predict(model, cpu_loader, torch.device("cpu"), torch.float32)
+
+    return score
+
+
+def check_reload(path: Path, final: Measurement, score) -> float:
+    """Load the saved files back (as `kd evaluate` will) and insist on the same top-1."""
+    from kd_cli.engine.metrics import topk_accuracy
+
+    model, _ = load_model(path, "cpu")
+    reloaded = topk_accuracy(*score(model))
+    if abs(reloaded - final.top1) > 1e-9:
+        raise KdError(f"the saved model scores {reloaded:.2f}% after reloading but {final.top1:.2f}% before saving; "
+                      f"this architecture does not survive this compression's save/load (please report it)")
+    return reloaded
+
+
+def summarise(cfg: DictConfig, rows: list[Measurement], reload_top1: float, started: float, spec: ModelSpec) -> dict:
+    first, last = rows[0], rows[-1]
+    ratio = lambda a, b: a / b if b else None  # noqa: E731
+    return {
+        "stage": "compress", "compression": cfg.compression.get("name", "custom"), "steps": list(cfg.compression.steps),
+        "method": cfg.method.name, "dataset": cfg.dataset.name, "arch": spec.arch, "model": str(cfg.run),
+        "seed": cfg.seed,
+        "original": first.row(), "compressed": last.row(), "rows": [r.row() for r in rows],
+        "params": last.params, "params_ratio": ratio(last.params, first.params),
+        "macs_ratio": ratio(last.macs, first.macs), "size_ratio": ratio(last.size_bytes, first.size_bytes),
+        **{f"speedup_b{b}": ratio(first.latency_ms[b], last.latency_ms[b]) for b in first.latency_ms},
+        "top1_original": first.top1, "last_top1": last.top1, "best_top1": last.top1,
+        "top1_drop": first.top1 - last.top1, "reload_top1": reload_top1,
+        "latency_threads": torch.get_num_threads(), "wall_time_s": time.time() - started,
+    }
+
+
+def write_table(path: Path, rows: list[Measurement]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0].row()))
+        writer.writeheader()
+        writer.writerows(r.row() for r in rows)
+
+
+def print_table(cfg: DictConfig, rows: list[Measurement], spec: ModelSpec, run_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    sizes = list(rows[0].latency_ms)
+    table = Table(title=f"compress {spec.arch} on {cfg.dataset.name} ({cfg.compression.get('name', 'custom')})")
+    for column in ["step", "params", "MACs", "size KiB", "sparsity %",
+                   *[f"CPU ms b{b}" for b in sizes], "top-1 %"]:
+        table.add_column(column, justify="left" if column == "step" else "right")
+    for r in rows:
+        table.add_row(r.step, f"{r.params:,}", f"{r.macs:,}", f"{r.size_bytes / 1024:,.1f}", f"{r.sparsity:.1f}",
+                      *[f"{r.latency_ms[b]:.3f}" for b in sizes], f"{r.top1:.2f}")
+    first, last = rows[0], rows[-1]
+    table.add_row("ratio", f"{last.params / first.params:.2f}x", f"{last.macs / max(first.macs, 1):.2f}x",
+                  f"{last.size_bytes / first.size_bytes:.2f}x", "",
+                  *[f"{first.latency_ms[b] / last.latency_ms[b]:.2f}x speed" for b in sizes],
+                  f"{last.top1 - first.top1:+.2f}", style="bold")
+    console = Console(width=max(Console().width, 120))  # the table is wide; logs and pipes get 120 columns
+    console.print(table)
+    console.print(f"CPU latency: median of {cfg.latency_batches} batches, {torch.get_num_threads()} thread(s)")
+    console.print(f"run directory: {run_dir}", highlight=False, soft_wrap=True)
