@@ -207,3 +207,33 @@ def test_quantized_state_round_trips_through_plain_tensors():
         assert torch.equal(back[key].dequantize(), state[key].dequantize())
     assert torch.equal(back["packed"][0].dequantize(), state["packed"][0].dequantize())
     assert back["dtype"] is torch.qint8 and back["nothing"] is None and torch.equal(back["plain"], state["plain"])
+
+
+def test_interrupted_recovery_resumes_to_the_uninterrupted_result(teacher, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["compress", f"run={teacher}", "trainer.epochs=12", "latency_batches=2", *FAST]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    kd_ok(*args, f"hydra.run.dir={whole}", cwd=tmp_path)
+    process = subprocess.Popen([sys.executable, "-m", "kd_cli", *args, f"hydra.run.dir={broken}"], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not (broken / "checkpoints/last.pt").exists() and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "resume=" in stderr and "Traceback" not in stderr
+    assert summary(broken)["status"] == "interrupted" and not (broken / "model.safetensors").exists()
+    kd_ok("compress", f"resume={broken}", cwd=tmp_path)  # prunes again (deterministic), then resumes recovery
+    assert summary(broken)["last_top1"] == summary(whole)["last_top1"]
+    assert (broken / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+
+
+def test_a_tampered_compressed_model_json_is_a_one_line_error(teacher, tmp_path):
+    run, _ = compress(teacher, tmp_path, "compression=lowrank", "trainer.epochs=1")
+    meta = json.loads((run / "model.json").read_text())
+    meta["extra"]["transforms"][0]["ranks"] = {"no.such.layer": 3}
+    (run / "model.json").write_text(json.dumps(meta))
+    assert_one_line_error(kd("evaluate", f"run={run}", cwd=tmp_path), "model.json")

@@ -65,7 +65,15 @@ def _fits(value: Any, kind: Any) -> bool:
 def rebuild(model: nn.Module, transforms: list[dict[str, Any]]) -> nn.Module:
     """Apply the structural part of every saved transform, in order, to a freshly built model."""
     for record in transforms:
-        model = STEPS.get(record["kind"]).rebuild(model, record)
+        kind = record.get("kind", "?") if isinstance(record, dict) else "?"
+        try:
+            model = STEPS.get(kind).rebuild(model, record)
+        except KdError:
+            raise
+        except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise KdError(f"model.json's '{kind}' record does not fit the rebuilt {type(model).__name__} "
+                          f"({type(error).__name__}: {error}); was model.json edited, or written for another "
+                          f"model?") from None
     return model
 
 
