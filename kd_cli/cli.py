@@ -28,6 +28,7 @@ STAGES: dict[str, Stage] = {
     "distill": Stage("distill", "train a student from a teacher with a distillation method"),
     "evaluate": Stage("evaluate", "score a trained model: accuracy, calibration, size, MACs, latency"),
     "compress": Stage("compress", "prune / low-rank / int8 a trained model, recover it with KD, measure it"),
+    "export": Stage("export", "write a model as ONNX or TorchScript, checked against PyTorch"),
 }
 
 # Commands that are not Hydra stages: module with `main(argv: list[str]) -> int`, and a summary.

@@ -127,6 +127,20 @@ class CompressConfig(TrainConfig):
     latency_batch_sizes: List[int] = MISSING
 
 
+@dataclass
+class ExportConfig:
+    stage: str = MISSING
+    seed: int = MISSING
+    paths: PathsConfig = MISSING
+    run: str = MISSING
+    format: str = MISSING
+    opset: int = MISSING
+    dynamic_batch: bool = MISSING
+    check_batch_size: int = MISSING
+    check_inputs: str = MISSING
+    tolerance: float = MISSING
+
+
 def model_options(builder) -> dict:
     """The keyword options of a model builder with their defaults (the code is their one source)."""
     fixed = {"num_classes", "in_channels", "input_size"}
@@ -147,6 +161,7 @@ def register_configs() -> None:
     cs.store(name="distill_schema", node=DistillConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="compress_schema", node=CompressConfig)
+    cs.store(name="export_schema", node=ExportConfig)
     for name in MODELS.names():
         options = model_options(MODELS.get(name))
         cs.store(group="teacher", name=name, node={"arch": name, "kwargs": options, "checkpoint": "auto"})

@@ -106,6 +106,9 @@ def test_prune_then_quantize_lists_every_step(teacher, tmp_path):
     float_model, float_spec = load_model(run / "float")  # pruned, float: what ONNX export takes
     assert float_spec.extra["transforms"][0]["kind"] == "prune_structured"
     assert count_parameters(float_model) < 0.5 * s["original"]["params"]
+    exported = tmp_path / "onnx"
+    kd_ok("export", f"run={run / 'float'}", "format=onnx", f"hydra.run.dir={exported}", cwd=tmp_path)
+    assert summary(exported)["check_inputs"] == "digits test images" and summary(exported)["max_abs_diff"] <= 1e-4
 
 
 @pytest.mark.parametrize("overrides, fragments", [

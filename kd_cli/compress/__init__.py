@@ -78,7 +78,8 @@ def rebuild(model: nn.Module, transforms: list[dict[str, Any]]) -> nn.Module:
 
 
 def is_int8(extra: dict[str, Any]) -> bool:
-    return any(t.get("kind") == "quantize_int8" for t in extra.get("transforms", []))
+    """True when a saved model's `extra` (model.json) records the int8 step: it loads as a CPU model."""
+    return any(isinstance(t, dict) and t.get("kind") == "quantize_int8" for t in extra.get("transforms") or [])
 
 
 def _import_all() -> None:

@@ -12,6 +12,7 @@ STAGE_MODULES = {
     "distill": "kd_cli.stages.distill",
     "evaluate": "kd_cli.stages.evaluate",
     "compress": "kd_cli.stages.compress",
+    "export": "kd_cli.stages.export",
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import csv
 import logging
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -70,6 +71,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     if float_model is not None:
         float_spec = replace(spec, extra={**spec.extra, "transforms": ctx.transforms[:-1]})
         save_model(run.path / FLOAT_DIR, make_permanent(float_model), float_spec)
+        shutil.copyfile(run.path / CONFIG, run.path / FLOAT_DIR / CONFIG)  # its data set, for export's check
     save_model(run.path, model, saved)
     reload_top1 = check_reload(run.path, rows[-1], score)
     summary = summarise(cfg, rows, reload_top1, started, spec)

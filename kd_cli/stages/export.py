@@ -1,0 +1,317 @@
+"""`kd export`: write a saved model (run directory or model.safetensors) as ONNX or TorchScript, then
+check the written file against PyTorch on the same inputs before the run counts as complete.
+
+- onnx: torch.onnx.export with the torch.export-based exporter (`dynamo=True`, torch's default and
+  the one maintained; the TorchScript-based one is deprecated), the batch dimension symbolic
+  (`dynamic_shapes`), the file checked in onnxruntime on the CPU.
+- torchscript: torch.jit.trace + torch.jit.save, the file checked after torch.jit.load. torch.jit warns
+  that it is deprecated (a FutureWarning on every call in torch 2.14); only that warning is silenced.
+
+The file is written under a temporary name, checked there, and renamed only when its outputs match
+PyTorch's within `tolerance` at `check_batch_size` and (dynamic batch) at a batch of 1. model.json is
+copied beside it and also embedded in the file (ONNX metadata / TorchScript extra file `model.json`),
+so the input normalisation, class names and input size travel with the model.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import re
+import sys
+import time
+import warnings
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from kd_cli.engine.artifacts import META, ModelSpec, load_model, load_spec, resolve_weights
+from kd_cli.engine.device import seed_everything
+from kd_cli.engine.files import atomic_write
+from kd_cli.engine.rundir import COMPLETE, CONFIG, RUNNING, RunDir
+from kd_cli.errors import KdError, unknown_choice
+from kd_cli.stages.training import print_results
+
+log = logging.getLogger("kd")
+
+FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
+CHECK_INPUTS = ("auto", "random")
+MIN_OPSET = 18  # the torch.export-based exporter writes opset 18 and newer (it keeps 18 for lower requests)
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+EXPORTER_LOGGERS = ("torch", "onnxscript", "onnx_ir")
+ONNX_REPORT = "onnx_export_error.txt"  # the exporter's full report when it fails
+METADATA_KEY = "model.json"  # ONNX metadata_props key / TorchScript extra file holding model.json
+
+
+def main(cfg: DictConfig, run: RunDir) -> float:
+    check_options(cfg)
+    started = time.time()
+    seed_everything(cfg.seed)
+    run.write_config(cfg)
+    run.write_summary(RUNNING, stage=cfg.stage, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    log.info(f"export: run directory {run.path}  format {cfg.format}")
+    weights = resolve_weights(cfg.run)
+    spec = load_spec(weights)
+    if cfg.format == "onnx" and is_int8(spec):
+        raise KdError(f"ONNX export of int8 models is not supported ({weights} holds int8 weights); export the "
+                      f"float model instead: kd export run={weights.parent / 'float'} format=onnx "
+                      f"(or format=torchscript for the int8 model)")
+    model, spec = load_model(weights, "cpu")
+    batches, source = check_batches(cfg, spec, weights)
+    run.write_env(device="cpu", seed=cfg.seed, model=str(weights), **_versions(cfg.format))
+    meta_text = weights.with_name(META).read_text()
+    path = run.path / FILES[cfg.format]
+    result = write_checked(model, batches, source, path, cfg, meta_text)
+    atomic_write(run.path / META, lambda tmp: tmp.write_text(meta_text))
+    summary = {
+        "stage": "export", "model": str(weights), "arch": spec.arch, "dataset": spec.dataset,
+        "format": cfg.format, "file": path.name, "size_bytes": path.stat().st_size,
+        "exporter": "torch.onnx.export(dynamo=True)" if cfg.format == "onnx" else "torch.jit.trace",
+        "opset": onnx_opset(path) if cfg.format == "onnx" else None,
+        "dynamic_batch": cfg.dynamic_batch, "int8": is_int8(spec),
+        "check_runtime": "onnxruntime CPUExecutionProvider" if cfg.format == "onnx" else "torch.jit.load",
+        "check_inputs": source, "check_batch_sizes": [len(b) for b in batches],
+        **result, "tolerance": cfg.tolerance,
+    }
+    run.write_summary(COMPLETE, **summary, wall_time_s=time.time() - started)
+    kind = f"onnx (opset {summary['opset']})" if cfg.format == "onnx" else "torchscript"
+    print_results(f"export {spec.arch} ({spec.dataset}) to {cfg.format}", [
+        ("format", kind), ("file", path.name), ("size on disk (bytes)", summary["size_bytes"]),
+        ("dynamic batch", _batch_label(cfg)),
+        ("checked on", source), ("batch sizes checked", ", ".join(map(str, summary["check_batch_sizes"]))),
+        ("max abs difference", f"{result['max_abs_diff']:.2e}"), ("tolerance", f"{cfg.tolerance:.0e}"),
+    ], run.path)
+    return result["max_abs_diff"]
+
+
+def write_checked(model: nn.Module, batches: list[torch.Tensor], source: str, path: Path, cfg: DictConfig,
+                  meta_text: str) -> dict:
+    """Export to a temporary file, run it on `batches`, and rename it to `path` only if it matches."""
+    with torch.no_grad():
+        expected = [model(batch) for batch in batches]
+    exporter, runner = (export_onnx, onnx_runner) if cfg.format == "onnx" else (export_torchscript, torchscript_runner)
+    result: dict = {}
+
+    def write_and_check(tmp: Path) -> None:
+        exporter(model, batches[0], tmp, cfg, meta_text)
+        result.update(compare(runner(tmp), batches, expected))
+        if result["max_abs_diff"] > cfg.tolerance:
+            raise KdError(
+                f"the exported {cfg.format} file differs from PyTorch by up to {result['max_abs_diff']:.3g} "
+                f"(tolerance={cfg.tolerance:g}; outputs reach {result['max_abs_output']:.3g}) on {source}; "
+                f"nothing was kept. Raise tolerance= if that difference is acceptable")
+
+    atomic_write(path, write_and_check)
+    return result
+
+
+def _batch_label(cfg: DictConfig) -> str:
+    if cfg.dynamic_batch:
+        return "yes (checked at two sizes)"
+    return f"no (fixed at {cfg.check_batch_size})" if cfg.format == "onnx" else "not checked"
+
+
+def is_int8(spec: ModelSpec) -> bool:
+    """True when model.json records compress's int8 step (load_model then returns a torch.ao int8 model)."""
+    from kd_cli.compress import is_int8 as records_int8
+
+    return records_int8(spec.extra)
+
+
+def check_options(cfg: DictConfig) -> None:
+    """Impossible values, found before anything is read or written."""
+    if cfg.format not in FILES:
+        raise unknown_choice("format", cfg.format, FILES)
+    if cfg.check_inputs not in CHECK_INPUTS:
+        raise unknown_choice("check_inputs", cfg.check_inputs, CHECK_INPUTS)
+    if cfg.format == "onnx" and cfg.opset < MIN_OPSET:
+        raise KdError(f"opset={cfg.opset}: torch's ONNX exporter writes opset {MIN_OPSET} or newer; "
+                      f"use opset={MIN_OPSET} or higher")
+    if cfg.check_batch_size < 1:
+        raise KdError(f"check_batch_size={cfg.check_batch_size} must be at least 1")
+    if cfg.dynamic_batch and cfg.check_batch_size < 2:
+        raise KdError(f"check_batch_size={cfg.check_batch_size}: a dynamic batch is traced from a batch of at "
+                      f"least 2 (a batch of 1 is taken as a constant); use check_batch_size=2 or more, or "
+                      f"dynamic_batch=false for a file fixed at batch 1")
+    if not cfg.tolerance >= 0:
+        raise KdError(f"tolerance={cfg.tolerance} must be >= 0")
+
+
+# --- inputs for the check ---
+
+def check_batches(cfg: DictConfig, spec: ModelSpec, weights: Path) -> tuple[list[torch.Tensor], str]:
+    """`check_batch_size` inputs (the export example too), then a batch of 1 when the batch is dynamic:
+    the model's own test images when its data set is at hand, else random normal (normalised-like) ones."""
+    sizes = [cfg.check_batch_size, *([1] if cfg.dynamic_batch else [])]
+    images = data_set_images(spec, weights, sum(sizes), cfg.seed) if cfg.check_inputs == "auto" else None
+    source = f"{spec.dataset} test images"
+    if images is None:
+        generator = torch.Generator().manual_seed(cfg.seed)
+        shape = (sum(sizes), spec.in_channels, spec.input_size, spec.input_size)
+        images, source = torch.randn(shape, generator=generator), "random normal inputs"
+    return [batch.contiguous() for batch in images.split(sizes)], source
+
+
+def data_set_images(spec: ModelSpec, weights: Path, count: int, seed: int) -> torch.Tensor | None:
+    """The first `count` test images of the data set the run was trained on (read from its saved
+    config, never downloaded), normalised as model.json says; None when they are not at hand."""
+    from kd_cli.data import load_dataset, make_loader
+
+    saved = weights.with_name(CONFIG)
+    node = OmegaConf.load(saved).get("dataset") if saved.exists() else None
+    if node is None:
+        log.info(f"export: no data set recorded beside {weights}; checking on random inputs")
+        return None
+    options = OmegaConf.to_container(node, resolve=True)
+    if "download" in options:
+        options["download"] = False
+    try:
+        data = load_dataset(options)
+    except KdError as error:
+        log.info(f"export: its data set is not at hand ({error}); checking on random inputs")
+        return None
+    if (data.num_classes, data.in_channels, data.input_size) != (spec.num_classes, spec.in_channels, spec.input_size) \
+            or len(data.test) < count:
+        log.info(f"export: the recorded data set does not fit {weights}; checking on random inputs")
+        return None
+    loader = make_loader(data.test, batch_size=count, train=False, spec=None, mean=spec.mean, std=spec.std,
+                         device=torch.device("cpu"), seed=seed, num_workers=0)
+    images, _labels = next(iter(loader))
+    return images.float()
+
+
+def compare(run: Callable[[torch.Tensor], torch.Tensor], batches: list[torch.Tensor],
+            expected: list[torch.Tensor]) -> dict:
+    """Max |exported - PyTorch| over every batch, and the largest |output| for scale."""
+    diff, scale = 0.0, 0.0
+    for batch, reference in zip(batches, expected):
+        got = run(batch)
+        if got.shape != reference.shape:
+            raise KdError(f"the exported file returned shape {tuple(got.shape)} for a batch of {len(batch)}, "
+                          f"PyTorch {tuple(reference.shape)}")
+        batch_diff = (got.double() - reference.double()).abs().max().item()
+        diff = max(diff, math.inf if math.isnan(batch_diff) else batch_diff)  # NaN must not pass
+        scale = max(scale, reference.abs().max().item())
+    return {"max_abs_diff": diff, "max_abs_output": scale}
+
+
+# --- ONNX ---
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, cfg: DictConfig, meta_text: str) -> None:
+    dynamic = ({0: torch.export.Dim("batch")},) if cfg.dynamic_batch else None
+    with _exporter_output() as output:
+        try:
+            program = torch.onnx.export(
+                model, (example,), dynamo=True, opset_version=cfg.opset, dynamic_shapes=dynamic,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], external_data=False, verbose=False,
+            )
+        except Exception as error:  # torch.export's report is pages long: one line here, the whole in a file
+            report = path.parent / ONNX_REPORT
+            report.write_text(f"{error}\n\n{output.getvalue()}")
+            raise KdError(f"ONNX export failed: {_root_cause(error)}; the exporter's report is in {report}; "
+                          f"format=torchscript may work") from error
+    program.model.metadata_props[METADATA_KEY] = meta_text
+    program.save(str(path), external_data=False)
+    written = onnx_opset(path)
+    if written != cfg.opset:
+        raise KdError(f"opset={cfg.opset} was asked for but the exporter wrote opset {written} (it could not "
+                      f"convert the graph); use opset={written}")
+    if output.getvalue().strip():
+        sys.stderr.write(output.getvalue())  # it exported: pass on what the exporter had to say
+
+
+@contextmanager
+def _exporter_output() -> Iterator[io.StringIO]:
+    """While torch.onnx.export runs: its prints (graph dumps when torch.export fails) go to a buffer, and
+    its loggers (and onnxscript's, which log every optimiser pass at INFO) say only errors."""
+    buffer = io.StringIO()
+    loggers = [logger for name, logger in logging.Logger.manager.loggerDict.items()
+               if isinstance(logger, logging.Logger) and name.split(".")[0] in EXPORTER_LOGGERS]
+    loggers += [logging.getLogger(name) for name in EXPORTER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with redirect_stdout(buffer), redirect_stderr(buffer):
+            yield buffer
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def onnx_runner(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as error:  # an opset newer than this onnxruntime knows, for one
+        raise KdError(f"onnxruntime {ort.__version__} cannot load the exported file: {_first_line(error)}") from error
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0])
+
+    return run
+
+
+def onnx_opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
+
+
+# --- TorchScript ---
+
+@contextmanager
+def _jit_deprecation_silenced() -> Iterator[None]:
+    """torch.jit.trace/save/load warn that torch.jit is deprecated (FutureWarning); only that is hidden."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        yield
+
+
+def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, cfg: DictConfig, meta_text: str) -> None:
+    try:
+        with _jit_deprecation_silenced(), torch.no_grad():
+            traced = torch.jit.trace(model, (example,), check_trace=False)  # the check below compares outputs
+            torch.jit.save(traced, str(path), _extra_files={METADATA_KEY: meta_text})
+    except Exception as error:
+        raise KdError(f"TorchScript export failed: {_first_line(error)} (KD_DEBUG=1 shows the traceback)") from error
+
+
+def torchscript_runner(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    with _jit_deprecation_silenced():
+        loaded = torch.jit.load(str(path), map_location="cpu")
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        with _jit_deprecation_silenced(), torch.no_grad():
+            return loaded(batch)
+
+    return run
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first line of the innermost cause (torch.export's own message), without colour codes."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return _first_line(error)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _versions(fmt: str) -> dict:
+    if fmt != "onnx":
+        return {}
+    import onnx
+    import onnxruntime
+    import onnxscript
+
+    return {"onnx": onnx.__version__, "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__}
