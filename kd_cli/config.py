@@ -74,8 +74,40 @@ class TrainerConfig:
 
 
 @dataclass
+class CsvLoggerConfig:
+    """metrics.csv is written in every run; `logger=csv` alone means no external tracker."""
+
+
+@dataclass
+class TensorBoardLoggerConfig:
+    dir: str = MISSING
+
+
+@dataclass
+class MlflowLoggerConfig:
+    tracking_uri: str = MISSING
+    experiment: str = MISSING
+    artifact_location: Optional[str] = MISSING
+
+
+@dataclass
+class WandbLoggerConfig:
+    project: str = MISSING
+    entity: Optional[str] = MISSING
+    group: Optional[str] = MISSING
+    tags: List[str] = MISSING
+    mode: str = MISSING
+    dir: str = MISSING
+
+
+@dataclass
 class LoggerConfig:
-    name: str = MISSING
+    """One key per selected tracker: `logger=mlflow` fills `mlflow`, `logger=[tensorboard,mlflow]` both."""
+
+    csv: Optional[CsvLoggerConfig] = None
+    tensorboard: Optional[TensorBoardLoggerConfig] = None
+    mlflow: Optional[MlflowLoggerConfig] = None
+    wandb: Optional[WandbLoggerConfig] = None
 
 
 @dataclass

@@ -20,6 +20,7 @@ from kd_cli.engine.metrics import predict, topk_accuracy
 from kd_cli.engine.optim import build_optimizer, check_optim, lr_at, set_lr
 from kd_cli.engine.progress import make_reporter
 from kd_cli.engine.rundir import RunDir
+from kd_cli.engine.trackers import Trackers
 from kd_cli.errors import KdError
 from kd_cli.methods.base import Distiller
 
@@ -40,6 +41,7 @@ class Training:
     run: RunDir
     title: str
     world: World = field(default_factory=World)
+    tracker: Trackers = field(default_factory=Trackers)  # TensorBoard/MLflow/W&B (logger=); none by default
 
 
 @dataclass
@@ -65,6 +67,7 @@ def fit(job: Training) -> FitResult:
     params = [p for p in method.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, job.optim)
     state = _resume_state(job, method, optimizer)
+    job.tracker.resume(state["history"])  # a resumed run: the checkpointed epochs the trackers missed
     if job.trainer.compile:
         method.student.compile()
     forward = _wrap_ddp(method, job)
@@ -80,6 +83,7 @@ def fit(job: Training) -> FitResult:
             if job.world.is_main:
                 job.run.write_metrics(state["history"])
                 save_checkpoint(job.run.path, _checkpoint(method, optimizer, epoch + 1, state))
+                job.tracker.log_epoch(row)
             bar.end_epoch(row)
     best = state["best"]
     return FitResult(state["history"], best["top1"], best["epoch"], state["resumed_from"])

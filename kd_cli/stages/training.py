@@ -15,6 +15,7 @@ from kd_cli.data import AugmentSpec, DataSplits, load_dataset, make_loader
 from kd_cli.engine.artifacts import ModelSpec, save_model
 from kd_cli.engine.loop import FitResult, Training, fit
 from kd_cli.engine.rundir import COMPLETE, RunDir
+from kd_cli.engine.trackers import check_trackers, open_trackers
 from kd_cli.methods import build_method
 from kd_cli.stages.common import Setup, check_channels, count_parameters, dataset_options, model_spec
 
@@ -29,6 +30,7 @@ class Loaders:
 
 
 def load_data(cfg: DictConfig, setup: Setup, run: RunDir) -> Loaders:
+    check_trackers(cfg.get("logger"))  # a missing tracker extra fails here, before data, teacher or training
     data = load_dataset(dataset_options(cfg))
     check_channels(list(cfg.dataset.mean), list(cfg.dataset.std), data.in_channels)
     augmentation = {k: v for k, v in OmegaConf.to_container(cfg.augmentation, resolve=True).items() if k != "name"}
@@ -53,12 +55,15 @@ def train_and_save(
     """Train `model` with cfg.method (and the teacher, if any); save weights; return the history."""
     method = build_method(OmegaConf.to_container(cfg.method, resolve=True), model, teacher,
                           num_samples=len(loaders.data.train))
+    tracker = open_trackers(cfg, run, setup.world.is_main)
     job = Training(method=method, train_loader=loaders.train, test_loader=loaders.test, optim=cfg.optim,
                    trainer=cfg.trainer, device=setup.device, dtype=setup.dtype, run=run, title=title,
-                   world=setup.world)
-    result = fit(job)
-    if setup.world.is_main:
-        save_model(run.path, model, spec)
+                   world=setup.world, tracker=tracker)
+    with tracker:  # closed as FINISHED, or FAILED/KILLED when training raises
+        result = fit(job)
+        if setup.world.is_main:
+            save_model(run.path, model, spec)
+            tracker.log_model(run.path, result.best_top1, result.best_epoch)
     return result
 
 
