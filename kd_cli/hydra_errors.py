@@ -16,10 +16,23 @@ def describe(error: BaseException) -> str:
              and "$FULL_KEY" not in line]
     text = "; ".join(_fold_option_lists(lines))
     text = _suggest_for_missing_option(text)
+    text = _install_hint_for_plugin(text)
     missing = re.fullmatch(r"Missing mandatory value: ([\w.]+)", text)
     if missing:
         text += f"; set it on the command line, e.g. {missing.group(1)}=..."
     return text or type(error).__name__
+
+
+# Hydra plugins that are optional extras of kd: the option Hydra cannot find -> the extra to install.
+PLUGIN_EXTRAS = {"hydra/launcher/joblib": "joblib", "hydra/launcher/submitit_": "slurm",
+                 "hydra/launcher/slurm": "slurm", "hydra/sweeper/optuna": "optuna"}
+
+
+def _install_hint_for_plugin(text: str) -> str:
+    for option, extra in PLUGIN_EXTRAS.items():
+        if f"'{option}" in text and "Could not" in text:
+            return f"{text}; that Hydra plugin is an optional extra: pip install 'kd-cli[{extra}]'"
+    return text
 
 
 def _messages(error: BaseException) -> list[str]:

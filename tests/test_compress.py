@@ -240,3 +240,15 @@ def test_a_tampered_compressed_model_json_is_a_one_line_error(teacher, tmp_path)
     meta["extra"]["transforms"][0]["ranks"] = {"no.such.layer": 3}
     (run / "model.json").write_text(json.dumps(meta))
     assert_one_line_error(kd("evaluate", f"run={run}", cwd=tmp_path), "model.json")
+
+
+def test_recovery_epochs_and_the_compressed_model_reach_the_tracker(teacher, tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    run, _ = compress(teacher, tmp_path, "logger=mlflow", "trainer.epochs=2", f"paths.outputs={tmp_path / 'out'}")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    [tracked] = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert tracked.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(tracked.info.run_id, "test_top1")] == [1, 2]
+    assert {a.path for a in client.list_artifacts(tracked.info.run_id, "model")} >= {"model/model.safetensors"}

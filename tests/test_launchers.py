@@ -112,3 +112,26 @@ def test_optuna_preset_maximises_best_top1(outputs, teacher):
     assert found["best_value"] == pytest.approx(best)
     chosen = (found["best_params"]["method.temperature"], found["best_params"]["method.kd_weight"])
     assert chosen in [(t, w) for value, t, w in tried if value == best]
+
+
+def test_a_failed_joblib_job_makes_the_sweep_exit_non_zero(outputs, teacher):
+    from kdrun import assert_one_line_error, kd
+
+    root = outputs / "joblib-failing"
+    result = kd("distill", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "method.temperature=2,-1",
+                f"teacher.checkpoint={teacher}", *TINY, f"paths.outputs={root}", cwd=outputs)
+    assert result.code != 0
+    assert_one_line_error(result, "job(s) of the sweep did not complete", "temperature")
+    statuses = sorted(summary(p.parent)["status"] for p in root.glob("multirun/*/*/*/summary.json"))
+    assert statuses == ["complete", "failed"]  # the other job went on and finished
+
+
+
+def test_a_missing_launcher_plugin_is_one_line_with_the_install_command(tmp_path):
+    """Without hydra-submitit-launcher, Hydra finds no `hydra/launcher/submitit_*` option; an option of
+    that family that does not exist gives the same Hydra error here, through the real CLI."""
+    from kdrun import assert_one_line_error, kd
+
+    result = kd("distill", "-m", "hydra/launcher=submitit_pbs", "seed=0,1", *TINY, f"paths.outputs={tmp_path}",
+                cwd=tmp_path)
+    assert_one_line_error(result, "hydra/launcher/submitit_pbs", "pip install 'kd-cli[slurm]'")

@@ -26,6 +26,7 @@ from kd_cli.engine.artifacts import ModelSpec, load_model, resolve_weights, save
 from kd_cli.engine.loop import Training, fit
 from kd_cli.engine.metrics import predict
 from kd_cli.engine.rundir import COMPLETE, CONFIG, RunDir
+from kd_cli.engine.trackers import Trackers, open_trackers
 from kd_cli.errors import KdError
 from kd_cli.methods import build_method, method_requires_teacher
 from kd_cli.stages.common import Setup, print_config, setup_run
@@ -55,25 +56,27 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     figures = dict(batch_sizes=list(cfg.latency_batch_sizes), batches=cfg.latency_batches)
     rows = [measure("original", original, spec, predict_on=score, **figures)]
     model, float_model = copy.deepcopy(original), None
-    for name, step in steps:
-        if name == FINETUNE:
-            model = finetune(cfg, run, setup, loaders, model, original)
-        else:
-            before = rows[-1]
-            float_model = copy.deepcopy(copyable(model)) if name == "quantize_int8" else None
-            model = step.apply(model, ctx)
-            carried = dict(params=before.params, macs=before.macs) if name == "quantize_int8" else {}
-            rows.append(measure(name, model, spec, predict_on=score, **figures, **carried))
-            continue
-        rows.append(measure(f"+ {FINETUNE} ({cfg.method.name})", model, spec, predict_on=score, **figures))
-    make_permanent(model)
-    saved = replace(spec, extra={**spec.extra, "transforms": ctx.transforms, "compressed_from": str(weights)})
-    if float_model is not None:
-        float_spec = replace(spec, extra={**spec.extra, "transforms": ctx.transforms[:-1]})
-        save_model(run.path / FLOAT_DIR, make_permanent(float_model), float_spec)
-        shutil.copyfile(run.path / CONFIG, run.path / FLOAT_DIR / CONFIG)  # its data set, for export's check
-    save_model(run.path, model, saved)
-    reload_top1 = check_reload(run.path, rows[-1], score)
+    with open_trackers(cfg, run, setup.world.is_main) as tracker:  # logger=: recovery epochs + the model
+        for name, step in steps:
+            if name == FINETUNE:
+                model = finetune(cfg, run, setup, loaders, model, original, tracker)
+            else:
+                before = rows[-1]
+                float_model = copy.deepcopy(copyable(model)) if name == "quantize_int8" else None
+                model = step.apply(model, ctx)
+                carried = dict(params=before.params, macs=before.macs) if name == "quantize_int8" else {}
+                rows.append(measure(name, model, spec, predict_on=score, **figures, **carried))
+                continue
+            rows.append(measure(f"+ {FINETUNE} ({cfg.method.name})", model, spec, predict_on=score, **figures))
+        make_permanent(model)
+        saved = replace(spec, extra={**spec.extra, "transforms": ctx.transforms, "compressed_from": str(weights)})
+        if float_model is not None:
+            float_spec = replace(spec, extra={**spec.extra, "transforms": ctx.transforms[:-1]})
+            save_model(run.path / FLOAT_DIR, make_permanent(float_model), float_spec)
+            shutil.copyfile(run.path / CONFIG, run.path / FLOAT_DIR / CONFIG)  # its data set, for export's check
+        save_model(run.path, model, saved)
+        reload_top1 = check_reload(run.path, rows[-1], score)
+        tracker.log_model(run.path, rows[-1].top1, len(steps))
     summary = summarise(cfg, rows, reload_top1, started, spec)
     write_table(run.path / TABLE, rows)
     run.write_summary(COMPLETE, **summary)
@@ -124,7 +127,7 @@ def check_fits(spec: ModelSpec, loaders: Loaders, weights: Path) -> None:
 
 
 def finetune(cfg: DictConfig, run: RunDir, setup: Setup, loaders: Loaders, model: nn.Module,
-             uncompressed: nn.Module) -> nn.Module:
+             uncompressed: nn.Module, tracker: Trackers) -> nn.Module:
     """Recovery training in the engine's one loop; the uncompressed model teaches (cfg.method)."""
     teacher = None
     if method_requires_teacher(cfg.method.name):
@@ -134,7 +137,7 @@ def finetune(cfg: DictConfig, run: RunDir, setup: Setup, loaders: Loaders, model
                           num_samples=len(loaders.data.train))
     fit(Training(method=method, train_loader=loaders.train, test_loader=loaders.test, optim=cfg.optim,
                  trainer=cfg.trainer, device=setup.device, dtype=setup.dtype, run=run,
-                 title=f"recovery ({cfg.method.name})", world=setup.world))
+                 title=f"recovery ({cfg.method.name})", world=setup.world, tracker=tracker))
     return model.eval()
 
 

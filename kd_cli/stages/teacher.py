@@ -26,7 +26,7 @@ from kd_cli.stages.common import model_options
 log = logging.getLogger("kd")
 
 # Overrides of a distill command that also shape its auto-trained teacher.
-TEACHER_OVERRIDE_KEYS = ("dataset", "teacher", "trainer", "optim", "augmentation", "seed", "paths", "debug",
+TEACHER_OVERRIDE_KEYS = ("dataset", "teacher", "trainer", "optim", "augmentation", "seed", "paths", "debug", "logger",
                          "experiment")
 
 
