@@ -252,3 +252,35 @@ def test_recovery_epochs_and_the_compressed_model_reach_the_tracker(teacher, tmp
     assert tracked.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(tracked.info.run_id, "test_top1")] == [1, 2]
     assert {a.path for a in client.list_artifacts(tracked.info.run_id, "model")} >= {"model/model.safetensors"}
+
+
+@pytest.mark.parametrize("options", [
+    {"importance": "taylor", "taylor_batches": 2},
+    {"importance": "bn_scale"},
+    {"scope": "global", "ratio": 0.4},
+    {"iterative_steps": 3},
+    {"round_to": 8},
+])
+def test_pruning_criteria_and_schedules_shrink_and_rebuild(options, tmp_path):
+    model, compressed, reloaded = compressed_and_reloaded("resnet8x4", "prune_structured", {**PRUNE, **options}, tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    assert count_parameters(compressed) < 0.8 * count_parameters(model)
+    assert torch.equal(reloaded(x), compressed(x))
+    if options.get("round_to"):
+        widths = [m.out_channels for m in compressed.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert all(w % 8 == 0 for w in widths), widths
+
+
+def test_bn_scale_needs_batchnorm(tmp_path):
+    with pytest.raises(Exception, match="bn_scale needs BatchNorm"):
+        compressed_and_reloaded("mlp", "prune_structured", {**PRUNE, "importance": "bn_scale"}, tmp_path)
+
+
+def test_taylor_scores_differ_from_magnitude(tmp_path):
+    """Taylor importance uses the training gradients: it keeps other channels than magnitude does."""
+    kept = {}
+    for importance in ("magnitude", "taylor"):
+        _, compressed, _ = compressed_and_reloaded("cnn", "prune_structured", {**PRUNE, "importance": importance},
+                                                   tmp_path / importance)
+        kept[importance] = compressed.stages[0][0][0].weight.detach().clone()
+    assert kept["magnitude"].shape == kept["taylor"].shape and not torch.equal(kept["magnitude"], kept["taylor"])
