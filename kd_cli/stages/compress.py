@@ -49,7 +49,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         raise KdError(f"{weights} is already int8; compress its float model instead")
     loaders = load_data(cfg, setup, run)
     check_fits(spec, loaders, weights)
-    ctx = StepContext(example=_example(spec, setup.device), device=setup.device,
+    ctx = StepContext(example=_example(spec, setup.device),
                       calibration_data=_calibration_loader(cfg, loaders, spec, setup.device),
                       transforms=list(spec.extra.get("transforms", [])))
     score = _scorer(cfg, loaders, spec, setup)
