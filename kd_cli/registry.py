@@ -1,16 +1,60 @@
-"""A tiny name -> callable registry shared by models, data sets and methods.
+"""A tiny name -> callable registry shared by models, data sets, methods and compression steps.
 
 Each entry is a function (or class) whose keyword parameters are its options. Options coming
-from a config are checked against that signature here, so a typo in a YAML key or an override
-is a one-line error naming the valid options, for every model, data set and method alike.
+from a config are checked against that signature here, before anything is built: an unknown key,
+a wrong type or a value out of range is a one-line error naming the key, for every model, data
+set, method and step alike. The signature is the schema:
+
+    def __init__(self, student, teacher, *, temperature: Positive, kd_weight: NonNegative, ...)
+
+`Positive`, `NonNegative`, `Probability`, `PositiveInt`, ... are `typing.Annotated` types carrying
+a `Range`; plain `float`/`int`/`bool`/`str`, `list[...]`, `X | None` and `Literal[...]` are checked
+too. A float is never NaN or infinite. Checks that tie several options together live in an optional
+`validate_options(**options)` static method of the entry, which is called with every option.
 """
 
 from __future__ import annotations
 
+import difflib
 import inspect
-from typing import Any, Callable, Iterable, Mapping
+import math
+import types
+import typing
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, Iterable, Literal, Mapping
 
 from kd_cli.errors import KdError, unknown_choice
+
+
+@dataclass(frozen=True)
+class Range:
+    """`low <= value <= high` (either end open with `low_open`/`high_open`, or absent with None)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+    def describe(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {_number(self.low)}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {_number(self.high)}"
+        return (f"in {'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}"
+                f"{')' if self.high_open else ']'}")
+
+
+Positive = Annotated[float, Range(0, low_open=True)]
+NonNegative = Annotated[float, Range(0)]
+Probability = Annotated[float, Range(0, 1)]
+OpenFraction = Annotated[float, Range(0, 1, low_open=True, high_open=True)]  # strictly between 0 and 1
+PositiveInt = Annotated[int, Range(1)]
+NonNegativeInt = Annotated[int, Range(0)]
 
 
 class Registry:
@@ -39,24 +83,131 @@ class Registry:
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
-    def build(self, name: str, fixed: Mapping[str, Any], options: Mapping[str, Any]) -> Any:
+    def check(self, name: str, options: Mapping[str, Any], fixed: Iterable[str] = (), path: str = "") -> None:
+        """Names, types and ranges of `options` for entry `name`, without building anything."""
+        check_options(f"{self.kind} '{name}'", self.get(name), options, exclude=fixed, path=path)
+
+    def build(self, name: str, fixed: Mapping[str, Any], options: Mapping[str, Any], path: str = "") -> Any:
         """Call entry `name` with `fixed` arguments (from code) and `options` (from the config)."""
-        fn = self.get(name)
-        check_options(f"{self.kind} '{name}'", fn, options, exclude=fixed.keys())
-        return fn(**fixed, **options)
+        self.check(name, options, fixed.keys(), path)
+        return self.get(name)(**fixed, **options)
 
 
-def check_options(what: str, fn: Callable, options: Mapping[str, Any], exclude: Iterable[str] = ()) -> None:
-    """Raise a KdError when `options` has a key `fn` does not take, or lacks one it needs."""
+def check_options(what: str, fn: Callable, options: Mapping[str, Any], exclude: Iterable[str] = (),
+                  path: str = "") -> None:
+    """Raise a KdError when `options` has a key `fn` does not take, lacks one it needs, or holds a
+    value of the wrong type or out of range. `path` is where the options sit in the config
+    (`method`, `student.kwargs`), for messages that name the key as the user would type it."""
+    exclude = set(exclude)
     params = inspect.signature(fn).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return
-    accepted = [n for n, p in params.items() if n not in exclude and p.kind is not p.VAR_POSITIONAL]
-    for key in options:
-        if key not in accepted:
-            raise unknown_choice(f"option of {what}", key, accepted)
-    missing = [
-        n for n in accepted if params[n].default is inspect.Parameter.empty and n not in options
-    ]
-    if missing:
-        raise KdError(f"{what} needs option(s) {', '.join(missing)}; set them in its YAML or as overrides")
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    accepted = [n for n, p in params.items() if n not in exclude and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    prefix = f"{path}." if path else ""
+    if not open_ended:
+        for key in options:
+            if key not in accepted:
+                close = difflib.get_close_matches(key, accepted, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise KdError(f"unknown option {prefix}{key} of {what}{hint} (choose from: {', '.join(sorted(accepted))})")
+        missing = [n for n in accepted if params[n].default is inspect.Parameter.empty and n not in options]
+        if missing:
+            raise KdError(f"{what} needs option(s) {', '.join(missing)}; set them in its YAML or as overrides")
+    hints = _hints(fn)
+    for key, value in options.items():
+        if key in hints:
+            problem = value_problem(value, hints[key])
+            if problem:
+                raise KdError(f"{prefix}{key}={_show(value)} must be {problem} ({what})")
+    validate = getattr(fn, "validate_options", None)
+    if callable(validate):
+        validate(**{n: params[n].default for n in accepted if params[n].default is not inspect.Parameter.empty},
+                 **options)
+
+
+def value_problem(value: Any, hint: Any) -> str | None:
+    """None when `value` fits the annotation `hint`, else what it must be ("a number > 0")."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        problem = value_problem(value, args[0])
+        if problem:
+            return problem
+        for limit in (a for a in args[1:] if isinstance(a, Range)):
+            if isinstance(value, (list, tuple)):
+                if any(v not in limit for v in value if isinstance(v, (int, float))):
+                    return f"a list of values {limit.describe()}"
+            elif isinstance(value, (int, float)) and value not in limit:
+                return f"{_kind(args[0])} {limit.describe()}"
+        return None
+    if origin in (typing.Union, types.UnionType):
+        problems = [value_problem(value, member) for member in args]
+        if any(p is None for p in problems):
+            return None
+        members = [m for m in args if m is not type(None)]
+        if len(members) == 1:  # `X | None`: say what X must be (with its range), or null
+            return f"{value_problem(value, members[0])} or null"
+        return " or ".join(_kind(member) for member in args)
+    if origin is Literal:
+        same_kind = [a for a in args if a == value and isinstance(value, bool) == isinstance(a, bool)]
+        return None if same_kind else "one of " + ", ".join(map(str, args))
+    if hint is type(None):
+        return None if value is None else "null"
+    if hint is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return "a number"
+        return None if math.isfinite(value) else "a finite number"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "a whole number"
+    if hint in (bool, str):
+        return None if isinstance(value, hint) else _kind(hint)
+    if origin in (list, tuple, typing.get_origin(typing.Sequence[int])):
+        if not isinstance(value, (list, tuple)):
+            return _kind(hint)
+        element = args[0] if args else Any
+        problems = [value_problem(v, element) for v in value] if element is not Any else []
+        bad = next((p for p in problems if p), None)
+        return f"a list whose items are each {bad}" if bad else None
+    if origin is dict or hint is dict:
+        return None if isinstance(value, dict) else "a mapping"
+    return None  # Any, modules and other types: the entry checks them itself
+
+
+def _kind(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        return _kind(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_kind(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    names = {float: "a number", int: "a whole number", bool: "true or false", str: "a string",
+             type(None): "null"}
+    if hint in names:
+        return names[hint]
+    if origin in (list, tuple) or (origin is not None and issubclass(origin, typing.Sequence)):
+        return "a list"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _hints(fn: Callable) -> dict[str, Any]:
+    target = fn.__init__ if inspect.isclass(fn) else fn
+    try:
+        return typing.get_type_hints(target, include_extras=True)
+    except Exception:  # noqa: BLE001 - an annotation that cannot be evaluated is simply not checked
+        return {}
+
+
+def _number(value: float | None) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def check_number(key: str, value: Any, limit: Range | None = None, hint: str = "") -> None:
+    """`key=value` must be a finite number (within `limit`): one line naming the key otherwise."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value):
+        raise KdError(f"{key}={_show(value)} must be a finite number{f' ({hint})' if hint else ''}")
+    if limit is not None and value not in limit:
+        raise KdError(f"{key}={_show(value)} must be {limit.describe()}{f' ({hint})' if hint else ''}")

@@ -325,10 +325,10 @@ def teachers(outputs) -> dict[str, Path]:
     """A tiny teacher per data set: cnn on digits, resnet20 on synthetic CIFAR-shaped data."""
     teacher_args = {"digits": [], "synthetic": [*SYNTHETIC, "teacher=resnet20"]}
     jobs = {data: ["train-teacher", *args, *ONE_STEP, f"paths.outputs={outputs}",
-                   f"hydra.run.dir={outputs / data / 'teacher'}"] for data, args in teacher_args.items()}
+                   f"hydra.run.dir={outputs / 'teachers' / data}"] for data, args in teacher_args.items()}
     for data, result in run_side_by_side(jobs, outputs).items():
         assert result.code == 0, f"{data} teacher failed:\n{result.stderr[-3000:]}"
-    return {data: outputs / data / "teacher" for data in teacher_args}
+    return {data: outputs / "teachers" / data for data in teacher_args}  # not in the sweep folders: a sweep owns its folder
 
 
 @pytest.fixture(scope="module")

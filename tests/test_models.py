@@ -175,13 +175,13 @@ def test_unknown_model_suggests_the_right_name():
 
 
 @pytest.mark.parametrize("name, options, message", [
-    ("cnn", {"width": 0}, "width must be > 0"),
+    ("cnn", {"width": 0}, "width=0 must be a whole number >= 1"),
     ("cnn", {"widht": 8}, "width"),  # a typo in an option names the real one
     ("cnn", {"depth": 5}, "at least 16x16"),
-    ("mlp", {"hidden": [64, 0]}, "hidden width"),
+    ("mlp", {"hidden": [64, 0]}, r"hidden=\[64, 0\] must be a list whose items are each a whole number >= 1"),
     ("mlp", {"dropout": 1.5}, "dropout"),
     ("mobilenetv2", {"width_mult": 0}, "width_mult"),
-    ("shufflenetv2", {"net_size": 3}, "net_size must be one of"),
+    ("shufflenetv2", {"net_size": 3}, "net_size=3 must be one of 0.5, 1.0, 1.5, 2.0"),
     ("wrn_16_2", {"dropout": -0.1}, "dropout"),
 ])
 def test_bad_options_raise_kd_error(name, options, message):

@@ -8,14 +8,15 @@ pickled code). `finetune` is not a step class: it is the training loop itself (s
 
 To add a step: write `kd_cli/compress/mine.py` with a `@register_step("mine")` class and a section
 `mine:` with its options in configs/compression/base.yaml. Every module here is imported automatically.
+The constructor's annotations are the options' types and ranges (`ratio: OpenFraction`,
+`scope: Literal[...]`, see kd_cli/registry.py; a `validate_options` static method for rules that tie
+options together or depend on this machine): `build_step` checks them, before any model is loaded.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
-import types
-import typing
 from typing import Any
 
 from torch import nn
@@ -36,30 +37,8 @@ def register_step(name: str):
 
 
 def build_step(name: str, options: dict[str, Any]):
-    check_types(name, options)
-    return STEPS.build(name, {}, options)
-
-
-def check_types(name: str, options: dict[str, Any]) -> None:
-    """The step's annotations are its schema (the `compression` node is open): a wrong type is a
-    one-line error naming the key, as Hydra gives for typed config nodes."""
-    hints = typing.get_type_hints(STEPS.get(name).__init__)
-    for key, value in options.items():
-        wanted = hints.get(key)
-        if wanted is None:
-            continue
-        allowed = typing.get_args(wanted) if typing.get_origin(wanted) in (typing.Union, types.UnionType) else (wanted,)
-        if not any(_fits(value, kind) for kind in allowed):
-            names = " or ".join("null" if k is type(None) else getattr(k, "__name__", str(k)) for k in allowed)
-            raise KdError(f"compression.{name}.{key}={value!r} must be {names}")
-
-
-def _fits(value: Any, kind: Any) -> bool:
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, typing.get_origin(kind) or kind)
+    """The step with its options checked by name, type and range (its annotations are its schema)."""
+    return STEPS.build(name, {}, options, path=f"compression.{name}")
 
 
 def rebuild(model: nn.Module, transforms: list[dict[str, Any]]) -> nn.Module:

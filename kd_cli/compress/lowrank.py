@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Literal
 
 import torch
 from torch import nn
@@ -18,9 +19,9 @@ from kd_cli.compress import register_step
 from kd_cli.compress.context import StepContext
 from kd_cli.compress.layers import check_layer_names, set_submodule
 from kd_cli.errors import KdError
+from kd_cli.registry import OpenFraction
 
 log = logging.getLogger("kd")
-KINDS = ("all", "conv", "linear")
 
 
 @register_step("lowrank")
@@ -29,13 +30,8 @@ class LowRank:
     smallest rank whose singular values keep this share of sum(s^2); layers: all | conv | linear;
     skip: layer names left whole."""
 
-    def __init__(self, rank_ratio: float, energy: float | None, layers: str, skip: list):
-        if energy is None and not 0.0 < rank_ratio < 1.0:
-            raise KdError(f"compression.lowrank.rank_ratio={rank_ratio} must be between 0 and 1 (exclusive); e.g. 0.5")
-        if energy is not None and not 0.0 < energy < 1.0:
-            raise KdError(f"compression.lowrank.energy={energy} must be between 0 and 1 (exclusive); e.g. 0.9")
-        if layers not in KINDS:
-            raise KdError(f"compression.lowrank.layers={layers} is not one of {', '.join(KINDS)}")
+    def __init__(self, rank_ratio: OpenFraction, energy: OpenFraction | None, layers: Literal["all", "conv", "linear"],
+                 skip: list[str]):
         self.rank_ratio, self.energy, self.layers, self.skip = rank_ratio, energy, layers, list(skip)
 
     def apply(self, model: nn.Module, ctx: StepContext) -> nn.Module:

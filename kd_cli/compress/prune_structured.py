@@ -9,8 +9,8 @@ smaller: its new layer widths go into model.json and load rebuilds them (layers.
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -18,10 +18,9 @@ from kd_cli.compress import register_step
 from kd_cli.compress.context import StepContext
 from kd_cli.compress.layers import WEIGHTED, changed_layers, check_layer_names, classifier_name, resize_layers, tensor_shapes
 from kd_cli.errors import KdError
+from kd_cli.registry import OpenFraction, PositiveInt
 
 log = logging.getLogger("kd")
-IMPORTANCE = ("magnitude", "bn_scale", "taylor", "random")
-SCOPES = ("uniform", "global")
 
 
 @register_step("prune_structured")
@@ -31,21 +30,10 @@ class PruneStructured:
     Liu et al. 2017), taylor (|weight x gradient| on training batches, Molchanov et al. 2019) or
     random; ignored_layers: names kept whole (the classifier always is)."""
 
-    def __init__(self, ratio: float, importance: str, scope: str, ignored_layers: list, iterative_steps: int,
-                 round_to: int | None, max_layer_ratio: float, taylor_batches: int):
-        if not 0.0 < ratio < 1.0:
-            raise KdError(f"compression.prune_structured.ratio={ratio} must be between 0 and 1 (exclusive): "
-                          f"{'1 would remove every channel' if ratio >= 1 else 'it is the share of channels removed'}; "
-                          f"e.g. 0.5")
-        if importance not in IMPORTANCE:
-            raise KdError(f"compression.prune_structured.importance={importance} is not one of {', '.join(IMPORTANCE)}")
-        if scope not in SCOPES:
-            raise KdError(f"compression.prune_structured.scope={scope} is not one of {', '.join(SCOPES)}")
-        if not 0.0 < max_layer_ratio < 1.0:
-            raise KdError(f"compression.prune_structured.max_layer_ratio={max_layer_ratio} must be between 0 and 1 "
-                          f"(exclusive): no layer may lose every channel")
-        if iterative_steps < 1 or taylor_batches < 1 or (round_to is not None and round_to < 1):
-            raise KdError("compression.prune_structured: iterative_steps, taylor_batches and round_to must be >= 1")
+    # ratio and max_layer_ratio below 1: no layer may lose every channel
+    def __init__(self, ratio: OpenFraction, importance: Literal["magnitude", "bn_scale", "taylor", "random"],
+                 scope: Literal["uniform", "global"], ignored_layers: list[str], iterative_steps: PositiveInt,
+                 round_to: PositiveInt | None, max_layer_ratio: OpenFraction, taylor_batches: PositiveInt):
         self.ratio, self.importance, self.scope = ratio, importance, scope
         self.ignored_layers = list(ignored_layers)
         self.iterative_steps, self.round_to = iterative_steps, round_to

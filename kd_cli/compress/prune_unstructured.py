@@ -8,6 +8,7 @@ do not shrink a dense file or speed up dense kernels: kd reports the sparsity, n
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 from torch import nn
 from torch.nn.utils import prune
@@ -16,9 +17,9 @@ from kd_cli.compress import register_step
 from kd_cli.compress.context import StepContext
 from kd_cli.compress.layers import WEIGHTED, check_layer_names, weight_sparsity
 from kd_cli.errors import KdError
+from kd_cli.registry import OpenFraction
 
 log = logging.getLogger("kd")
-SCOPES = ("global", "layer")
 
 
 @register_step("prune_unstructured")
@@ -26,12 +27,7 @@ class PruneUnstructured:
     """sparsity: share of the weights set to zero, chosen over all layers together (`global`: the
     smallest |w| of the whole net) or per layer (`layer`); skip: layer names left dense."""
 
-    def __init__(self, sparsity: float, scope: str, skip: list):
-        if not 0.0 < sparsity < 1.0:
-            raise KdError(f"compression.prune_unstructured.sparsity={sparsity} must be between 0 and 1 (exclusive); "
-                          f"e.g. 0.5 zeroes half of the weights")
-        if scope not in SCOPES:
-            raise KdError(f"compression.prune_unstructured.scope={scope} is not one of {', '.join(SCOPES)}")
+    def __init__(self, sparsity: OpenFraction, scope: Literal["global", "layer"], skip: list[str]):
         self.sparsity, self.scope, self.skip = sparsity, scope, list(skip)
 
     def apply(self, model: nn.Module, ctx: StepContext) -> nn.Module:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import Literal
 
 import torch
 from torch import nn
@@ -25,10 +26,11 @@ from kd_cli.compress import register_step
 from kd_cli.compress.context import StepContext
 from kd_cli.compress.layers import WEIGHTED, check_layer_names
 from kd_cli.errors import KdError
+from kd_cli.registry import PositiveInt
 
 log = logging.getLogger("kd")
-MODES = ("static", "dynamic")
-BACKENDS = ("x86", "fbgemm", "qnnpack", "onednn")
+Mode = Literal["static", "dynamic"]
+Backend = Literal["x86", "fbgemm", "qnnpack", "onednn"]
 
 
 @register_step("quantize_int8")
@@ -37,16 +39,8 @@ class QuantizeInt8:
     calibration_batches: training batches observed (static); layers: only these layers (empty: every
     conv/linear); skip: layers kept in float (often the first conv and the classifier)."""
 
-    def __init__(self, mode: str, backend: str, calibration_batches: int, layers: list, skip: list):
-        if mode not in MODES:
-            raise KdError(f"compression.quantize_int8.mode={mode} is not one of {', '.join(MODES)}")
-        if backend not in BACKENDS:
-            raise KdError(f"compression.quantize_int8.backend={backend} is not one of {', '.join(BACKENDS)}")
-        if backend not in torch.backends.quantized.supported_engines:
-            raise KdError(f"compression.quantize_int8.backend={backend} is not available in this PyTorch build "
-                          f"(available: {', '.join(e for e in torch.backends.quantized.supported_engines if e != 'none')})")
-        if calibration_batches < 1:
-            raise KdError("compression.quantize_int8.calibration_batches must be >= 1")
+    def __init__(self, mode: Mode, backend: Backend, calibration_batches: PositiveInt, layers: list[str],
+                 skip: list[str]):
         self.mode, self.backend, self.calibration_batches = mode, backend, calibration_batches
         self.layers, self.skip = list(layers), list(skip)
 
@@ -68,7 +62,17 @@ class QuantizeInt8:
         return quantized
 
     @staticmethod
+    def validate_options(*, backend: str, **_) -> None:
+        """The backend must also be compiled into this PyTorch build (a fact of this machine, not a range)."""
+        missing = backend_missing(backend)
+        if missing:
+            raise KdError(f"compression.quantize_int8.backend={backend} {missing}")
+
+    @staticmethod
     def rebuild(model: nn.Module, record: dict) -> nn.Module:
+        missing = backend_missing(record["backend"])  # a model quantised on another machine
+        if missing:
+            raise KdError(f"this int8 model was quantised for backend {record['backend']}, which {missing}")
         step = QuantizeInt8(record["mode"], record["backend"], 1, record["layers"], record["skip"])
         shape = getattr(model, "kd_input_shape", None)
         if shape is None:
@@ -114,6 +118,14 @@ class QuantizeInt8:
             raise KdError(f"compression.quantize_int8 cannot trace this model with torch.fx "
                           f"({type(error).__name__}: {str(error).splitlines()[0][:160]}); int8 needs a traceable "
                           f"model") from None
+
+
+def backend_missing(backend: str) -> str | None:
+    """Why the quantised-kernel family `backend` cannot run here (not in this PyTorch build), or None."""
+    available = [e for e in torch.backends.quantized.supported_engines if e != "none"]
+    if backend in available:
+        return None
+    return f"is not available in this PyTorch build (available: {', '.join(available)})"
 
 
 def _convert(prepared: nn.Module) -> nn.Module:

@@ -3,6 +3,12 @@
 To add a method: write `kd_cli/methods/mine.py` with a `@register_method("mine")` Distiller
 subclass whose keyword arguments are its options, and `configs/method/mine.yaml` with `name: mine`
 and a value for each option. Every module in this package is imported automatically.
+
+The options' annotations are their schema (`kd_weight: NonNegative`, `temperature: Positive`,
+`order: NonNegativeInt`, `Literal[...]`, see kd_cli/registry.py), and a `validate_options` static
+method holds the rules that tie options together; `check_method_options` applies both before any
+data is read or any teacher trained, `build_method` again when it builds. `__init__` checks only
+what needs the models or the data (layer names, feature shapes, the training split's size).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from kd_cli.errors import KdError
 from kd_cli.methods.base import Distiller
 from kd_cli.registry import Registry
 
@@ -24,14 +31,34 @@ def register_method(name: str):
     return METHODS.register(name)
 
 
+FIXED = ("student", "teacher", "num_samples")  # given by the stage, not options
+PATH = "method"  # where the options sit in the config
+
+
+def check_method_options(cfg: Mapping[str, Any]) -> None:
+    """The method config (`name` + options) by name, type and range, plus its `validate_options`,
+    without building anything: messages name the key as typed (`method.temperature=0 must be ...`).
+    An OmegaConf node is taken as its plain container (a ListConfig is not a list to the type checks)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    if not cfg.get("name"):
+        raise KdError(f"the method config has no name; pick a method with method=NAME ({', '.join(METHODS.names())})")
+    METHODS.check(cfg["name"], _options(cfg), fixed=FIXED, path=PATH)
+
+
 def build_method(cfg: Mapping[str, Any], student: nn.Module, teacher: nn.Module | None,
                  num_samples: int | None = None) -> Distiller:
     """`num_samples` (the training split's size) is passed to methods that take it (CRD's memory)."""
-    options = {k: v for k, v in cfg.items() if k != "name"}
     fixed: dict[str, Any] = {"student": student, "teacher": teacher}
     if "num_samples" in inspect.signature(METHODS.get(cfg["name"])).parameters:
         fixed["num_samples"] = num_samples
-    return METHODS.build(cfg["name"], fixed, options)
+    return METHODS.build(cfg["name"], fixed, _options(cfg), path=PATH)
+
+
+def _options(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if k != "name"}
 
 
 def method_requires_teacher(name: str) -> bool:
@@ -46,4 +73,5 @@ def _import_all() -> None:
 
 _import_all()
 
-__all__ = ["METHODS", "Distiller", "build_method", "method_requires_teacher", "register_method"]
+__all__ = ["METHODS", "Distiller", "build_method", "check_method_options", "method_requires_teacher",
+           "register_method"]

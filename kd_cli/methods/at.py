@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
 from kd_cli.methods.feature_utils import full_precision, match_spatial, require_maps
+from kd_cli.registry import NonNegative, Positive
 
 
 def attention_map(features: torch.Tensor, p: float) -> torch.Tensor:
@@ -32,11 +32,10 @@ def at_loss(student: torch.Tensor, teacher: torch.Tensor, p: float) -> torch.Ten
 @register_method("at")
 class AttentionTransfer(FeatureDistiller):
     def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
-                 ce_weight: float, kd_weight: float, temperature: float, at_weight: float, p: float):
+                 ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, at_weight: NonNegative,
+                 p: Positive):
         super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
                          ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
-        if p <= 0:
-            raise KdError(f"method.p={p} must be positive (the paper uses 2)")
         for layer, shape in zip(self.student_layers, self.student_shapes):
             require_maps("at", "student", layer, shape)
         for layer, shape in zip(self.teacher_layers, self.teacher_shapes):

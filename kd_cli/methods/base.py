@@ -67,6 +67,10 @@ class FeatureDistiller(Distiller):
     models' own lists (`default_layers`). Their shapes come from a dry run, so adapters are sized
     automatically. Every feature method can add the cross-entropy term and Hinton's KD term
     (`ce_weight`, `kd_weight`, `temperature`), as the literature does for FitNet, CRD and others.
+
+    Option values are checked by the method registry from each subclass's annotations
+    (`temperature: Positive`, ...) and `validate_options`, before the models are built; `__init__`
+    checks only what needs the models (layer names, feature shapes).
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, student_layers: list[str] | None,
@@ -74,16 +78,17 @@ class FeatureDistiller(Distiller):
         super().__init__(student, teacher)
         self.student_layers = list(student_layers or self.default_layers(student))
         self.teacher_layers = list(teacher_layers or self.default_layers(teacher))
-        if len(self.student_layers) != len(self.teacher_layers):
-            raise KdError(
-                f"method.student_layers has {len(self.student_layers)} layer(s) but method.teacher_layers has "
-                f"{len(self.teacher_layers)}; name as many of each (they are paired in order)"
-            )
+        check_layer_counts(self.student_layers, self.teacher_layers)  # with the defaults filled in
         self.student_shapes = _shapes(student, self.student_layers)
         self.teacher_shapes = _shapes(teacher, self.teacher_layers)
-        if temperature <= 0:
-            raise KdError(f"method.temperature={temperature} must be positive")
         self.ce_weight, self.kd_weight, self.temperature = ce_weight, kd_weight, temperature
+
+    @staticmethod
+    def validate_options(*, student_layers: list[str] | None = None, teacher_layers: list[str] | None = None,
+                         **_) -> None:
+        """Before any model exists: layer lists given for both models must pair up."""
+        if student_layers and teacher_layers:
+            check_layer_counts(student_layers, teacher_layers)
 
     def default_layers(self, model: nn.Module) -> list[str]:
         """The stage outputs, shallow to deep; methods on the embedding override this."""
@@ -110,6 +115,14 @@ class FeatureDistiller(Distiller):
         if self.kd_weight:
             terms["kd"] = self.kd_weight * kd_loss(logits.float(), teacher_logits.float(), self.temperature)
         return terms
+
+
+def check_layer_counts(student_layers: list[str], teacher_layers: list[str]) -> None:
+    if len(student_layers) != len(teacher_layers):
+        raise KdError(
+            f"method.student_layers has {len(student_layers)} layer(s) but method.teacher_layers has "
+            f"{len(teacher_layers)}; name as many of each (they are paired in order)"
+        )
 
 
 def embedding_layers(model: nn.Module) -> list[str]:

@@ -9,17 +9,15 @@ distill stage, which reads `generations` from the method (see `Distiller.generat
 
 from __future__ import annotations
 
-from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.kd import KD
+from kd_cli.registry import NonNegative, Positive, PositiveInt
 
 
 @register_method("born_again")
 class BornAgain(KD):
-    def __init__(self, student, teacher, *, generations: int, temperature: float, kd_weight: float,
-                 ce_weight: float, logit_standardization: bool):
+    def __init__(self, student, teacher, *, generations: PositiveInt, temperature: Positive, kd_weight: NonNegative,
+                 ce_weight: NonNegative, logit_standardization: bool):
         super().__init__(student, teacher, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
                          logit_standardization=logit_standardization)
-        if int(generations) < 1:
-            raise KdError(f"method.generations={generations} must be at least 1")
-        self.generations = int(generations)
+        self.generations = generations

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller, embedding_layers
 from kd_cli.methods.feature_utils import Regressor, check_relation_batch, flatten, require_same_kind
+from kd_cli.registry import NonNegative, NonNegativeInt, Positive
 
 
 def correlation_matrix(features: torch.Tensor, gamma: float, order: int) -> torch.Tensor:
@@ -40,16 +40,13 @@ def cc_loss(student: torch.Tensor, teacher: torch.Tensor, gamma: float, order: i
 @register_method("cc")
 class CorrelationCongruence(FeatureDistiller):
     def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
-                 ce_weight: float, kd_weight: float, temperature: float, cc_weight: float, gamma: float,
-                 order: int):
+                 ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, cc_weight: NonNegative,
+                 gamma: Positive, order: NonNegativeInt):
         super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
                          ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
-        if gamma <= 0 or order < 0 or int(order) != order:
-            raise KdError(f"method cc needs gamma > 0 and a whole order >= 0, got gamma={gamma}, order={order}; "
-                          f"the defaults are 0.4 and 2")
         self.embeds = nn.ModuleList(self._embed(*pair) for pair in zip(
             self.student_layers, self.student_shapes, self.teacher_layers, self.teacher_shapes))
-        self.cc_weight, self.gamma, self.order = cc_weight, gamma, int(order)
+        self.cc_weight, self.gamma, self.order = cc_weight, gamma, order
 
     @staticmethod
     def _embed(s_layer, s_shape, t_layer, t_shape) -> nn.Module | None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Annotated
 
 import torch
 import torch.distributed as dist
@@ -33,10 +34,13 @@ from torch import nn
 from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller, embedding_layers
+from kd_cli.registry import NonNegative, Positive, PositiveInt, Range
 
 log = logging.getLogger("kd")
 
 NCE_EPS = 1e-7  # RepDistiller's eps in the NCE denominators
+# The memory's momentum: 1 would never move a row (0 replaces each row by the newest embedding).
+Momentum = Annotated[float, Range(0, 1, high_open=True)]
 
 
 def nce_loss(scores: torch.Tensor, num_samples: int) -> torch.Tensor:
@@ -113,12 +117,13 @@ def clamp_negatives(nce_k: int, num_samples: int) -> int:
 class CRD(FeatureDistiller):
     needs_index = True
 
-    def __init__(self, student, teacher, *, num_samples: int | None, feat_dim: int, nce_k: int, nce_t: float,
-                 nce_momentum: float, crd_weight: float, student_layers: list[str] | None,
-                 teacher_layers: list[str] | None, ce_weight: float, kd_weight: float, temperature: float):
+    def __init__(self, student, teacher, *, num_samples: int | None, feat_dim: PositiveInt, nce_k: PositiveInt,
+                 nce_t: Positive, nce_momentum: Momentum, crd_weight: NonNegative, student_layers: list[str] | None,
+                 teacher_layers: list[str] | None, ce_weight: NonNegative, kd_weight: NonNegative,
+                 temperature: Positive):
+        check_num_samples(num_samples)
         super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
                          ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
-        check_crd_options(num_samples, feat_dim, nce_k, nce_t, nce_momentum, len(self.student_layers))
         self.num_samples, self.nce_t, self.nce_momentum = num_samples, nce_t, nce_momentum
         self.nce_k = clamp_negatives(nce_k, num_samples)
         self.crd_weight = crd_weight
@@ -130,6 +135,16 @@ class CRD(FeatureDistiller):
         # Z for (student anchor, teacher anchor); negative = not estimated yet.
         self.register_buffer("normaliser", torch.full((2,), -1.0))
         self._normaliser_known = False  # once true, no per-step host sync to check the buffer
+
+    @staticmethod
+    def validate_options(*, student_layers: list[str] | None = None, teacher_layers: list[str] | None = None,
+                         **_) -> None:
+        """One embedding per model: a layer list, when given, names exactly one layer (the default,
+        null, is the pooled embedding, one layer)."""
+        for role, layers in (("student", student_layers), ("teacher", teacher_layers)):
+            if layers and len(layers) != 1:
+                raise KdError(f"method=crd contrasts one embedding per model; method.{role}_layers names "
+                              f"{len(layers)} layers, give one (or null for the pooled embedding)")
 
     def default_layers(self, model: nn.Module) -> list[str]:
         return embedding_layers(model)
@@ -176,19 +191,10 @@ class CRD(FeatureDistiller):
             log.info(f"crd: normalisation constants Z = {z_student:.1f} (student), {z_teacher:.1f} (teacher)")
 
 
-def check_crd_options(num_samples: int | None, feat_dim: int, nce_k: int, nce_t: float, momentum: float,
-                      layers: int) -> None:
+def check_num_samples(num_samples: int | None) -> None:
+    """The training split's size (from the data, not an option)."""
     if num_samples is None:
         raise KdError("method=crd keeps a memory per training sample and needs the training split's size "
                       "(num_samples); build it through build_method")
     if num_samples < 2:
         raise KdError(f"method=crd needs at least 2 training samples (negatives), got {num_samples}")
-    if layers != 1:
-        raise KdError(f"method=crd contrasts one embedding per model; method.student_layers and "
-                      f"method.teacher_layers name {layers} layers, give one each (or null for the pooled embedding)")
-    if feat_dim < 1 or nce_k < 1:
-        raise KdError(f"method.feat_dim={feat_dim} and method.nce_k={nce_k} must be at least 1")
-    if nce_t <= 0:
-        raise KdError(f"method.nce_t={nce_t} must be positive")
-    if not 0 <= momentum < 1:
-        raise KdError(f"method.nce_momentum={momentum} must be in [0, 1)")

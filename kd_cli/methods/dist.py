@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import Distiller
-from kd_cli.methods.logit_utils import check_temperature, tempered
+from kd_cli.methods.logit_utils import tempered
+from kd_cli.registry import NonNegative, Positive
 
 # Guards the correlation of a constant vector (e.g. a class column over identical samples): it is
 # undefined, and is taken as 0. The authors' code adds this eps to the norms' product instead of
@@ -63,10 +64,9 @@ def pearson_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @register_method("dist")
 class DIST(Distiller):
-    def __init__(self, student, teacher, *, ce_weight: float, beta: float, gamma: float, temperature: float,
-                 logit_standardization: bool):
+    def __init__(self, student, teacher, *, ce_weight: NonNegative, beta: NonNegative, gamma: NonNegative,
+                 temperature: Positive, logit_standardization: bool):
         super().__init__(student, teacher)
-        check_temperature(temperature)
         self.ce_weight, self.beta, self.gamma = ce_weight, beta, gamma
         self.temperature = temperature
         self.logit_standardization = logit_standardization

@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import Distiller
-from kd_cli.methods.logit_utils import check_temperature, tempered
+from kd_cli.methods.logit_utils import tempered
+from kd_cli.registry import NonNegative, Positive
 
 
 def dkd_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -67,12 +67,10 @@ def _kl(log_p_student: torch.Tensor, log_p_teacher: torch.Tensor) -> torch.Tenso
 
 @register_method("dkd")
 class DKD(Distiller):
-    def __init__(self, student, teacher, *, ce_weight: float, alpha: float, beta: float, temperature: float,
-                 warmup: float, logit_standardization: bool):
+    # warmup: epochs over which the KD part ramps up (0 or 1: none); a fraction of an epoch count is allowed
+    def __init__(self, student, teacher, *, ce_weight: NonNegative, alpha: NonNegative, beta: NonNegative,
+                 temperature: Positive, warmup: NonNegative, logit_standardization: bool):
         super().__init__(student, teacher)
-        check_temperature(temperature)
-        if warmup < 0:
-            raise KdError(f"method.warmup={warmup} must be a number of epochs, 0 or more (0 or 1: no warm-up)")
         self.ce_weight, self.alpha, self.beta = ce_weight, alpha, beta
         self.temperature, self.warmup = temperature, warmup
         self.logit_standardization = logit_standardization

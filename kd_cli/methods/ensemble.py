@@ -20,6 +20,7 @@ from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import Distiller
 from kd_cli.methods.kd import kd_loss
+from kd_cli.registry import NonNegative, Positive
 
 
 def ensemble_probabilities(logits: list[torch.Tensor], weights: list[float], temperature: float) -> torch.Tensor:
@@ -27,10 +28,16 @@ def ensemble_probabilities(logits: list[torch.Tensor], weights: list[float], tem
     return sum(w * F.softmax(z.float() / temperature, dim=1) for w, z in zip(weights, logits))
 
 
+def check_weights(weights: list[float] | None, count: int) -> None:
+    """null (equal weights) or one non-negative weight per teacher, not all zero."""
+    if weights and (len(weights) != count or any(w < 0 for w in weights) or sum(weights) <= 0):
+        raise KdError(f"method.weights={list(weights)} must be {count} non-negative numbers, one per teacher "
+                      f"(method.teachers), not all zero; or null for equal weights")
+
+
 def normalised_weights(weights: list[float] | None, count: int) -> list[float]:
+    check_weights(weights, count)
     weights = [1.0] * count if not weights else [float(w) for w in weights]
-    if len(weights) != count or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise KdError(f"method.weights must be {count} non-negative numbers, one per teacher, not all zero")
     return [w / sum(weights) for w in weights]
 
 
@@ -39,16 +46,18 @@ class Ensemble(Distiller):
     requires_teacher = False  # its teachers are method.teachers
 
     def __init__(self, student, teacher=None, *, teachers: list[str], weights: list[float] | None,
-                 temperature: float, kd_weight: float, ce_weight: float):
+                 temperature: Positive, kd_weight: NonNegative, ce_weight: NonNegative):
         super().__init__(student, None)
-        if not teachers:
-            raise KdError("method=ensemble needs method.teachers=[RUN_DIR,RUN_DIR,...] (one or more teachers)")
-        if temperature <= 0:
-            raise KdError(f"method.temperature={temperature} must be positive")
         models = [self._load_teacher(path, student) for path in teachers]
         self.__dict__["teachers"] = models  # plain attribute: not submodules (see Distiller)
         self.weights = normalised_weights(weights, len(models))
         self.temperature, self.kd_weight, self.ce_weight = temperature, kd_weight, ce_weight
+
+    @staticmethod
+    def validate_options(*, teachers: list[str], weights: list[float] | None, **_) -> None:
+        if not teachers:
+            raise KdError("method=ensemble needs method.teachers=[RUN_DIR,RUN_DIR,...] (one or more teachers)")
+        check_weights(weights, len(teachers))
 
     @staticmethod
     def _load_teacher(path: str, student) -> torch.nn.Module:

@@ -16,6 +16,7 @@ from torch import nn
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
 from kd_cli.methods.feature_utils import Regressor, full_precision, require_same_kind
+from kd_cli.registry import NonNegative, Positive
 
 
 def fitnet_loss(regressed_student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -26,7 +27,8 @@ def fitnet_loss(regressed_student: torch.Tensor, teacher: torch.Tensor) -> torch
 @register_method("fitnet")
 class FitNet(FeatureDistiller):
     def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
-                 ce_weight: float, kd_weight: float, temperature: float, fitnet_weight: float, regressor_relu: bool):
+                 ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, fitnet_weight: NonNegative,
+                 regressor_relu: bool):
         super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
                          ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
         pairs = zip(self.student_layers, self.student_shapes, self.teacher_layers, self.teacher_shapes)

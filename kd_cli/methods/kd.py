@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from kd_cli.methods import register_method
 from kd_cli.methods.base import Distiller
-from kd_cli.methods.logit_utils import check_temperature, tempered
+from kd_cli.methods.logit_utils import tempered
+from kd_cli.registry import NonNegative, Positive
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, *,
@@ -26,10 +27,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 @register_method("kd")
 class KD(Distiller):
-    def __init__(self, student, teacher, *, temperature: float, kd_weight: float, ce_weight: float,
+    def __init__(self, student, teacher, *, temperature: Positive, kd_weight: NonNegative, ce_weight: NonNegative,
                  logit_standardization: bool):
         super().__init__(student, teacher)
-        check_temperature(temperature)
         self.temperature = temperature
         self.kd_weight = kd_weight
         self.ce_weight = ce_weight

@@ -1,4 +1,4 @@
-"""Helpers shared by the logit methods (kd, dkd, dist): option checks and logit standardization.
+"""Helpers shared by the logit methods (kd, dkd, dist): logit standardization.
 
 Logit standardization: Sun et al., "Logit Standardization in Knowledge Distillation" (CVPR 2024).
 Each sample's logits are z-scored over the classes before the temperature is applied, so the
@@ -8,8 +8,6 @@ student matches the teacher's logit *relations* rather than their range and scal
 from __future__ import annotations
 
 import torch
-
-from kd_cli.errors import KdError
 
 # Added to the standard deviation as in the authors' code (`normalize` in their KD.py), so a sample
 # whose logits are all equal (std 0) standardizes to zeros instead of dividing by zero.
@@ -32,9 +30,3 @@ def tempered(logits: torch.Tensor, temperature: float, logit_standardization: bo
     if logit_standardization:
         logits = standardize(logits)
     return logits / temperature
-
-
-def check_temperature(temperature: float) -> None:
-    if temperature <= 0:
-        raise KdError(f"method.temperature={temperature} must be positive")
-

@@ -7,13 +7,14 @@ import torch.nn.functional as F
 
 from kd_cli.methods import register_method
 from kd_cli.methods.base import Distiller
+from kd_cli.registry import NonNegative, Probability
 
 
 @register_method("none")
 class NoDistillation(Distiller):
     requires_teacher = False
 
-    def __init__(self, student, teacher=None, *, ce_weight: float, label_smoothing: float):
+    def __init__(self, student, teacher=None, *, ce_weight: NonNegative, label_smoothing: Probability):
         super().__init__(student, None)  # a teacher, if one is around, is ignored
         self.ce_weight = ce_weight
         self.label_smoothing = label_smoothing

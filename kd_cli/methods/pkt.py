@@ -17,6 +17,7 @@ from torch import nn
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller, embedding_layers
 from kd_cli.methods.feature_utils import check_relation_batch, flatten
+from kd_cli.registry import NonNegative, Positive
 
 EPS = 1e-7  # RepDistiller's: keeps the norm division and the log finite
 
@@ -39,7 +40,7 @@ def pkt_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 @register_method("pkt")
 class PKT(FeatureDistiller):
     def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
-                 ce_weight: float, kd_weight: float, temperature: float, pkt_weight: float):
+                 ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, pkt_weight: NonNegative):
         super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
                          ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
         self.pkt_weight = pkt_weight

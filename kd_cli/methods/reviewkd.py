@@ -25,6 +25,7 @@ from torch import nn
 from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
+from kd_cli.registry import NonNegative, NonNegativeInt, Positive, PositiveInt
 
 HCL_POOL_SIZES = (4, 2, 1)
 
@@ -115,17 +116,15 @@ def map_shapes(model: nn.Module, layers: list[str], shapes: list[tuple[int, ...]
 
 @register_method("reviewkd")
 class ReviewKD(FeatureDistiller):
-    def __init__(self, student, teacher, *, reviewkd_weight: float, warmup: int, max_mid_channels: int,
-                 student_layers: list[str] | None, teacher_layers: list[str] | None, ce_weight: float,
-                 kd_weight: float, temperature: float):
+    def __init__(self, student, teacher, *, reviewkd_weight: NonNegative, warmup: NonNegativeInt,
+                 max_mid_channels: PositiveInt, student_layers: list[str] | None, teacher_layers: list[str] | None,
+                 ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive):
         # Default levels: as many stages of each model as the shallower one has, paired deepest first.
         given = student_layers or teacher_layers
         stages = len(given) - 1 if given else min(len(stage_layers(student)), len(stage_layers(teacher)))
         super().__init__(student, teacher, student_layers=student_layers or review_levels(student, stages),
                          teacher_layers=teacher_layers or review_levels(teacher, stages),
                          ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
-        if warmup < 0 or max_mid_channels < 1:
-            raise KdError(f"method.warmup={warmup} must be >= 0 and method.max_mid_channels={max_mid_channels} >= 1")
         self.reviewkd_weight, self.warmup = reviewkd_weight, warmup
         student_maps = map_shapes(student, self.student_layers, self.student_shapes, "student")
         teacher_maps = map_shapes(teacher, self.teacher_layers, self.teacher_shapes, "teacher")
@@ -134,6 +133,17 @@ class ReviewKD(FeatureDistiller):
         # shallow to deep, as the layers; the deepest has nothing below it to fuse with
         self.abfs = nn.ModuleList(ABF(s[0], mid, t[0], fuse=i < len(student_maps) - 1)
                                   for i, (s, t) in enumerate(zip(student_maps, teacher_maps)))
+
+    @staticmethod
+    def validate_options(*, student_layers: list[str] | None = None, teacher_layers: list[str] | None = None,
+                         **options) -> None:
+        """Given layer lists: at least one stage map then the embedding, as many for both models."""
+        for role, layers in (("student", student_layers), ("teacher", teacher_layers)):
+            if layers and len(layers) < 2:
+                raise KdError(f"method=reviewkd needs at least one stage map and the embedding per model, but "
+                              f"method.{role}_layers names {layers}; name the stage modules then the embedding, "
+                              f"or null for the default levels")
+        FeatureDistiller.validate_options(student_layers=student_layers, teacher_layers=teacher_layers, **options)
 
     def warmup_factor(self) -> float:
         return min((self.epoch + 1) / self.warmup, 1.0) if self.warmup else 1.0

@@ -19,6 +19,7 @@ from torch import nn
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller, embedding_layers
 from kd_cli.methods.feature_utils import check_relation_batch, flatten
+from kd_cli.registry import NonNegative, Positive
 
 EPS = 1e-12  # keeps sqrt differentiable at a zero distance and the mean distance non-zero
 
@@ -55,8 +56,8 @@ def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
 @register_method("rkd")
 class RKD(FeatureDistiller):
     def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
-                 ce_weight: float, kd_weight: float, temperature: float, distance_weight: float,
-                 angle_weight: float):
+                 ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, distance_weight: NonNegative,
+                 angle_weight: NonNegative):
         super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
                          ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
         self.distance_weight, self.angle_weight = distance_weight, angle_weight

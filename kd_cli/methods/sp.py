@@ -15,6 +15,7 @@ from torch import nn
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
 from kd_cli.methods.feature_utils import check_relation_batch, flatten
+from kd_cli.registry import NonNegative, Positive
 
 
 def similarity_matrix(features: torch.Tensor) -> torch.Tensor:
@@ -32,7 +33,7 @@ def sp_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 @register_method("sp")
 class SimilarityPreserving(FeatureDistiller):
     def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
-                 ce_weight: float, kd_weight: float, temperature: float, sp_weight: float):
+                 ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, sp_weight: NonNegative):
         super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
                          ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
         self.sp_weight = sp_weight

@@ -23,6 +23,7 @@ from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
 from kd_cli.methods.feature_utils import full_precision, is_map, match_spatial, require_same_kind
+from kd_cli.registry import NonNegative, Positive
 
 
 def vid_loss(mean: torch.Tensor, target: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
@@ -59,13 +60,10 @@ class VariationalHead(nn.Module):
 @register_method("vid")
 class VID(FeatureDistiller):
     def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
-                 ce_weight: float, kd_weight: float, temperature: float, vid_weight: float,
-                 init_variance: float, min_variance: float):
+                 ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, vid_weight: NonNegative,
+                 init_variance: Positive, min_variance: Positive):
         super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
                          ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
-        if not 0 < min_variance < init_variance:
-            raise KdError(f"method vid needs 0 < min_variance < init_variance, got {min_variance} and "
-                          f"{init_variance}; the defaults are 1e-5 and 5.0")
         heads = []
         for s_layer, s_shape, t_layer, t_shape in zip(self.student_layers, self.student_shapes,
                                                       self.teacher_layers, self.teacher_shapes):
@@ -73,6 +71,13 @@ class VID(FeatureDistiller):
             heads.append(VariationalHead(s_shape, t_shape, init_variance, min_variance))
         self.heads = nn.ModuleList(heads)
         self.vid_weight = vid_weight
+
+    @staticmethod
+    def validate_options(*, min_variance: float, init_variance: float, **options) -> None:
+        FeatureDistiller.validate_options(**options)
+        if not min_variance < init_variance:  # softplus(alpha) = init - min must be > 0
+            raise KdError(f"method vid needs 0 < min_variance < init_variance, got method.min_variance={min_variance} "
+                          f"and method.init_variance={init_variance}; the defaults are 1e-5 and 5.0")
 
     # default_layers: every stage output (the base's), as RepDistiller's feat[1:-1]
 

@@ -1,10 +1,10 @@
 """Model registry and model families. Importing this package registers every family."""
 
-from kd_cli.models.registry import MODELS, create_model, list_models, register_model
+from kd_cli.models.registry import MODELS, check_model_options, create_model, list_models, register_model
 
 # Each import registers its family's builders (timm style: one file per family).
 from kd_cli.models import small  # noqa: F401,E402
 from kd_cli.models import cifar_resnet, wrn, vgg, mobilenetv2, shufflenetv1, shufflenetv2  # noqa: F401,E402
 from kd_cli.models import torchvision_models  # noqa: F401,E402
 
-__all__ = ["MODELS", "create_model", "list_models", "register_model"]
+__all__ = ["MODELS", "check_model_options", "create_model", "list_models", "register_model"]

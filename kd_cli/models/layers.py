@@ -1,11 +1,17 @@
-"""Small building blocks and argument checks shared by the model families."""
+"""Small building blocks, option types and shape checks shared by the model families."""
 
 from __future__ import annotations
+
+from typing import Annotated
 
 import torch
 from torch import nn
 
 from kd_cli.errors import KdError
+from kd_cli.registry import Range
+
+# A dropout probability: 1 would drop everything (torch itself accepts it, and trains nothing).
+DropoutRate = Annotated[float, Range(0, 1, high_open=True)]
 
 
 class GlobalAvgPool(nn.Module):
@@ -58,13 +64,3 @@ def check_io(arch: str, num_classes: int, in_channels: int, input_size: int, min
             f"model '{arch}' needs inputs of at least {min_size}x{min_size} pixels, got {input_size}; "
             f"resize the data or choose another model"
         )
-
-
-def check_positive(arch: str, option: str, value: float) -> None:
-    if not value > 0:
-        raise KdError(f"model '{arch}': option {option} must be > 0, got {value}; set {option}=<positive number>")
-
-
-def check_dropout(arch: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise KdError(f"model '{arch}': option dropout must be in [0, 1), got {value}; set dropout=0.0 to disable")

@@ -8,17 +8,21 @@ even the t=1 block keeps its 1x1 expansion conv.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import nn
 
-from kd_cli.errors import KdError
 from kd_cli.models.features import set_feature_layers
-from kd_cli.models.layers import GlobalAvgPool, check_io, check_positive, conv_bn_relu
+from kd_cli.models.layers import GlobalAvgPool, check_io, conv_bn_relu
 from kd_cli.models.registry import register_model
+from kd_cli.registry import PositiveInt, Range
 
 # (channels, blocks, stride of the first block) per stage, at width 1
 STAGES = [(16, 1, 1), (24, 2, 1), (32, 3, 2), (64, 4, 2), (96, 3, 1), (160, 3, 2), (320, 1, 1)]
 LAST_CHANNELS = 1280
+# The narrowest stage has 16 channels at width 1: below 1/16 it would have none.
+WidthMult = Annotated[float, Range(1 / 16)]
 
 
 class InvertedResidual(nn.Module):
@@ -76,13 +80,9 @@ class MobileNetV2(nn.Module):
 
 @register_model("mobilenetv2")
 def mobilenetv2(num_classes: int, in_channels: int, input_size: int,
-                width_mult: float = 0.5, expansion: int = 6) -> nn.Module:
+                width_mult: WidthMult = 0.5, expansion: PositiveInt = 6) -> nn.Module:
     """RepDistiller's `mobile_half` at the default width_mult=0.5; width_mult=1.0 is the full net."""
     check_io("mobilenetv2", num_classes, in_channels, input_size)
-    check_positive("mobilenetv2", "width_mult", width_mult)
-    check_positive("mobilenetv2", "expansion", expansion)
-    if int(16 * width_mult) < 1:
-        raise KdError(f"model 'mobilenetv2': width_mult={width_mult} leaves a stage with no channels; use >= 0.0625")
-    model = MobileNetV2(num_classes, in_channels, float(width_mult), int(expansion))
+    model = MobileNetV2(num_classes, in_channels, float(width_mult), expansion)
     # stage outputs where RepDistiller reads f1..f4: the ends of blocks 1, 2, 4 and 6
     return set_feature_layers(model, ["blocks.1", "blocks.2", "blocks.4", "blocks.6"], "pool")

@@ -1,18 +1,22 @@
 """The model registry: `@register_model` on a builder, `create_model` as the one door.
 
 A builder is `fn(num_classes, in_channels, input_size, **options) -> nn.Module`; its keyword
-options are what a config may set under `teacher.kwargs` / `student.kwargs`.
+options are what a config may set under `teacher.kwargs` / `student.kwargs`, and their annotations
+(`PositiveInt`, `Dropout`, `Literal[...]`, ...) are their types and ranges: `check_model_options`
+checks them before any data is read, `create_model` again when it builds. What needs the data set
+(`num_classes`, `in_channels`, `input_size`: the fixed arguments) is checked by the builder itself.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from torch import nn
 
 from kd_cli.registry import Registry
 
 MODELS = Registry("model")
+FIXED = ("num_classes", "in_channels", "input_size")  # from the data set, not options
 
 
 def register_model(name: str | None = None) -> Callable[[Callable], Callable]:
@@ -23,10 +27,21 @@ def list_models() -> list[str]:
     return MODELS.names()
 
 
+def check_model_options(arch: str, kwargs: Mapping[str, Any], path: str = "") -> None:
+    """The model's options by name, type and range, without building it (`path`: where they sit in
+    the config, e.g. `student.kwargs`, for messages naming the key as typed). An OmegaConf node is
+    taken as its plain container (a ListConfig is not a list to the type checks)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(kwargs, DictConfig):
+        kwargs = OmegaConf.to_container(kwargs, resolve=True)
+    MODELS.check(arch, kwargs, fixed=FIXED, path=path)
+
+
 def create_model(
     name: str, num_classes: int, in_channels: int = 3, input_size: int = 32, **options: Any
 ) -> nn.Module:
-    fixed = {"num_classes": num_classes, "in_channels": in_channels, "input_size": input_size}
+    fixed = dict(zip(FIXED, (num_classes, in_channels, input_size)))
     model = MODELS.build(name, fixed, options)
     model.kd_input_shape = (in_channels, input_size, input_size)  # for dry runs that size adapters
     return model

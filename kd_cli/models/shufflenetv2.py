@@ -9,10 +9,11 @@ by 3, 7, 3 basic units; a 1x1 stem of 24 channels (CIFAR: no stride-2 stem, no m
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
-from kd_cli.errors import KdError
 from kd_cli.models.features import set_feature_layers
 from kd_cli.models.layers import GlobalAvgPool, check_io
 from kd_cli.models.registry import register_model
@@ -80,10 +81,9 @@ class ShuffleNetV2(nn.Module):
 
 
 @register_model("shufflenetv2")
-def shufflenetv2(num_classes: int, in_channels: int, input_size: int, net_size: float = 1.0) -> nn.Module:
-    """RepDistiller's ShuffleV2 at the default net_size=1.0; net_size in 0.5, 1.0, 1.5, 2.0."""
+def shufflenetv2(num_classes: int, in_channels: int, input_size: int,
+                 net_size: Literal[0.5, 1.0, 1.5, 2.0] = 1.0) -> nn.Module:
+    """RepDistiller's ShuffleV2 at the default net_size=1.0; net_size in 0.5, 1.0, 1.5, 2.0 (SIZES)."""
     check_io("shufflenetv2", num_classes, in_channels, input_size)
-    if float(net_size) not in SIZES:
-        raise KdError(f"model 'shufflenetv2': net_size must be one of {', '.join(map(str, SIZES))}, got {net_size}")
     model = ShuffleNetV2(num_classes, in_channels, float(net_size))
     return set_feature_layers(model, ["layer1", "layer2", "layer3"], "pool")

@@ -9,8 +9,9 @@ from torch import nn
 
 from kd_cli.errors import KdError
 from kd_cli.models.features import set_feature_layers
-from kd_cli.models.layers import GlobalAvgPool, check_dropout, check_io, check_positive, conv_bn_relu
+from kd_cli.models.layers import DropoutRate, GlobalAvgPool, check_io, conv_bn_relu
 from kd_cli.models.registry import register_model
+from kd_cli.registry import PositiveInt
 
 
 class MLP(nn.Module):
@@ -36,12 +37,10 @@ class MLP(nn.Module):
 
 @register_model("mlp")
 def mlp(num_classes: int, in_channels: int, input_size: int,
-        hidden: Sequence[int] = (32,), dropout: float = 0.0) -> nn.Module:
+        hidden: Sequence[PositiveInt] = (32,), dropout: DropoutRate = 0.0) -> nn.Module:
+    """`hidden`: the widths of the hidden layers, e.g. [256, 128] ([] is a linear classifier)."""
     check_io("mlp", num_classes, in_channels, input_size)
-    hidden = [int(hidden)] if isinstance(hidden, (int, float)) else [int(h) for h in hidden]
-    if any(h <= 0 for h in hidden):
-        raise KdError(f"model 'mlp': every hidden width must be > 0, got {hidden}; e.g. hidden=[256,128]")
-    check_dropout("mlp", dropout)
+    hidden = list(hidden)
     model = MLP(in_channels * input_size * input_size, hidden, num_classes, dropout)
     stages = [f"hidden.{i}" for i in range(len(hidden))]
     return set_feature_layers(model, stages, stages[-1] if stages else "flatten")
@@ -70,17 +69,14 @@ class SmallCNN(nn.Module):
 
 @register_model("cnn")
 def cnn(num_classes: int, in_channels: int, input_size: int,
-        width: int = 32, depth: int = 2, dropout: float = 0.0) -> nn.Module:
-    check_positive("cnn", "width", width)
-    check_positive("cnn", "depth", depth)
-    check_dropout("cnn", dropout)
+        width: PositiveInt = 32, depth: PositiveInt = 2, dropout: DropoutRate = 0.0) -> nn.Module:
     # each stage after the first halves the resolution: depth stages need 2**(depth-1) pixels
-    min_size = 2 ** (int(depth) - 1)
+    min_size = 2 ** (depth - 1)
     if input_size < min_size:
         raise KdError(
             f"model 'cnn' with depth={depth} needs inputs of at least {min_size}x{min_size}, got {input_size}; "
             f"lower depth (at most {max(1, int(input_size).bit_length())} for {input_size}px)"
         )
     check_io("cnn", num_classes, in_channels, input_size)
-    model = SmallCNN(in_channels, num_classes, int(width), int(depth), dropout)
-    return set_feature_layers(model, [f"stages.{i}" for i in range(int(depth))], "pool")
+    model = SmallCNN(in_channels, num_classes, width, depth, dropout)
+    return set_feature_layers(model, [f"stages.{i}" for i in range(depth)], "pool")

@@ -136,7 +136,7 @@ def build_torchvision(arch: str, num_classes: int, in_channels: int, input_size:
 
 def _builder(arch: str) -> Callable[..., nn.Module]:
     def build(num_classes: int, in_channels: int, input_size: int, pretrained: bool = False) -> nn.Module:
-        return build_torchvision(arch, num_classes, in_channels, input_size, bool(pretrained))
+        return build_torchvision(arch, num_classes, in_channels, input_size, pretrained)
 
     build.__name__ = build.__qualname__ = arch
     build.__doc__ = f"torchvision {arch}; pretrained=true loads its ImageNet weights (downloads once)."

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from kd_cli.models.features import set_feature_layers
-from kd_cli.models.layers import GlobalAvgPool, check_dropout, check_io, conv1x1, conv3x3, kaiming_init
+from kd_cli.models.layers import DropoutRate, GlobalAvgPool, check_io, conv1x1, conv3x3, kaiming_init
 from kd_cli.models.registry import register_model
 
 
@@ -73,9 +73,8 @@ WRNS = {"wrn_16_1": (16, 1), "wrn_16_2": (16, 2), "wrn_40_1": (40, 1), "wrn_40_2
 
 
 def _builder(name: str, depth: int, widen: int) -> Callable[..., nn.Module]:
-    def build(num_classes: int, in_channels: int, input_size: int, dropout: float = 0.0) -> nn.Module:
+    def build(num_classes: int, in_channels: int, input_size: int, dropout: DropoutRate = 0.0) -> nn.Module:
         check_io(name, num_classes, in_channels, input_size)
-        check_dropout(name, dropout)
         model = WideResNet(depth, widen, num_classes, in_channels, dropout)
         return set_feature_layers(model, ["block1", "block2", "head_act"], "pool")
 
