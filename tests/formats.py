@@ -53,12 +53,14 @@ def write_pickle(path: Path, obj: dict) -> None:
         pickle.dump(obj, file, protocol=2)  # the protocol the official files use
 
 
-def cifar_batch(rng: np.random.Generator, count: int, classes: int, label_key: str) -> tuple[dict, np.ndarray]:
-    """One batch in CIFAR's python format: rows of 3072 bytes, the R, G then B planes of a 32x32 image."""
+def cifar_batch(rng: np.random.Generator, count: int, classes: int, label_key: str,
+                labels: list[int] | None = None) -> tuple[dict, np.ndarray]:
+    """One batch in CIFAR's python format: rows of 3072 bytes, the R, G then B planes of a 32x32 image.
+    `labels`: the labels to draw from (default: every class)."""
     hwc = rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
     batch = {
         "batch_label": "written by tests",
-        label_key: rng.integers(0, classes, count).tolist(),
+        label_key: (rng.choice(labels, count) if labels else rng.integers(0, classes, count)).tolist(),
         "data": hwc.transpose(0, 3, 1, 2).reshape(count, 3072),
         "filenames": [f"img_{i}.png" for i in range(count)],
     }
@@ -68,14 +70,20 @@ def cifar_batch(rng: np.random.Generator, count: int, classes: int, label_key: s
 
 
 def write_cifar(root: Path, cls: type[tv.CIFAR10], rng: np.random.Generator) -> tuple:
-    """Tiny CIFAR-10 or CIFAR-100 files; returns the train/test images (NHWC) and labels written."""
+    """Tiny CIFAR-10 or CIFAR-100 files; returns the train/test images (NHWC) and labels written. The test
+    labels are drawn from the training labels, so every test class can be learnt (kd refuses otherwise)."""
     folder = root / cls.base_folder
     folder.mkdir(parents=True)
     classes = 100 if cls is tv.CIFAR100 else 10
     label_key = "fine_labels" if cls is tv.CIFAR100 else "labels"
     written = {}
-    for name, _ in cls.train_list + cls.test_list:
+    for name, _ in cls.train_list:
         batch, hwc = cifar_batch(rng, 6, classes, label_key)
+        write_pickle(folder / name, batch)
+        written[name] = (hwc, batch[label_key])
+    seen = sorted({label for hwc_labels in written.values() for label in hwc_labels[1]})
+    for name, _ in cls.test_list:
+        batch, hwc = cifar_batch(rng, 6, classes, label_key, labels=seen)
         write_pickle(folder / name, batch)
         written[name] = (hwc, batch[label_key])
     names = [f"class_{i}" for i in range(classes)]
@@ -88,3 +96,50 @@ def write_cifar(root: Path, cls: type[tv.CIFAR10], rng: np.random.Generator) -> 
 
 def join_batches(parts: list[tuple[np.ndarray, list]]) -> tuple[np.ndarray, list]:
     return np.concatenate([images for images, _ in parts]), sum((labels for _, labels in parts), [])
+
+
+# ------------------------------------------------------------------------ image files, sound and broken
+
+
+def digits_images(count: int, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Real handwritten digits (scikit-learn's, 8x8 upscaled to `size`), as uint8 greyscale, with labels."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.rint(bunch.images[:count] * (255.0 / 16.0)).astype(np.uint8)
+    images = images.repeat(size // 8, axis=1).repeat(size // 8, axis=2)
+    return images, bunch.target[:count].astype(np.int64)
+
+
+def save_image(path: Path, array: np.ndarray, **options) -> Path:
+    """`array` (H, W) or (H, W, 3) uint8 in the format the suffix names (.png, .jpg, .bmp, ...)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, **options)
+    return path
+
+
+def truncate(path: Path, keep: float = 0.5) -> Path:
+    """Cut a file short, as an interrupted copy or download leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def damage_jpeg_header(path: Path) -> Path:
+    """Overwrite the bytes after a JPEG's start-of-image marker (its APP0/quantisation segments)."""
+    data = bytearray(path.read_bytes())
+    data[2:40] = b"\xff" * 38
+    path.write_bytes(bytes(data))
+    return path
+
+
+class Payload:
+    """Pickles to a call of `fn(*args)`: what a crafted data file would run when unpickled."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args

@@ -188,7 +188,9 @@ def test_svhn_real_mat_format_through_torchvision(tmp_path, monkeypatch):
     written = {}
     for split, count in (("train", 9), ("test", 5)):
         x = rng.integers(0, 256, (32, 32, 3, count), dtype=np.uint8)  # SVHN's layout: H, W, C, N
-        y = rng.integers(1, 11, (count, 1), dtype=np.uint8)  # SVHN's labels: 1..10, with 10 meaning digit 0
+        # SVHN's labels: 1..10, with 10 meaning digit 0; the test split's are among the training split's
+        y = (rng.integers(1, 11, (count, 1)) if split == "train" else rng.choice(written["train"][1], (count, 1)))
+        y = y.astype(np.uint8)
         url, filename, _ = split_list[split]
         sio.savemat(tmp_path / filename, {"X": x, "y": y})
         split_list[split] = [url, filename, md5(tmp_path / filename)]

@@ -1,17 +1,22 @@
-"""What every data set returns, the data-set registry, and `load_dataset`, the one door to them."""
+"""What every data set returns, the data-set registry, and `load_dataset`, the one door to them.
+
+`check_dataset_config` checks a dataset config node without loading anything (the run calls it before
+any work); `load_dataset` calls it too, then the loader, then `checks.check_splits` (degenerate splits
+refused, leaks between train and test reported), so every data set gets the same checks.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from kd_cli.errors import KdError
-from kd_cli.registry import Registry
+from kd_cli.registry import NonNegativeInt, Range, Registry, value_problem
 
 DATASETS = Registry("data set")
 register_dataset = DATASETS.register
@@ -19,6 +24,21 @@ register_dataset = DATASETS.register
 # Keys of a dataset config node that the framework reads itself; every other key is an option of the
 # registered loader function (checked against its signature, so a typo is a one-line error).
 COMMON_KEYS = frozenset({"name", "mean", "std", "default_teacher", "default_student", "hflip", "crop_padding"})
+
+# Types of the common keys, in the registry's terms (so messages read like those of loader options).
+COMMON_TYPES: dict[str, Any] = {
+    "mean": list[float],
+    "std": Annotated[list[float], Range(0, low_open=True)],
+    "crop_padding": NonNegativeInt,
+    "hflip": bool,
+    "default_teacher": str,
+    "default_student": str,
+}
+
+# Seeds of scikit-learn splits (its random_state must fit in 32 bits) and of torch generators.
+SplitSeed = Annotated[int, Range(0, 2**32 - 1)]
+TorchSeed = Annotated[int, Range(-(2**63), 2**64 - 1)]
+ClassCount = Annotated[int, Range(2)]  # a classifier needs two classes at least
 
 
 @dataclass
@@ -55,12 +75,72 @@ class DataSplits:
 
 
 def load_dataset(cfg: Mapping[str, Any]) -> DataSplits:
-    """Load the data set a dataset config node describes (a dict or an OmegaConf DictConfig)."""
+    """Load the data set a dataset config node describes (a dict or an OmegaConf DictConfig).
+
+    The node is checked first (`check_dataset_config`), the loaded splits after (`check_splits`):
+    a degenerate data set is refused, a test split that leaks training images is reported."""
+    from kd_cli.data.checks import check_splits
+
     cfg = _plain_dict(cfg)
-    if "name" not in cfg:
+    check_dataset_config(cfg)
+    data = DATASETS.build(cfg["name"], {}, _options(cfg))
+    check_splits(data, cfg["name"])
+    return data
+
+
+def check_dataset_config(cfg: Mapping[str, Any]) -> None:
+    """Every value of a dataset config node, checked without loading anything: the name is a
+    registered data set; the loader's options have its names, types and ranges (its signature);
+    `mean`/`std` are lists of finite numbers of equal length with every std > 0, as many as the data
+    set's channels (or one) where that is known from the config; `crop_padding` >= 0; `hflip` a bool.
+    Keys that are absent are not required here (a partial node is checked as far as it goes)."""
+    cfg = _plain_dict(cfg)
+    name = cfg.get("name")
+    if name is None:
         raise KdError("the dataset config has no 'name'; choose one with dataset=NAME")
-    options = {key: value for key, value in cfg.items() if key not in COMMON_KEYS}
-    return DATASETS.build(cfg["name"], {}, options)
+    if not isinstance(name, str):
+        raise KdError(f"dataset.name={_show(name)} must be a string; choose one with dataset=NAME "
+                      f"(one of: {', '.join(DATASETS.names())})")
+    options = _options(cfg)
+    DATASETS.check(name, options, path="dataset")
+    for key, hint in COMMON_TYPES.items():
+        if key in cfg:
+            problem = value_problem(cfg[key], hint)
+            if problem is None and key in ("mean", "std") and not cfg[key]:
+                problem = "a list of at least one number"
+            if problem:
+                raise KdError(f"dataset.{key}={_show(cfg[key])} must be {problem} (data set '{name}')")
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if mean is not None and std is not None and len(mean) != len(std):
+        raise KdError(f"dataset.mean has {len(mean)} value(s) but dataset.std has {len(std)}; "
+                      "give one per channel in both (or one each for every channel)")
+    channels = expected_channels(name, options)
+    for key, values in (("mean", mean), ("std", std)):
+        if channels is not None and values is not None and len(values) not in (1, channels):
+            raise KdError(f"dataset.{key} has {len(values)} values but {name} images have {channels} channel(s); "
+                          f"give {channels} values (or one for all channels)")
+
+
+def expected_channels(name: str, options: Mapping[str, Any]) -> int | None:
+    """The channels a data set's images will have, when the config tells (a loader's `image_channels`:
+    an int, or a function of its options); None when only loading would tell."""
+    import inspect
+
+    fn = DATASETS.get(name)
+    channels = getattr(fn, "image_channels", None)
+    if callable(channels):
+        defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        return channels({**defaults, **options})
+    return channels
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _options(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in cfg.items() if key not in COMMON_KEYS}
 
 
 def _plain_dict(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -71,6 +151,24 @@ def _plain_dict(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)
     return dict(cfg)
+
+
+def folder_samples(dataset: Dataset) -> list[tuple[str, int]] | None:
+    """(path, label) of every sample of an ImageFolder-like data set (through Subsets); None when the
+    data set does not list its files (then its labels are unknown until its images are read)."""
+    if isinstance(dataset, Subset):
+        inner = folder_samples(dataset.dataset)
+        return None if inner is None else [inner[i] for i in dataset.indices]
+    samples = getattr(dataset, "samples", None)
+    return None if samples is None else [(path, int(label)) for path, label in samples]
+
+
+def split_labels(split: TensorSplit | FolderSplit) -> torch.Tensor | None:
+    """Every label of a split, without reading images; None when they cannot be known that way."""
+    if isinstance(split, TensorSplit):
+        return split.labels
+    samples = folder_samples(split.dataset)
+    return None if samples is None else torch.tensor([label for _, label in samples], dtype=torch.int64)
 
 
 def absolute(root: str | os.PathLike) -> str:

@@ -2,33 +2,100 @@
 
 Layouts accepted under `root`: `train/` plus `test/` (or `val/`), each holding one folder per class;
 or class folders alone, which are split into train and test by `test_fraction` and `split_seed`.
+
+Unreadable files. Every image is read by `read_rgb`, which turns any failure to decode (a truncated
+PNG, a corrupt JPEG, a text file named .png) into `UnreadableImage`, a one-line KdError naming the file
+and pointing to `dataset.skip_unreadable`; the loader gets that line back intact from DataLoader workers
+too. With `skip_unreadable=true` every file is decoded once at load time (in parallel: `scan`), before
+the split, so the split stays deterministic and the fingerprint, which lists
+the files kept, says what was skipped; one warning gives the count and the first few names.
+
+Safety audit: Pillow only parses pixels, but it picks the decoder from the file's contents, not its
+name, and its EPS decoder runs Ghostscript on the file. `read_rgb` therefore opens only the raster
+formats ImageFolder's extensions stand for (JPEG/MPO, PNG, PPM/PGM, BMP, TIFF, WebP): anything else is an
+unreadable file. Decompression bombs (images over Pillow's MAX_IMAGE_PIXELS x 2) are unreadable files too.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
 
-from kd_cli.data.base import DataSplits, FolderSplit, absolute, fingerprint, register_dataset
+from kd_cli.data.base import (DataSplits, FolderSplit, SplitSeed, absolute, fingerprint, folder_samples,
+                              register_dataset)
 from kd_cli.data.files import brief
-from kd_cli.errors import KdError
+from kd_cli.errors import KdError, warn
+from kd_cli.registry import OpenFraction, PositiveInt
 
 LAYOUT = "train/ and test/ (or val/) folders of class folders, or class folders alone"
+# Pillow's names of the formats behind ImageFolder's extensions (.jpg .jpeg .png .ppm .pgm .bmp .tif .tiff
+# .webp); camera JPEGs that Pillow calls MPO are opened by its JPEG entry.
+FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP")
+SKIPPED_SHOWN = 3  # unreadable files named in the warning
+PROCESS_SCAN_FROM = 4096  # files; below this, threads scan (no process start-up)
+
+
+class UnreadableImage(KdError):
+    """An image file that cannot be decoded; the message is one line naming it.
+
+    torch re-raises a DataLoader worker's exception as `type(error)(long message with the worker's
+    traceback)`: the constructor keeps only this class's own line of that message."""
+
+    def __init__(self, message: str):
+        lines = [line for line in str(message).splitlines() if line.strip()]
+        if len(lines) > 1:
+            marker = f"{type(self).__name__}: "
+            ours = [line.split(marker, 1)[1] for line in lines if marker in line]
+            message = ours[-1].strip() if ours else lines[-1].strip()
+        super().__init__(message)
+
+    @classmethod
+    def of(cls, path: str, problem: str) -> UnreadableImage:
+        return cls(f"cannot read image {path} ({problem}); replace or delete it, or set "
+                   "dataset.skip_unreadable=true to leave unreadable images out")
+
+
+def read_rgb(path: str) -> Image.Image:
+    """ImageFolder's loader: the image as RGB, fully decoded; any failure is an `UnreadableImage`."""
+    try:
+        with open(path, "rb") as file:
+            image = Image.open(file, formats=_formats())
+            return image.convert("RGB")  # decodes every pixel (Image.open reads the header only)
+    except Exception as error:  # noqa: BLE001 - whatever the decoder raises, the file is the problem
+        raise UnreadableImage.of(path, _problem(error)) from None
+
+
+@functools.cache
+def _formats() -> tuple[str, ...]:
+    Image.init()  # registers every plugin; a format this Pillow was built without is left out
+    return tuple(name for name in FORMATS if name in Image.OPEN)
+
+
+def _problem(error: BaseException) -> str:
+    if isinstance(error, UnidentifiedImageError):
+        return "not a JPEG, PNG, PPM/PGM, BMP, TIFF or WebP image, or its header is damaged"
+    return brief(error, limit=120)
 
 
 @register_dataset("imagefolder")
 def imagefolder(
     root: str = "data/imagefolder",
     download: bool = False,
-    image_size: int = 224,
-    test_fraction: float = 0.2,
-    split_seed: int = 0,
+    image_size: PositiveInt = 224,
+    test_fraction: OpenFraction = 0.2,
+    split_seed: SplitSeed = 0,
+    skip_unreadable: bool = False,
 ) -> DataSplits:
-    """`image_size` is the side of the square crops the model sees."""
+    """`image_size` is the side of the square crops the model sees; `skip_unreadable` decodes every file
+    at load time and leaves out those that fail (one warning), instead of stopping at the first."""
     root = absolute(root)
     if download:
         raise KdError("an image folder cannot be downloaded; set dataset.download=false and put the images "
@@ -37,9 +104,17 @@ def imagefolder(
         raise KdError(f"image folder not found: {root} (expected {LAYOUT}); set dataset.root=PATH")
     if os.path.isdir(os.path.join(root, "train")):
         train, test = _official_split(root)
+        if skip_unreadable:
+            _drop_unreadable([train, test], root)
     else:
-        train, test = _random_split(_image_folder(root), test_fraction, split_seed)
+        folder = _image_folder(root)
+        if skip_unreadable:
+            _drop_unreadable([folder], root)
+        train, test = _random_split(folder, test_fraction, split_seed)
     classes = _base(train).classes
+    if len(classes) < 2:
+        raise KdError(f"{root} has {len(classes)} class folder ({', '.join(classes)}); a classifier needs at least "
+                      "2: add one folder of images per class")
     return DataSplits(
         train=FolderSplit(train, image_size),
         test=FolderSplit(test, image_size),
@@ -65,16 +140,61 @@ def _official_split(root: str) -> tuple[ImageFolder, ImageFolder]:
 
 def _image_folder(path: str) -> ImageFolder:
     try:
-        return ImageFolder(path)
+        return ImageFolder(path, loader=read_rgb)
     except OSError as error:  # FileNotFoundError: no class folders, or a class folder without images
         raise KdError(f"cannot read image folder {path} ({brief(error)}); expected {LAYOUT}") from error
+
+
+def _drop_unreadable(folders: list[ImageFolder], root: str) -> None:
+    """Decode every file of `folders` (in parallel, in a fixed order) and remove those that fail from
+    their sample lists; warn once with the count and the first few names."""
+    paths = [path for folder in folders for path, _ in folder.samples]
+    problems = dict(zip(paths, scan(paths, root)))
+    bad = [path for path in paths if problems[path]]
+    if not bad:
+        return
+    for folder in folders:
+        folder.samples = [(path, label) for path, label in folder.samples if not problems[path]]
+        folder.imgs = folder.samples
+        folder.targets = [label for _, label in folder.samples]
+    shown = "; ".join(f"{os.path.relpath(path, root)} ({problems[path]})" for path in bad[:SKIPPED_SHOWN])
+    more = f"; and {len(bad) - SKIPPED_SHOWN} more" if len(bad) > SKIPPED_SHOWN else ""
+    warn(f"skipped {len(bad)} unreadable image(s) of {len(paths)} under {root} (dataset.skip_unreadable=true): "
+         f"{shown}{more}")
+
+
+def scan(paths: list[str], root: str, processes: bool | None = None) -> list[str | None]:
+    """What is wrong with each file (None: it decodes), in the order given.
+
+    Large folders are decoded by a process per core (the way DataLoader workers decode), which also keeps
+    a decoder crash out of this process; small ones by threads, which start at once."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if processes is None:
+        processes = cores > 1 and len(paths) >= PROCESS_SCAN_FROM
+    if not processes:
+        with ThreadPoolExecutor(max_workers=min(32, 2 * cores)) as pool:
+            return list(pool.map(_unreadable, paths))
+    try:
+        with ProcessPoolExecutor(max_workers=cores) as pool:
+            return list(pool.map(_unreadable, paths, chunksize=64))
+    except BrokenProcessPool:
+        raise KdError(f"a file under {root} crashed the image decoder while kd checked every image "
+                      "(dataset.skip_unreadable=true); it is crafted or badly damaged: find it and delete it") from None
+
+
+def _unreadable(path: str) -> str | None:
+    """None when `path` decodes, else what is wrong with it."""
+    try:
+        with open(path, "rb") as file:
+            Image.open(file, formats=_formats()).convert("RGB")
+    except Exception as error:  # noqa: BLE001
+        return _problem(error)
+    return None
 
 
 def _random_split(folder: ImageFolder, test_fraction: float, seed: int) -> tuple[Subset, Subset]:
     from sklearn.model_selection import train_test_split
 
-    if not 0.0 < test_fraction < 1.0:
-        raise KdError(f"dataset.test_fraction must be between 0 and 1, got {test_fraction}")
     try:  # stratified, so every class keeps its share in both splits
         train_idx, test_idx = train_test_split(
             np.arange(len(folder)), test_size=test_fraction, stratify=folder.targets, random_state=seed
@@ -89,15 +209,9 @@ def _base(dataset: Dataset) -> ImageFolder:
     return dataset.dataset if isinstance(dataset, Subset) else dataset
 
 
-def _samples(dataset: Dataset) -> list[tuple[str, int]]:
-    if isinstance(dataset, Subset):
-        return [dataset.dataset.samples[i] for i in dataset.indices]
-    return list(dataset.samples)
-
-
 def _digest(dataset: Dataset, root: str, files_read: int = 8) -> list[bytes | str]:
     """Labels and relative paths of every image, plus the bytes of a few: no full pass over the disk."""
-    samples = _samples(dataset)
+    samples = folder_samples(dataset)
     labels = torch.tensor([label for _, label in samples], dtype=torch.int64).numpy().tobytes()
     paths = "\n".join(os.path.relpath(path, root) for path, _ in samples)
     step = max(1, len(samples) // files_read)
@@ -108,3 +222,6 @@ def _digest(dataset: Dataset, root: str, files_read: int = 8) -> list[bytes | st
 def _read(path: str) -> bytes:
     with open(path, "rb") as file:
         return file.read()
+
+
+imagefolder.image_channels = 3  # read_rgb converts every image to RGB

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from kd_cli.data.augment import AugmentSpec, augment_batch, channel_stats, check_in_memory
 from kd_cli.data.base import FolderSplit, TensorSplit
+from kd_cli.data.folder import UnreadableImage
 from kd_cli.errors import KdError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -145,9 +146,21 @@ class FolderLoader:
     def __iter__(self) -> Iterator[Batch]:
         self.generator.manual_seed(epoch_seed(self.seed, self.epoch, "folder"))
         batches = iter(self.loader)
-        for step in range(len(self.loader)):
-            images, labels = self._next(batches, step)
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        try:
+            for step in range(len(self.loader)):
+                try:
+                    images, labels = self._next(batches, step)
+                except UnreadableImage as error:
+                    # From a worker, torch re-raises it with the worker's traceback in the message; the class
+                    # keeps its own line of it. Raised afresh, without the chain, so only that line is shown.
+                    raise UnreadableImage(str(error)) from None
+                yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        finally:
+            # Stop the workers now, on an error or an early stop too: left to the garbage collector (the
+            # traceback keeps this frame alive), their shutdown waits out torch's 5 s join timeout per worker.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def _next(self, batches: Iterator[Batch], step: int) -> Batch:
         if self.num_workers > 0:
