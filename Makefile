@@ -15,13 +15,14 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/kd distill
 
-# The suite without the `slow` accuracy bars (a few minutes on 2 cores); CI runs both.
+# The suite without the `slow` accuracy bars (a few minutes on 2 cores); CI runs both. One worker per core;
+# --dist loadfile keeps a test file on one worker, so its module fixtures (trained teachers) are built once.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
 
 # The accuracy bars on real data (digits, MNIST): several minutes of training.
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto -m slow
+	$(BIN)/python -m pytest -q -n auto --dist loadfile -m slow
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py

@@ -11,10 +11,9 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
-from kd_cli.errors import KdError, unknown_choice
+from kd_cli.errors import KdError, Refusal, unknown_choice
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,6 @@ FLAGS_WITHOUT_VALUE = {"-m", "--multirun", "--cfg", "-c", "--resolve", "--help",
                        "--version", "-r", "--run"}
 # Flags whose value is optional (`--info` alone, or `--info config`); `--cfg` always takes one.
 INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
-CFG_VALUES = {"job", "hydra", "all"}
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -145,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     args = [a for a in args if a != "--debug"]
     # Let exceptions reach us instead of Hydra's multi-line report; we print one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    from kd_cli.engine.process import install_interrupt_handlers
+
+    install_interrupt_handlers()  # SIGTERM / SIGHUP stop a run as Ctrl-C does: it records `interrupted`
     try:
         code = dispatch(args)
     except KeyboardInterrupt:
@@ -206,7 +207,7 @@ def complete(args: list[str]) -> int:
 
 def one_line(error: BaseException) -> str:
     """A readable single line from any exception, Hydra's multi-line ones included."""
-    if isinstance(error, KdError):
+    if isinstance(error, (KdError, Refusal)):
         return str(error)
     from kd_cli.hydra_errors import describe
 

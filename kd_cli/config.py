@@ -125,7 +125,8 @@ class TrainConfig(BaseConfig):
     method: Any = MISSING
     optim: OptimConfig = MISSING
     logger: LoggerConfig = MISSING
-    resume: Optional[str] = None
+    resume: Optional[str] = None  # a run directory (or a sweep folder) to continue
+    resume_extend: bool = False  # let resume= train the run longer (trainer.epochs, trainer.eval_every)
 
 
 @dataclass

@@ -1,6 +1,8 @@
-"""A Hydra callback that makes a sweep's exit status honest whatever the launcher.
+"""A Hydra callback that gives a sweep its folder and makes its exit status honest whatever the launcher.
 
-The basic launcher runs jobs in this process, where `stages.common.guarded` records a failed job
+At the start, the sweep takes its folder's lock for as long as it launches jobs, and refuses a folder
+that already holds runs (re-running a sweep into it would take over its jobs) unless the command is
+`resume=` that folder. The basic launcher runs jobs in this process, where `stages.common.guarded` records a failed job
 for the CLI to report after Hydra returns. Joblib, submitit and SLURM run jobs in other processes,
 so their failures never reach this one; after the last job, this callback reads every job's
 summary.json in the sweep folder and records the failures the same way (one line, exit non-zero).
@@ -15,13 +17,35 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from kd_cli.engine.files import read_json
-from kd_cli.engine.rundir import COMPLETE, SUMMARY
-from kd_cli.errors import KdError
+from kd_cli.engine.lock import DirectoryLock
+from kd_cli.engine.rundir import COMPLETE, SUMMARY, holds_run
+from kd_cli.errors import KdError, Refusal
 
 
 class SweepStatus(Callback):
+    def __init__(self) -> None:
+        self.lock: DirectoryLock | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        resume = config.get("resume")
+        resuming = resume is not None and Path(str(resume)).expanduser().resolve() == sweep_dir.resolve()
+        try:  # (Hydra turns an Exception raised here into a warning and sweeps on)
+            if sweep_dir.is_dir() and not resuming and _holds_runs(sweep_dir):
+                raise KdError(f"{sweep_dir} already holds a sweep's runs; continue that sweep with "
+                              f"resume={sweep_dir}, or choose another hydra.sweep.dir")
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            self.lock = DirectoryLock.acquire(sweep_dir, f"wait for that sweep to finish, or stop it and continue "
+                                                         f"it with resume={sweep_dir}")
+        except KdError as error:
+            raise Refusal(error) from None
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from kd_cli.stages import common
+
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
         if common._errors:  # already recorded in-process (basic launcher)
             return
@@ -30,6 +54,10 @@ class SweepStatus(Callback):
             path, status, message = unfinished[0]
             common._errors.append(KdError(f"{len(unfinished)} job(s) of the sweep did not complete, e.g. {path}: "
                                           f"{status}{': ' + message if message else ''}"))
+
+
+def _holds_runs(sweep_dir: Path) -> bool:
+    return (sweep_dir / "multirun.yaml").exists() or any(holds_run(job) for job in sweep_dir.iterdir() if job.is_dir())
 
 
 def unfinished_jobs(sweep_dir: Path) -> list[tuple[Path, str, str]]:

@@ -55,3 +55,41 @@ def summary(run_dir: Path) -> dict:
 
 def run_dirs(outputs: Path, stage: str) -> list[Path]:
     return sorted(p.parent for p in (Path(outputs) / stage).glob("*/*/summary.json"))
+
+
+def kd_here(*args: str, cwd: Path) -> Result:
+    """`kd ARGS` in this process (what a subprocess would print and return, without paying for a new
+    interpreter and its imports): for the many checks of bad input that stop before any work."""
+    import contextlib
+    import io
+    import logging
+    import signal
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from kd_cli import errors
+    from kd_cli.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = (sys.argv[:], os.getcwd(), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)},
+             logging.getLogger().handlers[:], dict(os.environ))
+    code = 0
+    try:
+        os.chdir(cwd)
+        os.environ.pop("KD_DEBUG", None)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(list(args))
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv[:], cwd_before, handlers, root_handlers, environment = saved
+        os.chdir(cwd_before)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        logging.getLogger().handlers[:] = root_handlers
+        os.environ.clear()
+        os.environ.update(environment)
+        GlobalHydra.instance().clear()
+        errors.WARNINGS.clear()
+    return Result(code, out.getvalue(), err.getvalue())

@@ -1,14 +1,13 @@
-"""The `kd` command itself, run in a subprocess: stages, Hydra flags anywhere, completion,
-and a one-line error with a non-zero exit for each kind of bad input."""
+"""The `kd` command itself: stages, Hydra flags anywhere, completion, and a one-line error with a
+non-zero exit for each kind of bad input. The command runs in a subprocess where the process is what is
+tested (help, completion, the exit status, the debug switch); the many checks of what the command
+prints run it in this process (`kd_here`), which is the same code without a new interpreter each time."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
-from kdrun import FAST, assert_one_line_error, kd, kd_ok
+from kdrun import FAST, Result, assert_one_line_error, kd, kd_here, kd_ok
 
 
 def test_kd_alone_lists_the_stages(tmp_path):
@@ -25,18 +24,18 @@ def test_stage_help_shows_config_groups(tmp_path):
 
 
 def test_flags_may_stand_after_overrides(tmp_path):
-    out = kd_ok("distill", "dataset=mnist", "--cfg", "job", "student=resnet8x4", cwd=tmp_path).stdout
+    out = here_ok("distill", "dataset=mnist", "--cfg", "job", "student=resnet8x4", cwd=tmp_path).stdout
     assert "name: mnist" in out and "arch: resnet8x4" in out
     assert "default_teacher: cnn" in out
 
 
 def test_dataset_defaults_flow_into_teacher_and_student(tmp_path):
-    out = kd_ok("distill", "dataset=cifar100", "--cfg", "job", "--resolve", cwd=tmp_path).stdout
+    out = here_ok("distill", "dataset=cifar100", "--cfg", "job", "--resolve", cwd=tmp_path).stdout
     assert "arch: resnet32x4" in out and "arch: resnet8x4" in out
 
 
 def test_model_options_can_be_set_without_plus(tmp_path):
-    out = kd_ok("distill", "student.kwargs.hidden=[16]", "--cfg", "job", cwd=tmp_path).stdout
+    out = here_ok("distill", "student.kwargs.hidden=[16]", "--cfg", "job", cwd=tmp_path).stdout
     assert "hidden:\n    - 16" in out
 
 
@@ -48,9 +47,9 @@ def test_info_and_user_config_dir(tmp_path):
         "channels: 1\nimage_size: 8\nseed: 0\nmean: [0.5]\nstd: [0.25]\ndefault_teacher: cnn\n"
         "default_student: mlp\nhflip: false\ncrop_padding: 1\n"
     )
-    out = kd_ok("distill", "-cd", str(tmp_path / "myconf"), "dataset=tiny", "--cfg", "job", cwd=tmp_path).stdout
+    out = here_ok("distill", "-cd", str(tmp_path / "myconf"), "dataset=tiny", "--cfg", "job", cwd=tmp_path).stdout
     assert "num_classes: 3" in out
-    info = kd_ok("distill", "--info", "searchpath", cwd=tmp_path).stdout
+    info = here_ok("distill", "--info", "searchpath", cwd=tmp_path).stdout
     assert "pkg://kd_cli.configs" in info
 
 
@@ -88,12 +87,24 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("args, fragments", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
 def test_bad_input_is_one_line_and_non_zero(tmp_path, args, fragments):
-    result = kd(*args, *FAST, f"paths.outputs={tmp_path / 'out'}", f"paths.data={tmp_path / 'data'}", cwd=tmp_path)
+    result = kd_here(*args, *FAST, f"paths.outputs={tmp_path / 'out'}", f"paths.data={tmp_path / 'data'}", cwd=tmp_path)
     assert_one_line_error(result, *fragments)
 
 
+@pytest.mark.parametrize("args, fragments", BAD_INPUTS[:2] + BAD_INPUTS[-6:-5])
+def test_the_real_process_prints_one_line_and_exits_2(tmp_path, args, fragments):
+    result = kd(*args, *FAST, f"paths.outputs={tmp_path / 'out'}", f"paths.data={tmp_path / 'data'}", cwd=tmp_path)
+    assert_one_line_error(result, *fragments)
+    assert result.code == 2
+
+
+def here_ok(*args: str, cwd) -> Result:
+    result = kd_here(*args, cwd=cwd)
+    assert result.code == 0, f"kd {' '.join(args)} failed ({result.code}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
 def test_debug_switch_shows_the_traceback(tmp_path):
-    result = kd("distill", "trainer.device=tpu", cwd=tmp_path, env={"KD_DEBUG": "1"})
-    # kdrun.kd removes KD_DEBUG from the environment on purpose; --debug works the same way
+    # (kdrun.kd removes KD_DEBUG from the environment on purpose; --debug works the same way)
     result = kd("distill", "trainer.device=tpu", "--debug", cwd=tmp_path)
     assert result.code != 0 and "Traceback" in result.stderr

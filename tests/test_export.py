@@ -177,8 +177,7 @@ def test_int8_model_exports_to_torchscript_but_not_onnx(tmp_path):
 
     result = kd("export", f"run={tmp_path / 'int8'}", f"hydra.run.dir={tmp_path / 'refused'}", cwd=tmp_path)
     assert_one_line_error(result, "ONNX export of int8 models is not supported", f"run={tmp_path / 'int8' / 'float'}")
-    assert not (tmp_path / "refused" / "model.onnx").exists()
-    assert summary(tmp_path / "refused")["status"] == "failed"
+    assert not (tmp_path / "refused").exists()  # refused before the run started: no run directory at all
 
 
 def test_a_difference_over_tolerance_fails_and_keeps_no_file(digits_run, tmp_path):
@@ -263,7 +262,7 @@ def test_bad_input_is_one_line_error(case, overrides, fragments, digits_run, tmp
     out = tmp_path / "out"
     result = kd("export", *(o.format(**paths) for o in overrides), f"hydra.run.dir={out}", cwd=tmp_path)
     assert_one_line_error(result, *fragments)
-    assert not list(out.glob("model.*")) and summary(out)["status"] == "failed"
+    assert not out.exists()  # refused before the run started: no run directory to clutter kd report
 
 
 def test_export_is_listed_and_completed(tmp_path):

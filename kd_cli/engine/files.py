@@ -1,32 +1,77 @@
-"""Atomic file writes: a file is either its old content or its complete new content, never half."""
+"""File writes for run directories: atomic, with the user's umask, and strict JSON.
+
+A file is either its old content or its complete new content, never half: it is written to a
+temporary file beside it, then renamed over it. The temporary file gets the permissions any new
+file of the user's would get (`tempfile.mkstemp` makes it 0600, which would hide every run from a
+teammate in the same group).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+TEMP_SUFFIX = ".tmp"
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
+        os.close(fd)
         write(Path(tmp))
+        os.chmod(tmp, new_file_mode())  # after writing: some writers replace the file they are given
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def new_file_mode() -> int:
+    """0666 less the process's umask: what `open(path, "w")` would give a new file."""
+    return 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    try:  # Linux >= 4.7 reports it without changing it
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, and put it straight back
+    os.umask(mask)
+    return mask
+
+
 def write_json(path: Path, data: Any) -> None:
-    text = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
+    """Strict JSON: NaN and infinities (which json.dumps would write as bare NaN) become null."""
+    text = json.dumps(finite(data), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n"
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def finite(data: Any) -> Any:
+    """`data` with every non-finite float replaced by None, in nested dicts and lists too."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: finite(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite(value) for value in data]
+    return data
 
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def leftover_temporary_files(directory: Path) -> list[Path]:
+    """Temporary files of `atomic_write` that a killed process left behind in `directory` (any depth)."""
+    return [p for p in Path(directory).rglob(f".*{TEMP_SUFFIX}") if p.is_file()]

@@ -77,16 +77,26 @@ def fit(job: Training) -> FitResult:
         for epoch in range(state["epoch"], epochs):
             row = _train_epoch(job, method, forward, optimizer, scaler, epoch, steps, bar)
             if (epoch + 1) % job.trainer.eval_every == 0 or epoch + 1 == epochs:
-                row.update(_evaluate(job, method))
+                row.update(_evaluate(job, method, epoch))
             state["history"].append(row)
             _track_best(state, row)
             if job.world.is_main:
-                job.run.write_metrics(state["history"])
-                save_checkpoint(job.run.path, _checkpoint(method, optimizer, epoch + 1, state))
+                _save_epoch(job, state, _checkpoint(method, optimizer, epoch + 1, state))
                 job.tracker.log_epoch(row)
             bar.end_epoch(row)
     best = state["best"]
     return FitResult(state["history"], best["top1"], best["epoch"], state["resumed_from"])
+
+
+def _save_epoch(job: Training, state: dict, checkpoint: dict) -> None:
+    """metrics.csv and the resume checkpoint; a failed write (a full disk) says where and what to do."""
+    try:
+        job.run.write_metrics(state["history"])
+        save_checkpoint(job.run.path, checkpoint)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[-1].strip()[:160]
+        raise KdError(f"cannot write the checkpoint in {job.run.path} ({reason}); free some space "
+                      f"and continue with resume={job.run.path} (the previous epoch's checkpoint is intact)") from None
 
 
 def _enable_index(loader) -> None:
@@ -174,12 +184,13 @@ def _epoch_row(job, epoch, sums, correct, seen, seconds, lr) -> dict[str, Any]:
     return row
 
 
-def _evaluate(job: Training, method: Distiller) -> dict[str, float]:
+def _evaluate(job: Training, method: Distiller, epoch: int) -> dict[str, float]:
     logits, labels = predict(method.student, job.test_loader, job.device, job.dtype)
-    return {
-        "test_top1": topk_accuracy(logits, labels, 1),
-        "test_loss": torch.nn.functional.cross_entropy(logits, labels).item(),
-    }
+    loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    if not math.isfinite(loss):  # a score from NaN outputs would be reported as a real accuracy
+        raise KdError(f"the test loss became {loss} in epoch {epoch + 1} (the model's outputs are not finite); "
+                      "lower optim.lr, set trainer.grad_clip, or use trainer.precision=fp32")
+    return {"test_top1": topk_accuracy(logits, labels, 1), "test_loss": loss}
 
 
 def _track_best(state: dict, row: dict) -> None:

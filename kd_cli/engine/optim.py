@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig
 
 from kd_cli.errors import KdError
+from kd_cli.registry import Range, check_number
 
 SCHEDULES = ("cosine", "multistep", "constant")
 
@@ -31,16 +32,21 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: DictConfig) -> to
 
 
 def check_optim(cfg: DictConfig, epochs: int) -> None:
+    """Every optimiser and schedule value, before anything is built (NaN and inf included)."""
     if cfg.name not in ("sgd", "adamw"):
         raise KdError(f"unknown optim.name '{cfg.name}' (choose from: sgd, adamw)")
-    if cfg.lr <= 0:
-        raise KdError(f"optim.lr={cfg.lr} must be positive")
-    if cfg.weight_decay < 0 or not 0 <= cfg.momentum < 1:
-        raise KdError("optim.weight_decay must be >= 0 and optim.momentum in [0, 1)")
     if cfg.schedule not in SCHEDULES:
         raise KdError(f"unknown optim.schedule '{cfg.schedule}' (choose from: {', '.join(SCHEDULES)})")
-    if cfg.warmup_epochs < 0 or cfg.warmup_epochs > epochs:
-        raise KdError(f"optim.warmup_epochs={cfg.warmup_epochs} must lie between 0 and trainer.epochs={epochs}")
+    check_number("optim.lr", cfg.lr, Range(0, low_open=True))
+    check_number("optim.weight_decay", cfg.weight_decay, Range(0))
+    check_number("optim.momentum", cfg.momentum, Range(0, 1, high_open=True))
+    for beta in cfg.betas:
+        check_number("optim.betas", beta, Range(0, 1, high_open=True), hint="each of the two")
+    check_number("optim.gamma", cfg.gamma, Range(0, low_open=True))
+    check_number("optim.min_lr", cfg.min_lr, Range(0, cfg.lr), hint="at most optim.lr")
+    for milestone in cfg.milestones:
+        check_number("optim.milestones", milestone, Range(0), hint="epochs at which the rate drops")
+    check_number("optim.warmup_epochs", cfg.warmup_epochs, Range(0, epochs), hint=f"trainer.epochs={epochs}")
 
 
 def lr_at(cfg: DictConfig, progress: float, epochs: int) -> float:

@@ -1,7 +1,9 @@
 """The run directory: the unit every stage writes and every later stage reads.
 
 summary.json carries `status`; `complete` is written last, so a directory without it is an
-unfinished run (failed, interrupted, or still going).
+unfinished run (failed, interrupted, or still going). A run directory has one writer, which holds
+its lock (engine/lock.py) for the whole run: `running` with nobody holding the lock is a run that
+was killed (`stale`).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import platform
 import socket
 import subprocess
@@ -18,19 +21,65 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
-from kd_cli.engine.files import atomic_write, read_json, write_json
+from kd_cli.engine.files import atomic_write, leftover_temporary_files, read_json, write_json
+from kd_cli.engine.lock import holder
+from kd_cli.errors import WARNINGS
 
 SUMMARY = "summary.json"
 METRICS = "metrics.csv"
 ENV = "env.json"
 CONFIG = "config_resolved.yaml"
 COMPLETE, FAILED, INTERRUPTED, RUNNING = "complete", "failed", "interrupted", "running"
+STALE = "stale"  # what readers call a `running` run whose writer is gone
+# Files whose presence means a directory holds a run (it is never written into again but by resume=).
+RUN_FILES = (SUMMARY, CONFIG, "checkpoints/last.pt", ".hydra/overrides.yaml", "model.safetensors")
+# Space set aside while a run writes, freed to record `failed` when the disk fills up.
+RESERVE = ".kd.reserve"
+RESERVE_BYTES = 256 * 1024
 
 
 class RunDir:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, previous: dict[str, Any] | None = None):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        self.previous = previous or {}  # summary.json as it was before this process (a resumed run's)
+        self.sticky: dict[str, Any] = {}  # fields every later summary of this process keeps
+        self.started = False  # True once begin() wrote the run: before that nothing is written
+
+    def begin(self, cfg: DictConfig, env: dict[str, Any], **fields: Any) -> None:
+        """The run exists from here on: config, environment and a `running` summary."""
+        self.started = True
+        _reserve_space(self.path / RESERVE)
+        self.write_config(cfg)
+        self.write_env(**env)
+        self.write_summary(RUNNING, **fields)
+
+    def keep(self, **fields: Any) -> None:
+        """Record `fields` now and in every later summary (e.g. the teacher a run uses, its resumes)."""
+        self.sticky.update(fields)
+        if self.started:
+            current = self.summary()
+            self.write_summary(current.pop("status", RUNNING), **current)
+
+    def record_stop(self, status: str, message: str, wall_time_s: float) -> None:
+        """`failed`/`interrupted` (never over `complete`), even on a full disk: the reserve is freed first
+        if the write fails."""
+        if not self.started or self.summary().get("status") == COMPLETE:
+            return
+        fields = {**self.summary(), "error": message, "wall_time_s": wall_time_s}
+        fields.pop("status", None)
+        try:
+            self.write_summary(status, **fields)
+        except OSError:
+            (self.path / RESERVE).unlink(missing_ok=True)
+            self.write_summary(status, **fields)
+
+    def close(self) -> None:
+        """Leave nothing temporary behind: reserve and stray temporary files (the lock is the caller's)."""
+        (self.path / RESERVE).unlink(missing_ok=True)
+        if self.started:
+            for leftover in leftover_temporary_files(self.path):
+                leftover.unlink(missing_ok=True)
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -55,7 +104,8 @@ class RunDir:
         atomic_write(self / METRICS, lambda tmp: tmp.write_text(buffer.getvalue()))
 
     def write_summary(self, status: str, **fields: Any) -> None:
-        write_json(self / SUMMARY, {"status": status, **fields})
+        warnings = {"warnings": list(WARNINGS)} if WARNINGS else {}
+        write_json(self / SUMMARY, {"status": status, **fields, **self.sticky, **warnings})
 
     def summary(self) -> dict[str, Any]:
         return read_summary(self.path)
@@ -70,6 +120,27 @@ def read_summary(path: Path) -> dict[str, Any]:
 
 def is_complete(path: Path) -> bool:
     return read_summary(path).get("status") == COMPLETE
+
+
+def holds_run(path: Path) -> bool:
+    return any((Path(path) / name).exists() for name in RUN_FILES)
+
+
+def run_status(path: Path) -> str:
+    """summary.json's status, except that a `running` run nobody is writing any more is `stale`."""
+    status = str(read_summary(path).get("status", "unknown"))
+    return STALE if status == RUNNING and holder(path) is None else status
+
+
+def _reserve_space(path: Path) -> None:
+    try:
+        with open(path, "wb") as handle:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(handle.fileno(), 0, RESERVE_BYTES)
+            else:  # pragma: no cover
+                handle.write(bytes(RESERVE_BYTES))
+    except OSError:  # a full disk already: nothing to set aside
+        path.unlink(missing_ok=True)
 
 
 def environment() -> dict[str, Any]:

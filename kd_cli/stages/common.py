@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
-import signal
+import logging.handlers
+import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +20,12 @@ from torch import nn
 from kd_cli.engine.artifacts import ModelSpec
 from kd_cli.engine.device import resolve_device, resolve_precision, seed_everything
 from kd_cli.engine.distributed import World, init_distributed
-from kd_cli.engine.rundir import COMPLETE, FAILED, INTERRUPTED, RUNNING, RunDir, read_summary
-from kd_cli.errors import KdError
+from kd_cli.engine.files import atomic_write, read_json
+from kd_cli.engine.lock import Owner
+from kd_cli.engine.process import signals_held
+from kd_cli.engine.rundir import ENV, FAILED, INTERRUPTED, RunDir
+from kd_cli.errors import WARNINGS, KdError, warn
+from kd_cli.stages.claim import Claim, claim_run_dir
 
 log = logging.getLogger("kd")
 
@@ -42,42 +48,123 @@ def take_error() -> BaseException | None:
 
 
 def guarded(stage_main: Callable[[DictConfig, RunDir], Any], cfg: DictConfig) -> Any:
-    """Run a stage; record `failed`/`interrupted` in summary.json when it does not complete.
+    """Run a stage in its run directory, which it holds alone from its first to its last write.
 
-    In a sweep a failed job is recorded and the others go on; the command exits non-zero at the end.
+    Nothing is written before the stage has checked every value and read its inputs (`start_run`);
+    a run that then stops records `failed`/`interrupted` in summary.json. In a sweep a failed job is
+    recorded and the others go on; the command exits non-zero at the end.
     """
-    run = RunDir(output_dir())
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    path = output_dir()
+    WARNINGS.clear()  # this job's own (a sweep runs several jobs in one process)
+    log_buffer = LogBuffer()
     started = time.time()
+    run: RunDir | None = None
+    claim: Claim | None = None
     try:
+        claim = _claim(cfg, path)
+        if claim.finished:  # a complete job of a resumed sweep
+            log.info(f"{path}: complete already (best top-1 {claim.previous.get('best_top1')}); kept as it is")
+            return claim.previous.get("best_top1")
+        run = RunDir(path, claim.previous)
+        if claim.resuming:
+            run.keep(resumes=[*claim.previous.get("resumes", []), _resume_record(claim)])
         return stage_main(cfg, run)
     except KeyboardInterrupt as interrupt:
-        _mark(run, INTERRUPTED, started, "interrupted; continue with resume=" + str(run.path))
+        with signals_held():  # a second Ctrl-C must not cut the record short
+            if run is not None:
+                run.record_stop(INTERRUPTED, f"interrupted; continue with resume={path}", time.time() - started)
         _errors.append(interrupt)
         raise
     except Exception as error:
-        from kd_cli.cli import one_line
-
-        _mark(run, FAILED, started, one_line(error))
-        if in_multirun():
-            log.error(f"kd: error: job {run.path} failed: {one_line(error)}")
-            error = KdError(f"a job of the sweep failed ({run.path}): {one_line(error)}")
-        if not _errors:
-            _errors.append(error)
+        _hand_over(error, path, run, claim, time.time() - started, cfg)
         return None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if run is not None:
+            run.close()
+        if claim is not None:
+            claim.lock.release()
+        log_buffer.close()
+        if run is None or not run.started:
+            _remove_if_empty(path, cfg)
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+def _claim(cfg: DictConfig, path: Path) -> Claim:
+    if int(os.environ.get("RANK", "0")) != 0:  # other ranks write a scratch directory of their own
+        return Claim(NoLock())  # type: ignore[arg-type]
+    overrides = list(HydraConfig.get().overrides.task)
+    return claim_run_dir(path, cfg.get("resume"), bool(cfg.get("resume_extend", False)), overrides, in_multirun())
 
 
-def _mark(run: RunDir, status: str, started: float, message: str) -> None:
-    summary = read_summary(run.path)
-    if summary.get("status") != COMPLETE:
-        summary.update(status=status, error=message, wall_time_s=time.time() - started)
-        run.write_summary(**summary)
+class NoLock:
+    def release(self) -> None:
+        pass
+
+
+def _hand_over(error: Exception, path: Path, run: RunDir | None, claim: Claim | None, seconds: float,
+               cfg: DictConfig) -> None:
+    from kd_cli.cli import one_line
+
+    if run is not None and run.started:
+        run.record_stop(FAILED, one_line(error), seconds)
+    elif in_multirun() and claim is not None and not claim.resuming:
+        # A sweep's job refused before it started still says so in its folder: launchers that run jobs
+        # in other processes (joblib, SLURM) learn the sweep's outcome from the jobs' summaries.
+        RunDir(path).write_summary(FAILED, stage=cfg.stage, error=one_line(error), started_run=False)
+    if in_multirun():
+        log.error(f"kd: error: job {path} failed: {one_line(error)}")
+        error = KdError(f"a job of the sweep failed ({path}): {one_line(error)}")
+    if not _errors:
+        _errors.append(error)
+
+
+def _resume_record(claim: Claim) -> dict[str, Any]:
+    owner = Owner.me()
+    return {"at": owner.started, "host": owner.host, "pid": owner.pid, "changes": claim.changes}
+
+
+def _remove_if_empty(path: Path, cfg: DictConfig) -> None:
+    """A run that never started leaves no directory behind (nor empty date folders above it)."""
+    stop = {Path.cwd().resolve()}
+    if "paths" in cfg:
+        stop.add(Path(cfg.paths.outputs).resolve())
+    current = path.resolve()
+    while current not in stop and current.parent != current:
+        try:
+            current.rmdir()  # removes only an empty directory
+        except OSError:
+            return
+        current = current.parent
+
+
+class LogBuffer:
+    """Holds the job's log records until its run directory is written, then writes them (and every
+    later record) to `<stage>.log` there; a job that never starts its run leaves no log file."""
+
+    current: LogBuffer | None = None
+
+    def __init__(self) -> None:
+        self.memory = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+        self.file: logging.Handler | None = None
+        logging.getLogger().addHandler(self.memory)
+        LogBuffer.current = self
+
+    def write_to(self, path: Path) -> None:
+        self.file = logging.FileHandler(path, mode="a", encoding="utf-8")
+        self.file.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s"))
+        self.memory.setTarget(self.file)
+        self.memory.flush()
+        logging.getLogger().removeHandler(self.memory)
+        logging.getLogger().addHandler(self.file)
+
+    def close(self) -> None:
+        root = logging.getLogger()
+        root.removeHandler(self.memory)
+        self.memory.setTarget(None)
+        self.memory.close()
+        if self.file is not None:
+            root.removeHandler(self.file)
+            self.file.close()
+        LogBuffer.current = None
 
 
 @dataclass
@@ -87,25 +174,11 @@ class Setup:
     world: World
 
 
-def check_training_config(cfg: DictConfig) -> None:
-    """Impossible values, found before any data is read or any teacher is trained."""
-    from kd_cli.engine.optim import check_optim
-    from kd_cli.methods import METHODS
-    from kd_cli.registry import check_options
+def setup_run(cfg: DictConfig) -> Setup:
+    """Every value checked, then seed, device, precision, process group. Writes nothing."""
+    from kd_cli.stages.checks import check_config
 
-    for key in ("epochs", "batch_size", "eval_batch_size", "eval_every"):
-        if cfg.trainer[key] < 1:
-            raise KdError(f"trainer.{key}={cfg.trainer[key]} must be at least 1")
-    check_optim(cfg.optim, cfg.trainer.epochs)
-    method = METHODS.get(cfg.method.name)
-    options = {k: v for k, v in cfg.method.items() if k != "name"}
-    check_options(f"method '{cfg.method.name}'", method, options, exclude=("student", "teacher", "num_samples"))
-
-
-def setup_run(cfg: DictConfig, run: RunDir) -> Setup:
-    """Seed, device, precision, process group; config and a `running` summary into the run dir."""
-    if "method" in cfg:
-        check_training_config(cfg)
+    check_config(cfg)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.trainer.device)
     dtype = resolve_precision(cfg.trainer.precision, device)
@@ -113,11 +186,67 @@ def setup_run(cfg: DictConfig, run: RunDir) -> Setup:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     world = init_distributed(device)
-    if world.is_main:
-        run.write_config(cfg)
-        run.write_summary(RUNNING, stage=cfg.stage, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    log.info(f"{cfg.stage}: run directory {run.path}  device {device}  precision {str(dtype).split('.')[-1]}")
     return Setup(device, dtype, world)
+
+
+def start_run(cfg: DictConfig, run: RunDir, setup: Setup | None, **env: Any) -> None:
+    """From here on the run directory is written: .hydra/, config_resolved.yaml, env.json, a `running`
+    summary and <stage>.log. Called once every check has passed and the inputs have been read."""
+    if setup is not None and not setup.world.is_main:
+        return
+    if run.previous:  # resuming: the same config and data as before, and the first part's environment kept
+        _check_same_config(run, cfg)
+        env = {**env, "earlier": _earlier_environments(run, env.get("data_fingerprint"))}
+    if HydraConfig.initialized():  # (a stage called as a function, without the CLI, has no Hydra record)
+        _write_hydra_files(run.path, cfg)
+    run.begin(cfg, env, stage=cfg.stage, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    if LogBuffer.current is not None:
+        LogBuffer.current.write_to(run.path / f"{cfg.stage}.log")
+    device = f"  device {setup.device}  precision {str(setup.dtype).split('.')[-1]}" if setup else ""
+    log.info(f"{cfg.stage}: run directory {run.path}{device}")
+
+
+def _earlier_environments(run: RunDir, fingerprint: str | None) -> list[dict[str, Any]]:
+    """env.json of the run's earlier part(s), after checking that it goes on with the same data."""
+    try:
+        before = read_json(run.path / ENV)
+    except (OSError, ValueError):
+        return []
+    known = before.get("data_fingerprint")
+    if fingerprint and known and fingerprint != known:
+        raise KdError(f"the data differ from those {run.path} started with (data fingerprint {fingerprint}, "
+                      f"was {known}); a resumed run must see the same data: restore them, or start a new run")
+    earlier = before.pop("earlier", [])
+    return [*earlier, before]
+
+
+def _check_same_config(run: RunDir, cfg: DictConfig) -> None:
+    """The config recomposed now must resolve to what the run started with, but for the accepted
+    changes of this resume: else kd or a config file changed since, and the run would become a mix."""
+    from kd_cli.engine.rundir import CONFIG
+    from kd_cli.overrides import canonical, flatten
+    from kd_cli.stages.claim import FREE_ON_RESUME, HOW_TO_RUN, read_saved
+
+    before = flatten(read_saved(run.path / CONFIG) or {})
+    now = flatten(OmegaConf.to_container(cfg, resolve=True))
+    accepted = {change.split("=", 1)[0] for record in run.sticky.get("resumes", [])[-1:] for change in record["changes"]}
+    ignored = lambda key: key.split(".")[0] in HOW_TO_RUN or key in accepted or any(  # noqa: E731
+        key == p or key.startswith(p + ".") for p in FREE_ON_RESUME)
+    differ = [f"{key}: {before.get(key)} -> {now.get(key)}" for key in dict.fromkeys([*before, *now])
+              if not ignored(key) and canonical(before.get(key)) != canonical(now.get(key))]
+    if differ:
+        raise KdError(f"{run.path}: its config resolves differently today than when it started ({'; '.join(differ[:3])}"
+                      f"{'; ...' if len(differ) > 3 else ''}): kd or a config file changed since; resume it with the "
+                      f"version that started it, or start a new run")
+
+
+def _write_hydra_files(path: Path, cfg: DictConfig) -> None:
+    """What Hydra writes to .hydra/ (told not to, since it would write before the run is claimed)."""
+    hydra = HydraConfig.instance().cfg
+    files = {"config.yaml": cfg, "hydra.yaml": hydra, "overrides.yaml": hydra.hydra.overrides.task}
+    for name, node in files.items():
+        atomic_write(path / ".hydra" / name, lambda tmp, node=node: OmegaConf.save(node, tmp))
+
 
 
 def print_config(cfg: DictConfig) -> None:
@@ -135,6 +264,17 @@ def print_config(cfg: DictConfig) -> None:
     tree = Tree(f"[bold]{cfg.stage}[/] config")
     add(tree, OmegaConf.to_container(cfg, resolve=True))
     Console().print(tree)
+
+
+def saved_dataset(weights: Path) -> dict | None:
+    """The dataset node of the config_resolved.yaml beside a saved model (None when there is none);
+    a broken file is a one-line error naming it."""
+    from kd_cli.engine.rundir import CONFIG
+    from kd_cli.stages.claim import read_saved
+
+    saved = read_saved(Path(weights).parent / CONFIG)
+    node = saved.get("dataset") if isinstance(saved, dict) else None
+    return node if isinstance(node, dict) else None
 
 
 def dataset_options(cfg: DictConfig) -> dict:
@@ -179,3 +319,32 @@ def check_channels(mean: list, std: list, in_channels: int) -> None:
         raise KdError(
             f"dataset.mean/std have {len(mean)}/{len(std)} values but the images have {in_channels} channel(s)"
         )
+
+
+def check_model_fits(spec: ModelSpec, data, path: Path, role: str, normalisation: tuple | None = None,
+                     same_size: bool = False) -> None:
+    """Refuse a saved model whose outputs mean other classes than this data set's (count, names or
+    order) or that takes other channels; a model that saw other image sizes is refused with
+    `same_size`, else warned about, like one trained with another normalisation (`normalisation`:
+    this run's (mean, std), which a teacher's inputs share with the student's)."""
+    if (spec.num_classes, spec.in_channels) != (data.num_classes, data.in_channels):
+        raise KdError(f"{role} {path} was trained for {spec.num_classes} classes and {spec.in_channels} channel(s) "
+                      f"({spec.dataset}) but this data set has {data.num_classes} and {data.in_channels}; give a "
+                      f"{role} trained on it, or the data set it was trained on")
+    if list(spec.class_names) != list(data.class_names):
+        odd = next(((a, b) for a, b in zip(spec.class_names, data.class_names) if a != b), ("?", "?"))
+        raise KdError(f"{role} {path} was trained for other classes ({spec.dataset}: class '{odd[0]}' where this "
+                      f"data set has '{odd[1]}'); its outputs would be read as the wrong classes: give a {role} "
+                      f"trained on these classes, in this order, or the data set it was trained on")
+    if spec.input_size != data.input_size:
+        message = f"{role} {path} was trained on {spec.input_size}px images, this data set has {data.input_size}px"
+        if same_size:
+            raise KdError(f"{message}; pass the data set it was trained on")
+        warn(message)
+    if normalisation is not None and not (_close(spec.mean, normalisation[0]) and _close(spec.std, normalisation[1])):
+        warn(f"{role} {path} was trained on images normalised with mean {spec.mean} / std {spec.std}, this run "
+             f"normalises with {list(normalisation[0])} / {list(normalisation[1])}")
+
+
+def _close(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-6) for x, y in zip(a, b))

@@ -22,15 +22,15 @@ from kd_cli.compress.context import StepContext
 from kd_cli.compress.measure import Measurement, measure
 from kd_cli.compress.prune_unstructured import copyable, make_permanent
 from kd_cli.data import make_loader
-from kd_cli.engine.artifacts import ModelSpec, load_model, resolve_weights, save_model
+from kd_cli.engine.artifacts import ModelSpec, load_model, load_spec, resolve_weights, save_model
 from kd_cli.engine.loop import Training, fit
 from kd_cli.engine.metrics import predict
 from kd_cli.engine.rundir import COMPLETE, CONFIG, RunDir
 from kd_cli.engine.trackers import Trackers, open_trackers
 from kd_cli.errors import KdError
 from kd_cli.methods import build_method, method_requires_teacher
-from kd_cli.stages.common import Setup, print_config, setup_run
-from kd_cli.stages.training import Loaders, load_data
+from kd_cli.stages.common import Setup, check_model_fits, print_config, saved_dataset, setup_run, start_run
+from kd_cli.stages.training import Loaders, data_env, dry_build, load_data
 
 log = logging.getLogger("kd")
 TABLE = "compression.csv"
@@ -41,14 +41,17 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     started = time.time()
     steps = plan(cfg.compression)
     weights = resolve_weights(cfg.run)
+    if is_int8(load_spec(weights).extra):
+        raise KdError(f"{weights} is already int8; compress its float model instead")
     use_saved_dataset(cfg, weights)
-    setup = setup_run(cfg, run)
+    setup = setup_run(cfg)
     print_config(cfg)
     original, spec = load_model(weights, setup.device)
-    if is_int8(spec.extra):
-        raise KdError(f"{weights} is already int8; compress its float model instead")
-    loaders = load_data(cfg, setup, run)
-    check_fits(spec, loaders, weights)
+    loaders = load_data(cfg, setup)
+    check_model_fits(spec, loaders.data, weights, "model", same_size=True)
+    if FINETUNE in cfg.compression.steps:  # the recovery method's own checks, before anything is written
+        dry_build(cfg, copy.deepcopy(original), _teacher(cfg, original), loaders)
+    start_run(cfg, run, setup, **data_env(cfg, setup, loaders), model=str(weights))
     ctx = StepContext(example=_example(spec, setup.device),
                       calibration_data=_calibration_loader(cfg, loaders, spec, setup.device),
                       transforms=list(spec.extra.get("transforms", [])))
@@ -111,27 +114,17 @@ def use_saved_dataset(cfg: DictConfig, weights: Path) -> None:
     """The data set the model was trained on, unless the command line gives one."""
     if cfg.dataset is not None:
         return
-    saved = weights.parent / CONFIG
-    if not saved.exists():
+    saved = saved_dataset(weights)
+    if saved is None:
         raise KdError(f"no {CONFIG} beside {weights} to tell its data set; pass dataset=NAME (and its options)")
     with open_dict(cfg):
-        cfg.dataset = OmegaConf.load(saved).dataset
-
-
-def check_fits(spec: ModelSpec, loaders: Loaders, weights: Path) -> None:
-    data = loaders.data
-    if (data.num_classes, data.in_channels, data.input_size) != (spec.num_classes, spec.in_channels, spec.input_size):
-        raise KdError(f"{weights} expects {spec.num_classes} classes of {spec.in_channels}x{spec.input_size}px but the "
-                      f"data set has {data.num_classes} of {data.in_channels}x{data.input_size}px; pass the data set "
-                      f"it was trained on")
+        cfg.dataset = OmegaConf.create(saved)
 
 
 def finetune(cfg: DictConfig, run: RunDir, setup: Setup, loaders: Loaders, model: nn.Module,
              uncompressed: nn.Module, tracker: Trackers) -> nn.Module:
     """Recovery training in the engine's one loop; the uncompressed model teaches (cfg.method)."""
-    teacher = None
-    if method_requires_teacher(cfg.method.name):
-        teacher = copy.deepcopy(uncompressed).eval().requires_grad_(False)
+    teacher = _teacher(cfg, uncompressed)
     model = model.to(setup.device).requires_grad_(True)
     method = build_method(OmegaConf.to_container(cfg.method, resolve=True), model, teacher,
                           num_samples=len(loaders.data.train))
@@ -139,6 +132,12 @@ def finetune(cfg: DictConfig, run: RunDir, setup: Setup, loaders: Loaders, model
                  trainer=cfg.trainer, device=setup.device, dtype=setup.dtype, run=run,
                  title=f"recovery ({cfg.method.name})", world=setup.world, tracker=tracker))
     return model.eval()
+
+
+def _teacher(cfg: DictConfig, uncompressed: nn.Module) -> nn.Module | None:
+    if not method_requires_teacher(cfg.method.name):
+        return None
+    return copy.deepcopy(uncompressed).eval().requires_grad_(False)
 
 
 def _example(spec: ModelSpec, device: torch.device) -> torch.Tensor:
@@ -159,12 +158,17 @@ def _scorer(cfg: DictConfig, loaders: Loaders, spec: ModelSpec, setup: Setup):
         nonlocal cpu_loader
         on_cpu = all(t.device.type == "cpu" for t in model.state_dict().values() if isinstance(t, torch.Tensor))
         if not on_cpu or setup.device.type == "cpu":
-            return predict(model, loaders.test, setup.device, setup.dtype)
-        if cpu_loader is None:
-            cpu_loader = make_loader(loaders.data.test, batch_size=cfg.trainer.eval_batch_size, train=False,
-                                     spec=None, mean=spec.mean, std=spec.std, device=torch.device("cpu"),
-                                     seed=cfg.seed, num_workers=cfg.trainer.num_workers)
-        return predict(model, cpu_loader, torch.device("cpu"), torch.float32)
+            logits, labels = predict(model, loaders.test, setup.device, setup.dtype)
+        else:
+            if cpu_loader is None:
+                cpu_loader = make_loader(loaders.data.test, batch_size=cfg.trainer.eval_batch_size, train=False,
+                                         spec=None, mean=spec.mean, std=spec.std, device=torch.device("cpu"),
+                                         seed=cfg.seed, num_workers=cfg.trainer.num_workers)
+            logits, labels = predict(model, cpu_loader, torch.device("cpu"), torch.float32)
+        if not torch.isfinite(logits).all():
+            raise KdError("the model gives non-finite outputs (NaN or inf) on the test images at this step; "
+                          "nothing is reported for it (lower optim.lr for the recovery, or change the step's settings)")
+        return logits, labels
 
     return score
 

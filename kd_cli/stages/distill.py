@@ -11,32 +11,38 @@ from kd_cli.engine.metrics import predict, topk_accuracy
 from kd_cli.engine.artifacts import load_model
 from kd_cli.engine.rundir import RunDir, is_complete, read_summary
 from kd_cli.methods import method_requires_teacher
-from kd_cli.stages.common import count_parameters, model_spec, print_config, setup_run
-from kd_cli.stages.teacher import resolve_teacher
-from kd_cli.stages.training import finish, load_data, print_results, train_and_save
+from kd_cli.stages.common import count_parameters, model_spec, print_config, setup_run, start_run
+from kd_cli.stages.teacher import TeacherPlan, check_teacher_outputs, obtain_teacher, plan_teacher
+from kd_cli.stages.training import data_env, dry_build, finish, load_data, print_results, train_and_save
 
 
 def main(cfg: DictConfig, run: RunDir) -> float:
     started = time.time()
-    setup = setup_run(cfg, run)
+    setup = setup_run(cfg)
     if setup.world.is_main:
         print_config(cfg)
-    loaders = load_data(cfg, setup, run)
+    loaders = load_data(cfg, setup)
+    spec = model_spec(cfg.student, loaders.data, cfg.dataset)
+    plan = plan_teacher(cfg, loaders.data, run, setup.device) if method_requires_teacher(cfg.method.name) else None
+    student = spec.build()
+    dry_build(cfg, student, _teacher_for_checks(plan), loaders)
+    start_run(cfg, run, setup, **data_env(cfg, setup, loaders))
     teacher, teacher_spec, teacher_path = None, None, None
     teacher_top1 = None
-    if method_requires_teacher(cfg.method.name):
-        teacher, teacher_spec, teacher_path = resolve_teacher(cfg, loaders.data, setup.device)
+    if plan is not None:
+        teacher, teacher_spec, teacher_path = obtain_teacher(plan, cfg, run, loaders.data, setup.device)
         logits, labels = predict(teacher, loaders.test, setup.device, setup.dtype)
+        check_teacher_outputs(logits, teacher_path)
         teacher_top1 = topk_accuracy(logits, labels)
     teacher_params = count_parameters(teacher) if teacher is not None else None
-    spec = model_spec(cfg.student, loaders.data, cfg.dataset)
     generations = int(cfg.method.get("generations", 1))
     per_generation = []
     for generation in range(1, generations):  # born-again: each student teaches the next
         student = train_generation(cfg, run, setup, loaders, spec, teacher, generation, started)
         per_generation.append(read_summary(run.path / f"generation-{generation}")["last_top1"])
         teacher = student.eval().requires_grad_(False)
-    student = spec.build()
+    if generations > 1:
+        student = spec.build()  # the first built is the checks' (and, with born-again, the first generation's)
     result = train_and_save(cfg, run, setup, loaders, student, spec, teacher, title=f"student {spec.arch}")
     if generations > 1:
         per_generation.append(result.last.get("test_top1"))
@@ -56,6 +62,13 @@ def main(cfg: DictConfig, run: RunDir) -> float:
                  ("student test top-1 (best)", summary["best_top1"]), ("student parameters", summary["params"])]
         print_results(f"distill ({cfg.method.name}) on {cfg.dataset.name}", rows, run.path)
     return result.best_top1
+
+
+def _teacher_for_checks(plan: TeacherPlan | None):
+    """The teacher, or a network of its architecture when it is still to be trained."""
+    if plan is None:
+        return None
+    return plan.model if plan.model is not None else plan.spec.build()
 
 
 def train_generation(cfg, run: RunDir, setup, loaders, spec, teacher, generation: int, started: float):

@@ -15,11 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kd_cli.data import load_dataset, make_loader
-from kd_cli.engine.artifacts import ModelSpec, load_model, resolve_weights
+from kd_cli.engine.artifacts import ModelSpec, load_model, load_spec, resolve_weights
 from kd_cli.engine.metrics import classification_report, predict
 from kd_cli.engine.rundir import COMPLETE, CONFIG, RunDir
 from kd_cli.errors import KdError
-from kd_cli.stages.common import count_parameters, setup_run
+from kd_cli.stages.common import check_model_fits, count_parameters, saved_dataset, setup_run, start_run
 from kd_cli.stages.training import print_results
 
 log = logging.getLogger("kd")
@@ -30,22 +30,26 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     if cfg.split not in SPLITS:
         raise KdError(f"split={cfg.split} is not one of {', '.join(SPLITS)}")
     started = time.time()
-    setup = setup_run(cfg, run)
+    setup = setup_run(cfg)
     weights = resolve_weights(cfg.run)
+    if cfg.teacher_run:
+        load_spec(resolve_weights(cfg.teacher_run))  # a bad teacher_run= fails before any work
     model, spec = load_model(weights, setup.device)
     device, dtype = setup.device, setup.dtype
     if _device_of(model).type != setup.device.type:  # int8 kernels run on the CPU only
         device, dtype = _device_of(model), torch.float32
         log.info(f"evaluate: {weights} holds int8 weights; it runs on the CPU")
     data = load_dataset(_dataset_config(cfg, weights))
-    run.write_env(device=str(setup.device), seed=cfg.seed, data_fingerprint=data.fingerprint, model=str(weights))
-    if (data.num_classes, data.in_channels) != (spec.num_classes, spec.in_channels):
-        raise KdError(f"{weights} expects {spec.num_classes} classes / {spec.in_channels} channel(s) but the data "
-                      f"set has {data.num_classes} / {data.in_channels}; pass the dataset it was trained on")
+    check_model_fits(spec, data, weights, "model")
+    start_run(cfg, run, setup, device=str(setup.device), seed=cfg.seed, data_fingerprint=data.fingerprint,
+              model=str(weights))
     split = data.test if cfg.split == "test" else data.train
     loader = make_loader(split, batch_size=cfg.trainer.eval_batch_size, train=False, spec=None, mean=spec.mean,
                          std=spec.std, device=device, seed=cfg.seed, num_workers=cfg.trainer.num_workers)
     logits, labels = predict(model, loader, device, dtype)
+    if not torch.isfinite(logits).all():
+        raise KdError(f"{weights} gives non-finite outputs (NaN or inf) on {int((~torch.isfinite(logits)).any(1).sum())} "
+                      f"of {len(logits)} images; its weights are broken: retrain it")
     report = classification_report(logits, labels, spec.num_classes)
     confusion = report.pop("confusion")
     summary = {
@@ -77,10 +81,10 @@ def _dataset_config(cfg: DictConfig, weights: Path) -> dict:
     """The data set given on the command line, else the one the model was trained on."""
     if cfg.dataset is not None:
         return OmegaConf.to_container(cfg.dataset, resolve=True)
-    saved = weights.parent / CONFIG
-    if not saved.exists():
+    saved = saved_dataset(weights)
+    if saved is None:
         raise KdError(f"no {CONFIG} beside {weights} to tell its data set; pass dataset=NAME (and its options)")
-    return OmegaConf.to_container(OmegaConf.load(saved).dataset, resolve=True)
+    return saved
 
 
 def float_twin(model: nn.Module, spec: ModelSpec) -> nn.Module:

@@ -27,14 +27,15 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from kd_cli.engine.artifacts import META, ModelSpec, load_model, load_spec, resolve_weights
 from kd_cli.engine.device import seed_everything
 from kd_cli.engine.files import atomic_write
-from kd_cli.engine.rundir import COMPLETE, CONFIG, RUNNING, RunDir
+from kd_cli.engine.rundir import COMPLETE, RunDir
 from kd_cli.errors import KdError, unknown_choice
+from kd_cli.stages.common import saved_dataset, start_run
 from kd_cli.stages.training import print_results
 
 log = logging.getLogger("kd")
@@ -52,9 +53,6 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     check_options(cfg)
     started = time.time()
     seed_everything(cfg.seed)
-    run.write_config(cfg)
-    run.write_summary(RUNNING, stage=cfg.stage, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    log.info(f"export: run directory {run.path}  format {cfg.format}")
     weights = resolve_weights(cfg.run)
     spec = load_spec(weights)
     if cfg.format == "onnx" and is_int8(spec):
@@ -63,7 +61,8 @@ def main(cfg: DictConfig, run: RunDir) -> float:
                       f"(or format=torchscript for the int8 model)")
     model, spec = load_model(weights, "cpu")
     batches, source = check_batches(cfg, spec, weights)
-    run.write_env(device="cpu", seed=cfg.seed, model=str(weights), **_versions(cfg.format))
+    start_run(cfg, run, None, device="cpu", seed=cfg.seed, model=str(weights), **_versions(cfg.format))
+    log.info(f"export: format {cfg.format}")
     meta_text = weights.with_name(META).read_text()
     path = run.path / FILES[cfg.format]
     result = write_checked(model, batches, source, path, cfg, meta_text)
@@ -162,12 +161,10 @@ def data_set_images(spec: ModelSpec, weights: Path, count: int, seed: int) -> to
     config, never downloaded), normalised as model.json says; None when they are not at hand."""
     from kd_cli.data import load_dataset, make_loader
 
-    saved = weights.with_name(CONFIG)
-    node = OmegaConf.load(saved).get("dataset") if saved.exists() else None
-    if node is None:
+    options = saved_dataset(weights)
+    if options is None:
         log.info(f"export: no data set recorded beside {weights}; checking on random inputs")
         return None
-    options = OmegaConf.to_container(node, resolve=True)
     if "download" in options:
         options["download"] = False
     try:

@@ -1,14 +1,20 @@
 """Finding the teacher for `kd distill`: a given run/file, or `auto`: the newest complete teacher
 run trained on the same data (same data fingerprint) with the same architecture, trained first by
-`kd train-teacher` when there is none."""
+`kd train-teacher` when there is none.
+
+The teacher is decided (`plan_teacher`) before the distill run starts, so a teacher that does not fit
+the data is refused before anything is written or trained; it is then recorded in the run's summary
+(`teacher_run`) before it is trained or used, so a resumed run keeps the teacher it started with
+(and continues training it, when the run was stopped while its teacher trained).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,9 +25,10 @@ from torch import nn
 from kd_cli.data import DataSplits
 from kd_cli.engine.artifacts import META, ModelSpec, load_model
 from kd_cli.engine.files import read_json
-from kd_cli.engine.rundir import ENV, is_complete, read_summary
-from kd_cli.errors import KdError
-from kd_cli.stages.common import model_options
+from kd_cli.engine.process import run_child
+from kd_cli.engine.rundir import ENV, SUMMARY, RunDir, holds_run, is_complete
+from kd_cli.errors import KdError, warn
+from kd_cli.stages.common import check_model_fits, model_options, model_spec
 
 log = logging.getLogger("kd")
 
@@ -30,33 +37,81 @@ TEACHER_OVERRIDE_KEYS = ("dataset", "teacher", "trainer", "optim", "augmentation
                          "experiment")
 
 
-def resolve_teacher(cfg: DictConfig, data: DataSplits, device: torch.device) -> tuple[nn.Module, ModelSpec, Path]:
+@dataclass
+class TeacherPlan:
+    path: Path  # the teacher's run directory or weights file (to be trained there when `train`)
+    spec: ModelSpec  # what it is: its model.json, or the architecture to train
+    train: bool = False  # no such teacher yet: `kd train-teacher` into `path` once the run has started
+    model: nn.Module | None = None  # already loaded (a found or given teacher)
+
+
+def plan_teacher(cfg: DictConfig, data: DataSplits, run: RunDir, device: torch.device) -> TeacherPlan:
+    """Which teacher this run uses, checked against the data; nothing is trained or written yet."""
+    pinned = run.previous.get("teacher_run")
+    if pinned:  # a resumed run: the teacher it started with, whatever is newest now
+        return _pinned(cfg, data, Path(pinned), bool(run.previous.get("teacher_trained_for_this_run")), device)
     source = cfg.teacher.checkpoint
     if not source:
         raise KdError("distill needs a teacher: set teacher.checkpoint=RUN_DIR, a model.safetensors file, or auto")
     if source == "auto":
-        path = find_teacher_run(cfg, data) or train_teacher(cfg)
-    else:
-        path = Path(source)
+        found = find_teacher_run(cfg, data)
+        if found is None:
+            return TeacherPlan(new_teacher_dir(cfg), model_spec(cfg.teacher, data, cfg.dataset), train=True)
+        return _loaded(found, data, device, _normalisation(cfg))
+    return _loaded(Path(source), data, device, _normalisation(cfg))
+
+
+def _pinned(cfg: DictConfig, data: DataSplits, path: Path, trained_here: bool, device: torch.device) -> TeacherPlan:
+    if is_complete(path) or path.is_file():
+        return _loaded(path, data, device, _normalisation(cfg))
+    if trained_here:  # the run was stopped while its teacher trained (or before it began): continue that
+        return TeacherPlan(path, model_spec(cfg.teacher, data, cfg.dataset), train=True)
+    raise KdError(f"the teacher this run started with ({path}) is gone or unfinished; a resumed run keeps its "
+                  f"teacher: restore it, or start a new run")
+
+
+def _loaded(path: Path, data: DataSplits, device: torch.device, normalisation: tuple) -> TeacherPlan:
     model, spec = load_model(path, device)
-    check_teacher_fits(spec, data, path)
-    return model, spec, path
+    check_model_fits(spec, data, path, "teacher", normalisation)
+    return TeacherPlan(path, spec, model=model)
+
+
+def _normalisation(cfg: DictConfig) -> tuple:
+    return list(cfg.dataset.mean), list(cfg.dataset.std)
+
+
+def obtain_teacher(plan: TeacherPlan, cfg: DictConfig, run: RunDir, data: DataSplits,
+                   device: torch.device) -> tuple[nn.Module, ModelSpec, Path]:
+    """The teacher model, trained first when the plan says so; recorded in the run before either."""
+    run.keep(teacher_run=str(plan.path), **({"teacher_trained_for_this_run": True} if plan.train else {}))
+    if not plan.train:
+        return plan.model, plan.spec, plan.path
+    train_teacher(cfg, plan.path)
+    model, spec = load_model(plan.path, device)
+    check_model_fits(spec, data, plan.path, "teacher", _normalisation(cfg))
+    return model, spec, plan.path
 
 
 def find_teacher_run(cfg: DictConfig, data: DataSplits) -> Path | None:
-    wanted_kwargs = model_options(cfg.teacher)
+    """The newest complete teacher run under paths.outputs for this architecture and data; runs whose
+    files are broken or unreadable are skipped with a warning (never the reason to train a new one
+    silently)."""
+    wanted = (cfg.teacher.arch, model_options(cfg.teacher), data.fingerprint)
     candidates = []
     for meta in Path(cfg.paths.outputs).glob("**/" + META):
         run = meta.parent
-        summary = read_summary(run)
-        if not is_complete(run) or summary.get("role") != "teacher":
+        try:
+            if read_json(run / SUMMARY).get("role") != "teacher" or not is_complete(run):
+                continue
+            spec, env = read_json(meta), read_json(run / ENV)
+            found = (spec.get("arch"), spec.get("kwargs"), env.get("data_fingerprint"))
+            modified = meta.stat().st_mtime
+        except (OSError, ValueError, AttributeError) as error:
+            if not isinstance(error, FileNotFoundError):
+                warn(f"teacher.checkpoint=auto skips {run}: {_reason(error)}")
             continue
-        spec = read_json(meta)
-        env = read_json(run / ENV) if (run / ENV).exists() else {}
-        if (spec.get("arch"), spec.get("kwargs"), env.get("data_fingerprint")) == (
-            cfg.teacher.arch, wanted_kwargs, data.fingerprint
-        ):
-            candidates.append((meta.stat().st_mtime, run))
+        if found == wanted:
+            candidates.append((modified, run))
     if not candidates:
         return None
     run = max(candidates)[1]
@@ -64,20 +119,37 @@ def find_teacher_run(cfg: DictConfig, data: DataSplits) -> Path | None:
     return run
 
 
-def train_teacher(cfg: DictConfig) -> Path:
-    """Run `kd train-teacher` with this command's data/teacher/trainer overrides, in a subprocess,
-    so the teacher gets a run directory of its own, like any other run."""
-    run_dir = Path(cfg.paths.outputs) / "train-teacher" / time.strftime("%Y-%m-%d") / time.strftime(
+def _reason(error: BaseException) -> str:
+    if isinstance(error, OSError):
+        return f"cannot read {error.filename} ({error.strerror})"
+    return f"a file is not valid JSON ({str(error).splitlines()[0][:120]})"
+
+
+def new_teacher_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.outputs) / "train-teacher" / time.strftime("%Y-%m-%d") / time.strftime(
         f"%H-%M-%S-{os.getpid()}"
     )
-    args = [sys.executable, "-m", "kd_cli", "train-teacher", *_teacher_overrides(), f"hydra.run.dir={run_dir}"]
-    log.info(f"teacher: no complete {cfg.teacher.arch} teacher for this data under {cfg.paths.outputs}; "
-             f"training one first: kd {' '.join(args[3:])}")
-    done = subprocess.run(args, stderr=subprocess.PIPE, text=True)
+
+
+def train_teacher(cfg: DictConfig, run_dir: Path) -> None:
+    """Run `kd train-teacher` with this command's data/teacher/trainer overrides, in a subprocess, so
+    the teacher gets a run directory of its own; a stopped one is continued (resume=) there."""
+    if holds_run(run_dir):
+        args = ["train-teacher", f"resume={run_dir}", *_progress_override()]
+        log.info(f"teacher: continuing the stopped training of this run's teacher: kd {' '.join(args)}")
+    else:
+        args = ["train-teacher", *_teacher_overrides(), f"hydra.run.dir={run_dir}"]
+        log.info(f"teacher: no complete {cfg.teacher.arch} teacher for this data under {cfg.paths.outputs}; "
+                 f"training one first: kd {' '.join(args[1:])}")
+    done = run_child([sys.executable, "-m", "kd_cli", *args])
     if done.returncode != 0 or not is_complete(run_dir):
-        reason = done.stderr.strip().splitlines()[-1].removeprefix("kd: error: ") if done.stderr.strip() else "?"
+        lines = done.stderr.strip().splitlines() if done.stderr else []
+        reason = lines[-1].removeprefix("kd: error: ") if lines else f"exit status {done.returncode}"
         raise KdError(f"training the teacher failed: {reason} (run directory {run_dir})")
-    return run_dir
+
+
+def _progress_override() -> list[str]:
+    return [o for o in HydraConfig.get().overrides.task if o.lstrip("+").startswith("trainer.progress=")]
 
 
 def _teacher_overrides() -> list[str]:
@@ -91,10 +163,10 @@ def _teacher_overrides() -> list[str]:
     return [*config_dirs, *overrides, "method=none"]
 
 
-def check_teacher_fits(spec: ModelSpec, data: DataSplits, path: Path) -> None:
-    wanted = (data.num_classes, data.in_channels)
-    if (spec.num_classes, spec.in_channels) != wanted:
-        raise KdError(
-            f"teacher {path} was trained for {spec.num_classes} classes and {spec.in_channels} channel(s) "
-            f"({spec.dataset}) but this data set has {wanted[0]} and {wanted[1]}; give a teacher trained on it"
-        )
+def check_teacher_outputs(logits: torch.Tensor, path: Path) -> None:
+    if not torch.isfinite(logits).all():
+        raise KdError(f"teacher {path} gives non-finite outputs (NaN or inf) on the test images; its weights are "
+                      f"broken: retrain it or give another teacher")
+
+
+

@@ -9,21 +9,21 @@ from omegaconf import DictConfig
 from kd_cli.engine.rundir import RunDir
 from kd_cli.errors import KdError
 from kd_cli.methods import method_requires_teacher
-from kd_cli.stages.common import print_config, setup_run
-from kd_cli.stages.common import model_spec
-from kd_cli.stages.training import finish, load_data, print_results, train_and_save
+from kd_cli.stages.common import model_spec, print_config, setup_run, start_run
+from kd_cli.stages.training import data_env, finish, load_data, print_results, train_and_save
 
 
 def main(cfg: DictConfig, run: RunDir) -> float:
     if method_requires_teacher(cfg.method.name):
         raise KdError(f"train-teacher trains without a teacher, so method={cfg.method.name} cannot be used; use method=none")
     started = time.time()
-    setup = setup_run(cfg, run)
+    setup = setup_run(cfg)
     if setup.world.is_main:
         print_config(cfg)
-    loaders = load_data(cfg, setup, run)
+    loaders = load_data(cfg, setup)
     spec = model_spec(cfg.teacher, loaders.data, cfg.dataset)
     model = spec.build()
+    start_run(cfg, run, setup, **data_env(cfg, setup, loaders))
     result = train_and_save(cfg, run, setup, loaders, model, spec, teacher=None, title=f"teacher {spec.arch}")
     if setup.world.is_main:
         summary = finish(run, cfg, result, model, started, role="teacher", arch=spec.arch)

@@ -17,7 +17,7 @@ from kd_cli.engine.loop import FitResult, Training, fit
 from kd_cli.engine.rundir import COMPLETE, RunDir
 from kd_cli.engine.trackers import check_trackers, open_trackers
 from kd_cli.methods import build_method
-from kd_cli.stages.common import Setup, check_channels, count_parameters, dataset_options, model_spec
+from kd_cli.stages.common import Setup, check_channels, count_parameters, dataset_options
 
 log = logging.getLogger("kd")
 
@@ -29,7 +29,8 @@ class Loaders:
     test: Any
 
 
-def load_data(cfg: DictConfig, setup: Setup, run: RunDir) -> Loaders:
+def load_data(cfg: DictConfig, setup: Setup) -> Loaders:
+    """The data set and its loaders (reads only: the run directory is not written yet)."""
     check_trackers(cfg.get("logger"))  # a missing tracker extra fails here, before data, teacher or training
     data = load_dataset(dataset_options(cfg))
     check_channels(list(cfg.dataset.mean), list(cfg.dataset.std), data.in_channels)
@@ -40,12 +41,23 @@ def load_data(cfg: DictConfig, setup: Setup, run: RunDir) -> Loaders:
                         spec=AugmentSpec(**augmentation), drop_last=True, **common)
     test = make_loader(data.test, batch_size=cfg.trainer.eval_batch_size, train=False, spec=None,
                        **{**common, "rank": 0, "world_size": 1})
-    if setup.world.is_main:
-        run.write_env(device=str(setup.device), seed=cfg.seed, world_size=setup.world.size,
-                      data_fingerprint=data.fingerprint, train_samples=len(data.train), test_samples=len(data.test))
     log.info(f"data: {cfg.dataset.name}  {len(data.train)} train / {len(data.test)} test  "
              f"{data.num_classes} classes  {data.in_channels}x{data.input_size}x{data.input_size}")
     return Loaders(data, train, test)
+
+
+def data_env(cfg: DictConfig, setup: Setup, loaders: Loaders) -> dict[str, Any]:
+    """What env.json says about the device and the data of a training run."""
+    data = loaders.data
+    return dict(device=str(setup.device), seed=cfg.seed, world_size=setup.world.size, data_fingerprint=data.fingerprint,
+                train_samples=len(data.train), test_samples=len(data.test))
+
+
+def dry_build(cfg: DictConfig, student: nn.Module, teacher: nn.Module | None, loaders: Loaders) -> None:
+    """Build the method once with these models and drop it: every check it makes on them (layers,
+    feature shapes, sizes) fails now, before a teacher is trained or the run is written."""
+    build_method(OmegaConf.to_container(cfg.method, resolve=True), student, teacher,
+                 num_samples=len(loaders.data.train))
 
 
 def train_and_save(

@@ -1,0 +1,76 @@
+"""Hydra overrides and config values as plain data: parse `key=value`, compare values, flatten configs.
+
+Shared by the code that compares a run's settings with another's (resume, report, reproduce), so a
+value typed `4` and a saved `4.0` are one setting everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+
+def split_override(override: str) -> tuple[str, str]:
+    """`++student.kwargs.width=8` -> ("student.kwargs.width", "8"); `~key` -> ("key", "~deleted")."""
+    text = str(override)
+    key, sep, value = text.lstrip("+~").partition("=")
+    return key, value if sep else "~deleted"
+
+
+def override_map(overrides: list[str], ignore: tuple[str, ...] = ()) -> dict[str, str]:
+    """key -> value of a list of overrides (the last one of a key wins), leaving out `ignore`d keys."""
+    pairs = (split_override(o) for o in overrides)
+    return {key: value for key, value in pairs if key not in ignore}
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay whole (a list is one value of one option)."""
+    if not isinstance(node, dict):
+        return {prefix: node} if prefix else {}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def canonical(value: Any) -> str:
+    """One spelling per value, so `4` (override) and `4.0` (saved config) are the same setting."""
+    if isinstance(value, str):
+        value = _parse_scalar(value)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        number = float(value)
+        if math.isfinite(number) and number.is_integer() and abs(number) < 1e15:
+            return str(int(number))
+        return repr(number)
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def _parse_scalar(text: str) -> Any:
+    lowered = text.strip().lower()
+    if lowered in ("null", "~"):  # Hydra's and YAML's null; `none` is a real value in kd (method=none)
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    if text.strip().startswith("["):  # a list typed on the command line: [1,2] and the saved [1, 2]
+        try:
+            import yaml
+
+            return yaml.safe_load(text)
+        except Exception:  # noqa: BLE001 - not a list after all: compare the text
+            return text
+    return text

@@ -1,0 +1,84 @@
+"""Every value of a stage's config, checked before any data is read or anything is trained or written.
+
+Hydra's schemas (config.py) already hold the types of the fixed nodes; these are the ranges and the
+open nodes (data set, models, method: checked against their registered signatures). A later check
+that needs the data (a model's input size, a method's feature shapes) runs as a dry build before the
+run starts (see the stages).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from kd_cli.errors import KdError
+from kd_cli.registry import Range, check_number
+
+PROGRESS = ("auto", "bar", "plain", "none")
+
+
+def check_config(cfg: DictConfig) -> None:
+    check_number("seed", cfg.seed, Range(0, 2**63 - 1))
+    if "trainer" in cfg:
+        check_trainer(cfg.trainer)
+    if "optim" in cfg and "method" in cfg:
+        from kd_cli.engine.optim import check_optim
+
+        check_optim(cfg.optim, cfg.trainer.epochs)
+    if "augmentation" in cfg:
+        check_augmentation(_plain(cfg.augmentation))
+    if cfg.get("dataset") is not None:
+        from kd_cli.data import check_dataset_config
+
+        check_dataset_config(_plain(cfg.dataset))
+    for role in ("teacher", "student"):
+        if cfg.get(role) is not None and "arch" in cfg[role]:
+            check_model(cfg[role], role)
+    if "method" in cfg:
+        from kd_cli.methods import check_method_options
+
+        check_method_options(cfg.method)
+
+
+def check_trainer(trainer: DictConfig) -> None:
+    for key in ("epochs", "batch_size", "eval_batch_size", "eval_every"):
+        check_number(f"trainer.{key}", trainer[key], Range(1))
+    check_number("trainer.num_workers", trainer.num_workers, Range(0))
+    if trainer.max_steps_per_epoch is not None:
+        check_number("trainer.max_steps_per_epoch", trainer.max_steps_per_epoch, Range(1))
+    if trainer.grad_clip is not None:
+        check_number("trainer.grad_clip", trainer.grad_clip, Range(0, low_open=True),
+                     hint="the largest gradient norm, or null for no clipping")
+    if trainer.progress not in PROGRESS:
+        raise KdError(f"trainer.progress={trainer.progress} is not one of {', '.join(PROGRESS)}")
+    from kd_cli.engine.device import PRECISIONS
+
+    if str(trainer.precision).lower() not in PRECISIONS:
+        raise KdError(f"trainer.precision={trainer.precision} is not one of {', '.join(PRECISIONS)}")
+
+
+def check_augmentation(options: dict[str, Any]) -> None:
+    from kd_cli.data import AugmentSpec
+
+    options = {k: v for k, v in options.items() if k != "name"}
+    check_number("augmentation.crop_padding", options.get("crop_padding", 0), Range(0))
+    check_number("augmentation.rotate_degrees", options.get("rotate_degrees", 0.0), Range(0, 180))
+    check_number("augmentation.erase_prob", options.get("erase_prob", 0.0), Range(0, 1))
+    AugmentSpec(**options)
+
+
+def check_model(model_cfg: DictConfig, role: str) -> None:
+    from kd_cli.models import check_model_options
+
+    check_model_options(model_cfg.arch, model_cfg.kwargs, path=f"{role}.kwargs")
+    checkpoint = model_cfg.get("checkpoint")
+    if role == "teacher" and checkpoint not in (None, "", "auto"):
+        from kd_cli.engine.artifacts import load_spec, resolve_weights
+
+        load_spec(resolve_weights(Path(str(checkpoint))))
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node

@@ -1,0 +1,124 @@
+"""Taking a run directory before a stage writes anything into it.
+
+One writer: the directory's lock is taken first (a second process is refused in one line naming the
+first). Never over another run: a directory that holds a run is written again only by `resume=` that
+names it (or the sweep it belongs to). A resume does not change what the run is: its overrides are
+compared with the saved ones, and any change is refused by name, except those that do not change the
+numbers (FREE_ON_RESUME) and, with `resume_extend=true`, those that train the same run longer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kd_cli.engine.checkpoint import LAST, load_checkpoint
+from kd_cli.engine.lock import DirectoryLock
+from kd_cli.engine.rundir import COMPLETE, CONFIG, METRICS, holds_run, read_summary
+from kd_cli.errors import KdError
+from kd_cli.overrides import canonical, flatten, override_map
+
+# Keys that say how to run, not what: never part of the comparison.
+HOW_TO_RUN = ("resume", "resume_extend")
+# Changing these on resume leaves the run the same experiment (where it runs, how it reports).
+FREE_ON_RESUME = ("trainer.progress", "trainer.device", "trainer.num_workers", "trainer.eval_batch_size",
+                  "paths.data", "dataset.root", "dataset.download", "logger")
+# These train the same run further; allowed with resume_extend=true.
+EXTEND_ON_RESUME = ("trainer.epochs", "trainer.eval_every")
+
+
+@dataclass
+class Claim:
+    lock: DirectoryLock
+    previous: dict[str, Any] = field(default_factory=dict)  # summary.json before this process
+    resuming: bool = False
+    changes: list[str] = field(default_factory=list)  # accepted changes of a resume, as overrides
+    finished: bool = False  # a complete job of a resumed sweep: nothing to do
+
+
+def claim_run_dir(path: Path, resume: str | None, extend: bool, overrides: list[str], in_sweep: bool) -> Claim:
+    """Lock `path` and decide whether this process may write it (else a one-line KdError)."""
+    lock = DirectoryLock.acquire(path, f"wait for it to finish, or stop it and continue with resume={path}")
+    try:
+        return _claim(path, lock, resume, extend, overrides, in_sweep)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _claim(path: Path, lock: DirectoryLock, resume: str | None, extend: bool, overrides: list[str],
+           in_sweep: bool) -> Claim:
+    if not holds_run(path):
+        return Claim(lock)
+    target = Path(resume).expanduser().resolve() if resume else None
+    whole_sweep = in_sweep and target == path.resolve().parent
+    if target != path.resolve() and not whole_sweep:
+        raise KdError(f"{path} already holds a run; continue it with resume={path}, or choose another directory")
+    changes = resume_changes(path, overrides, extend, given_as=resume or str(path))
+    previous = read_summary(path)
+    if previous.get("status") == COMPLETE:
+        if whole_sweep:
+            return Claim(lock, previous, finished=True)
+        raise KdError(f"resume={resume}: that run is already complete; start a new run instead")
+    if (path / LAST).exists():
+        load_checkpoint(path / LAST)  # a corrupt checkpoint is refused before the run is touched
+    return Claim(lock, previous, resuming=True, changes=changes)
+
+
+def resume_changes(path: Path, overrides: list[str], extend: bool, given_as: str) -> list[str]:
+    """The overrides that differ from the run's own, if each is allowed; else a KdError naming them."""
+    saved = override_map(read_saved(path / ".hydra" / "overrides.yaml") or [], ignore=HOW_TO_RUN)
+    now = override_map(overrides, ignore=HOW_TO_RUN)
+    ran_with = _settings(path)
+    changes = []
+    for key in dict.fromkeys([*saved, *now]):
+        before = saved.get(key, ran_with.get(key))
+        after = now.get(key, ran_with.get(key))
+        if canonical(before) != canonical(after):
+            changes.append((key, before, after))
+    refused = [c for c in changes if not _among(c[0], FREE_ON_RESUME) and not (extend and _among(c[0], EXTEND_ON_RESUME))]
+    if refused:
+        listed = ", ".join(f"{key}={after} (the run has {before})" for key, before, after in refused)
+        hint = ("; to train it longer, add resume_extend=true" if all(_among(k, EXTEND_ON_RESUME) for k, _, _ in refused)
+                else "; a resumed run keeps its own settings: drop these overrides, or start a new run")
+        raise KdError(f"resume={given_as} would change what the run is: {listed}{hint}")
+    if extend:
+        _check_epochs(path, now.get("trainer.epochs"))
+    return [f"{key}={after}" for key, _before, after in changes]
+
+
+def _among(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _settings(path: Path) -> dict[str, Any]:
+    """What the run ran with: every config value (dotted keys) and every config group's choice."""
+    config = flatten(read_saved(path / CONFIG) or {})
+    hydra = read_saved(path / ".hydra" / "hydra.yaml") or {}
+    choices = (((hydra.get("hydra") or {}).get("runtime") or {}).get("choices")) or {}
+    return {**config, **choices}
+
+
+def _check_epochs(path: Path, epochs: str | None) -> None:
+    if epochs is None:
+        return
+    try:
+        done = max(0, len((path / METRICS).read_text().splitlines()) - 1)
+    except OSError:
+        return
+    if float(epochs) < done:
+        raise KdError(f"trainer.epochs={epochs} but {path} has already trained {done} epochs; give at least {done}")
+
+
+def read_saved(path: Path) -> Any:
+    """A saved YAML file of the run; None when absent; a one-line error naming it when broken."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise KdError(f"{path} is unreadable or broken ({reason}); the run cannot be continued safely") from None
