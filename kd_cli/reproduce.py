@@ -6,6 +6,13 @@ files and compared with the saved config_resolved.yaml: a default changed since 
 config folder) is listed, since it changes what the run computes. Changed package versions or git
 commit are warned about. kd is deterministic on CPU (same seed, same metrics), so an unchanged set-up
 reproduces exactly; elsewhere `--tolerance` allows a small numeric difference.
+
+Every saved file is read strictly: one that is there but unreadable or broken (not valid YAML/JSON,
+the wrong shape) stops the command with one line naming it, before anything is started, rather than
+reproduce a different run (a broken overrides.yaml is not "no overrides"). The rerun is a child `kd`
+process: stopping `kd reproduce` (Ctrl-C, SIGTERM, SIGHUP) stops the child too and waits for it to
+record `interrupted`. The new run directory has one writer at a time: `kd reproduce` writes its
+reproduce.json there (under the directory's lock) only before the child starts and after it ends.
 """
 
 from __future__ import annotations
@@ -13,17 +20,15 @@ from __future__ import annotations
 import argparse
 import math
 import re
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from kd_cli.errors import KdError
-from kd_cli.report.discover import read_json_dict
+from kd_cli.errors import KdError, warn
+from kd_cli.report.discover import (CONFIG, HYDRA, METRICS, OVERRIDES, REPRODUCTION, SUMMARY, BrokenFile, read_json,
+                                    read_metrics, read_yaml, run_status)
 
 CONFIG_NAMES = {"train-teacher": "train_teacher", "distill": "distill", "evaluate": "evaluate"}
 PACKAGE_CONFIGS = "kd_cli.configs"
@@ -44,6 +49,8 @@ SUMMARY_KEYS = ("best_top1", "best_epoch", "last_top1", "teacher_top1", "generat
 TIMING_COLUMNS = {"seconds", "images_per_s"}  # wall-clock facts: never the same twice
 SHOWN_DIFFERENCES = 20
 EXIT_DIFFERENT = 1
+HYDRA_CONFIG = Path(".hydra") / "config.yaml"
+ENV = "env.json"
 
 
 class Parser(argparse.ArgumentParser):
@@ -75,6 +82,8 @@ class SavedRun:
     hydra: dict[str, Any] = field(default_factory=dict)  # .hydra/hydra.yaml's `hydra` node
     summary: dict[str, Any] = field(default_factory=dict)
     env: dict[str, Any] = field(default_factory=dict)
+    status: str = "unknown"  # the true status (`stale` when it says running but nobody holds it)
+    metrics: list[dict[str, float | str]] = field(default_factory=list)
 
     @property
     def original_cwd(self) -> str | None:
@@ -94,7 +103,8 @@ class SavedRun:
     def user_config_dirs(self) -> list[str]:
         """Folders given with `-cd` (Hydra records them as command-line config sources)."""
         sources = (self.hydra.get("runtime") or {}).get("config_sources") or []
-        return [s["path"] for s in sources if s.get("provider") == "command-line" and s.get("schema") == "file"]
+        return [s["path"] for s in sources if isinstance(s, dict) and s.get("provider") == "command-line"
+                and s.get("schema") == "file" and s.get("path")]
 
     def replay_overrides(self) -> list[str]:
         return [o for o in self.overrides if not o.lstrip("+~").startswith(DROPPED_OVERRIDES)]
@@ -107,29 +117,46 @@ def load_saved_run(given: str) -> SavedRun:
     path = Path(given).expanduser().absolute()
     if not path.is_dir():
         raise KdError(f"{given}: no such directory")
-    if not (path / ".hydra" / "overrides.yaml").is_file() or not (path / ".hydra" / "config.yaml").is_file():
+    try:
+        return _read_saved_run(given, path)
+    except BrokenFile as error:
+        what = "get read access to it" if error.unreadable else "the run's record is damaged"
+        raise KdError(f"cannot reproduce {given}: its {error}; {what} (nothing was started)") from None
+
+
+def _read_saved_run(given: str, path: Path) -> SavedRun:
+    """Every saved file, strictly (BrokenFile); a missing optional one (hydra.yaml, env.json) is fine."""
+    overrides, hydra_config = read_yaml(path, OVERRIDES, list), read_yaml(path, HYDRA_CONFIG, dict)
+    if overrides is None or hydra_config is None:
         hint = "; it is a sweep folder: give one of its numbered run directories" if (path / "multirun.yaml").exists() \
             else "; give a run directory such as outputs/distill/<date>/<time>"
         raise KdError(f"{given} is not a kd run directory (no .hydra/overrides.yaml and config.yaml){hint}")
-    stage = (_read_yaml(path / ".hydra" / "config.yaml") or {}).get("stage")
+    if not all(isinstance(o, str) for o in overrides):
+        raise BrokenFile(path / OVERRIDES, str(OVERRIDES), "holds something other than a list of overrides")
+    stage = hydra_config.get("stage")
     if stage not in CONFIG_NAMES:
         raise KdError(f"{given}: its .hydra/config.yaml names no kd stage (stage: {stage})")
-    if not (path / "config_resolved.yaml").is_file():
+    config = read_yaml(path, CONFIG, dict)
+    if config is None:
         raise KdError(f"{given}: the run stopped before it started (no config_resolved.yaml); nothing to reproduce")
+    hydra = read_yaml(path, HYDRA, dict)
+    node = hydra.get("hydra") if hydra is not None else {}
+    if not isinstance(node, dict) or not all(isinstance(node.get(key) or {}, dict) for key in ("runtime", "job")):
+        raise BrokenFile(path / HYDRA, str(HYDRA), "is not Hydra's record of the run (no hydra.runtime/job mappings)")
+    summary = read_json(path, SUMMARY)
     return SavedRun(
-        path=path, stage=stage,
-        overrides=[str(o) for o in _read_yaml(path / ".hydra" / "overrides.yaml") or []],
-        config=_read_yaml(path / "config_resolved.yaml") or {},
-        hydra=(_read_yaml(path / ".hydra" / "hydra.yaml") or {}).get("hydra") or {},
-        summary=read_json_dict(path / "summary.json"),
-        env=read_json_dict(path / "env.json"),
+        path=path, stage=stage, overrides=overrides, config=config,
+        hydra=node,
+        summary=summary or {},
+        env=read_json(path, ENV) or {},
+        status=run_status(path, summary),
+        metrics=read_metrics(path),  # read now: compared after the rerun, which must not start for nothing
     )
 
 
 def check_complete(saved: SavedRun) -> None:
-    status = saved.summary.get("status", "unknown")
-    if status != "complete":
-        raise KdError(f"{saved.path} is {status}, not complete: it has no final metrics to compare with; "
+    if saved.status != "complete":
+        raise KdError(f"{saved.path} is {saved.status}, not complete: it has no final metrics to compare with; "
                       f"finish it first (kd {saved.stage} resume={saved.path})")
 
 
@@ -209,10 +236,20 @@ def pinned_teacher(saved: SavedRun, new_overrides: list[str]) -> list[str]:
 
 
 def new_run_dir(saved: SavedRun, out: Path | None) -> Path:
+    """A new, empty run directory, created here: never one another run (or reproduction) uses."""
     outputs = saved.absolute(str((saved.config.get("paths") or {}).get("outputs", "outputs")))
     parent = out.expanduser().absolute() if out else outputs / "reproduce"
-    now = datetime.now()
-    return parent / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S-%f")
+    while True:
+        now = datetime.now()
+        run_dir = parent / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S-%f")
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:  # taken in the same microsecond: take the next
+            continue
+        except OSError as error:
+            raise KdError(f"cannot create the run directory {run_dir} ({(error.strerror or str(error)).lower()}); "
+                          f"choose another folder with --out") from None
 
 
 def reproduction_command(saved: SavedRun, overrides: list[str], run_dir: Path) -> list[str]:
@@ -223,15 +260,40 @@ def reproduction_command(saved: SavedRun, overrides: list[str], run_dir: Path) -
 
 
 def run_stage(saved: SavedRun, command: list[str], run_dir: Path) -> None:
-    """The real CLI in a subprocess, from the original's working directory (its relative paths)."""
+    """The real CLI in a child process, from the original's working directory (its relative paths).
+    Interrupted, the child is stopped and waited for (it records `interrupted`), then
+    KeyboardInterrupt goes on to the CLI (exit 130)."""
+    from kd_cli.engine.process import run_child
+
     print(f"running: kd {' '.join(command[3:])}", flush=True)
-    done = subprocess.run(command, cwd=saved.cwd, stderr=subprocess.PIPE, text=True)
-    errors = done.stderr.strip()
+    try:
+        done = run_child(command, cwd=saved.cwd)
+    except KeyboardInterrupt:
+        where = "it had not started: nothing kept" if discard_if_unstarted(run_dir) else \
+            f"its run directory {run_dir} keeps what the run recorded"
+        print(f"reproduction interrupted; {where}", flush=True)
+        raise
+    errors = (done.stderr or "").strip()
     if done.returncode != 0:
         reason = errors.splitlines()[-1].removeprefix("kd: error: ") if errors else f"exit status {done.returncode}"
-        raise KdError(f"the reproduction failed: {reason} (run directory {run_dir})")
+        where = "it wrote nothing" if discard_if_unstarted(run_dir) else f"run directory {run_dir}"
+        raise KdError(f"the reproduction failed: {reason} ({where})")
     if errors:
         print(errors, file=sys.stderr)
+
+
+def discard_if_unstarted(run_dir: Path) -> bool:
+    """Remove the new run directory (and its date folder, when empty) if the child wrote nothing there:
+    a reproduction that never started leaves no directory behind. Called only once the child has ended."""
+    try:
+        if {p.name for p in run_dir.iterdir()} - {REPRODUCTION}:
+            return False
+        (run_dir / REPRODUCTION).unlink(missing_ok=True)
+        run_dir.rmdir()
+        run_dir.parent.rmdir()  # the date folder, if no other run is in it
+    except OSError:
+        pass
+    return not run_dir.exists()
 
 
 def quote(value: str) -> str:
@@ -244,12 +306,10 @@ def quote(value: str) -> str:
 # --- comparing the results ----------------------------------------------------------------------
 
 
-def metric_differences(original: Path, new: Path, tolerance: float) -> tuple[list[str], int]:
+def metric_differences(saved: SavedRun, new: Path, tolerance: float) -> tuple[list[str], int]:
     """(differences as `what: original → new`, how many values were compared)."""
-    from kd_cli.report.discover import read_metrics
-
-    differences, compared = _summary_differences(original, new, tolerance)
-    before, after = read_metrics(original), read_metrics(new)
+    differences, compared = _summary_differences(saved.summary, _read_new(new, SUMMARY), tolerance)
+    before, after = saved.metrics, _read_new(new, METRICS)
     if len(before) != len(after):
         differences.append(f"metrics.csv: {len(before)} epochs → {len(after)}")
     for old_row, new_row in zip(before, after):
@@ -264,16 +324,23 @@ def metric_differences(original: Path, new: Path, tolerance: float) -> tuple[lis
     return differences, compared
 
 
-def _summary_differences(original: Path, new: Path, tolerance: float) -> tuple[list[str], int]:
-    before, after = read_json_dict(original / "summary.json"), read_json_dict(new / "summary.json")
+def _read_new(run_dir: Path, name: str) -> Any:
+    """A file the reproduction wrote: {} / [] when it is not there."""
+    try:
+        return read_metrics(run_dir) if name == METRICS else read_json(run_dir, name) or {}
+    except BrokenFile as error:
+        raise KdError(f"cannot compare: the reproduction's {error} (run directory {run_dir})") from None
+
+
+def _summary_differences(before: dict[str, Any], after: dict[str, Any], tolerance: float) -> tuple[list[str], int]:
     keys = [key for key in SUMMARY_KEYS if key in before or key in after]
     differences = [f"summary.json {key}: {_show(before.get(key))} → {_show(after.get(key))}"
                    for key in keys if not same(before.get(key), after.get(key), tolerance)]
     return differences, len(keys)
 
 
-def likely_causes(original: Path, new: Path) -> list[str]:
-    before, after = read_json_dict(original / "env.json"), read_json_dict(new / "env.json")
+def likely_causes(saved: SavedRun, new: Path) -> list[str]:
+    before, after = saved.env, _read_new(new, ENV)
     return [f"env.json {key}: {before.get(key)} → {after.get(key)} ({cause})"
             for key, cause in ENV_CAUSES.items() if key in before and before.get(key) != after.get(key)]
 
@@ -317,18 +384,19 @@ def main(argv: list[str]) -> int:
     check_complete(saved)
     overrides = saved.replay_overrides()
     for warning in environment_warnings(saved):
-        print(f"kd: warning: {warning}", file=sys.stderr)
+        warn(warning)
     changed = config_differences(saved, *recompose(saved, overrides))
     report_config(changed)
-    run_dir = new_run_dir(saved, args.out)
-    command = reproduction_command(saved, [*overrides, *pinned_teacher(saved, args.overrides), *args.overrides],
-                                   run_dir)
-    record(run_dir, reproduces=str(saved.path), command=command[3:], config_differences=changed)
+    extra = [*pinned_teacher(saved, args.overrides), *args.overrides]
+    # (an interrupt here, Ctrl-C, SIGTERM or SIGHUP, stops the child too: see engine/process.run_child)
+    run_dir = new_run_dir(saved, args.out)  # everything that can refuse has refused: create it now
+    command = reproduction_command(saved, [*overrides, *extra], run_dir)
+    facts = dict(reproduces=str(saved.path), command=command[3:], config_differences=changed)
+    record(run_dir, **facts)  # before the child starts: it marks the run as a reproduction from the start
     run_stage(saved, command, run_dir)
-    differences, compared = metric_differences(saved.path, run_dir, args.tolerance)
-    record(run_dir, reproduces=str(saved.path), command=command[3:], config_differences=changed,
-           identical=not differences, differences=differences)
-    return report_result(saved.path, run_dir, differences, compared, args.tolerance)
+    differences, compared = metric_differences(saved, run_dir, args.tolerance)
+    record(run_dir, **facts, identical=not differences, differences=differences)  # the child has ended
+    return report_result(saved, run_dir, differences, compared, args.tolerance)
 
 
 def report_config(changed: list[str]) -> None:
@@ -341,7 +409,7 @@ def report_config(changed: list[str]) -> None:
         print(f"  {line}")
 
 
-def report_result(original: Path, run_dir: Path, differences: list[str], compared: int, tolerance: float) -> int:
+def report_result(saved: SavedRun, run_dir: Path, differences: list[str], compared: int, tolerance: float) -> int:
     if not differences:
         how = "identical" if tolerance == 0 else f"equal within {tolerance}"
         print(f"reproduced: the final metrics are {how} ({compared} values: summary.json and metrics.csv "
@@ -352,23 +420,21 @@ def report_result(original: Path, run_dir: Path, differences: list[str], compare
         print(f"  {line}")
     if len(differences) > SHOWN_DIFFERENCES:
         print(f"  ... and {len(differences) - SHOWN_DIFFERENCES} more")
-    for line in likely_causes(original, run_dir):  # the likely cause, when it is the data
+    for line in likely_causes(saved, run_dir):  # the likely cause, when it is the data
         print(f"  {line}")
     print(f"not reproduced: {len(differences)} of {compared} compared values differ from the original run "
-          f"{original}; new run {run_dir}")
+          f"{saved.path}; new run {run_dir}")
     return EXIT_DIFFERENT
 
 
 def record(run_dir: Path, **facts: Any) -> None:
-    """reproduce.json in the new run: what it reproduces (kd report keeps it out of the averages)."""
+    """reproduce.json in the new run: what it reproduces (kd report keeps it out of the averages).
+    Written under the directory's lock, so never while another process (the child) writes there."""
     from kd_cli.engine.files import write_json
+    from kd_cli.engine.lock import DirectoryLock
 
-    write_json(run_dir / "reproduce.json", facts)
-
-
-def _read_yaml(path: Path) -> Any:
+    lock = DirectoryLock.acquire(run_dir, "kd reproduce records its result only when the run has ended")
     try:
-        return yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-
+        write_json(run_dir / REPRODUCTION, facts)
+    finally:
+        lock.release()

@@ -6,14 +6,17 @@ import argparse
 from pathlib import Path
 
 from kd_cli.errors import KdError
-from kd_cli.report.discover import Run, canonical, display_path, find_runs
+from kd_cli.report.discover import (Run, Skipped, all_skipped_error, canonical, display_path, find_run_dirs,
+                                    load_or_skip, no_runs_error)
 from kd_cli.report.table import METRICS, build_report, print_table, write_csv, write_markdown
 
 DESCRIPTION = """\
 One row per setting: runs that differ only in `seed` are one setting, shown as mean ± std over
-seeds of the complete runs (n = how many). Failed, interrupted and unfinished runs are counted in
-the status column and listed under the table, never averaged in. Columns: the keys that vary
-between settings, then best and last test top-1, teacher top-1, parameters, wall time, status."""
+seeds of the complete runs (n = how many). Failed, interrupted, running and stale (killed: its summary
+says running but no process holds the run) runs are counted in the status column and listed under
+the table, never averaged in. A run with an unreadable or broken file is left out with a warning.
+Columns: the keys that vary between settings, then best and last test top-1, teacher top-1,
+parameters, wall time, status."""
 
 EPILOG = """\
 examples:
@@ -35,7 +38,8 @@ def build_parser() -> Parser:
                         help="run directories, sweep folders or an outputs folder (searched recursively)")
     parser.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                         help="keep runs whose override, config group choice, saved config value or summary.json value "
-                             "KEY equals VALUE, e.g. method=kd, method.name=kd, status=complete (repeat: all must hold)")
+                             "KEY equals VALUE, e.g. method=kd, method.name=kd, status=complete, status=stale "
+                             "(repeat: all must hold)")
     parser.add_argument("--sort", metavar="COLUMN",
                         help="sort rows by a column: a varying key, best_top1, last_top1, n, teacher_top1, params, "
                              "wall_time_s or status; --sort=-COLUMN for descending")
@@ -50,29 +54,41 @@ def build_parser() -> Parser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     conditions = [parse_where(text) for text in args.where]
-    runs, reproductions = drop_reproductions(args.paths)
+    runs, reproductions, skipped = load_paths(args.paths)
     runs = filter_runs(runs, conditions)
-    skipped = sum(all(run.value(key) == value for key, value in conditions) for run in reproductions)
+    counted = sum(all(run.value(key) == value for key, value in conditions) for run in reproductions)
     report = build_report(runs, args.sort)
-    extra = [f"{skipped} run(s) made by `kd reproduce` not counted (they repeat a run); "
-             f"pass their reproduce/ folder to see them"] if skipped else []
+    extra = [f"{counted} run(s) made by `kd reproduce` not counted (they repeat a run); "
+             f"pass their reproduce/ folder to see them"] if counted else []
+    # Left out, with a warning each; listed here too, so the table never looks complete when it is not.
+    extra += [f"{left.status}, left out: {display_path(left.path)}  ({left.error})" for left in skipped]
     print_table(report, extra)
     write_outputs(report, args)
     return 0
 
 
-def drop_reproductions(paths: list[str]) -> tuple[list[Run], list[Run]]:
-    """(runs, reproductions left out). A run made by `kd reproduce` repeats a run with its seed: counted
-    with it, it would fake a sample. Kept only where a path holds nothing else (the user asked for it)."""
-    kept: list[Run] = []
-    dropped: list[Run] = []
-    for path in paths:
-        found = find_runs([path])
-        originals = [run for run in found if run.reproduction_of is None]
-        kept += originals or found
-        dropped += [run for run in found if run.reproduction_of is not None] if originals else []
-    unique = {run.path: run for run in kept}  # a run reached through two paths counts once
-    return list(unique.values()), [run for run in dropped if run.path not in unique]
+def load_paths(paths: list[str]) -> tuple[list[Run], list[Run], list[Skipped]]:
+    """(runs, reproductions left out, runs that could not be read). Each run directory is read once
+    however many paths reach it. A run made by `kd reproduce` repeats a run with its seed: counted
+    with it, it would fake a sample; it is kept only where a path holds nothing else (the user asked
+    for it)."""
+    found = [(given, find_run_dirs(given)) for given in paths]  # bad paths fail before any reading
+    for given, run_dirs in found:
+        if not run_dirs:
+            raise no_runs_error([given])
+    unique = dict.fromkeys(path for _, run_dirs in found for path in run_dirs)
+    loaded = {path: load_or_skip(path) for path in unique}  # once each: one warning per left-out run
+    skipped = [run for run in loaded.values() if isinstance(run, Skipped)]
+    if len(skipped) == len(loaded):
+        raise all_skipped_error(paths, len(loaded))
+    kept: dict[Path, Run] = {}
+    dropped: dict[Path, Run] = {}
+    for _, run_dirs in found:
+        readable = [run for run in (loaded[path] for path in run_dirs) if isinstance(run, Run)]
+        originals = [run for run in readable if run.reproduction_of is None]
+        kept.update((run.path, run) for run in originals or readable)
+        dropped.update((run.path, run) for run in readable if originals and run.reproduction_of is not None)
+    return list(kept.values()), [run for path, run in dropped.items() if path not in kept], skipped
 
 
 def parse_where(text: str) -> tuple[str, str]:

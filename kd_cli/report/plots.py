@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from kd_cli.report.discover import as_number, read_metrics
+from kd_cli.report.discover import as_number
 from kd_cli.report.table import COMPLETE, HEADERS, Report, Row
 
 CURVES = {"test_top1": "test top-1 %", "train_loss": "train loss"}
@@ -71,7 +71,7 @@ def plot_curves(report: Report, column: str, directory: Path) -> Path | None:
     for index, row in enumerate(report.rows):
         label = ", ".join(f"{key}={row.values[key]}" for key in report.keys) or None
         for run in row.runs:
-            points = [(r["epoch"], r[column]) for r in read_metrics(run.path)
+            points = [(r["epoch"], r[column]) for r in run.metrics  # read (and checked) with the run
                       if isinstance(r.get("epoch"), float) and isinstance(r.get(column), float)]
             if not points:
                 continue

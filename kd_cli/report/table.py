@@ -5,6 +5,7 @@ A setting is the set of runs whose overrides agree on every key but `seed` (and 
 a distill run never share a row. A key's value is the effective one (the override, else the group
 choice or the saved config value), so `method.temperature=4` and the default 4.0 are one setting.
 Only complete runs are averaged; the others are counted in the status column and listed below.
+A run's status is the true one (`stale` for a killed run whose summary.json still says `running`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kd_cli.errors import KdError, unknown_choice
-from kd_cli.report.discover import Run, as_number, display_path
+from kd_cli.report.discover import STALE, Run, as_number, display_path
 
 EXCLUDED_KEYS = {"seed", "resume"}
 EXCLUDED_PREFIXES = ("hydra.", "paths.")
@@ -214,8 +215,12 @@ def notes(report: Report) -> list[str]:
         lines.append("same in every row: " + ", ".join(f"{k}={v}" for k, v in report.fixed.items()))
     for run in report.runs:
         if run.status != COMPLETE:
-            error = run.summary.get("error")
-            lines.append(f"{run.status}: {display_path(run.path)}" + (f"  ({error})" if error else ""))
+            detail = run.summary.get("error")
+            if run.status == STALE:
+                where = display_path(run.path)
+                detail = (f"killed: its summary says running but no process holds it; continue it with "
+                          f"kd {run.stage or 'STAGE'} resume={where}")
+            lines.append(f"{run.status}: {display_path(run.path)}" + (f"  ({detail})" if detail else ""))
     return lines
 
 
