@@ -171,7 +171,7 @@ def recompose(saved: SavedRun, overrides: list[str]) -> tuple[dict[str, Any], se
     from omegaconf import OmegaConf
 
     from kd_cli.config import register_configs
-    from kd_cli.report.discover import flatten
+    from kd_cli.overrides import flatten
 
     register_configs()
     # The stage configs live in the package; a `-cd` folder only adds options, exactly as the CLI's
@@ -195,7 +195,7 @@ def recompose(saved: SavedRun, overrides: list[str]) -> tuple[dict[str, Any], se
 
 
 def config_differences(saved: SavedRun, now: dict[str, Any], volatile: set[str]) -> list[str]:
-    from kd_cli.report.discover import flatten
+    from kd_cli.overrides import flatten
 
     then = flatten(saved.config)
     keys = [k for k in dict.fromkeys([*then, *now]) if k not in volatile and k not in IGNORED_CONFIG_KEYS]

@@ -91,6 +91,8 @@ def holder(directory: Path) -> Owner | None:
     path = Path(directory) / LOCK
     try:
         fd = os.open(path, os.O_RDONLY)
+    except PermissionError:  # another user's lock we cannot test: do not call its run dead
+        return Owner(0, "?", "?", "?")
     except OSError:
         return None
     try:

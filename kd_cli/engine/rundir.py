@@ -126,10 +126,14 @@ def holds_run(path: Path) -> bool:
     return any((Path(path) / name).exists() for name in RUN_FILES)
 
 
-def run_status(path: Path) -> str:
-    """summary.json's status, except that a `running` run nobody is writing any more is `stale`."""
-    status = str(read_summary(path).get("status", "unknown"))
-    return STALE if status == RUNNING and holder(path) is None else status
+def run_status(path: Path, summary: dict[str, Any] | None = None) -> str:
+    """summary.json's status (`summary`, else read), except that a `running` run nobody writes any more
+    (killed by kill -9 or a power cut: it never recorded its end) is `stale`. Without a status: `running`
+    while its lock is held (it is starting), else `unknown`."""
+    status = (read_summary(path) if summary is None else summary).get("status")
+    if status is None:
+        return RUNNING if holder(path) is not None else "unknown"
+    return STALE if status == RUNNING and holder(path) is None else str(status)
 
 
 def _reserve_space(path: Path) -> None:

@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from kd_cli.errors import KdError
-from kd_cli.report.discover import (Run, Skipped, all_skipped_error, canonical, display_path, find_run_dirs,
+from kd_cli.overrides import canonical
+from kd_cli.report.discover import (Run, Skipped, all_skipped_error, display_path, find_run_dirs,
                                     load_or_skip, no_runs_error)
 from kd_cli.report.table import METRICS, build_report, print_table, write_csv, write_markdown
 

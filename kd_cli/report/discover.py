@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 import stat
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from kd_cli.errors import KdError, warn
+from kd_cli.overrides import canonical, flatten, split_override
 
 OVERRIDES = Path(".hydra") / "overrides.yaml"
 HYDRA = Path(".hydra") / "hydra.yaml"
@@ -35,7 +35,6 @@ METRICS = "metrics.csv"
 # Written by `kd reproduce` into the run it makes: such a run repeats another one (same seed), so
 # counting it as one more sample of a setting would be wrong.
 REPRODUCTION = "reproduce.json"
-LOCK = ".kd.lock"  # kd_cli.engine.lock.LOCK: held by the process writing the run
 
 RUNNING, STALE, UNKNOWN = "running", "stale", "unknown"
 UNREADABLE, BROKEN = "unreadable", "broken"  # runs left out of the report (see Skipped)
@@ -180,24 +179,10 @@ def load_run(path: Path) -> Run:
 
 
 def run_status(path: Path, summary: dict[str, Any] | None) -> str:
-    """summary.json's status, but `stale` for a run that says `running` while nobody holds its lock:
-    it was killed (kill -9, power loss) and will never record its end. Without summary.json:
-    `running` while its lock is held (it is starting), else `unknown`."""
-    if summary is None:
-        return RUNNING if _is_held(path) else UNKNOWN
-    status = str(summary.get("status", UNKNOWN))
-    if status == RUNNING and not _is_held(path):
-        return STALE
-    return status
+    """The true status (engine/rundir.run_status): `stale` for a killed run that still says `running`."""
+    from kd_cli.engine.rundir import run_status as true_status
 
-
-def _is_held(path: Path) -> bool:
-    from kd_cli.engine.lock import holder
-
-    lock = Path(path) / LOCK
-    if lock.exists() and not os.access(lock, os.R_OK):
-        return True  # another user's lock we cannot test: do not call its run dead
-    return holder(path) is not None
+    return true_status(path, summary or {})
 
 
 def hydra_choices(path: Path) -> dict[str, Any]:
@@ -211,57 +196,6 @@ def hydra_choices(path: Path) -> dict[str, Any]:
     if not isinstance(choices, dict):
         raise BrokenFile(path / HYDRA, str(HYDRA), "is not Hydra's record of the run (no hydra.runtime.choices mapping)")
     return choices
-
-
-def split_override(override: str) -> tuple[str, str]:
-    """`++student.kwargs.width=8` -> ("student.kwargs.width", "8"); `~key` -> ("key", "~deleted")."""
-    text = str(override)
-    key, sep, value = text.lstrip("+~").partition("=")
-    return key, value if sep else "~deleted"
-
-
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay whole (a list is one value of one option)."""
-    if not isinstance(node, dict):
-        return {prefix: node} if prefix else {}
-    flat: dict[str, Any] = {}
-    for key, value in node.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, name))
-        else:
-            flat[name] = value
-    return flat
-
-
-def canonical(value: Any) -> str:
-    """One spelling per value, so `4` (override) and `4.0` (saved config) are the same setting."""
-    if isinstance(value, str):
-        value = _parse_scalar(value)
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        number = float(value)
-        if math.isfinite(number) and number.is_integer() and abs(number) < 1e15:
-            return str(int(number))
-        return repr(number)
-    if isinstance(value, (list, dict)):
-        return json.dumps(value, separators=(",", ":"))
-    return str(value)
-
-
-def _parse_scalar(text: str) -> Any:
-    lowered = text.strip().lower()
-    if lowered in ("null", "~"):  # Hydra's and YAML's null; `none` is a real value in kd (method=none)
-        return None
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    try:
-        return float(text)
-    except ValueError:
-        return text
 
 
 def as_number(value: str | None) -> float | None:

@@ -169,16 +169,16 @@ def data_set_images(spec: ModelSpec, weights: Path, count: int, seed: int) -> to
         options["download"] = False
     try:
         data = load_dataset(options)
+        if (data.num_classes, data.in_channels, data.input_size) != (spec.num_classes, spec.in_channels,
+                                                                      spec.input_size) or len(data.test) < count:
+            log.info(f"export: the recorded data set does not fit {weights}; checking on random inputs")
+            return None
+        loader = make_loader(data.test, batch_size=count, train=False, spec=None, mean=spec.mean, std=spec.std,
+                             device=torch.device("cpu"), seed=seed, num_workers=0)
+        images, _labels = next(iter(loader))  # (an unreadable image among them is a KdError too)
     except KdError as error:
         log.info(f"export: its data set is not at hand ({error}); checking on random inputs")
         return None
-    if (data.num_classes, data.in_channels, data.input_size) != (spec.num_classes, spec.in_channels, spec.input_size) \
-            or len(data.test) < count:
-        log.info(f"export: the recorded data set does not fit {weights}; checking on random inputs")
-        return None
-    loader = make_loader(data.test, batch_size=count, train=False, spec=None, mean=spec.mean, std=spec.std,
-                         device=torch.device("cpu"), seed=seed, num_workers=0)
-    images, _labels = next(iter(loader))
     return images.float()
 
 

@@ -16,6 +16,7 @@ from kd_cli.engine.artifacts import ModelSpec, save_model
 from kd_cli.engine.loop import FitResult, Training, fit
 from kd_cli.engine.rundir import COMPLETE, RunDir
 from kd_cli.engine.trackers import check_trackers, open_trackers
+from kd_cli.errors import KdError
 from kd_cli.methods import build_method
 from kd_cli.stages.common import Setup, check_channels, count_parameters, dataset_options
 
@@ -41,6 +42,9 @@ def load_data(cfg: DictConfig, setup: Setup) -> Loaders:
                         spec=AugmentSpec(**augmentation), drop_last=True, **common)
     test = make_loader(data.test, batch_size=cfg.trainer.eval_batch_size, train=False, spec=None,
                        **{**common, "rank": 0, "world_size": 1})
+    if len(train) == 0:  # (checked here, before the run starts, rather than when the loop begins)
+        raise KdError(f"the training split has {train.num_samples} sample(s) per process, fewer than one batch "
+                      f"(trainer.batch_size={cfg.trainer.batch_size}); lower trainer.batch_size")
     log.info(f"data: {cfg.dataset.name}  {len(data.train)} train / {len(data.test)} test  "
              f"{data.num_classes} classes  {data.in_channels}x{data.input_size}x{data.input_size}")
     return Loaders(data, train, test)
