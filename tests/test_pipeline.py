@@ -226,6 +226,24 @@ def test_torchrun_ddp_on_cpu_writes_one_run(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ddp"]  # rank 1 wrote nothing under outputs
 
 
+@pytest.mark.slow  # two torchrun launches (~25 s of CPU)
+def test_torchrun_ddp_resume_continues_the_checkpoint_on_every_rank(tmp_path):
+    """Rank 1 writes a scratch directory; on resume it must continue rank 0's checkpoint too, else
+    the ranks run different numbers of epochs and the collectives no longer match."""
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2", "-m", "kd_cli"]
+    run = tmp_path / "ddp"
+    first = subprocess.run([*torchrun, "train-teacher", "trainer.epochs=2", *FAST, f"hydra.run.dir={run}"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run / "summary.json").write_text(json.dumps({**summary(run), "status": "interrupted"}))
+    longer = subprocess.run([*torchrun, "train-teacher", f"resume={run}", "trainer.epochs=4", "resume_extend=true"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    done = summary(run)
+    assert done["status"] == "complete" and done["epochs"] == 4 and done["resumed_from_epoch"] == 2
+    assert [int(row["epoch"]) for row in metrics(run)] == [1, 2, 3, 4]
+
+
 def test_progress_bars_and_plain_lines(tmp_path):
     bars = kd_ok("train-teacher", "trainer.epochs=2", "trainer.progress=bar", f"hydra.run.dir={tmp_path / 'a'}",
                  cwd=tmp_path).stdout

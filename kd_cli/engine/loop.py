@@ -7,6 +7,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,6 +43,9 @@ class Training:
     title: str
     world: World = field(default_factory=World)
     tracker: Trackers = field(default_factory=Trackers)  # TensorBoard/MLflow/W&B (logger=); none by default
+    # Where this process reads the checkpoint it continues, if not its own run directory: under DDP the
+    # other ranks write a scratch directory and continue rank 0's checkpoint.
+    resume_from: Path | None = None
 
 
 @dataclass
@@ -211,7 +215,7 @@ def _checkpoint(method: Distiller, optimizer, epochs_done: int, state: dict) -> 
 
 def _resume_state(job: Training, method: Distiller, optimizer) -> dict:
     """Fresh state, or the state of checkpoints/last.pt when the run directory has one."""
-    path = job.run.path / LAST
+    path = (job.resume_from or job.run.path) / LAST
     if not path.exists():
         return {"epoch": 0, "history": [], "best": {"top1": -1.0, "epoch": 0}, "resumed_from": 0}
     saved = load_checkpoint(path)

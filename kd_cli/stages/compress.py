@@ -30,7 +30,7 @@ from kd_cli.engine.trackers import Trackers, open_trackers
 from kd_cli.errors import KdError
 from kd_cli.methods import build_method, method_requires_teacher
 from kd_cli.stages.common import Setup, check_model_fits, print_config, saved_dataset, setup_run, start_run
-from kd_cli.stages.training import Loaders, data_env, dry_build, load_data
+from kd_cli.stages.training import Loaders, data_env, dry_build, load_data, rank_resume_dir
 
 log = logging.getLogger("kd")
 TABLE = "compression.csv"
@@ -130,7 +130,8 @@ def finetune(cfg: DictConfig, run: RunDir, setup: Setup, loaders: Loaders, model
                           num_samples=len(loaders.data.train))
     fit(Training(method=method, train_loader=loaders.train, test_loader=loaders.test, optim=cfg.optim,
                  trainer=cfg.trainer, device=setup.device, dtype=setup.dtype, run=run,
-                 title=f"recovery ({cfg.method.name})", world=setup.world, tracker=tracker))
+                 title=f"recovery ({cfg.method.name})", world=setup.world, tracker=tracker,
+                 resume_from=rank_resume_dir(cfg, setup, run)))
     return model.eval()
 
 

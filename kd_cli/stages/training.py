@@ -18,7 +18,7 @@ from kd_cli.engine.rundir import COMPLETE, RunDir
 from kd_cli.engine.trackers import check_trackers, open_trackers
 from kd_cli.errors import KdError
 from kd_cli.methods import build_method
-from kd_cli.stages.common import Setup, check_channels, count_parameters, dataset_options
+from kd_cli.stages.common import Setup, check_channels, output_dir, count_parameters, dataset_options
 
 log = logging.getLogger("kd")
 
@@ -74,13 +74,21 @@ def train_and_save(
     tracker = open_trackers(cfg, run, setup.world.is_main)
     job = Training(method=method, train_loader=loaders.train, test_loader=loaders.test, optim=cfg.optim,
                    trainer=cfg.trainer, device=setup.device, dtype=setup.dtype, run=run, title=title,
-                   world=setup.world, tracker=tracker)
+                   world=setup.world, tracker=tracker, resume_from=rank_resume_dir(cfg, setup, run))
     with tracker:  # closed as FINISHED, or FAILED/KILLED when training raises
         result = fit(job)
         if setup.world.is_main:
             save_model(run.path, model, spec)
             tracker.log_model(run.path, result.best_top1, result.best_epoch)
     return result
+
+
+def rank_resume_dir(cfg: DictConfig, setup: Setup, run: RunDir) -> Path | None:
+    """Under DDP, ranks other than 0 continue rank 0's checkpoint: the same place (a born-again
+    generation's folder too) under the resumed run instead of their own scratch directory."""
+    if setup.world.is_main or not cfg.get("resume"):
+        return None
+    return Path(str(cfg.resume)) / run.path.relative_to(output_dir())
 
 
 def finish(run: RunDir, cfg: DictConfig, result: FitResult, model: nn.Module, started: float, **extra: Any) -> dict:
