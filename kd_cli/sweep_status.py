@@ -32,8 +32,8 @@ class SweepStatus(Callback):
         resuming = resume is not None and Path(str(resume)).expanduser().resolve() == sweep_dir.resolve()
         try:  # (Hydra turns an Exception raised here into a warning and sweeps on)
             if sweep_dir.is_dir() and not resuming and _holds_runs(sweep_dir):
-                raise KdError(f"{sweep_dir} already holds a sweep's runs; continue that sweep with "
-                              f"resume={sweep_dir}, or choose another hydra.sweep.dir")
+                hint = f"continue that sweep with resume={sweep_dir}, or " if "resume" in config else ""
+                raise KdError(f"{sweep_dir} already holds a sweep's runs; {hint}choose another hydra.sweep.dir")
             sweep_dir.mkdir(parents=True, exist_ok=True)
             self.lock = DirectoryLock.acquire(sweep_dir, f"wait for that sweep to finish, or stop it and continue "
                                                          f"it with resume={sweep_dir}")
