@@ -101,7 +101,8 @@ def guard_run_dir(args: list[str]) -> None:
         raise KdError(f"{run} is being written by another kd process ({owner.describe()}); wait for it to finish, "
                       f"or choose another directory")
     if holds_run(run):
-        raise KdError(f"{run} already holds a run; continue it with resume={run}, or choose another directory")
+        raise KdError(f"{run} already holds a run; continue it with resume={run} (train-teacher, distill, compress), "
+                      f"or choose another directory")
 
 
 def _read_text(path: Path) -> str:

@@ -39,24 +39,28 @@ class Claim:
     finished: bool = False  # a complete job of a resumed sweep: nothing to do
 
 
-def claim_run_dir(path: Path, resume: str | None, extend: bool, overrides: list[str], in_sweep: bool) -> Claim:
-    """Lock `path` and decide whether this process may write it (else a one-line KdError)."""
-    lock = DirectoryLock.acquire(path, f"wait for it to finish, or stop it and continue with resume={path}")
+def claim_run_dir(path: Path, resume: str | None, extend: bool, overrides: list[str], in_sweep: bool,
+                  resumable: bool = True) -> Claim:
+    """Lock `path` and decide whether this process may write it (else a one-line KdError).
+    `resumable`: the stage can continue a run (`resume=`), which the messages then suggest."""
+    then = f", or stop it and continue with resume={path}" if resumable else ""
+    lock = DirectoryLock.acquire(path, f"wait for it to finish{then}")
     try:
-        return _claim(path, lock, resume, extend, overrides, in_sweep)
+        return _claim(path, lock, resume, extend, overrides, in_sweep, resumable)
     except BaseException:
         lock.release()
         raise
 
 
 def _claim(path: Path, lock: DirectoryLock, resume: str | None, extend: bool, overrides: list[str],
-           in_sweep: bool) -> Claim:
+           in_sweep: bool, resumable: bool) -> Claim:
     if not holds_run(path):
         return Claim(lock)
     target = Path(resume).expanduser().resolve() if resume else None
     whole_sweep = in_sweep and target == path.resolve().parent
     if target != path.resolve() and not whole_sweep:
-        raise KdError(f"{path} already holds a run; continue it with resume={path}, or choose another directory")
+        hint = f"continue it with resume={path}, or " if resumable else ""
+        raise KdError(f"{path} already holds a run; {hint}choose another directory")
     changes = resume_changes(path, overrides, extend, given_as=resume or str(path))
     previous = read_summary(path)
     if previous.get("status") == COMPLETE:

@@ -92,7 +92,8 @@ def _claim(cfg: DictConfig, path: Path) -> Claim:
     if int(os.environ.get("RANK", "0")) != 0:  # other ranks write a scratch directory of their own
         return Claim(NoLock())  # type: ignore[arg-type]
     overrides = list(HydraConfig.get().overrides.task)
-    return claim_run_dir(path, cfg.get("resume"), bool(cfg.get("resume_extend", False)), overrides, in_multirun())
+    return claim_run_dir(path, cfg.get("resume"), bool(cfg.get("resume_extend", False)), overrides, in_multirun(),
+                         resumable="resume" in cfg)
 
 
 class NoLock:
