@@ -187,7 +187,7 @@ def dispatch(args: list[str]) -> int:
     from kd_cli.resume import guard_run_dir, resume_arguments
 
     rest = resume_arguments(stage, rest)
-    guard_run_dir(rest)
+    guard_run_dir(stage, rest)
     run_hydra_stage(stage, rest)
     return 0
 

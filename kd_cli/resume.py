@@ -89,7 +89,10 @@ def _sweep_arguments(stage: str, sweep: Path, args: list[str]) -> list[str]:
     return ["-m", *merge(saved, fresh), f"resume={sweep}", f"{SWEEP_DIR_KEY}={sweep}"]
 
 
-def guard_run_dir(args: list[str]) -> None:
+RESUMABLE = ("train-teacher", "distill", "compress")  # the stages whose config has `resume`
+
+
+def guard_run_dir(stage: str, args: list[str]) -> None:
     """Refuse `hydra.run.dir=DIR` when DIR holds a run and this is not `resume=DIR` (early: the run's
     claim checks it again once the directory is locked)."""
     target = value_of(args, RUN_DIR_KEY)
@@ -101,8 +104,8 @@ def guard_run_dir(args: list[str]) -> None:
         raise KdError(f"{run} is being written by another kd process ({owner.describe()}); wait for it to finish, "
                       f"or choose another directory")
     if holds_run(run):
-        raise KdError(f"{run} already holds a run; continue it with resume={run} (train-teacher, distill, compress), "
-                      f"or choose another directory")
+        hint = f"continue it with resume={run}, or " if stage in RESUMABLE else ""
+        raise KdError(f"{run} already holds a run; {hint}choose another directory")
 
 
 def _read_text(path: Path) -> str:
