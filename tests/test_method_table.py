@@ -26,11 +26,13 @@ def method_table(outputs: Path) -> dict[str, dict[str, list[float]]]:
     # DKD's beta of 8 is tuned for CIFAR-100's 100 classes; the paper uses 2 for its closest pairs,
     # and 10-class digits has far less non-target mass: run that setting too, as a user would.
     kd_ok("distill", "-m", "method=dkd", "method.beta=2", f"seed={','.join(map(str, SEEDS))}", "student=cnn",
-          "student.kwargs.width=4", *FAST, f"paths.outputs={outputs}", "hydra.sweep.dir=" + str(outputs / "sweep"),
+          "student.kwargs.width=4", *FAST, f"paths.outputs={outputs}",
+          "hydra.sweep.dir=" + str(outputs / "sweep_dkd_beta2"),  # a sweep of its own: a sweep owns its folder
           "hydra.sweep.subdir=dkd_beta2-${seed}", cwd=outputs, timeout=3000)
     table = {}
     for method in [*methods, "dkd_beta2"]:
-        runs = [summary(outputs / "sweep" / f"{method}-{seed}") for seed in SEEDS]
+        folder = outputs / ("sweep_dkd_beta2" if method == "dkd_beta2" else "sweep")
+        runs = [summary(folder / f"{method}-{seed}") for seed in SEEDS]
         assert all(run["status"] == "complete" for run in runs), method
         table[method] = {"last": [r["last_top1"] for r in runs], "best": [r["best_top1"] for r in runs]}
     return table
