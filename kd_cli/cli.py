@@ -143,14 +143,14 @@ def main(argv: list[str] | None = None) -> None:
     args = [a for a in args if a != "--debug"]
     # Let exceptions reach us instead of Hydra's multi-line report; we print one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    from kd_cli.engine.process import install_interrupt_handlers
+    from kd_cli.engine.process import ignore_stop_signals, install_interrupt_handlers, watch_parent
 
     install_interrupt_handlers()  # SIGTERM / SIGHUP stop a run as Ctrl-C does: it records `interrupted`
+    watch_parent()  # a child of another kd process stops when that process dies
     try:
         code = dispatch(args)
     except KeyboardInterrupt:
-        print("kd: error: interrupted; the run directory keeps its last checkpoint (continue with resume=RUN_DIR)",
-              file=sys.stderr)
+        print(f"kd: error: {interrupted_message()}", file=sys.stderr)
         code = EXIT_INTERRUPTED
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else EXIT_ERROR)
@@ -159,7 +159,18 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"kd: error: {one_line(error)}", file=sys.stderr)
         code = EXIT_ERROR
+    ignore_stop_signals()  # the command is over: a late Ctrl-C must not interrupt the interpreter's exit
     sys.exit(code)
+
+
+def interrupted_message() -> str:
+    """Which runs the interrupt left unfinished (and how to continue them), or that it left none."""
+    common = sys.modules.get("kd_cli.stages.common")  # (not imported: no run had started)
+    interrupted_runs = common.interrupted_runs if common is not None else []
+    if not interrupted_runs:
+        return "interrupted; no run was left unfinished"
+    run = interrupted_runs[-1]
+    return f"interrupted; {run} keeps its last checkpoint: continue it with resume={run}"
 
 
 def dispatch(args: list[str]) -> int:
@@ -209,6 +220,9 @@ def one_line(error: BaseException) -> str:
     """A readable single line from any exception, Hydra's multi-line ones included."""
     if isinstance(error, (KdError, Refusal)):
         return str(error)
+    if isinstance(error, OSError) and error.filename:  # e.g. Hydra making a run directory where it cannot
+        return (f"{error.strerror or type(error).__name__}: {error.filename}; check that the path is right and "
+                f"that you may write there (hydra.run.dir=, paths.outputs=)")
     from kd_cli.hydra_errors import describe
 
     return describe(error)

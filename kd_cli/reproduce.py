@@ -154,10 +154,16 @@ def _read_saved_run(given: str, path: Path) -> SavedRun:
     )
 
 
+TRAINING_STAGES = ("train-teacher", "distill")  # their metrics.csv is compared epoch by epoch
+
+
 def check_complete(saved: SavedRun) -> None:
     if saved.status != "complete":
         raise KdError(f"{saved.path} is {saved.status}, not complete: it has no final metrics to compare with; "
                       f"finish it first (kd {saved.stage} resume={saved.path})")
+    if saved.stage in TRAINING_STAGES and not (saved.path / METRICS).is_file():
+        raise KdError(f"cannot reproduce {saved.path}: its {METRICS} is missing, so there is nothing to compare the "
+                      f"rerun with; the run's record is damaged (nothing was started)")
 
 
 # --- the config, then and now ------------------------------------------------------------------

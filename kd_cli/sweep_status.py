@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from kd_cli.engine.files import read_json
 from kd_cli.engine.lock import DirectoryLock
-from kd_cli.engine.rundir import COMPLETE, SUMMARY, holds_run
+from kd_cli.engine.rundir import COMPLETE, SUMMARY, enclosing, holds_run, holds_sweep
 from kd_cli.errors import KdError, Refusal
 
 
@@ -34,11 +34,21 @@ class SweepStatus(Callback):
             if sweep_dir.is_dir() and not resuming and _holds_runs(sweep_dir):
                 hint = f"continue that sweep with resume={sweep_dir}, or " if "resume" in config else ""
                 raise KdError(f"{sweep_dir} already holds a sweep's runs; {hint}choose another hydra.sweep.dir")
+            outer = holds_run(sweep_dir) and sweep_dir or enclosing(sweep_dir, holds_run) or \
+                enclosing(sweep_dir, holds_sweep)
+            if outer:
+                raise KdError(f"hydra.sweep.dir={sweep_dir} is {'inside ' if outer != sweep_dir else ''}the folder of "
+                              f"another run or sweep ({outer}); choose a folder outside any run")
+            check_every_job(config)
             sweep_dir.mkdir(parents=True, exist_ok=True)
             self.lock = DirectoryLock.acquire(sweep_dir, f"wait for that sweep to finish, or stop it and continue "
                                                          f"it with resume={sweep_dir}")
+            self.lock.record_owner()
         except KdError as error:
             raise Refusal(error) from None
+        except OSError as error:
+            raise Refusal(KdError(f"cannot create the sweep folder {sweep_dir} ({error.strerror}); choose a folder "
+                                  f"you can write (hydra.sweep.dir= or paths.outputs=)")) from None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from kd_cli.stages import common
@@ -54,6 +64,33 @@ class SweepStatus(Callback):
             path, status, message = unfinished[0]
             common._errors.append(KdError(f"{len(unfinished)} job(s) of the sweep did not complete, e.g. {path}: "
                                           f"{status}{': ' + message if message else ''}"))
+
+
+def check_every_job(config: DictConfig) -> None:
+    """Every job's values, checked before the first job runs (a bad value in the last job must not
+    wait for the others to train). Only for Hydra's basic sweeper, whose jobs are known in advance
+    (a search such as Optuna draws its values as it goes; those are checked as each job starts)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from kd_cli.stages.checks import check_config
+
+    if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return
+    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+    loader = GlobalHydra.instance().config_loader()
+    for number, job in enumerate(jobs):
+        cfg = loader.load_configuration(config.hydra.job.config_name, list(job), run_mode=RunMode.MULTIRUN)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        try:
+            check_config(cfg)
+        except KdError as error:
+            raise KdError(f"job {number} of the sweep ({' '.join(job)}): {error}; no job was run") from None
 
 
 def _holds_runs(sweep_dir: Path) -> bool:

@@ -39,6 +39,8 @@ BROKEN = [
     ("config_resolved.yaml", b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "is not text (byte 0x89 at offset 0)"),
     ("summary.json", '{"status": "complete", "best_top1": ', "is not valid JSON (line 1, column 37: Expecting value)"),
     ("summary.json", "[1, 2]", "holds a list, not an object"),
+    ("summary.json", '{"status": "complete", "best_top1": NaN}', "is not valid JSON (NaN is not JSON"),
+    ("summary.json", '{"status": "complete", "wall_time_s": Infinity}', "is not valid JSON (Infinity is not JSON"),
     ("metrics.csv", bytes(range(256)), "is not text"),
     ("metrics.csv", "no commas here\njust text\n", "has no epoch column"),
     ("reproduce.json", "{", "is not valid JSON"),
@@ -258,6 +260,15 @@ def test_reproduce_of_an_unreadable_or_killed_run_is_one_line(tmp_path, capsys, 
     code, out, err = kd_main(capsys, "reproduce", str(run))
     assert code == 2 and err == [f"kd: error: {run} is stale, not complete: it has no final metrics to compare with; "
                                  f"finish it first (kd distill resume={run})"]
+    assert sorted(p.name for p in (tmp_path / "project").iterdir()) == ["run"]
+
+
+def test_reproduce_of_a_training_run_without_its_metrics_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = write_run(tmp_path / "project" / "run", cwd=tmp_path / "project")
+    (run / "metrics.csv").unlink()
+    code, out, err = kd_main(capsys, "reproduce", str(run))
+    assert code == 2 and len(err) == 1 and "its metrics.csv is missing" in err[0] and "nothing was started" in err[0]
     assert sorted(p.name for p in (tmp_path / "project").iterdir()) == ["run"]
 
 

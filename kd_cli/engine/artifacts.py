@@ -6,6 +6,7 @@ weights are loaded from safetensors, and every mismatch is a one-line error.
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -95,6 +96,16 @@ def resolve_weights(path: str | Path) -> Path:
     elif path.suffix != ".safetensors":
         raise KdError(f"{path} is not a .safetensors file; kd reads weights only from safetensors (no pickle)")
     return path
+
+
+def weights_digest(path: str | Path) -> str:
+    """A short sha256 of a saved model's weights file: a resumed run checks its teacher (or the model
+    it compresses) is still the one it started with, not just a file at the same path."""
+    digest = hashlib.sha256()
+    with open(resolve_weights(path), "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def load_spec(weights: Path) -> ModelSpec:

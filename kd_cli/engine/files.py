@@ -73,5 +73,5 @@ def read_json(path: Path) -> Any:
 
 
 def leftover_temporary_files(directory: Path) -> list[Path]:
-    """Temporary files of `atomic_write` that a killed process left behind in `directory` (any depth)."""
-    return [p for p in Path(directory).rglob(f".*{TEMP_SUFFIX}") if p.is_file()]
+    """Temporary files of `atomic_write` that a killed process left behind in `directory` (not below it)."""
+    return [p for p in Path(directory).glob(f".*{TEMP_SUFFIX}") if p.is_file()]

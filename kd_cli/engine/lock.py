@@ -46,10 +46,18 @@ class Owner:
 
 
 class DirectoryLock:
-    """The held lock on one directory; `release()` gives it up (and removes the lock file)."""
+    """The held lock on one directory. `record_owner()` writes this process into the lock file once
+    it is sure to write the directory; `release()` gives the lock up and removes the lock file if this
+    process made it or recorded itself in it (a refused process leaves a dead owner's record as it was)."""
 
-    def __init__(self, directory: Path, fd: int, owner: Owner):
-        self.directory, self._fd, self.owner = directory, fd, owner
+    def __init__(self, directory: Path, fd: int, created: bool):
+        self.directory, self._fd, self._created, self._recorded = directory, fd, created, False
+        self.owner = Owner.me()
+
+    def record_owner(self) -> None:
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, json.dumps(asdict(self.owner)).encode(), 0)
+        self._recorded = True
 
     @classmethod
     def acquire(cls, directory: Path, busy_hint: str) -> DirectoryLock:
@@ -58,16 +66,14 @@ class DirectoryLock:
         path = directory / LOCK
         deadline = time.monotonic() + RETRY_SECONDS
         while True:
+            created = not path.exists()
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
             except OSError as error:
                 raise KdError(f"cannot write in {directory} ({error.strerror}); choose a directory you can write") from None
             if _try_lock(fd):
                 if _still_linked(fd, path):  # not a file its last owner removed between our open and lock
-                    owner = Owner.me()
-                    os.ftruncate(fd, 0)
-                    os.write(fd, json.dumps(asdict(owner)).encode())
-                    return cls(directory, fd, owner)
+                    return cls(directory, fd, created)
                 os.close(fd)
                 continue
             os.close(fd)
@@ -81,7 +87,8 @@ class DirectoryLock:
     def release(self) -> None:
         if self._fd < 0:
             return
-        (self.directory / LOCK).unlink(missing_ok=True)  # before unlocking: the next owner makes a new file
+        if self._created or self._recorded:
+            (self.directory / LOCK).unlink(missing_ok=True)  # before unlocking: the next owner makes a new file
         os.close(self._fd)  # closing releases the lock
         self._fd = -1
 

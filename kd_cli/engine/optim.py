@@ -40,6 +40,8 @@ def check_optim(cfg: DictConfig, epochs: int) -> None:
     check_number("optim.lr", cfg.lr, Range(0, low_open=True))
     check_number("optim.weight_decay", cfg.weight_decay, Range(0))
     check_number("optim.momentum", cfg.momentum, Range(0, 1, high_open=True))
+    if len(cfg.betas) != 2:
+        raise KdError(f"optim.betas={list(cfg.betas)} must be two numbers (Adam's decay rates), e.g. [0.9,0.999]")
     for beta in cfg.betas:
         check_number("optim.betas", beta, Range(0, 1, high_open=True), hint="each of the two")
     check_number("optim.gamma", cfg.gamma, Range(0, low_open=True))

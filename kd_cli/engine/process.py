@@ -4,24 +4,33 @@ SIGTERM (a scheduler, `kill`) and SIGHUP (a closed terminal) are turned into Key
 like Ctrl-C, so a stopped run records `interrupted`; once one has arrived, later ones are ignored, so
 a second signal cannot cut that record short. A child kd process (the teacher that `kd distill`
 trains first, the rerun of `kd reproduce`) is sent SIGTERM when its parent is interrupted, and waited
-for, so it records its own state instead of training on as an orphan.
+for, so it records its own state instead of training on as an orphan; and if its parent dies without
+a word (kill -9), the child notices within a second and stops itself the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
+import threading
+import time
 from typing import Iterator, Sequence
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 CHILD_GRACE_SECONDS = 120
+PARENT = "KD_PARENT_PID"  # set by run_child: the kd process that started this one
 
 
 def _interrupt(signum, frame):
-    for sig in STOP_SIGNALS:  # the first stop signal stops the run; the next ones must not stop its record
-        signal.signal(sig, signal.SIG_IGN)
+    ignore_stop_signals()  # the first stop signal stops the run; the next ones must not stop its record
     raise KeyboardInterrupt
+
+
+def ignore_stop_signals() -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def install_interrupt_handlers() -> None:
@@ -41,10 +50,26 @@ def signals_held() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def watch_parent() -> None:
+    """In a child of run_child: stop (as SIGTERM does) when the parent is gone, e.g. killed by kill -9."""
+    parent = int(os.environ.pop(PARENT, "0") or 0)  # (popped: not for this process's own children)
+    if not parent:
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="kd-watch-parent", daemon=True).start()
+
+
 def run_child(args: Sequence[str], cwd=None, capture_stderr: bool = True) -> subprocess.CompletedProcess:
     """Run a child process to the end; if this process is interrupted meanwhile, stop the child
     with SIGTERM, wait for it to record its state, then raise KeyboardInterrupt here too."""
-    child = subprocess.Popen(list(args), cwd=cwd, stderr=subprocess.PIPE if capture_stderr else None, text=True)
+    env = {**os.environ, PARENT: str(os.getpid())}
+    child = subprocess.Popen(list(args), cwd=cwd, env=env, stderr=subprocess.PIPE if capture_stderr else None,
+                             text=True)
     try:
         _, stderr = child.communicate()
     except KeyboardInterrupt:

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,6 +31,7 @@ ENV = "env.json"
 CONFIG = "config_resolved.yaml"
 COMPLETE, FAILED, INTERRUPTED, RUNNING = "complete", "failed", "interrupted", "running"
 STALE = "stale"  # what readers call a `running` run whose writer is gone
+SWEEP_RECORD = "multirun.yaml"  # Hydra's record of a sweep, in its folder
 # Files whose presence means a directory holds a run (it is never written into again but by resume=).
 RUN_FILES = (SUMMARY, CONFIG, "checkpoints/last.pt", ".hydra/overrides.yaml", "model.safetensors")
 # Space set aside while a run writes, freed to record `failed` when the disk fills up.
@@ -39,16 +40,19 @@ RESERVE_BYTES = 256 * 1024
 
 
 class RunDir:
-    def __init__(self, path: str | Path, previous: dict[str, Any] | None = None):
+    def __init__(self, path: str | Path, previous: dict[str, Any] | None = None, lock: Any = None):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.previous = previous or {}  # summary.json as it was before this process (a resumed run's)
+        self.lock = lock  # the DirectoryLock this process holds on it (engine/lock.py), if any
         self.sticky: dict[str, Any] = {}  # fields every later summary of this process keeps
         self.started = False  # True once begin() wrote the run: before that nothing is written
 
     def begin(self, cfg: DictConfig, env: dict[str, Any], **fields: Any) -> None:
         """The run exists from here on: config, environment and a `running` summary."""
         self.started = True
+        if self.lock is not None:
+            self.lock.record_owner()  # (not before: a process refused until now leaves the lock file as it was)
         _reserve_space(self.path / RESERVE)
         self.write_config(cfg)
         self.write_env(**env)
@@ -61,11 +65,11 @@ class RunDir:
             current = self.summary()
             self.write_summary(current.pop("status", RUNNING), **current)
 
-    def record_stop(self, status: str, message: str, wall_time_s: float) -> None:
+    def record_stop(self, status: str, message: str, wall_time_s: float) -> bool:
         """`failed`/`interrupted` (never over `complete`), even on a full disk: the reserve is freed first
-        if the write fails."""
+        if the write fails. False when there was nothing to record (not started, or complete)."""
         if not self.started or self.summary().get("status") == COMPLETE:
-            return
+            return False
         fields = {**self.summary(), "error": message, "wall_time_s": wall_time_s}
         fields.pop("status", None)
         try:
@@ -73,13 +77,22 @@ class RunDir:
         except OSError:
             (self.path / RESERVE).unlink(missing_ok=True)
             self.write_summary(status, **fields)
+        return True
 
     def close(self) -> None:
-        """Leave nothing temporary behind: reserve and stray temporary files (the lock is the caller's)."""
+        """Leave nothing temporary behind: the reserve and stray temporary files of killed writers, in
+        the run's own folders only (the lock is the caller's)."""
         (self.path / RESERVE).unlink(missing_ok=True)
         if self.started:
-            for leftover in leftover_temporary_files(self.path):
-                leftover.unlink(missing_ok=True)
+            for folder in self._own_folders():
+                for leftover in leftover_temporary_files(folder):
+                    leftover.unlink(missing_ok=True)
+
+    def _own_folders(self) -> list[Path]:
+        """The folders this run writes: itself, .hydra/, checkpoints/, float/ and its born-again generations."""
+        generations = sorted(self.path.glob("generation-*"))
+        roots = [self.path, *generations]
+        return [folder for root in roots for folder in (root, root / ".hydra", root / "checkpoints", root / "float")]
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -124,6 +137,15 @@ def is_complete(path: Path) -> bool:
 
 def holds_run(path: Path) -> bool:
     return any((Path(path) / name).exists() for name in RUN_FILES)
+
+
+def holds_sweep(path: Path) -> bool:
+    return (Path(path) / SWEEP_RECORD).exists()
+
+
+def enclosing(path: Path, holds: Callable[[Path], bool]) -> Path | None:
+    """The nearest folder above `path` that `holds` a run (or a sweep), if any."""
+    return next((parent for parent in Path(path).resolve().parents if holds(parent)), None)
 
 
 def run_status(path: Path, summary: dict[str, Any] | None = None) -> str:

@@ -266,7 +266,15 @@ def read_yaml(run_dir: Path, name: str | Path, kind: type) -> Any:
 
 def read_json(run_dir: Path, name: str | Path) -> dict[str, Any] | None:
     """A JSON object; None when the file is not there; BrokenFile when it is unreadable or not an object."""
-    return _parse(run_dir, name, dict, json.loads, "JSON")
+    return _parse(run_dir, name, dict, strict_json, "JSON")
+
+
+def strict_json(text: str) -> Any:
+    """JSON as kd writes it: a bare NaN or Infinity (which Python's json accepts) means a damaged file."""
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"{constant} is not JSON (kd writes null for a missing number)")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 def _parse(run_dir: Path, name: str | Path, kind: type, parse: Callable[[str], Any], language: str) -> Any:
@@ -294,6 +302,8 @@ def _parse_error(error: Exception) -> str:
     """One line: where and what (`line 2, column 6: did not find expected ','`)."""
     if isinstance(error, json.JSONDecodeError):
         return f"line {error.lineno}, column {error.colno}: {error.msg}"
+    if isinstance(error, ValueError) and not isinstance(error, yaml.YAMLError):
+        return str(error)
     if isinstance(error, yaml.reader.ReaderError):  # a character YAML does not allow (binary data)
         return f"offset {error.position}: {error.reason}"
     mark = getattr(error, "problem_mark", None)

@@ -8,6 +8,7 @@ run starts (see the stages).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,12 @@ PROGRESS = ("auto", "bar", "plain", "none")
 
 
 def check_config(cfg: DictConfig) -> None:
+    check_known_keys(cfg)
     check_number("seed", cfg.seed, Range(0, 2**63 - 1))
+    for key in ("outputs", "data"):
+        if not str(cfg.paths[key]).strip():
+            raise KdError(f"paths.{key} is empty; give a folder, e.g. paths.{key}={key}")
+    check_stage_options(cfg)
     if "trainer" in cfg:
         check_trainer(cfg.trainer)
     if "optim" in cfg and "method" in cfg:
@@ -40,6 +46,42 @@ def check_config(cfg: DictConfig) -> None:
         from kd_cli.methods import check_method_options
 
         check_method_options(cfg.method)
+
+
+def check_known_keys(node: DictConfig, prefix: str = "") -> None:
+    """`+key=` and `++key=` add keys Hydra's schema does not know: refuse them like a typo. Open nodes
+    (data set, method, model options, compression) are checked against their registered signatures."""
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return
+    fields = [f.name for f in dataclasses.fields(schema)]
+    for key in node.keys():
+        if key not in fields:
+            raise KdError(f"unknown option {prefix}{key} (choose from: {', '.join(fields)}); it would be ignored")
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            check_known_keys(child, f"{prefix}{key}.")
+
+
+def check_stage_options(cfg: DictConfig) -> None:
+    """The stage's own top-level values: latency runs, which model may carry a checkpoint."""
+    if "latency_batches" in cfg:
+        check_number("latency_batches", cfg.latency_batches, Range(1))
+    if "latency_batch_size" in cfg:
+        check_number("latency_batch_size", cfg.latency_batch_size, Range(1))
+    if "latency_batch_sizes" in cfg:
+        if not cfg.latency_batch_sizes:
+            raise KdError("latency_batch_sizes is empty; give the batch sizes to time, e.g. latency_batch_sizes=[1,64]")
+        for size in cfg.latency_batch_sizes:
+            check_number("latency_batch_sizes", size, Range(1), hint="each batch size")
+    student = cfg.get("student")
+    if student is not None and student.get("checkpoint") is not None:
+        raise KdError(f"student.checkpoint={student.checkpoint} is not used: the student is trained from scratch "
+                      f"(remove it; teacher.checkpoint names the teacher)")
+    teacher = cfg.get("teacher")
+    if cfg.stage == "train-teacher" and teacher is not None and teacher.get("checkpoint") not in (None, "auto"):
+        raise KdError(f"train-teacher trains its teacher from scratch, so teacher.checkpoint={teacher.checkpoint} "
+                      f"would be ignored; remove it (it names the teacher of kd distill)")
 
 
 def check_trainer(trainer: DictConfig) -> None:

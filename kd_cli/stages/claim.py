@@ -17,7 +17,7 @@ import yaml
 
 from kd_cli.engine.checkpoint import LAST, load_checkpoint
 from kd_cli.engine.lock import DirectoryLock
-from kd_cli.engine.rundir import COMPLETE, CONFIG, METRICS, holds_run, read_summary
+from kd_cli.engine.rundir import COMPLETE, CONFIG, METRICS, SWEEP_RECORD, enclosing, holds_run, holds_sweep, read_summary
 from kd_cli.errors import KdError
 from kd_cli.overrides import canonical, flatten, override_map
 
@@ -54,6 +54,7 @@ def claim_run_dir(path: Path, resume: str | None, extend: bool, overrides: list[
 
 def _claim(path: Path, lock: DirectoryLock, resume: str | None, extend: bool, overrides: list[str],
            in_sweep: bool, resumable: bool) -> Claim:
+    _check_place(path, in_sweep)
     if not holds_run(path):
         return Claim(lock)
     target = Path(resume).expanduser().resolve() if resume else None
@@ -70,6 +71,18 @@ def _claim(path: Path, lock: DirectoryLock, resume: str | None, extend: bool, ov
     if (path / LAST).exists():
         load_checkpoint(path / LAST)  # a corrupt checkpoint is refused before the run is touched
     return Claim(lock, previous, resuming=True, changes=changes)
+
+
+def _check_place(path: Path, in_sweep: bool) -> None:
+    """A run never goes inside another run's folder, nor into a sweep's folder unless it is its job."""
+    outer = enclosing(path, holds_run)
+    if outer is not None:
+        raise KdError(f"{path} is inside the run directory {outer}; choose a directory outside any run")
+    if holds_sweep(path):
+        raise KdError(f"{path} holds a sweep ({SWEEP_RECORD}); choose another directory")
+    sweep = enclosing(path, holds_sweep)
+    if sweep is not None and not (in_sweep and sweep == path.resolve().parent):
+        raise KdError(f"{path} is inside the sweep folder {sweep}; choose a directory outside it")
 
 
 def resume_changes(path: Path, overrides: list[str], extend: bool, given_as: str) -> list[str]:

@@ -43,6 +43,10 @@ def in_multirun() -> bool:
 _errors: list[BaseException] = []
 
 
+# Runs this process recorded as `interrupted` (for the CLI's message).
+interrupted_runs: list[Path] = []
+
+
 def take_error() -> BaseException | None:
     return _errors.pop(0) if _errors else None
 
@@ -65,14 +69,15 @@ def guarded(stage_main: Callable[[DictConfig, RunDir], Any], cfg: DictConfig) ->
         if claim.finished:  # a complete job of a resumed sweep
             log.info(f"{path}: complete already (best top-1 {claim.previous.get('best_top1')}); kept as it is")
             return claim.previous.get("best_top1")
-        run = RunDir(path, claim.previous)
+        run = RunDir(path, claim.previous, claim.lock)
         if claim.resuming:
             run.keep(resumes=[*claim.previous.get("resumes", []), _resume_record(claim)])
         return stage_main(cfg, run)
     except KeyboardInterrupt as interrupt:
         with signals_held():  # a second Ctrl-C must not cut the record short
-            if run is not None:
-                run.record_stop(INTERRUPTED, f"interrupted; continue with resume={path}", time.time() - started)
+            if run is not None and run.record_stop(INTERRUPTED, f"interrupted; continue with resume={path}",
+                                                   time.time() - started):
+                interrupted_runs.append(path)
         _errors.append(interrupt)
         raise
     except Exception as error:
@@ -85,7 +90,7 @@ def guarded(stage_main: Callable[[DictConfig, RunDir], Any], cfg: DictConfig) ->
             claim.lock.release()
         log_buffer.close()
         if run is None or not run.started:
-            _remove_if_empty(path, cfg)
+            _remove_if_empty(path)
 
 
 def _claim(cfg: DictConfig, path: Path) -> Claim:
@@ -123,18 +128,13 @@ def _resume_record(claim: Claim) -> dict[str, Any]:
     return {"at": owner.started, "host": owner.host, "pid": owner.pid, "changes": claim.changes}
 
 
-def _remove_if_empty(path: Path, cfg: DictConfig) -> None:
-    """A run that never started leaves no directory behind (nor empty date folders above it)."""
-    stop = {Path.cwd().resolve()}
-    if "paths" in cfg:
-        stop.add(Path(cfg.paths.outputs).resolve())
-    current = path.resolve()
-    while current not in stop and current.parent != current:
-        try:
-            current.rmdir()  # removes only an empty directory
-        except OSError:
-            return
-        current = current.parent
+def _remove_if_empty(path: Path) -> None:
+    """A run that never started leaves no run directory behind. (The date folders above it are left:
+    removing them could pull the floor from under another run being created in them at that moment.)"""
+    try:
+        path.rmdir()  # removes only an empty directory
+    except OSError:
+        pass
 
 
 class LogBuffer:

@@ -32,8 +32,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     started = time.time()
     setup = setup_run(cfg)
     weights = resolve_weights(cfg.run)
-    if cfg.teacher_run:
-        load_spec(resolve_weights(cfg.teacher_run))  # a bad teacher_run= fails before any work
+    teacher_spec = load_spec(resolve_weights(cfg.teacher_run)) if cfg.teacher_run else None  # before any work
     model, spec = load_model(weights, setup.device)
     device, dtype = setup.device, setup.dtype
     if _device_of(model).type != setup.device.type:  # int8 kernels run on the CPU only
@@ -41,6 +40,8 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         log.info(f"evaluate: {weights} holds int8 weights; it runs on the CPU")
     data = load_dataset(_dataset_config(cfg, weights))
     check_model_fits(spec, data, weights, "model")
+    if teacher_spec is not None:
+        check_model_fits(teacher_spec, data, Path(cfg.teacher_run), "teacher")
     start_run(cfg, run, setup, device=str(setup.device), seed=cfg.seed, data_fingerprint=data.fingerprint,
               model=str(weights))
     split = data.test if cfg.split == "test" else data.train

@@ -35,6 +35,7 @@ from kd_cli.engine.device import seed_everything
 from kd_cli.engine.files import atomic_write
 from kd_cli.engine.rundir import COMPLETE, RunDir
 from kd_cli.errors import KdError, unknown_choice
+from kd_cli.registry import Range, check_number
 from kd_cli.stages.common import saved_dataset, start_run
 from kd_cli.stages.training import print_results
 
@@ -137,8 +138,7 @@ def check_options(cfg: DictConfig) -> None:
         raise KdError(f"check_batch_size={cfg.check_batch_size}: a dynamic batch is traced from a batch of at "
                       f"least 2 (a batch of 1 is taken as a constant); use check_batch_size=2 or more, or "
                       f"dynamic_batch=false for a file fixed at batch 1")
-    if not cfg.tolerance >= 0:
-        raise KdError(f"tolerance={cfg.tolerance} must be >= 0")
+    check_number("tolerance", cfg.tolerance, Range(0), hint="the largest difference from PyTorch accepted")
 
 
 # --- inputs for the check ---

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from kd_cli.data import DataSplits
-from kd_cli.engine.artifacts import META, ModelSpec, load_model
+from kd_cli.engine.artifacts import META, ModelSpec, load_model, weights_digest
 from kd_cli.engine.files import read_json
 from kd_cli.engine.process import run_child
 from kd_cli.engine.rundir import ENV, SUMMARY, RunDir, holds_run, is_complete
@@ -49,20 +49,31 @@ def plan_teacher(cfg: DictConfig, data: DataSplits, run: RunDir, device: torch.d
     """Which teacher this run uses, checked against the data; nothing is trained or written yet."""
     pinned = run.previous.get("teacher_run")
     if pinned:  # a resumed run: the teacher it started with, whatever is newest now
-        return _pinned(cfg, data, Path(pinned), bool(run.previous.get("teacher_trained_for_this_run")), device)
+        return _pinned(cfg, data, Path(pinned), bool(run.previous.get("teacher_trained_for_this_run")), device,
+                       run.previous.get("teacher_weights_sha256"))
     source = cfg.teacher.checkpoint
     if not source:
         raise KdError("distill needs a teacher: set teacher.checkpoint=RUN_DIR, a model.safetensors file, or auto")
     if source == "auto":
-        found = find_teacher_run(cfg, data)
-        if found is None:
-            return TeacherPlan(new_teacher_dir(cfg), model_spec(cfg.teacher, data, cfg.dataset), train=True)
-        return _loaded(found, data, device, _normalisation(cfg))
+        for found in teacher_runs(cfg, data):  # newest first; one that does not load is skipped, said so
+            try:
+                plan = _loaded(found, data, device, _normalisation(cfg))
+            except KdError as error:
+                warn(f"teacher.checkpoint=auto skips {found}: {error}")
+                continue
+            log.info(f"teacher: {cfg.teacher.arch} from {found} (newest complete teacher run on this data)")
+            return plan
+        return TeacherPlan(new_teacher_dir(cfg), model_spec(cfg.teacher, data, cfg.dataset), train=True)
     return _loaded(Path(source), data, device, _normalisation(cfg))
 
 
-def _pinned(cfg: DictConfig, data: DataSplits, path: Path, trained_here: bool, device: torch.device) -> TeacherPlan:
+def _pinned(cfg: DictConfig, data: DataSplits, path: Path, trained_here: bool, device: torch.device,
+            digest: str | None) -> TeacherPlan:
     if is_complete(path) or path.is_file():
+        if digest and weights_digest(path) != digest:
+            raise KdError(f"the teacher this run started with ({path}) holds other weights now (sha256 "
+                          f"{weights_digest(path)}, was {digest}); a resumed run keeps its teacher: restore "
+                          f"them, or start a new run")
         return _loaded(path, data, device, _normalisation(cfg))
     if trained_here:  # the run was stopped while its teacher trained (or before it began): continue that
         return TeacherPlan(path, model_spec(cfg.teacher, data, cfg.dataset), train=True)
@@ -85,17 +96,19 @@ def obtain_teacher(plan: TeacherPlan, cfg: DictConfig, run: RunDir, data: DataSp
     """The teacher model, trained first when the plan says so; recorded in the run before either."""
     run.keep(teacher_run=str(plan.path), **({"teacher_trained_for_this_run": True} if plan.train else {}))
     if not plan.train:
+        run.keep(teacher_weights_sha256=weights_digest(plan.path))
         return plan.model, plan.spec, plan.path
     train_teacher(cfg, plan.path)
     model, spec = load_model(plan.path, device)
     check_model_fits(spec, data, plan.path, "teacher", _normalisation(cfg))
+    run.keep(teacher_weights_sha256=weights_digest(plan.path))
     return model, spec, plan.path
 
 
-def find_teacher_run(cfg: DictConfig, data: DataSplits) -> Path | None:
-    """The newest complete teacher run under paths.outputs for this architecture and data; runs whose
-    files are broken or unreadable are skipped with a warning (never the reason to train a new one
-    silently)."""
+def teacher_runs(cfg: DictConfig, data: DataSplits) -> list[Path]:
+    """The complete teacher runs under paths.outputs for this architecture and data, newest first; runs
+    whose files are broken or unreadable are skipped with a warning (never the reason to train a new
+    one silently)."""
     wanted = (cfg.teacher.arch, model_options(cfg.teacher), data.fingerprint)
     candidates = []
     for meta in Path(cfg.paths.outputs).glob("**/" + META):
@@ -112,11 +125,7 @@ def find_teacher_run(cfg: DictConfig, data: DataSplits) -> Path | None:
             continue
         if found == wanted:
             candidates.append((modified, run))
-    if not candidates:
-        return None
-    run = max(candidates)[1]
-    log.info(f"teacher: {cfg.teacher.arch} from {run} (newest complete teacher run on this data)")
-    return run
+    return [run for _, run in sorted(candidates, reverse=True)]
 
 
 def _reason(error: BaseException) -> str:
@@ -140,7 +149,7 @@ def train_teacher(cfg: DictConfig, run_dir: Path) -> None:
     else:
         args = ["train-teacher", *_teacher_overrides(), f"hydra.run.dir={run_dir}"]
         log.info(f"teacher: no complete {cfg.teacher.arch} teacher for this data under {cfg.paths.outputs}; "
-                 f"training one first: kd {' '.join(args[1:])}")
+                 f"training one first: kd {' '.join(args)}")
     done = run_child([sys.executable, "-m", "kd_cli", *args])
     if done.returncode != 0 or not is_complete(run_dir):
         lines = done.stderr.strip().splitlines() if done.stderr else []
