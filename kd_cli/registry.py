@@ -10,7 +10,7 @@ set, method and step alike. The signature is the schema:
 `Positive`, `NonNegative`, `Probability`, `PositiveInt`, ... are `typing.Annotated` types carrying
 a `Range`; plain `float`/`int`/`bool`/`str`, `list[...]`, `X | None` and `Literal[...]` are checked
 too. A float is never NaN or infinite. Checks that tie several options together live in an optional
-`validate_options(**options)` static method of the entry, which is called with every option.
+`validate_options(**options)` of the entry (a static or class method), called with every option.
 """
 
 from __future__ import annotations

@@ -283,6 +283,29 @@ def test_forward_returns_the_named_terms(name, terms):
         assert all(v.ndim == 0 and torch.isfinite(v) for v in found.values())
 
 
+@pytest.mark.parametrize("name", ["kd", "dkd", "dist"])
+def test_forward_terms_are_the_published_weights_times_the_pure_losses(name):
+    """The shipped YAML's weights on the checked loss functions: what metrics.csv logs per term."""
+    cfg = load_yaml(name)
+    method = build(cfg)
+    images, labels = torch.randn(5, 4), torch.randint(3, (5,))
+    _, terms = method(images, labels)
+    with torch.no_grad():
+        s, t, temperature = method.student(images).float(), method.teacher(images).float(), cfg["temperature"]
+        expected = {"ce": cfg["ce_weight"] * torch.nn.functional.cross_entropy(s, labels)}
+        if name == "kd":
+            expected["kd"] = cfg["kd_weight"] * kd_loss(s, t, temperature)
+        elif name == "dkd":
+            ramp, (tckd, nckd) = warmup_factor(0, cfg["warmup"]), dkd_losses(s, t, labels, temperature)
+            expected.update(tckd=ramp * cfg["alpha"] * tckd, nckd=ramp * cfg["beta"] * nckd)
+        else:
+            inter, intra = dist_losses(s, t, temperature)
+            expected.update(inter=cfg["beta"] * inter, intra=cfg["gamma"] * intra)
+    assert set(terms) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(terms[key].detach(), value, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize(("name", "option", "value"), [("dkd", "temperature", 0.0), ("dkd", "warmup", -1),
                                                        ("dist", "temperature", -2.0),
                                                        ("kd", "temperature", 0.0)])

@@ -4,7 +4,8 @@ before anything is built: the signatures' annotations are the schema (kd_cli/reg
 Parametrized over the registries, so a newly registered model, method or step is covered here
 without a new test: its shipped YAML must pass, its options must be annotated, and each numeric
 option must refuse a string and a value just outside its range with a message naming the key.
-In-process and build-free: nothing here constructs a model or reads data.
+In-process and build-free: nothing here reads data, and the only models are the tiny ones against
+which the compression steps' `check` tests the options that name layers (end of the file).
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from kd_cli.compress import STEPS, build_step
+from kd_cli.compress import STEPS, build_step, check_steps
 from kd_cli.config import model_options
 from kd_cli.errors import KdError
 from kd_cli.methods import METHODS, check_method_options
-from kd_cli.methods.base import FeatureDistiller
-from kd_cli.models import MODELS, check_model_options
+from kd_cli.methods.base import Distiller, FeatureDistiller
+from kd_cli.models import MODELS, check_model_options, create_model
 from kd_cli.models.registry import FIXED as MODEL_FIXED
 from kd_cli.registry import Range
 
@@ -298,14 +299,22 @@ def test_bad_combinations_are_refused_before_building(kind, name, options, fragm
     assert fragment in str(error.value) and "\n" not in str(error.value)
 
 
+def has_own_rule(entry: Any) -> bool:
+    """Whether `entry` has a `validate_options` beyond the shared ones of Distiller (some loss weight
+    > 0: tests/test_method_weights.py) and FeatureDistiller (layer counts: tested for every feature
+    method above)."""
+    if not inspect.isclass(entry):
+        return callable(getattr(entry, "validate_options", None))
+    shared = (Distiller, FeatureDistiller)
+    return any("validate_options" in vars(c) for c in entry.__mro__ if c not in shared)
+
+
 @pytest.mark.parametrize(("kind", "name"), entry_cases(), ids=case_id)
 def test_every_combination_rule_has_a_bad_case_here(kind, name):
-    """An entry with a `validate_options` of its own (beyond FeatureDistiller's, tested for every
-    feature method above) must have a bad case in BAD_COMBINATIONS or a test of its own below."""
-    rule = getattr(registry(kind).get(name), "validate_options", None)
-    if rule is None or rule is FeatureDistiller.validate_options:
-        return
-    assert name in RULES_TESTED_BELOW or any(case[:2] == (kind, name) for case in BAD_COMBINATIONS), name
+    """An entry with a `validate_options` of its own must have a bad case in BAD_COMBINATIONS or a
+    test of its own below."""
+    if has_own_rule(registry(kind).get(name)):
+        assert name in RULES_TESTED_BELOW or any(case[:2] == (kind, name) for case in BAD_COMBINATIONS), name
 
 
 def test_an_int8_backend_missing_from_this_torch_build_is_refused(monkeypatch):
@@ -324,3 +333,89 @@ def test_good_layer_lists_pass(name):
     count = 1 if name == "crd" else 2
     check_method_options({**method_config(name), "student_layers": ["a", "b"][:count],
                           "teacher_layers": ["c", "d"][:count]})
+
+
+# ---------------------------------------------------------------- compression options against the model
+
+def tiny(arch: str = "cnn") -> torch.nn.Module:
+    """cnn: stages.{0,1}.{..}.{0: Conv2d, 1: BatchNorm2d, 2: ReLU}, pool, dropout, fc (Linear 16 -> 10);
+    mlp: flatten, hidden.0.{0: Linear, 1: ReLU}, dropout, fc."""
+    return create_model(arch, 10, 1, 8, **({"width": 8} if arch == "cnn" else {}))
+
+
+def cnn() -> torch.nn.Module:
+    return tiny("cnn")
+
+
+def step(name: str, **options):
+    return build_step(name, {**BASE[name], **options})
+
+
+def layer_list_cases() -> list[tuple[str, str]]:
+    """Every step option that names layers: the `list[str]` ones (a new step's are covered too)."""
+    return [(name, key) for _, name in entry_cases() if _ == "step"
+            for key, hint in hints("step", name).items() if key in option_names("step", name) and hint == list[str]]
+
+
+def test_the_layer_options_are_found():
+    assert {("prune_structured", "ignored_layers"), ("prune_unstructured", "skip"), ("lowrank", "skip"),
+            ("quantize_int8", "layers"), ("quantize_int8", "skip")} <= set(layer_list_cases())
+
+
+@pytest.mark.parametrize(("name", "key"), layer_list_cases(), ids=case_id)
+def test_check_refuses_a_layer_the_model_does_not_have_naming_the_key(name, key):
+    model = cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step(name).check(model)  # the defaults pass
+    with pytest.raises(KdError, match=rf"^compression\.{name}\.{key}: the model has no layer 'nope'; ") as error:
+        step(name, **{key: ["stages.0.0.0", "nope"]}).check(model)
+    assert "\n" not in str(error.value)
+    after = model.state_dict()  # nothing was compressed
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+# (step, options over base.yaml's, tiny model, the message's start)
+BAD_FOR_THE_MODEL = [
+    ("quantize_int8", {"layers": ["stages.0.0.1"]}, "cnn",
+     r"compression\.quantize_int8\.layers: layer 'stages\.0\.0\.1' is a BatchNorm2d; static int8 quantises Conv"),
+    ("quantize_int8", {"mode": "dynamic", "layers": ["stages.0.0.0"]}, "cnn",
+     r"compression\.quantize_int8\.layers: layer 'stages\.0\.0\.0' is a Conv2d; dynamic int8 quantises Linear"),
+    ("quantize_int8", {"layers": ["fc"], "skip": ["fc"]}, "cnn", r"compression\.quantize_int8: every layer in layers"),
+    ("prune_unstructured", {"skip": ["stages.1"]}, "cnn",
+     r"compression\.prune_unstructured\.skip: layer 'stages\.1' is a Sequential; .*inside it: stages\.1\.1\.0"),
+    ("prune_unstructured", {"skip": ["stages.0.0.0", "stages.0.1.0", "stages.1.1.0", "stages.1.2.0", "fc"]}, "cnn",
+     r"compression\.prune_unstructured: no conv or linear layer left"),
+    ("lowrank", {"skip": ["stages.0.0.1"]}, "cnn",
+     r"compression\.lowrank\.skip: layer 'stages\.0\.0\.1' is a BatchNorm2d"),
+    ("lowrank", {"layers": "conv"}, "mlp", r"compression\.lowrank has no layer to factorise"),
+    ("lowrank", {"rank_ratio": 0.99}, "cnn",
+     r"compression\.lowrank factorised no layer: at this rank none would get smaller"),
+    ("prune_structured", {"importance": "bn_scale"}, "mlp",
+     r"compression\.prune_structured\.importance=bn_scale needs BatchNorm"),
+]
+
+
+@pytest.mark.parametrize(("name", "options", "model", "message"), BAD_FOR_THE_MODEL, ids=case_id)
+def test_check_refuses_what_the_model_rules_out_before_compressing(name, options, model, message):
+    with pytest.raises(KdError, match=f"^{message}") as error:
+        step(name, **options).check(tiny(model))
+    assert "\n" not in str(error.value)
+
+
+def test_every_step_with_a_check_has_a_case_here():
+    checked = {name for name, _ in layer_list_cases()} | {case[0] for case in BAD_FOR_THE_MODEL}
+    assert {name for name in STEPS.names() if hasattr(STEPS.get(name), "check")} <= checked
+
+
+def test_steps_after_lowrank_are_checked_against_the_factorised_names():
+    """lowrank turns fc into a Sequential of fc.0 and fc.1: the later steps' names are checked
+    against what they will see, not refused for naming the new layers."""
+    plan = [("lowrank", step("lowrank")), ("finetune", None)]
+    check_steps(cnn(), [*plan, ("quantize_int8", step("quantize_int8", layers=["fc.0"], skip=["fc.1"]))])
+    with pytest.raises(KdError, match=r"^compression\.quantize_int8\.layers: layer 'fc' is a Sequential; .*"
+                                      r"inside it: fc\.0"):
+        check_steps(cnn(), [*plan, ("quantize_int8", step("quantize_int8", layers=["fc"]))])
+    with pytest.raises(KdError, match=r"^compression\.quantize_int8\.layers: the model has no layer 'fc\.0'"):
+        check_steps(cnn(), [("quantize_int8", step("quantize_int8", layers=["fc.0"]))])
+    with pytest.raises(KdError, match=r"^compression\.prune_structured\.ignored_layers: the model has no layer 'nope'"):
+        check_steps(cnn(), [("prune_structured", step("prune_structured", ignored_layers=["nope"])), *plan])

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from kdrun import FAST, assert_one_line_error, kd, kd_here, kd_ok, summary
+from kdrun import FAST, Result, assert_one_line_error, kd, kd_here, kd_ok, summary
 
 SMALL = [*FAST, "trainer.max_steps_per_epoch=2", "trainer.eval_batch_size=512"]
 # A run long enough to be stopped in the middle (100 one-batch epochs, evaluated once at the end), short
@@ -107,6 +107,7 @@ def test_the_lock_names_its_owner_and_dies_with_it(tmp_path):
     from kd_cli.engine.lock import DirectoryLock, holder
 
     lock = DirectoryLock.acquire(tmp_path, "wait")
+    lock.record_owner()  # (a run records itself when it starts writing)
     assert holder(tmp_path).pid == os.getpid()
     line = assert_one_line_error(kd_here("train-teacher", *SMALL, f"hydra.run.dir={tmp_path}", cwd=tmp_path),
                                  "being written by another kd process", f"pid {os.getpid()}")
@@ -122,6 +123,45 @@ def test_a_finished_run_is_never_written_again(finished, tmp_path, spelling):
     assert_one_line_error(result, "already holds a run", f"resume={finished}")
     assert_one_line_error(kd_here("train-teacher", f"resume={finished}", cwd=tmp_path), "already complete")
     assert snapshot(finished) == before
+
+
+def test_a_run_never_goes_inside_another_run_or_a_sweep(finished, tmp_path):
+    sweep = tmp_path / "sweep"
+    assert kd_here("train-teacher", "-m", "seed=0", "trainer.epochs=1", *SMALL, f"hydra.sweep.dir={sweep}",
+                   cwd=tmp_path).code == 0
+    before = snapshot(finished)
+    cases = [
+        (["train-teacher", f"hydra.run.dir={finished / 'sub'}"], f"inside the run directory {finished}"),
+        (["train-teacher", f"hydra.run.dir={sweep}"], "holds a sweep"),
+        (["train-teacher", f"hydra.run.dir={sweep / 'extra'}"], f"inside the sweep folder {sweep}"),
+        (["train-teacher", "-m", "seed=1", f"hydra.sweep.dir={finished}"], "another run or sweep"),
+        (["train-teacher", "-m", "seed=1", f"hydra.sweep.dir={sweep / '0'}"], "another run or sweep"),
+    ]
+    for args, fragment in cases:
+        assert_one_line_error(kd_here(args[0], *SMALL, *args[1:], cwd=tmp_path), fragment)
+    assert snapshot(finished) == before and not (finished / "sub").exists() and not (sweep / "extra").exists()
+
+
+def test_a_finished_run_removes_only_its_own_temporary_files(tmp_path):
+    """A killed writer's temporary files are cleaned from the run's own folders; a user's file that
+    merely looks like one, in a folder of their own inside the run directory, is left alone."""
+    run = tmp_path / "run"
+    (run / "notes").mkdir(parents=True)
+    (run / "notes" / ".draft.tmp").write_text("mine")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / ".last.pt.x1y2.tmp").write_text("left by a killed writer")
+    assert kd_here("train-teacher", "trainer.epochs=1", *SMALL, f"hydra.run.dir={run}", cwd=tmp_path).code == 0
+    assert (run / "notes" / ".draft.tmp").read_text() == "mine"
+    assert not (run / "checkpoints" / ".last.pt.x1y2.tmp").exists() and leftovers(run) == [".draft.tmp"] or \
+        leftovers(run) == ["notes/.draft.tmp"]
+
+
+def test_every_job_of_a_sweep_is_checked_before_the_first_runs(finished, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = kd_here("distill", "-m", "optim.lr=0.1,nan", f"teacher.checkpoint={finished}", *SMALL,
+                     f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert_one_line_error(result, "job 1 of the sweep", "optim.lr=nan must be a finite number", "no job was run")
+    assert not sweep.exists()
 
 
 def test_a_sweep_folder_holding_runs_is_refused_unless_resumed(tmp_path):
@@ -222,24 +262,34 @@ def test_kill_9_leaves_a_stale_run_that_resume_continues(tmp_path):
     process.kill()
     process.wait()
     assert summary(run)["status"] == "running" and run_status(run) == "stale"
+    before = snapshot(run)  # the dead owner's .kd.lock record included
+    assert f'"pid": {process.pid}' in (run / ".kd.lock").read_text()
+    assert_one_line_error(kd_here("train-teacher", f"resume={run}", "seed=7", cwd=tmp_path), "seed=7")
+    assert snapshot(run) == before
     assert kd_here("train-teacher", f"resume={run}", cwd=tmp_path).code == 0
     assert run_status(run) == "complete" and leftovers(run) == []
 
 
-def test_stopping_distill_while_it_trains_its_teacher_stops_both_and_resume_keeps_that_teacher(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_stopping_distill_while_it_trains_its_teacher_stops_both_and_resume_keeps_that_teacher(tmp_path, sig):
+    """SIGTERM: distill records `interrupted` and stops its teacher's process. kill -9: distill cannot
+    record anything (it is `stale`), and its teacher's process notices its parent is gone and stops
+    itself. Either way no orphan trains on, and the resume continues that same teacher."""
+    from kd_cli.engine.rundir import run_status
+
     outputs = tmp_path / "outputs"
     run = tmp_path / "distill"
     process = start_kd("distill", *LONG, f"paths.outputs={outputs}", f"hydra.run.dir={run}", cwd=tmp_path)
     teachers = lambda: list((outputs / "train-teacher").glob("*/*/checkpoints/last.pt"))  # noqa: E731
     wait_for(lambda: bool(teachers()), process)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(sig)
     _, stderr = process.communicate(timeout=120)
     teacher = teachers()[0].parents[1]
-    assert process.returncode == 130, stderr
-    assert summary(run)["status"] == "interrupted" and summary(teacher)["status"] == "interrupted"
+    wait_for(lambda: run_status(teacher) != "running")
+    assert run_status(teacher) == "interrupted"
+    assert run_status(run) == ("interrupted" if sig == signal.SIGTERM else "stale"), stderr
     assert summary(run)["teacher_run"] == str(teacher)
-    orphans = subprocess.run(["pgrep", "-f", str(teacher)], capture_output=True, text=True).stdout.split()
-    assert orphans == []
+    wait_for(lambda: subprocess.run(["pgrep", "-f", str(teacher)], capture_output=True).stdout == b"")  # no orphan
     kd_ok("distill", f"resume={run}", cwd=tmp_path)
     assert [p.parent for p in (outputs / "train-teacher").glob("*/*/summary.json")] == [teacher]  # no second one
     assert summary(teacher)["status"] == "complete" and summary(teacher)["resumes"]
@@ -290,6 +340,23 @@ def config():
     return OmegaConf.create({"stage": "train-teacher"})
 
 
+def test_a_folder_kd_may_not_write_is_one_line(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    prefix = []
+    if os.geteuid() == 0:  # root writes anywhere: give the folder away and drop root's override of permissions
+        os.chown(locked, 65534, 65534)
+        prefix = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"]
+    locked.chmod(0o755)
+    for args, fragment in ((["train-teacher", f"hydra.run.dir={locked / 'run'}"], "Permission denied"),
+                           (["train-teacher", "-m", "seed=0,1", f"hydra.sweep.dir={locked / 'sweep'}"],
+                            "cannot create the sweep folder")):
+        done = subprocess.run([*prefix, sys.executable, "-m", "kd_cli", *args, *SMALL], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert_one_line_error(Result(done.returncode, done.stdout, done.stderr), fragment, str(locked))
+    assert list(locked.iterdir()) == []
+
+
 # --- files follow the umask --------------------------------------------------------------------------
 
 
@@ -331,6 +398,19 @@ BAD_VALUES = [
     (["train-teacher", "teacher=cnn", "teacher.kwargs.depth=0"], ["teacher.kwargs.depth=0"]),
     (["train-teacher", "teacher=cnn", "teacher.kwargs.depth=9"], ["depth"]),
     (["train-teacher", "dataset.mean=[nan]"], ["dataset.mean"]),
+    (["train-teacher", "+foo=1"], ["unknown option foo"]),
+    (["distill", "++trainer.bogus=2"], ["unknown option trainer.bogus"]),
+    (["train-teacher", "optim=adamw", "optim.betas=[0.9]"], ["optim.betas=[0.9]", "two numbers"]),
+    (["distill", "student.checkpoint=/some/weights"], ["student.checkpoint", "not used"]),
+    (["train-teacher", "teacher.checkpoint=/some/teacher"], ["teacher.checkpoint=/some/teacher", "ignored"]),
+    (["train-teacher", "method.ce_weight=0"], ["method.ce_weight is 0", "nothing would be learned"]),
+    (["distill", "method.kd_weight=0", "method.ce_weight=0"], ["is 0", "nothing would be learned"]),
+    (["evaluate", "run=FINISHED", "latency_batches=0"], ["latency_batches=0"]),
+    (["evaluate", "run=FINISHED", "latency_batch_size=0"], ["latency_batch_size=0"]),
+    (["compress", "run=FINISHED", "latency_batch_sizes=[]"], ["latency_batch_sizes is empty"]),
+    (["compress", "run=FINISHED", "latency_batch_sizes=[-4]"], ["latency_batch_sizes=-4"]),
+    (["compress", "run=FINISHED", "compression.prune_structured.ignored_layers=[nope]"], ["nope"]),
+    (["export", "run=FINISHED", "tolerance=inf"], ["tolerance=inf"]),
     (["distill", "dataset=synthetic", "dataset.num_classes=10", "dataset.channels=1", "dataset.image_size=8",
       "dataset.mean=[0.5]", "dataset.std=[0.25]", "dataset.num_train=64", "dataset.num_test=32",
       "teacher.checkpoint=FINISHED"], ["other classes", "class_0"]),
@@ -341,7 +421,8 @@ BAD_VALUES = [
 def test_a_bad_value_is_refused_before_any_work_and_leaves_nothing(finished, tmp_path, args, fragments):
     outputs = tmp_path / "outputs"
     args = [a.replace("FINISHED", str(finished)) for a in args]
-    result = kd_here(args[0], *SMALL, *args[1:], f"paths.outputs={outputs}", cwd=tmp_path)
+    common = [] if args[0] == "export" else SMALL  # (export takes no trainer options)
+    result = kd_here(args[0], *common, *args[1:], f"paths.outputs={outputs}", cwd=tmp_path)
     assert_one_line_error(result, *fragments)
     assert not outputs.exists() or not any(p.is_file() for p in outputs.rglob("*")), list(outputs.rglob("*"))
 
@@ -386,13 +467,31 @@ def test_a_broken_teacher_run_is_skipped_with_a_warning_not_retrained(finished, 
     shutil.copytree(finished, outputs / "good")
     shutil.copytree(finished, outputs / "broken")
     (outputs / "broken" / "model.json").write_text("{not json")
+    shutil.copytree(finished, outputs / "truncated")  # the newest: its weights cut short
+    weights = outputs / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
     result = kd_here("distill", "trainer.epochs=1", *SMALL, f"paths.outputs={outputs}",
                      f"hydra.run.dir={tmp_path / 'student'}", cwd=tmp_path)
     assert result.code == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("kd: warning:")]
-    assert len(warnings) == 1 and str(outputs / "broken") in warnings[0]
+    assert len(warnings) == 2 and str(outputs / "broken") in warnings[0], warnings
+    assert str(outputs / "truncated") in warnings[1] and "corrupt" in warnings[1]
     assert summary(tmp_path / "student")["teacher_run"] == str(outputs / "good")
     assert not (outputs / "train-teacher").exists()
+
+
+def test_a_resumed_distill_refuses_a_teacher_whose_weights_changed(finished, tmp_path):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(finished, teacher)
+    run = tmp_path / "student"
+    assert kd_here("distill", f"teacher.checkpoint={teacher}", "trainer.epochs=1", *SMALL, f"hydra.run.dir={run}",
+                   cwd=tmp_path).code == 0
+    assert summary(run)["teacher_weights_sha256"]
+    (run / "summary.json").write_text(json.dumps({**summary(run), "status": "interrupted"}))
+    shutil.copyfile(broken_copy(finished, tmp_path, "other") / "model.safetensors", teacher / "model.safetensors")
+    before = snapshot(run)
+    assert_one_line_error(kd_here("distill", f"resume={run}", cwd=tmp_path), "holds other weights now")
+    assert snapshot(run) == before
 
 
 # --- bad files name themselves -------------------------------------------------------------------------

@@ -6,6 +6,12 @@ values). `apply(model, ctx)` returns the compressed model and appends a JSON-abl
 built network, so a saved compressed model is rebuilt from model.json + safetensors alone (no
 pickled code). `finetune` is not a step class: it is the training loop itself (see the stage).
 
+`check(model)` checks, without compressing, everything the step can know from the loaded model
+(the layers its options name exist and are of a kind it handles, something is left to compress, ...)
+and raises the same one-line KdErrors `apply` would (`apply` runs it first: each rule lives once).
+`check_steps` runs it for every planned step before the run starts; `model` may also be the mapping
+{layer name: module} that a step which renames layers (`layers_after`: lowrank) hands the next ones.
+
 To add a step: write `kd_cli/compress/mine.py` with a `@register_step("mine")` class and a section
 `mine:` with its options in configs/compression/base.yaml. Every module here is imported automatically.
 The constructor's annotations are the options' types and ranges (`ratio: OpenFraction`,
@@ -17,7 +23,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Any
+from typing import Any, Iterable
 
 from torch import nn
 
@@ -39,6 +45,20 @@ def register_step(name: str):
 def build_step(name: str, options: dict[str, Any]):
     """The step with its options checked by name, type and range (its annotations are its schema)."""
     return STEPS.build(name, {}, options, path=f"compression.{name}")
+
+
+def check_steps(model: nn.Module, steps: Iterable[tuple[str, Any]]) -> None:
+    """Every planned step's `check` on the loaded, uncompressed model, in order, before anything is
+    written or compressed. `steps` is the stage's plan: (name, step), finetune as (name, None). A step
+    that renames layers (lowrank: X becomes X.0 and X.1) tells the later ones the names they will see."""
+    layers = dict(model.named_modules())
+    for _, step in steps:
+        if step is None:
+            continue
+        if hasattr(step, "check"):
+            step.check(layers)
+        if hasattr(step, "layers_after"):
+            layers = step.layers_after(layers)
 
 
 def rebuild(model: nn.Module, transforms: list[dict[str, Any]]) -> nn.Module:

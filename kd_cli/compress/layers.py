@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -22,13 +22,25 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def check_layer_names(model: nn.Module, names, option: str) -> None:
-    known = dict(model.named_modules())
+def layer_map(model: nn.Module | Mapping[str, nn.Module]) -> dict[str, nn.Module]:
+    """{name: module} of a model (its named_modules), or such a mapping as it is (see compress.check_steps)."""
+    return dict(model) if isinstance(model, Mapping) else dict(model.named_modules())
+
+
+def check_layers(layers: Mapping[str, nn.Module], names: Iterable[str], option: str,
+                 kinds: tuple[type, ...] = (), handles: str = "") -> None:
+    """Each of `names`, the value of the option `option`, is a layer of the model (`layers`: its
+    layer_map) and, with `kinds`, one of those types (`handles` says which, for the message); else a
+    one-line KdError naming the option and the name."""
     for name in names:
-        if name not in known:
-            close = [n for n in known if n and (n.startswith(name) or name in n)][:5]
-            hint = f"; e.g. {', '.join(close)}" if close else f"; layers include {', '.join(list(known)[1:6])}, ..."
+        if not name or name not in layers:
+            close = [n for n in layers if n and name and (n.startswith(name) or name in n)][:5]
+            hint = f"; e.g. {', '.join(close)}" if close else f"; layers include {', '.join(list(layers)[1:6])}, ..."
             raise KdError(f"{option}: the model has no layer '{name}'{hint}")
+        if kinds and not isinstance(layers[name], kinds):
+            inside = [n for n, m in layers.items() if n.startswith(f"{name}.") and isinstance(m, kinds)]
+            hint = f" (inside it: {', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''})" if inside else ""
+            raise KdError(f"{option}: layer '{name}' is a {type(layers[name]).__name__}; {handles}{hint}")
 
 
 def tensor_shapes(model: nn.Module) -> dict[str, dict[str, list[int]]]:

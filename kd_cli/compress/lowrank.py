@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Literal
+from typing import Literal, Mapping
 
 import torch
 from torch import nn
 
 from kd_cli.compress import register_step
 from kd_cli.compress.context import StepContext
-from kd_cli.compress.layers import check_layer_names, set_submodule
+from kd_cli.compress.layers import check_layers, layer_map, set_submodule
 from kd_cli.errors import KdError
 from kd_cli.registry import OpenFraction
 
@@ -35,21 +35,18 @@ class LowRank:
         self.rank_ratio, self.energy, self.layers, self.skip = rank_ratio, energy, layers, list(skip)
 
     def apply(self, model: nn.Module, ctx: StepContext) -> nn.Module:
-        check_layer_names(model, self.skip, "compression.lowrank.skip")
+        self.check(model)
         ranks = {}
-        for name, module in list(model.named_modules()):
-            if name in self.skip or not self._eligible(module):
-                continue
+        for name, module in self._candidates(layer_map(model)):
             matrix = _as_matrix(module.weight.detach()).double()
             u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
             rank = self._rank(s)
-            if rank * sum(matrix.shape) >= matrix.numel():
+            if not _saves(rank, matrix.shape):
                 continue  # a factorisation this wide would not save parameters
             set_submodule(model, name, factorise(module, rank, (u, s, vh)))
             ranks[name] = rank
         if not ranks:
-            raise KdError("compression.lowrank factorised no layer: at this rank none would get smaller; lower "
-                          "rank_ratio (or energy)")
+            raise KdError(NOTHING_SMALLER)
         log.info(f"lowrank: {len(ranks)} layers factorised")
         ctx.record(kind=self.name, rank_ratio=self.rank_ratio, energy=self.energy, ranks=ranks)
         return model
@@ -60,6 +57,37 @@ class LowRank:
             set_submodule(model, name, factorise(model.get_submodule(name), int(rank), None))
         return model
 
+    def check(self, model: nn.Module | Mapping[str, nn.Module]) -> None:
+        """What can be checked before factorising (see compress.check_steps): the skipped layers are conv
+        or linear layers of the model, some layer is left to factorise and, with rank_ratio (the ranks
+        follow from the shapes), some layer would get smaller. With energy the ranks come from the SVD."""
+        layers = layer_map(model)
+        check_layers(layers, self.skip, "compression.lowrank.skip", (nn.Conv2d, nn.Linear),
+                     "it factorises (and skips) conv and linear layers, by their own names")
+        candidates = self._candidates(layers)
+        if not candidates:
+            kinds = {"all": "Conv2d (groups=1) and Linear", "conv": "Conv2d (groups=1)",
+                     "linear": "Linear"}[self.layers]
+            raise KdError(f"compression.lowrank has no layer to factorise: layers={self.layers} takes {kinds} layers "
+                          f"and this model has none outside skip")
+        if self.energy is None and not any(self._smaller_by_ratio(m) for _, m in candidates):
+            raise KdError(NOTHING_SMALLER)
+
+    def layers_after(self, layers: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
+        """The layer names the steps after this one will see (compress.check_steps): each layer X this
+        step may factorise gains X.0 and X.1, of X's kind; with rank_ratio, X is then a Sequential."""
+        after = dict(layers)
+        for name, module in self._candidates(layers):
+            if self.energy is None and not self._smaller_by_ratio(module):
+                continue
+            after[f"{name}.0"] = after[f"{name}.1"] = module
+            if self.energy is None:
+                after[name] = nn.Sequential()
+        return after
+
+    def _candidates(self, layers: Mapping[str, nn.Module]) -> list[tuple[str, nn.Module]]:
+        return [(name, m) for name, m in layers.items() if name not in self.skip and self._eligible(m)]
+
     def _eligible(self, module: nn.Module) -> bool:
         if isinstance(module, nn.Conv2d):
             return self.layers in ("all", "conv") and module.groups == 1
@@ -69,11 +97,28 @@ class LowRank:
         if self.energy is not None:
             kept = torch.cumsum(s**2, 0) / (s**2).sum()
             return int(torch.searchsorted(kept, torch.tensor(self.energy, dtype=kept.dtype)).item()) + 1
-        return max(1, math.ceil(self.rank_ratio * len(s)))
+        return self._ratio_rank(len(s))
+
+    def _ratio_rank(self, full_rank: int) -> int:
+        return max(1, math.ceil(self.rank_ratio * full_rank))
+
+    def _smaller_by_ratio(self, module: nn.Module) -> bool:
+        """Whether rank_ratio factorises `module` (its rank follows from the shape: no SVD needed)."""
+        rows, cols = module.weight.shape[0], math.prod(module.weight.shape[1:])
+        return _saves(self._ratio_rank(min(rows, cols)), (rows, cols))
+
+
+NOTHING_SMALLER = ("compression.lowrank factorised no layer: at this rank none would get smaller; lower rank_ratio "
+                   "(or energy)")
 
 
 def _as_matrix(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1)
+
+
+def _saves(rank: int, shape: tuple[int, int]) -> bool:
+    """Whether factors of this rank hold fewer parameters than the (rows, cols) matrix they replace."""
+    return rank * sum(shape) < math.prod(shape)
 
 
 def factorise(module: nn.Module, rank: int, svd) -> nn.Sequential:

@@ -9,14 +9,16 @@ smaller: its new layer widths go into model.json and load rebuilds them (layers.
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Literal, Mapping
 
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from kd_cli.compress import register_step
 from kd_cli.compress.context import StepContext
-from kd_cli.compress.layers import WEIGHTED, changed_layers, check_layer_names, classifier_name, resize_layers, tensor_shapes
+from kd_cli.compress.layers import (WEIGHTED, changed_layers, check_layers, classifier_name, layer_map, resize_layers,
+                                   tensor_shapes)
 from kd_cli.errors import KdError
 from kd_cli.registry import OpenFraction, PositiveInt
 
@@ -39,11 +41,20 @@ class PruneStructured:
         self.iterative_steps, self.round_to = iterative_steps, round_to
         self.max_layer_ratio, self.taylor_batches = max_layer_ratio, taylor_batches
 
+    def check(self, model: nn.Module | Mapping[str, nn.Module]) -> None:
+        """What can be checked before pruning (see compress.check_steps): the ignored layers exist, and
+        importance=bn_scale has BatchNorm layers to score. (Whether Torch-Pruning can trace the model,
+        and what it removes, is known only by pruning.)"""
+        layers = layer_map(model)
+        check_layers(layers, self.ignored_layers, "compression.prune_structured.ignored_layers")
+        if self.importance == "bn_scale" and not any(isinstance(m, _BatchNorm) for m in layers.values()):
+            raise KdError("compression.prune_structured.importance=bn_scale needs BatchNorm layers and this model "
+                          "has none; use importance=magnitude or taylor")
+
     def apply(self, model: nn.Module, ctx: StepContext) -> nn.Module:
         import torch_pruning as tp
 
-        check_layer_names(model, self.ignored_layers, "compression.prune_structured.ignored_layers")
-        self._check_importance(model)
+        self.check(model)
         model.eval()
         classifier = classifier_name(model, ctx.example)
         ignored = {*self.ignored_layers, *([classifier] if classifier else [])}
@@ -86,11 +97,6 @@ class PruneStructured:
         if self.importance == "taylor":
             return tp.importance.GroupTaylorImportance()
         return tp.importance.RandomImportance()
-
-    def _check_importance(self, model: nn.Module) -> None:
-        if self.importance == "bn_scale" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            raise KdError("compression.prune_structured.importance=bn_scale needs BatchNorm layers and this model "
-                          "has none; use importance=magnitude or taylor")
 
     def _accumulate_gradients(self, model: nn.Module, ctx: StepContext) -> None:
         """Gradients of the training loss (eval mode: BatchNorm statistics stay as trained)."""

@@ -8,14 +8,14 @@ do not shrink a dense file or speed up dense kernels: kd reports the sparsity, n
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Literal, Mapping
 
 from torch import nn
 from torch.nn.utils import prune
 
 from kd_cli.compress import register_step
 from kd_cli.compress.context import StepContext
-from kd_cli.compress.layers import WEIGHTED, check_layer_names, weight_sparsity
+from kd_cli.compress.layers import WEIGHTED, check_layers, layer_map, weight_sparsity
 from kd_cli.errors import KdError
 from kd_cli.registry import OpenFraction
 
@@ -31,10 +31,8 @@ class PruneUnstructured:
         self.sparsity, self.scope, self.skip = sparsity, scope, list(skip)
 
     def apply(self, model: nn.Module, ctx: StepContext) -> nn.Module:
-        check_layer_names(model, self.skip, "compression.prune_unstructured.skip")
-        targets = [(m, "weight") for n, m in model.named_modules() if isinstance(m, WEIGHTED) and n not in self.skip]
-        if not targets:
-            raise KdError("compression.prune_unstructured: no conv or linear layer left to prune (all skipped)")
+        self.check(model)
+        targets = self._targets(layer_map(model))
         if self.scope == "global":
             prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=self.sparsity)
         else:
@@ -43,6 +41,20 @@ class PruneUnstructured:
         log.info(f"prune_unstructured: {len(targets)} layers, {weight_sparsity(model):.1f}% of weights zero")
         ctx.record(kind=self.name, sparsity=self.sparsity, scope=self.scope)
         return model
+
+    def check(self, model: nn.Module | Mapping[str, nn.Module]) -> None:
+        """What can be checked before pruning (see compress.check_steps): the skipped layers are conv or
+        linear layers of the model, and some layer is left to prune."""
+        layers = layer_map(model)
+        check_layers(layers, self.skip, "compression.prune_unstructured.skip", WEIGHTED,
+                     "it prunes (and skips) conv and linear layers, by their own names")
+        self._targets(layers)
+
+    def _targets(self, layers: Mapping[str, nn.Module]) -> list[tuple[nn.Module, str]]:
+        targets = [(m, "weight") for n, m in layers.items() if isinstance(m, WEIGHTED) and n not in self.skip]
+        if not targets:
+            raise KdError("compression.prune_unstructured: no conv or linear layer left to prune (all skipped)")
+        return targets
 
     @staticmethod
     def rebuild(model: nn.Module, record: dict) -> nn.Module:

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Literal
+from typing import Literal, Mapping
 
 import torch
 from torch import nn
 
 from kd_cli.compress import register_step
 from kd_cli.compress.context import StepContext
-from kd_cli.compress.layers import WEIGHTED, check_layer_names
+from kd_cli.compress.layers import WEIGHTED, check_layers, layer_map
 from kd_cli.errors import KdError
 from kd_cli.registry import PositiveInt
 
@@ -45,7 +45,7 @@ class QuantizeInt8:
         self.layers, self.skip = list(layers), list(skip)
 
     def apply(self, model: nn.Module, ctx: StepContext) -> nn.Module:
-        self._check_layers(model)
+        self.check(model)
         model = model.cpu().eval()
         example = ctx.example.cpu()
         prepared = self._prepare(model, example)
@@ -79,20 +79,22 @@ class QuantizeInt8:
             raise KdError("cannot rebuild an int8 model whose input shape is unknown")
         return _convert(step._prepare(model.cpu().eval(), torch.zeros(1, *shape)))
 
-    def _check_layers(self, model: nn.Module) -> None:
-        check_layer_names(model, [*self.layers, *self.skip], "compression.quantize_int8.layers/skip")
-        modules = dict(model.named_modules())
-        for name in self.layers:
-            module = modules[name]
-            supported = (nn.Linear,) if self.mode == "dynamic" else WEIGHTED
-            if not isinstance(module, supported):
-                kinds = "Linear" if self.mode == "dynamic" else "Conv1d/2d/3d and Linear"
-                raise KdError(f"compression.quantize_int8: layer '{name}' is a {type(module).__name__}; {self.mode} "
-                              f"int8 quantises {kinds} layers (BatchNorm and activations are fused into the conv "
-                              f"before them)")
-        if self.mode == "dynamic" and not any(isinstance(m, nn.Linear) for m in model.modules()):
+    def check(self, model: nn.Module | Mapping[str, nn.Module]) -> None:
+        """What can be checked before quantising (see compress.check_steps): `layers` names conv/linear
+        layers of the model (Linear for dynamic), `skip` names layers of the model (a block: all of it),
+        and something is left to quantise. Whether torch.fx can trace the model is known only by trying."""
+        layers = layer_map(model)
+        supported, kinds = ((nn.Linear,), "Linear") if self.mode == "dynamic" else (WEIGHTED, "Conv1d/2d/3d and Linear")
+        check_layers(layers, self.layers, "compression.quantize_int8.layers", supported,
+                     f"{self.mode} int8 quantises {kinds} layers (BatchNorm and activations are fused into the "
+                     f"conv before them)")
+        check_layers(layers, self.skip, "compression.quantize_int8.skip")
+        if self.mode == "dynamic" and not any(isinstance(m, nn.Linear) for m in layers.values()):
             raise KdError("compression.quantize_int8.mode=dynamic quantises Linear layers only and this model has "
                           "none; use mode=static for conv nets")
+        if self.layers and set(self.layers) <= set(self.skip):
+            raise KdError("compression.quantize_int8: every layer in layers is also in skip, so nothing would be "
+                          "quantised; leave them out of skip")
 
     def _prepare(self, model: nn.Module, example: torch.Tensor) -> nn.Module:
         from torch.ao.quantization import QConfigMapping, default_dynamic_qconfig, get_default_qconfig

@@ -5,10 +5,14 @@ subclass whose keyword arguments are its options, and `configs/method/mine.yaml`
 and a value for each option. Every module in this package is imported automatically.
 
 The options' annotations are their schema (`kd_weight: NonNegative`, `temperature: Positive`,
-`order: NonNegativeInt`, `Literal[...]`, see kd_cli/registry.py), and a `validate_options` static
-method holds the rules that tie options together; `check_method_options` applies both before any
-data is read or any teacher trained, `build_method` again when it builds. `__init__` checks only
-what needs the models or the data (layer names, feature shapes, the training split's size).
+`order: NonNegativeInt`, `Literal[...]`, see kd_cli/registry.py), and `validate_options` holds the
+rules that tie options together; `check_method_options` applies both before any data is read or any
+teacher trained, `build_method` again when it builds. `__init__` checks only what needs the models or
+the data (layer names, feature shapes, the training split's size).
+
+Every method names the options that weight its loss terms in `loss_weights`; `Distiller.validate_options`
+refuses a config in which all of them are 0 (nothing would be learned), and `forward` leaves out a
+term whose weight is 0 (no column of zeros in metrics.csv, no time spent on it).
 """
 
 from __future__ import annotations
@@ -28,7 +32,11 @@ METHODS = Registry("method")
 
 
 def register_method(name: str):
-    return METHODS.register(name)
+    def add(cls):
+        cls.method_name = name  # for messages (`method=kd: ...`), also in a subclass's inherited rules
+        return METHODS.register(name)(cls)
+
+    return add
 
 
 FIXED = ("student", "teacher", "num_samples")  # given by the stage, not options

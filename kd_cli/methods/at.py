@@ -31,6 +31,8 @@ def at_loss(student: torch.Tensor, teacher: torch.Tensor, p: float) -> torch.Ten
 
 @register_method("at")
 class AttentionTransfer(FeatureDistiller):
+    loss_weights = ("at_weight", "ce_weight", "kd_weight")
+
     def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
                  ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, at_weight: NonNegative,
                  p: Positive):
@@ -45,7 +47,8 @@ class AttentionTransfer(FeatureDistiller):
     # default_layers: every stage output (the base's), as RepDistiller's feat[1:-1]
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
-        logits, student = self.student_features(images)
-        teacher_logits, teacher = self.teacher_features(images)
-        loss = sum(at_loss(s, t, self.p) for s, t in zip(student, teacher))
-        return logits, {**self.logit_terms(logits, teacher_logits, labels), "at": self.at_weight * loss}
+        logits, student, teacher_logits, teacher = self.features(images, self.at_weight)
+        terms = self.logit_terms(logits, teacher_logits, labels)
+        if self.at_weight:
+            terms["at"] = self.at_weight * sum(at_loss(s, t, self.p) for s, t in zip(student, teacher))
+        return logits, terms

@@ -4,13 +4,15 @@ A method is an nn.Module that owns the student and any learnable adapters; it re
 teacher but does not register it as a submodule, so the teacher is never optimised, never saved
 with the student, and never part of the resume state (it is reloaded from its own weights).
 `forward(images, labels)` returns the student's logits and a dict of named, already weighted
-loss terms; the engine sums the terms and logs each one.
+loss terms; the engine sums the terms and logs each one. A term whose weight is 0 is left out (not
+computed, not logged), and `loss_weights` names the options that weight the terms, so that a config
+in which all of them are 0 is refused before any work (`validate_options`).
 """
 
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,17 @@ class Distiller(nn.Module, metaclass=ABCMeta):
     needs_index = False
     # Born-again self-distillation: how many students to train in sequence, each teaching the next.
     generations = 1
+    # The options that weight the method's loss terms: every method names its own, and at least one
+    # of them must be > 0 (validate_options). `method_name` is set by register_method.
+    loss_weights: tuple[str, ...] = ()
+    method_name = "?"
+
+    @classmethod
+    def validate_options(cls, **options: Any) -> None:
+        """The rules that tie options together, before anything is built: the registry calls this with
+        every option, defaults filled in. Subclasses add theirs and call super(). Here: some term of the
+        loss has a weight > 0."""
+        require_a_loss_term(cls.method_name, cls.loss_weights, options)
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None):
         super().__init__()
@@ -83,10 +96,11 @@ class FeatureDistiller(Distiller):
         self.teacher_shapes = _shapes(teacher, self.teacher_layers)
         self.ce_weight, self.kd_weight, self.temperature = ce_weight, kd_weight, temperature
 
-    @staticmethod
-    def validate_options(*, student_layers: list[str] | None = None, teacher_layers: list[str] | None = None,
-                         **_) -> None:
-        """Before any model exists: layer lists given for both models must pair up."""
+    @classmethod
+    def validate_options(cls, *, student_layers: list[str] | None = None, teacher_layers: list[str] | None = None,
+                         **options: Any) -> None:
+        """Before any model exists: some term has a weight, and layer lists given for both models pair up."""
+        super().validate_options(**options)
         if student_layers and teacher_layers:
             check_layer_counts(student_layers, teacher_layers)
 
@@ -99,13 +113,23 @@ class FeatureDistiller(Distiller):
             logits = self.student(images)
         return logits, [tap.outputs[name] for name in self.student_layers]
 
+    def features(self, images: torch.Tensor, own_weight: float) -> tuple[torch.Tensor, list[torch.Tensor],
+                                                                        torch.Tensor | None, list[torch.Tensor]]:
+        """(student logits, student features, teacher logits, teacher features). The teacher runs only when
+        a term reads it, the method's own (weighted by `own_weight`) or KD; otherwise None and []."""
+        logits, student = self.student_features(images)
+        if not (own_weight or self.kd_weight):
+            return logits, student, None, []
+        teacher_logits, teacher = self.teacher_features(images)
+        return logits, student, teacher_logits, teacher
+
     @torch.no_grad()
     def teacher_features(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         with FeatureTap(self.teacher, self.teacher_layers, detach=True) as tap:
             logits = self.teacher(images)
         return logits, [tap.outputs[name] for name in self.teacher_layers]
 
-    def logit_terms(self, logits: torch.Tensor, teacher_logits: torch.Tensor,
+    def logit_terms(self, logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                     labels: torch.Tensor) -> dict[str, torch.Tensor]:
         from kd_cli.methods.kd import kd_loss
 
@@ -115,6 +139,19 @@ class FeatureDistiller(Distiller):
         if self.kd_weight:
             terms["kd"] = self.kd_weight * kd_loss(logits.float(), teacher_logits.float(), self.temperature)
         return terms
+
+
+def require_a_loss_term(method: str, weights: Sequence[str], options: Mapping[str, Any]) -> None:
+    """A one-line KdError when every option in `weights` is 0: the loss would be 0 whatever the student
+    does, so training would "complete" having learned nothing."""
+    if not weights or any(options.get(w) != 0 for w in weights):
+        return
+    keys = [f"method.{w}" for w in weights]
+    if len(keys) == 1:
+        raise KdError(f"method={method}: its only loss weight {keys[0]} is 0, so nothing would be learned; "
+                      f"give it a weight > 0")
+    raise KdError(f"method={method}: every loss weight is 0 ({', '.join(keys)}), so nothing would be learned; "
+                  f"give one a weight > 0")
 
 
 def check_layer_counts(student_layers: list[str], teacher_layers: list[str]) -> None:

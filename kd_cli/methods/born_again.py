@@ -16,6 +16,8 @@ from kd_cli.registry import NonNegative, Positive, PositiveInt
 
 @register_method("born_again")
 class BornAgain(KD):
+    loss_weights = ("kd_weight", "ce_weight")
+
     def __init__(self, student, teacher, *, generations: PositiveInt, temperature: Positive, kd_weight: NonNegative,
                  ce_weight: NonNegative, logit_standardization: bool):
         super().__init__(student, teacher, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,

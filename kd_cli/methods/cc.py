@@ -39,13 +39,16 @@ def cc_loss(student: torch.Tensor, teacher: torch.Tensor, gamma: float, order: i
 
 @register_method("cc")
 class CorrelationCongruence(FeatureDistiller):
+    loss_weights = ("cc_weight", "ce_weight", "kd_weight")
+
     def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
                  ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, cc_weight: NonNegative,
                  gamma: Positive, order: NonNegativeInt):
         super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
                          ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
+        # no adapter for a term left out (DDP: every parameter must get a gradient)
         self.embeds = nn.ModuleList(self._embed(*pair) for pair in zip(
-            self.student_layers, self.student_shapes, self.teacher_layers, self.teacher_shapes))
+            self.student_layers, self.student_shapes, self.teacher_layers, self.teacher_shapes) if cc_weight)
         self.cc_weight, self.gamma, self.order = cc_weight, gamma, order
 
     @staticmethod
@@ -59,10 +62,12 @@ class CorrelationCongruence(FeatureDistiller):
         return embedding_layers(model)  # RepDistiller's feat[-1]: the pooled embedding
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
-        logits, student = self.student_features(images)
-        teacher_logits, teacher = self.teacher_features(images)
-        loss = 0
-        for embed, s, t in zip(self.embeds, student, teacher):
-            s, t = embed(s, t) if embed is not None else (s, t)
-            loss = loss + cc_loss(s, t, self.gamma, self.order)
-        return logits, {**self.logit_terms(logits, teacher_logits, labels), "cc": self.cc_weight * loss}
+        logits, student, teacher_logits, teacher = self.features(images, self.cc_weight)
+        terms = self.logit_terms(logits, teacher_logits, labels)
+        if self.cc_weight:
+            loss = 0
+            for embed, s, t in zip(self.embeds, student, teacher):
+                s, t = embed(s, t) if embed is not None else (s, t)
+                loss = loss + cc_loss(s, t, self.gamma, self.order)
+            terms["cc"] = self.cc_weight * loss
+        return logits, terms

@@ -116,6 +116,7 @@ def clamp_negatives(nce_k: int, num_samples: int) -> int:
 @register_method("crd")
 class CRD(FeatureDistiller):
     needs_index = True
+    loss_weights = ("crd_weight", "ce_weight", "kd_weight")
 
     def __init__(self, student, teacher, *, num_samples: int | None, feat_dim: PositiveInt, nce_k: PositiveInt,
                  nce_t: Positive, nce_momentum: Momentum, crd_weight: NonNegative, student_layers: list[str] | None,
@@ -125,8 +126,10 @@ class CRD(FeatureDistiller):
         super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
                          ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
         self.num_samples, self.nce_t, self.nce_momentum = num_samples, nce_t, nce_momentum
-        self.nce_k = clamp_negatives(nce_k, num_samples)
         self.crd_weight = crd_weight
+        if not crd_weight:  # the heads and memories serve the CRD term only, which is left out
+            return
+        self.nce_k = clamp_negatives(nce_k, num_samples)
         self.embed_student = Embed(math.prod(self.student_shapes[0]), feat_dim)
         self.embed_teacher = Embed(math.prod(self.teacher_shapes[0]), feat_dim)
         # Buffers, so they are in the method's state_dict (resume) and never in the student's.
@@ -136,24 +139,25 @@ class CRD(FeatureDistiller):
         self.register_buffer("normaliser", torch.full((2,), -1.0))
         self._normaliser_known = False  # once true, no per-step host sync to check the buffer
 
-    @staticmethod
-    def validate_options(*, student_layers: list[str] | None = None, teacher_layers: list[str] | None = None,
-                         **_) -> None:
+    @classmethod
+    def validate_options(cls, *, student_layers: list[str] | None = None, teacher_layers: list[str] | None = None,
+                         **options) -> None:
         """One embedding per model: a layer list, when given, names exactly one layer (the default,
         null, is the pooled embedding, one layer)."""
         for role, layers in (("student", student_layers), ("teacher", teacher_layers)):
             if layers and len(layers) != 1:
                 raise KdError(f"method=crd contrasts one embedding per model; method.{role}_layers names "
                               f"{len(layers)} layers, give one (or null for the pooled embedding)")
+        super().validate_options(student_layers=student_layers, teacher_layers=teacher_layers, **options)
 
     def default_layers(self, model: nn.Module) -> list[str]:
         return embedding_layers(model)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor):
-        logits, (student_feature,) = self.student_features(images)
-        teacher_logits, (teacher_feature,) = self.teacher_features(images)
+        logits, student, teacher_logits, teacher = self.features(images, self.crd_weight)
         terms = self.logit_terms(logits, teacher_logits, labels)
-        terms["crd"] = self.crd_weight * self.contrast_loss(student_feature, teacher_feature, index)
+        if self.crd_weight:
+            terms["crd"] = self.crd_weight * self.contrast_loss(student[0], teacher[0], index)
         return logits, terms
 
     def contrast_loss(self, student_feature: torch.Tensor, teacher_feature: torch.Tensor,

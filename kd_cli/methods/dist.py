@@ -64,6 +64,8 @@ def pearson_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @register_method("dist")
 class DIST(Distiller):
+    loss_weights = ("ce_weight", "beta", "gamma")
+
     def __init__(self, student, teacher, *, ce_weight: NonNegative, beta: NonNegative, gamma: NonNegative,
                  temperature: Positive, logit_standardization: bool):
         super().__init__(student, teacher)
@@ -73,13 +75,16 @@ class DIST(Distiller):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         logits = self.student(images)
-        teacher_logits = self.teacher_logits(images)
-        p_student, p_teacher = soft_targets(logits.float(), teacher_logits.float(), self.temperature,
-                                            self.logit_standardization)
-        scale = self.temperature**2
-        terms = {"inter": self.beta * scale * inter_class_relation(p_student, p_teacher)}
-        if self.gamma:  # skipped when off, so gamma=0 also trains with a batch of one
-            terms["intra"] = self.gamma * scale * intra_class_relation(p_student, p_teacher)
+        terms = {}
+        if self.beta or self.gamma:  # a term whose weight is 0 is left out
+            teacher_logits = self.teacher_logits(images)
+            p_student, p_teacher = soft_targets(logits.float(), teacher_logits.float(), self.temperature,
+                                                self.logit_standardization)
+            scale = self.temperature**2
+            if self.beta:
+                terms["inter"] = self.beta * scale * inter_class_relation(p_student, p_teacher)
+            if self.gamma:  # so gamma=0 also trains with a batch of one
+                terms["intra"] = self.gamma * scale * intra_class_relation(p_student, p_teacher)
         if self.ce_weight:
             terms["ce"] = self.ce_weight * F.cross_entropy(logits, labels)
         return logits, terms

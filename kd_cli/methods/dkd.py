@@ -27,9 +27,18 @@ def dkd_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, label
     """(TCKD, NCKD), each T^2 * KL(teacher || student) averaged over the batch, unweighted."""
     student = tempered(student_logits, temperature, logit_standardization)
     teacher = tempered(teacher_logits, temperature, logit_standardization)
-    tckd = _kl(_binary_log_probs(student, labels), _binary_log_probs(teacher, labels))
+    return tckd_loss(student, teacher, labels, temperature), nckd_loss(student, teacher, labels, temperature)
+
+
+def tckd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(b_teacher || b_student) for logits already `tempered`, averaged over the batch."""
+    return _kl(_binary_log_probs(student, labels), _binary_log_probs(teacher, labels)) * temperature**2
+
+
+def nckd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(q_teacher || q_student) for logits already `tempered`, averaged over the batch."""
     nckd = _kl(_non_target(student, labels).log_softmax(dim=1), _non_target(teacher, labels).log_softmax(dim=1))
-    return tckd * temperature**2, nckd * temperature**2
+    return nckd * temperature**2
 
 
 def warmup_factor(epoch: int, warmup: float) -> float:
@@ -67,6 +76,8 @@ def _kl(log_p_student: torch.Tensor, log_p_teacher: torch.Tensor) -> torch.Tenso
 
 @register_method("dkd")
 class DKD(Distiller):
+    loss_weights = ("ce_weight", "alpha", "beta")
+
     # warmup: epochs over which the KD part ramps up (0 or 1: none); a fraction of an epoch count is allowed
     def __init__(self, student, teacher, *, ce_weight: NonNegative, alpha: NonNegative, beta: NonNegative,
                  temperature: Positive, warmup: NonNegative, logit_standardization: bool):
@@ -77,11 +88,16 @@ class DKD(Distiller):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         logits = self.student(images)
-        teacher_logits = self.teacher_logits(images)
-        tckd, nckd = dkd_losses(logits.float(), teacher_logits.float(), labels, self.temperature,
-                                logit_standardization=self.logit_standardization)
-        ramp = warmup_factor(self.epoch, self.warmup)
-        terms = {"tckd": ramp * self.alpha * tckd, "nckd": ramp * self.beta * nckd}
+        terms = {}
+        if self.alpha or self.beta:  # a term whose weight is 0 is left out (dkd_losses, one part at a time)
+            teacher_logits = self.teacher_logits(images)
+            student = tempered(logits.float(), self.temperature, self.logit_standardization)
+            teacher = tempered(teacher_logits.float(), self.temperature, self.logit_standardization)
+            ramp = warmup_factor(self.epoch, self.warmup)
+            if self.alpha:
+                terms["tckd"] = ramp * self.alpha * tckd_loss(student, teacher, labels, self.temperature)
+            if self.beta:
+                terms["nckd"] = ramp * self.beta * nckd_loss(student, teacher, labels, self.temperature)
         if self.ce_weight:
             terms["ce"] = self.ce_weight * F.cross_entropy(logits, labels)
         return logits, terms

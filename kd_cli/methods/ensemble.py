@@ -44,6 +44,7 @@ def normalised_weights(weights: list[float] | None, count: int) -> list[float]:
 @register_method("ensemble")
 class Ensemble(Distiller):
     requires_teacher = False  # its teachers are method.teachers
+    loss_weights = ("kd_weight", "ce_weight")
 
     def __init__(self, student, teacher=None, *, teachers: list[str], weights: list[float] | None,
                  temperature: Positive, kd_weight: NonNegative, ce_weight: NonNegative):
@@ -53,11 +54,12 @@ class Ensemble(Distiller):
         self.weights = normalised_weights(weights, len(models))
         self.temperature, self.kd_weight, self.ce_weight = temperature, kd_weight, ce_weight
 
-    @staticmethod
-    def validate_options(*, teachers: list[str], weights: list[float] | None, **_) -> None:
+    @classmethod
+    def validate_options(cls, *, teachers: list[str], weights: list[float] | None, **options) -> None:
         if not teachers:
             raise KdError("method=ensemble needs method.teachers=[RUN_DIR,RUN_DIR,...] (one or more teachers)")
         check_weights(weights, len(teachers))
+        super().validate_options(**options)
 
     @staticmethod
     def _load_teacher(path: str, student) -> torch.nn.Module:
@@ -79,11 +81,13 @@ class Ensemble(Distiller):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         logits = self.student(images)
-        ensemble = self.ensemble_logits(images)
-        if ensemble.shape != logits.shape:
-            raise KdError(f"the teachers predict {ensemble.shape[1]} classes but the student {logits.shape[1]}; "
-                          "give teachers trained on this data set")
-        terms = {"kd": self.kd_weight * kd_loss(logits.float(), ensemble, self.temperature)}
+        terms = {}
+        if self.kd_weight:  # a term whose weight is 0 is left out (and the teachers not run for it)
+            ensemble = self.ensemble_logits(images)
+            if ensemble.shape != logits.shape:
+                raise KdError(f"the teachers predict {ensemble.shape[1]} classes but the student "
+                              f"{logits.shape[1]}; give teachers trained on this data set")
+            terms["kd"] = self.kd_weight * kd_loss(logits.float(), ensemble, self.temperature)
         if self.ce_weight:
             terms["ce"] = self.ce_weight * F.cross_entropy(logits, labels)
         return logits, terms

@@ -26,6 +26,8 @@ def fitnet_loss(regressed_student: torch.Tensor, teacher: torch.Tensor) -> torch
 
 @register_method("fitnet")
 class FitNet(FeatureDistiller):
+    loss_weights = ("fitnet_weight", "ce_weight", "kd_weight")
+
     def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
                  ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, fitnet_weight: NonNegative,
                  regressor_relu: bool):
@@ -35,7 +37,8 @@ class FitNet(FeatureDistiller):
         regressors = []
         for s_layer, s_shape, t_layer, t_shape in pairs:
             require_same_kind("fitnet", (s_layer, s_shape), (t_layer, t_shape))
-            regressors.append(Regressor(s_shape, t_shape, relu=regressor_relu))
+            if fitnet_weight:  # no adapter for a term left out (DDP: every parameter must get a gradient)
+                regressors.append(Regressor(s_shape, t_shape, relu=regressor_relu))
         self.regressors = nn.ModuleList(regressors)
         self.fitnet_weight = fitnet_weight
 
@@ -46,7 +49,9 @@ class FitNet(FeatureDistiller):
         return [stages[min(1, len(stages) - 1)]]
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
-        logits, student = self.student_features(images)
-        teacher_logits, teacher = self.teacher_features(images)
-        loss = sum(fitnet_loss(*regress(s, t)) for regress, s, t in zip(self.regressors, student, teacher))
-        return logits, {**self.logit_terms(logits, teacher_logits, labels), "fitnet": self.fitnet_weight * loss}
+        logits, student, teacher_logits, teacher = self.features(images, self.fitnet_weight)
+        terms = self.logit_terms(logits, teacher_logits, labels)
+        if self.fitnet_weight:
+            loss = sum(fitnet_loss(*regress(s, t)) for regress, s, t in zip(self.regressors, student, teacher))
+            terms["fitnet"] = self.fitnet_weight * loss
+        return logits, terms

@@ -27,6 +27,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 @register_method("kd")
 class KD(Distiller):
+    loss_weights = ("kd_weight", "ce_weight")
+
     def __init__(self, student, teacher, *, temperature: Positive, kd_weight: NonNegative, ce_weight: NonNegative,
                  logit_standardization: bool):
         super().__init__(student, teacher)
@@ -37,10 +39,12 @@ class KD(Distiller):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         logits = self.student(images)
-        teacher_logits = self.teacher_logits(images)
-        soft = kd_loss(logits.float(), teacher_logits.float(), self.temperature,
-                       logit_standardization=self.logit_standardization)
-        terms = {"kd": self.kd_weight * soft}
+        terms = {}
+        if self.kd_weight:  # a term whose weight is 0 is left out (and the teacher not run for it)
+            teacher_logits = self.teacher_logits(images)
+            soft = kd_loss(logits.float(), teacher_logits.float(), self.temperature,
+                           logit_standardization=self.logit_standardization)
+            terms["kd"] = self.kd_weight * soft
         if self.ce_weight:
             terms["ce"] = self.ce_weight * F.cross_entropy(logits, labels)
         return logits, terms

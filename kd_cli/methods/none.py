@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 
 from kd_cli.methods import register_method
 from kd_cli.methods.base import Distiller
-from kd_cli.registry import NonNegative, Probability
+from kd_cli.registry import NonNegative, Range
+
+# Label smoothing 1 would make every target uniform: nothing left to learn.
+Smoothing = Annotated[float, Range(0, 1, high_open=True)]
 
 
 @register_method("none")
 class NoDistillation(Distiller):
     requires_teacher = False
+    loss_weights = ("ce_weight",)
 
-    def __init__(self, student, teacher=None, *, ce_weight: NonNegative, label_smoothing: Probability):
+    def __init__(self, student, teacher=None, *, ce_weight: NonNegative, label_smoothing: Smoothing):
         super().__init__(student, None)  # a teacher, if one is around, is ignored
         self.ce_weight = ce_weight
         self.label_smoothing = label_smoothing

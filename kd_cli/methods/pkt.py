@@ -39,6 +39,8 @@ def pkt_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 @register_method("pkt")
 class PKT(FeatureDistiller):
+    loss_weights = ("pkt_weight", "ce_weight", "kd_weight")
+
     def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
                  ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, pkt_weight: NonNegative):
         super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
@@ -49,7 +51,8 @@ class PKT(FeatureDistiller):
         return embedding_layers(model)  # RepDistiller's feat[-1]: the pooled embedding
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
-        logits, student = self.student_features(images)
-        teacher_logits, teacher = self.teacher_features(images)
-        loss = sum(pkt_loss(s, t) for s, t in zip(student, teacher))
-        return logits, {**self.logit_terms(logits, teacher_logits, labels), "pkt": self.pkt_weight * loss}
+        logits, student, teacher_logits, teacher = self.features(images, self.pkt_weight)
+        terms = self.logit_terms(logits, teacher_logits, labels)
+        if self.pkt_weight:
+            terms["pkt"] = self.pkt_weight * sum(pkt_loss(s, t) for s, t in zip(student, teacher))
+        return logits, terms

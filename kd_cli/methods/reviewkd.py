@@ -116,6 +116,8 @@ def map_shapes(model: nn.Module, layers: list[str], shapes: list[tuple[int, ...]
 
 @register_method("reviewkd")
 class ReviewKD(FeatureDistiller):
+    loss_weights = ("reviewkd_weight", "ce_weight", "kd_weight")
+
     def __init__(self, student, teacher, *, reviewkd_weight: NonNegative, warmup: NonNegativeInt,
                  max_mid_channels: PositiveInt, student_layers: list[str] | None, teacher_layers: list[str] | None,
                  ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive):
@@ -130,12 +132,13 @@ class ReviewKD(FeatureDistiller):
         teacher_maps = map_shapes(teacher, self.teacher_layers, self.teacher_shapes, "teacher")
         self.out_sizes = [shape[1:] for shape in teacher_maps]
         mid = min(max_mid_channels, student_maps[-1][0])  # mdistiller: min(512, channels of the deepest level)
-        # shallow to deep, as the layers; the deepest has nothing below it to fuse with
+        # shallow to deep, as the layers; the deepest has nothing below it to fuse with. None at all when
+        # the term is left out (DDP: every parameter must get a gradient)
         self.abfs = nn.ModuleList(ABF(s[0], mid, t[0], fuse=i < len(student_maps) - 1)
-                                  for i, (s, t) in enumerate(zip(student_maps, teacher_maps)))
+                                  for i, (s, t) in enumerate(zip(student_maps, teacher_maps)) if reviewkd_weight)
 
-    @staticmethod
-    def validate_options(*, student_layers: list[str] | None = None, teacher_layers: list[str] | None = None,
+    @classmethod
+    def validate_options(cls, *, student_layers: list[str] | None = None, teacher_layers: list[str] | None = None,
                          **options) -> None:
         """Given layer lists: at least one stage map then the embedding, as many for both models."""
         for role, layers in (("student", student_layers), ("teacher", teacher_layers)):
@@ -143,7 +146,7 @@ class ReviewKD(FeatureDistiller):
                 raise KdError(f"method=reviewkd needs at least one stage map and the embedding per model, but "
                               f"method.{role}_layers names {layers}; name the stage modules then the embedding, "
                               f"or null for the default levels")
-        FeatureDistiller.validate_options(student_layers=student_layers, teacher_layers=teacher_layers, **options)
+        super().validate_options(student_layers=student_layers, teacher_layers=teacher_layers, **options)
 
     def warmup_factor(self) -> float:
         return min((self.epoch + 1) / self.warmup, 1.0) if self.warmup else 1.0
@@ -157,13 +160,13 @@ class ReviewKD(FeatureDistiller):
         return outputs[::-1]
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
-        if self.training and images.shape[0] < 2:
+        if self.training and self.reviewkd_weight and images.shape[0] < 2:
             raise KdError("method=reviewkd needs training batches of at least 2 (its fusion modules use "
                           "batch norm on 1x1 maps); raise trainer.batch_size")
-        logits, student_features = self.student_features(images)
-        teacher_logits, teacher_features = self.teacher_features(images)
+        logits, student_features, teacher_logits, teacher_features = self.features(images, self.reviewkd_weight)
         terms = self.logit_terms(logits, teacher_logits, labels)
-        fused = self.review(student_features)
-        loss = hcl_loss(fused, [as_map(f) for f in teacher_features])
-        terms["reviewkd"] = self.reviewkd_weight * self.warmup_factor() * loss
+        if self.reviewkd_weight:
+            fused = self.review(student_features)
+            loss = hcl_loss(fused, [as_map(f) for f in teacher_features])
+            terms["reviewkd"] = self.reviewkd_weight * self.warmup_factor() * loss
         return logits, terms

@@ -55,6 +55,8 @@ def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
 
 @register_method("rkd")
 class RKD(FeatureDistiller):
+    loss_weights = ("distance_weight", "angle_weight", "ce_weight", "kd_weight")
+
     def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
                  ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, distance_weight: NonNegative,
                  angle_weight: NonNegative):
@@ -66,8 +68,7 @@ class RKD(FeatureDistiller):
         return embedding_layers(model)  # RepDistiller's feat[-1]: the pooled embedding
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
-        logits, student = self.student_features(images)
-        teacher_logits, teacher = self.teacher_features(images)
+        logits, student, teacher_logits, teacher = self.features(images, self.distance_weight or self.angle_weight)
         terms = self.logit_terms(logits, teacher_logits, labels)
         pairs = list(zip(student, teacher))
         if self.distance_weight:

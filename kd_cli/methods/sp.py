@@ -32,6 +32,8 @@ def sp_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 @register_method("sp")
 class SimilarityPreserving(FeatureDistiller):
+    loss_weights = ("sp_weight", "ce_weight", "kd_weight")
+
     def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
                  ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, sp_weight: NonNegative):
         super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
@@ -42,7 +44,8 @@ class SimilarityPreserving(FeatureDistiller):
         return list(model.kd_feature_layers)[-1:]  # the last stage, before pooling
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
-        logits, student = self.student_features(images)
-        teacher_logits, teacher = self.teacher_features(images)
-        loss = sum(sp_loss(s, t) for s, t in zip(student, teacher))
-        return logits, {**self.logit_terms(logits, teacher_logits, labels), "sp": self.sp_weight * loss}
+        logits, student, teacher_logits, teacher = self.features(images, self.sp_weight)
+        terms = self.logit_terms(logits, teacher_logits, labels)
+        if self.sp_weight:
+            terms["sp"] = self.sp_weight * sum(sp_loss(s, t) for s, t in zip(student, teacher))
+        return logits, terms

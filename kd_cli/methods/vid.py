@@ -59,6 +59,8 @@ class VariationalHead(nn.Module):
 
 @register_method("vid")
 class VID(FeatureDistiller):
+    loss_weights = ("vid_weight", "ce_weight", "kd_weight")
+
     def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
                  ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, vid_weight: NonNegative,
                  init_variance: Positive, min_variance: Positive):
@@ -68,13 +70,14 @@ class VID(FeatureDistiller):
         for s_layer, s_shape, t_layer, t_shape in zip(self.student_layers, self.student_shapes,
                                                       self.teacher_layers, self.teacher_shapes):
             require_same_kind("vid", (s_layer, s_shape), (t_layer, t_shape))
-            heads.append(VariationalHead(s_shape, t_shape, init_variance, min_variance))
+            if vid_weight:  # no adapter for a term left out (DDP: every parameter must get a gradient)
+                heads.append(VariationalHead(s_shape, t_shape, init_variance, min_variance))
         self.heads = nn.ModuleList(heads)
         self.vid_weight = vid_weight
 
-    @staticmethod
-    def validate_options(*, min_variance: float, init_variance: float, **options) -> None:
-        FeatureDistiller.validate_options(**options)
+    @classmethod
+    def validate_options(cls, *, min_variance: float, init_variance: float, **options) -> None:
+        super().validate_options(**options)
         if not min_variance < init_variance:  # softplus(alpha) = init - min must be > 0
             raise KdError(f"method vid needs 0 < min_variance < init_variance, got method.min_variance={min_variance} "
                           f"and method.init_variance={init_variance}; the defaults are 1e-5 and 5.0")
@@ -82,7 +85,8 @@ class VID(FeatureDistiller):
     # default_layers: every stage output (the base's), as RepDistiller's feat[1:-1]
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
-        logits, student = self.student_features(images)
-        teacher_logits, teacher = self.teacher_features(images)
-        loss = sum(head(s, t) for head, s, t in zip(self.heads, student, teacher))
-        return logits, {**self.logit_terms(logits, teacher_logits, labels), "vid": self.vid_weight * loss}
+        logits, student, teacher_logits, teacher = self.features(images, self.vid_weight)
+        terms = self.logit_terms(logits, teacher_logits, labels)
+        if self.vid_weight:
+            terms["vid"] = self.vid_weight * sum(head(s, t) for head, s, t in zip(self.heads, student, teacher))
+        return logits, terms

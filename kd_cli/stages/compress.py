@@ -17,12 +17,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from kd_cli.compress import FINETUNE, STEPS, build_step, is_int8
+from kd_cli.compress import FINETUNE, STEPS, build_step, check_steps, is_int8
 from kd_cli.compress.context import StepContext
 from kd_cli.compress.measure import Measurement, measure
 from kd_cli.compress.prune_unstructured import copyable, make_permanent
 from kd_cli.data import make_loader
-from kd_cli.engine.artifacts import ModelSpec, load_model, load_spec, resolve_weights, save_model
+from kd_cli.engine.artifacts import ModelSpec, load_model, load_spec, resolve_weights, save_model, weights_digest
 from kd_cli.engine.loop import Training, fit
 from kd_cli.engine.metrics import predict
 from kd_cli.engine.rundir import COMPLETE, CONFIG, RunDir
@@ -43,10 +43,17 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     weights = resolve_weights(cfg.run)
     if is_int8(load_spec(weights).extra):
         raise KdError(f"{weights} is already int8; compress its float model instead")
+    digest = weights_digest(weights)
+    if run.previous.get("model_weights_sha256") not in (None, digest):
+        raise KdError(f"{weights} holds other weights than when this run started (sha256 {digest}, was "
+                      f"{run.previous['model_weights_sha256']}); a resumed run keeps its model: restore it, or start "
+                      f"a new run")
+    run.keep(model_weights_sha256=digest)
     use_saved_dataset(cfg, weights)
     setup = setup_run(cfg)
     print_config(cfg)
     original, spec = load_model(weights, setup.device)
+    check_steps(original, steps)  # layer names and kinds, each step on the names the ones before leave
     loaders = load_data(cfg, setup)
     check_model_fits(spec, loaders.data, weights, "model", same_size=True)
     if FINETUNE in cfg.compression.steps:  # the recovery method's own checks, before anything is written
