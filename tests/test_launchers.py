@@ -118,10 +118,15 @@ def test_a_failed_joblib_job_makes_the_sweep_exit_non_zero(outputs, teacher):
     from kdrun import assert_one_line_error, kd
 
     root = outputs / "joblib-failing"
-    result = kd("distill", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "method.temperature=2,-1",
+    # A bad value is refused before any job runs, whatever the launcher...
+    refused = kd("distill", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "method.temperature=2,-1",
+                 f"teacher.checkpoint={teacher}", *TINY, f"paths.outputs={root}", cwd=outputs)
+    assert_one_line_error(refused, "job 1 of the sweep", "method.temperature=-1", "no job was run")
+    assert not list(root.glob("multirun/*/*/*/summary.json"))
+    # ...and a job that fails as it trains (a learning rate that diverges) fails the sweep's exit status
+    result = kd("distill", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optim.lr=0.05,1e9",
                 f"teacher.checkpoint={teacher}", *TINY, f"paths.outputs={root}", cwd=outputs)
-    assert result.code != 0
-    assert_one_line_error(result, "job(s) of the sweep did not complete", "temperature")
+    assert_one_line_error(result, "job(s) of the sweep did not complete", "became nan")
     statuses = sorted(summary(p.parent)["status"] for p in root.glob("multirun/*/*/*/summary.json"))
     assert statuses == ["complete", "failed"]  # the other job went on and finished
 
