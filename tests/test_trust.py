@@ -183,6 +183,27 @@ def test_a_sweep_folder_holding_runs_is_refused_unless_resumed(tmp_path):
     assert summary(jobs[1])["status"] == "complete" and len(summary(jobs[1])["resumes"]) == 1
 
 
+def test_a_resumed_sweep_runs_a_job_that_was_refused_before_it_started(tmp_path):
+    """Job 1 needs MNIST, which is not there yet: it is refused before it starts (its folder says so,
+    for launchers that run jobs elsewhere) and the sweep exits non-zero. Once the files are there,
+    resume=SWEEP keeps job 0 as it is and runs job 1."""
+    import numpy as np
+
+    from formats import write_mnist_raw
+
+    sweep, data = tmp_path / "sweep", tmp_path / "data"
+    args = ["train-teacher", "-m", "dataset=digits,mnist", "trainer.epochs=1", *SMALL, f"paths.data={data}",
+            f"hydra.sweep.dir={sweep}"]
+    assert_one_line_error(kd_here(*args, cwd=tmp_path), "MNIST not found")
+    assert summary(sweep / "0")["status"] == "complete"
+    assert summary(sweep / "1")["status"] == "failed" and summary(sweep / "1")["started_run"] is False
+    before = snapshot(sweep / "0")
+    rng = np.random.default_rng(0)
+    write_mnist_raw(data, rng.integers(0, 256, (300, 28, 28), dtype=np.uint8), (np.arange(300) % 10).astype(np.uint8), n_train=200)
+    assert kd_here("train-teacher", f"resume={sweep}", cwd=tmp_path).code == 0
+    assert snapshot(sweep / "0") == before and summary(sweep / "1")["status"] == "complete"
+
+
 # --- a resume does not change what the run is ----------------------------------------------------
 
 

@@ -55,7 +55,7 @@ def claim_run_dir(path: Path, resume: str | None, extend: bool, overrides: list[
 def _claim(path: Path, lock: DirectoryLock, resume: str | None, extend: bool, overrides: list[str],
            in_sweep: bool, resumable: bool) -> Claim:
     _check_place(path, in_sweep)
-    if not holds_run(path):
+    if not holds_run(path) or _refused_before_start(path):
         return Claim(lock)
     target = Path(resume).expanduser().resolve() if resume else None
     whole_sweep = in_sweep and target == path.resolve().parent
@@ -71,6 +71,11 @@ def _claim(path: Path, lock: DirectoryLock, resume: str | None, extend: bool, ov
     if (path / LAST).exists():
         load_checkpoint(path / LAST)  # a corrupt checkpoint is refused before the run is touched
     return Claim(lock, previous, resuming=True, changes=changes)
+
+
+def _refused_before_start(path: Path) -> bool:
+    """A sweep's job that was refused before it started holds only the summary saying so: not a run."""
+    return read_summary(path).get("started_run") is False and not (path / CONFIG).exists()
 
 
 def _check_place(path: Path, in_sweep: bool) -> None:

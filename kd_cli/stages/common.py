@@ -102,6 +102,9 @@ def _claim(cfg: DictConfig, path: Path) -> Claim:
 
 
 class NoLock:
+    def record_owner(self) -> None:
+        pass
+
     def release(self) -> None:
         pass
 
