@@ -244,8 +244,8 @@ def write_image_folder(root: Path, per_class: int, size=(12, 10)) -> None:
 def test_imagefolder_train_test_layout_and_loader(tmp_path):
     write_image_folder(tmp_path / "train", 4)
     write_image_folder(tmp_path / "val", 2)  # val/ stands in for test/
-    data = load_dataset({**dataset_node("imagefolder"), "root": str(tmp_path), "image_size": 8})
-    assert isinstance(data.train, FolderSplit) and (len(data.train), len(data.test)) == (12, 6)
+    data = load_dataset({**dataset_node("imagefolder"), "root": str(tmp_path), "image_size": 8, "val_fraction": 0})
+    assert isinstance(data.train, FolderSplit) and (len(data.train), len(data.test)) == (12, 6) and data.val is None
     assert data.class_names == sorted(COLOURS) and (data.in_channels, data.input_size) == (3, 8)
     image, label = data.train.dataset[0]
     assert isinstance(image, Image.Image) and label == 0  # no transform attached

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Mapping
 
 import torch
@@ -23,7 +23,8 @@ register_dataset = DATASETS.register
 
 # Keys of a dataset config node that the framework reads itself; every other key is an option of the
 # registered loader function (checked against its signature, so a typo is a one-line error).
-COMMON_KEYS = frozenset({"name", "mean", "std", "default_teacher", "default_student", "hflip", "crop_padding"})
+COMMON_KEYS = frozenset({"name", "mean", "std", "default_teacher", "default_student", "hflip", "crop_padding",
+                         "val_fraction"})
 
 # Types of the common keys, in the registry's terms (so messages read like those of loader options).
 COMMON_TYPES: dict[str, Any] = {
@@ -33,6 +34,8 @@ COMMON_TYPES: dict[str, Any] = {
     "hflip": bool,
     "default_teacher": str,
     "default_student": str,
+    # share of each training class held out for model selection (0: none; see `hold_out_validation`)
+    "val_fraction": Annotated[float, Range(0, 1, high_open=True)],
 }
 
 # Seeds of scikit-learn splits (its random_state must fit in 32 bits) and of torch generators.
@@ -72,6 +75,9 @@ class DataSplits:
     in_channels: int
     input_size: int  # side of the (square) images the model sees
     fingerprint: str  # short sha256 identifying the data, recorded in env.json
+    # Held out from training to choose the best epoch (dataset.val_fraction, or the data set's own
+    # validation folder); None: no validation split, the loop then reports the test-set best.
+    val: TensorSplit | FolderSplit | None = None
 
 
 def load_dataset(cfg: Mapping[str, Any]) -> DataSplits:
@@ -84,8 +90,45 @@ def load_dataset(cfg: Mapping[str, Any]) -> DataSplits:
     cfg = _plain_dict(cfg)
     check_dataset_config(cfg)
     data = DATASETS.build(cfg["name"], {}, _options(cfg))
+    fraction = cfg.get("val_fraction") or 0.0
+    if fraction and data.val is None:
+        data = hold_out_validation(data, fraction, cfg.get("split_seed", 0), cfg["name"])
     check_splits(data, cfg["name"])
     return data
+
+
+def hold_out_validation(data: DataSplits, fraction: float, seed: int, name: str) -> DataSplits:
+    """Move `fraction` of each training class (at least one image of any class that has two, never its
+    last) into a validation split, drawn with `seed`.
+
+    The fingerprint changes with it: a teacher found by fingerprint was trained on the same, smaller,
+    training split, so it has never seen a validation image either."""
+    import numpy as np
+
+    labels = split_labels(data.train)
+    labels = np.zeros(len(data.train), dtype=np.int64) if labels is None else labels.numpy()
+    rng = np.random.default_rng(seed)
+    held: list[np.ndarray] = []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        count = min(len(members) - 1, max(1, round(fraction * len(members))))
+        held.append(members[:count])
+    val_idx = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+    if len(val_idx) == 0:
+        raise KdError(f"dataset={name}: dataset.val_fraction={fraction} holds out no image (every class has a single "
+                      "training image); add images, or set dataset.val_fraction=0")
+    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
+    train, val = (subset(data.train, idx.tolist()) for idx in (train_idx, val_idx))
+    return replace(data, train=train, val=val,
+                   fingerprint=fingerprint(data.fingerprint, f"val_fraction={fraction}", f"seed={seed}"))
+
+
+def subset(split: TensorSplit | FolderSplit, indices: list[int]) -> TensorSplit | FolderSplit:
+    """The samples of `split` at `indices`, of the same kind."""
+    if isinstance(split, TensorSplit):
+        index = torch.as_tensor(indices, dtype=torch.int64)
+        return TensorSplit(split.images[index], split.labels[index])
+    return FolderSplit(Subset(split.dataset, indices), split.image_size)
 
 
 def check_dataset_config(cfg: Mapping[str, Any]) -> None:

@@ -41,7 +41,8 @@ BLOCK = 4096  # images hashed per block (bounds the temporary copy for unaligned
 def check_splits(data: DataSplits, name: str) -> None:
     """Refuse a degenerate data set, warn about a test split that misses classes or leaks training images."""
     what = f"dataset={name}"
-    for title, split in (("training", data.train), ("test", data.test)):
+    splits = [("training", data.train), ("test", data.test)] + ([("validation", data.val)] if data.val else [])
+    for title, split in splits:
         if len(split) == 0:
             raise KdError(f"{what}: the {title} split is empty; add images to it (for a data set split by kd, "
                           "change dataset.test_fraction)")
@@ -50,9 +51,10 @@ def check_splits(data: DataSplits, name: str) -> None:
         raise KdError(f"{what} has {_count(data.num_classes, 'class')} ({', '.join(names)}); a classifier needs at "
                       "least 2: add images of another class (an image folder needs one sub-folder per class)")
     train, test = split_labels(data.train), split_labels(data.test)
-    if train is None or test is None:
+    val = split_labels(data.val) if data.val is not None else torch.zeros(0, dtype=torch.int64)
+    if train is None or test is None or val is None:
         return  # labels known only by reading every image: not worth a pass over the data here
-    for title, labels in (("training", train), ("test", test)):
+    for title, labels in (("training", train), ("test", test), ("validation", val)):
         outside = labels[(labels < 0) | (labels >= data.num_classes)]
         if len(outside):
             raise KdError(f"{what}: the {title} split has label {int(outside[0])}, outside 0..{data.num_classes - 1} "
@@ -70,6 +72,10 @@ def check_splits(data: DataSplits, name: str) -> None:
         raise KdError(f"{what}: the training split has no images of class {_names(names, unlearnable)}, which the "
                       f"test split has ({shown}); the model could never predict it: add training images of it, or "
                       "remove it from the test split")
+    val_only = torch.nonzero((train_count == 0) & (torch.bincount(val, minlength=data.num_classes) > 0))
+    if len(val_only):
+        raise KdError(f"{what}: the validation split has images of class {_names(names, val_only.flatten().tolist())}, "
+                      "which the training split lacks; add training images of it, or remove it from the validation split")
     untested = torch.nonzero(test_count == 0).flatten().tolist()
     if untested:
         warn(f"{what}: the test split has no images of {len(untested)} of the {data.num_classes} classes "

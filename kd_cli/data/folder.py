@@ -1,7 +1,8 @@
 """Image folders (torchvision's ImageFolder): data too large for memory, streamed from disk.
 
 Layouts accepted under `root`: `train/` plus `test/` (or `val/`), each holding one folder per class;
-or class folders alone, which are split into train and test by `test_fraction` and `split_seed`.
+`train/`, `val/` and `test/` (val/ is then the validation split that chooses the best epoch); or class
+folders alone, which are split into train and test by `test_fraction` and `split_seed`.
 
 Unreadable files. Every image is read by `read_rgb`, which turns any failure to decode (a truncated
 PNG, a corrupt JPEG, a text file named .png) into `UnreadableImage`, a one-line KdError naming the file
@@ -35,7 +36,7 @@ from kd_cli.data.files import brief
 from kd_cli.errors import KdError, warn
 from kd_cli.registry import OpenFraction, PositiveInt
 
-LAYOUT = "train/ and test/ (or val/) folders of class folders, or class folders alone"
+LAYOUT = "train/ and test/ (or val/, or both) folders of class folders, or class folders alone"
 # Pillow's names of the formats behind ImageFolder's extensions (.jpg .jpeg .png .ppm .pgm .bmp .tif .tiff
 # .webp); camera JPEGs that Pillow calls MPO are opened by its JPEG entry.
 FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP")
@@ -102,10 +103,11 @@ def imagefolder(
                       f"under {root} ({LAYOUT})")
     if not os.path.isdir(root):
         raise KdError(f"image folder not found: {root} (expected {LAYOUT}); set dataset.root=PATH")
+    val = None
     if os.path.isdir(os.path.join(root, "train")):
-        train, test = _official_split(root)
+        train, test, val = _official_split(root)
         if skip_unreadable:
-            _drop_unreadable([train, test], root)
+            _drop_unreadable([split for split in (train, test, val) if split is not None], root)
     else:
         folder = _image_folder(root)
         if skip_unreadable:
@@ -122,20 +124,28 @@ def imagefolder(
         class_names=list(classes),
         in_channels=3,  # ImageFolder's loader converts every image to RGB
         input_size=image_size,
-        fingerprint=fingerprint(*classes, *_digest(train, root), *_digest(test, root)),
+        fingerprint=fingerprint(*classes, *_digest(train, root), *_digest(test, root),
+                                *(_digest(val, root) if val is not None else [])),
+        val=FolderSplit(val, image_size) if val is not None else None,
     )
 
 
-def _official_split(root: str) -> tuple[ImageFolder, ImageFolder]:
-    test_dir = next((os.path.join(root, n) for n in ("test", "val") if os.path.isdir(os.path.join(root, n))), None)
-    if test_dir is None:
+def _official_split(root: str) -> tuple[ImageFolder, ImageFolder, ImageFolder | None]:
+    """train/, test/ and val/ when all three exist; train/ with test/ or val/ alone: that one is the test split."""
+    present = [name for name in ("train", "val", "test") if os.path.isdir(os.path.join(root, name))]
+    if len(present) == 1:
         raise KdError(f"{root} has train/ but no test/ or val/ folder; add one (same class folders as train/)")
-    train, test = _image_folder(os.path.join(root, "train")), _image_folder(test_dir)
-    if train.classes != test.classes:
-        odd = sorted(set(train.classes) ^ set(test.classes))
-        raise KdError(f"train/ and {os.path.basename(test_dir)}/ under {root} have different class folders "
-                      f"(only in one: {', '.join(odd[:5])}); give both the same classes")
-    return train, test
+    test_name = "test" if "test" in present else "val"
+    val_name = "val" if test_name == "test" and "val" in present else None
+    train = _image_folder(os.path.join(root, "train"))
+    test = _image_folder(os.path.join(root, test_name))
+    val = _image_folder(os.path.join(root, val_name)) if val_name else None
+    for name, other in ((test_name, test), (val_name, val)):
+        if other is not None and train.classes != other.classes:
+            odd = sorted(set(train.classes) ^ set(other.classes))
+            raise KdError(f"train/ and {name}/ under {root} have different class folders "
+                          f"(only in one: {', '.join(odd[:5])}); give both the same classes")
+    return train, test, val
 
 
 def _image_folder(path: str) -> ImageFolder:

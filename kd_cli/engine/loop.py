@@ -1,5 +1,13 @@
 """The one training loop. Teacher training, distillation and compression recovery all run here:
-what differs between them is the method (a teacher-less `none`, `kd`, ...), not the loop."""
+what differs between them is the method (a teacher-less `none`, `kd`, ...), not the loop.
+
+Model selection. With a validation loader, every evaluation epoch scores the validation split, the
+best epoch is chosen on it and that epoch's student weights are kept (in the checkpoint too); the
+test split is read once, after the last epoch, for the chosen weights and for the last ones, and the
+student is left holding the chosen weights (so they are what the stage saves). Without one, the
+test split is scored every evaluation epoch and "best" is the test-set best: the number papers
+report, for comparison with them only, since choosing on the test set overstates accuracy.
+"""
 
 from __future__ import annotations
 
@@ -46,14 +54,18 @@ class Training:
     # Where this process reads the checkpoint it continues, if not its own run directory: under DDP the
     # other ranks write a scratch directory and continue rank 0's checkpoint.
     resume_from: Path | None = None
+    val_loader: Any = None  # chooses the best epoch when given (see the module docstring)
 
 
 @dataclass
 class FitResult:
     history: list[dict[str, Any]]
-    best_top1: float
+    best_top1: float  # test top-1 of the chosen epoch (the test-set best when chosen on test)
     best_epoch: int
     resumed_from: int
+    last_top1: float | None = None  # test top-1 after the last epoch
+    selected_on: str = "test"  # "val" or "test": the split that chose best_epoch
+    best_val_top1: float | None = None
 
     @property
     def last(self) -> dict[str, Any]:
@@ -83,13 +95,31 @@ def fit(job: Training) -> FitResult:
             if (epoch + 1) % job.trainer.eval_every == 0 or epoch + 1 == epochs:
                 row.update(_evaluate(job, method, epoch))
             state["history"].append(row)
-            _track_best(state, row)
+            _track_best(job, state, row, method)
             if job.world.is_main:
                 _save_epoch(job, state, _checkpoint(method, optimizer, epoch + 1, state))
                 job.tracker.log_epoch(row)
             bar.end_epoch(row)
+    if job.val_loader is not None:
+        return _test_chosen(job, method, state)
     best = state["best"]
-    return FitResult(state["history"], best["top1"], best["epoch"], state["resumed_from"])
+    return FitResult(state["history"], best["top1"], best["epoch"], state["resumed_from"],
+                     last_top1=state["history"][-1].get("test_top1") if state["history"] else None)
+
+
+def _test_chosen(job: Training, method: Distiller, state: dict) -> FitResult:
+    """The test split's first reading: the last weights, then the chosen epoch's, which stay loaded."""
+    epochs_done = len(state["history"])
+    last = _score(job, method.student, job.test_loader, "test", epochs_done)["test_top1"]
+    best = state["best"]
+    chosen = last
+    if best["epoch"] != epochs_done:
+        method.student.load_state_dict(state["best_state"])
+        chosen = _score(job, method.student, job.test_loader, "test", best["epoch"])["test_top1"]
+    log.info(f"best epoch {best['epoch']} on validation ({best['top1']:.2f}): test top-1 {chosen:.2f} "
+             f"(last epoch {last:.2f})")
+    return FitResult(state["history"], chosen, best["epoch"], state["resumed_from"], last_top1=last,
+                     selected_on="val", best_val_top1=best["top1"])
 
 
 def _save_epoch(job: Training, state: dict, checkpoint: dict) -> None:
@@ -189,17 +219,27 @@ def _epoch_row(job, epoch, sums, correct, seen, seconds, lr) -> dict[str, Any]:
 
 
 def _evaluate(job: Training, method: Distiller, epoch: int) -> dict[str, float]:
-    logits, labels = predict(method.student, job.test_loader, job.device, job.dtype)
+    """The epoch's scores: on the validation split when there is one (the test split waits for the end)."""
+    if job.val_loader is not None:
+        return _score(job, method.student, job.val_loader, "val", epoch + 1)
+    return _score(job, method.student, job.test_loader, "test", epoch + 1)
+
+
+def _score(job: Training, model: torch.nn.Module, loader, split: str, epoch: int) -> dict[str, float]:
+    logits, labels = predict(model, loader, job.device, job.dtype)
     loss = torch.nn.functional.cross_entropy(logits, labels).item()
     if not math.isfinite(loss):  # a score from NaN outputs would be reported as a real accuracy
-        raise KdError(f"the test loss became {loss} in epoch {epoch + 1} (the model's outputs are not finite); "
+        raise KdError(f"the {split} loss became {loss} in epoch {epoch} (the model's outputs are not finite); "
                       "lower optim.lr, set trainer.grad_clip, or use trainer.precision=fp32")
-    return {"test_top1": topk_accuracy(logits, labels, 1), "test_loss": loss}
+    return {f"{split}_top1": topk_accuracy(logits, labels, 1), f"{split}_loss": loss}
 
 
-def _track_best(state: dict, row: dict) -> None:
-    if "test_top1" in row and row["test_top1"] > state["best"]["top1"]:
-        state["best"] = {"top1": row["test_top1"], "epoch": row["epoch"]}
+def _track_best(job: Training, state: dict, row: dict, method: Distiller) -> None:
+    key = "val_top1" if job.val_loader is not None else "test_top1"
+    if key in row and row[key] > state["best"]["top1"]:
+        state["best"] = {"top1": row[key], "epoch": row["epoch"]}
+        if job.val_loader is not None:  # the chosen weights, kept to be tested (and saved) at the end
+            state["best_state"] = {k: v.detach().clone() for k, v in method.student.state_dict().items()}
 
 
 def _checkpoint(method: Distiller, optimizer, epochs_done: int, state: dict) -> dict:
@@ -210,6 +250,7 @@ def _checkpoint(method: Distiller, optimizer, epochs_done: int, state: dict) -> 
         "rng": rng_state(),
         "history": state["history"],
         "best": state["best"],
+        **({"best_state": state["best_state"]} if "best_state" in state else {}),
     }
 
 

@@ -13,7 +13,8 @@ from kd_cli.engine.rundir import RunDir, is_complete, read_summary
 from kd_cli.methods import method_requires_teacher
 from kd_cli.stages.common import count_parameters, model_spec, print_config, setup_run, start_run
 from kd_cli.stages.teacher import TeacherPlan, check_teacher_outputs, obtain_teacher, plan_teacher
-from kd_cli.stages.training import data_env, dry_build, finish, load_data, print_results, train_and_save
+from kd_cli.stages.training import (data_env, dry_build, finish, load_data, objective, print_results, selection_rows,
+                                    train_and_save)
 
 
 def main(cfg: DictConfig, run: RunDir) -> float:
@@ -31,10 +32,12 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     teacher_top1 = None
     if plan is not None:
         teacher, teacher_spec, teacher_path = obtain_teacher(plan, cfg, run, loaders.data, setup.device)
-        logits, labels = predict(teacher, loaders.test, setup.device, setup.dtype)
+        # checked on the validation split when there is one: the test split is read after training only
+        logits, labels = predict(teacher, loaders.val or loaders.test, setup.device, setup.dtype)
         check_teacher_outputs(logits, teacher_path)
         teacher_top1 = topk_accuracy(logits, labels)
     teacher_params = count_parameters(teacher) if teacher is not None else None
+    first_teacher = teacher  # born-again replaces `teacher` by each generation's student
     generations = int(cfg.method.get("generations", 1))
     per_generation = []
     for generation in range(1, generations):  # born-again: each student teaches the next
@@ -45,7 +48,9 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         student = spec.build()  # the first built is the checks' (and, with born-again, the first generation's)
     result = train_and_save(cfg, run, setup, loaders, student, spec, teacher, title=f"student {spec.arch}")
     if generations > 1:
-        per_generation.append(result.last.get("test_top1"))
+        per_generation.append(result.last_top1)
+    if first_teacher is not None and loaders.val is not None:  # training is over: the teacher's test score
+        teacher_top1 = topk_accuracy(*predict(first_teacher, loaders.test, setup.device, setup.dtype))
     if setup.world.is_main:
         summary = finish(
             run, cfg, result, student, started, role="student", arch=spec.arch,
@@ -58,10 +63,9 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         if teacher_spec is not None:
             rows += [(f"teacher {teacher_spec.arch} test top-1", teacher_top1), ("teacher parameters", summary["teacher_params"])]
         rows += [(f"generation {k} test top-1", top1) for k, top1 in enumerate(per_generation[:-1], 1)]
-        rows += [(f"student {spec.arch} test top-1 (last)", summary["last_top1"]),
-                 ("student test top-1 (best)", summary["best_top1"]), ("student parameters", summary["params"])]
+        rows += [*selection_rows(summary, f"student {spec.arch}"), ("student parameters", summary["params"])]
         print_results(f"distill ({cfg.method.name}) on {cfg.dataset.name}", rows, run.path)
-    return result.best_top1
+    return objective(result)
 
 
 def _teacher_for_checks(plan: TeacherPlan | None):

@@ -23,7 +23,7 @@ from kd_cli.stages.common import check_model_fits, count_parameters, saved_datas
 from kd_cli.stages.training import print_results
 
 log = logging.getLogger("kd")
-SPLITS = ("test", "train")
+SPLITS = ("test", "train", "val")
 
 
 def main(cfg: DictConfig, run: RunDir) -> float:
@@ -42,9 +42,12 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     check_model_fits(spec, data, weights, "model")
     if teacher_spec is not None:
         check_model_fits(teacher_spec, data, Path(cfg.teacher_run), "teacher")
+    split = {"test": data.test, "train": data.train, "val": data.val}[cfg.split]
+    if split is None:
+        raise KdError(f"{spec.dataset} has no validation split in this model's data config; use split=test or "
+                      "split=train, or set dataset.val_fraction")
     start_run(cfg, run, setup, device=str(setup.device), seed=cfg.seed, data_fingerprint=data.fingerprint,
               model=str(weights))
-    split = data.test if cfg.split == "test" else data.train
     loader = make_loader(split, batch_size=cfg.trainer.eval_batch_size, train=False, spec=None, mean=spec.mean,
                          std=spec.std, device=device, seed=cfg.seed, num_workers=cfg.trainer.num_workers)
     logits, labels = predict(model, loader, device, dtype)

@@ -10,7 +10,8 @@ from kd_cli.engine.rundir import RunDir
 from kd_cli.errors import KdError
 from kd_cli.methods import method_requires_teacher
 from kd_cli.stages.common import model_spec, print_config, setup_run, start_run
-from kd_cli.stages.training import data_env, finish, load_data, print_results, train_and_save
+from kd_cli.stages.training import (data_env, finish, load_data, objective, print_results, selection_rows,
+                                    train_and_save)
 
 
 def main(cfg: DictConfig, run: RunDir) -> float:
@@ -27,8 +28,6 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     result = train_and_save(cfg, run, setup, loaders, model, spec, teacher=None, title=f"teacher {spec.arch}")
     if setup.world.is_main:
         summary = finish(run, cfg, result, model, started, role="teacher", arch=spec.arch)
-        print_results(f"teacher {spec.arch} on {cfg.dataset.name}", [
-            ("test top-1 (last)", summary["last_top1"]), ("test top-1 (best)", summary["best_top1"]),
-            ("parameters", summary["params"])
-        ], run.path)
-    return result.best_top1
+        print_results(f"teacher {spec.arch} on {cfg.dataset.name}",
+                      [*selection_rows(summary), ("parameters", summary["params"])], run.path)
+    return objective(result)

@@ -28,6 +28,7 @@ class Loaders:
     data: DataSplits
     train: Any
     test: Any
+    val: Any = None  # when the data set has a validation split: it chooses the best epoch
 
 
 def load_data(cfg: DictConfig, setup: Setup) -> Loaders:
@@ -42,19 +43,24 @@ def load_data(cfg: DictConfig, setup: Setup) -> Loaders:
                         spec=AugmentSpec(**augmentation), drop_last=True, **common)
     test = make_loader(data.test, batch_size=cfg.trainer.eval_batch_size, train=False, spec=None,
                        **{**common, "rank": 0, "world_size": 1})
+    val = None if data.val is None else make_loader(
+        data.val, batch_size=cfg.trainer.eval_batch_size, train=False, spec=None,
+        **{**common, "rank": 0, "world_size": 1})
     if len(train) == 0:  # (checked here, before the run starts, rather than when the loop begins)
         raise KdError(f"the training split has {train.num_samples} sample(s) per process, fewer than one batch "
                       f"(trainer.batch_size={cfg.trainer.batch_size}); lower trainer.batch_size")
-    log.info(f"data: {cfg.dataset.name}  {len(data.train)} train / {len(data.test)} test  "
+    held_out = f" / {len(data.val)} val" if data.val is not None else ""
+    log.info(f"data: {cfg.dataset.name}  {len(data.train)} train{held_out} / {len(data.test)} test  "
              f"{data.num_classes} classes  {data.in_channels}x{data.input_size}x{data.input_size}")
-    return Loaders(data, train, test)
+    return Loaders(data, train, test, val)
 
 
 def data_env(cfg: DictConfig, setup: Setup, loaders: Loaders) -> dict[str, Any]:
     """What env.json says about the device and the data of a training run."""
     data = loaders.data
     return dict(device=str(setup.device), seed=cfg.seed, world_size=setup.world.size, data_fingerprint=data.fingerprint,
-                train_samples=len(data.train), test_samples=len(data.test))
+                train_samples=len(data.train), test_samples=len(data.test),
+                val_samples=len(data.val) if data.val is not None else 0)
 
 
 def dry_build(cfg: DictConfig, student: nn.Module, teacher: nn.Module | None, loaders: Loaders) -> None:
@@ -74,7 +80,8 @@ def train_and_save(
     tracker = open_trackers(cfg, run, setup.world.is_main)
     job = Training(method=method, train_loader=loaders.train, test_loader=loaders.test, optim=cfg.optim,
                    trainer=cfg.trainer, device=setup.device, dtype=setup.dtype, run=run, title=title,
-                   world=setup.world, tracker=tracker, resume_from=rank_resume_dir(cfg, setup, run))
+                   world=setup.world, tracker=tracker, resume_from=rank_resume_dir(cfg, setup, run),
+                   val_loader=loaders.val)
     with tracker:  # closed as FINISHED, or FAILED/KILLED when training raises
         result = fit(job)
         if setup.world.is_main:
@@ -102,7 +109,9 @@ def finish(run: RunDir, cfg: DictConfig, result: FitResult, model: nn.Module, st
         "epochs": last.get("epoch", 0),
         "best_top1": result.best_top1,
         "best_epoch": result.best_epoch,
-        "last_top1": last.get("test_top1"),
+        "selected_on": result.selected_on,
+        "best_val_top1": result.best_val_top1,
+        "last_top1": result.last_top1,
         "last_train_loss": last.get("train_loss"),
         "params": count_parameters(model),
         "images_per_s": last.get("images_per_s"),
@@ -112,6 +121,23 @@ def finish(run: RunDir, cfg: DictConfig, result: FitResult, model: nn.Module, st
     }
     run.write_summary(COMPLETE, **summary)
     return summary
+
+
+def selection_rows(summary: dict, who: str = "") -> list[tuple[str, Any]]:
+    """The final table's accuracy rows, each saying which split chose the epoch it reports."""
+    who = f"{who} " if who else ""
+    if summary.get("selected_on") == "val":
+        return [(f"{who}test top-1 (best epoch on validation: {summary['best_epoch']})", summary["best_top1"]),
+                (f"{who}validation top-1 (best)", summary["best_val_top1"]),
+                (f"{who}test top-1 (last)", summary["last_top1"])]
+    return [(f"{who}test top-1 (last)", summary["last_top1"]),
+            (f"{who}test top-1 (best on test: literature comparison only)", summary["best_top1"])]
+
+
+def objective(result: FitResult) -> float:
+    """What a sweeper optimises: validation top-1 when there is a validation split (never the test set's
+    when it can be avoided), else the test-set best."""
+    return result.best_val_top1 if result.selected_on == "val" else result.best_top1
 
 
 def print_results(title: str, rows: list[tuple[str, Any]], run_dir: Path) -> None:
