@@ -326,12 +326,17 @@ def check_channels(mean: list, std: list, in_channels: int) -> None:
 
 
 def check_model_fits(spec: ModelSpec, data, path: Path, role: str, normalisation: tuple | None = None,
-                     same_size: bool = False) -> None:
+                     same_size: bool = False, converted: bool = False) -> None:
     """Refuse a saved model whose outputs mean other classes than this data set's (count, names or
     order) or that takes other channels; a model that saw other image sizes is refused with
     `same_size`, else warned about, like one trained with another normalisation (`normalisation`:
-    this run's (mean, std), which a teacher's inputs share with the student's)."""
-    if (spec.num_classes, spec.in_channels) != (data.num_classes, data.in_channels):
+    this run's (mean, std)). `converted`: the model gets the images in its own form (a teacher, see
+    models/input_form.py), so another size or normalisation is only noted, and grey data may feed an
+    RGB model."""
+    from kd_cli.models.input_form import can_convert
+
+    channels_fit = can_convert(data.in_channels, spec.in_channels) if converted else spec.in_channels == data.in_channels
+    if spec.num_classes != data.num_classes or not channels_fit:
         raise KdError(f"{role} {path} was trained for {spec.num_classes} classes and {spec.in_channels} channel(s) "
                       f"({spec.dataset}) but this data set has {data.num_classes} and {data.in_channels}; give a "
                       f"{role} trained on it, or the data set it was trained on")
@@ -340,6 +345,8 @@ def check_model_fits(spec: ModelSpec, data, path: Path, role: str, normalisation
         raise KdError(f"{role} {path} was trained for other classes ({spec.dataset}: class '{odd[0]}' where this "
                       f"data set has '{odd[1]}'); its outputs would be read as the wrong classes: give a {role} "
                       f"trained on these classes, in this order, or the data set it was trained on")
+    if converted:
+        return
     if spec.input_size != data.input_size:
         message = f"{role} {path} was trained on {spec.input_size}px images, this data set has {data.input_size}px"
         if same_size:

@@ -28,6 +28,7 @@ from kd_cli.engine.files import read_json
 from kd_cli.engine.process import run_child
 from kd_cli.engine.rundir import ENV, SUMMARY, RunDir, holds_run, is_complete
 from kd_cli.errors import KdError, warn
+from kd_cli.models.input_form import Form, feed_own_form
 from kd_cli.stages.common import check_model_fits, model_options, model_spec
 
 log = logging.getLogger("kd")
@@ -83,8 +84,18 @@ def _pinned(cfg: DictConfig, data: DataSplits, path: Path, trained_here: bool, d
 
 def _loaded(path: Path, data: DataSplits, device: torch.device, normalisation: tuple) -> TeacherPlan:
     model, spec = load_model(path, device)
-    check_model_fits(spec, data, path, "teacher", normalisation)
+    check_model_fits(spec, data, path, "teacher", normalisation, converted=True)
+    in_own_form(model, spec, data, normalisation)
     return TeacherPlan(path, spec, model=model)
+
+
+def in_own_form(model: nn.Module, spec: ModelSpec, data: DataSplits, normalisation: tuple) -> None:
+    """Let the teacher see each batch as it was trained to (its size, normalisation, channels)."""
+    data_form = Form(data.in_channels, data.input_size, tuple(normalisation[0]), tuple(normalisation[1]))
+    own = Form(spec.in_channels, spec.input_size, tuple(spec.mean), tuple(spec.std))
+    if feed_own_form(model, data_form, own) is not None:
+        log.info(f"teacher: images converted from the data's form ({data_form.describe()}) to its own "
+                 f"({own.describe()}) on the device")
 
 
 def _normalisation(cfg: DictConfig) -> tuple:
@@ -100,7 +111,8 @@ def obtain_teacher(plan: TeacherPlan, cfg: DictConfig, run: RunDir, data: DataSp
         return plan.model, plan.spec, plan.path
     train_teacher(cfg, plan.path)
     model, spec = load_model(plan.path, device)
-    check_model_fits(spec, data, plan.path, "teacher", _normalisation(cfg))
+    check_model_fits(spec, data, plan.path, "teacher", _normalisation(cfg), converted=True)
+    in_own_form(model, spec, data, _normalisation(cfg))
     run.keep(teacher_weights_sha256=weights_digest(plan.path))
     return model, spec, plan.path
 
