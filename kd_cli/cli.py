@@ -34,6 +34,7 @@ STAGES: dict[str, Stage] = {
 COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("kd_cli.report.command", "tables and plots over runs and sweeps (mean ± std over seeds)"),
     "reproduce": ("kd_cli.reproduce", "rerun a saved run from its config and compare the final metrics"),
+    "predict": ("kd_cli.predict", "classify image files with a trained or exported model: CSV of the top k"),
 }
 
 # Hydra flags that take a value (the value travels with the flag when flags are moved).

@@ -1,0 +1,344 @@
+"""`kd predict run=RUN INPUT...`: put a trained model to work on image files.
+
+RUN is a run directory, a model.safetensors or an exported model.onnx (run through onnxruntime; the
+model.json that `kd export` writes beside it says how to feed it). INPUT is an image, a folder
+(searched recursively, sorted), or a text file listing one image path per line (relative to the
+list). Each image gets the model's own preprocessing: its channels, its side (resize and centre crop
+as in evaluation for models trained on image folders, a plain resize for the small in-memory data
+sets), its mean and std. Images go through in batches, on the CPU or the GPU.
+
+Writes a CSV (file, then class and probability for each of the top k) and prints the first rows.
+An unreadable image is named in one warning and left out (exit 0); `strict=true` stops instead,
+before anything is written. An existing CSV is never overwritten unless `overwrite=true`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from kd_cli.engine.artifacts import META, ModelSpec, load_model, resolve_weights
+from kd_cli.engine.files import atomic_write, read_json
+from kd_cli.errors import KdError, warn
+
+log = logging.getLogger("kd")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
+LIST_SUFFIXES = (".txt", ".lst")
+SHOWN_ROWS = 10  # rows of the printed table (the CSV has all)
+SKIPPED_SHOWN = 3
+# The keys `kd predict` takes as key=value, Hydra style (also as --key VALUE).
+KEYS = ("run", "top_k", "out", "batch_size", "device", "strict", "overwrite", "workers")
+
+EPILOG = """\
+examples:
+  kd predict run=outputs/distill/2026-11-30/10-00-00-123456 photos/
+  kd predict run=RUN cat.jpg dog.png top_k=3 out=two.csv
+  kd predict run=RUN/export/model.onnx list.txt device=cpu
+  kd predict run=RUN photos/ device=cuda batch_size=256 strict=true"""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line through the CLI (exit 2), not argparse's usage block
+        raise KdError(f"kd predict: {message} (see kd predict --help)")
+
+
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"'{text}' is not true or false")
+    return lowered in ("true", "1", "yes")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="kd predict", description=__doc__.split("\n\n", 1)[1].split("\n\n")[0],
+                    epilog=EPILOG, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="*", metavar="INPUT", help="images, folders of images, or lists of paths")
+    parser.add_argument("--run", required=True, help="run directory, model.safetensors or model.onnx")
+    parser.add_argument("--top-k", "--top_k", dest="top_k", type=_positive, default=5, help="classes per image (5)")
+    parser.add_argument("--out", type=Path, default=Path("predictions.csv"), help="the CSV (predictions.csv)")
+    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=_positive, default=64)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (cpu)")
+    parser.add_argument("--strict", type=_bool, default=False, help="true: an unreadable image stops the command")
+    parser.add_argument("--overwrite", type=_bool, default=False, help="true: replace an existing CSV")
+    parser.add_argument("--workers", type=_positive, default=min(8, os.cpu_count() or 1), help="decoding threads")
+    return parser
+
+
+def as_flags(argv: list[str]) -> list[str]:
+    """`key=value` for the known keys -> `--key value`; every other word is left as it is."""
+    out = []
+    for word in argv:
+        key, sep, value = word.partition("=")
+        if sep and key in KEYS:
+            out += [f"--{key}", value]
+        elif sep and not word.startswith("-") and not os.path.exists(word) and "/" not in key:
+            raise KdError(f"kd predict: unknown option '{key}' (known: {', '.join(KEYS)})")
+        else:
+            out.append(word)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(as_flags(argv))
+    if not args.inputs:
+        raise KdError("kd predict: give at least one INPUT (an image, a folder or a list file) after run=RUN")
+    if args.out.exists() and not args.overwrite:
+        raise KdError(f"{args.out} exists; choose another out=FILE or pass overwrite=true to replace it")
+    files = collect_images(args.inputs)
+    model = open_model(Path(args.run), args.device)
+    transform = preprocessing(model.spec)
+    rows, skipped = predict_files(model, files, transform, args)
+    if skipped and args.strict:
+        path, problem = skipped[0]
+        raise KdError(f"cannot read image {path} ({problem}); {len(skipped)} unreadable in all (strict=true: "
+                      "nothing written); fix or remove them, or drop strict=true to skip them")
+    if skipped:
+        shown = "; ".join(f"{path} ({problem})" for path, problem in skipped[:SKIPPED_SHOWN])
+        more = f"; and {len(skipped) - SKIPPED_SHOWN} more" if len(skipped) > SKIPPED_SHOWN else ""
+        warn(f"skipped {len(skipped)} unreadable image(s) of {len(files)}: {shown}{more}")
+    if not rows:
+        raise KdError(f"none of the {len(files)} image(s) could be read; nothing written")
+    write_csv(args.out, rows, min(args.top_k, model.spec.num_classes))
+    print_table(rows, model, args.out)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def collect_images(inputs: list[str]) -> list[Path]:
+    """Every image the inputs name, in order (folders sorted), each once."""
+    found: list[Path] = []
+    for text in inputs:
+        path = Path(text).expanduser()
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+            found += _listed(path)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise KdError(f"input {path} does not exist; give images, folders of images or list files")
+    unique = list(dict.fromkeys(found))
+    if not unique:
+        raise KdError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(inputs)}")
+    return unique
+
+
+def _listed(path: Path) -> list[Path]:
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise KdError(f"cannot read the list {path} ({error}); give one image path per line") from None
+    return [(path.parent / line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+@dataclass
+class Predictor:
+    spec: ModelSpec
+    forward: Callable[[torch.Tensor], torch.Tensor]  # normalised images (CPU) -> logits (CPU, float32)
+    source: str
+
+
+def open_model(path: Path, device: str) -> Predictor:
+    """A kd model (run directory or safetensors) on `device`, or an ONNX file in onnxruntime."""
+    if path.suffix == ".onnx":
+        return _onnx(path, device)
+    target = _device(device)
+    model, spec = load_model(resolve_weights(path), target)
+    model_device = next(iter(model.parameters()), torch.empty(0)).device
+    if model_device.type != target.type:
+        log.info(f"{path} holds int8 weights; it runs on the CPU")
+
+    @torch.inference_mode()
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        return model(images.to(model_device, non_blocking=True)).float().cpu()
+
+    return Predictor(spec, forward, str(path))
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise KdError(f"device={name} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KdError("device=cuda but no CUDA GPU is visible here; use device=cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise KdError(f"device={name}: kd predict runs on cpu or cuda")
+    return device
+
+
+def _onnx(path: Path, device: str) -> Predictor:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise KdError("kd predict on an ONNX file needs onnxruntime: pip install onnxruntime") from None
+    if not path.is_file():
+        raise KdError(f"{path} does not exist; give a model.onnx written by kd export")
+    meta = path.with_name(META)
+    if not meta.is_file():
+        raise KdError(f"no {META} beside {path}: kd export writes one there (input size, normalisation, classes)")
+    spec = _spec_from(meta)
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if _device(device).type == "cuda" else \
+        ["CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(str(path), providers=providers)
+    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own classes for a bad file
+        raise KdError(f"onnxruntime cannot load {path} ({str(error).splitlines()[0][:160]})") from None
+    name = session.get_inputs()[0].name
+    fixed = session.get_inputs()[0].shape[0]
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        if isinstance(fixed, int) and fixed != len(images):  # a fixed-batch export: one batch at a time
+            return torch.cat([forward_fixed(chunk) for chunk in images.split(fixed)])[: len(images)]
+        return torch.from_numpy(session.run(None, {name: images.numpy()})[0]).float()
+
+    def forward_fixed(chunk: torch.Tensor) -> torch.Tensor:
+        padded = torch.cat([chunk, chunk[-1:].expand(fixed - len(chunk), *chunk.shape[1:])]) if len(chunk) < fixed \
+            else chunk
+        return torch.from_numpy(session.run(None, {name: padded.numpy()})[0]).float()[: len(chunk)]
+
+    return Predictor(spec, forward, str(path))
+
+
+def _spec_from(meta: Path) -> ModelSpec:
+    try:
+        fields = read_json(meta)
+        fields.pop("format", None)
+        return ModelSpec(**fields)
+    except (OSError, ValueError, TypeError) as error:
+        raise KdError(f"{meta} is not a valid kd model description ({error})") from None
+
+
+# ------------------------------------------------------------------------------------------ preprocessing
+
+
+def preprocessing(spec: ModelSpec) -> Callable:
+    """The model's own evaluation transform: PIL image -> normalised float tensor (C, S, S)."""
+    from torchvision.transforms import v2
+
+    size = spec.input_size
+    if spec.dataset == "imagefolder":  # as kd evaluated it: resize to size/0.875, keep the centre
+        frame = [v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size)]
+    else:  # the small in-memory sets saw whole images at their own size
+        frame = [v2.Resize((size, size), antialias=True)]
+    return v2.Compose([v2.ToImage(), *frame, v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(list(spec.mean), list(spec.std))])
+
+
+def read_image(path: Path, channels: int, transform: Callable) -> torch.Tensor:
+    from kd_cli.data.folder import read_rgb
+
+    image = read_rgb(str(path))  # plain raster formats only; any failure is an UnreadableImage
+    return transform(image.convert("L") if channels == 1 else image)
+
+
+def predict_files(model: Predictor, files: list[Path], transform: Callable,
+                  args: argparse.Namespace) -> tuple[list[dict], list[tuple[Path, str]]]:
+    """Top-k rows for the readable files, and (file, problem) for the others."""
+    from kd_cli.data.folder import UnreadableImage
+
+    rows: list[dict] = []
+    skipped: list[tuple[Path, str]] = []
+    k = min(args.top_k, model.spec.num_classes)
+
+    def load(path: Path) -> torch.Tensor | str:
+        try:
+            return read_image(path, model.spec.in_channels, transform)
+        except UnreadableImage as error:
+            return _problem(str(error))
+
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        for batch in _batches(files, args.batch_size):
+            loaded = list(pool.map(load, batch))
+            if args.strict and any(isinstance(item, str) for item in loaded):
+                bad = next(i for i, item in enumerate(loaded) if isinstance(item, str))
+                return rows, [(batch[bad], loaded[bad])]
+            kept = [(path, item) for path, item in zip(batch, loaded) if not isinstance(item, str)]
+            skipped += [(path, item) for path, item in zip(batch, loaded) if isinstance(item, str)]
+            if not kept:
+                continue
+            logits = model.forward(torch.stack([image for _, image in kept]))
+            _check_finite(logits, model.source)
+            top = logits.softmax(1).topk(k, dim=1)
+            for (path, _), probs, classes in zip(kept, top.values.tolist(), top.indices.tolist()):
+                rows.append({"file": str(path), "classes": [model.spec.class_names[c] for c in classes],
+                             "probs": probs})
+    return rows, skipped
+
+
+def _batches(files: list[Path], size: int) -> Iterator[list[Path]]:
+    for start in range(0, len(files), size):
+        yield files[start : start + size]
+
+
+def _problem(message: str) -> str:
+    """The part of an UnreadableImage line that says what is wrong (the file is named beside it)."""
+    inside = message.split(" (", 1)[1] if " (" in message else message
+    return inside.split("); ", 1)[0]
+
+
+def _check_finite(logits: torch.Tensor, source: str) -> None:
+    if not torch.isfinite(logits).all():
+        raise KdError(f"{source} gives non-finite outputs (NaN or inf); its weights are broken: retrain it")
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def write_csv(path: Path, rows: list[dict], k: int) -> None:
+    header = ["file"] + [f"{what}{i}" for i in range(1, k + 1) for what in ("class", "prob")]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    for row in rows:
+        cells = [row["file"]]
+        for name, prob in zip(row["classes"], row["probs"]):
+            cells += [name, f"{prob:.6f}"]
+        writer.writerow(cells)
+    text = buffer.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def print_table(rows: list[dict], model: Predictor, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"kd predict: {len(rows)} image(s), {model.spec.arch} ({model.source})")
+    table.add_column("file", overflow="fold")
+    table.add_column("top-1")
+    table.add_column("p", justify="right")
+    table.add_column("next")
+    for row in rows[:SHOWN_ROWS]:
+        rest = ", ".join(f"{name} {prob:.2f}" for name, prob in zip(row["classes"][1:3], row["probs"][1:3]))
+        table.add_row(row["file"], row["classes"][0], f"{row['probs'][0]:.3f}", rest)
+    console = Console()
+    console.print(table)
+    if len(rows) > SHOWN_ROWS:
+        console.print(f"... and {len(rows) - SHOWN_ROWS} more", highlight=False)
+    console.print(f"predictions: {out}", highlight=False, soft_wrap=True)

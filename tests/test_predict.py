@@ -1,0 +1,141 @@
+"""`kd predict`: a trained (or exported) model classifies image files; bad files are named, not fatal."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from formats import save_image, truncate
+from kd_cli.data import load_dataset
+from kd_cli.engine.artifacts import load_model
+from kdrun import FAST, assert_one_line_error, kd, kd_here
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    outputs = tmp_path_factory.mktemp("outputs")
+    run = outputs / "teacher"
+    result = kd_here("train-teacher", "trainer.epochs=2", *FAST, f"paths.outputs={outputs}", f"hydra.run.dir={run}",
+                     cwd=outputs)
+    assert result.code == 0, result.stderr
+    return run
+
+
+@pytest.fixture(scope="module")
+def pngs(tmp_path_factory) -> tuple[Path, torch.Tensor, torch.Tensor]:
+    """The first 20 digits test images as 8x8 grey PNGs in class folders, plus their tensors."""
+    root = tmp_path_factory.mktemp("pngs")
+    test = load_dataset({"name": "digits"}).test
+    images, labels = test.images[:20], test.labels[:20]
+    for i, (image, label) in enumerate(zip(images, labels)):
+        save_image(root / str(int(label)) / f"{i:02d}.png", image[0].numpy())
+    return root, images, labels
+
+
+def rows_of(path: Path) -> list[dict]:
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_predictions_are_the_models_own_on_the_same_pixels(trained, pngs, tmp_path):
+    root, images, _ = pngs
+    out = tmp_path / "p.csv"
+    result = kd_here("predict", f"run={trained}", str(root), "top_k=3", f"out={out}", cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    rows = rows_of(out)
+    assert len(rows) == 20 and list(rows[0]) == ["file", "class1", "prob1", "class2", "prob2", "class3", "prob3"]
+    model, spec = load_model(trained)
+    x = (images.float() / 255 - torch.tensor(spec.mean).view(1, -1, 1, 1)) / torch.tensor(spec.std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        probs = model(x).softmax(1)
+    files = sorted(root.rglob("*.png"))
+    by_index = {int(Path(row["file"]).stem): row for row in rows}
+    assert [Path(row["file"]) for row in rows] == files  # folders in sorted order
+    for i, row in by_index.items():
+        top = probs[i].topk(3)
+        assert [row[f"class{k}"] for k in (1, 2, 3)] == [spec.class_names[c] for c in top.indices.tolist()]
+        assert float(row["prob1"]) == pytest.approx(top.values[0].item(), abs=1e-5)
+    assert "kd predict: 20 image(s)" in result.stdout and str(out) in result.stdout
+
+
+def test_an_unreadable_image_is_named_and_skipped(trained, pngs, tmp_path):
+    root, _, _ = pngs
+    folder = tmp_path / "mixed"
+    for i, path in enumerate(sorted(root.rglob("*.png"))[:6]):
+        (folder / f"{i}.png").parent.mkdir(exist_ok=True)
+        (folder / f"{i}.png").write_bytes(path.read_bytes())
+    truncate(folder / "2.png", keep=0.4)
+    (folder / "4.png").write_text("not an image")
+    out = tmp_path / "p.csv"
+    result = kd_here("predict", f"run={trained}", str(folder), f"out={out}", cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    assert [Path(row["file"]).name for row in rows_of(out)] == ["0.png", "1.png", "3.png", "5.png"]
+    warning = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(warning) == 1 and warning[0].startswith("kd: warning: skipped 2 unreadable image(s) of 6")
+    assert "2.png" in warning[0] and "4.png" in warning[0]
+
+    strict = tmp_path / "strict.csv"
+    refused = kd_here("predict", f"run={trained}", str(folder), f"out={strict}", "strict=true", cwd=tmp_path)
+    assert_one_line_error(refused, "2.png", "strict=true")
+    assert not strict.exists()
+
+
+def test_single_images_and_list_files(trained, pngs, tmp_path):
+    root, _, _ = pngs
+    files = sorted(root.rglob("*.png"))
+    listing = tmp_path / "list.txt"
+    listing.write_text("# two digits, one by a path relative to the list\n" + "\n".join(
+        [os.path.relpath(files[3], tmp_path), str(files[4])]))
+    out = tmp_path / "p.csv"
+    result = kd_here("predict", f"run={trained / 'model.safetensors'}", str(files[0]), str(listing), f"out={out}",
+                     "top_k=20", cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    rows = rows_of(out)
+    assert [Path(r["file"]).resolve() for r in rows] == [p.resolve() for p in (files[0], *files[3:5])]
+    assert "class10" in rows[0] and "class11" not in rows[0]  # top_k is capped at the class count
+    assert sum(float(rows[0][f"prob{k}"]) for k in range(1, 11)) == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["top_k=0"], ["top_k", "at least 1"]),
+    (["topk=3"], ["unknown option 'topk'"]),
+    (["device=cuda"] if not torch.cuda.is_available() else ["device=tpu"], ["device="]),
+    (["strict=maybe"], ["'maybe' is not true or false"]),
+])
+def test_bad_options_are_one_line(trained, pngs, tmp_path, args, fragments):
+    result = kd_here("predict", f"run={trained}", str(pngs[0]), f"out={tmp_path / 'p.csv'}", *args, cwd=tmp_path)
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_missing_inputs_and_models_and_an_existing_csv(trained, pngs, tmp_path):
+    assert_one_line_error(kd_here("predict", f"run={trained}", str(tmp_path / "nope"), cwd=tmp_path), "does not exist")
+    assert_one_line_error(kd_here("predict", f"run={tmp_path / 'norun'}", str(pngs[0]), cwd=tmp_path), "does not exist")
+    assert_one_line_error(kd_here("predict", str(pngs[0]), cwd=tmp_path), "--run")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(kd_here("predict", f"run={trained}", str(tmp_path / "empty"), cwd=tmp_path), "no images")
+    existing = tmp_path / "keep.csv"
+    existing.write_text("mine\n")
+    refused = kd_here("predict", f"run={trained}", str(pngs[0]), f"out={existing}", cwd=tmp_path)
+    assert_one_line_error(refused, "keep.csv exists", "overwrite=true")
+    assert existing.read_text() == "mine\n"
+
+
+def test_predict_from_the_exported_onnx_file_through_the_cli(trained, pngs, tmp_path):
+    """The real command in a subprocess: kd export, then kd predict on the .onnx through onnxruntime."""
+    export_dir = tmp_path / "export"
+    exported = kd("export", f"run={trained}", f"hydra.run.dir={export_dir}", cwd=tmp_path)
+    assert exported.code == 0, exported.stderr
+    onnx_file = next(export_dir.glob("*.onnx"))
+    via_onnx, via_torch = tmp_path / "onnx.csv", tmp_path / "torch.csv"
+    result = kd("predict", f"run={onnx_file}", str(pngs[0]), f"out={via_onnx}", cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    assert kd_here("predict", f"run={trained}", str(pngs[0]), f"out={via_torch}", cwd=tmp_path).code == 0
+    a, b = rows_of(via_onnx), rows_of(via_torch)
+    assert [r["class1"] for r in a] == [r["class1"] for r in b]
+    assert np.allclose([float(r["prob1"]) for r in a], [float(r["prob1"]) for r in b], atol=1e-4)
