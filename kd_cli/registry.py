@@ -58,9 +58,17 @@ NonNegativeInt = Annotated[int, Range(0)]
 
 
 class Registry:
+    """Names -> callables. A `family` serves every name under a prefix (`timm/...`) from one resolver,
+    for libraries whose names are too many to register one by one."""
+
     def __init__(self, kind: str):
         self.kind = kind
         self._entries: dict[str, Callable] = {}
+        self._families: dict[str, Callable[[str], Callable]] = {}
+
+    def family(self, prefix: str, resolve: Callable[[str], Callable]) -> None:
+        """Serve `PREFIX<name>` by `resolve(name)`, which returns the entry or raises a KdError."""
+        self._families[prefix] = resolve
 
     def register(self, name: str | None = None) -> Callable[[Callable], Callable]:
         def add(fn: Callable) -> Callable:
@@ -73,15 +81,18 @@ class Registry:
         return add
 
     def get(self, name: str) -> Callable:
-        if name not in self._entries:
-            raise unknown_choice(self.kind, name, self._entries)
-        return self._entries[name]
+        if name in self._entries:
+            return self._entries[name]
+        prefix = next((p for p in self._families if name.startswith(p)), None)
+        if prefix is not None:
+            return self._families[prefix](name[len(prefix):])
+        raise unknown_choice(self.kind, name, [*self._entries, *(f"{p}NAME" for p in self._families)])
 
     def names(self) -> list[str]:
         return sorted(self._entries)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._entries
+        return name in self._entries or any(name.startswith(p) for p in self._families)
 
     def check(self, name: str, options: Mapping[str, Any], fixed: Iterable[str] = (), path: str = "") -> None:
         """Names, types and ranges of `options` for entry `name`, without building anything."""
@@ -120,8 +131,8 @@ def check_options(what: str, fn: Callable, options: Mapping[str, Any], exclude: 
                 raise KdError(f"{prefix}{key}={_show(value)} must be {problem} ({what})")
     validate = getattr(fn, "validate_options", None)
     if callable(validate):
-        validate(**{n: params[n].default for n in accepted if params[n].default is not inspect.Parameter.empty},
-                 **options)
+        defaults = {n: params[n].default for n in accepted if params[n].default is not inspect.Parameter.empty}
+        validate(**{**defaults, **options})  # an option given replaces its default
 
 
 def value_problem(value: Any, hint: Any) -> str | None:
