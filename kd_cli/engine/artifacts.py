@@ -23,6 +23,7 @@ from kd_cli.errors import KdError
 WEIGHTS = "model.safetensors"
 META = "model.json"
 FORMAT = "kd-model/1"
+INITIAL_WEIGHTS = ("pretrained", "weights")  # model options that say where training starts from
 
 
 @dataclass
@@ -40,11 +41,15 @@ class ModelSpec:
     dataset: str
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. pruned layer shapes (compress)
 
-    def build(self) -> nn.Module:
+    def build(self, initial: bool = False) -> nn.Module:
+        """The network; `initial=True` starts from the weights its options name (`pretrained`, `weights=`),
+        as training does. Rebuilding a saved model skips them: its own weights replace them, so nothing
+        is downloaded or read again (and a weights file that has moved since does not matter)."""
         from kd_cli.models import create_model
 
-        # Saved weights replace any pretrained ones: never download them again to rebuild.
-        options = {k: v for k, v in dict(self.kwargs).items() if k != "pretrained"}
+        options = dict(self.kwargs)
+        if not initial:
+            options = {k: v for k, v in options.items() if k not in INITIAL_WEIGHTS}
         return create_model(self.arch, self.num_classes, self.in_channels, self.input_size, **options)
 
 

@@ -25,7 +25,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     loaders = load_data(cfg, setup)
     spec = model_spec(cfg.student, loaders.data, cfg.dataset)
     plan = plan_teacher(cfg, loaders.data, run, setup.device) if method_requires_teacher(cfg.method.name) else None
-    student = spec.build()
+    student = spec.build(initial=True)
     dry_build(cfg, student, _teacher_for_checks(plan), loaders)
     start_run(cfg, run, setup, **data_env(cfg, setup, loaders))
     teacher, teacher_spec, teacher_path = None, None, None
@@ -45,7 +45,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         per_generation.append(read_summary(run.path / f"generation-{generation}")["last_top1"])
         teacher = student.eval().requires_grad_(False)
     if generations > 1:
-        student = spec.build()  # the first built is the checks' (and, with born-again, the first generation's)
+        student = spec.build(initial=True)  # the first built is the checks' (and, with born-again, the first generation's)
     result = train_and_save(cfg, run, setup, loaders, student, spec, teacher, title=f"student {spec.arch}")
     if generations > 1:
         per_generation.append(result.last_top1)
@@ -80,7 +80,7 @@ def train_generation(cfg, run: RunDir, setup, loaders, spec, teacher, generation
     gen_run = RunDir(run.path / f"generation-{generation}")
     if is_complete(gen_run.path):
         return load_model(gen_run.path, setup.device)[0]
-    student = spec.build()
+    student = spec.build(initial=True)
     result = train_and_save(cfg, gen_run, setup, loaders, student, spec, teacher,
                             title=f"student {spec.arch} generation {generation}")
     if setup.world.is_main:

@@ -23,7 +23,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         print_config(cfg)
     loaders = load_data(cfg, setup)
     spec = model_spec(cfg.teacher, loaders.data, cfg.dataset)
-    model = spec.build()
+    model = spec.build(initial=True)  # from pretrained weights when its options ask
     start_run(cfg, run, setup, **data_env(cfg, setup, loaders))
     result = train_and_save(cfg, run, setup, loaders, model, spec, teacher=None, title=f"teacher {spec.arch}")
     if setup.world.is_main:
