@@ -54,6 +54,7 @@ class OptimConfig:
     gamma: float = MISSING
     warmup_epochs: float = MISSING
     min_lr: float = MISSING
+    backbone_lr_scale: float = MISSING
 
 
 @dataclass
@@ -152,6 +153,13 @@ class EvaluateConfig(BaseConfig):
 
 
 @dataclass
+class ImportConfig(BaseConfig):
+    source: str = MISSING
+    nested: Optional[str] = None
+    model: ModelConfig = MISSING
+
+
+@dataclass
 class CompressConfig(TrainConfig):
     run: str = MISSING
     dataset: Any = None  # the model's own data set unless given
@@ -195,6 +203,7 @@ def register_configs() -> None:
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="compress_schema", node=CompressConfig)
     cs.store(name="export_schema", node=ExportConfig)
+    cs.store(name="import_schema", node=ImportConfig)
     for name in MODELS.names():
         options = model_options(MODELS.get(name))
         cs.store(group="teacher", name=name, node={"arch": name, "kwargs": options, "checkpoint": "auto"})

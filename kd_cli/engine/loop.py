@@ -26,12 +26,13 @@ from kd_cli.engine.checkpoint import LAST, load_checkpoint, rng_state, save_chec
 from kd_cli.engine.device import autocast
 from kd_cli.engine.distributed import World, all_reduce_sum
 from kd_cli.engine.metrics import predict, topk_accuracy
-from kd_cli.engine.optim import build_optimizer, check_optim, lr_at, set_lr
+from kd_cli.engine.optim import build_optimizer, check_optim, lr_at, param_groups, set_lr
 from kd_cli.engine.progress import make_reporter
 from kd_cli.engine.rundir import RunDir
 from kd_cli.engine.trackers import Trackers
 from kd_cli.errors import KdError
 from kd_cli.methods.base import Distiller
+from kd_cli.models.features import backbone_parameters
 
 log = logging.getLogger("kd")
 
@@ -81,7 +82,8 @@ def fit(job: Training) -> FitResult:
     if job.trainer.channels_last:
         method.to(memory_format=torch.channels_last)
     params = [p for p in method.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, job.optim)
+    backbone = backbone_parameters(method.student)
+    optimizer = build_optimizer(param_groups(params, backbone, job.optim.backbone_lr_scale), job.optim)
     state = _resume_state(job, method, optimizer)
     job.tracker.resume(state["history"])  # a resumed run: the checkpointed epochs the trackers missed
     if job.trainer.compile:

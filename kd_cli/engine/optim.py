@@ -18,7 +18,20 @@ from kd_cli.registry import Range, check_number
 SCHEDULES = ("cosine", "multistep", "constant")
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: DictConfig) -> torch.optim.Optimizer:
+def param_groups(params: Iterable[torch.nn.Parameter], backbone: Iterable[torch.nn.Parameter],
+                 backbone_lr_scale: float) -> list[dict]:
+    """One group, or (fine-tuning) the `backbone` parameters at `backbone_lr_scale` times the rate and
+    the rest (the new classifier, adapters) at the full rate. `lr_scale` is read by `set_lr`."""
+    params = list(params)
+    if backbone_lr_scale == 1.0:
+        return [{"params": params, "lr_scale": 1.0}]
+    slow = {id(p) for p in backbone}
+    groups = [{"params": [p for p in params if id(p) in slow], "lr_scale": float(backbone_lr_scale)},
+              {"params": [p for p in params if id(p) not in slow], "lr_scale": 1.0}]
+    return [group for group in groups if group["params"]]
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter] | list[dict], cfg: DictConfig) -> torch.optim.Optimizer:
     params = list(params)
     # Every parameter is decayed, biases and BN scales included, as in the KD literature's recipes.
     if cfg.name == "sgd":
@@ -45,6 +58,8 @@ def check_optim(cfg: DictConfig, epochs: int) -> None:
     for beta in cfg.betas:
         check_number("optim.betas", beta, Range(0, 1, high_open=True), hint="each of the two")
     check_number("optim.gamma", cfg.gamma, Range(0, low_open=True))
+    check_number("optim.backbone_lr_scale", cfg.backbone_lr_scale, Range(0, 1, low_open=True),
+                 hint="the fraction of optim.lr the pretrained layers get")
     check_number("optim.min_lr", cfg.min_lr, Range(0, cfg.lr), hint="at most optim.lr")
     for milestone in cfg.milestones:
         check_number("optim.milestones", milestone, Range(0), hint="epochs at which the rate drops")
@@ -67,4 +82,4 @@ def lr_at(cfg: DictConfig, progress: float, epochs: int) -> float:
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

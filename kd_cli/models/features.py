@@ -125,3 +125,19 @@ def feature_shapes(
     finally:
         for module, training in states.items():
             module.training = training
+
+
+def classifier_module(model: nn.Module) -> nn.Module | None:
+    """The layer that maps the embedding to class scores: timm's `get_classifier()`, else the last Linear."""
+    getter = getattr(model, "get_classifier", None)
+    if callable(getter) and isinstance(getter(), nn.Module):
+        return getter()
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter of `model` but its classifier's (fine-tuning gives those their own rate)."""
+    classifier = classifier_module(model)
+    head = {id(p) for p in classifier.parameters()} if classifier is not None else set()
+    return [p for p in model.parameters() if id(p) not in head]

@@ -4,7 +4,8 @@ Small images (under 64 px): an ImageNet stem shrinks 32x32 CIFAR to 8x8 (or 1x1 
 before the first stage, so the stem conv becomes a 3x3 stride-1 conv with the same output channels
 and the stem max-pool, where there is one, is dropped (the usual CIFAR adaptation of these nets).
 `pretrained=True` loads torchvision's ImageNet weights first and adapts afterwards: the classifier
-is new whenever the class count differs, and so is an adapted stem.
+is new whenever the class count differs, and so is an adapted stem. `weights=PATH` does the same from
+a local file in torchvision's layout (your own fine-tuned checkpoint, or ImageNet weights copied here).
 """
 
 from __future__ import annotations
@@ -116,30 +117,33 @@ def add_embedding_module(model: nn.Module, spec: Spec) -> str:
     return spec.embedding
 
 
-def build_torchvision(arch: str, num_classes: int, in_channels: int, input_size: int, pretrained: bool) -> nn.Module:
+def build_torchvision(arch: str, num_classes: int, in_channels: int, input_size: int, pretrained: bool,
+                      weights: str | None = None) -> nn.Module:
     spec = SPECS[arch]
     small = input_size < SMALL_INPUT
     check_io(arch, num_classes, in_channels, input_size, min_size=spec.min_adapted_input if small else 1)
-    if pretrained:
-        state = download_imagenet_state_dict(arch)
-        model = torchvision.models.get_model(arch, weights=None, num_classes=IMAGENET_CLASSES)
-        model.load_state_dict(state)
-        if num_classes != IMAGENET_CLASSES:
-            old = model.get_submodule(spec.classifier)
-            replace_module(model, spec.classifier, nn.Linear(old.in_features, num_classes))
-    else:
-        model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-    adapt_stem(model, spec, in_channels, small, pretrained)
+    if pretrained and weights:
+        raise KdError("give pretrained=true or weights=PATH, not both (weights=PATH is the local file to load)")
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    if pretrained or weights:
+        from kd_cli.models.checkpoints import fit_state, read_state_dict
+
+        state = download_imagenet_state_dict(arch) if pretrained else read_state_dict(weights)
+        # the classifier is new when the weights were trained for other classes (ImageNet's 1000)
+        fit_state(model, state, f"{arch} weights={weights or 'ImageNet'}", replaceable=(spec.classifier,))
+    adapt_stem(model, spec, in_channels, small, pretrained or bool(weights))
     embedding = add_embedding_module(model, spec)
     return set_feature_layers(model, spec.stages, embedding)
 
 
 def _builder(arch: str) -> Callable[..., nn.Module]:
-    def build(num_classes: int, in_channels: int, input_size: int, pretrained: bool = False) -> nn.Module:
-        return build_torchvision(arch, num_classes, in_channels, input_size, pretrained)
+    def build(num_classes: int, in_channels: int, input_size: int, pretrained: bool = False,
+              weights: str | None = None) -> nn.Module:
+        return build_torchvision(arch, num_classes, in_channels, input_size, pretrained, weights)
 
     build.__name__ = build.__qualname__ = arch
-    build.__doc__ = f"torchvision {arch}; pretrained=true loads its ImageNet weights (downloads once)."
+    build.__doc__ = (f"torchvision {arch}; pretrained=true loads its ImageNet weights (downloads once), "
+                     "weights=PATH a local file (torchvision's layout: a state dict, nested or prefixed too).")
     return build
 
 

@@ -1,0 +1,165 @@
+"""Reading the weights people actually have into a network: plain state dicts (.pt/.pth/.bin/.ckpt,
+read with `torch.load(weights_only=True)`: a pickle that would run code is refused), safetensors
+files, training checkpoints that nest the state dict (`state_dict`, `model`, `ema`, ...), keys
+prefixed by a wrapper (`module.` from DDP, `model.` from Lightning, `_orig_mod.` from torch.compile),
+and Hugging Face `save_pretrained` folders (model.safetensors or pytorch_model.bin inside).
+
+`fit_state` matches such a state to a model: wrapper prefixes are stripped where that makes more keys
+match, and what still does not match is reported in one line (counts and the first few names), never
+as a wall of text.
+"""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from kd_cli.errors import KdError
+
+# Where training code nests the model's state dict, in the order tried (`nested=` picks one).
+NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "network", "ema", "model_ema",
+               "state_dict_ema", "params")
+WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.", "net.", "network.", "backbone.", "student.", "ema.")
+HF_FILES = ("model.safetensors", "pytorch_model.bin")
+SHOWN = 3  # names shown per kind of mismatch
+
+
+def read_state_dict(path: str | Path, nested: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file or Hugging Face folder, unnested (`nested`: the key to take)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = _hf_weights(path)
+    if not path.is_file():
+        raise KdError(f"weights file {path} does not exist; give a .safetensors, .pt/.pth file or a "
+                      "save_pretrained folder")
+    raw = _load(path)
+    return _unnest(raw, path, nested)
+
+
+def _hf_weights(folder: Path) -> Path:
+    for name in HF_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    if any(folder.glob("*.safetensors.index.json")) or any(folder.glob("pytorch_model.bin.index.json")):
+        raise KdError(f"{folder} holds a sharded checkpoint; save it as one file (save_pretrained with a large "
+                      "max_shard_size) and import that")
+    raise KdError(f"{folder} has none of {', '.join(HF_FILES)}; give a weights file or a save_pretrained folder")
+
+
+def _load(path: Path) -> Any:
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as error:
+            raise KdError(f"{path} is corrupt or not a safetensors file ({_brief(error)})") from None
+    try:
+        with warnings.catch_warnings():  # torch explains refusals in warnings too; kd says it in one line
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if not _is_pickle(path):  # bytes that are no pickle at all
+            raise KdError(f"{path} is corrupt or not a PyTorch weights file (not a pickle or zip archive)") from None
+        raise KdError(f"{path} holds more than tensors and plain values (objects whose loading may run code); kd "
+                      "reads only weights (weights_only=True): save model.state_dict() instead") from None
+    except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as error:
+        raise KdError(f"{path} is corrupt or not a PyTorch weights file ({_brief(error)})") from None
+
+
+def _is_pickle(path: Path) -> bool:
+    """A torch.save zip archive, or a legacy pickle (protocol 2+ starts with PROTO, 0x80)."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    return head.startswith(b"PK") or head[:1] == b"\x80"
+
+
+def _unnest(raw: Any, path: Path, nested: str | None) -> dict[str, torch.Tensor]:
+    if not isinstance(raw, Mapping):
+        raise KdError(f"{path} holds a {type(raw).__name__}, not a state dict; save model.state_dict()")
+    if nested:
+        if not isinstance(raw.get(nested), Mapping):
+            keys = ", ".join(k for k, v in raw.items() if isinstance(v, Mapping)) or "none"
+            raise KdError(f"{path} has no state dict under '{nested}' (keys holding one: {keys})")
+        raw = raw[nested]
+    elif not _is_state(raw):
+        inner = next((key for key in NESTED_KEYS if isinstance(raw.get(key), Mapping) and _is_state(raw[key])), None)
+        if inner is None:
+            raise KdError(f"{path} holds no state dict (top-level keys: {', '.join(list(map(str, raw))[:8])}); "
+                          f"name the key that holds it with nested=KEY")
+        raw = raw[inner]
+    state = {str(k): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise KdError(f"{path} holds no tensors")
+    return state
+
+
+def _is_state(mapping: Mapping) -> bool:
+    values = list(mapping.values())
+    return bool(values) and sum(isinstance(v, torch.Tensor) for v in values) >= max(1, len(values) // 2)
+
+
+def strip_wrappers(state: dict[str, torch.Tensor], wanted: set[str], depth: int = 3) -> dict[str, torch.Tensor]:
+    """Remove wrapper prefixes (`module.`, `model.`, `_orig_mod.`, ... up to `depth` of them stacked, e.g.
+    `module._orig_mod.`) in the way that makes the most keys match `wanted`; unchanged when none helps."""
+    best, best_matches = state, len(wanted & state.keys())
+    frontier = [state]
+    for _ in range(depth):
+        grown = []
+        for current in frontier:
+            for prefix in WRAPPER_PREFIXES:
+                if not any(k.startswith(prefix) for k in current):
+                    continue
+                stripped = {k.removeprefix(prefix): v for k, v in current.items()}
+                if len(stripped) != len(current):
+                    continue  # two keys would collide: not a wrapper prefix
+                grown.append(stripped)
+                matches = len(wanted & stripped.keys())
+                if matches > best_matches:
+                    best, best_matches = stripped, matches
+        frontier = grown
+    return best
+
+
+def fit_state(model: nn.Module, state: dict[str, torch.Tensor], what: str, *,
+              replaceable: tuple[str, ...] = ()) -> list[str]:
+    """Load `state` into `model` strictly after stripping wrapper prefixes. Keys under a module named in
+    `replaceable` (e.g. the classifier, when the classes differ) may be missing or of another shape:
+    they keep the model's fresh values. Returns the keys left fresh; any other mismatch is one line."""
+    own = model.state_dict()
+    state = strip_wrappers(state, set(own))
+    fresh = lambda key: any(key == r or key.startswith(r + ".") for r in replaceable)  # noqa: E731
+    missing = [k for k in own if k not in state and not fresh(k)]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and state[k].shape != own[k].shape and not fresh(k)]
+    if missing or unexpected or shapes:
+        raise KdError(f"{what}: the weights do not fit the model: {_mismatch(missing, unexpected, shapes, state, own)}; "
+                      "check the architecture (arch=, its kwargs) and the number of classes")
+    kept = {k: v for k, v in state.items() if not (fresh(k) and v.shape != own[k].shape)}
+    left = [k for k in own if k not in kept]
+    model.load_state_dict({**own, **kept}, strict=True)
+    return left
+
+
+def _mismatch(missing: list[str], unexpected: list[str], shapes: list[str], state: Mapping, own: Mapping) -> str:
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:SHOWN])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:SHOWN])})")
+    if shapes:
+        shown = ", ".join(f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in shapes[:SHOWN])
+        parts.append(f"{len(shapes)} of another shape (e.g. {shown})")
+    return "; ".join(parts)
+
+
+def _brief(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:160] if text else type(error).__name__
