@@ -28,6 +28,7 @@ STAGES: dict[str, Stage] = {
     "evaluate": Stage("evaluate", "score a trained model: accuracy, calibration, size, MACs, latency"),
     "compress": Stage("compress", "prune / low-rank / int8 a trained model, recover it with KD, measure it"),
     "export": Stage("export", "write a model as ONNX or TorchScript, checked against PyTorch"),
+    "import": Stage("import", "turn a checkpoint you have (.pt/.pth, safetensors, HF folder) into a kd model"),
 }
 
 # Commands that are not Hydra stages: module with `main(argv: list[str]) -> int`, and a summary.
@@ -104,8 +105,23 @@ def reorder_hydra_flags(args: list[str]) -> list[str]:
 def open_model_options(overrides: list[str]) -> list[str]:
     """`student.kwargs.width=8` -> `++student.kwargs.width=8`: model options are open-ended (checked
     against the model's own signature), so setting one must work whether or not the YAML lists it."""
-    prefixes = ("teacher.kwargs.", "student.kwargs.")
+    prefixes = ("teacher.kwargs.", "student.kwargs.", "model.kwargs.")
     return [f"++{o}" if o.startswith(prefixes) else o for o in overrides]
+
+
+def import_shorthand(args: list[str]) -> list[str]:
+    """`kd import PATH arch=NAME` -> `source=PATH model.arch=NAME` (the first word without `=` that is
+    not a flag is the checkpoint)."""
+    out, source_given = [], any(a.startswith("source=") for a in args)
+    for arg in args:
+        if arg.startswith("arch="):
+            out.append(f"model.{arg}")
+        elif not source_given and "=" not in arg and not arg.startswith("-"):
+            out.append(f"source={arg}")
+            source_given = True
+        else:
+            out.append(arg)
+    return out
 
 
 def complete_stage_or_strip(line: str) -> str | None:
@@ -198,6 +214,8 @@ def dispatch(args: list[str]) -> int:
         raise unknown_choice("stage", stage, [*STAGES, *commands])
     from kd_cli.resume import guard_run_dir, resume_arguments
 
+    if stage == "import":
+        rest = import_shorthand(rest)
     rest = resume_arguments(stage, rest)
     guard_run_dir(stage, rest)
     run_hydra_stage(stage, rest)

@@ -13,6 +13,7 @@ STAGE_MODULES = {
     "evaluate": "kd_cli.stages.evaluate",
     "compress": "kd_cli.stages.compress",
     "export": "kd_cli.stages.export",
+    "import": "kd_cli.stages.import_model",
 }
 
 

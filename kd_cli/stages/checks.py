@@ -39,7 +39,7 @@ def check_config(cfg: DictConfig) -> None:
         from kd_cli.data import check_dataset_config
 
         check_dataset_config(_plain(cfg.dataset))
-    for role in ("teacher", "student"):
+    for role in ("teacher", "student", "model"):
         if cfg.get(role) is not None and "arch" in cfg[role]:
             check_model(cfg[role], role)
     if "method" in cfg:

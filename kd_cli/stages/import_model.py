@@ -1,0 +1,85 @@
+"""`kd import PATH arch=NAME dataset=...`: a checkpoint someone has -> a kd model directory.
+
+The checkpoint is read by models/checkpoints.py (weights_only, unnested, wrapper prefixes stripped),
+loaded strictly into `model.arch` built for the data set's classes, channels and size (a mismatch is
+one line with counts and the first names), scored on the data set's test split (non-finite outputs
+refused), saved as model.safetensors + model.json, then reloaded from those files and required to give
+the same outputs. The run directory then works everywhere a kd model does: teacher.checkpoint=,
+kd evaluate, kd compress, kd export, kd predict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from kd_cli.data import load_dataset, make_loader
+from kd_cli.engine.artifacts import load_model, save_model
+from kd_cli.engine.metrics import predict, topk_accuracy
+from kd_cli.engine.rundir import COMPLETE, RunDir
+from kd_cli.errors import KdError
+from kd_cli.models.checkpoints import fit_state, read_state_dict
+from kd_cli.stages.common import count_parameters, dataset_options, model_spec, setup_run, start_run
+from kd_cli.stages.training import print_results
+
+SAME_OUTPUTS = 1e-5  # largest |saved model - imported module| over the test logits
+
+
+def main(cfg: DictConfig, run: RunDir) -> float:
+    started = time.time()
+    setup = setup_run(cfg)
+    source = Path(str(cfg.source)).expanduser()
+    if not source.exists():
+        raise KdError(f"source={source} does not exist; give a .pt/.pth/.safetensors file or a save_pretrained folder")
+    state = read_state_dict(source, cfg.nested)
+    data = load_dataset(dataset_options(cfg))
+    spec = model_spec(cfg.model, data, cfg.dataset)
+    model = spec.build()
+    fit_state(model, state, f"{source} as {spec.arch}")
+    model = model.to(setup.device).eval()
+    loader = make_loader(data.test, batch_size=cfg.trainer.eval_batch_size, train=False, spec=None, mean=spec.mean,
+                         std=spec.std, device=setup.device, seed=cfg.seed, num_workers=cfg.trainer.num_workers)
+    logits, labels = predict(model, loader, setup.device)
+    if not torch.isfinite(logits).all():
+        raise KdError(f"{source} as {spec.arch} gives non-finite outputs (NaN or inf) on the test images; "
+                      "the checkpoint is broken or belongs to another architecture")
+    start_run(cfg, run, setup, device=str(setup.device), seed=cfg.seed, data_fingerprint=data.fingerprint,
+              source=str(source.resolve()), source_sha256=_digest(source))
+    save_model(run.path, model, spec)
+    _check_saved(run, setup.device, loader, logits)
+    top1 = topk_accuracy(logits, labels)
+    summary = {"stage": "import", "role": "imported", "arch": spec.arch, "dataset": spec.dataset,
+               "source": str(source.resolve()), "top1": top1, "best_top1": top1, "last_top1": top1,
+               "params": count_parameters(model), "wall_time_s": time.time() - started}
+    run.write_summary(COMPLETE, **summary)
+    print_results(f"import {source.name} as {spec.arch} ({spec.dataset})", [
+        ("test top-1 %", top1), ("parameters", summary["params"]), ("test images", len(labels)),
+    ], run.path)
+    return top1
+
+
+def _check_saved(run: RunDir, device: torch.device, loader, expected: torch.Tensor) -> None:
+    """What was written reloads to the same network: its outputs equal the imported module's."""
+    reloaded, _ = load_model(run.path, device)
+    logits, _ = predict(reloaded, loader, device)
+    difference = (logits - expected).abs().max().item()
+    if difference > SAME_OUTPUTS:
+        raise KdError(f"the saved model's outputs differ from the imported module's by {difference:.2g}; the "
+                      f"architecture has state outside its state dict: report it (run directory {run.path})")
+
+
+def _digest(source: Path) -> str:
+    """sha256 of the checkpoint (of its weights file, for a folder), for provenance in env.json."""
+    path = source
+    if source.is_dir():
+        path = next((source / name for name in ("model.safetensors", "pytorch_model.bin")
+                     if (source / name).is_file()), source)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]

@@ -1,0 +1,183 @@
+"""`kd import`: the checkpoints people have (plain, nested, wrapper-prefixed, safetensors, Hugging Face
+folders) become kd models whose predictions equal the original module's, through `kd evaluate`."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kd_cli.data import load_dataset, make_loader
+from kd_cli.engine.artifacts import load_model
+from kd_cli.engine.metrics import predict
+from kd_cli.models import create_model
+from kdrun import FAST, assert_one_line_error, kd, kd_here, summary
+
+DIGITS = {"name": "digits"}
+MEAN, STD = [0.3053], [0.3759]
+
+
+def trained_cnn(steps: int = 30) -> torch.nn.Module:
+    """A kd-zoo CNN trained a few steps on the digits with a plain PyTorch loop (someone else's code)."""
+    torch.manual_seed(0)
+    model = create_model("cnn", 10, 1, 8)
+    data = load_dataset(DIGITS)
+    x = (data.train.images.float() / 255 - MEAN[0]) / STD[0]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(steps):
+        index = torch.arange(step * 32, step * 32 + 32) % len(x)
+        loss = torch.nn.functional.cross_entropy(model(x[index]), data.train.labels[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def original() -> tuple[torch.nn.Module, torch.Tensor]:
+    model = trained_cnn()
+    data = load_dataset(DIGITS)
+    loader = make_loader(data.test, batch_size=256, train=False, spec=None, mean=MEAN, std=STD, device="cpu", seed=0)
+    logits, _ = predict(model, loader, torch.device("cpu"))
+    return model, logits
+
+
+def plain(state):
+    return state
+
+
+FORMS = {
+    "state_dict.pt": lambda s: torch.save(s, "{path}"),
+    "nested_state_dict.pth": lambda s: {"state_dict": s, "epoch": 7, "optimizer": {"lr": 0.1}},
+    "nested_model.pth": lambda s: {"model": s, "args": {"arch": "cnn"}},
+    "nested_ema.ckpt": lambda s: {"ema": s, "step": 100},
+    "ddp_module.pth": lambda s: {f"module.{k}": v for k, v in s.items()},
+    "lightning.ckpt": lambda s: {"state_dict": {f"model.{k}": v for k, v in s.items()}, "global_step": 3,
+                                 "pytorch-lightning_version": "2.4.0"},
+    "compiled_orig_mod.pt": lambda s: {f"_orig_mod.{k}": v for k, v in s.items()},
+    "ddp_and_compiled.pt": lambda s: {f"module._orig_mod.{k}": v for k, v in s.items()},
+}
+
+
+def write_form(name: str, model: torch.nn.Module, folder: Path) -> Path:
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    if name == "weights.safetensors":
+        save_file(state, str(folder / name))
+        return folder / name
+    if name == "hf_folder":
+        (folder / name).mkdir()
+        save_file(state, str(folder / name / "model.safetensors"))
+        (folder / name / "config.json").write_text(json.dumps({"architectures": ["CNN"], "num_labels": 10}))
+        return folder / name
+    if name == "hf_bin_folder":
+        (folder / name).mkdir()
+        torch.save(state, folder / name / "pytorch_model.bin")
+        return folder / name
+    content = state if name == "state_dict.pt" else FORMS[name](state)
+    torch.save(content, folder / name)
+    return folder / name
+
+
+@pytest.mark.parametrize("form", [*(n for n in FORMS), "weights.safetensors", "hf_folder", "hf_bin_folder"])
+def test_import_round_trip_equals_the_original_module(original, tmp_path, form):
+    model, expected = original
+    source = write_form(form, model, tmp_path)
+    run = tmp_path / "imported"
+    result = kd_here("import", str(source), "arch=cnn", *FAST, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    imported, spec = load_model(run)
+    data = load_dataset(DIGITS)
+    loader = make_loader(data.test, batch_size=256, train=False, spec=None, mean=spec.mean, std=spec.std,
+                         device="cpu", seed=0)
+    logits, labels = predict(imported, loader, torch.device("cpu"))
+    assert (logits - expected).abs().max().item() <= 1e-5
+    # and through kd evaluate, as a user would check it
+    scored = kd_here("evaluate", f"run={run}", *FAST, f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    assert scored.code == 0, scored.stderr
+    top1 = 100.0 * (expected.argmax(1) == labels).float().mean().item()
+    assert summary(tmp_path / "eval")["top1"] == pytest.approx(top1, abs=1e-6)
+    assert summary(run)["top1"] == pytest.approx(top1, abs=1e-6) and summary(run)["role"] == "imported"
+    env = json.loads((run / "env.json").read_text())
+    assert len(env["source_sha256"]) == 16
+
+
+def test_a_timm_checkpoint_with_a_wrapper_prefix_imports_and_teaches(tmp_path):
+    pytest.importorskip("timm")
+    import timm
+
+    torch.manual_seed(1)
+    net = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    torch.save({"model_ema": {f"module.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "timm.pth")
+    run = tmp_path / "imported"
+    result = kd_here("import", str(tmp_path / "timm.pth"), "arch=timm/test_resnet", *FAST, f"hydra.run.dir={run}",
+                     cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    imported, _ = load_model(run)
+    x = torch.randn(3, 1, 8, 8)
+    assert (imported(x) - net.eval()(x)).abs().max().item() <= 1e-5
+    student = tmp_path / "student"
+    distilled = kd_here("distill", f"teacher.checkpoint={run}", "trainer.epochs=1", *FAST,
+                        f"paths.outputs={tmp_path}", f"hydra.run.dir={student}", cwd=tmp_path)
+    assert distilled.code == 0, distilled.stderr
+    assert summary(student)["teacher_run"] == str(run)
+
+
+def test_mismatched_weights_are_one_line_with_counts_and_first_names(original, tmp_path):
+    model, _ = original
+    source = write_form("ddp_module.pth", model, tmp_path)
+    result = kd_here("import", str(source), "arch=mlp", *FAST, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    line = assert_one_line_error(result, "do not fit the model", "missing (e.g.", "unexpected (e.g.")
+    assert len(line) < 600 and not (tmp_path / "r").exists()
+    wrong_classes = kd_here("import", str(source), "arch=cnn", "dataset=synthetic", "dataset.num_classes=5",
+                            "dataset.image_size=8", "dataset.channels=1", "dataset.mean=[0.5]", "dataset.std=[0.25]", *FAST, f"hydra.run.dir={tmp_path / 'r'}",
+                            cwd=tmp_path)
+    assert_one_line_error(wrong_classes, "of another shape", "fc.weight [10, 64] vs [5, 64]")
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path, capfd):
+    source = tmp_path / "evil.pth"
+    with open(source, "wb") as handle:
+        pickle.dump({"state_dict": Payload()}, handle)
+    result = kd("import", str(source), "arch=cnn", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert_one_line_error(result, "weights_only=True", "save model.state_dict()")
+    assert "pwned" not in result.stdout + result.stderr and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("content, fragments", [
+    (b"garbage", ["corrupt or not a PyTorch weights file"]),
+    ({"epoch": 3, "lr": 0.1}, ["holds no state dict", "nested=KEY"]),
+    ([1, 2, 3], ["holds a list, not a state dict"]),
+])
+def test_bad_checkpoints_are_one_line(tmp_path, content, fragments):
+    source = tmp_path / "bad.pt"
+    if isinstance(content, bytes):
+        source.write_bytes(content)
+    else:
+        torch.save(content, source)
+    result = kd_here("import", str(source), "arch=cnn", *FAST, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "r").exists()
+
+
+def test_nested_key_and_missing_source(original, tmp_path):
+    model, _ = original
+    torch.save({"student": model.state_dict(), "teacher": {"x": torch.zeros(1)}}, tmp_path / "two.pt")
+    run = tmp_path / "r"
+    ok = kd_here("import", str(tmp_path / "two.pt"), "arch=cnn", "nested=student", *FAST, f"hydra.run.dir={run}",
+                 cwd=tmp_path)
+    assert ok.code == 0, ok.stderr
+    missing = kd_here("import", str(tmp_path / "two.pt"), "arch=cnn", "nested=ema", *FAST,
+                      f"hydra.run.dir={tmp_path / 'r2'}", cwd=tmp_path)
+    assert_one_line_error(missing, "no state dict under 'ema'", "student", "teacher")
+    gone = kd_here("import", str(tmp_path / "nope.pt"), "arch=cnn", *FAST, f"hydra.run.dir={tmp_path / 'r3'}",
+                   cwd=tmp_path)
+    assert_one_line_error(gone, "does not exist")
