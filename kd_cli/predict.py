@@ -241,9 +241,11 @@ def preprocessing(spec: ModelSpec) -> Callable:
     """The model's own evaluation transform: PIL image -> normalised float tensor (C, S, S)."""
     from torchvision.transforms import v2
 
+    from kd_cli.data.loader import centre_crop
+
     size = spec.input_size
-    if spec.dataset == "imagefolder":  # as kd evaluated it: resize to size/0.875, keep the centre
-        frame = [v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size)]
+    if spec.dataset == "imagefolder":  # as kd evaluated it: resize to size / crop_fraction, keep the centre
+        frame = centre_crop(size, spec.extra.get("crop_fraction", 0.875))
     else:  # the small in-memory sets saw whole images at their own size
         frame = [v2.Resize((size, size), antialias=True)]
     return v2.Compose([v2.ToImage(), *frame, v2.ToDtype(torch.float32, scale=True),

@@ -181,3 +181,67 @@ def test_nested_key_and_missing_source(original, tmp_path):
     gone = kd_here("import", str(tmp_path / "nope.pt"), "arch=cnn", *FAST, f"hydra.run.dir={tmp_path / 'r3'}",
                    cwd=tmp_path)
     assert_one_line_error(gone, "does not exist")
+
+
+def hf_vit_folder(folder: Path, num_labels: int = 10, image_size: int = 8, labels: list[str] | None = None):
+    """A tiny transformers ViT image classifier, as save_pretrained writes it."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=image_size, patch_size=4, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=64, num_labels=num_labels,
+                                    num_channels=1, **({"id2label": dict(enumerate(labels))} if labels else {}))
+    network = transformers.ViTForImageClassification(config).eval()
+    network.save_pretrained(folder)
+    return network
+
+
+def test_a_hugging_face_image_classifier_folder_round_trip(tmp_path):
+    network = hf_vit_folder(tmp_path / "vit")
+    run = tmp_path / "imported"
+    result = kd_here("import", str(tmp_path / "vit"), "arch=hf", *FAST, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    imported, spec = load_model(run)  # rebuilt from model.json alone: the config travels in it
+    assert spec.kwargs["config"]["model_type"] == "vit"
+    data = load_dataset(DIGITS)
+    loader = make_loader(data.test, batch_size=256, train=False, spec=None, mean=MEAN, std=STD, device="cpu", seed=0)
+    logits, labels = predict(imported, loader, torch.device("cpu"))
+    with torch.no_grad():
+        expected = torch.cat([network(pixel_values=x).logits for x, _ in loader])
+    assert (logits - expected).abs().max().item() <= 1e-5
+    scored = kd_here("evaluate", f"run={run}", *FAST, f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    assert scored.code == 0, scored.stderr
+    top1 = 100.0 * (expected.argmax(1) == labels).float().mean().item()
+    assert summary(tmp_path / "eval")["top1"] == pytest.approx(top1, abs=1e-6)
+    taught = kd_here("distill", f"teacher.checkpoint={run}", "trainer.epochs=1", *FAST, f"paths.outputs={tmp_path}",
+                     f"hydra.run.dir={tmp_path / 'student'}", cwd=tmp_path)
+    assert taught.code == 0, taught.stderr
+
+
+@pytest.mark.parametrize("kwargs, fragments", [
+    ({"image_size": 16}, ["takes 16px images", "dataset.image_size=16"]),
+    ({"num_labels": 3}, ["classifies 3 classes", "the data set has 10"]),
+])
+def test_a_hugging_face_folder_for_other_data_is_one_line(tmp_path, kwargs, fragments):
+    hf_vit_folder(tmp_path / "vit", **kwargs)
+    result = kd_here("import", str(tmp_path / "vit"), "arch=hf", *FAST, f"hydra.run.dir={tmp_path / 'r'}",
+                     cwd=tmp_path)
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "r").exists()
+
+
+def test_hugging_face_class_names_that_differ_are_a_warning(tmp_path):
+    hf_vit_folder(tmp_path / "vit", labels=[f"digit {k}" for k in range(10)])
+    result = kd_here("import", str(tmp_path / "vit"), "arch=hf", *FAST, f"hydra.run.dir={tmp_path / 'r'}",
+                     cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    assert "kd: warning:" in result.stderr and "digit 0" in result.stderr
+
+
+def test_without_transformers_the_error_says_how_to_install(monkeypatch):
+    import sys
+
+    from kd_cli.errors import KdError
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(KdError, match=r"pip install 'kd-cli\[hf\]'"):
+        create_model("hf", 10, 1, 8, config={"model_type": "vit"})

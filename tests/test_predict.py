@@ -139,3 +139,25 @@ def test_predict_from_the_exported_onnx_file_through_the_cli(trained, pngs, tmp_
     a, b = rows_of(via_onnx), rows_of(via_torch)
     assert [r["class1"] for r in a] == [r["class1"] for r in b]
     assert np.allclose([float(r["prob1"]) for r in a], [float(r["prob1"]) for r in b], atol=1e-4)
+
+
+def test_the_evaluation_crop_follows_the_models_crop_fraction():
+    """Image-folder models are fed as kd evaluated them: resize to size / crop_fraction, keep the centre;
+    crop_fraction=1 (recorded in model.json) keeps the whole image, as for a model trained on whole images."""
+    from PIL import Image
+
+    from kd_cli.data.loader import folder_transform
+    from kd_cli.engine.artifacts import ModelSpec
+    from kd_cli.predict import preprocessing
+
+    pixels = np.zeros((16, 16, 3), dtype=np.uint8)
+    pixels[:2] = 255  # a white top border
+    image = Image.fromarray(pixels)
+    whole = folder_transform(None, 16, [0.0] * 3, [1.0] * 3, crop_fraction=1.0)(image)
+    assert torch.allclose(whole, torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)
+    cropped = folder_transform(None, 16, [0.0] * 3, [1.0] * 3)(image)
+    assert not torch.allclose(cropped, whole, atol=1e-3)  # the 0.875 crop is another framing
+    spec = ModelSpec("cnn", {}, 2, 3, 16, [0.0] * 3, [1.0] * 3, ["a", "b"], "imagefolder", {"crop_fraction": 1.0})
+    assert torch.allclose(preprocessing(spec)(image), whole)
+    spec.extra = {}
+    assert torch.allclose(preprocessing(spec)(image), cropped)

@@ -61,6 +61,7 @@ class FolderSplit:
 
     dataset: Dataset  # yields (PIL image, int label)
     image_size: int = 224  # side of the square crops the loader cuts (the data set's input_size)
+    crop_fraction: float = 0.875  # evaluation: resize to image_size / crop_fraction, keep the centre
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -128,7 +129,7 @@ def subset(split: TensorSplit | FolderSplit, indices: list[int]) -> TensorSplit 
     if isinstance(split, TensorSplit):
         index = torch.as_tensor(indices, dtype=torch.int64)
         return TensorSplit(split.images[index], split.labels[index])
-    return FolderSplit(Subset(split.dataset, indices), split.image_size)
+    return FolderSplit(Subset(split.dataset, indices), split.image_size, split.crop_fraction)
 
 
 def check_dataset_config(cfg: Mapping[str, Any]) -> None:

@@ -23,6 +23,7 @@ import functools
 import os
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from kd_cli.data.base import (DataSplits, FolderSplit, SplitSeed, absolute, fing
                               register_dataset)
 from kd_cli.data.files import brief
 from kd_cli.errors import KdError, warn
-from kd_cli.registry import OpenFraction, PositiveInt
+from kd_cli.registry import OpenFraction, PositiveInt, Range
 
 LAYOUT = "train/ and test/ (or val/, or both) folders of class folders, or class folders alone"
 # Pillow's names of the formats behind ImageFolder's extensions (.jpg .jpeg .png .ppm .pgm .bmp .tif .tiff
@@ -94,9 +95,12 @@ def imagefolder(
     test_fraction: OpenFraction = 0.2,
     split_seed: SplitSeed = 0,
     skip_unreadable: bool = False,
+    crop_fraction: Annotated[float, Range(0, 1, low_open=True)] = 0.875,
 ) -> DataSplits:
-    """`image_size` is the side of the square crops the model sees; `skip_unreadable` decodes every file
-    at load time and leaves out those that fail (one warning), instead of stopping at the first."""
+    """`image_size` is the side of the square crops the model sees; `crop_fraction` the share of the
+    (resized) image the evaluation crop keeps (0.875 as for ImageNet; 1 for models trained on whole
+    images); `skip_unreadable` decodes every file at load time and leaves out those that fail (one
+    warning), instead of stopping at the first."""
     root = absolute(root)
     if download:
         raise KdError("an image folder cannot be downloaded; set dataset.download=false and put the images "
@@ -118,15 +122,15 @@ def imagefolder(
         raise KdError(f"{root} has {len(classes)} class folder ({', '.join(classes)}); a classifier needs at least "
                       "2: add one folder of images per class")
     return DataSplits(
-        train=FolderSplit(train, image_size),
-        test=FolderSplit(test, image_size),
+        train=FolderSplit(train, image_size, crop_fraction),
+        test=FolderSplit(test, image_size, crop_fraction),
         num_classes=len(classes),
         class_names=list(classes),
         in_channels=3,  # ImageFolder's loader converts every image to RGB
         input_size=image_size,
         fingerprint=fingerprint(*classes, *_digest(train, root), *_digest(test, root),
                                 *(_digest(val, root) if val is not None else [])),
-        val=FolderSplit(val, image_size) if val is not None else None,
+        val=FolderSplit(val, image_size, crop_fraction) if val is not None else None,
     )
 
 

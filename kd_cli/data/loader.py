@@ -123,7 +123,7 @@ class FolderLoader:
     def __init__(self, split: FolderSplit, batch_size: int, spec: AugmentSpec | None, mean: Sequence[float],
                  std: Sequence[float], device: torch.device, seed: int, drop_last: bool, rank: int,
                  world_size: int, shuffle: bool, num_workers: int):
-        dataset = Transformed(split.dataset, folder_transform(spec, split.image_size, mean, std))
+        dataset = Transformed(split.dataset, folder_transform(spec, split.image_size, mean, std, split.crop_fraction))
         self.device, self.seed, self.rank, self.num_workers = device, seed, rank, num_workers
         self.epoch = 0
         # Seeds both the shuffle and the workers' random transforms; re-seeded from (seed, epoch) per epoch.
@@ -185,7 +185,8 @@ class Transformed(Dataset):
         return self.transform(image), label
 
 
-def folder_transform(spec: AugmentSpec | None, size: int, mean: Sequence[float], std: Sequence[float]):
+def folder_transform(spec: AugmentSpec | None, size: int, mean: Sequence[float], std: Sequence[float],
+                     crop_fraction: float = 0.875):
     """RandomResizedCrop/flip/TrivialAugment/rotation/erasing as `spec` asks; Resize+CenterCrop otherwise.
 
     On image folders `crop_padding` > 0 switches on RandomResizedCrop (padding itself means nothing for
@@ -197,8 +198,8 @@ def folder_transform(spec: AugmentSpec | None, size: int, mean: Sequence[float],
     steps: list = [v2.ToImage()]
     if spec.crop_padding:
         steps.append(v2.RandomResizedCrop(size, antialias=True))
-    else:  # the usual evaluation crop: resize to size/0.875, keep the centre
-        steps += [v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size)]
+    else:  # the evaluation crop: resize to size / crop_fraction (ImageNet's usual 0.875), keep the centre
+        steps += centre_crop(size, crop_fraction)
     if spec.hflip:
         steps.append(v2.RandomHorizontalFlip())
     if spec.trivial_augment:
@@ -210,6 +211,15 @@ def folder_transform(spec: AugmentSpec | None, size: int, mean: Sequence[float],
         steps.append(v2.RandomErasing(p=spec.erase_prob, value=0))
     steps.append(v2.Normalize(list(mean), list(std)))
     return v2.Compose(steps)
+
+
+def centre_crop(size: int, crop_fraction: float) -> list:
+    """Resize the short side to size / crop_fraction, then cut the central size x size square."""
+    from torchvision.transforms import v2
+
+    if crop_fraction >= 1.0:
+        return [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
+    return [v2.Resize(round(size / crop_fraction), antialias=True), v2.CenterCrop(size)]
 
 
 def _sampler(dataset: Dataset, shuffle: bool, seed: int, rank: int, world_size: int, generator: torch.Generator):

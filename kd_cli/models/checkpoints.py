@@ -125,6 +125,10 @@ def strip_wrappers(state: dict[str, torch.Tensor], wanted: set[str], depth: int 
                 if matches > best_matches:
                     best, best_matches = stripped, matches
         frontier = grown
+    for prefix in WRAPPER_PREFIXES:  # kd's own wrapper around a network built elsewhere (`model.`: arch=hf)
+        prefixed = {prefix + k: v for k, v in best.items()}
+        if len(wanted & prefixed.keys()) > best_matches:
+            return prefixed
     return best
 
 

@@ -141,3 +141,21 @@ def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
     classifier = classifier_module(model)
     head = {id(p) for p in classifier.parameters()} if classifier is not None else set()
     return [p for p in model.parameters() if id(p) not in head]
+
+
+class Embedding(nn.Identity):
+    """Passes the classifier's input through, so a forward hook on this module reads the embedding."""
+
+    def before_classifier(self, module: nn.Module, args: tuple) -> tuple:
+        return (self(args[0]), *args[1:])
+
+
+def tap_classifier_input(model: nn.Module, classifier: nn.Module | None) -> str:
+    """Add `model.kd_embedding`, called on the classifier's input by a pre-hook: a module whose output is
+    the embedding, for networks built elsewhere (timm, transformers) whose state dict keys must not
+    change. The hook is a bound method of that submodule, so copy.deepcopy keeps it pointing at the copy's."""
+    if not isinstance(classifier, nn.Module) or isinstance(classifier, nn.Identity):
+        raise KdError(f"{type(model).__name__} has no classifier module to read the embedding from")
+    model.kd_embedding = Embedding()
+    classifier.register_forward_pre_hook(model.kd_embedding.before_classifier)
+    return "kd_embedding"

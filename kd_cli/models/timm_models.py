@@ -9,8 +9,7 @@ for the data set's classes and channels. Weights, when asked for:
   or prefixed by a wrapper: see models/checkpoints.py). The classifier is kept when it fits the
   classes and replaced when it does not; a first conv for other channels is adapted as timm does.
 The stage outputs for feature methods are timm's `feature_info` modules (stride 4 and deeper); the
-embedding is the classifier's input, read by an identity module called just before the classifier
-(so the state dict keeps timm's keys and weights load unchanged).
+embedding is the classifier's input (`features.tap_classifier_input`: the state dict keeps timm's keys).
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from typing import Callable
 from torch import nn
 
 from kd_cli.errors import KdError
-from kd_cli.models.features import set_feature_layers
+from kd_cli.models.features import set_feature_layers, tap_classifier_input
 from kd_cli.models.layers import DropoutRate, check_io
 from kd_cli.models.registry import MODELS
 
@@ -185,20 +184,9 @@ def classifier_name(model: nn.Module) -> str:
     return "__none__"
 
 
-class Embedding(nn.Identity):
-    """Passes the classifier's input through, so a forward hook on this module reads the embedding."""
-
-    def before_classifier(self, module: nn.Module, args: tuple) -> tuple:
-        return (self(args[0]), *args[1:])
-
-
 def add_feature_layers(model: nn.Module) -> nn.Module:
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
-    if not isinstance(classifier, nn.Module) or isinstance(classifier, nn.Identity):
-        raise KdError(f"{type(model).__name__}: timm gives no classifier module to read the embedding from")
-    model.kd_embedding = Embedding()
-    # a bound method of a submodule: copy.deepcopy maps it to the copy's own submodule
-    classifier.register_forward_pre_hook(model.kd_embedding.before_classifier)
+    tap_classifier_input(model, classifier)
     info = getattr(model, "feature_info", None)
     stages = []
     if info is not None:

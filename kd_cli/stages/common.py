@@ -306,6 +306,8 @@ def model_spec(model_cfg: DictConfig, data, dataset_cfg: DictConfig) -> ModelSpe
         std=list(dataset_cfg.std),
         class_names=list(data.class_names),
         dataset=dataset_cfg.name,
+        # how an image file becomes this model's input (kd predict): the evaluation crop of image folders
+        extra={"crop_fraction": dataset_cfg.crop_fraction} if "crop_fraction" in dataset_cfg else {},
     )
 
 

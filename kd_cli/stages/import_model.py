@@ -21,8 +21,10 @@ from kd_cli.data import load_dataset, make_loader
 from kd_cli.engine.artifacts import load_model, save_model
 from kd_cli.engine.metrics import predict, topk_accuracy
 from kd_cli.engine.rundir import COMPLETE, RunDir
-from kd_cli.errors import KdError
+from kd_cli.engine.files import read_json
+from kd_cli.errors import KdError, warn
 from kd_cli.models.checkpoints import fit_state, read_state_dict
+from kd_cli.models.hf_models import hf_from_folder
 from kd_cli.stages.common import count_parameters, dataset_options, model_spec, setup_run, start_run
 from kd_cli.stages.training import print_results
 
@@ -35,11 +37,15 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     source = Path(str(cfg.source)).expanduser()
     if not source.exists():
         raise KdError(f"source={source} does not exist; give a .pt/.pth/.safetensors file or a save_pretrained folder")
-    state = read_state_dict(source, cfg.nested)
+    state = read_state_dict(source, cfg.nested) if cfg.model.arch != "hf" else None  # a bad file fails first
     data = load_dataset(dataset_options(cfg))
     spec = model_spec(cfg.model, data, cfg.dataset)
-    model = spec.build()
-    fit_state(model, state, f"{source} as {spec.arch}")
+    if spec.arch == "hf":  # transformers reads its own folders (it renames keys across its versions)
+        spec.kwargs["config"] = hf_config(source, spec.kwargs.get("config"), data.class_names)
+        model = hf_from_folder(source, spec.num_classes, spec.in_channels, spec.input_size)
+    else:
+        model = spec.build()
+        fit_state(model, state, f"{source} as {spec.arch}")
     model = model.to(setup.device).eval()
     loader = make_loader(data.test, batch_size=cfg.trainer.eval_batch_size, train=False, spec=None, mean=spec.mean,
                          std=spec.std, device=setup.device, seed=cfg.seed, num_workers=cfg.trainer.num_workers)
@@ -60,6 +66,28 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         ("test top-1 %", top1), ("parameters", summary["params"]), ("test images", len(labels)),
     ], run.path)
     return top1
+
+
+def hf_config(source: Path, given: dict | None, class_names: list[str]) -> dict:
+    """arch=hf: the config.json of the save_pretrained folder (unless model.kwargs.config gives one);
+    class names it lists that differ from the data set's are a warning (the outputs are read in order)."""
+    from kd_cli.models.hf_models import config_labels
+
+    if not source.is_dir():
+        raise KdError(f"arch=hf imports a save_pretrained folder (config.json and weights); {source} is a file")
+    if given:
+        return dict(given)
+    path = source / "config.json" if source.is_dir() else source.with_name("config.json")
+    if not path.is_file():
+        raise KdError(f"arch=hf reads the model's config.json from the save_pretrained folder, and {path} does not "
+                      "exist; give the folder as the source")
+    config = read_json(path)
+    labels = config_labels(config)
+    if labels is not None and labels != list(class_names):
+        warn(f"{path} names the classes {', '.join(labels[:5])}{' ...' if len(labels) > 5 else ''} and the data set "
+             f"{', '.join(class_names[:5])}{' ...' if len(class_names) > 5 else ''}; output k is read as the data "
+             "set's k-th class")
+    return config
 
 
 def _check_saved(run: RunDir, device: torch.device, loader, expected: torch.Tensor) -> None:
