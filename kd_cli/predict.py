@@ -70,7 +70,9 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="kd predict", description=__doc__.split("\n\n", 1)[1].split("\n\n")[0],
+    usage = ("kd predict run=RUN INPUT... [top_k=5] [out=predictions.csv] [batch_size=64] [device=cpu] "
+             "[strict=false] [overwrite=false] [workers=N]   (or --key VALUE)")
+    parser = Parser(prog="kd predict", usage=usage, description=__doc__.split("\n\n", 1)[1].split("\n\n")[0],
                     epilog=EPILOG, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="images, folders of images, or lists of paths")
     parser.add_argument("--run", required=True, help="run directory, model.safetensors or model.onnx")

@@ -43,8 +43,9 @@ VOLATILE_RESOLVERS = ("${now:", "${hydra:", "${oc.env:")
 ENV_VERSION_KEYS = ("kd", "python", "torch", "torchvision", "hydra", "git_sha")
 # Compared after the run when the metrics differ: the likely causes.
 ENV_CAUSES = {"data_fingerprint": "the data differ", "train_samples": "the data differ",
-              "test_samples": "the data differ", "device": "another device", "world_size": "another process count"}
-SUMMARY_KEYS = ("best_top1", "best_epoch", "last_top1", "teacher_top1", "generations_top1",
+              "test_samples": "the data differ", "val_samples": "the data differ", "device": "another device",
+              "world_size": "another process count"}
+SUMMARY_KEYS = ("best_top1", "best_epoch", "best_val_top1", "last_top1", "teacher_top1", "generations_top1",
                 "top1", "top5", "nll", "ece", "teacher_agreement")
 TIMING_COLUMNS = {"seconds", "images_per_s"}  # wall-clock facts: never the same twice
 SHOWN_DIFFERENCES = 20

@@ -118,6 +118,8 @@ def test_fine_tune_from_a_weights_file_with_a_slow_backbone(tmp_path):
                      "optim.weight_decay=0", "trainer.epochs=1", *FAST, f"paths.outputs={tmp_path}",
                      f"hydra.run.dir={run}", cwd=tmp_path)
     assert result.code == 0, result.stderr
+    # the digits are normalised with their own statistics, not the ones timm's data config gives the weights
+    assert "pretrained weights expect images normalised with mean [0.5] / std [0.5] (timm's data config)" in result.stderr
     tuned = load_file(str(run / "model.safetensors"))
     assert (tuned["layer3.0.conv1.weight"] - state["layer3.0.conv1.weight"]).abs().max() < 1e-6  # barely moved
     assert tuned["fc.weight"].shape == (10, state["fc.weight"].shape[1])

@@ -83,7 +83,17 @@ def build_timm(name: str, num_classes: int, in_channels: int, input_size: int, p
     model = _create(timm, name, pretrained, options)
     if weights:
         load_weights(model, weights, in_channels, PREFIX + name)
+    if pretrained or weights:  # what the weights were trained on, for a warning when the data differ
+        model.kd_pretrained_form = pretrained_form(timm, model)
     return add_feature_layers(model)
+
+
+def pretrained_form(timm, model: nn.Module) -> dict:
+    """timm's `resolve_data_config` for the model's pretrained config: the size and statistics its
+    weights expect."""
+    config = timm.data.resolve_data_config({}, model=model)
+    return {"mean": [float(v) for v in config["mean"]], "std": [float(v) for v in config["std"]],
+            "input_size": int(config["input_size"][-1])}
 
 
 def _takes_img_size(timm, name: str) -> bool:

@@ -359,5 +359,21 @@ def check_model_fits(spec: ModelSpec, data, path: Path, role: str, normalisation
              f"normalises with {list(normalisation[0])} / {list(normalisation[1])}")
 
 
+def check_pretrained_form(model: nn.Module, dataset_cfg: DictConfig, role: str) -> None:
+    """Pretrained weights expect their own normalisation (timm's resolve_data_config): a run that
+    normalises otherwise starts them on inputs they never saw, so say which values to set."""
+    form = getattr(model, "kd_pretrained_form", None)
+    if not form:
+        return
+    mean, std = list(dataset_cfg.mean), list(dataset_cfg.std)
+    channels = len(mean)
+    expected_mean, expected_std = form["mean"][:channels], form["std"][:channels]
+    if not (_close(mean, expected_mean) and _close(std, expected_std)):
+        shown = lambda values: "[" + ",".join(f"{v:.4g}" for v in values) + "]"  # noqa: E731
+        warn(f"the {role}'s pretrained weights expect images normalised with mean {shown(expected_mean)} / std "
+             f"{shown(expected_std)} (timm's data config) and this run uses {shown(mean)} / {shown(std)}: set "
+             f"dataset.mean={shown(expected_mean)} dataset.std={shown(expected_std)} unless that is intended")
+
+
 def _close(a: list, b: list) -> bool:
     return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-6) for x, y in zip(a, b))

@@ -11,7 +11,7 @@ from kd_cli.engine.metrics import predict, topk_accuracy
 from kd_cli.engine.artifacts import load_model
 from kd_cli.engine.rundir import RunDir, is_complete, read_summary
 from kd_cli.methods import method_requires_teacher
-from kd_cli.stages.common import count_parameters, model_spec, print_config, setup_run, start_run
+from kd_cli.stages.common import check_pretrained_form, count_parameters, model_spec, print_config, setup_run, start_run
 from kd_cli.stages.teacher import TeacherPlan, check_teacher_outputs, obtain_teacher, plan_teacher
 from kd_cli.stages.training import (data_env, dry_build, finish, load_data, objective, print_results, selection_rows,
                                     train_and_save)
@@ -26,6 +26,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     spec = model_spec(cfg.student, loaders.data, cfg.dataset)
     plan = plan_teacher(cfg, loaders.data, run, setup.device) if method_requires_teacher(cfg.method.name) else None
     student = spec.build(initial=True)
+    check_pretrained_form(student, cfg.dataset, "student")
     dry_build(cfg, student, _teacher_for_checks(plan), loaders)
     start_run(cfg, run, setup, **data_env(cfg, setup, loaders))
     teacher, teacher_spec, teacher_path = None, None, None

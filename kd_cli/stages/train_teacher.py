@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from kd_cli.engine.rundir import RunDir
 from kd_cli.errors import KdError
 from kd_cli.methods import method_requires_teacher
-from kd_cli.stages.common import model_spec, print_config, setup_run, start_run
+from kd_cli.stages.common import check_pretrained_form, model_spec, print_config, setup_run, start_run
 from kd_cli.stages.training import (data_env, finish, load_data, objective, print_results, selection_rows,
                                     train_and_save)
 
@@ -24,6 +24,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     loaders = load_data(cfg, setup)
     spec = model_spec(cfg.teacher, loaders.data, cfg.dataset)
     model = spec.build(initial=True)  # from pretrained weights when its options ask
+    check_pretrained_form(model, cfg.dataset, "teacher")
     start_run(cfg, run, setup, **data_env(cfg, setup, loaders))
     result = train_and_save(cfg, run, setup, loaders, model, spec, teacher=None, title=f"teacher {spec.arch}")
     if setup.world.is_main:
