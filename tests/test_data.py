@@ -9,12 +9,8 @@ verify integrity and parse the files themselves.
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import inspect
 import math
-import pickle
-import struct
 from pathlib import Path
 from urllib.error import URLError
 
@@ -32,8 +28,8 @@ from kd_cli.data.augment import augment_batch, normalize
 from kd_cli.errors import KdError
 from kd_cli.registry import check_options
 
-from formats import (MNIST_T10K, cifar_batch, join_batches, load_mnist_t10k, md5, read_idx, write_cifar,
-                     write_idx, write_mnist_raw, write_pickle)
+from formats import (MNIST_T10K, load_mnist_t10k, md5, write_cifar,
+                     write_mnist_raw)
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

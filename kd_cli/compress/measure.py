@@ -13,7 +13,7 @@ from torch import nn
 from kd_cli.compress.layers import weight_sparsity
 from kd_cli.compress.prune_unstructured import copyable, make_permanent
 from kd_cli.engine.artifacts import ModelSpec, weights_for_file
-from kd_cli.engine.metrics import predict, topk_accuracy
+from kd_cli.engine.metrics import topk_accuracy
 
 
 @dataclass

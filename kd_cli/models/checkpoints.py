@@ -60,18 +60,18 @@ def _load(path: Path) -> Any:
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as error:
-            raise KdError(f"{path} is corrupt or not a safetensors file ({_brief(error)})") from None
+            raise KdError(f"{path} is corrupt or not a safetensors file ({brief_error(error)})") from None
     try:
         with warnings.catch_warnings():  # torch explains refusals in warnings too; kd says it in one line
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+    except pickle.UnpicklingError:
         if not _is_pickle(path):  # bytes that are no pickle at all
             raise KdError(f"{path} is corrupt or not a PyTorch weights file (not a pickle or zip archive)") from None
         raise KdError(f"{path} holds more than tensors and plain values (objects whose loading may run code); kd "
                       "reads only weights (weights_only=True): save model.state_dict() instead") from None
     except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as error:
-        raise KdError(f"{path} is corrupt or not a PyTorch weights file ({_brief(error)})") from None
+        raise KdError(f"{path} is corrupt or not a PyTorch weights file ({brief_error(error)})") from None
 
 
 def _is_pickle(path: Path) -> bool:
@@ -164,6 +164,7 @@ def _mismatch(missing: list[str], unexpected: list[str], shapes: list[str], stat
     return "; ".join(parts)
 
 
-def _brief(error: BaseException) -> str:
+def brief_error(error: BaseException) -> str:
+    """The first line of an error's message (at most 160 characters), or its class name."""
     text = str(error).strip().splitlines()
     return text[0][:160] if text else type(error).__name__

@@ -25,6 +25,7 @@ from torch import nn
 
 from kd_cli.errors import KdError
 from kd_cli.models.features import set_feature_layers, tap_classifier_input
+from kd_cli.models.checkpoints import brief_error as _brief
 from kd_cli.models.layers import DropoutRate, check_io
 from kd_cli.models.registry import MODELS
 
@@ -205,11 +206,6 @@ def add_feature_layers(model: nn.Module) -> nn.Module:
     modules = dict(model.named_modules())
     stages = [name for name in stages if name in modules][-4:]
     return set_feature_layers(model, stages, "kd_embedding")
-
-
-def _brief(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
 
 
 MODELS.family(PREFIX, resolve)
