@@ -26,8 +26,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from kd_cli.engine.artifacts import META, ModelSpec, load_model, resolve_weights
-from kd_cli.engine.files import atomic_write, read_json
+from kd_cli.engine.artifacts import META, ModelSpec, load_model, load_spec, resolve_weights
+from kd_cli.engine.files import atomic_write
 from kd_cli.errors import KdError, warn
 
 log = logging.getLogger("kd")
@@ -204,7 +204,7 @@ def _onnx(path: Path, device: str) -> Predictor:
     meta = path.with_name(META)
     if not meta.is_file():
         raise KdError(f"no {META} beside {path}: kd export writes one there (input size, normalisation, classes)")
-    spec = _spec_from(meta)
+    spec = load_spec(path)  # the model.json beside it, as beside a model.safetensors
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if _device(device).type == "cuda" else \
         ["CPUExecutionProvider"]
     try:
@@ -225,15 +225,6 @@ def _onnx(path: Path, device: str) -> Predictor:
         return torch.from_numpy(session.run(None, {name: padded.numpy()})[0]).float()[: len(chunk)]
 
     return Predictor(spec, forward, str(path))
-
-
-def _spec_from(meta: Path) -> ModelSpec:
-    try:
-        fields = read_json(meta)
-        fields.pop("format", None)
-        return ModelSpec(**fields)
-    except (OSError, ValueError, TypeError) as error:
-        raise KdError(f"{meta} is not a valid kd model description ({error})") from None
 
 
 # ------------------------------------------------------------------------------------------ preprocessing
