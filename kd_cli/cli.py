@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from kd_cli.errors import KdError, Refusal, unknown_choice
+from kd_cli.errors import INTERRUPTED_RUNS, one_line, take_error, unknown_choice
 
 
 @dataclass(frozen=True)
@@ -147,8 +147,6 @@ def run_hydra_stage(stage: str, args: list[str]) -> None:
         version_base="1.3", config_path="pkg://kd_cli.configs", config_name=STAGES[stage].config
     )(run)
     main_fn()
-    from kd_cli.stages.common import take_error
-
     error = take_error()
     if error is not None:
         raise error
@@ -182,11 +180,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def interrupted_message() -> str:
     """Which runs the interrupt left unfinished (and how to continue them), or that it left none."""
-    common = sys.modules.get("kd_cli.stages.common")  # (not imported: no run had started)
-    interrupted_runs = common.interrupted_runs if common is not None else []
-    if not interrupted_runs:
+    if not INTERRUPTED_RUNS:
         return "interrupted; no run was left unfinished"
-    run = interrupted_runs[-1]
+    run = INTERRUPTED_RUNS[-1]
     return f"interrupted; {run} keeps its last checkpoint: continue it with resume={run}"
 
 
@@ -233,18 +229,6 @@ def complete(args: list[str]) -> int:
     os.environ["COMP_POINT"] = str(len(stripped))
     run_hydra_stage(stage, [a for a in args if a != stage])
     return 0
-
-
-def one_line(error: BaseException) -> str:
-    """A readable single line from any exception, Hydra's multi-line ones included."""
-    if isinstance(error, (KdError, Refusal)):
-        return str(error)
-    if isinstance(error, OSError) and error.filename:  # e.g. Hydra making a run directory where it cannot
-        return (f"{error.strerror or type(error).__name__}: {error.filename}; check that the path is right and "
-                f"that you may write there (hydra.run.dir=, paths.outputs=)")
-    from kd_cli.hydra_errors import describe
-
-    return describe(error)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,7 +8,6 @@ of the registered loader or method instead (see kd_cli/registry.py).
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -182,21 +181,11 @@ class ExportConfig:
     tolerance: float = MISSING
 
 
-def model_options(builder) -> dict:
-    """The keyword options of a model builder with their defaults (the code is their one source)."""
-    fixed = {"num_classes", "in_channels", "input_size"}
-    params = inspect.signature(builder).parameters.items()
-    return {
-        name: list(p.default) if isinstance(p.default, tuple) else p.default
-        for name, p in params
-        if name not in fixed and p.default is not inspect.Parameter.empty
-    }
-
-
 def register_configs() -> None:
     """Schemas, plus one `teacher=NAME` / `student=NAME` option per registered model."""
-    from kd_cli.models import MODELS
+    from kd_cli.model_index import model_index
 
+    _share_config_store_in_copies()
     cs = ConfigStore.instance()
     cs.store(name="train_teacher_schema", node=TrainTeacherConfig)
     cs.store(name="distill_schema", node=DistillConfig)
@@ -204,7 +193,13 @@ def register_configs() -> None:
     cs.store(name="compress_schema", node=CompressConfig)
     cs.store(name="export_schema", node=ExportConfig)
     cs.store(name="import_schema", node=ImportConfig)
-    for name in MODELS.names():
-        options = model_options(MODELS.get(name))
+    for name, options in model_index().items():
         cs.store(group="teacher", name=name, node={"arch": name, "kwargs": options, "checkpoint": "auto"})
         cs.store(group="student", name=name, node={"arch": name, "kwargs": options})
+
+
+def _share_config_store_in_copies() -> None:
+    """Hydra deep-copies its config repository for every group it lists, and with it the process-wide
+    ConfigStore (~80 nodes here): `kd STAGE --help` lists ~160 groups, 8 s of copying. The store is a
+    singleton that loading never mutates (it hands out copies of its nodes), so a copy may be itself."""
+    ConfigStore.__deepcopy__ = lambda self, memo: self  # type: ignore[attr-defined]

@@ -26,6 +26,35 @@ def unknown_choice(kind: str, name: str, choices: Iterable[str]) -> KdError:
     return KdError(f"unknown {kind} '{name}'{hint} (choose from: {', '.join(choices)})")
 
 
+def one_line(error: BaseException) -> str:
+    """A readable single line from any exception, Hydra's multi-line ones included."""
+    if isinstance(error, (KdError, Refusal)):
+        return str(error)
+    if isinstance(error, OSError) and error.filename:  # e.g. Hydra making a run directory where it cannot
+        return (f"{error.strerror or type(error).__name__}: {error.filename}; check that the path is right and "
+                f"that you may write there (hydra.run.dir=, paths.outputs=)")
+    from kd_cli.hydra_errors import describe
+
+    return describe(error)
+
+
+# The first error of this process's jobs. Hydra prints its own multi-line report for an exception
+# escaping a job, so jobs hand errors over here (`hand_over`) and the CLI raises the first one after
+# Hydra returns (`take_error`).
+_JOB_ERRORS: list[BaseException] = []
+# Runs this process recorded as `interrupted` (for the CLI's message).
+INTERRUPTED_RUNS: list[str] = []
+
+
+def hand_over(error: BaseException) -> None:
+    if not _JOB_ERRORS:
+        _JOB_ERRORS.append(error)
+
+
+def take_error() -> BaseException | None:
+    return _JOB_ERRORS.pop(0) if _JOB_ERRORS else None
+
+
 # Warnings of this process, in order; a run directory records them in its summary.json.
 WARNINGS: list[str] = []
 

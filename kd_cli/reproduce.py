@@ -190,7 +190,7 @@ def recompose(saved: SavedRun, overrides: list[str]) -> tuple[dict[str, Any], se
         with initialize_config_module(config_module=PACKAGE_CONFIGS, version_base="1.3"):
             cfg = compose(saved.config_name, overrides=[*overrides, *extra])
     except Exception as error:  # noqa: BLE001 - Hydra raises many types; all mean "cannot recompose"
-        from kd_cli.cli import one_line
+        from kd_cli.errors import one_line
 
         raise KdError(f"cannot recompose the config of {saved.path} from its overrides today: {one_line(error)}") from None
     raw = flatten(OmegaConf.to_container(cfg, resolve=False))

@@ -2,7 +2,7 @@
 
 At the start, the sweep takes its folder's lock for as long as it launches jobs, and refuses a folder
 that already holds runs (re-running a sweep into it would take over its jobs) unless the command is
-`resume=` that folder. The basic launcher runs jobs in this process, where `stages.common.guarded` records a failed job
+`resume=` that folder. The basic launcher runs jobs in this process, where `stages.common.guarded` hands a failed job's error
 for the CLI to report after Hydra returns. Joblib, submitit and SLURM run jobs in other processes,
 so their failures never reach this one; after the last job, this callback reads every job's
 summary.json in the sweep folder and records the failures the same way (one line, exit non-zero).
@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from kd_cli.engine.files import read_json
 from kd_cli.engine.lock import DirectoryLock
 from kd_cli.engine.rundir import COMPLETE, SUMMARY, enclosing, holds_run, holds_sweep
-from kd_cli.errors import KdError, Refusal
+from kd_cli.errors import KdError, Refusal, hand_over
 
 
 class SweepStatus(Callback):
@@ -51,19 +51,17 @@ class SweepStatus(Callback):
                                   f"you can write (hydra.sweep.dir= or paths.outputs=)")) from None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from kd_cli.stages import common
-
         if self.lock is not None:
             self.lock.release()
             self.lock = None
 
-        if common._errors:  # already recorded in-process (basic launcher)
-            return
         unfinished = unfinished_jobs(Path(str(config.hydra.sweep.dir)))
         if unfinished:
             path, status, message = unfinished[0]
-            common._errors.append(KdError(f"{len(unfinished)} job(s) of the sweep did not complete, e.g. {path}: "
-                                          f"{status}{': ' + message if message else ''}"))
+            # (A job that failed in this process, with the basic launcher, has handed over its error already:
+            # that first error is the one reported.)
+            hand_over(KdError(f"{len(unfinished)} job(s) of the sweep did not complete, e.g. {path}: "
+                              f"{status}{': ' + message if message else ''}"))
 
 
 def check_every_job(config: DictConfig) -> None:

@@ -92,5 +92,5 @@ def kd_here(*args: str, cwd: Path) -> Result:
         os.environ.update(environment)
         GlobalHydra.instance().clear()
         errors.WARNINGS.clear()
-        sys.modules["kd_cli.stages.common"].interrupted_runs.clear() if "kd_cli.stages.common" in sys.modules else None
+        errors.INTERRUPTED_RUNS.clear()
     return Result(code, out.getvalue(), err.getvalue())

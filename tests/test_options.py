@@ -22,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from kd_cli.compress import STEPS, build_step, check_steps
-from kd_cli.config import model_options
+from kd_cli.model_index import model_options
 from kd_cli.errors import KdError
 from kd_cli.methods import METHODS, check_method_options
 from kd_cli.methods.base import Distiller, FeatureDistiller

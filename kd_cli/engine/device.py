@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from kd_cli.engine.values import PRECISIONS
 from kd_cli.errors import KdError
 
 
@@ -42,9 +43,6 @@ def _check_cuda(device: torch.device, spec: str) -> None:
 
 def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def resolve_precision(spec: str, device: torch.device) -> torch.dtype:

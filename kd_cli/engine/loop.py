@@ -26,7 +26,8 @@ from kd_cli.engine.checkpoint import LAST, load_checkpoint, rng_state, save_chec
 from kd_cli.engine.device import autocast
 from kd_cli.engine.distributed import World, all_reduce_sum
 from kd_cli.engine.metrics import predict, topk_accuracy
-from kd_cli.engine.optim import build_optimizer, check_optim, lr_at, param_groups, set_lr
+from kd_cli.engine.optim import build_optimizer, lr_at, param_groups, set_lr
+from kd_cli.engine.values import check_optim
 from kd_cli.engine.progress import make_reporter
 from kd_cli.engine.rundir import RunDir
 from kd_cli.engine.trackers import Trackers

@@ -13,10 +13,6 @@ import torch
 from omegaconf import DictConfig
 
 from kd_cli.errors import KdError
-from kd_cli.registry import Range, check_number
-
-SCHEDULES = ("cosine", "multistep", "constant")
-
 
 def param_groups(params: Iterable[torch.nn.Parameter], backbone: Iterable[torch.nn.Parameter],
                  backbone_lr_scale: float) -> list[dict]:
@@ -42,28 +38,6 @@ def build_optimizer(params: Iterable[torch.nn.Parameter] | list[dict], cfg: Dict
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     raise KdError(f"unknown optim.name '{cfg.name}' (choose from: sgd, adamw)")
-
-
-def check_optim(cfg: DictConfig, epochs: int) -> None:
-    """Every optimiser and schedule value, before anything is built (NaN and inf included)."""
-    if cfg.name not in ("sgd", "adamw"):
-        raise KdError(f"unknown optim.name '{cfg.name}' (choose from: sgd, adamw)")
-    if cfg.schedule not in SCHEDULES:
-        raise KdError(f"unknown optim.schedule '{cfg.schedule}' (choose from: {', '.join(SCHEDULES)})")
-    check_number("optim.lr", cfg.lr, Range(0, low_open=True))
-    check_number("optim.weight_decay", cfg.weight_decay, Range(0))
-    check_number("optim.momentum", cfg.momentum, Range(0, 1, high_open=True))
-    if len(cfg.betas) != 2:
-        raise KdError(f"optim.betas={list(cfg.betas)} must be two numbers (Adam's decay rates), e.g. [0.9,0.999]")
-    for beta in cfg.betas:
-        check_number("optim.betas", beta, Range(0, 1, high_open=True), hint="each of the two")
-    check_number("optim.gamma", cfg.gamma, Range(0, low_open=True))
-    check_number("optim.backbone_lr_scale", cfg.backbone_lr_scale, Range(0, 1, low_open=True),
-                 hint="the fraction of optim.lr the pretrained layers get")
-    check_number("optim.min_lr", cfg.min_lr, Range(0, cfg.lr), hint="at most optim.lr")
-    for milestone in cfg.milestones:
-        check_number("optim.milestones", milestone, Range(0), hint="epochs at which the rate drops")
-    check_number("optim.warmup_epochs", cfg.warmup_epochs, Range(0, epochs), hint=f"trainer.epochs={epochs}")
 
 
 def lr_at(cfg: DictConfig, progress: float, epochs: int) -> float:

@@ -3,7 +3,9 @@ the stage it was written by, whatever command line loads it."""
 
 from __future__ import annotations
 
+import contextlib
 from importlib import import_module
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -19,9 +21,36 @@ STAGE_MODULES = {
 
 def run(cfg: DictConfig) -> float | None:
     from kd_cli.errors import unknown_choice
-    from kd_cli.stages.common import guarded
 
     if cfg.stage not in STAGE_MODULES:
         raise unknown_choice("stage", cfg.stage, STAGE_MODULES)
+    if not plain_values_pass(cfg):
+        return None
+    from kd_cli.stages.common import guarded
+
     stage = import_module(STAGE_MODULES[cfg.stage])
     return guarded(stage.main, cfg)
+
+
+def plain_values_pass(cfg: DictConfig) -> bool:
+    """A single run's plain values (trainer, optimiser, ...) are checked before torch and the stage
+    are imported, so a typo is answered at once. A refused run's error is handed to the CLI (as
+    `guarded` does) and the run directory Hydra made for it removed again (it is empty). A sweep checks
+    every job before the first one starts (sweep_status.py)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from kd_cli.errors import hand_over
+    from kd_cli.stages.checks import check_plain_values
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return True
+    try:
+        check_plain_values(cfg)
+    except Exception as error:
+        with contextlib.suppress(OSError):
+            Path(hydra_cfg.runtime.output_dir).rmdir()  # removes only an empty directory
+        hand_over(error)
+        return False
+    return True

@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from kd_cli.engine.values import PRECISIONS, check_optim
 from kd_cli.errors import KdError
 from kd_cli.registry import Range, check_number
 
@@ -21,18 +22,7 @@ PROGRESS = ("auto", "bar", "plain", "none")
 
 
 def check_config(cfg: DictConfig) -> None:
-    check_known_keys(cfg)
-    check_number("seed", cfg.seed, Range(0, 2**63 - 1))
-    for key in ("outputs", "data"):
-        if not str(cfg.paths[key]).strip():
-            raise KdError(f"paths.{key} is empty; give a folder, e.g. paths.{key}={key}")
-    check_stage_options(cfg)
-    if "trainer" in cfg:
-        check_trainer(cfg.trainer)
-    if "optim" in cfg and "method" in cfg:
-        from kd_cli.engine.optim import check_optim
-
-        check_optim(cfg.optim, cfg.trainer.epochs)
+    check_plain_values(cfg)
     if "augmentation" in cfg:
         check_augmentation(_plain(cfg.augmentation))
     if cfg.get("dataset") is not None:
@@ -46,6 +36,21 @@ def check_config(cfg: DictConfig) -> None:
         from kd_cli.methods import check_method_options
 
         check_method_options(cfg.method)
+
+
+def check_plain_values(cfg: DictConfig) -> None:
+    """The values that need no registry of models, data sets or methods (so no torch): the schema's
+    keys, seed, paths, the stage's own values, trainer and optimiser."""
+    check_known_keys(cfg)
+    check_number("seed", cfg.seed, Range(0, 2**63 - 1))
+    for key in ("outputs", "data"):
+        if not str(cfg.paths[key]).strip():
+            raise KdError(f"paths.{key} is empty; give a folder, e.g. paths.{key}={key}")
+    check_stage_options(cfg)
+    if "trainer" in cfg:
+        check_trainer(cfg.trainer)
+    if "optim" in cfg and "method" in cfg:
+        check_optim(cfg.optim, cfg.trainer.epochs)
 
 
 def check_known_keys(node: DictConfig, prefix: str = "") -> None:
@@ -95,8 +100,6 @@ def check_trainer(trainer: DictConfig) -> None:
                      hint="the largest gradient norm, or null for no clipping")
     if trainer.progress not in PROGRESS:
         raise KdError(f"trainer.progress={trainer.progress} is not one of {', '.join(PROGRESS)}")
-    from kd_cli.engine.device import PRECISIONS
-
     if str(trainer.precision).lower() not in PRECISIONS:
         raise KdError(f"trainer.precision={trainer.precision} is not one of {', '.join(PRECISIONS)}")
 

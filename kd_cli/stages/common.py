@@ -24,7 +24,7 @@ from kd_cli.engine.files import atomic_write, read_json
 from kd_cli.engine.lock import Owner
 from kd_cli.engine.process import signals_held
 from kd_cli.engine.rundir import ENV, FAILED, INTERRUPTED, RunDir
-from kd_cli.errors import WARNINGS, KdError, warn
+from kd_cli.errors import INTERRUPTED_RUNS, WARNINGS, KdError, hand_over, one_line, warn
 from kd_cli.stages.claim import Claim, claim_run_dir
 
 log = logging.getLogger("kd")
@@ -36,19 +36,6 @@ def output_dir() -> Path:
 
 def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-# The first error of this process's jobs. Hydra prints its own multi-line report for an exception
-# escaping a job, so jobs hand errors over here and the CLI raises this one after Hydra returns.
-_errors: list[BaseException] = []
-
-
-# Runs this process recorded as `interrupted` (for the CLI's message).
-interrupted_runs: list[Path] = []
-
-
-def take_error() -> BaseException | None:
-    return _errors.pop(0) if _errors else None
 
 
 def guarded(stage_main: Callable[[DictConfig, RunDir], Any], cfg: DictConfig) -> Any:
@@ -77,8 +64,8 @@ def guarded(stage_main: Callable[[DictConfig, RunDir], Any], cfg: DictConfig) ->
         with signals_held():  # a second Ctrl-C must not cut the record short
             if run is not None and run.record_stop(INTERRUPTED, f"interrupted; continue with resume={path}",
                                                    time.time() - started):
-                interrupted_runs.append(path)
-        _errors.append(interrupt)
+                INTERRUPTED_RUNS.append(str(path))
+        hand_over(interrupt)
         raise
     except Exception as error:
         _hand_over(error, path, run, claim, time.time() - started, cfg)
@@ -111,8 +98,6 @@ class NoLock:
 
 def _hand_over(error: Exception, path: Path, run: RunDir | None, claim: Claim | None, seconds: float,
                cfg: DictConfig) -> None:
-    from kd_cli.cli import one_line
-
     if run is not None and run.started:
         run.record_stop(FAILED, one_line(error), seconds)
     elif in_multirun() and claim is not None and not claim.resuming:
@@ -122,8 +107,7 @@ def _hand_over(error: Exception, path: Path, run: RunDir | None, claim: Claim | 
     if in_multirun():
         log.error(f"kd: error: job {path} failed: {one_line(error)}")
         error = KdError(f"a job of the sweep failed ({path}): {one_line(error)}")
-    if not _errors:
-        _errors.append(error)
+    hand_over(error)
 
 
 def _resume_record(claim: Claim) -> dict[str, Any]:
@@ -288,7 +272,7 @@ def dataset_options(cfg: DictConfig) -> dict:
 def model_options(model_cfg: DictConfig) -> dict:
     """Every option of the model, the builder's defaults filled in: `teacher=default` with `{}` and
     `teacher=cnn` with `{width: 32, ...}` describe the same network, and model.json says so."""
-    from kd_cli.config import model_options as defaults
+    from kd_cli.model_index import model_options as defaults
     from kd_cli.models import MODELS
 
     given = OmegaConf.to_container(model_cfg.kwargs, resolve=True)

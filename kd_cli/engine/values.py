@@ -1,0 +1,35 @@
+"""The training settings' names and ranges, checked without importing torch (so that a wrong value
+is answered in a fraction of a second, before the models and data are loaded)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kd_cli.errors import KdError
+from kd_cli.registry import Range, check_number
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "multistep", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def check_optim(cfg: Any, epochs: int) -> None:
+    """Every optimiser and schedule value, before anything is built (NaN and inf included)."""
+    if cfg.name not in OPTIMIZERS:
+        raise KdError(f"unknown optim.name '{cfg.name}' (choose from: {', '.join(OPTIMIZERS)})")
+    if cfg.schedule not in SCHEDULES:
+        raise KdError(f"unknown optim.schedule '{cfg.schedule}' (choose from: {', '.join(SCHEDULES)})")
+    check_number("optim.lr", cfg.lr, Range(0, low_open=True))
+    check_number("optim.weight_decay", cfg.weight_decay, Range(0))
+    check_number("optim.momentum", cfg.momentum, Range(0, 1, high_open=True))
+    if len(cfg.betas) != 2:
+        raise KdError(f"optim.betas={list(cfg.betas)} must be two numbers (Adam's decay rates), e.g. [0.9,0.999]")
+    for beta in cfg.betas:
+        check_number("optim.betas", beta, Range(0, 1, high_open=True), hint="each of the two")
+    check_number("optim.gamma", cfg.gamma, Range(0, low_open=True))
+    check_number("optim.backbone_lr_scale", cfg.backbone_lr_scale, Range(0, 1, low_open=True),
+                 hint="the fraction of optim.lr the pretrained layers get")
+    check_number("optim.min_lr", cfg.min_lr, Range(0, cfg.lr), hint="at most optim.lr")
+    for milestone in cfg.milestones:
+        check_number("optim.milestones", milestone, Range(0), hint="epochs at which the rate drops")
+    check_number("optim.warmup_epochs", cfg.warmup_epochs, Range(0, epochs), hint=f"trainer.epochs={epochs}")
