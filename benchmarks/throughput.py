@@ -23,6 +23,7 @@ from PIL import Image
 from kd_cli.data import AugmentSpec, TensorSplit, make_loader
 from kd_cli.data.augment import augment_batch
 from kd_cli.data.loader import epoch_seed
+from kd_cli.engine.device import resolve_precision
 from kd_cli.engine.loop import Training, fit
 from kd_cli.engine.rundir import RunDir
 from kd_cli.methods import build_method
@@ -52,14 +53,15 @@ def optim_cfg():
                              "warmup_epochs": 0, "min_lr": 0.0})
 
 
-def trainer_cfg(args):
+def trainer_cfg(args, precision: str = "fp32", channels_last: bool | str = False):
     return OmegaConf.create({"epochs": args.epochs, "batch_size": args.batch, "eval_batch_size": 1024,
-                             "device": args.device, "precision": "fp32", "channels_last": False, "compile": False,
+                             "device": args.device, "precision": precision, "channels_last": channels_last,
+                             "compile": False,
                              "deterministic": False, "num_workers": 0, "eval_every": 10**6, "grad_clip": None,
                              "progress": "none", "max_steps_per_epoch": None})
 
 
-def kd_engine(args, device, data: TensorSplit) -> float:
+def kd_engine(args, device, data: TensorSplit, precision: str = "fp32", channels_last: bool | str = False) -> float:
     """Images/s of kd's own loop (evaluation disabled but for the one after the last epoch)."""
     teacher, student = models(args, device)
     method = build_method({"name": "kd", "temperature": 4.0, "kd_weight": 0.9, "ce_weight": 0.1,
@@ -69,8 +71,8 @@ def kd_engine(args, device, data: TensorSplit) -> float:
     tiny_test = make_loader(TensorSplit(data.images[:8], data.labels[:8]), batch_size=8, train=False, spec=None,
                             mean=MEAN, std=STD, device=device, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
-        job = Training(method, train, tiny_test, optim_cfg(), trainer_cfg(args), device, torch.float32,
-                       RunDir(tmp), "bench")
+        job = Training(method, train, tiny_test, optim_cfg(), trainer_cfg(args, precision, channels_last), device,
+                       resolve_precision(precision, device), RunDir(tmp), "bench")
         result = fit(job)
     rows = result.history[args.warmup_epochs:]  # the first epoch pays one-off allocation costs
     return sum(r["images_per_s"] * r["seconds"] for r in rows) / sum(r["seconds"] for r in rows)

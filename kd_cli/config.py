@@ -63,7 +63,7 @@ class TrainerConfig:
     eval_batch_size: int = MISSING
     device: str = MISSING
     precision: str = MISSING
-    channels_last: bool = MISSING
+    channels_last: Any = MISSING  # true | false | auto (checked in stages/checks.py)
     compile: bool = MISSING
     deterministic: bool = MISSING
     num_workers: int = MISSING
@@ -137,9 +137,17 @@ class TrainTeacherConfig(TrainConfig):
 
 
 @dataclass
+class TeacherCacheConfig:
+    enabled: bool = MISSING
+    dir: str = MISSING
+    max_gb: float = MISSING
+
+
+@dataclass
 class DistillConfig(TrainConfig):
     teacher: ModelConfig = MISSING
     student: ModelConfig = MISSING
+    teacher_cache: TeacherCacheConfig = MISSING
 
 
 @dataclass

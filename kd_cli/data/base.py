@@ -24,7 +24,7 @@ register_dataset = DATASETS.register
 # Keys of a dataset config node that the framework reads itself; every other key is an option of the
 # registered loader function (checked against its signature, so a typo is a one-line error).
 COMMON_KEYS = frozenset({"name", "mean", "std", "default_teacher", "default_student", "hflip", "crop_padding",
-                         "val_fraction"})
+                         "val_fraction", "aug_seed"})
 
 # Types of the common keys, in the registry's terms (so messages read like those of loader options).
 COMMON_TYPES: dict[str, Any] = {
@@ -36,6 +36,8 @@ COMMON_TYPES: dict[str, Any] = {
     "default_student": str,
     # share of each training class held out for model selection (0: none; see `hold_out_validation`)
     "val_fraction": Annotated[float, Range(0, 1, high_open=True)],
+    # seed of the training stream (shuffle and augmentation); null: the run's `seed` (see stream_seed)
+    "aug_seed": Annotated[int, Range(0, 2**63 - 1)] | None,
 }
 
 # Seeds of scikit-learn splits (its random_state must fit in 32 bits) and of torch generators.

@@ -8,7 +8,8 @@ resumed at epoch k sees exactly the batches an uninterrupted run would have seen
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator, Sequence
+from dataclasses import asdict
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
@@ -90,6 +91,13 @@ class TensorLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def stream_identity(self) -> dict[str, Any]:
+        """What decides the batches of every epoch besides the data (the teacher cache's key)."""
+        return {"kind": "memory", "seed": self.seed, "batch_size": self.batch_size, "drop_last": self.drop_last,
+                "rank": self.rank, "world_size": self.world_size, "shuffle": self.shuffle,
+                "augmentation": None if self.spec is None else asdict(self.spec),
+                "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+
     def __len__(self) -> int:
         whole, part = divmod(self.num_samples, self.batch_size)
         return whole if self.drop_last else whole + (part > 0)
@@ -123,8 +131,13 @@ class FolderLoader:
     def __init__(self, split: FolderSplit, batch_size: int, spec: AugmentSpec | None, mean: Sequence[float],
                  std: Sequence[float], device: torch.device, seed: int, drop_last: bool, rank: int,
                  world_size: int, shuffle: bool, num_workers: int):
-        dataset = Transformed(split.dataset, folder_transform(spec, split.image_size, mean, std, split.crop_fraction))
+        transform = folder_transform(spec, split.image_size, mean, std, split.crop_fraction)
+        dataset = Transformed(split.dataset, transform)
         self.device, self.seed, self.rank, self.num_workers = device, seed, rank, num_workers
+        # Workers draw the random transforms from seeds dealt in turn: their number shapes the stream too.
+        self.identity = {"kind": "folder", "seed": seed, "batch_size": batch_size, "drop_last": drop_last,
+                         "rank": rank, "world_size": world_size, "shuffle": shuffle, "num_workers": num_workers,
+                         "transform": repr(transform)}
         self.epoch = 0
         # Seeds both the shuffle and the workers' random transforms; re-seeded from (seed, epoch) per epoch.
         self.generator = torch.Generator()
@@ -134,6 +147,9 @@ class FolderLoader:
             pin_memory=device.type == "cuda", drop_last=drop_last, generator=self.generator,
         )
         self.num_samples = len(self.sampler)
+
+    def stream_identity(self) -> dict[str, Any]:
+        return self.identity
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -11,6 +11,7 @@ report, for comparison with them only, since choosing on the test set overstates
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -23,13 +24,14 @@ from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
 
 from kd_cli.engine.checkpoint import LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from kd_cli.engine.device import autocast
+from kd_cli.engine.device import autocast, use_channels_last
 from kd_cli.engine.distributed import World, all_reduce_sum
 from kd_cli.engine.metrics import predict, topk_accuracy
 from kd_cli.engine.optim import build_optimizer, lr_at, param_groups, set_lr
 from kd_cli.engine.values import check_optim
 from kd_cli.engine.progress import make_reporter
 from kd_cli.engine.rundir import RunDir
+from kd_cli.engine.teacher_cache import TeacherCache
 from kd_cli.engine.trackers import Trackers
 from kd_cli.errors import KdError
 from kd_cli.methods.base import Distiller
@@ -57,6 +59,10 @@ class Training:
     # other ranks write a scratch directory and continue rank 0's checkpoint.
     resume_from: Path | None = None
     val_loader: Any = None  # chooses the best epoch when given (see the module docstring)
+    eval_dtype: torch.dtype | None = None  # evaluation's autocast dtype when not `dtype` (device.evaluation_precision)
+    # The teacher's outputs stored by earlier runs of the same data stream (engine/teacher_cache.py); used
+    # when the method reads the teacher's logits only.
+    teacher_cache: TeacherCache | None = None
 
 
 @dataclass
@@ -68,6 +74,7 @@ class FitResult:
     last_top1: float | None = None  # test top-1 after the last epoch
     selected_on: str = "test"  # "val" or "test": the split that chose best_epoch
     best_val_top1: float | None = None
+    teacher_cache: dict[str, Any] | None = None  # what the teacher cache served (TeacherCache.summary)
 
     @property
     def last(self) -> dict[str, Any]:
@@ -80,8 +87,10 @@ def fit(job: Training) -> FitResult:
     method = job.method.to(job.device)
     if method.needs_index:
         _enable_index(job.train_loader)
-    if job.trainer.channels_last:
+    if use_channels_last(job.trainer.channels_last, job.device, job.dtype):
         method.to(memory_format=torch.channels_last)
+        if method.teacher is not None:  # (not a submodule) the teacher runs in the student's memory format
+            method.teacher.to(memory_format=torch.channels_last)
     params = [p for p in method.parameters() if p.requires_grad]
     backbone = backbone_parameters(method.student)
     optimizer = build_optimizer(param_groups(params, backbone, job.optim.backbone_lr_scale), job.optim)
@@ -91,10 +100,12 @@ def fit(job: Training) -> FitResult:
         method.student.compile()
     forward = _wrap_ddp(method, job)
     steps = _steps_per_epoch(job)
+    cache = _attach_teacher_cache(job, method, steps)
     scaler = torch.amp.GradScaler(job.device.type, enabled=job.dtype == torch.float16)
     with make_reporter(job.trainer.progress if job.world.is_main else "none", job.title, epochs, steps) as bar:
         for epoch in range(state["epoch"], epochs):
-            row = _train_epoch(job, method, forward, optimizer, scaler, epoch, steps, bar)
+            with cache.epoch(epoch, job.device) if cache else contextlib.nullcontext():
+                row = _train_epoch(job, method, forward, optimizer, scaler, epoch, steps, bar)
             if (epoch + 1) % job.trainer.eval_every == 0 or epoch + 1 == epochs:
                 row.update(_evaluate(job, method, epoch))
             state["history"].append(row)
@@ -104,10 +115,13 @@ def fit(job: Training) -> FitResult:
                 job.tracker.log_epoch(row)
             bar.end_epoch(row)
     if job.val_loader is not None:
-        return _test_chosen(job, method, state)
-    best = state["best"]
-    return FitResult(state["history"], best["top1"], best["epoch"], state["resumed_from"],
-                     last_top1=state["history"][-1].get("test_top1") if state["history"] else None)
+        result = _test_chosen(job, method, state)
+    else:
+        best = state["best"]
+        result = FitResult(state["history"], best["top1"], best["epoch"], state["resumed_from"],
+                           last_top1=state["history"][-1].get("test_top1") if state["history"] else None)
+    result.teacher_cache = cache.summary() if cache else None
+    return result
 
 
 def _test_chosen(job: Training, method: Distiller, state: dict) -> FitResult:
@@ -134,6 +148,14 @@ def _save_epoch(job: Training, state: dict, checkpoint: dict) -> None:
         reason = getattr(error, "strerror", None) or str(error).splitlines()[-1].strip()[:160]
         raise KdError(f"cannot write the checkpoint in {job.run.path} ({reason}); free some space "
                       f"and continue with resume={job.run.path} (the previous epoch's checkpoint is intact)") from None
+
+
+def _attach_teacher_cache(job: Training, method: Distiller, steps: int) -> TeacherCache | None:
+    if job.teacher_cache is None or method.teacher is None or not method.reads_teacher_logits_only:
+        return None
+    job.teacher_cache.start(steps)
+    method.teacher_outputs = job.teacher_cache
+    return job.teacher_cache
 
 
 def _enable_index(loader) -> None:
@@ -167,13 +189,14 @@ def _train_epoch(job, method, forward, optimizer, scaler, epoch, steps, bar) -> 
     sums: dict[str, torch.Tensor] = {}
     correct = torch.zeros((), device=job.device)
     seen = 0
+    channels_last = use_channels_last(job.trainer.channels_last, job.device, job.dtype)
     start = time.perf_counter()
     for step, (images, labels, *index) in enumerate(job.train_loader):
         if step >= steps:
             break
         lr = lr_at(job.optim, epoch + step / steps, job.trainer.epochs)
         set_lr(optimizer, lr)
-        if job.trainer.channels_last:
+        if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(job.device, job.dtype):
             logits, terms = forward(images, labels, *index)
@@ -229,7 +252,7 @@ def _evaluate(job: Training, method: Distiller, epoch: int) -> dict[str, float]:
 
 
 def _score(job: Training, model: torch.nn.Module, loader, split: str, epoch: int) -> dict[str, float]:
-    logits, labels = predict(model, loader, job.device, job.dtype)
+    logits, labels = predict(model, loader, job.device, job.eval_dtype or job.dtype)
     loss = torch.nn.functional.cross_entropy(logits, labels).item()
     if not math.isfinite(loss):  # a score from NaN outputs would be reported as a real accuracy
         raise KdError(f"the {split} loss became {loss} in epoch {epoch} (the model's outputs are not finite); "

@@ -33,6 +33,10 @@ class Distiller(nn.Module, metaclass=ABCMeta):
     # of them must be > 0 (validate_options). `method_name` is set by register_method.
     loss_weights: tuple[str, ...] = ()
     method_name = "?"
+    # True for methods that read the teacher only through `teacher_logits`: its outputs may then come
+    # from the teacher cache (engine/teacher_cache.py) instead of running it. Feature methods read its
+    # layers, so they run it.
+    reads_teacher_logits_only = False
 
     @classmethod
     def validate_options(cls, **options: Any) -> None:
@@ -46,6 +50,7 @@ class Distiller(nn.Module, metaclass=ABCMeta):
         self.student = student
         self.epoch, self.epochs = 0, 1
         self.__dict__["teacher"] = teacher  # plain attribute: not a submodule (see module docstring)
+        self.__dict__["teacher_outputs"] = None  # the teacher cache, when the loop attaches one
         if teacher is not None:
             teacher.eval().requires_grad_(False)
 
@@ -61,6 +66,9 @@ class Distiller(nn.Module, metaclass=ABCMeta):
 
     @torch.no_grad()
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits for a training batch: from the teacher cache when one is attached."""
+        if self.teacher_outputs is not None and self.training:
+            return self.teacher_outputs.logits(images, self.teacher)
         return self.teacher(images)
 
     @abstractmethod

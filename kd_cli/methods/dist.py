@@ -64,6 +64,7 @@ def pearson_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @register_method("dist")
 class DIST(Distiller):
+    reads_teacher_logits_only = True
     loss_weights = ("ce_weight", "beta", "gamma")
 
     def __init__(self, student, teacher, *, ce_weight: NonNegative, beta: NonNegative, gamma: NonNegative,

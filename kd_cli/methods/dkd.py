@@ -76,6 +76,7 @@ def _kl(log_p_student: torch.Tensor, log_p_teacher: torch.Tensor) -> torch.Tenso
 
 @register_method("dkd")
 class DKD(Distiller):
+    reads_teacher_logits_only = True
     loss_weights = ("ce_weight", "alpha", "beta")
 
     # warmup: epochs over which the KD part ramps up (0 or 1: none); a fraction of an epoch count is allowed

@@ -27,6 +27,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 @register_method("kd")
 class KD(Distiller):
+    reads_teacher_logits_only = True
     loss_weights = ("kd_weight", "ce_weight")
 
     def __init__(self, student, teacher, *, temperature: Positive, kd_weight: NonNegative, ce_weight: NonNegative,

@@ -51,6 +51,11 @@ def check_plain_values(cfg: DictConfig) -> None:
         check_trainer(cfg.trainer)
     if "optim" in cfg and "method" in cfg:
         check_optim(cfg.optim, cfg.trainer.epochs)
+    if cfg.get("teacher_cache") is not None:
+        check_number("teacher_cache.max_gb", cfg.teacher_cache.max_gb, Range(0, low_open=True),
+                     hint="the cache's size bound in GiB")
+        if not str(cfg.teacher_cache.dir).strip():
+            raise KdError("teacher_cache.dir is empty; give a folder, or teacher_cache.enabled=false")
 
 
 def check_known_keys(node: DictConfig, prefix: str = "") -> None:
@@ -100,6 +105,8 @@ def check_trainer(trainer: DictConfig) -> None:
                      hint="the largest gradient norm, or null for no clipping")
     if trainer.progress not in PROGRESS:
         raise KdError(f"trainer.progress={trainer.progress} is not one of {', '.join(PROGRESS)}")
+    if str(trainer.channels_last).lower() not in ("auto", "true", "false"):
+        raise KdError(f"trainer.channels_last={trainer.channels_last} is not one of auto, true, false")
     if str(trainer.precision).lower() not in PRECISIONS:
         raise KdError(f"trainer.precision={trainer.precision} is not one of {', '.join(PRECISIONS)}")
 

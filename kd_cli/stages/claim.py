@@ -25,7 +25,7 @@ from kd_cli.overrides import canonical, flatten, override_map
 HOW_TO_RUN = ("resume", "resume_extend")
 # Changing these on resume leaves the run the same experiment (where it runs, how it reports).
 FREE_ON_RESUME = ("trainer.progress", "trainer.device", "trainer.num_workers", "trainer.eval_batch_size",
-                  "paths.data", "dataset.root", "dataset.download", "logger")
+                  "paths.data", "dataset.root", "dataset.download", "logger", "teacher_cache")
 # These train the same run further; allowed with resume_extend=true.
 EXTEND_ON_RESUME = ("trainer.epochs", "trainer.eval_every")
 

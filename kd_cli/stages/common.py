@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kd_cli.engine.artifacts import ModelSpec
-from kd_cli.engine.device import resolve_device, resolve_precision, seed_everything
+from kd_cli.engine.device import (evaluation_precision, resolve_device, resolve_precision, seed_everything,
+                                  use_channels_last)
 from kd_cli.engine.distributed import World, init_distributed
 from kd_cli.engine.files import atomic_write, read_json
 from kd_cli.engine.lock import Owner
@@ -158,8 +159,9 @@ class LogBuffer:
 @dataclass
 class Setup:
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # training's autocast dtype
     world: World
+    eval_dtype: torch.dtype  # evaluation's (device.evaluation_precision)
 
 
 def setup_run(cfg: DictConfig) -> Setup:
@@ -174,7 +176,7 @@ def setup_run(cfg: DictConfig) -> Setup:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     world = init_distributed(device)
-    return Setup(device, dtype, world)
+    return Setup(device, dtype, world, evaluation_precision(cfg.trainer.precision, device, dtype))
 
 
 def start_run(cfg: DictConfig, run: RunDir, setup: Setup | None, **env: Any) -> None:
@@ -185,13 +187,27 @@ def start_run(cfg: DictConfig, run: RunDir, setup: Setup | None, **env: Any) -> 
     if run.previous:  # resuming: the same config and data as before, and the first part's environment kept
         _check_same_config(run, cfg)
         env = {**env, "earlier": _earlier_environments(run, env.get("data_fingerprint"))}
+    if setup is not None:  # what `auto` became on this machine
+        env = {**env, **_resolved_hardware_settings(cfg, setup)}
     if HydraConfig.initialized():  # (a stage called as a function, without the CLI, has no Hydra record)
         _write_hydra_files(run.path, cfg)
     run.begin(cfg, env, stage=cfg.stage, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
     if LogBuffer.current is not None:
         LogBuffer.current.write_to(run.path / f"{cfg.stage}.log")
-    device = f"  device {setup.device}  precision {str(setup.dtype).split('.')[-1]}" if setup else ""
+    device = f"  device {setup.device}  precision {_name(setup.dtype)}" if setup else ""
     log.info(f"{cfg.stage}: run directory {run.path}{device}")
+
+
+def _resolved_hardware_settings(cfg: DictConfig, setup: Setup) -> dict[str, Any]:
+    settings: dict[str, Any] = {"device": str(setup.device), "precision": _name(setup.dtype),
+                                "eval_precision": _name(setup.eval_dtype)}
+    if "trainer" in cfg and "channels_last" in cfg.trainer:
+        settings["channels_last"] = use_channels_last(cfg.trainer.channels_last, setup.device, setup.dtype)
+    return settings
+
+
+def _name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
 def _earlier_environments(run: RunDir, fingerprint: str | None) -> list[dict[str, Any]]:

@@ -136,7 +136,7 @@ def finetune(cfg: DictConfig, run: RunDir, setup: Setup, loaders: Loaders, model
     method = build_method(OmegaConf.to_container(cfg.method, resolve=True), model, teacher,
                           num_samples=len(loaders.data.train))
     fit(Training(method=method, train_loader=loaders.train, test_loader=loaders.test, optim=cfg.optim,
-                 trainer=cfg.trainer, device=setup.device, dtype=setup.dtype, run=run,
+                 trainer=cfg.trainer, device=setup.device, dtype=setup.dtype, eval_dtype=setup.eval_dtype, run=run,
                  title=f"recovery ({cfg.method.name})", world=setup.world, tracker=tracker,
                  resume_from=rank_resume_dir(cfg, setup, run)))
     return model.eval()
@@ -166,7 +166,7 @@ def _scorer(cfg: DictConfig, loaders: Loaders, spec: ModelSpec, setup: Setup):
         nonlocal cpu_loader
         on_cpu = all(t.device.type == "cpu" for t in model.state_dict().values() if isinstance(t, torch.Tensor))
         if not on_cpu or setup.device.type == "cpu":
-            logits, labels = predict(model, loaders.test, setup.device, setup.dtype)
+            logits, labels = predict(model, loaders.test, setup.device, setup.eval_dtype)
         else:
             if cpu_loader is None:
                 cpu_loader = make_loader(loaders.data.test, batch_size=cfg.trainer.eval_batch_size, train=False,

@@ -34,7 +34,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     if plan is not None:
         teacher, teacher_spec, teacher_path = obtain_teacher(plan, cfg, run, loaders.data, setup.device)
         # checked on the validation split when there is one: the test split is read after training only
-        logits, labels = predict(teacher, loaders.val or loaders.test, setup.device, setup.dtype)
+        logits, labels = predict(teacher, loaders.val or loaders.test, setup.device, setup.eval_dtype)
         check_teacher_outputs(logits, teacher_path)
         teacher_top1 = topk_accuracy(logits, labels)
     teacher_params = count_parameters(teacher) if teacher is not None else None
@@ -51,7 +51,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     if generations > 1:
         per_generation.append(result.last_top1)
     if first_teacher is not None and loaders.val is not None:  # training is over: the teacher's test score
-        teacher_top1 = topk_accuracy(*predict(first_teacher, loaders.test, setup.device, setup.dtype))
+        teacher_top1 = topk_accuracy(*predict(first_teacher, loaders.test, setup.device, setup.eval_dtype))
     if setup.world.is_main:
         summary = finish(
             run, cfg, result, student, started, role="student", arch=spec.arch,

@@ -34,7 +34,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     weights = resolve_weights(cfg.run)
     teacher_spec = load_spec(resolve_weights(cfg.teacher_run)) if cfg.teacher_run else None  # before any work
     model, spec = load_model(weights, setup.device)
-    device, dtype = setup.device, setup.dtype
+    device, dtype = setup.device, setup.eval_dtype
     if _device_of(model).type != setup.device.type:  # int8 kernels run on the CPU only
         device, dtype = _device_of(model), torch.float32
         log.info(f"evaluate: {weights} holds int8 weights; it runs on the CPU")

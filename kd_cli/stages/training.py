@@ -8,12 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kd_cli.data import AugmentSpec, DataSplits, load_dataset, make_loader
 from kd_cli.engine.artifacts import ModelSpec, save_model
+from kd_cli.engine.device import use_channels_last
 from kd_cli.engine.loop import FitResult, Training, fit
+from kd_cli.engine.teacher_cache import TeacherCache, teacher_identity
 from kd_cli.engine.rundir import COMPLETE, RunDir
 from kd_cli.engine.trackers import check_trackers, open_trackers
 from kd_cli.errors import KdError
@@ -37,7 +40,7 @@ def load_data(cfg: DictConfig, setup: Setup) -> Loaders:
     data = load_dataset(dataset_options(cfg))
     check_channels(list(cfg.dataset.mean), list(cfg.dataset.std), data.in_channels)
     augmentation = {k: v for k, v in OmegaConf.to_container(cfg.augmentation, resolve=True).items() if k != "name"}
-    common = dict(mean=list(cfg.dataset.mean), std=list(cfg.dataset.std), device=setup.device, seed=cfg.seed,
+    common = dict(mean=list(cfg.dataset.mean), std=list(cfg.dataset.std), device=setup.device, seed=stream_seed(cfg),
                   rank=setup.world.rank, world_size=setup.world.size, num_workers=cfg.trainer.num_workers)
     train = make_loader(data.train, batch_size=cfg.trainer.batch_size, train=True,
                         spec=AugmentSpec(**augmentation), drop_last=True, **common)
@@ -53,6 +56,14 @@ def load_data(cfg: DictConfig, setup: Setup) -> Loaders:
     log.info(f"data: {cfg.dataset.name}  {len(data.train)} train{held_out} / {len(data.test)} test  "
              f"{data.num_classes} classes  {data.in_channels}x{data.input_size}x{data.input_size}")
     return Loaders(data, train, test, val)
+
+
+def stream_seed(cfg: DictConfig) -> int:
+    """The seed of the training batches (their order and augmentation): `dataset.aug_seed`, else `seed`.
+    Runs that differ in `seed` alone then differ in the student's initialisation only, and share the
+    teacher's outputs through the teacher cache."""
+    aug_seed = cfg.dataset.get("aug_seed")
+    return int(cfg.seed if aug_seed is None else aug_seed)
 
 
 def data_env(cfg: DictConfig, setup: Setup, loaders: Loaders) -> dict[str, Any]:
@@ -79,15 +90,37 @@ def train_and_save(
                           num_samples=len(loaders.data.train))
     tracker = open_trackers(cfg, run, setup.world.is_main)
     job = Training(method=method, train_loader=loaders.train, test_loader=loaders.test, optim=cfg.optim,
-                   trainer=cfg.trainer, device=setup.device, dtype=setup.dtype, run=run, title=title,
-                   world=setup.world, tracker=tracker, resume_from=rank_resume_dir(cfg, setup, run),
-                   val_loader=loaders.val)
+                   trainer=cfg.trainer, device=setup.device, dtype=setup.dtype, eval_dtype=setup.eval_dtype,
+                   run=run, title=title, world=setup.world, tracker=tracker,
+                   resume_from=rank_resume_dir(cfg, setup, run), val_loader=loaders.val,
+                   teacher_cache=open_teacher_cache(cfg, setup, loaders, teacher))
     with tracker:  # closed as FINISHED, or FAILED/KILLED when training raises
         result = fit(job)
         if setup.world.is_main:
             save_model(run.path, model, spec)
             tracker.log_model(run.path, result.best_top1, result.best_epoch)
     return result
+
+
+def open_teacher_cache(cfg: DictConfig, setup: Setup, loaders: Loaders, teacher: nn.Module | None) -> TeacherCache | None:
+    """The teacher cache for this run's data stream (teacher_cache.enabled), keyed by all that decides
+    the teacher's outputs: its weights and input conversion, the data, the stream, and how it computes."""
+    settings = cfg.get("teacher_cache")
+    if teacher is None or settings is None or not settings.enabled:
+        return None
+    description = {
+        "format": 1,
+        "teacher": teacher_identity(teacher),
+        "teacher_arch": cfg.teacher.arch,
+        "dataset": cfg.dataset.name,
+        "data_fingerprint": loaders.data.fingerprint,
+        "stream": loaders.train.stream_identity(),
+        "device": setup.device.type,
+        "precision": str(setup.dtype),
+        "channels_last": use_channels_last(cfg.trainer.channels_last, setup.device, setup.dtype),
+        "torch": torch.__version__,
+    }
+    return TeacherCache(Path(str(settings.dir)), description, int(float(settings.max_gb) * 2**30))
 
 
 def rank_resume_dir(cfg: DictConfig, setup: Setup, run: RunDir) -> Path | None:
@@ -117,6 +150,7 @@ def finish(run: RunDir, cfg: DictConfig, result: FitResult, model: nn.Module, st
         "images_per_s": last.get("images_per_s"),
         "resumed_from_epoch": result.resumed_from,
         "wall_time_s": time.time() - started,
+        "teacher_cache": result.teacher_cache,
         **extra,
     }
     run.write_summary(COMPLETE, **summary)
