@@ -160,7 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     # Let exceptions reach us instead of Hydra's multi-line report; we print one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     from kd_cli.engine.process import ignore_stop_signals, install_interrupt_handlers, watch_parent
+    from kd_cli.engine.slurm import adopt_slurm_tasks
 
+    adopt_slurm_tasks()  # one of several tasks of a SLURM step: DDP ranks as torchrun would set them
     install_interrupt_handlers()  # SIGTERM / SIGHUP stop a run as Ctrl-C does: it records `interrupted`
     watch_parent()  # a child of another kd process stops when that process dies
     try:

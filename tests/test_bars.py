@@ -28,7 +28,8 @@ def kd_vs_none(tmp_path: Path, *overrides: str, score: str = "last_top1") -> dic
     scores: dict[str, list[float]] = {"none": [], "kd": []}
     for method in scores:
         for seed in SEEDS:
-            run = tmp_path / f"{method}-{seed}"
+            precision = [o.split("=", 1)[1] for o in overrides if o.startswith("trainer.precision=")]
+            run = tmp_path / "-".join([method, str(seed), *precision])
             kd_ok("distill", f"method={method}", f"seed={seed}", *overrides, *FAST,
                   f"paths.outputs={tmp_path}", f"hydra.run.dir={run}", cwd=tmp_path)
             scores[method].append(summary(run)[score])
@@ -42,9 +43,23 @@ def assert_kd_gains_a_point(scores: dict[str, list[float]]) -> None:
     assert gain >= 1.0, f"kd gains only {gain:.2f} points over none: {scores}"
 
 
+def assert_same_accuracy_in_bf16(fp32: dict[str, list[float]], auto: dict[str, list[float]]) -> None:
+    """bf16 (trainer.precision=auto on a CPU with bf16 units) against fp32: the mean of each method within
+    seed noise, i.e. within twice the larger standard deviation over the seeds (at least one point)."""
+    for method in ("none", "kd"):
+        difference = statistics.mean(auto[method]) - statistics.mean(fp32[method])
+        noise = max(1.0, 2 * max(statistics.stdev(fp32[method]), statistics.stdev(auto[method])))
+        print(f"{method}: auto - fp32 = {difference:+.2f} (noise bound {noise:.2f})")
+        assert abs(difference) <= noise, f"{method}: {auto[method]} (auto) vs {fp32[method]} (fp32)"
+
+
 @pytest.mark.slow
 def test_kd_beats_the_student_alone_on_digits(tmp_path):
-    assert_kd_gains_a_point(kd_vs_none(tmp_path))
+    fp32 = kd_vs_none(tmp_path, "trainer.precision=fp32")
+    auto = kd_vs_none(tmp_path, "trainer.precision=auto")
+    assert_kd_gains_a_point(fp32)
+    assert_kd_gains_a_point(auto)
+    assert_same_accuracy_in_bf16(fp32, auto)
 
 
 @pytest.mark.slow
@@ -52,9 +67,13 @@ def test_kd_beats_the_student_alone_on_digits(tmp_path):
 def test_kd_beats_the_student_alone_on_real_mnist(tmp_path):
     images, labels = load_mnist_t10k()
     write_mnist_raw(tmp_path / "data", images, labels, n_train=2000)
-    scores = kd_vs_none(tmp_path, "dataset=mnist", f"paths.data={tmp_path / 'data'}", "teacher.kwargs.width=16",
-                        "student=cnn", "student.kwargs.width=4", "trainer.eval_every=10")
-    assert_kd_gains_a_point(scores)
+    setting = ["dataset=mnist", f"paths.data={tmp_path / 'data'}", "teacher.kwargs.width=16", "student=cnn",
+               "student.kwargs.width=4", "trainer.eval_every=10"]
+    fp32 = kd_vs_none(tmp_path, *setting, "trainer.precision=fp32")
+    auto = kd_vs_none(tmp_path, *setting, "trainer.precision=auto")
+    assert_kd_gains_a_point(fp32)
+    assert_kd_gains_a_point(auto)
+    assert_same_accuracy_in_bf16(fp32, auto)
 
 
 def timm_weights_file(path: Path, images, labels) -> Path:

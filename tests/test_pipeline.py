@@ -4,6 +4,7 @@ train-teacher -> distill -> evaluate, the run directory contract, resume, determ
 from __future__ import annotations
 
 import csv
+import os
 import json
 import shutil
 import signal
@@ -264,3 +265,54 @@ def test_born_again_generations_each_teach_the_next(teacher_run, tmp_path):
     assert final["status"] == "complete" and len(final["generations_top1"]) == 2
     assert final["generations_top1"] == [first["last_top1"], final["last_top1"]]
     assert "generation 1 test top-1" in out and (run / "model.safetensors").exists()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def two_processes(commands: list[list[str]], envs: list[dict], cwd: Path) -> list[subprocess.CompletedProcess]:
+    """Start both at once (they rendezvous), then wait for both."""
+    procs = [subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for cmd, env in zip(commands, envs)]
+    outcomes = []
+    for proc, cmd in zip(procs, commands):
+        out, err = proc.communicate(timeout=300)
+        outcomes.append(subprocess.CompletedProcess(cmd, proc.returncode, out, err))
+    return outcomes
+
+
+@pytest.mark.slow  # two nodes' rendezvous (~20 s of CPU)
+def test_two_torchrun_nodes_train_one_run(tmp_path):
+    """`torchrun --nnodes=2` over loopback (gloo): node 0 and node 1 train one run, and one run directory
+    is written, by rank 0."""
+    port, run = free_port(), tmp_path / "out" / "run"
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    commands = [[torchrun, "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+                 f"--master_port={port}", "-m", "kd_cli", "train-teacher", "trainer.epochs=2", *FAST,
+                 f"paths.outputs={tmp_path / 'out'}", f"hydra.run.dir={run}"] for node in (0, 1)]
+    for done in two_processes(commands, [{}, {}], tmp_path):
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert summary(run)["status"] == "complete"
+    assert json.loads((run / "env.json").read_text())["world_size"] == 2
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["run"]
+
+
+@pytest.mark.slow
+def test_the_tasks_of_a_slurm_step_train_one_run(tmp_path):
+    """What `srun --ntasks=2 kd ...` (or the submitit launcher with two tasks) gives each process: SLURM's
+    variables only. kd derives the ranks from them, and the two tasks train one run."""
+    run = tmp_path / "out" / "run"
+    command = [sys.executable, "-m", "kd_cli", "train-teacher", "trainer.epochs=2", *FAST,
+               f"paths.outputs={tmp_path / 'out'}", f"hydra.run.dir={run}"]
+    slurm = {"SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "localhost", "SLURM_JOB_ID": str(free_port()),
+             "MASTER_ADDR": "127.0.0.1"}
+    envs = [{**slurm, "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task)} for task in (0, 1)]
+    for done in two_processes([command, command], envs, tmp_path):
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((run / "env.json").read_text())["world_size"] == 2
+    assert summary(run)["status"] == "complete"
