@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import subprocess
 import sys
@@ -35,8 +36,11 @@ def median_seconds(command: list[str], cwd: Path, repeats: int = 5) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
-        results = {name: median_seconds(command, Path(folder)) for name, command in COMMANDS.items()}
+        results = {name: median_seconds(command, Path(folder), args.repeats) for name, command in COMMANDS.items()}
     torch_import = results["python -c 'import torch'"]
     print(f"{'command':<40} {'median s':>9} {'/ import torch':>15}")
     for name, seconds in results.items():

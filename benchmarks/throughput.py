@@ -50,7 +50,7 @@ def models(args, device):
 def optim_cfg():
     return OmegaConf.create({"name": "sgd", "lr": 0.05, "weight_decay": 5e-4, "momentum": 0.9, "nesterov": False,
                              "betas": [0.9, 0.999], "schedule": "constant", "milestones": [], "gamma": 0.1,
-                             "warmup_epochs": 0, "min_lr": 0.0})
+                             "warmup_epochs": 0, "min_lr": 0.0, "backbone_lr_scale": 1.0})
 
 
 def trainer_cfg(args, precision: str = "fp32", channels_last: bool | str = False):

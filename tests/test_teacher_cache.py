@@ -176,3 +176,30 @@ def test_kd_cache_lists_and_clears(teacher, tmp_path):
 ])
 def test_bad_cache_settings_are_one_line_errors(tmp_path, override, fragment):
     assert_one_line_error(kd_here("distill", override, cwd=tmp_path), fragment)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_image_folder_stream_is_cached_exactly(tmp_path, workers):
+    """PNG files in class folders, random resized crops and flips drawn in DataLoader workers: the crops
+    depend on (seed, epoch, batch), so a later run reads the teacher's logits and trains the same."""
+    from formats import digits_images, save_image
+
+    images, labels = digits_images(240)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        save_image(tmp_path / "digits" / str(label) / f"{i}.png", image)
+    data = ["dataset=imagefolder", f"dataset.root={tmp_path / 'digits'}", "dataset.image_size=16",
+            "dataset.val_fraction=0", "teacher=cnn",
+            f"trainer.num_workers={workers}", "trainer.progress=plain", *EPOCHS, "trainer.batch_size=32"]
+    student = ["student=cnn", "student.kwargs.width=4"]
+    teacher = tmp_path / "teacher"
+    assert kd_here("train-teacher", *data, f"hydra.run.dir={teacher}", cwd=tmp_path).code == 0
+    runs = []
+    for name, enabled in (("filled", "true"), ("read", "true"), ("plain", "false")):
+        run = tmp_path / name
+        result = kd_here("distill", *data, *student, f"teacher.checkpoint={teacher}", f"paths.outputs={tmp_path}",
+                         f"teacher_cache.enabled={enabled}", f"hydra.run.dir={run}", cwd=tmp_path)
+        assert result.code == 0, result.stderr
+        runs.append(run)
+    filled, read, plain = runs
+    assert served(filled) == (0, 2) and served(read) == (2, 0)
+    assert metrics(read) == metrics(plain) == metrics(filled)
