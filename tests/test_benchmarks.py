@@ -15,10 +15,12 @@ TINY = {
     "precision.py": ["--teacher", "resnet8", "--student", "resnet8", "--samples", "128", "--epochs", "2"],
     "teacher_cache.py": ["--teacher", "resnet8", "--student", "resnet8", "--samples", "128", "--epochs", "2"],
     "startup.py": ["--repeats", "1"],
+    "image_folder.py": ["--images", "1024", "--epochs", "1"],
 }
 
 PRINTS = {"throughput.py": "ratio kd / plain", "precision.py": "ratio kd auto / kd fp32",
-          "teacher_cache.py": "metrics with cache == without: True", "startup.py": "kd distill --cfg job"}
+          "teacher_cache.py": "metrics with cache == without: True", "startup.py": "kd distill --cfg job",
+          "image_folder.py": "ratio kd / torchvision"}
 
 
 @pytest.mark.parametrize("script", sorted(TINY))

@@ -8,14 +8,14 @@ resumed at epoch k sees exactly the batches an uninterrupted run would have seen
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 from kd_cli.data.augment import AugmentSpec, augment_batch, channel_stats, check_in_memory
-from kd_cli.data.base import FolderSplit, TensorSplit
+from kd_cli.data.base import FolderSplit, TensorSplit, folder_samples
 from kd_cli.data.folder import UnreadableImage
 from kd_cli.errors import KdError
 
@@ -126,25 +126,48 @@ class TensorLoader:
 
 
 class FolderLoader:
-    """A DataLoader over an image folder, with torchvision.transforms.v2, yielding batches on `device`."""
+    """A DataLoader over an image folder, yielding batches on `device`.
+
+    Training with random-resized crops (and no TrivialAugment, which works on single images) takes the
+    fast path (data/decode.py): uint8 crops cut per batch in the workers, then flip/rotation/erasing,
+    float conversion and normalisation batched on the device. Otherwise, and for evaluation, each image
+    goes through torchvision.transforms.v2 in the workers."""
 
     def __init__(self, split: FolderSplit, batch_size: int, spec: AugmentSpec | None, mean: Sequence[float],
                  std: Sequence[float], device: torch.device, seed: int, drop_last: bool, rank: int,
                  world_size: int, shuffle: bool, num_workers: int):
-        transform = folder_transform(spec, split.image_size, mean, std, split.crop_fraction)
-        dataset = Transformed(split.dataset, transform)
+        samples = folder_samples(split.dataset)
+        self.batched = spec is not None and spec.crop_padding > 0 and not spec.trivial_augment and samples is not None
+        collate = None
+        if self.batched:
+            from kd_cli.data.decode import CroppedBatches, keep_batch
+
+            dataset = CroppedBatches(samples, split.image_size, seed, spec.hflip)
+            collate = keep_batch
+            self.batch_spec = replace(spec, crop_padding=0, hflip=False)  # the workers crop and flip
+            self.mean, self.std = channel_stats(mean, std, 3, device, torch.float32)
+            transform = f"batched: torchvision.io, random resized crop {split.image_size}, then {self.batch_spec}"
+        else:
+            transform = folder_transform(spec, split.image_size, mean, std, split.crop_fraction)
+            dataset = Transformed(split.dataset, transform)
+        self.dataset = dataset
         self.device, self.seed, self.rank, self.num_workers = device, seed, rank, num_workers
         # Workers draw the random transforms from seeds dealt in turn: their number shapes the stream too.
         self.identity = {"kind": "folder", "seed": seed, "batch_size": batch_size, "drop_last": drop_last,
                          "rank": rank, "world_size": world_size, "shuffle": shuffle, "num_workers": num_workers,
-                         "transform": repr(transform)}
+                         "transform": repr(transform), "mean": list(mean), "std": list(std)}
         self.epoch = 0
         # Seeds both the shuffle and the workers' random transforms; re-seeded from (seed, epoch) per epoch.
         self.generator = torch.Generator()
         self.sampler = _sampler(dataset, shuffle, seed, rank, world_size, self.generator)
+        if self.batched and isinstance(self.sampler, RandomSampler):
+            # persistent workers keep their iterator, which draws from the generator otherwise than a new one
+            self.sampler = EpochPermutation(len(dataset), seed)
         self.loader = DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
-            pin_memory=device.type == "cuda", drop_last=drop_last, generator=self.generator,
+            pin_memory=device.type == "cuda", drop_last=drop_last, generator=self.generator, collate_fn=collate,
+            # the batched path's draws do not come from the workers' seeds, so its workers may live on
+            persistent_workers=self.batched and num_workers > 0,
         )
         self.num_samples = len(self.sampler)
 
@@ -153,7 +176,7 @@ class FolderLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        if isinstance(self.sampler, DistributedSampler):
+        if isinstance(self.sampler, (DistributedSampler, EpochPermutation)):
             self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
@@ -161,7 +184,12 @@ class FolderLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         self.generator.manual_seed(epoch_seed(self.seed, self.epoch, "folder"))
+        if self.batched:
+            self.dataset.set_epoch(self.epoch)  # (shared memory: persistent workers read it)
+            augment = torch.Generator(device=self.device)
+            augment.manual_seed(epoch_seed(self.seed, self.epoch, f"folder-batch/rank{self.rank}"))
         batches = iter(self.loader)
+        finished = False
         try:
             for step in range(len(self.loader)):
                 try:
@@ -170,16 +198,29 @@ class FolderLoader:
                     # From a worker, torch re-raises it with the worker's traceback in the message; the class
                     # keeps its own line of it. Raised afresh, without the chain, so only that line is shown.
                     raise UnreadableImage(str(error)) from None
-                yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+                if self.batched:
+                    images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+                images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+                if self.batched:
+                    images = augment_batch(images, self.batch_spec, augment).sub_(self.mean).div_(self.std)
+                yield images, labels
+            finished = True
         finally:
             # Stop the workers now, on an error or an early stop too: left to the garbage collector (the
             # traceback keeps this frame alive), their shutdown waits out torch's 5 s join timeout per worker.
-            shutdown = getattr(batches, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            # Persistent workers (the batched path) live on after a whole epoch, for the next one.
+            if not (finished and self.loader.persistent_workers):
+                self._stop_workers(batches)
+
+    def _stop_workers(self, batches) -> None:
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        if self.loader.persistent_workers:
+            self.loader._iterator = None  # (DataLoader would reuse the stopped workers next epoch)
 
     def _next(self, batches: Iterator[Batch], step: int) -> Batch:
-        if self.num_workers > 0:
+        if self.num_workers > 0 or self.batched:  # (the batched path draws from its own seeds)
             return next(batches)  # workers are seeded from self.generator already
         # Without workers the transforms draw from the global RNG: seed a private copy of it per batch.
         with torch.random.fork_rng(devices=[]):
@@ -236,6 +277,23 @@ def centre_crop(size: int, crop_fraction: float) -> list:
     if crop_fraction >= 1.0:
         return [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
     return [v2.Resize(round(size / crop_fraction), antialias=True), v2.CenterCrop(size)]
+
+
+class EpochPermutation(Sampler):
+    """A shuffle drawn from (seed, epoch) alone, as TensorLoader's order."""
+
+    def __init__(self, count: int, seed: int):
+        self.count, self.seed, self.epoch = count, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, "order"))
+        return iter(torch.randperm(self.count, generator=generator).tolist())
 
 
 def _sampler(dataset: Dataset, shuffle: bool, seed: int, rank: int, world_size: int, generator: torch.Generator):
