@@ -20,16 +20,36 @@ KEYS = ("dir", "key")
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv or any(word in ("-h", "--help", "help") for word in argv):
         print(f"usage: {USAGE}\n\n{__doc__.split(chr(10) + chr(10), 1)[1]}")
         return 0
     action, options = argv[0], parse_options(argv[1:])
-    root = Path(options.get("dir", DEFAULT_DIR)).expanduser()
-    if action == "ls":
-        return list_entries(root)
-    if action == "clear":
-        return clear_entries(root, options.get("key", ""))
-    raise KdError(f"kd cache: unknown action '{action}' (choose from: ls, clear); usage: {USAGE}")
+    if action not in ("ls", "clear"):
+        raise KdError(f"kd cache: unknown action '{action}' (choose from: ls, clear); usage: {USAGE}")
+    root = cache_folder(options.get("dir", str(DEFAULT_DIR)))
+    chosen = chosen_entries(root, options.get("key", ""))
+    return list_entries(root, chosen) if action == "ls" else clear_entries(root, chosen)
+
+
+def cache_folder(text: str) -> Path:
+    if not text.strip():
+        raise KdError(f"kd cache: dir= is empty; give the cache folder (the distill config's teacher_cache.dir, "
+                      f"default {DEFAULT_DIR})")
+    root = Path(text).expanduser()
+    if root.exists() and not root.is_dir():
+        raise KdError(f"kd cache: {root} is a file, not a cache folder; give the distill config's teacher_cache.dir")
+    return root
+
+
+def chosen_entries(root: Path, prefix: str) -> list:
+    """The entries whose key starts with `prefix` (all when it is empty), least recently used first."""
+    from kd_cli.engine.teacher_cache import entries
+
+    found = entries(root)
+    chosen = [entry for entry in found if entry.path.name.startswith(prefix)]
+    if prefix and not chosen:
+        raise KdError(f"kd cache: no entry of {root} has a key starting with '{prefix}' (see kd cache ls dir={root})")
+    return chosen
 
 
 def parse_options(words: list[str]) -> dict[str, str]:
@@ -42,12 +62,9 @@ def parse_options(words: list[str]) -> dict[str, str]:
     return options
 
 
-def list_entries(root: Path) -> int:
-    from kd_cli.engine.teacher_cache import entries
-
-    found = entries(root)
+def list_entries(root: Path, found: list) -> int:
     if not found:
-        print(f"teacher cache {root}: empty")
+        print(f"teacher cache {root}: empty" if root.is_dir() else f"teacher cache {root}: no such folder yet")
         return 0
     header = f"{'key':<24}  {'teacher':<14} {'data set':<12} {'aug seed':>8} {'batch':>5} {'epochs':>6} {'size':>9}  last used"
     print(f"teacher cache {root}")
@@ -62,12 +79,7 @@ def list_entries(root: Path) -> int:
     return 0
 
 
-def clear_entries(root: Path, prefix: str) -> int:
-    from kd_cli.engine.teacher_cache import entries
-
-    chosen = [e for e in entries(root) if e.path.name.startswith(prefix)]
-    if prefix and not chosen:
-        raise KdError(f"kd cache: no entry of {root} has a key starting with '{prefix}' (see kd cache ls dir={root})")
+def clear_entries(root: Path, chosen: list) -> int:
     for entry in chosen:
         shutil.rmtree(entry.path, ignore_errors=True)
     freed = human_size(sum(e.bytes for e in chosen))

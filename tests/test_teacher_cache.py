@@ -83,14 +83,57 @@ def test_outputs_for_other_images_are_refused_in_one_line(teacher, tmp_path):
     run = distill(teacher, tmp_path, "first")
     entry = tmp_path / ".cache" / "teacher" / summary(run)["teacher_cache"]["key"]
     stored = entry / "epoch-00000.safetensors"
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(stored))
-    save_file({"logits": tensors["logits"], "checksums": tensors["checksums"] + 1.0}, str(stored))
+    tensors, metadata = read_entry_file(stored)
+    save_file({"logits": tensors["logits"], "checksums": tensors["checksums"] + 1.0}, str(stored), metadata=metadata)
     result = kd_here("distill", *FAST, *EPOCHS, f"teacher.checkpoint={teacher}", f"paths.outputs={tmp_path}",
                      f"hydra.run.dir={tmp_path / 'second'}", cwd=tmp_path)
     assert_one_line_error(result, "holds outputs for other images", "kd cache clear")
     assert summary(tmp_path / "second")["status"] == "failed"
+
+
+def read_entry_file(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as stored:
+        return {name: stored.get_tensor(name) for name in stored.keys()}, stored.metadata()
+
+
+def tampered(tensors: dict, how: str) -> dict:
+    logits = tensors["logits"].clone()
+    if how == "one value":
+        logits[0, 0, 0] += 100.0  # bit rot that leaves a plausible file
+    elif how == "nan":
+        logits[1, 2, 3] = float("nan")
+    elif how == "shape":
+        logits = logits[..., :7].contiguous()
+    return {"logits": logits, "checksums": tensors["checksums"]}
+
+
+@pytest.mark.parametrize("how", ["one value", "nan", "shape"])
+def test_a_tampered_cache_file_is_recomputed_with_a_warning(teacher, tmp_path, how):
+    run = distill(teacher, tmp_path, "first")
+    entry = tmp_path / ".cache" / "teacher" / summary(run)["teacher_cache"]["key"]
+    stored = entry / "epoch-00000.safetensors"
+    tensors, metadata = read_entry_file(stored)
+    save_file(tampered(tensors, how), str(stored), metadata=metadata)
+    result = kd_here("distill", *FAST, *EPOCHS, f"teacher.checkpoint={teacher}", f"paths.outputs={tmp_path}",
+                     f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    assert "kd: warning: teacher cache:" in result.stderr and "damaged" in result.stderr
+    assert served(tmp_path / "again") == (1, 1) and metrics(tmp_path / "again") == metrics(run)
+
+
+def test_an_entry_without_its_key_file_is_listed_cleared_and_repaired(teacher, tmp_path):
+    run = distill(teacher, tmp_path, "first")
+    cache = tmp_path / ".cache" / "teacher"
+    key_file = cache / summary(run)["teacher_cache"]["key"] / "key.json"
+    key_file.unlink()
+    assert served(distill(teacher, tmp_path, "again")) == (2, 0)
+    assert json.loads(key_file.read_text())["teacher_arch"] == "cnn"  # written again, whole
+    key_file.write_text("{broken")
+    listed = kd_here("cache", "ls", f"dir={cache}", cwd=tmp_path)
+    assert listed.code == 0 and "1 entry" in listed.stdout
+    assert kd_here("cache", "clear", f"dir={cache}", cwd=tmp_path).code == 0 and entries(cache) == []
 
 
 def test_a_broken_cache_file_is_recomputed(teacher, tmp_path):
@@ -163,6 +206,11 @@ def test_kd_cache_lists_and_clears(teacher, tmp_path):
     assert_one_line_error(kd_here("cache", "clear", f"dir={cache}", "key=zzz", cwd=tmp_path), "no entry", "zzz")
     assert_one_line_error(kd_here("cache", "purge", cwd=tmp_path), "unknown action 'purge'", "ls, clear")
     assert_one_line_error(kd_here("cache", "ls", "folder=x", cwd=tmp_path), "unknown option 'folder=x'")
+    assert_one_line_error(kd_here("cache", "ls", f"dir={cache}", "key=zzz", cwd=tmp_path), "no entry", "zzz")
+    assert_one_line_error(kd_here("cache", "ls", "dir=", cwd=tmp_path), "dir= is empty")
+    assert_one_line_error(kd_here("cache", "ls", f"dir={cache / key / 'key.json'}", cwd=tmp_path), "is a file")
+    assert "no such folder yet" in kd_here("cache", "ls", f"dir={tmp_path / 'none'}", cwd=tmp_path).stdout
+    assert key[:8] in kd_here("cache", "ls", f"dir={cache}", f"key={key[:8]}", cwd=tmp_path).stdout
     cleared = kd_here("cache", "clear", f"dir={cache}", f"key={key[:6]}", cwd=tmp_path)
     assert cleared.code == 0 and "removed 1 entry" in cleared.stdout
     assert entries(cache) == []

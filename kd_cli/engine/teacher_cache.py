@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -35,9 +34,9 @@ import torch
 from torch import nn
 
 from kd_cli.engine.files import atomic_write, write_json
+from kd_cli.data.files import brief
 from kd_cli.errors import KdError, warn
 
-log = logging.getLogger("kd")
 KEY_FILE = "key.json"
 
 
@@ -153,30 +152,40 @@ class TeacherCache:
         return self.entry / f"epoch-{epoch:05d}.safetensors"
 
     def _read(self, epoch: int, device: torch.device, quiet: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The epoch's (logits, checksums), or None: absent, or damaged (then recomputed, with a warning)."""
         path = self._path(epoch)
         if not path.is_file():
             return None
-        from safetensors.torch import load_file
-
         try:
-            tensors = load_file(str(path), device=str(device))
-            logits, checksums = tensors["logits"], tensors["checksums"]
-            if logits.shape[0] != self.steps or checksums.shape != (self.steps,):
-                raise ValueError(f"{logits.shape[0]} steps stored, {self.steps} wanted")
+            logits, checksums = self._load(path, device)
         except Exception as error:  # noqa: BLE001 - a broken cache file is recomputed, never fatal
             if not quiet:
-                log.warning(f"teacher cache: {path} unreadable ({error}); computing the teacher's outputs again")
+                warn(f"teacher cache: {path} is damaged ({brief(error)}); this run computes that epoch again")
             return None
-        _touch(self.entry)
+        self._mark_used()
         return logits, checksums
+
+    def _load(self, path: Path, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read and verify: the key and the logits' sha256 written with them, their shape, finite values."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as stored:
+            metadata = stored.metadata() or {}
+            logits, checksums = stored.get_tensor("logits"), stored.get_tensor("checksums")
+        if metadata.get("key") != self.key or metadata.get("logits_sha256") != _sha256(logits):
+            raise ValueError("its contents do not match the checksum stored with them")
+        batch = self.description.get("stream", {}).get("batch_size")
+        if logits.dim() != 3 or logits.shape[0] != self.steps or (batch and logits.shape[1] != batch) \
+                or checksums.shape != (self.steps,) or not torch.isfinite(logits).all():
+            raise ValueError(f"logits of shape {tuple(logits.shape)} for {self.steps} steps of {batch}")
+        return logits.to(device), checksums.to(device)
 
     def _lock_for_filling(self, epoch: int) -> bool:
         if self._broken:
             return False
         try:
             self.entry.mkdir(parents=True, exist_ok=True)
-            if not (self.entry / KEY_FILE).exists():
-                write_json(self.entry / KEY_FILE, {**self.description, "key": self.key})
+            self._mark_used()
             lock = FileLock(self.entry / f".epoch-{epoch:05d}.lock")
             if not lock.try_acquire():
                 return False  # another run fills this epoch now: compute it here too, store nothing
@@ -189,14 +198,25 @@ class TeacherCache:
     def _write(self, epoch: int, record: EpochRecord) -> None:
         from safetensors.torch import save
 
-        tensors = {"logits": torch.stack(record.logits).cpu().contiguous(),
-                   "checksums": torch.stack(record.checksums).cpu()}
+        logits = torch.stack(record.logits).cpu().contiguous()
+        tensors = {"logits": logits, "checksums": torch.stack(record.checksums).cpu()}
+        metadata = {"key": self.key, "logits_sha256": _sha256(logits)}
         try:
-            atomic_write(self._path(epoch), lambda tmp: tmp.write_bytes(save(tensors)))
-            _touch(self.entry)
+            atomic_write(self._path(epoch), lambda tmp: tmp.write_bytes(save(tensors, metadata=metadata)))
+            self._mark_used()
             evict(self.root, self.max_bytes, keep=self.key)
         except OSError as error:
             self._give_up(error)
+
+    def _mark_used(self) -> None:
+        """key.json's mtime is the entry's last use (for eviction); rewritten when missing or damaged."""
+        key_file = self.entry / KEY_FILE
+        try:
+            json.loads(key_file.read_text())
+            os.utime(key_file)
+        except (OSError, ValueError):
+            with contextlib.suppress(OSError):
+                write_json(key_file, {**self.description, "key": self.key})
 
     def _release(self) -> None:
         if self.lock is not None:
@@ -243,11 +263,8 @@ class FileLock:
             self.fd = None
 
 
-def _touch(path: Path) -> None:
-    try:
-        (path / KEY_FILE).touch(exist_ok=True)  # its mtime is the entry's last use (for eviction)
-    except OSError:
-        pass
+def _sha256(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 @dataclass
@@ -260,18 +277,24 @@ class CacheEntry:
 
 
 def entries(root: Path) -> list[CacheEntry]:
-    """Every entry under `root`, least recently used first."""
+    """Every entry under `root` (a folder with a key.json or epoch files), least recently used first.
+    An entry whose key.json is damaged is listed too, with what is known of it, so it can be removed."""
     found = []
     for folder in sorted(Path(root).glob("*")) if Path(root).is_dir() else []:
         key_file = folder / KEY_FILE
-        if not folder.is_dir() or not key_file.is_file():
-            continue
         try:
-            description = json.loads(key_file.read_text())
-            files = list(folder.glob("epoch-*.safetensors"))
+            files = list(folder.glob("epoch-*.safetensors")) if folder.is_dir() else []
+            if not files and not key_file.is_file():
+                continue
+            try:
+                description = json.loads(key_file.read_text())
+            except (OSError, ValueError):
+                description = {}
             size = sum(f.stat().st_size for f in files)
-            found.append(CacheEntry(folder, description, len(files), size, key_file.stat().st_mtime))
-        except (OSError, ValueError):
+            used = key_file if key_file.exists() else max(files, key=lambda f: f.stat().st_mtime)
+            last_used = used.stat().st_mtime
+            found.append(CacheEntry(folder, description, len(files), size, last_used))
+        except OSError:
             continue
     return sorted(found, key=lambda e: e.last_used)
 
