@@ -2,7 +2,8 @@
 # The GPU paths end to end, on a machine with a CUDA GPU: every stage with trainer.device=cuda,
 # bf16 autocast, channels_last, torch.compile, a feature method (CRD's memory on the GPU), DDP over
 # NCCL through torchrun, compress with recovery on the GPU (int8 then runs on the CPU), the
-# throughput benchmark against a hand-written loop (batch 64, 128, 256; with the 240-epoch estimate),
+# throughput benchmark against a hand-written loop (batch 64 with fused and foreach optimisers and CUDA
+# graphs through trainer.compile=reduce-overhead, 128, 256; with the 240-epoch estimate),
 # and the teacher cache on the GPU (benchmark and a CLI sweep). Usage: bash benchmarks/gpu_check.sh OUT_DIR
 set -uo pipefail
 OUT=${1:-gpu-check}; mkdir -p "$OUT"; W=$(mktemp -d); cd "$W" || exit 1
@@ -27,7 +28,8 @@ step evaluate_cuda $KD evaluate run=$W/kd trainer.device=cuda hydra.run.dir=$W/e
 step compress_cuda $KD compress run=$W/teacher compression=prune_quantize trainer.device=cuda trainer.epochs=3 latency_batches=5 $Q hydra.run.dir=$W/pq
 step evaluate_int8_on_cuda_box $KD evaluate run=$W/pq trainer.device=cuda hydra.run.dir=$W/eval8
 step bad_device_index bash -c "$KD distill dataset=digits trainer.device=cuda:7 trainer.epochs=1 $Q hydra.run.dir=$W/bad 2>&1 | tee /dev/stderr | grep -q 'kd: error: .*cuda:7'"
-step cifar_resnet_bench_b64 python3 "$OLDPWD/benchmarks/throughput.py" --device cuda --teacher resnet32x4 --student resnet8x4 --batch 64 --samples 8192 --epochs 3 --aug-samples 10000 --workers 8
+step cifar_resnet_bench_b64 python3 "$OLDPWD/benchmarks/throughput.py" --device cuda --teacher resnet32x4 --student resnet8x4 --batch 64 --samples 8192 --epochs 3 --aug-samples 10000 --workers 8 --compile reduce-overhead
+step cifar_resnet_bench_b64_unfused python3 "$OLDPWD/benchmarks/throughput.py" --device cuda --teacher resnet32x4 --student resnet8x4 --batch 64 --samples 8192 --epochs 3 --aug-samples 10000 --workers 8 --fused false
 step teacher_cache_cuda python3 "$OLDPWD/benchmarks/teacher_cache.py" --device cuda --teacher resnet32x4 --student resnet8x4 --samples 8192 --epochs 3
 step sweep_cached_cli $KD distill -m dataset=digits teacher.checkpoint=$W/teacher student=mlp method.temperature=1,2,4,8 trainer.device=cuda trainer.epochs=3 $Q hydra.sweep.dir=$W/sweep
 step cifar_resnet_bench python3 "$OLDPWD/benchmarks/throughput.py" --device cuda --teacher resnet32x4 --student resnet8x4 --batch 128 --samples 8192 --epochs 3 --aug-samples 50000 --workers 8

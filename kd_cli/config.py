@@ -54,6 +54,7 @@ class OptimConfig:
     warmup_epochs: float = MISSING
     min_lr: float = MISSING
     backbone_lr_scale: float = MISSING
+    fused: Any = MISSING  # auto | true | false (checked in engine/values.py)
 
 
 @dataclass
@@ -64,7 +65,7 @@ class TrainerConfig:
     device: str = MISSING
     precision: str = MISSING
     channels_last: Any = MISSING  # true | false | auto (checked in stages/checks.py)
-    compile: bool = MISSING
+    compile: Any = MISSING  # false | true | a torch.compile mode (checked in stages/checks.py)
     deterministic: bool = MISSING
     num_workers: int = MISSING
     eval_every: int = MISSING

@@ -17,6 +17,7 @@ def describe(error: BaseException) -> str:
     text = "; ".join(_fold_option_lists(lines))
     text = _suggest_for_missing_option(text)
     text = _install_hint_for_plugin(text)
+    text = _plain_type_error(text)
     missing = re.fullmatch(r"Missing mandatory value: ([\w.]+)", text)
     if missing:
         text += f"; set it on the command line, e.g. {missing.group(1)}=..."
@@ -26,6 +27,21 @@ def describe(error: BaseException) -> str:
 # Hydra plugins that are optional extras of kd: the option Hydra cannot find -> the extra to install.
 PLUGIN_EXTRAS = {"hydra/launcher/joblib": "joblib", "hydra/launcher/submitit_": "slurm",
                  "hydra/launcher/slurm": "slurm", "hydra/sweeper/optuna": "optuna"}
+
+
+# OmegaConf's name for a schema type -> what the user should give.
+TYPE_WORDS = {"Float": "a number, e.g. 0.5", "Integer": "a whole number, e.g. 3", "bool": "true or false"}
+TYPE_ERROR = re.compile(r"Error merging override ([\w.+~]+)=(.*?); Value '.*?' (?:of type '\w+' could not be "
+                        r"converted to (\w+)|is not a valid (\w+))")
+
+
+def _plain_type_error(text: str) -> str:
+    """`Error merging override k=v; Value 'v' ... could not be converted to Integer; ...` -> what k takes."""
+    match = TYPE_ERROR.match(text)
+    if not match:
+        return text
+    key, value, wanted = match.group(1).lstrip("+~"), match.group(2), match.group(3) or match.group(4)
+    return f"{key}={value} is not accepted: {key} takes {TYPE_WORDS.get(wanted, 'a value of type ' + wanted)}"
 
 
 def _install_hint_for_plugin(text: str) -> str:

@@ -148,7 +148,7 @@ def test_the_evaluation_crop_follows_the_models_crop_fraction():
 
     from kd_cli.data.loader import folder_transform
     from kd_cli.engine.artifacts import ModelSpec
-    from kd_cli.predict import preprocessing
+    from kd_cli.inference import preprocessing
 
     pixels = np.zeros((16, 16, 3), dtype=np.uint8)
     pixels[:2] = 255  # a white top border

@@ -18,6 +18,9 @@ LIGHT_COMMANDS = [
     ["distill", "trainer.epochs=0"],
     ["distill", "optim.lr=nan"],
     ["evaluate", "--help"],
+    ["predict", "--help"],
+    ["predict", "run=somewhere", "top_k=0", "photo.png"],
+    ["cache", "--help"],
 ]
 
 PROBE = """
@@ -54,7 +57,8 @@ def test_commands_that_need_no_model_do_not_import_torch(tmp_path):
     probe = subprocess.run([sys.executable, "-c", PROBE, json.dumps(LIGHT_COMMANDS)], cwd=tmp_path,
                            capture_output=True, text=True, timeout=120)
     outcome = json.loads(probe.stderr.strip().splitlines()[-1])
-    assert outcome["codes"] == [0, 0, 0, 0, 2, 2, 0], probe.stderr
+    assert outcome["codes"] == [0, 0, 0, 0, 2, 2, 0, 0, 2, 0], probe.stderr
     assert not outcome["torch"]
     assert "must be >= 1" in probe.stderr and "optim.lr=nan must be a finite number" in probe.stderr
+    assert "0 must be at least 1" in probe.stderr
     assert not list((tmp_path / "outputs").glob("*/*/*")), "a refused run left its run directory"

@@ -27,8 +27,8 @@ from kd_cli.engine.checkpoint import LAST, load_checkpoint, rng_state, save_chec
 from kd_cli.engine.device import autocast, use_channels_last
 from kd_cli.engine.distributed import World, all_reduce_sum
 from kd_cli.engine.metrics import predict, topk_accuracy
-from kd_cli.engine.optim import build_optimizer, lr_at, param_groups, set_lr
-from kd_cli.engine.values import check_optim
+from kd_cli.engine.optim import Schedule, build_optimizer, param_groups, set_lr
+from kd_cli.engine.values import check_optim, compile_mode
 from kd_cli.engine.progress import make_reporter
 from kd_cli.engine.rundir import RunDir
 from kd_cli.engine.teacher_cache import TeacherCache
@@ -96,8 +96,8 @@ def fit(job: Training) -> FitResult:
     optimizer = build_optimizer(param_groups(params, backbone, job.optim.backbone_lr_scale), job.optim)
     state = _resume_state(job, method, optimizer)
     job.tracker.resume(state["history"])  # a resumed run: the checkpointed epochs the trackers missed
-    if job.trainer.compile:
-        method.student.compile()
+    if mode := compile_mode(job.trainer.compile):
+        method.student.compile(mode=mode)
     forward = _wrap_ddp(method, job)
     steps = _steps_per_epoch(job)
     cache = _attach_teacher_cache(job, method, steps)
@@ -190,12 +190,15 @@ def _train_epoch(job, method, forward, optimizer, scaler, epoch, steps, bar) -> 
     correct = torch.zeros((), device=job.device)
     seen = 0
     channels_last = use_channels_last(job.trainer.channels_last, job.device, job.dtype)
+    schedule = Schedule.from_config(job.optim, job.trainer.epochs)
+    lr = None
     start = time.perf_counter()
     for step, (images, labels, *index) in enumerate(job.train_loader):
         if step >= steps:
             break
-        lr = lr_at(job.optim, epoch + step / steps, job.trainer.epochs)
-        set_lr(optimizer, lr)
+        if (step_lr := schedule.at(epoch + step / steps)) != lr:  # constant and step schedules: set once
+            lr = step_lr
+            set_lr(optimizer, lr)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(job.device, job.dtype):

@@ -11,6 +11,20 @@ from kd_cli.registry import Range, check_number
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "multistep", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# trainer.compile: false, true (torch.compile's default mode) or one of its modes; reduce-overhead adds CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(setting: Any) -> str | None:
+    """torch.compile's mode for `trainer.compile`, or None for no compilation."""
+    value = str(setting).lower()
+    if value in ("false", "none"):
+        return None
+    if value == "true":
+        return "default"
+    if value in COMPILE_MODES:
+        return value
+    raise KdError(f"trainer.compile={setting} is not one of false, true, {', '.join(COMPILE_MODES)}")
 
 
 def check_optim(cfg: Any, epochs: int) -> None:
@@ -19,6 +33,8 @@ def check_optim(cfg: Any, epochs: int) -> None:
         raise KdError(f"unknown optim.name '{cfg.name}' (choose from: {', '.join(OPTIMIZERS)})")
     if cfg.schedule not in SCHEDULES:
         raise KdError(f"unknown optim.schedule '{cfg.schedule}' (choose from: {', '.join(SCHEDULES)})")
+    if str(cfg.fused).lower() not in ("auto", "true", "false"):
+        raise KdError(f"optim.fused={cfg.fused} is not one of auto, true, false")
     check_number("optim.lr", cfg.lr, Range(0, low_open=True))
     check_number("optim.weight_decay", cfg.weight_decay, Range(0))
     check_number("optim.momentum", cfg.momentum, Range(0, 1, high_open=True))

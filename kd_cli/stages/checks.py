@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from kd_cli.engine.values import PRECISIONS, check_optim
+from kd_cli.engine.values import PRECISIONS, check_optim, compile_mode
 from kd_cli.errors import KdError
 from kd_cli.registry import Range, check_number
 
@@ -107,6 +107,7 @@ def check_trainer(trainer: DictConfig) -> None:
         raise KdError(f"trainer.progress={trainer.progress} is not one of {', '.join(PROGRESS)}")
     if str(trainer.channels_last).lower() not in ("auto", "true", "false"):
         raise KdError(f"trainer.channels_last={trainer.channels_last} is not one of auto, true, false")
+    compile_mode(trainer.compile)
     if str(trainer.precision).lower() not in PRECISIONS:
         raise KdError(f"trainer.precision={trainer.precision} is not one of {', '.join(PRECISIONS)}")
 
