@@ -75,3 +75,22 @@ def test_distill_with_an_rgb_16px_teacher_on_grey_8px_data(tmp_path):
     # read through the conversion the teacher still knows the digits (chance is 10 %)
     assert done["status"] == "complete" and done["teacher_top1"] > 85  # 98 % on its own 16 px test split
     assert "warning" not in result.stderr
+
+
+def test_a_converted_teacher_has_the_same_cache_identity_in_every_process():
+    """The teacher cache's key hashes the teacher's pre-hooks by repr: an address in it would give every
+    run its own key, and a sweep over a converted teacher would never share the cache."""
+    from kd_cli.engine.teacher_cache import teacher_identity
+
+    torch.manual_seed(0)
+    first = create_model("cnn", 10, 3, 16)
+    second = create_model("cnn", 10, 3, 16)
+    second.load_state_dict(first.state_dict())
+    feed_own_form(first, GREY, RGB16)
+    feed_own_form(second, GREY, RGB16)
+    assert "0x" not in repr(next(iter(first._forward_pre_hooks.values())))
+    assert teacher_identity(first) == teacher_identity(second)
+    other = create_model("cnn", 10, 3, 16)
+    other.load_state_dict(first.state_dict())
+    feed_own_form(other, Form(1, 8, (0.5,), (0.5,)), RGB16)  # another data form: another key
+    assert teacher_identity(other) != teacher_identity(first)

@@ -44,6 +44,9 @@ class ToOwnForm:
     def __init__(self, source: Form, target: Form):
         self.source, self.target = source, target
 
+    def __repr__(self) -> str:  # no address: the teacher cache's key hashes the hooks' repr (teacher_identity)
+        return f"ToOwnForm({self.source.describe()} -> {self.target.describe()})"
+
     def __call__(self, module: nn.Module, args: tuple) -> tuple:
         images, *rest = args
         return (self.convert(images), *rest)
