@@ -2,12 +2,17 @@
 
 The attention map of a (C, H, W) feature is the channel mean of |f|^p (p=2), flattened and
 L2-normalised per sample; the loss is the mean squared difference of the student's and teacher's
-maps (RepDistiller's formulation, for which its beta=1000 is tuned), summed over the stage pairs.
+maps (the authors' code and RepDistiller's formulation, for which beta=1000 is tuned), summed over
+the stage pairs. `form=paper` takes the paper's equation 2 instead: beta/2 times the (un-squared) L2
+norm of each sample's difference, summed over the batch, with the paper's beta of 1000 "divided by
+the number of elements in the attention map and the batch size" (so the same at_weight serves both).
 Channel counts may differ (the map averages them away); unequal grids are matched by
 average-pooling the larger feature map to the smaller grid before the attention (as RepDistiller).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +28,14 @@ def attention_map(features: torch.Tensor, p: float) -> torch.Tensor:
     return F.normalize(features.abs().pow(p).mean(1).flatten(1), dim=1)
 
 
-def at_loss(student: torch.Tensor, teacher: torch.Tensor, p: float) -> torch.Tensor:
-    """Mean over samples and positions of the squared difference of the attention maps."""
+def at_loss(student: torch.Tensor, teacher: torch.Tensor, p: float, form: str = "code") -> torch.Tensor:
+    """`code`: mean over samples and positions of the squared difference of the attention maps.
+    `paper`: sum over samples of half the L2 norm of the difference, / (positions * batch)."""
     student, teacher = match_spatial(full_precision(student), full_precision(teacher))
-    return (attention_map(student, p) - attention_map(teacher, p)).pow(2).mean()
+    difference = attention_map(student, p) - attention_map(teacher, p)
+    if form == "paper":
+        return difference.norm(dim=1).sum() / (2 * difference.numel())
+    return difference.pow(2).mean()
 
 
 @register_method("at")
@@ -35,14 +44,14 @@ class AttentionTransfer(FeatureDistiller):
 
     def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
                  ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, at_weight: NonNegative,
-                 p: Positive):
+                 p: Positive, form: Literal["code", "paper"]):
         super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
                          ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
         for layer, shape in zip(self.student_layers, self.student_shapes):
             require_maps("at", "student", layer, shape)
         for layer, shape in zip(self.teacher_layers, self.teacher_shapes):
             require_maps("at", "teacher", layer, shape)
-        self.at_weight, self.p = at_weight, p
+        self.at_weight, self.p, self.form = at_weight, p, form
 
     # default_layers: every stage output (the base's), as RepDistiller's feat[1:-1]
 
@@ -50,5 +59,5 @@ class AttentionTransfer(FeatureDistiller):
         logits, student, teacher_logits, teacher = self.features(images, self.at_weight)
         terms = self.logit_terms(logits, teacher_logits, labels)
         if self.at_weight:
-            terms["at"] = self.at_weight * sum(at_loss(s, t, self.p) for s, t in zip(student, teacher))
+            terms["at"] = self.at_weight * sum(at_loss(s, t, self.p, self.form) for s, t in zip(student, teacher))
         return logits, terms

@@ -4,8 +4,10 @@ The correlation between two samples is a Gaussian RBF kernel on L2-normalised em
 exp(-gamma ||a - b||^2) = exp(-2 gamma) exp(2 gamma a.b), approximated by its Taylor expansion
 to order P: sum_p exp(-2 gamma) (2 gamma)^p / p! (a.b)^p (the paper's equation 8). The loss is
 the mean squared difference of the student's and teacher's b x b correlation matrices (the
-paper's 1/n^2 ||.||^2). gamma=0.4, P=2 follow AberHu's Knowledge-Distillation-Zoo; the weight
-0.02 is RepDistiller's beta for its CC. When the student's embedding does not have the
+paper's 1/n^2 ||.||^2). gamma=0.4, P=2 and the weight 100 follow AberHu's Knowledge-Distillation-Zoo,
+whose CC is this formula (RepDistiller's 0.02 belongs to another one, emailed code on |f_s - f_t|,
+under which this loss would barely act). `kernel=bilinear` takes the paper's other kernel, the
+bilinear pool a.b, on the same unit-norm embeddings. When the student's embedding does not have the
 teacher's shape, a learnable linear embedding (a 1x1 conv + BN for maps) maps it onto it first.
 A batch of one has no relations: KdError.
 """
@@ -13,6 +15,7 @@ A batch of one has no relations: KdError.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,17 +27,21 @@ from kd_cli.methods.feature_utils import Regressor, check_relation_batch, flatte
 from kd_cli.registry import NonNegative, NonNegativeInt, Positive
 
 
-def correlation_matrix(features: torch.Tensor, gamma: float, order: int) -> torch.Tensor:
-    """(B, ...) -> (B, B): the order-P Taylor expansion of the RBF kernel on unit-norm features."""
+def correlation_matrix(features: torch.Tensor, gamma: float, order: int, kernel: str = "gaussian") -> torch.Tensor:
+    """(B, ...) -> (B, B): the order-P Taylor expansion of the RBF kernel on unit-norm features, or
+    (`bilinear`) their plain dot products."""
     unit = F.normalize(flatten(features), dim=1)
     similarity = unit @ unit.T
+    if kernel == "bilinear":
+        return similarity
     scale = math.exp(-2 * gamma)
     return sum(scale * (2 * gamma) ** p / math.factorial(p) * similarity.pow(p) for p in range(order + 1))
 
 
-def cc_loss(student: torch.Tensor, teacher: torch.Tensor, gamma: float, order: int) -> torch.Tensor:
+def cc_loss(student: torch.Tensor, teacher: torch.Tensor, gamma: float, order: int,
+            kernel: str = "gaussian") -> torch.Tensor:
     check_relation_batch("cc", len(student))
-    return F.mse_loss(correlation_matrix(student, gamma, order), correlation_matrix(teacher, gamma, order))
+    return F.mse_loss(correlation_matrix(student, gamma, order, kernel), correlation_matrix(teacher, gamma, order, kernel))
 
 
 @register_method("cc")
@@ -43,13 +50,13 @@ class CorrelationCongruence(FeatureDistiller):
 
     def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
                  ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, cc_weight: NonNegative,
-                 gamma: Positive, order: NonNegativeInt):
+                 gamma: Positive, order: NonNegativeInt, kernel: Literal["gaussian", "bilinear"]):
         super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
                          ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
         # no adapter for a term left out (DDP: every parameter must get a gradient)
         self.embeds = nn.ModuleList(self._embed(*pair) for pair in zip(
             self.student_layers, self.student_shapes, self.teacher_layers, self.teacher_shapes) if cc_weight)
-        self.cc_weight, self.gamma, self.order = cc_weight, gamma, order
+        self.cc_weight, self.gamma, self.order, self.kernel = cc_weight, gamma, order, kernel
 
     @staticmethod
     def _embed(s_layer, s_shape, t_layer, t_shape) -> nn.Module | None:
@@ -68,6 +75,6 @@ class CorrelationCongruence(FeatureDistiller):
             loss = 0
             for embed, s, t in zip(self.embeds, student, teacher):
                 s, t = embed(s, t) if embed is not None else (s, t)
-                loss = loss + cc_loss(s, t, self.gamma, self.order)
+                loss = loss + cc_loss(s, t, self.gamma, self.order, self.kernel)
             terms["cc"] = self.cc_weight * loss
         return logits, terms

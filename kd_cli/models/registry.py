@@ -44,4 +44,5 @@ def create_model(
     fixed = dict(zip(FIXED, (num_classes, in_channels, input_size)))
     model = MODELS.build(name, fixed, options)
     model.kd_input_shape = (in_channels, input_size, input_size)  # for dry runs that size adapters
+    model.kd_num_classes = num_classes
     return model

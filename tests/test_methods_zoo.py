@@ -1,0 +1,320 @@
+"""The methods added to the classic tables' zoo: NST, ICKD and Tf-KD.
+
+Each pure loss is checked against a float64 reference written here from the paper's equations and
+the conventions the YAML names (explicit loops over samples and channel pairs in numpy, never calling
+the implementation), its gradient by `torch.autograd.gradcheck`, and its edge cases. Then each method
+runs through the real CLI on digits and on CIFAR-shaped synthetic data, its terms logged, and one
+run is resumed longer.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from kd_cli.errors import KdError
+from kd_cli.methods import METHODS, build_method
+from kd_cli.methods.ickd import channel_correlation, ickd_loss
+from kd_cli.methods.nst import nst_loss
+from kd_cli.methods.tfkd import tfkd_loss, virtual_teacher
+from kd_cli.models.registry import create_model
+from kdrun import FAST, kd, summary
+
+CONFIGS = Path(__file__).parents[1] / "configs" / "method"
+FEATURE_METHODS = ["nst", "ickd"]
+TERMS = {"nst": "nst", "ickd": "ickd", "tfkd": "tfkd"}
+
+
+def rng(*shape: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=shape)
+
+
+def block_mean(x: np.ndarray, h: int, w: int) -> np.ndarray:
+    b, c, height, width = x.shape
+    return x.reshape(b, c, h, height // h, w, width // w).mean(axis=(3, 5))
+
+
+# ---------------------------------------------------------------- float64 references (numpy, loops)
+
+def ref_nst(fs: np.ndarray, ft: np.ndarray) -> float:
+    """Huang & Wang's MMD^2 with k(x, y) = (x . y)^2 over each sample's L2-normalised channels."""
+    h, w = min(fs.shape[2], ft.shape[2]), min(fs.shape[3], ft.shape[3])
+    fs, ft = block_mean(fs, h, w), block_mean(ft, h, w)
+
+    def channels(x):
+        flat = x.reshape(len(x), -1)
+        return [row / np.linalg.norm(row) for row in flat]
+
+    def mean_kernel(a, b):
+        return sum((x @ y) ** 2 for x in a for y in b) / (len(a) * len(b))
+
+    total = 0.0
+    for i in range(len(fs)):
+        s, t = channels(fs[i]), channels(ft[i])
+        total += mean_kernel(t, t) + mean_kernel(s, s) - 2 * mean_kernel(s, t)
+    return total / len(fs)
+
+
+def ref_ickd(fs: np.ndarray, ft: np.ndarray) -> float:
+    """sum_i ||norm_rows(F_s F_s^T) - norm_rows(F_t F_t^T)||_F^2 / (C * B), F the (C, H*W) map of sample i."""
+    batch, channels = ft.shape[:2]
+
+    def correlation(x):
+        flat = x.reshape(channels, -1)
+        gram = np.array([[flat[a] @ flat[b] for b in range(channels)] for a in range(channels)])
+        return np.array([row / np.linalg.norm(row) for row in gram])
+
+    return sum(((correlation(fs[i]) - correlation(ft[i])) ** 2).sum() for i in range(batch)) / (channels * batch)
+
+
+def ref_tfkd(logits: np.ndarray, labels: np.ndarray, correct: float, temperature: float) -> float:
+    batch, classes = logits.shape
+    total = 0.0
+    for i in range(batch):
+        teacher = np.full(classes, (1 - correct) / (classes - 1))
+        teacher[labels[i]] = correct
+        q = np.exp(teacher / temperature) / np.exp(teacher / temperature).sum()
+        log_p = logits[i] - math.log(np.exp(logits[i]).sum())
+        total += sum(q[k] * (math.log(q[k]) - log_p[k]) for k in range(classes))
+    return total / (batch * classes)
+
+
+# ---------------------------------------------------------------- values, gradients, edge cases
+
+@pytest.mark.parametrize("s_shape, t_shape", [((3, 4, 8, 8), (3, 6, 4, 4)), ((2, 5, 4, 4), (2, 3, 8, 8)),
+                                              ((2, 3, 4, 4), (2, 3, 4, 4))])
+def test_nst_matches_the_mmd_reference_with_unequal_channels_and_grids(s_shape, t_shape):
+    fs, ft = rng(*s_shape, seed=1), rng(*t_shape, seed=2)
+    value = nst_loss(torch.from_numpy(fs), torch.from_numpy(ft)).item()
+    assert value == pytest.approx(ref_nst(fs, ft), rel=1e-10)
+
+
+def test_ickd_matches_the_reference_and_ignores_the_grid_size():
+    fs, ft = rng(3, 4, 4, 4, seed=3), rng(3, 4, 2, 2, seed=4)
+    value = ickd_loss(torch.from_numpy(fs), torch.from_numpy(ft)).item()
+    assert value == pytest.approx(ref_ickd(fs, ft), rel=1e-10)
+
+
+@pytest.mark.parametrize("correct, temperature", [(0.99, 20.0), (0.9, 1.0), (0.5, 4.0)])
+def test_tfkd_matches_the_authors_reduction(correct, temperature):
+    logits, labels = rng(5, 7, seed=5), np.array([0, 3, 6, 2, 3])
+    value = tfkd_loss(torch.from_numpy(logits), torch.from_numpy(labels), correct, temperature).item()
+    assert value == pytest.approx(ref_tfkd(logits, labels, correct, temperature), rel=1e-10)
+
+
+def test_the_virtual_teacher_is_a_distribution_that_prefers_the_label():
+    teacher = virtual_teacher(torch.tensor([2, 0]), 5, 0.9)
+    assert torch.allclose(teacher.sum(1), torch.ones(2))
+    assert teacher[0, 2] == pytest.approx(0.9) and teacher[0, 0] == pytest.approx(0.025)
+
+
+def _gradcheck(loss, *inputs: torch.Tensor) -> None:
+    inputs = tuple(x.clone().requires_grad_(True) for x in inputs)
+    assert torch.autograd.gradcheck(loss, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_gradients_of_the_pure_losses():
+    maps_s, maps_t = torch.from_numpy(rng(2, 3, 4, 4, seed=6)), torch.from_numpy(rng(2, 4, 2, 2, seed=7))
+    _gradcheck(lambda s: nst_loss(s, maps_t), maps_s)
+    same_channels = torch.from_numpy(rng(2, 3, 2, 2, seed=8))
+    _gradcheck(lambda s: ickd_loss(s, same_channels), maps_s)
+    labels = torch.tensor([1, 0, 3])
+    _gradcheck(lambda z: tfkd_loss(z, labels, 0.99, 20.0), torch.from_numpy(rng(3, 4, seed=9)))
+
+
+def test_equal_maps_give_zero_and_the_losses_ignore_what_the_papers_normalise_away():
+    maps = torch.from_numpy(rng(3, 4, 4, 4, seed=10))
+    assert abs(nst_loss(maps, maps).item()) < 1e-12
+    assert ickd_loss(maps, maps).item() == 0
+    # NST normalises each channel, ICKD each row of its correlation: a positive scale per channel / sample is invisible
+    scale = torch.rand(1, 4, 1, 1, dtype=torch.float64) + 0.5
+    other = torch.from_numpy(rng(3, 2, 8, 8, seed=11))
+    assert nst_loss(maps * scale, other).item() == pytest.approx(nst_loss(maps, other).item(), rel=1e-10)
+    per_sample = torch.tensor([2.0, 0.5, 3.0], dtype=torch.float64).view(3, 1, 1, 1)
+    assert torch.allclose(channel_correlation(maps * per_sample), channel_correlation(maps))
+
+
+def test_tfkd_is_smallest_when_the_student_predicts_the_softened_virtual_teacher():
+    labels = torch.tensor([1, 2])
+    target = (virtual_teacher(labels, 4, 0.99, torch.float64) / 20).softmax(1)
+    best = tfkd_loss(target.log(), labels, 0.99, 20.0).item()
+    assert abs(best) < 1e-12
+    assert tfkd_loss(target.log() + torch.randn(2, 4, dtype=torch.float64), labels, 0.99, 20.0).item() > best
+
+
+# ---------------------------------------------------------------- the methods on real models
+
+def method_config(name: str, **overrides) -> dict:
+    return {**yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()), **overrides}
+
+
+def test_yaml_defaults_name_every_option_and_the_constructors_have_none():
+    import inspect
+
+    for name in (*FEATURE_METHODS, "tfkd"):
+        params = inspect.signature(METHODS.get(name)).parameters
+        options = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
+        assert set(method_config(name)) - {"name"} == options, name
+        assert all(params[n].default is inspect.Parameter.empty for n in options), name
+
+
+@pytest.fixture(scope="module")
+def cifar_models():
+    """resnet8 (16/32/64 channels) as the student of resnet32x4 (64/128/256): unequal widths."""
+    torch.manual_seed(0)
+    return create_model("resnet8", 10), create_model("resnet32x4", 10)
+
+
+@pytest.mark.parametrize("name, layers", [("nst", ["layer1", "layer2", "layer3"]), ("ickd", ["layer3"])])
+def test_feature_method_on_unequal_widths_trains_the_student_and_its_adapters(name, layers, cifar_models):
+    student, teacher = cifar_models
+    method = build_method(method_config(name), student, teacher)
+    assert method.student_layers == method.teacher_layers == layers
+    images, labels = torch.randn(3, 3, 32, 32), torch.randint(0, 10, (3,))
+    logits, terms = method(images, labels)
+    assert logits.shape == (3, 10) and set(terms) == {"ce", TERMS[name]}
+    assert all(torch.isfinite(v) and v.dim() == 0 and v > 0 for v in terms.values())
+    method.zero_grad()
+    sum(terms.values()).backward()
+    assert student.conv1.weight.grad.abs().sum() > 0
+    adapters = [p for n, p in method.named_parameters() if not n.startswith("student.")]
+    assert all(p.grad is not None for p in adapters)
+    assert bool(adapters) == (name == "ickd")  # NST compares the maps themselves
+    assert not any(k.startswith("embeds") for k in student.state_dict())
+
+
+def test_ickd_embeds_into_the_teachers_channels_without_bias(cifar_models):
+    student, teacher = cifar_models
+    method = build_method(method_config("ickd"), student, teacher)
+    conv, norm = method.embeds[0]
+    assert (conv.in_channels, conv.out_channels, conv.bias) == (64, 256, None) and norm.num_features == 256
+
+
+def test_feature_methods_refuse_vectors_and_tfkd_a_virtual_teacher_that_does_not_prefer_the_label():
+    mlp, cnn = create_model("mlp", 10, 1, 8), create_model("cnn", 10, 1, 8)
+    for name in FEATURE_METHODS:
+        with pytest.raises(KdError, match="needs feature maps.*student=cnn"):
+            build_method(method_config(name, teacher_layers=["stages.1"]), mlp, cnn)
+    with pytest.raises(KdError, match=r"method.correct_prob=0.1 must be above 1/10.*0.99"):
+        build_method(method_config("tfkd", correct_prob=0.1), mlp, None)
+    with pytest.raises(KdError, match="method.temperature=0 must be a number > 0"):
+        build_method(method_config("tfkd", temperature=0), mlp, None)
+
+
+def test_tfkd_needs_no_teacher_and_trains_the_student():
+    assert not METHODS.get("tfkd").requires_teacher
+    student = create_model("mlp", 10, 1, 8)
+    method = build_method(method_config("tfkd"), student, None)
+    logits, terms = method(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]))
+    assert set(terms) == {"ce", "tfkd"}
+    sum(terms.values()).backward()
+    assert all(p.grad is not None for p in student.parameters())
+
+
+# ---------------------------------------------------------------- the real CLI
+
+SHORT = ["trainer.epochs=1", "trainer.max_steps_per_epoch=3", *FAST]
+SYNTHETIC = ["dataset=synthetic", "dataset.num_train=64", "dataset.num_test=32", "trainer.batch_size=16"]
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("zoo_cli")
+    common = [*SHORT, f"paths.outputs={out}"]
+    for name, extra in {"digits": [], "cifar": [*SYNTHETIC, "teacher=resnet20"]}.items():
+        result = kd("train-teacher", *common, *extra, f"hydra.run.dir={out / name}", cwd=out)
+        assert result.code == 0, result.stderr[-3000:]
+    sweep = ["distill", "-m", f"method={','.join(FEATURE_METHODS)}", *common, "hydra.sweep.subdir=${method.name}"]
+    jobs = {
+        "digits": [*sweep, f"teacher.checkpoint={out / 'digits'}", "student=cnn", "student.kwargs.width=8"],
+        "cifar": [*sweep, f"teacher.checkpoint={out / 'cifar'}", "student=resnet8", *SYNTHETIC],
+    }
+    for data, args in jobs.items():
+        result = kd(*args, f"hydra.sweep.dir={out / f'{data}-sweep'}", cwd=out)
+        assert result.code == 0, result.stderr[-3000:]
+    for data, extra in {"digits": [], "cifar": [*SYNTHETIC, "student=resnet8"]}.items():
+        result = kd("distill", "method=tfkd", *common, *extra, f"hydra.run.dir={out / f'{data}-tfkd'}", cwd=out)
+        assert result.code == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("data", ["digits", "cifar"])
+@pytest.mark.parametrize("method", [*FEATURE_METHODS, "tfkd"])
+def test_cli_distill_logs_every_term(cli_runs, data, method):
+    run = cli_runs / (f"{data}-tfkd" if method == "tfkd" else f"{data}-sweep/{method}")
+    done = summary(run)
+    assert done["status"] == "complete" and done["method"] == method and done["role"] == "student"
+    with open(run / "metrics.csv") as handle:
+        row = next(csv.DictReader(handle))
+    for term in ("ce", TERMS[method]):
+        assert math.isfinite(float(row[f"train_{term}"])) and float(row[f"train_{term}"]) > 0, term
+    assert (run / "model.safetensors").is_file()
+    assert (done.get("teacher_arch") is None) == (method == "tfkd")  # Tf-KD trains no teacher and reads none
+
+
+def test_an_ickd_run_resumes_longer_with_its_embedding(cli_runs, tmp_path):
+    """A run stopped after its first epoch continues from its checkpoint (the embedding's weights and
+    BatchNorm statistics are in it: a mismatch would be refused)."""
+    run = tmp_path / "ickd"
+    shutil.copytree(cli_runs / "digits-sweep" / "ickd", run)
+    (run / "summary.json").write_text(json.dumps({**summary(run), "status": "interrupted"}))
+    result = kd("distill", f"resume={run}", "trainer.epochs=2", "resume_extend=true", cwd=cli_runs)
+    assert result.code == 0, result.stderr[-3000:]
+    done = summary(run)
+    assert done["status"] == "complete" and done["epochs"] == 2 and done["resumes"][-1]["changes"] == ["trainer.epochs=2"]
+    with open(run / "metrics.csv") as handle:
+        assert [row["epoch"] for row in csv.DictReader(handle)] == ["1", "2"]
+
+
+# ---------------------------------------------------------------- what the comparison with the references fixed
+
+def test_cc_bilinear_kernel_is_the_dot_product_of_unit_embeddings():
+    from kd_cli.methods.cc import cc_loss
+
+    s, t = rng(4, 3, seed=12), rng(4, 5, seed=13)
+
+    def gram(x):
+        unit = [row / np.linalg.norm(row) for row in x]
+        return np.array([[a @ b for b in unit] for a in unit])
+
+    expected = ((gram(s) - gram(t)) ** 2).sum() / 16
+    value = cc_loss(torch.from_numpy(s), torch.from_numpy(t), 0.4, 2, kernel="bilinear").item()
+    assert value == pytest.approx(expected, rel=1e-10)
+
+
+def test_cc_defaults_to_the_weight_of_the_formula_it_implements():
+    """KD-Zoo's 100 for the Taylor-RBF form: the term is then of the order of the CE, not 1e-5 of it."""
+    config = method_config("cc")
+    assert config["cc_weight"] == 100.0 and config["kernel"] == "gaussian"
+    student, teacher = create_model("cnn", 10, 1, 8, width=4), create_model("cnn", 10, 1, 8, width=8)
+    torch.manual_seed(0)
+    _, terms = build_method(config, student, teacher)(torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,)))
+    assert 1e-3 < terms["cc"].item() / terms["ce"].item()
+
+
+def ref_at_paper(fs: np.ndarray, ft: np.ndarray) -> float:
+    """The AT paper's eq. 2 with beta = 1 / (positions * batch): 1/2 sum_i ||a_s,i/|a_s,i| - a_t,i/|a_t,i|||_2."""
+    batch, positions = len(fs), fs.shape[2] * fs.shape[3]
+    total = 0.0
+    for i in range(batch):
+        a_s, a_t = (fs[i] ** 2).sum(axis=0).ravel(), (ft[i] ** 2).sum(axis=0).ravel()
+        total += np.linalg.norm(a_s / np.linalg.norm(a_s) - a_t / np.linalg.norm(a_t))
+    return total / 2 / (positions * batch)
+
+
+def test_at_paper_form_matches_the_papers_equation_and_has_a_gradient():
+    from kd_cli.methods.at import at_loss
+
+    fs, ft = rng(3, 4, 4, 4, seed=14), rng(3, 6, 4, 4, seed=15)
+    value = at_loss(torch.from_numpy(fs), torch.from_numpy(ft), 2.0, form="paper").item()
+    assert value == pytest.approx(ref_at_paper(fs, ft), rel=1e-10)
+    _gradcheck(lambda s: at_loss(s, torch.from_numpy(ft), 2.0, form="paper"), torch.from_numpy(fs))
+    assert at_loss(torch.from_numpy(fs), torch.from_numpy(fs), 2.0, form="paper").item() == 0
