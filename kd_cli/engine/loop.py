@@ -75,6 +75,7 @@ class FitResult:
     selected_on: str = "test"  # "val" or "test": the split that chose best_epoch
     best_val_top1: float | None = None
     teacher_cache: dict[str, Any] | None = None  # what the teacher cache served (TeacherCache.summary)
+    peers_last_top1: dict[str, float] = field(default_factory=dict)  # test top-1 of each peer's last weights
 
     @property
     def last(self) -> dict[str, Any]:
@@ -118,8 +119,10 @@ def fit(job: Training) -> FitResult:
         result = _test_chosen(job, method, state)
     else:
         best = state["best"]
+        last_row = state["history"][-1] if state["history"] else {}
         result = FitResult(state["history"], best["top1"], best["epoch"], state["resumed_from"],
-                           last_top1=state["history"][-1].get("test_top1") if state["history"] else None)
+                           last_top1=last_row.get("test_top1"),
+                           peers_last_top1={name: last_row.get(f"{name}_test_top1") for name in method.peer_models()})
     result.teacher_cache = cache.summary() if cache else None
     return result
 
@@ -135,8 +138,10 @@ def _test_chosen(job: Training, method: Distiller, state: dict) -> FitResult:
         chosen = _score(job, method.student, job.test_loader, "test", best["epoch"])["test_top1"]
     log.info(f"best epoch {best['epoch']} on validation ({best['top1']:.2f}): test top-1 {chosen:.2f} "
              f"(last epoch {last:.2f})")
+    peers = {name: _score(job, peer, job.test_loader, "test", epochs_done)["test_top1"]
+             for name, peer in method.peer_models().items()}
     return FitResult(state["history"], chosen, best["epoch"], state["resumed_from"], last_top1=last,
-                     selected_on="val", best_val_top1=best["top1"])
+                     selected_on="val", best_val_top1=best["top1"], peers_last_top1=peers)
 
 
 def _save_epoch(job: Training, state: dict, checkpoint: dict) -> None:
@@ -248,10 +253,13 @@ def _epoch_row(job, epoch, sums, correct, seen, seconds, lr) -> dict[str, Any]:
 
 
 def _evaluate(job: Training, method: Distiller, epoch: int) -> dict[str, float]:
-    """The epoch's scores: on the validation split when there is one (the test split waits for the end)."""
-    if job.val_loader is not None:
-        return _score(job, method.student, job.val_loader, "val", epoch + 1)
-    return _score(job, method.student, job.test_loader, "test", epoch + 1)
+    """The epoch's scores, the student's and its peers' (`NAME_val_top1`, ...): on the validation split when
+    there is one (the test split waits for the end)."""
+    split, loader = ("val", job.val_loader) if job.val_loader is not None else ("test", job.test_loader)
+    row = _score(job, method.student, loader, split, epoch + 1)
+    for name, peer in method.peer_models().items():
+        row.update({f"{name}_{key}": value for key, value in _score(job, peer, loader, split, epoch + 1).items()})
+    return row
 
 
 def _score(job: Training, model: torch.nn.Module, loader, split: str, epoch: int) -> dict[str, float]:

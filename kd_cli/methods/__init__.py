@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from torch import nn
 
@@ -39,7 +39,7 @@ def register_method(name: str):
     return add
 
 
-FIXED = ("student", "teacher", "num_samples")  # given by the stage, not options
+FIXED = ("student", "teacher", "num_samples", "new_student")  # given by the stage, not options
 PATH = "method"  # where the options sit in the config
 
 
@@ -57,11 +57,18 @@ def check_method_options(cfg: Mapping[str, Any]) -> None:
 
 
 def build_method(cfg: Mapping[str, Any], student: nn.Module, teacher: nn.Module | None,
-                 num_samples: int | None = None) -> Distiller:
-    """`num_samples` (the training split's size) is passed to methods that take it (CRD's memory)."""
+                 num_samples: int | None = None, new_student: Callable[[], nn.Module] | None = None) -> Distiller:
+    """`num_samples` (the training split's size) is passed to methods that take it (CRD's memory), and
+    `new_student` (a fresh, newly initialised network of the student's architecture) to those that
+    train several students (DML's cohort)."""
     fixed: dict[str, Any] = {"student": student, "teacher": teacher}
-    if "num_samples" in inspect.signature(METHODS.get(cfg["name"])).parameters:
+    parameters = inspect.signature(METHODS.get(cfg["name"])).parameters
+    if "num_samples" in parameters:
         fixed["num_samples"] = num_samples
+    if "new_student" in parameters:
+        if new_student is None:
+            raise KdError(f"method={cfg['name']} trains several students at once; it runs in kd distill only")
+        fixed["new_student"] = new_student
     return METHODS.build(cfg["name"], fixed, _options(cfg), path=PATH)
 
 

@@ -75,6 +75,12 @@ class Distiller(nn.Module, metaclass=ABCMeta):
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The student's logits and the named, weighted loss terms for one batch."""
 
+    def peer_models(self) -> dict[str, nn.Module]:
+        """Networks trained beside `student` (online distillation, e.g. DML's cohort): name -> network.
+        The loop scores each every evaluation epoch (`NAME_test_top1`, ...) and on the test split at the
+        end; the stage saves each as its own model (`peers/NAME` in the run). None for offline methods."""
+        return {}
+
     def extra_state(self) -> dict[str, Any]:
         """Learnable state beyond the student (adapters, memory banks): saved for resume only."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("student.")}

@@ -29,6 +29,7 @@ from kd_cli.errors import INTERRUPTED_RUNS, WARNINGS, KdError, hand_over, one_li
 from kd_cli.stages.claim import Claim, claim_run_dir
 
 log = logging.getLogger("kd")
+PEERS = "peers"  # online distillation: each of the student's peers is a model of its own in RUN/peers/NAME
 
 
 def output_dir() -> Path:
@@ -271,12 +272,16 @@ def print_config(cfg: DictConfig) -> None:
 
 
 def saved_dataset(weights: Path) -> dict | None:
-    """The dataset node of the config_resolved.yaml beside a saved model (None when there is none);
-    a broken file is a one-line error naming it."""
+    """The dataset node of the config_resolved.yaml beside a saved model, or of the run that holds it
+    as a peer (RUN/peers/NAME, online distillation); None when there is none. A broken file is a
+    one-line error naming it."""
     from kd_cli.engine.rundir import CONFIG
     from kd_cli.stages.claim import read_saved
 
-    saved = read_saved(Path(weights).parent / CONFIG)
+    folder = Path(weights).parent
+    if not (folder / CONFIG).exists() and folder.parent.name == PEERS:
+        folder = folder.parent.parent
+    saved = read_saved(folder / CONFIG)
     node = saved.get("dataset") if isinstance(saved, dict) else None
     return node if isinstance(node, dict) else None
 

@@ -57,7 +57,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     loaders = load_data(cfg, setup)
     check_model_fits(spec, loaders.data, weights, "model", same_size=True)
     if FINETUNE in cfg.compression.steps:  # the recovery method's own checks, before anything is written
-        dry_build(cfg, copy.deepcopy(original), _teacher(cfg, original), loaders)
+        dry_build(cfg, copy.deepcopy(original), _teacher(cfg, original), loaders, online=False)
     start_run(cfg, run, setup, **data_env(cfg, setup, loaders), model=str(weights))
     ctx = StepContext(example=_example(spec, setup.device),
                       calibration_data=_calibration_loader(cfg, loaders, spec, setup.device),

@@ -13,8 +13,8 @@ from kd_cli.engine.rundir import RunDir, is_complete, read_summary
 from kd_cli.methods import method_requires_teacher
 from kd_cli.stages.common import check_pretrained_form, count_parameters, model_spec, print_config, setup_run, start_run
 from kd_cli.stages.teacher import TeacherPlan, check_teacher_outputs, obtain_teacher, plan_teacher
-from kd_cli.stages.training import (data_env, dry_build, finish, load_data, objective, print_results, selection_rows,
-                                    train_and_save)
+from kd_cli.stages.training import (data_env, dry_build, finish, load_data, objective, print_results,
+                                    selection_rows, train_and_save)
 
 
 def main(cfg: DictConfig, run: RunDir) -> float:
@@ -65,6 +65,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
             rows += [(f"teacher {teacher_spec.arch} test top-1", teacher_top1), ("teacher parameters", summary["teacher_params"])]
         rows += [(f"generation {k} test top-1", top1) for k, top1 in enumerate(per_generation[:-1], 1)]
         rows += [*selection_rows(summary, f"student {spec.arch}"), ("student parameters", summary["params"])]
+        rows += [(f"{name} {spec.arch} test top-1 (last)", top1) for name, top1 in result.peers_last_top1.items()]
         print_results(f"distill ({cfg.method.name}) on {cfg.dataset.name}", rows, run.path)
     return objective(result)
 

@@ -21,7 +21,7 @@ from kd_cli.engine.rundir import COMPLETE, RunDir
 from kd_cli.engine.trackers import check_trackers, open_trackers
 from kd_cli.errors import KdError
 from kd_cli.methods import build_method
-from kd_cli.stages.common import Setup, check_channels, output_dir, count_parameters, dataset_options
+from kd_cli.stages.common import PEERS, Setup, check_channels, count_parameters, dataset_options, output_dir
 
 log = logging.getLogger("kd")
 
@@ -74,20 +74,25 @@ def data_env(cfg: DictConfig, setup: Setup, loaders: Loaders) -> dict[str, Any]:
                 val_samples=len(data.val) if data.val is not None else 0)
 
 
-def dry_build(cfg: DictConfig, student: nn.Module, teacher: nn.Module | None, loaders: Loaders) -> None:
+def dry_build(cfg: DictConfig, student: nn.Module, teacher: nn.Module | None, loaders: Loaders,
+              online: bool = True) -> None:
     """Build the method once with these models and drop it: every check it makes on them (layers,
-    feature shapes, sizes) fails now, before a teacher is trained or the run is written."""
+    feature shapes, sizes) fails now, before a teacher is trained or the run is written. `online`:
+    the stage trains several students when the method asks (kd compress does not)."""
+    import copy
+
     build_method(OmegaConf.to_container(cfg.method, resolve=True), student, teacher,
-                 num_samples=len(loaders.data.train))
+                 num_samples=len(loaders.data.train), new_student=(lambda: copy.deepcopy(student)) if online else None)
 
 
 def train_and_save(
     cfg: DictConfig, run: RunDir, setup: Setup, loaders: Loaders, model: nn.Module, spec: ModelSpec,
     teacher: nn.Module | None, title: str,
 ) -> FitResult:
-    """Train `model` with cfg.method (and the teacher, if any); save weights; return the history."""
+    """Train `model` with cfg.method (and the teacher, if any); save weights (and each peer's, for online
+    methods, in peers/NAME); return the history."""
     method = build_method(OmegaConf.to_container(cfg.method, resolve=True), model, teacher,
-                          num_samples=len(loaders.data.train))
+                          num_samples=len(loaders.data.train), new_student=lambda: spec.build(initial=True))
     tracker = open_trackers(cfg, run, setup.world.is_main)
     job = Training(method=method, train_loader=loaders.train, test_loader=loaders.test, optim=cfg.optim,
                    trainer=cfg.trainer, device=setup.device, dtype=setup.dtype, eval_dtype=setup.eval_dtype,
@@ -98,6 +103,9 @@ def train_and_save(
         result = fit(job)
         if setup.world.is_main:
             save_model(run.path, model, spec)
+            for name, peer in method.peer_models().items():
+                (run.path / PEERS / name).mkdir(parents=True, exist_ok=True)
+                save_model(run.path / PEERS / name, peer, spec)
             tracker.log_model(run.path, result.best_top1, result.best_epoch)
     return result
 
@@ -151,6 +159,9 @@ def finish(run: RunDir, cfg: DictConfig, result: FitResult, model: nn.Module, st
         "resumed_from_epoch": result.resumed_from,
         "wall_time_s": time.time() - started,
         "teacher_cache": result.teacher_cache,
+        # online distillation: each peer's test top-1 (last weights) and where it is saved
+        "peers": {name: {"last_top1": top1, "path": f"{PEERS}/{name}"} for name, top1 in result.peers_last_top1.items()}
+        or None,
         **extra,
     }
     run.write_summary(COMPLETE, **summary)
