@@ -84,7 +84,8 @@ def method(name: str, monkeypatch, **options):
     teacher = create_model("cnn", 10, 1, 8, width=8)
     if name == "ensemble":  # its teachers come from run directories: here, the teacher above twice
         monkeypatch.setattr(Ensemble, "_load_teacher", staticmethod(lambda path, student: teacher))
-    return build_method(config(name, **options), student, teacher, num_samples=32)
+    return build_method(config(name, **options), student, teacher, num_samples=32,
+                        new_student=lambda: create_model("cnn", 10, 1, 8, width=4))
 
 
 def terms_of(built, seed: int = 1) -> dict[str, torch.Tensor]:

@@ -27,11 +27,11 @@ from kd_cli.errors import KdError
 from kd_cli.methods import METHODS, check_method_options
 from kd_cli.methods.base import Distiller, FeatureDistiller
 from kd_cli.models import MODELS, check_model_options, create_model
+from kd_cli.methods import FIXED as METHOD_FIXED
 from kd_cli.models.registry import FIXED as MODEL_FIXED
 from kd_cli.registry import Range
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-METHOD_FIXED = ("student", "teacher", "num_samples")
 # Options the shipped YAML cannot hold a value for: the user must give them.
 USER_GIVEN = {"ensemble": {"teachers": ["runs/a", "runs/b"]}}
 
