@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("kd_cli.report.command", "tables and plots over runs and sweeps (mean ± std over seeds)"),
     "reproduce": ("kd_cli.reproduce", "rerun a saved run from its config and compare the final metrics"),
     "predict": ("kd_cli.predict", "classify image files with a trained or exported model: CSV of the top k"),
+    "table": ("kd_cli.table.command", "run a literature table's grid (pairs x methods x seeds), set beside the published figures"),
     "cache": ("kd_cli.cache_command", "list or clear the teacher cache (teacher outputs shared by distill runs)"),
 }
 

@@ -84,7 +84,11 @@ def _sweep_arguments(stage: str, sweep: Path, args: list[str]) -> list[str]:
     saved_stage = record.get("stage")
     if saved_stage != stage:
         raise KdError(f"resume={sweep} is a sweep of {saved_stage}; continue it with `kd {saved_stage} resume={sweep}`")
-    saved = [str(o) for o in ((hydra.get("overrides") or {}).get("task") or [])]
+    overrides = hydra.get("overrides") or {}
+    # Hydra's own settings too (hydra.sweep.subdir, hydra/launcher=...): the jobs land in the folders they
+    # started in, through the launcher they started with.
+    saved_hydra = [str(o) for o in overrides.get("hydra") or [] if split_override(str(o))[0] not in (SWEEP_DIR_KEY, "hydra.mode")]
+    saved = [*saved_hydra, *(str(o) for o in overrides.get("task") or [])]
     fresh = [a for a in args if split_override(a)[0] not in ("resume", SWEEP_DIR_KEY) and a not in ("-m", "--multirun")]
     return ["-m", *merge(saved, fresh), f"resume={sweep}", f"{SWEEP_DIR_KEY}={sweep}"]
 

@@ -183,6 +183,20 @@ def test_a_sweep_folder_holding_runs_is_refused_unless_resumed(tmp_path):
     assert summary(jobs[1])["status"] == "complete" and len(summary(jobs[1])["resumes"]) == 1
 
 
+def test_a_resumed_sweep_keeps_its_job_folders_and_hydra_settings(tmp_path):
+    """A sweep started with hydra.sweep.subdir=seed-${seed} continues in those folders (its Hydra overrides,
+    the launcher's too, are carried like its own), not in new numbered ones beside them."""
+    sweep = tmp_path / "sweep"
+    args = ["train-teacher", "-m", "seed=0,1", "trainer.epochs=1", *SMALL, f"hydra.sweep.dir={sweep}",
+            "hydra.sweep.subdir=seed-${seed}"]
+    assert kd_here(*args, cwd=tmp_path).code == 0
+    status = json.loads((sweep / "seed-1" / "summary.json").read_text())
+    (sweep / "seed-1" / "summary.json").write_text(json.dumps({**status, "status": "interrupted"}))
+    assert kd_here("train-teacher", f"resume={sweep}", cwd=tmp_path).code == 0
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["seed-0", "seed-1"]
+    assert summary(sweep / "seed-1")["status"] == "complete" and len(summary(sweep / "seed-1")["resumes"]) == 1
+
+
 def test_a_resumed_sweep_runs_a_job_that_was_refused_before_it_started(tmp_path):
     """Job 1 needs MNIST, which is not there yet: it is refused before it starts (its folder says so,
     for launchers that run jobs elsewhere) and the sweep exits non-zero. Once the files are there,

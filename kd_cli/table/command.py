@@ -1,0 +1,327 @@
+"""`kd table NAME [--small] [--report] [key=value...] [OVERRIDE...]`: a literature table as one command.
+
+Runs the grid a table describes (kd_cli/table/NAME.yaml: teacher/student pairs x methods x seeds), each
+teacher once per architecture, each (pair, method) as one multirun over the seeds through the Hydra
+launcher the overrides choose; a cell already complete is kept, a stopped one resumed. Then sets kd's
+mean ± std (best and last epoch) beside the published figure of each cell, with its source, marks it
+reproduced / below / above within `tolerance`, and writes table.csv, table.md and table.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+from kd_cli.errors import KdError
+from kd_cli.table.spec import Pair, TableSpec, builtin_tables, check_choices, load_spec
+
+KEYS = ("out", "methods", "pairs", "seeds", "tolerance", "compare")
+EPILOG = """\
+examples:
+  kd table cifar100                                       the whole grid (a GPU and CIFAR-100 needed)
+  kd table cifar100 methods=kd,dkd seeds=5 hydra/launcher=joblib trainer.device=cuda
+  kd table cifar100 hydra/launcher=submitit_slurm          every seed of a cell a SLURM job
+  kd table cifar100 --small                               the machinery in minutes on a CPU (synthetic data)
+  kd table cifar100 --report                              the table from the runs there, nothing trained
+Any other key=value is a Hydra override given to every kd run (dataset.root=..., trainer.device=cuda)."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line through the CLI (exit 2), not argparse's usage block
+        raise KdError(f"kd table: {message} (see kd table --help)")
+
+
+@dataclass
+class Cell:
+    pair: str
+    method: str
+    best: list[float]
+    last: list[float]
+    published: float | None
+    source: str | None
+    status: str
+    delta: float | None
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="kd table", usage="kd table NAME|FILE.yaml [--small] [--report] [key=value...] [OVERRIDE...]",
+                    description=__doc__.split("\n\n", 1)[1], epilog=EPILOG, allow_abbrev=False,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", metavar="NAME", help=f"a built-in table ({', '.join(builtin_tables())}) or a YAML file")
+    parser.add_argument("--small", action="store_true", help="the table's small grid: minutes on a CPU")
+    parser.add_argument("--report", action="store_true", help="only tabulate the runs already in out=")
+    parser.add_argument("--out", help="where the runs and the table go (outputs/table/NAME[-small])")
+    parser.add_argument("--methods", help="comma-separated methods (the table's list)")
+    parser.add_argument("--pairs", help="comma-separated pairs (the table's list)")
+    parser.add_argument("--seeds", type=int, help="runs per cell (the table's count)")
+    parser.add_argument("--tolerance", type=float, help="top-1 points within which a cell is reproduced")
+    parser.add_argument("--compare", help="best | last: the epoch compared with the published figure")
+    return parser
+
+
+def split_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the command's own arguments as flags, Hydra overrides for every kd run)."""
+    own, overrides = [], []
+    for word in argv:
+        key, sep, value = word.partition("=")
+        if sep and key in KEYS:
+            own += [f"--{key}", value]
+        elif sep and not word.startswith("-"):
+            if key.lstrip("+~") in ("seed", "hydra.sweep.dir", "hydra.run.dir", "resume"):
+                raise KdError(f"kd table sets {key} itself for each run; use seeds=N and out=DIR")
+            overrides.append(word)
+        else:
+            own.append(word)
+    return own, overrides
+
+
+def main(argv: list[str]) -> int:
+    own, overrides = split_arguments(argv)
+    args = build_parser().parse_args(own)
+    spec = choose(load_spec(args.name), args)
+    out = Path(args.out or Path("outputs") / "table" / f"{spec.name}{'-small' if args.small else ''}").expanduser().absolute()
+    if args.small:
+        overrides = [*spec.small.get("overrides", []), *overrides]
+    failures = [] if args.report else run_grid(spec, out, overrides)
+    cells = collect(spec, out)
+    if not any(cell.best for cell in cells):
+        raise KdError(f"no complete run in {out}; run `kd table {args.name}{' --small' if args.small else ''}` "
+                      "without --report first")
+    write_outputs(spec, cells, out)
+    if failures:
+        raise KdError(f"{len(failures)} of the grid's runs failed ({'; '.join(failures[:3])}); the table shows the "
+                      f"rest; fix the cause and run the same command again to resume")
+    return 0
+
+
+def choose(spec: TableSpec, args: argparse.Namespace) -> TableSpec:
+    """The table, its small grid with --small, and what the command line changes."""
+    from kd_cli.methods import METHODS
+
+    spec = spec.shrunk() if args.small else spec
+    if args.methods:
+        spec.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.pairs:
+        names = [p.strip() for p in args.pairs.split(",") if p.strip()]
+        unknown = [name for name in names if name not in spec.pairs]
+        if unknown:
+            raise KdError(f"pairs: {', '.join(unknown)} not in the table ({', '.join(spec.pairs)})")
+        spec.pairs = {name: spec.pairs[name] for name in names}
+    for key in ("seeds", "tolerance", "compare"):
+        if getattr(args, key) is not None:
+            setattr(spec, key, getattr(args, key))
+    check_choices(spec)
+    unknown = [m for m in spec.methods if m not in METHODS]
+    if unknown:
+        raise KdError(f"methods: {', '.join(unknown)} unknown (choose from: {', '.join(METHODS.names())})")
+    return spec
+
+
+# ------------------------------------------------------------------------------------------------ the grid
+
+
+def run_grid(spec: TableSpec, out: Path, overrides: list[str]) -> list[str]:
+    """Train what is not complete yet; the names of the runs that failed."""
+    from kd_cli.methods import method_requires_teacher
+
+    jobs = [] if not any(map(method_requires_teacher, spec.methods)) else [
+        teacher_job(spec, arch, out / "teachers" / arch, overrides) for arch in dict.fromkeys(
+            pair.teacher for pair in spec.pairs.values())]
+    jobs += [cell_job(spec, pair, method, out, overrides, method_requires_teacher(method))
+             for pair in spec.pairs.values() for method in spec.methods]
+    todo = [job for job in jobs if job is not None]
+    failures = []
+    for number, (name, args) in enumerate(todo, 1):
+        print(f"kd table [{number}/{len(todo)}] {name}: kd {' '.join(args)}", flush=True)
+        if run_kd(args) != 0:
+            failures.append(name)
+    return failures
+
+
+def run_kd(args: list[str]) -> int:
+    """One kd command in its own process, its output shown as it comes."""
+    return subprocess.run([sys.executable, "-m", "kd_cli", *args], env=os.environ.copy()).returncode
+
+
+def teacher_job(spec: TableSpec, arch: str, run: Path, overrides: list[str]) -> tuple[str, list[str]] | None:
+    from kd_cli.engine.rundir import holds_run, is_complete
+
+    if is_complete(run):
+        return None
+    if holds_run(run):
+        return f"teacher {arch}", ["train-teacher", f"resume={run}"]
+    return f"teacher {arch}", ["train-teacher", *spec.teacher_recipe, f"teacher.arch={arch}", *overrides,
+                               f"hydra.run.dir={run}"]
+
+
+def cell_job(spec: TableSpec, pair: Pair, method: str, out: Path, overrides: list[str],
+             needs_teacher: bool) -> tuple[str, list[str]] | None:
+    """The multirun over the seeds of one cell, its resume, or None when every seed is complete."""
+    from kd_cli.engine.rundir import holds_run, is_complete
+
+    sweep = out / "runs" / pair.name / method
+    runs = [sweep / f"seed-{seed}" for seed in range(spec.seeds)]
+    if all(is_complete(run) for run in runs):
+        return None
+    name = f"{pair.name} {method}"
+    held = [run for run in sweep.glob("seed-*") if holds_run(run)]
+    if held:
+        missing = [run.name for run in runs if not holds_run(run)]
+        if missing:
+            raise KdError(f"{sweep} holds a sweep without {', '.join(missing)} (seeds={spec.seeds} asks for them); "
+                          "use another out= or the seeds it was started with")
+        return name, ["distill", f"resume={sweep}"]
+    teacher = [f"teacher.checkpoint={out / 'teachers' / pair.teacher}"] if needs_teacher else []
+    seeds = ",".join(str(seed) for seed in range(spec.seeds))
+    return name, ["distill", "-m", *recipe(spec, pair, method), f"seed={seeds}", *teacher, *overrides,
+                  f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=seed-${seed}"]
+
+
+def recipe(spec: TableSpec, pair: Pair, method: str) -> list[str]:
+    """The first of the table's method recipes whose experiment presets all exist."""
+    for candidate in spec.method_recipes:
+        overrides = [o.replace("PAIR", pair.name).replace("METHOD", method) for o in candidate]
+        if all(preset_exists(o.split("=", 1)[1]) for o in overrides if o.startswith("experiment=")):
+            return overrides
+    raise KdError(f"no recipe of table {spec.name} has presets for {pair.name} with {method}")
+
+
+def preset_exists(name: str) -> bool:
+    return (files("kd_cli.configs") / "experiment" / f"{name}.yaml").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ the table
+
+
+def collect(spec: TableSpec, out: Path) -> list[Cell]:
+    """One cell per (pair, method), and the teacher of each pair, from the complete runs in `out`."""
+    from kd_cli.engine.rundir import read_summary
+
+    cells = []
+    for pair in spec.pairs.values():
+        teacher = read_summary(out / "teachers" / pair.teacher)
+        teacher_runs = [teacher] if teacher.get("status") == "complete" else []
+        cells.append(make_cell(spec, pair.name, "teacher", teacher_runs))
+        for method in spec.methods:
+            summaries = [read_summary(out / "runs" / pair.name / method / f"seed-{seed}") for seed in range(spec.seeds)]
+            cells.append(make_cell(spec, pair.name, method, [s for s in summaries if s.get("status") == "complete"]))
+    return cells
+
+
+def make_cell(spec: TableSpec, pair: str, method: str, runs: list[dict]) -> Cell:
+    best = [float(run["best_top1"]) for run in runs if run.get("best_top1") is not None]
+    last = [float(run["last_top1"]) for run in runs if run.get("last_top1") is not None]
+    figure = spec.figure(method, pair)
+    ours = best if spec.compare == "best" else last
+    if not ours:
+        return Cell(pair, method, best, last, figure and figure.top1, figure and figure.source, "not run", None)
+    if figure is None:
+        return Cell(pair, method, best, last, None, None, "not published", None)
+    delta = statistics.mean(ours) - figure.top1
+    status = "reproduced" if abs(delta) <= spec.tolerance else ("below" if delta < 0 else "above")
+    return Cell(pair, method, best, last, figure.top1, figure.source, status, delta)
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {spread:.2f}"
+
+
+def rows(spec: TableSpec, cells: list[Cell]) -> list[dict[str, str]]:
+    return [{"pair": c.pair, "method": c.method, "n": str(len(c.best)), "kd best": mean_std(c.best),
+             "kd last": mean_std(c.last), "published": "-" if c.published is None else f"{c.published:.2f}",
+             f"delta ({spec.compare})": "-" if c.delta is None else f"{c.delta:+.2f}", "status": c.status,
+             "source": c.source or "-"} for c in cells]
+
+
+def write_outputs(spec: TableSpec, cells: list[Cell], out: Path) -> None:
+    from kd_cli.engine.files import atomic_write
+
+    table = rows(spec, cells)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "table.csv", lambda tmp: Path(tmp).write_text(as_csv(table)))
+    atomic_write(out / "table.md", lambda tmp: Path(tmp).write_text(as_markdown(spec, table)))
+    plot(spec, cells, out / "table.png")
+    print_table(spec, table, cells)
+    print(f"table written to {out / 'table.csv'}, {out / 'table.md'} and {out / 'table.png'}")
+
+
+def as_csv(table: list[dict[str, str]]) -> str:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(table[0]))
+    writer.writeheader()
+    writer.writerows(table)
+    return buffer.getvalue()
+
+
+def as_markdown(spec: TableSpec, table: list[dict[str, str]]) -> str:
+    header = list(table[0])
+    lines = [f"# {spec.name}: kd beside the published figures", "",
+             f"kd: mean ± std over the complete runs (n) of each cell; status compares the {spec.compare} epoch's "
+             f"mean with the published figure, within {spec.tolerance} top-1 points.", "",
+             "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(row[key] for key in header) + " |" for row in table]
+    used = sorted({row["source"] for row in table if row["source"] != "-"})
+    lines += ["", "Sources:", ""] + [f"- {key}: {spec.sources[key]}" for key in used]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(spec: TableSpec, table: list[dict[str, str]], cells: list[Cell]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    shown = Table(title=f"kd table {spec.name} ({spec.compare} epoch vs published, tolerance {spec.tolerance})")
+    for key in table[0]:
+        if key != "source":
+            shown.add_column(key, justify="left" if key in ("pair", "method", "status") else "right")
+    for row in table:
+        shown.add_row(*(value for key, value in row.items() if key != "source"))
+    console = Console(width=None if sys.stdout.isatty() else 160)  # a log file gets whole rows
+    console.print(shown)
+    counts = {status: sum(c.status == status for c in cells) for status in ("reproduced", "below", "above")}
+    console.print(", ".join(f"{n} {status}" for status, n in counts.items()), highlight=False)
+
+
+def plot(spec: TableSpec, cells: list[Cell], path: Path) -> None:
+    """A grid of methods x pairs: the colour is kd minus published (green above, red below), the text kd's
+    mean over the published figure; grey where there is no figure or no run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    pairs = list(dict.fromkeys(c.pair for c in cells))
+    methods = list(dict.fromkeys(c.method for c in cells))
+    grid = np.full((len(methods), len(pairs)), np.nan)
+    fig, axes = plt.subplots(figsize=(1.6 + 1.5 * len(pairs), 1.2 + 0.45 * len(methods)))
+    for cell in cells:
+        i, j = methods.index(cell.method), pairs.index(cell.pair)
+        ours = cell.best if spec.compare == "best" else cell.last
+        if cell.delta is not None:
+            grid[i, j] = cell.delta
+        text = f"{statistics.mean(ours):.1f}" if ours else "-"
+        text += f"/{cell.published:.1f}" if cell.published is not None else ""
+        axes.text(j, i, text, ha="center", va="center", fontsize=7)
+    limit = max(3.0, float(np.nanmax(np.abs(grid))) if not np.all(np.isnan(grid)) else 3.0)
+    colours = matplotlib.colormaps["RdYlGn"].copy()
+    colours.set_bad("#dddddd")
+    image = axes.imshow(np.ma.masked_invalid(grid), cmap=colours, vmin=-limit, vmax=limit, aspect="auto")
+    axes.set_xticks(range(len(pairs)), [f"{spec.pairs[p].teacher}\n→ {spec.pairs[p].student}" for p in pairs], fontsize=7)
+    axes.set_yticks(range(len(methods)), methods, fontsize=8)
+    axes.set_title(f"{spec.name}: kd {spec.compare} top-1 / published (colour: difference)", fontsize=9)
+    fig.colorbar(image, ax=axes, label="kd - published (top-1 points)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,128 @@
+"""A literature table's description (kd_cli/table/NAME.yaml, or a file of the user's): its pairs,
+methods, recipes, published figures and their sources, and the small grid. Read without torch, every
+value checked, each problem one line naming the key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kd_cli.errors import KdError
+
+COMPARES = ("best", "last")
+
+
+@dataclass(frozen=True)
+class Pair:
+    name: str
+    teacher: str
+    student: str
+
+
+@dataclass(frozen=True)
+class Published:
+    top1: float
+    source: str  # a key of TableSpec.sources
+
+
+@dataclass
+class TableSpec:
+    name: str
+    path: Path
+    teacher_recipe: list[str]
+    method_recipes: list[list[str]]
+    pairs: dict[str, Pair]
+    methods: list[str]
+    seeds: int
+    compare: str
+    tolerance: float
+    sources: dict[str, str]
+    published: dict[str, dict[str, Published]]  # method (or "teacher") -> pair -> figure
+    small: dict[str, Any] = field(default_factory=dict)
+
+    def figure(self, method: str, pair: str) -> Published | None:
+        return self.published.get(method, {}).get(pair)
+
+    def shrunk(self) -> TableSpec:
+        """The --small grid: its pairs, methods and seeds, the rest as it is."""
+        if not self.small:
+            raise KdError(f"table {self.name} has no `small` section; run it whole or add one to {self.path}")
+        pairs = {name: self.pairs[name] for name in self.small["pairs"]}
+        return TableSpec(self.name, self.path, self.teacher_recipe, self.method_recipes, pairs,
+                         list(self.small["methods"]), int(self.small["seeds"]), self.compare, self.tolerance,
+                         self.sources, self.published, self.small)
+
+
+def builtin_tables() -> list[str]:
+    return sorted(p.name[:-5] for p in files("kd_cli.table").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_spec(name: str) -> TableSpec:
+    """A built-in table by name (`cifar100`) or a YAML file of the same shape."""
+    if name.endswith((".yaml", ".yml")):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise KdError(f"table file {path} does not exist")
+    else:
+        if name not in builtin_tables():
+            raise KdError(f"unknown table '{name}' (built in: {', '.join(builtin_tables())}; or give a .yaml file)")
+        path = Path(str(files("kd_cli.table") / f"{name}.yaml"))
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise KdError(f"cannot read the table {path} ({str(error).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise KdError(f"{path} is not a table description (a YAML mapping with pairs, methods, published)")
+    return _parse(raw, path)
+
+
+def _parse(raw: dict, path: Path) -> TableSpec:
+    def need(key: str, kind: type) -> Any:
+        if not isinstance(raw.get(key), kind):
+            raise KdError(f"{path}: `{key}` must be a {kind.__name__}")
+        return raw[key]
+
+    pairs = {}
+    for name, pair in need("pairs", dict).items():
+        if not (isinstance(pair, dict) and isinstance(pair.get("teacher"), str) and isinstance(pair.get("student"), str)):
+            raise KdError(f"{path}: pairs.{name} must give `teacher` and `student` architectures")
+        pairs[str(name)] = Pair(str(name), pair["teacher"], pair["student"])
+    sources = {str(k): str(v) for k, v in (raw.get("sources") or {}).items()}
+    published: dict[str, dict[str, Published]] = {}
+    for method, cells in (raw.get("published") or {}).items():
+        published[str(method)] = {}
+        for pair, cell in (cells or {}).items():
+            if not (isinstance(cell, list) and len(cell) == 2 and isinstance(cell[0], (int, float))):
+                raise KdError(f"{path}: published.{method}.{pair} must be [top-1, source], e.g. [73.33, repdistiller]")
+            if cell[1] not in sources:
+                raise KdError(f"{path}: published.{method}.{pair} cites '{cell[1]}', which `sources` does not name")
+            published[str(method)][str(pair)] = Published(float(cell[0]), str(cell[1]))
+    spec = TableSpec(
+        name=str(raw.get("name") or path.stem), path=path, teacher_recipe=[str(o) for o in need("teacher_recipe", list)],
+        method_recipes=[[str(o) for o in recipe] for recipe in need("method_recipes", list)], pairs=pairs,
+        methods=[str(m) for m in need("methods", list)], seeds=int(need("seeds", int)), compare=str(raw.get("compare", "best")),
+        tolerance=float(raw.get("tolerance", 0.5)), sources=sources, published=published, small=raw.get("small") or {})
+    check_choices(spec)
+    return spec
+
+
+def check_choices(spec: TableSpec) -> None:
+    """The values a user may also set on the command line (pairs, methods, seeds, compare, tolerance)."""
+    if spec.compare not in COMPARES:
+        raise KdError(f"compare={spec.compare} is not one of {', '.join(COMPARES)}")
+    if spec.seeds < 1:
+        raise KdError(f"seeds={spec.seeds} must be at least 1")
+    if not spec.tolerance >= 0:
+        raise KdError(f"tolerance={spec.tolerance} must be a number >= 0 (top-1 points)")
+    if not spec.methods:
+        raise KdError("the table has no methods; give methods=kd,dkd,...")
+    if not spec.pairs:
+        raise KdError("the table has no pairs")
+    if spec.small:
+        unknown = [p for p in spec.small.get("pairs", []) if p not in spec.pairs]
+        if unknown:
+            raise KdError(f"{spec.path}: small.pairs names {', '.join(unknown)}, not in `pairs`")

@@ -1,0 +1,164 @@
+"""`kd table`: a literature table as one command. The description files (built in and the user's) are
+checked in one line each; the grid's plan (recipes, teachers once, resume, what is skipped) and the
+cells' verdicts are checked in process; `kd table cifar100 --small` runs end to end through the CLI:
+teachers, sweeps, the CSV / Markdown / PNG with the published column, a rerun that trains nothing,
+a stopped cell resumed, --report."""
+
+from __future__ import annotations
+
+import csv
+import json
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kd_cli.errors import KdError
+from kd_cli.table.command import cell_job, choose, make_cell, recipe, split_arguments
+from kd_cli.table.spec import load_spec
+from kdrun import assert_one_line_error, kd, summary
+
+NO_CHANGES = Namespace(small=False, methods=None, pairs=None, seeds=None, tolerance=None, compare=None)
+
+
+def test_the_cifar100_table_cites_a_source_for_every_published_figure():
+    spec = load_spec("cifar100")
+    assert len(spec.pairs) == 8 and spec.seeds == 3 and spec.compare == "best"
+    assert spec.figure("kd", "resnet32x4_resnet8x4").top1 == 73.33
+    assert spec.figure("dkd", "resnet32x4_resnet8x4").top1 == 76.32
+    assert spec.figure("reviewkd", "resnet56_resnet20") is None  # not in the sources read: no figure, not a guess
+    cited = {figure.source for cells in spec.published.values() for figure in cells.values()}
+    assert cited == {"repdistiller", "mdistiller"} and cited <= set(spec.sources)
+    assert all(pair in spec.pairs for cells in spec.published.values() for pair in cells)
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda t: t["published"]["kd"].update({"resnet56_resnet20": [70.66, "a blog"]}), "cites 'a blog'"),
+    (lambda t: t["published"]["kd"].update({"resnet56_resnet20": "70.66"}), "must be [top-1, source]"),
+    (lambda t: t["pairs"].update({"odd": {"teacher": "resnet56"}}), "pairs.odd must give `teacher` and `student`"),
+    (lambda t: t.update(compare="median"), "compare=median is not one of best, last"),
+    (lambda t: t["small"].update(pairs=["nope"]), "small.pairs names nope"),
+])
+def test_a_broken_table_file_is_one_line_naming_the_key(tmp_path, change, fragment):
+    table = yaml.safe_load((Path(load_spec("cifar100").path)).read_text())
+    change(table)
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(table))
+    with pytest.raises(KdError, match=None) as error:
+        load_spec(str(path))
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+def test_unknown_tables_methods_and_pairs_are_refused_with_the_choices():
+    with pytest.raises(KdError, match="unknown table 'cifar10' .built in: cifar100"):
+        load_spec("cifar10")
+    spec = load_spec("cifar100")
+    with pytest.raises(KdError, match="methods: kdd unknown .choose from: .*dkd"):
+        choose(spec, Namespace(**{**vars(NO_CHANGES), "methods": "kd,kdd"}))
+    with pytest.raises(KdError, match="pairs: resnet8_resnet8 not in the table"):
+        choose(load_spec("cifar100"), Namespace(**{**vars(NO_CHANGES), "pairs": "resnet8_resnet8"}))
+
+
+def test_own_keys_are_the_commands_and_every_other_override_goes_to_each_run():
+    own, overrides = split_arguments(["cifar100", "methods=kd,dkd", "seeds=2", "hydra/launcher=joblib",
+                                      "trainer.device=cuda", "--small"])
+    assert own == ["cifar100", "--methods", "kd,dkd", "--seeds", "2", "--small"]
+    assert overrides == ["hydra/launcher=joblib", "trainer.device=cuda"]
+    with pytest.raises(KdError, match="kd table sets seed itself"):
+        split_arguments(["cifar100", "seed=1"])
+
+
+def test_a_method_takes_its_own_preset_for_the_pair_else_the_pairs_with_method_name():
+    spec = load_spec("cifar100")
+    pair = spec.pairs["vgg13_mobilenetv2"]
+    assert recipe(spec, pair, "dkd") == ["experiment=cifar100/dkd/vgg13_mobilenetv2"]
+    assert recipe(spec, pair, "nst") == ["experiment=cifar100/pair/vgg13_mobilenetv2", "method=nst"]
+
+
+def test_a_cell_is_planned_fresh_resumed_or_skipped(tmp_path):
+    spec = load_spec("cifar100")
+    spec.seeds = 2
+    pair = spec.pairs["resnet56_resnet20"]
+    name, args = cell_job(spec, pair, "kd", tmp_path, ["trainer.epochs=1"], needs_teacher=True)
+    assert args[:3] == ["distill", "-m", "experiment=cifar100/kd/resnet56_resnet20"]
+    assert "seed=0,1" in args and f"teacher.checkpoint={tmp_path / 'teachers' / 'resnet56'}" in args
+    assert "trainer.epochs=1" in args and "hydra.sweep.subdir=seed-${seed}" in args
+    _, alone = cell_job(spec, pair, "none", tmp_path, [], needs_teacher=False)
+    assert not any(a.startswith("teacher.checkpoint") for a in alone)
+    sweep = tmp_path / "runs" / pair.name / "kd"
+    for seed, status in enumerate(["complete", "interrupted"]):
+        (sweep / f"seed-{seed}").mkdir(parents=True)
+        (sweep / f"seed-{seed}" / "summary.json").write_text(json.dumps({"status": status}))
+    assert cell_job(spec, pair, "kd", tmp_path, [], needs_teacher=True)[1] == ["distill", f"resume={sweep}"]
+    (sweep / "seed-1" / "summary.json").write_text(json.dumps({"status": "complete"}))
+    assert cell_job(spec, pair, "kd", tmp_path, [], needs_teacher=True) is None
+    spec.seeds = 3
+    with pytest.raises(KdError, match="holds a sweep without seed-2"):
+        cell_job(spec, pair, "kd", tmp_path, [], needs_teacher=True)
+
+
+@pytest.mark.parametrize("scores, status, delta", [
+    ([70.5, 70.9], "reproduced", 0.04), ([69.0, 69.2], "below", -1.56), ([72.0, 71.0], "above", 0.84), ([], "not run", None),
+])
+def test_a_cell_is_reproduced_within_the_tolerance_else_below_or_above(scores, status, delta):
+    spec = load_spec("cifar100")
+    cell = make_cell(spec, "resnet56_resnet20", "kd", [{"best_top1": s, "last_top1": s - 1} for s in scores])
+    assert cell.status == status and cell.published == 70.66 and cell.source == "repdistiller"
+    assert cell.delta == (None if delta is None else pytest.approx(delta))
+    assert make_cell(spec, "resnet56_resnet20", "reviewkd", [{"best_top1": 71.0, "last_top1": 70.0}]).status == \
+        "not published"
+
+
+# ---------------------------------------------------------------- the command, end to end
+
+
+@pytest.fixture(scope="module")
+def small_table(tmp_path_factory) -> tuple[Path, object]:
+    work = tmp_path_factory.mktemp("table")
+    result = kd("table", "cifar100", "--small", "trainer.progress=none", "trainer.num_workers=0", cwd=work)
+    assert result.code == 0, result.stderr[-3000:]
+    return work / "outputs" / "table" / "cifar100-small", result
+
+
+def test_the_small_table_trains_each_teacher_once_and_sets_kd_beside_the_published_figures(small_table):
+    out, result = small_table
+    assert sorted(p.name for p in (out / "teachers").iterdir()) == ["resnet56", "wrn_40_2"]
+    with open(out / "table.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["pair"], r["method"]) for r in rows] == [
+        (pair, method) for pair in ("resnet56_resnet20", "wrn_40_2_wrn_16_2") for method in ("teacher", "none", "kd", "at")]
+    cells = {(r["pair"], r["method"]): r for r in rows}
+    assert cells[("resnet56_resnet20", "kd")]["published"] == "70.66"
+    assert cells[("wrn_40_2_wrn_16_2", "at")]["source"] == "repdistiller"
+    assert all(r["n"] == ("1" if r["method"] == "teacher" else "2") for r in rows)
+    run = summary(out / "runs" / "resnet56_resnet20" / "kd" / "seed-1")
+    assert run["status"] == "complete" and run["seed"] == 1 and run["teacher_run"] == str(out / "teachers" / "resnet56")
+    assert float(cells[("resnet56_resnet20", "kd")]["delta (best)"]) < 0  # one short epoch: far below
+    markdown = (out / "table.md").read_text()
+    assert "| resnet56_resnet20 | kd | 2 |" in markdown and "RepDistiller README" in markdown
+    assert (out / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "kd table [8/8]" in result.stdout
+
+
+def test_a_rerun_trains_nothing_and_a_stopped_cell_is_resumed(small_table):
+    out, _ = small_table
+    work = out.parents[2]
+    again = kd("table", "cifar100", "--small", cwd=work)
+    assert again.code == 0 and "kd table [" not in again.stdout, again.stderr[-2000:]
+    stopped = out / "runs" / "wrn_40_2_wrn_16_2" / "none" / "seed-0"
+    (stopped / "summary.json").write_text(json.dumps({**summary(stopped), "status": "interrupted"}))
+    resumed = kd("table", "cifar100", "--small", cwd=work)
+    assert resumed.code == 0, resumed.stderr[-2000:]
+    assert "kd table [1/1] wrn_40_2_wrn_16_2 none: kd distill resume=" in resumed.stdout
+    assert summary(stopped)["status"] == "complete"
+
+
+def test_report_only_tabulates_and_says_so_when_there_is_nothing(small_table, tmp_path):
+    out, _ = small_table
+    report = kd("table", "cifar100", "--small", "--report", f"out={out}", "methods=kd", cwd=tmp_path)
+    assert report.code == 0 and "kd table [" not in report.stdout
+    with open(out / "table.csv") as handle:
+        assert {r["method"] for r in csv.DictReader(handle)} == {"teacher", "kd"}
+    empty = kd("table", "cifar100", "--report", f"out={tmp_path / 'none'}", cwd=tmp_path)
+    assert_one_line_error(empty, "no complete run in", "without --report first")
