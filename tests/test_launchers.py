@@ -114,6 +114,18 @@ def test_optuna_preset_maximises_best_top1(outputs, teacher):
     assert chosen in [(t, w) for value, t, w in tried if value == best]
 
 
+def test_a_method_search_preset_samples_its_log_scale_space(outputs):
+    """hparams_search=tfkd_optuna: the method picked by the preset, its weight drawn on a log scale."""
+    root = outputs / "optuna-tfkd"
+    kd_ok("distill", "hparams_search=tfkd_optuna", "hydra.sweeper.n_trials=2", *TINY, f"paths.outputs={root}",
+          cwd=outputs)
+    (folder,) = (root / "multirun").glob("*/*")
+    trials = [yaml.safe_load((p.parent / "config_resolved.yaml").read_text())["method"]
+              for p in sorted(folder.glob("*/summary.json"))]
+    assert len(trials) == 2 and all(t["name"] == "tfkd" and 1.0 <= t["tfkd_weight"] <= 100.0 for t in trials)
+    assert (folder / "optimization_results.yaml").exists()
+
+
 def test_a_failed_joblib_job_makes_the_sweep_exit_non_zero(outputs, teacher):
     from kdrun import assert_one_line_error, kd
 

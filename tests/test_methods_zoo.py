@@ -318,3 +318,20 @@ def test_at_paper_form_matches_the_papers_equation_and_has_a_gradient():
     assert value == pytest.approx(ref_at_paper(fs, ft), rel=1e-10)
     _gradcheck(lambda s: at_loss(s, torch.from_numpy(ft), 2.0, form="paper"), torch.from_numpy(fs))
     assert at_loss(torch.from_numpy(fs), torch.from_numpy(fs), 2.0, form="paper").item() == 0
+
+
+@pytest.mark.parametrize("name, weight", [("at", "at_weight"), ("nst", "nst_weight")])
+def test_tuned_input_size_carries_a_cifar_weight_to_other_input_sizes(name, weight):
+    """AT's and NST's terms scale as 1 / (map positions): on 8x8 inputs the 32x32 weight is divided by 16,
+    and the term is that weight times the same pure loss."""
+    torch.manual_seed(0)
+    student, teacher = create_model("cnn", 10, 1, 8, width=4), create_model("cnn", 10, 1, 8, width=8)
+    images, labels = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    published = build_method(method_config(name), student, teacher)
+    carried = build_method(method_config(name, tuned_input_size=32), student, teacher)
+    assert getattr(carried, weight) == getattr(published, weight) / 16
+    term_published, term_carried = published(images, labels)[1][name], carried(images, labels)[1][name]
+    assert term_carried.item() == pytest.approx(term_published.item() / 16, rel=1e-5)
+    wide = create_model("resnet8", 10)  # 32x32 inputs: the tuned size itself, nothing changes
+    assert getattr(build_method(method_config(name, tuned_input_size=32), wide, create_model("resnet20", 10)),
+                   weight) == getattr(published, weight)

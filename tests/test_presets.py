@@ -51,3 +51,41 @@ def test_per_pair_settings(pair):
     small_student = cfg.student.arch in ("mobilenetv2", "shufflenetv2")
     assert cfg.optim.lr == (0.01 if small_student else 0.05)
     assert f"{cfg.teacher.arch}_{cfg.student.arch}" == pair
+
+
+# ---------------------------------------------------------------- the per-method Optuna search spaces
+
+SEARCHES = sorted(p.stem for p in (Path(__file__).parents[1] / "configs" / "hparams_search").glob("*_optuna.yaml"))
+
+
+def interval_of(expression: str) -> tuple[float, float]:
+    """`interval(a, b)` or `tag(log, interval(a, b))` -> (a, b)."""
+    inside = expression.split("interval(", 1)[1].split(")", 1)[0]
+    low, high = (float(x) for x in inside.split(","))
+    return low, high
+
+
+def test_every_method_with_weights_to_tune_has_a_search_preset():
+    tuned = {name[: -len("_optuna")] for name in SEARCHES}
+    fixed_recipes = {"none", "born_again", "ensemble"}  # CE alone, a KD chain, weights set by the user
+    assert tuned == set(METHODS.names()) - fixed_recipes
+
+
+@pytest.mark.parametrize("search", SEARCHES)
+def test_a_search_preset_picks_its_method_and_searches_its_options_around_the_defaults(search):
+    import yaml
+
+    method = search[: -len("_optuna")]
+    register_configs()
+    with initialize_config_module(config_module="kd_cli.configs", version_base="1.3"):
+        cfg = compose("distill", overrides=[f"hparams_search={search}"], return_hydra_config=True)
+    assert cfg.method.name == method and cfg.hydra.mode.name == "MULTIRUN"
+    assert cfg.hydra.sweeper.direction == "maximize"
+    params = dict(cfg.hydra.sweeper.params)
+    assert params, search
+    defaults = yaml.safe_load((Path(__file__).parents[1] / "configs" / "method" / f"{method}.yaml").read_text())
+    for key, expression in params.items():
+        option = key.removeprefix("method.")
+        assert key.startswith("method.") and option in defaults, key
+        low, high = interval_of(expression)
+        assert low < high and low <= defaults[option] <= high, (key, defaults[option], expression)

@@ -67,6 +67,17 @@ def match_spatial(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.T
     return pool_to(student, size), pool_to(teacher, size)
 
 
+def area_scale(model: nn.Module, tuned_input_size: int | None) -> float:
+    """The factor that carries a weight tuned at `tuned_input_size`² inputs (32 for the CIFAR recipes) to
+    this model's inputs, for terms that scale as 1 / (map positions) (AT's and NST's: unit-norm maps or
+    channels compared position by position): this input's area over the tuned one's. 1 when None (the
+    published form, unchanged)."""
+    if tuned_input_size is None:
+        return 1.0
+    _, height, width = model.kd_input_shape
+    return height * width / tuned_input_size**2
+
+
 def check_relation_batch(method: str, batch: int) -> None:
     """Relational losses compare the samples of a batch with each other: one sample has no relation."""
     if batch < 2:

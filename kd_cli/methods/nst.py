@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
-from kd_cli.methods.feature_utils import full_precision, match_spatial, require_maps
-from kd_cli.registry import NonNegative, Positive
+from kd_cli.methods.feature_utils import area_scale, full_precision, match_spatial, require_maps
+from kd_cli.registry import NonNegative, Positive, PositiveInt
 
 
 def polynomial_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -41,14 +41,15 @@ class NeuronSelectivityTransfer(FeatureDistiller):
     loss_weights = ("nst_weight", "ce_weight", "kd_weight")
 
     def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
-                 ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, nst_weight: NonNegative):
+                 ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, nst_weight: NonNegative,
+                 tuned_input_size: PositiveInt | None):
         super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
                          ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
         for layer, shape in zip(self.student_layers, self.student_shapes):
             require_maps("nst", "student", layer, shape)
         for layer, shape in zip(self.teacher_layers, self.teacher_shapes):
             require_maps("nst", "teacher", layer, shape)
-        self.nst_weight = nst_weight
+        self.nst_weight = nst_weight * area_scale(student, tuned_input_size)
 
     # default_layers: every stage output (the base's), as RepDistiller's feat[1:-1]
 
