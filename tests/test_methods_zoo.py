@@ -22,15 +22,19 @@ import yaml
 
 from kd_cli.errors import KdError
 from kd_cli.methods import METHODS, build_method
+from kd_cli.methods.ctkd import learned_temperature, reversal_strength
 from kd_cli.methods.ickd import channel_correlation, ickd_loss
+from kd_cli.methods.kd import kd_loss
 from kd_cli.methods.nst import nst_loss
+from kd_cli.methods.srd import srd_feature_loss, srd_logit_loss
 from kd_cli.methods.tfkd import tfkd_loss, virtual_teacher
 from kd_cli.models.registry import create_model
 from kdrun import FAST, kd, summary
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "method"
-FEATURE_METHODS = ["nst", "ickd"]
-TERMS = {"nst": "nst", "ickd": "ickd", "tfkd": "tfkd"}
+FEATURE_METHODS = ["nst", "ickd", "srd"]
+SWEPT = [*FEATURE_METHODS, "ctkd"]  # the methods with a teacher, one sweep per data set in the CLI tests
+TERMS = {"nst": ["nst"], "ickd": ["ickd"], "tfkd": ["tfkd"], "srd": ["srd_feature", "srd_logits"], "ctkd": ["kd"]}
 
 
 def rng(*shape: int, seed: int = 0) -> np.ndarray:
@@ -110,6 +114,62 @@ def test_tfkd_matches_the_authors_reduction(correct, temperature):
     assert value == pytest.approx(ref_tfkd(logits, labels, correct, temperature), rel=1e-10)
 
 
+def test_srd_matches_the_authors_feature_and_logit_terms():
+    fs, ft = rng(3, 4, 4, 4, seed=16), rng(3, 4, 2, 2, seed=17)
+    means_s, means_t = fs.reshape(3, 4, -1).mean(2), ft.reshape(3, 4, -1).mean(2)
+    expected = sum((means_s[i, c] - means_t[i, c]) ** 2 for i in range(3) for c in range(4)) / 12
+    assert srd_feature_loss(torch.from_numpy(fs), torch.from_numpy(ft)).item() == pytest.approx(expected, rel=1e-10)
+    zs, zt = rng(3, 5, seed=18), rng(3, 5, seed=19)
+    assert srd_logit_loss(torch.from_numpy(zs), torch.from_numpy(zt)).item() == pytest.approx(((zs - zt) ** 2).mean())
+    _gradcheck(lambda s: srd_feature_loss(s, torch.from_numpy(ft)), torch.from_numpy(fs))
+
+
+def test_srd_runs_the_teachers_own_head_on_the_students_features(cifar_models):
+    """The teacher with its last stage's output replaced: on the teacher's own map it gives the teacher's
+    logits; on another map, pool + the teacher's classifier of it (resnet32x4's head); gradient reaches it."""
+    student, teacher = cifar_models
+    method = build_method(method_config("srd"), student, teacher).eval()
+    images = torch.randn(2, 3, 32, 32)
+    from kd_cli.models.features import FeatureTap
+
+    with torch.no_grad(), FeatureTap(teacher, ["layer3"]) as tap:
+        own_logits = teacher(images)
+    torch.testing.assert_close(method.teacher_head(images, tap.outputs["layer3"]), own_logits)
+    other = torch.rand(2, 256, 8, 8, requires_grad=True)
+    head = method.teacher_head(images, other)
+    torch.testing.assert_close(head, teacher.fc(other.mean((2, 3))))
+    head.sum().backward()
+    assert other.grad is not None and all(p.grad is None for p in teacher.parameters())
+    assert not teacher._forward_hooks and not teacher.layer3._forward_hooks  # the replacement is removed
+
+
+@pytest.mark.parametrize("epoch, strength", [(0, (1 - math.cos(math.pi / 10)) / 2), (4, 0.5), (9, 1.0), (50, 1.0)])
+def test_ctkd_reversal_follows_the_cosine_curriculum_of_the_authors(epoch, strength):
+    assert reversal_strength(epoch, 10, 1.0) == pytest.approx(strength)
+    assert reversal_strength(epoch, 10, 0.5) == pytest.approx(strength / 2)
+
+
+def test_ctkd_learns_its_temperature_against_the_students_loss():
+    """Forward: KD at T = t_min + t_range * sigmoid(theta). Backward: the student's gradient is KD's at that T,
+    theta's is -lambda times the loss's own gradient with respect to theta (gradient ascent on T)."""
+    torch.manual_seed(0)
+    student, teacher = create_model("mlp", 10, 1, 8), create_model("mlp", 10, 1, 8)
+    method = build_method(method_config("ctkd"), student, teacher)
+    method.start_epoch(4, 240)  # lambda = 0.5
+    images, labels = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    _, terms = method(images, labels)
+    theta = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        z_s, z_t = student(images).double(), teacher(images).double()
+    reference = 0.9 * kd_loss(z_s, z_t, 1.0 + 20.0 * torch.sigmoid(theta))
+    assert terms["kd"].item() == pytest.approx(reference.item(), rel=1e-5)
+    terms["kd"].backward()
+    reference.backward()
+    assert method.theta.grad.item() == pytest.approx(-0.5 * theta.grad.item(), rel=5e-3)  # theta is float32
+    plain = learned_temperature(torch.tensor(0.0), 1.0, 20.0, 0.5)
+    assert plain.item() == pytest.approx(11.0)  # sigmoid(0) = 1/2
+
+
 def test_the_virtual_teacher_is_a_distribution_that_prefers_the_label():
     teacher = virtual_teacher(torch.tensor([2, 0]), 5, 0.9)
     assert torch.allclose(teacher.sum(1), torch.ones(2))
@@ -173,22 +233,23 @@ def cifar_models():
     return create_model("resnet8", 10), create_model("resnet32x4", 10)
 
 
-@pytest.mark.parametrize("name, layers", [("nst", ["layer1", "layer2", "layer3"]), ("ickd", ["layer3"])])
+@pytest.mark.parametrize("name, layers", [("nst", ["layer1", "layer2", "layer3"]), ("ickd", ["layer3"]),
+                                         ("srd", ["layer3"])])
 def test_feature_method_on_unequal_widths_trains_the_student_and_its_adapters(name, layers, cifar_models):
     student, teacher = cifar_models
     method = build_method(method_config(name), student, teacher)
     assert method.student_layers == method.teacher_layers == layers
     images, labels = torch.randn(3, 3, 32, 32), torch.randint(0, 10, (3,))
     logits, terms = method(images, labels)
-    assert logits.shape == (3, 10) and set(terms) == {"ce", TERMS[name]}
+    assert logits.shape == (3, 10) and set(terms) == {"ce", *TERMS[name]}
     assert all(torch.isfinite(v) and v.dim() == 0 and v > 0 for v in terms.values())
     method.zero_grad()
     sum(terms.values()).backward()
     assert student.conv1.weight.grad.abs().sum() > 0
     adapters = [p for n, p in method.named_parameters() if not n.startswith("student.")]
     assert all(p.grad is not None for p in adapters)
-    assert bool(adapters) == (name == "ickd")  # NST compares the maps themselves
-    assert not any(k.startswith("embeds") for k in student.state_dict())
+    assert bool(adapters) == (name != "nst")  # NST compares the maps themselves
+    assert not any(k.startswith(("embeds", "connector")) for k in student.state_dict())
 
 
 def test_ickd_embeds_into_the_teachers_channels_without_bias(cifar_models):
@@ -232,7 +293,7 @@ def cli_runs(tmp_path_factory) -> Path:
     for name, extra in {"digits": [], "cifar": [*SYNTHETIC, "teacher=resnet20"]}.items():
         result = kd("train-teacher", *common, *extra, f"hydra.run.dir={out / name}", cwd=out)
         assert result.code == 0, result.stderr[-3000:]
-    sweep = ["distill", "-m", f"method={','.join(FEATURE_METHODS)}", *common, "hydra.sweep.subdir=${method.name}"]
+    sweep = ["distill", "-m", f"method={','.join(SWEPT)}", *common, "hydra.sweep.subdir=${method.name}"]
     jobs = {
         "digits": [*sweep, f"teacher.checkpoint={out / 'digits'}", "student=cnn", "student.kwargs.width=8"],
         "cifar": [*sweep, f"teacher.checkpoint={out / 'cifar'}", "student=resnet8", *SYNTHETIC],
@@ -247,14 +308,14 @@ def cli_runs(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("data", ["digits", "cifar"])
-@pytest.mark.parametrize("method", [*FEATURE_METHODS, "tfkd"])
+@pytest.mark.parametrize("method", [*SWEPT, "tfkd"])
 def test_cli_distill_logs_every_term(cli_runs, data, method):
     run = cli_runs / (f"{data}-tfkd" if method == "tfkd" else f"{data}-sweep/{method}")
     done = summary(run)
     assert done["status"] == "complete" and done["method"] == method and done["role"] == "student"
     with open(run / "metrics.csv") as handle:
         row = next(csv.DictReader(handle))
-    for term in ("ce", TERMS[method]):
+    for term in ("ce", *TERMS[method]):
         assert math.isfinite(float(row[f"train_{term}"])) and float(row[f"train_{term}"]) > 0, term
     assert (run / "model.safetensors").is_file()
     assert (done.get("teacher_arch") is None) == (method == "tfkd")  # Tf-KD trains no teacher and reads none
