@@ -188,7 +188,7 @@ def test_crd_state_dict_resumes_the_same_trajectory():
 def test_crd_options_are_checked():
     with pytest.raises(KdError, match="nce_t"):
         crd_method(nce_t=0.0)
-    with pytest.raises(KdError, match="one embedding"):
+    with pytest.raises(KdError, match="one layer of each model"):
         crd_method(student_layers=["hidden.0", "fc"], teacher_layers=["stages.0", "pool"])
 
 

@@ -287,7 +287,8 @@ BAD_COMBINATIONS = [
     ("method", "reviewkd", {"student_layers": ["pool"], "teacher_layers": ["pool"]},
      "needs at least one stage map and the embedding"),
     *[("method", name, {"student_layers": ["a", "b"], "teacher_layers": ["c", "d", "e"]}, "as many of each")
-      for name in FEATURE_METHODS if name != "crd"],  # crd: one layer each, above
+      for name in FEATURE_METHODS if not METHODS.get(name).single_layer],  # crd: one layer each, above
+    ("method", "srd", {"teacher_layers": ["layer2", "layer3"]}, "method=srd compares one layer of each model"),
 ]
 RULES_TESTED_BELOW = {"quantize_int8"}
 
@@ -330,7 +331,7 @@ def test_an_int8_backend_missing_from_this_torch_build_is_refused(monkeypatch):
 
 @pytest.mark.parametrize("name", FEATURE_METHODS)
 def test_good_layer_lists_pass(name):
-    count = 1 if name == "crd" else 2
+    count = 1 if METHODS.get(name).single_layer else 2
     check_method_options({**method_config(name), "student_layers": ["a", "b"][:count],
                           "teacher_layers": ["c", "d"][:count]})
 

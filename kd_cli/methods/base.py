@@ -100,6 +100,10 @@ class FeatureDistiller(Distiller):
     checks only what needs the models (layer names, feature shapes).
     """
 
+    # True for methods that compare one layer of each model (CRD's embeddings, SRD's last stage): a layer
+    # list, when given, must then name exactly one.
+    single_layer = False
+
     def __init__(self, student: nn.Module, teacher: nn.Module, *, student_layers: list[str] | None,
                  teacher_layers: list[str] | None, ce_weight: float, kd_weight: float, temperature: float):
         super().__init__(student, teacher)
@@ -113,8 +117,13 @@ class FeatureDistiller(Distiller):
     @classmethod
     def validate_options(cls, *, student_layers: list[str] | None = None, teacher_layers: list[str] | None = None,
                          **options: Any) -> None:
-        """Before any model exists: some term has a weight, and layer lists given for both models pair up."""
+        """Before any model exists: some term has a weight, and layer lists given for both models pair up
+        (one layer each for a `single_layer` method)."""
         super().validate_options(**options)
+        for role, layers in (("student", student_layers), ("teacher", teacher_layers)):
+            if cls.single_layer and layers and len(layers) != 1:
+                raise KdError(f"method={cls.method_name} compares one layer of each model; method.{role}_layers "
+                              f"names {len(layers)} layers, give one (or null for the method's default)")
         if student_layers and teacher_layers:
             check_layer_counts(student_layers, teacher_layers)
 

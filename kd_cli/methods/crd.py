@@ -116,6 +116,7 @@ def clamp_negatives(nce_k: int, num_samples: int) -> int:
 @register_method("crd")
 class CRD(FeatureDistiller):
     needs_index = True
+    single_layer = True  # one embedding per model
     loss_weights = ("crd_weight", "ce_weight", "kd_weight")
 
     def __init__(self, student, teacher, *, num_samples: int | None, feat_dim: PositiveInt, nce_k: PositiveInt,
@@ -138,17 +139,6 @@ class CRD(FeatureDistiller):
         # Z for (student anchor, teacher anchor); negative = not estimated yet.
         self.register_buffer("normaliser", torch.full((2,), -1.0))
         self._normaliser_known = False  # once true, no per-step host sync to check the buffer
-
-    @classmethod
-    def validate_options(cls, *, student_layers: list[str] | None = None, teacher_layers: list[str] | None = None,
-                         **options) -> None:
-        """One embedding per model: a layer list, when given, names exactly one layer (the default,
-        null, is the pooled embedding, one layer)."""
-        for role, layers in (("student", student_layers), ("teacher", teacher_layers)):
-            if layers and len(layers) != 1:
-                raise KdError(f"method=crd contrasts one embedding per model; method.{role}_layers names "
-                              f"{len(layers)} layers, give one (or null for the pooled embedding)")
-        super().validate_options(student_layers=student_layers, teacher_layers=teacher_layers, **options)
 
     def default_layers(self, model: nn.Module) -> list[str]:
         return embedding_layers(model)

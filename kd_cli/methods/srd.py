@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
 from kd_cli.methods.feature_utils import full_precision, require_maps
@@ -48,6 +47,7 @@ def connector(student_channels: int, teacher_channels: int) -> nn.Module:
 
 @register_method("srd")
 class SoftmaxRegressionDistillation(FeatureDistiller):
+    single_layer = True  # the last stage of each model
     loss_weights = ("feature_weight", "logit_weight", "ce_weight", "kd_weight")
 
     def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
@@ -60,15 +60,6 @@ class SoftmaxRegressionDistillation(FeatureDistiller):
         self.feature_weight, self.logit_weight = feature_weight, logit_weight
         used = feature_weight or logit_weight  # no adapter for terms left out (DDP: every parameter gets a gradient)
         self.connector = connector(self.student_shapes[0][0], self.teacher_shapes[0][0]) if used else None
-
-    @classmethod
-    def validate_options(cls, *, student_layers: list[str] | None = None, teacher_layers: list[str] | None = None,
-                         **options) -> None:
-        super().validate_options(student_layers=student_layers, teacher_layers=teacher_layers, **options)
-        for key, layers in (("student_layers", student_layers), ("teacher_layers", teacher_layers)):
-            if layers is not None and len(layers) != 1:
-                raise KdError(f"method=srd compares one layer of each model (the last stage by default); "
-                              f"method.{key} names {len(layers)}")
 
     def default_layers(self, model: nn.Module) -> list[str]:
         return list(model.kd_feature_layers)[-1:]  # the last stage, before pooling
