@@ -74,9 +74,25 @@ def test_a_fixed_aug_seed_shares_the_teachers_outputs_across_seeds(teacher, tmp_
     assert metrics(one) != metrics(two)  # the students differ (their initialisation), the stream does not
 
 
-def test_feature_methods_run_their_teacher(teacher, tmp_path):
+def test_feature_methods_on_maps_run_their_teacher(teacher, tmp_path):
     run = distill(teacher, tmp_path, "fitnet", "method=fitnet", "student=cnn", "student.kwargs.width=8")
     assert summary(run)["teacher_cache"] is None and not (tmp_path / ".cache").exists()
+
+
+@pytest.mark.parametrize("method", ["pkt", "crd"])
+def test_a_feature_method_on_embeddings_reads_them_from_the_cache_exactly(teacher, tmp_path, method):
+    """PKT and CRD read the teacher's pooled embedding: it is stored beside the logits (another entry than
+    the logits alone), and a run reading both trains to the same bits as one running the teacher."""
+    setting = ["trainer.precision=fp32", f"method={method}", "student=cnn", "student.kwargs.width=8", "method.kd_weight=0.5"]
+    filled = distill(teacher, tmp_path, "filled", *setting)
+    read = distill(teacher, tmp_path, "read", *setting)
+    plain = distill(teacher, tmp_path, "plain", *setting, "teacher_cache.enabled=false")
+    assert served(filled) == (0, 2) and served(read) == (2, 0)
+    assert summary(read)["teacher_cache"]["outputs"] == ["logits", "feature:pool"]
+    assert metrics(read) == metrics(plain) == metrics(filled)
+    logits_only = distill(teacher, tmp_path, "kd", "trainer.precision=fp32", "student=cnn", "student.kwargs.width=8")
+    assert served(logits_only) == (0, 2)  # the logits alone are another entry
+    assert len(entries(tmp_path / ".cache" / "teacher")) == 2
 
 
 def test_outputs_for_other_images_are_refused_in_one_line(teacher, tmp_path):

@@ -156,9 +156,10 @@ def _save_epoch(job: Training, state: dict, checkpoint: dict) -> None:
 
 
 def _attach_teacher_cache(job: Training, method: Distiller, steps: int) -> TeacherCache | None:
-    if job.teacher_cache is None or method.teacher is None or not method.reads_teacher_logits_only:
+    features = method.teacher_cache_outputs() if method.teacher is not None else None
+    if job.teacher_cache is None or features is None:
         return None
-    job.teacher_cache.start(steps)
+    job.teacher_cache.start(steps, features)
     method.teacher_outputs = job.teacher_cache
     return job.teacher_cache
 

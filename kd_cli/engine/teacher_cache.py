@@ -11,7 +11,11 @@ Exactness is checked, not assumed: each stored batch carries a checksum of the i
 from, compared (on the device, without a per-step sync) with the batch the reading run has; a
 mismatch fails the epoch in one line rather than training on another batch's logits.
 
-Layout: `<dir>/<key>/epoch-<e>.safetensors` (the epoch's logits, batch by batch, and the checksums) and
+What is stored is what the method reads (`Distiller.teacher_cache_outputs`): the logits, and for a
+feature method whose teacher features are small vectors (pooled embeddings: PKT, RKD, CC, CRD) those
+features too; feature maps are not stored (a CIFAR epoch of stage maps would take gigabytes).
+
+Layout: `<dir>/<key>/epoch-<e>.safetensors` (the epoch's outputs, batch by batch, and the checksums) and
 `key.json` (what the key stands for, for `kd cache ls`). An epoch file is written whole and atomically
 by the one process that holds its lock; a run that finds it locked computes that epoch itself without
 storing it (no waiting, no half files). A cache that cannot be read or written costs speed, never the
@@ -60,20 +64,21 @@ def cache_key(description: dict[str, Any]) -> str:
 
 @dataclass
 class EpochRecord:
-    logits: list[torch.Tensor]
+    outputs: list[tuple[torch.Tensor, ...]]  # per step: (logits, *features)
     checksums: list[torch.Tensor]
 
 
 class TeacherCache:
-    """One data stream's teacher logits. The loop calls `begin_epoch`/`end_epoch`; the method asks
-    `logits(images, teacher)` once per training step, in order."""
+    """One data stream's teacher outputs. The loop calls `start`, then `epoch` around each epoch; the
+    method asks `outputs(images, compute)` (or `logits(images, teacher)`) once per training step, in order."""
 
     def __init__(self, root: Path, description: dict[str, Any], max_bytes: int):
         self.root, self.description, self.max_bytes = Path(root), description, max_bytes
         self.steps = 0
         self.key = ""
         self.entry = self.root
-        self.stored: tuple[torch.Tensor, torch.Tensor] | None = None  # (logits, checksums) of this epoch
+        self.names: list[str] = ["logits"]  # what is stored, in order: logits, then the named features
+        self.stored: tuple[list[torch.Tensor], torch.Tensor] | None = None  # (outputs, checksums) of this epoch
         self.filling: EpochRecord | None = None
         self.lock: FileLock | None = None
         self.mismatch: torch.Tensor | None = None
@@ -82,10 +87,12 @@ class TeacherCache:
         self._broken = False
 
     # -- the loop's side -------------------------------------------------------------------------
-    def start(self, steps: int) -> None:
-        """The number of training steps per epoch completes the key (a shorter epoch is another stream)."""
+    def start(self, steps: int, features: list[str] | None = None) -> None:
+        """The number of training steps per epoch completes the key (a shorter epoch is another stream),
+        with the teacher features stored beside the logits (their layer names)."""
         self.steps = steps
-        self.description = {**self.description, "steps_per_epoch": steps}
+        self.names = ["logits", *(f"feature:{name}" for name in features or [])]
+        self.description = {**self.description, "steps_per_epoch": steps, "outputs": self.names}
         self.key = cache_key(self.description)
         self.entry = self.root / self.key
 
@@ -119,7 +126,7 @@ class TeacherCache:
                               f"teacher_cache.enabled=false")
             if self.stored is not None:
                 self.hits += 1
-            elif self.filling is not None and len(self.filling.logits) == self.steps:
+            elif self.filling is not None and len(self.filling.outputs) == self.steps:
                 self._write(self.current_epoch, self.filling)
                 self.misses += 1
             else:
@@ -135,50 +142,63 @@ class TeacherCache:
 
     # -- the method's side -----------------------------------------------------------------------
     def logits(self, images: torch.Tensor, teacher: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return self.outputs(images, lambda batch: (teacher(batch),))[0]
+
+    def outputs(self, images: torch.Tensor,
+                compute: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+        """This step's (logits, *features): stored ones, or `compute(images)` (stored when filling)."""
         step, self.cursor = self.cursor, self.cursor + 1
         checksum = images.detach().double().sum()
-        if self.stored is not None and step < len(self.stored[0]) and len(self.stored[0][step]) == len(images):
-            self.mismatch |= self.stored[1][step] != checksum
-            return self.stored[0][step]
+        stored = self.stored
+        if stored is not None and step < self.steps and len(stored[0][0][step]) == len(images):
+            self.mismatch |= stored[1][step] != checksum
+            return tuple(tensor[step] for tensor in stored[0])
         with torch.no_grad():
-            logits = teacher(images)
+            computed = tuple(compute(images))
+        if len(computed) != len(self.names):
+            raise KdError(f"the teacher cache stores {', '.join(self.names)} but the method gave {len(computed)} "
+                          "outputs; this is a bug in the method's teacher_cache_outputs")
         if self.filling is not None:
-            self.filling.logits.append(logits.detach())
+            self.filling.outputs.append(tuple(t.detach() for t in computed))
             self.filling.checksums.append(checksum)
-        return logits
+        return computed
 
     # -- files -----------------------------------------------------------------------------------
     def _path(self, epoch: int) -> Path:
         return self.entry / f"epoch-{epoch:05d}.safetensors"
 
-    def _read(self, epoch: int, device: torch.device, quiet: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The epoch's (logits, checksums), or None: absent, or damaged (then recomputed, with a warning)."""
+    def _read(self, epoch: int, device: torch.device, quiet: bool = False) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+        """The epoch's (outputs, checksums), or None: absent, or damaged (then recomputed, with a warning)."""
         path = self._path(epoch)
         if not path.is_file():
             return None
         try:
-            logits, checksums = self._load(path, device)
+            outputs, checksums = self._load(path, device)
         except Exception as error:  # noqa: BLE001 - a broken cache file is recomputed, never fatal
             if not quiet:
                 warn(f"teacher cache: {path} is damaged ({brief(error)}); this run computes that epoch again")
             return None
         self._mark_used()
-        return logits, checksums
+        return outputs, checksums
 
-    def _load(self, path: Path, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Read and verify: the key and the logits' sha256 written with them, their shape, finite values."""
+    def _load(self, path: Path, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Read and verify: the key and the outputs' sha256 written with them, their shapes, finite values."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt", device="cpu") as stored:
             metadata = stored.metadata() or {}
-            logits, checksums = stored.get_tensor("logits"), stored.get_tensor("checksums")
-        if metadata.get("key") != self.key or metadata.get("logits_sha256") != _sha256(logits):
+            outputs = [stored.get_tensor(name) for name in self.names]
+            checksums = stored.get_tensor("checksums")
+        if metadata.get("key") != self.key or metadata.get("outputs_sha256") != _sha256_all(outputs):
             raise ValueError("its contents do not match the checksum stored with them")
         batch = self.description.get("stream", {}).get("batch_size")
-        if logits.dim() != 3 or logits.shape[0] != self.steps or (batch and logits.shape[1] != batch) \
-                or checksums.shape != (self.steps,) or not torch.isfinite(logits).all():
-            raise ValueError(f"logits of shape {tuple(logits.shape)} for {self.steps} steps of {batch}")
-        return logits.to(device), checksums.to(device)
+        for name, tensor in zip(self.names, outputs):
+            if tensor.dim() < 3 or tensor.shape[0] != self.steps or (batch and tensor.shape[1] != batch) \
+                    or not torch.isfinite(tensor).all():
+                raise ValueError(f"{name} of shape {tuple(tensor.shape)} for {self.steps} steps of {batch}")
+        if checksums.shape != (self.steps,):
+            raise ValueError(f"{tuple(checksums.shape)} checksums for {self.steps} steps")
+        return [tensor.to(device) for tensor in outputs], checksums.to(device)
 
     def _lock_for_filling(self, epoch: int) -> bool:
         if self._broken:
@@ -198,9 +218,9 @@ class TeacherCache:
     def _write(self, epoch: int, record: EpochRecord) -> None:
         from safetensors.torch import save
 
-        logits = torch.stack(record.logits).cpu().contiguous()
-        tensors = {"logits": logits, "checksums": torch.stack(record.checksums).cpu()}
-        metadata = {"key": self.key, "logits_sha256": _sha256(logits)}
+        outputs = [torch.stack([step[i] for step in record.outputs]).cpu().contiguous() for i in range(len(self.names))]
+        tensors = {**dict(zip(self.names, outputs)), "checksums": torch.stack(record.checksums).cpu()}
+        metadata = {"key": self.key, "outputs_sha256": _sha256_all(outputs)}
         try:
             atomic_write(self._path(epoch), lambda tmp: tmp.write_bytes(save(tensors, metadata=metadata)))
             self._mark_used()
@@ -230,7 +250,8 @@ class TeacherCache:
         self._broken = True
 
     def summary(self) -> dict[str, Any]:
-        return {"key": self.key, "dir": str(self.root), "epochs_read": self.hits, "epochs_computed": self.misses}
+        return {"key": self.key, "dir": str(self.root), "outputs": self.names, "epochs_read": self.hits,
+                "epochs_computed": self.misses}
 
 
 class FileLock:
@@ -263,8 +284,11 @@ class FileLock:
             self.fd = None
 
 
-def _sha256(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+def _sha256_all(tensors: list[torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclass

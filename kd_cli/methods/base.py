@@ -21,6 +21,10 @@ from torch import nn
 from kd_cli.errors import KdError
 from kd_cli.models.features import FeatureTap, feature_shapes
 
+# The largest teacher feature (values per sample) the teacher cache stores: a 2048-d embedding of a
+# 50,000-image epoch is 400 MB in fp32.
+CACHED_FEATURE_SIZE = 2048
+
 
 class Distiller(nn.Module, metaclass=ABCMeta):
     requires_teacher = True
@@ -34,8 +38,7 @@ class Distiller(nn.Module, metaclass=ABCMeta):
     loss_weights: tuple[str, ...] = ()
     method_name = "?"
     # True for methods that read the teacher only through `teacher_logits`: its outputs may then come
-    # from the teacher cache (engine/teacher_cache.py) instead of running it. Feature methods read its
-    # layers, so they run it.
+    # from the teacher cache (engine/teacher_cache.py) instead of running it (see teacher_cache_outputs).
     reads_teacher_logits_only = False
 
     @classmethod
@@ -63,6 +66,12 @@ class Distiller(nn.Module, metaclass=ABCMeta):
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """Called by the loop before each epoch (0-based), for schedules such as DKD's warm-up."""
         self.epoch, self.epochs = epoch, epochs
+
+    def teacher_cache_outputs(self) -> list[str] | None:
+        """What the teacher cache stores for this method beside the teacher's logits: the names of the
+        teacher layers whose features it reads ([] for the logits alone), or None when the cache cannot
+        serve it (the method reads more of the teacher than that)."""
+        return [] if self.reads_teacher_logits_only else None
 
     @torch.no_grad()
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -146,11 +155,26 @@ class FeatureDistiller(Distiller):
         teacher_logits, teacher = self.teacher_features(images)
         return logits, student, teacher_logits, teacher
 
+    def teacher_cache_outputs(self) -> list[str] | None:
+        """Small vectors (pooled embeddings: PKT, RKD, CC, CRD) are stored with the logits; feature maps are
+        not (a CIFAR-100 epoch of stage maps would take gigabytes), so a method on maps runs its teacher."""
+        if all(len(shape) == 1 and shape[0] <= CACHED_FEATURE_SIZE for shape in self.teacher_shapes):
+            return list(self.teacher_layers)
+        return None
+
     @torch.no_grad()
     def teacher_features(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The teacher's logits and features: from the teacher cache when one is attached."""
+        if self.teacher_outputs is not None and self.training:
+            logits, *features = self.teacher_outputs.outputs(images, self._teacher_pass)
+        else:
+            logits, *features = self._teacher_pass(images)
+        return logits, list(features)
+
+    def _teacher_pass(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with FeatureTap(self.teacher, self.teacher_layers, detach=True) as tap:
             logits = self.teacher(images)
-        return logits, [tap.outputs[name] for name in self.teacher_layers]
+        return (logits, *(tap.outputs[name] for name in self.teacher_layers))
 
     def logit_terms(self, logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                     labels: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -117,7 +117,7 @@ def open_teacher_cache(cfg: DictConfig, setup: Setup, loaders: Loaders, teacher:
     if teacher is None or settings is None or not settings.enabled:
         return None
     description = {
-        "format": 1,
+        "format": 2,  # 2: the features a method reads beside the logits
         "teacher": teacher_identity(teacher),
         "teacher_arch": cfg.teacher.arch,
         "dataset": cfg.dataset.name,
