@@ -23,6 +23,7 @@ import yaml
 from kd_cli.errors import KdError
 from kd_cli.methods import METHODS, build_method
 from kd_cli.methods.ctkd import learned_temperature, reversal_strength
+from kd_cli.methods.fsp import fsp_loss, fsp_matrix
 from kd_cli.methods.ickd import channel_correlation, ickd_loss
 from kd_cli.methods.kd import kd_loss
 from kd_cli.methods.nst import nst_loss
@@ -170,6 +171,49 @@ def test_ctkd_learns_its_temperature_against_the_students_loss():
     assert plain.item() == pytest.approx(11.0)  # sigmoid(0) = 1/2
 
 
+def test_fsp_matrices_match_the_papers_definition():
+    """G_ij = mean over positions of bottom_i * top_j, the larger map pooled to the smaller grid."""
+    bottom, top = rng(2, 3, 8, 8, seed=20), rng(2, 4, 4, 4, seed=21)
+    pooled = block_mean(bottom, 4, 4)
+    expected = np.array([[[(pooled[b, i] * top[b, j]).mean() for i in range(3)] for j in range(4)] for b in range(2)])
+    np.testing.assert_allclose(fsp_matrix(torch.from_numpy(bottom), torch.from_numpy(top)).numpy(), expected, rtol=1e-12)
+    student = [torch.from_numpy(rng(2, 3, 4, 4, seed=22)), torch.from_numpy(rng(2, 4, 2, 2, seed=23)),
+               torch.from_numpy(rng(2, 5, 2, 2, seed=24))]
+    teacher = [torch.from_numpy(rng(*t.shape, seed=30 + k)) for k, t in enumerate(student)]
+    pairs = [(0, 1), (1, 2)]
+    expected_loss = sum(((fsp_matrix(student[a], student[b]) - fsp_matrix(teacher[a], teacher[b])) ** 2).mean().item()
+                        for a, b in pairs)
+    assert fsp_loss(student, teacher).item() == pytest.approx(expected_loss, rel=1e-12)
+    _gradcheck(lambda s0: fsp_loss([s0, *student[1:]], teacher), student[0])
+
+
+def test_fsp_trains_its_matrices_first_then_classifies_without_running_the_teacher():
+    torch.manual_seed(0)
+    student, teacher = create_model("resnet8", 10), create_model("resnet20", 10)
+    method = build_method(method_config("fsp", init_epochs=2), student, teacher)
+    calls = []
+    teacher.register_forward_hook(lambda *args: calls.append(1))
+    images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    method.start_epoch(1, 10)
+    _, terms = method(images, labels)
+    assert set(terms) == {"fsp"} and calls
+    terms["fsp"].backward()
+    assert student.fc.weight.grad is None  # phase 1 moves the layers under the matrices only
+    calls.clear()
+    method.start_epoch(2, 10)
+    _, terms = method(images, labels)
+    assert set(terms) == {"ce"} and not calls  # phase 2: CE alone, the teacher idle
+    with pytest.raises(KdError, match="method.init_epochs=2 leaves none of trainer.epochs=2"):
+        method.start_epoch(0, 2)
+
+
+def test_fsp_refuses_what_it_cannot_compare_and_skips_a_phase_without_a_term():
+    with pytest.raises(KdError, match="compares channels one to one.*layer1 .16. / layer1 .64."):
+        build_method(method_config("fsp"), create_model("resnet8", 10), create_model("resnet32x4", 10))
+    no_phase = build_method(method_config("fsp", fsp_weight=0.0), create_model("resnet8", 10), create_model("resnet20", 10))
+    assert no_phase.init_epochs == 0  # its only term left out: no initialisation phase
+
+
 def test_the_virtual_teacher_is_a_distribution_that_prefers_the_label():
     teacher = virtual_teacher(torch.tensor([2, 0]), 5, 0.9)
     assert torch.allclose(teacher.sum(1), torch.ones(2))
@@ -301,6 +345,10 @@ def cli_runs(tmp_path_factory) -> Path:
     for data, args in jobs.items():
         result = kd(*args, f"hydra.sweep.dir={out / f'{data}-sweep'}", cwd=out)
         assert result.code == 0, result.stderr[-3000:]
+    for data, extra in {"digits": ["student=cnn"], "cifar": [*SYNTHETIC, "student=resnet8"]}.items():
+        result = kd("distill", "method=fsp", "method.init_epochs=1", *common, "trainer.epochs=2", *extra,
+                    f"teacher.checkpoint={out / data}", f"hydra.run.dir={out / f'{data}-fsp'}", cwd=out)
+        assert result.code == 0, result.stderr[-3000:]
     for data, extra in {"digits": [], "cifar": [*SYNTHETIC, "student=resnet8"]}.items():
         result = kd("distill", "method=tfkd", *common, *extra, f"hydra.run.dir={out / f'{data}-tfkd'}", cwd=out)
         assert result.code == 0, result.stderr[-3000:]
@@ -319,6 +367,16 @@ def test_cli_distill_logs_every_term(cli_runs, data, method):
         assert math.isfinite(float(row[f"train_{term}"])) and float(row[f"train_{term}"]) > 0, term
     assert (run / "model.safetensors").is_file()
     assert (done.get("teacher_arch") is None) == (method == "tfkd")  # Tf-KD trains no teacher and reads none
+
+
+@pytest.mark.parametrize("data", ["digits", "cifar"])
+def test_cli_fsp_logs_its_two_phases(cli_runs, data):
+    run = cli_runs / f"{data}-fsp"
+    assert summary(run)["status"] == "complete" and summary(run)["epochs"] == 2
+    with open(run / "metrics.csv") as handle:
+        first, second = csv.DictReader(handle)
+    assert float(first["train_fsp"]) > 0 and first["train_ce"] == ""
+    assert float(second["train_ce"]) > 0 and second["train_fsp"] == ""
 
 
 def test_an_ickd_run_resumes_longer_with_its_embedding(cli_runs, tmp_path):

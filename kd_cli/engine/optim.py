@@ -34,9 +34,12 @@ def build_optimizer(params: Iterable[torch.nn.Parameter] | list[dict], cfg: Dict
     # Every parameter is decayed, biases and BN scales included, as in the KD literature's recipes.
     if cfg.name == "sgd":
         nesterov = cfg.nesterov and cfg.momentum > 0
-        return torch.optim.SGD(
+        optimizer = torch.optim.SGD(
             params, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov, weight_decay=cfg.weight_decay, fused=fused
         )
+        if fused and cfg.momentum > 0:
+            _start_momentum(optimizer)
+        return optimizer
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                  fused=fused)
@@ -57,6 +60,15 @@ def use_fused(setting: Any, params: list) -> bool | None:
     if str(setting).lower() == "auto" and supported:
         return True
     return None  # torch's default (the foreach kernels)
+
+
+def _start_momentum(optimizer: torch.optim.SGD) -> None:
+    """Zero momentum buffers for every parameter from the start. torch's fused SGD cannot step when some
+    parameters have a buffer and others get their first gradient later (FSP's and other two-phase
+    methods' classifier); with dampening 0 a zero buffer gives the same first step as torch's own."""
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
 
 
 @dataclass(frozen=True)
