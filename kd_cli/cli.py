@@ -111,6 +111,15 @@ def open_model_options(overrides: list[str]) -> list[str]:
     return [f"++{o}" if o.startswith(prefixes) else o for o in overrides]
 
 
+def open_swept_method_options(overrides: list[str]) -> list[str]:
+    """In a sweep over methods (`-m method=at,nst method.tuned_input_size=32`) Hydra first composes the
+    default method, which may not have the option: `method.X=` becomes `++method.X=` there. Each job's
+    options are still checked against its own method's signature before any job runs."""
+    if not any(o.startswith("method=") and "," in o for o in overrides):
+        return overrides
+    return [f"++{o}" if o.startswith("method.") else o for o in overrides]
+
+
 def import_shorthand(args: list[str]) -> list[str]:
     """`kd import PATH arch=NAME` -> `source=PATH model.arch=NAME` (the first word without `=` that is
     not a flag is the checkpoint)."""
@@ -144,7 +153,7 @@ def run_hydra_stage(stage: str, args: list[str]) -> None:
     from kd_cli.stages import run
 
     register_configs()
-    sys.argv = [sys.argv[0], *open_model_options(reorder_hydra_flags(args))]
+    sys.argv = [sys.argv[0], *open_swept_method_options(open_model_options(reorder_hydra_flags(args)))]
     main_fn: Callable = hydra.main(
         version_base="1.3", config_path="pkg://kd_cli.configs", config_name=STAGES[stage].config
     )(run)

@@ -108,3 +108,16 @@ def test_debug_switch_shows_the_traceback(tmp_path):
     # (kdrun.kd removes KD_DEBUG from the environment on purpose; --debug works the same way)
     result = kd("distill", "trainer.device=tpu", "--debug", cwd=tmp_path)
     assert result.code != 0 and "Traceback" in result.stderr
+
+
+def test_a_sweep_over_methods_takes_an_option_only_some_of_them_have():
+    """Hydra composes the default method first in a multirun: `method.X=` is opened (`++`) when `method=` is
+    swept, and each job's options are then checked against its own method (tested through the CLI in
+    test_method_table's sweep over at,nst with tuned_input_size)."""
+    from kd_cli.cli import open_swept_method_options
+
+    swept = ["method=at,nst", "method.tuned_input_size=32", "seed=0,1", "student.kwargs.width=4"]
+    assert open_swept_method_options(swept) == ["method=at,nst", "++method.tuned_input_size=32", "seed=0,1",
+                                                "student.kwargs.width=4"]
+    single = ["method=at", "method.tuned_input_size=32"]
+    assert open_swept_method_options(single) == single

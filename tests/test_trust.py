@@ -439,6 +439,8 @@ BAD_VALUES = [
     (["train-teacher", "optim.fused=sometimes"], ["optim.fused=sometimes", "auto, true, false"]),
     (["distill", "trainer.compile=fastest"], ["trainer.compile=fastest", "reduce-overhead"]),
     (["distill", "trainer.epochs=1.5"], ["trainer.epochs=1.5 is not accepted", "a whole number"]),
+    (["distill", "-m", "method=at,kd", "method.tuned_input_size=32"],
+     ["unknown option method.tuned_input_size of method 'kd'", "no job was run"]),
     (["distill", "teacher_cache.enabled=maybe"], ["teacher_cache.enabled", "true or false"]),
     (["distill", "teacher_cache.max_gb=lots"], ["teacher_cache.max_gb=lots", "a number"]),
     (["distill", "student.checkpoint=/some/weights"], ["student.checkpoint", "not used"]),
