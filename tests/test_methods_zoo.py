@@ -24,6 +24,7 @@ from kd_cli.errors import KdError
 from kd_cli.methods import METHODS, build_method
 from kd_cli.methods.ctkd import learned_temperature, reversal_strength
 from kd_cli.methods.fsp import fsp_loss, fsp_matrix
+from kd_cli.methods.ft import factor, ft_loss
 from kd_cli.methods.ickd import channel_correlation, ickd_loss
 from kd_cli.methods.kd import kd_loss
 from kd_cli.methods.nst import nst_loss
@@ -34,7 +35,8 @@ from kdrun import FAST, kd, summary
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "method"
 FEATURE_METHODS = ["nst", "ickd", "srd"]
-SWEPT = [*FEATURE_METHODS, "ctkd"]  # the methods with a teacher, one sweep per data set in the CLI tests
+SWEPT = [*FEATURE_METHODS, "ctkd"]
+PHASED = ["fsp", "ft"]  # an initialisation phase first: run with init_epochs=1 of 2 epochs  # the methods with a teacher, one sweep per data set in the CLI tests
 TERMS = {"nst": ["nst"], "ickd": ["ickd"], "tfkd": ["tfkd"], "srd": ["srd_feature", "srd_logits"], "ctkd": ["kd"]}
 
 
@@ -214,6 +216,40 @@ def test_fsp_refuses_what_it_cannot_compare_and_skips_a_phase_without_a_term():
     assert no_phase.init_epochs == 0  # its only term left out: no initialisation phase
 
 
+def test_ft_factor_and_loss_match_repdistillers_factor_transfer():
+    fs, ft = rng(2, 3, 4, 4, seed=40), rng(2, 5, 2, 2, seed=41)
+
+    def ref_factor(x):
+        flat = (x ** 2).mean(axis=1).reshape(len(x), -1)
+        return flat / np.linalg.norm(flat, axis=1, keepdims=True)
+
+    np.testing.assert_allclose(factor(torch.from_numpy(ft)).numpy(), ref_factor(ft), rtol=1e-12)
+    expected = np.abs(ref_factor(block_mean(fs, 2, 2)) - ref_factor(ft)).mean()
+    assert ft_loss(torch.from_numpy(fs), torch.from_numpy(ft)).item() == pytest.approx(expected, rel=1e-12)
+    _gradcheck(lambda s: ft_loss(s, torch.from_numpy(ft)), torch.from_numpy(fs))
+
+
+def test_ft_trains_the_paraphraser_first_then_transfers_its_factor_through_the_translator(cifar_models):
+    student, teacher = cifar_models
+    method = build_method(method_config("ft", init_epochs=1), student, teacher)
+    assert method.phased and method.paraphraser.encoder[2].out_channels == 128  # resnet32x4's 256 x rate 0.5
+    images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    method.zero_grad()
+    method.start_epoch(0, 5)
+    _, terms = method(images, labels)
+    assert set(terms) == {"paraphrase"}
+    terms["paraphrase"].backward()
+    assert all(p.grad is None for p in [*student.parameters(), *method.translator.parameters()])
+    assert all(p.grad is not None for p in method.paraphraser.parameters())
+    method.zero_grad()
+    method.start_epoch(1, 5)
+    _, terms = method(images, labels)
+    assert set(terms) == {"ce", "ft"}
+    sum(terms.values()).backward()
+    assert all(p.grad is None for p in method.paraphraser.parameters())  # frozen after its phase
+    assert all(p.grad is not None for p in method.translator.parameters()) and student.conv1.weight.grad is not None
+
+
 def test_the_virtual_teacher_is_a_distribution_that_prefers_the_label():
     teacher = virtual_teacher(torch.tensor([2, 0]), 5, 0.9)
     assert torch.allclose(teacher.sum(1), torch.ones(2))
@@ -346,9 +382,10 @@ def cli_runs(tmp_path_factory) -> Path:
         result = kd(*args, f"hydra.sweep.dir={out / f'{data}-sweep'}", cwd=out)
         assert result.code == 0, result.stderr[-3000:]
     for data, extra in {"digits": ["student=cnn"], "cifar": [*SYNTHETIC, "student=resnet8"]}.items():
-        result = kd("distill", "method=fsp", "method.init_epochs=1", *common, "trainer.epochs=2", *extra,
-                    f"teacher.checkpoint={out / data}", f"hydra.run.dir={out / f'{data}-fsp'}", cwd=out)
-        assert result.code == 0, result.stderr[-3000:]
+        for method in PHASED:
+            result = kd("distill", f"method={method}", "method.init_epochs=1", *common, "trainer.epochs=2", *extra,
+                        f"teacher.checkpoint={out / data}", f"hydra.run.dir={out / f'{data}-{method}'}", cwd=out)
+            assert result.code == 0, result.stderr[-3000:]
     for data, extra in {"digits": [], "cifar": [*SYNTHETIC, "student=resnet8"]}.items():
         result = kd("distill", "method=tfkd", *common, *extra, f"hydra.run.dir={out / f'{data}-tfkd'}", cwd=out)
         assert result.code == 0, result.stderr[-3000:]
@@ -370,13 +407,16 @@ def test_cli_distill_logs_every_term(cli_runs, data, method):
 
 
 @pytest.mark.parametrize("data", ["digits", "cifar"])
-def test_cli_fsp_logs_its_two_phases(cli_runs, data):
-    run = cli_runs / f"{data}-fsp"
+@pytest.mark.parametrize("method, first_terms, then_terms", [("fsp", ["fsp"], ["ce"]), ("ft", ["paraphrase"], ["ce", "ft"])])
+def test_cli_phased_methods_log_their_two_phases(cli_runs, data, method, first_terms, then_terms):
+    run = cli_runs / f"{data}-{method}"
     assert summary(run)["status"] == "complete" and summary(run)["epochs"] == 2
     with open(run / "metrics.csv") as handle:
         first, second = csv.DictReader(handle)
-    assert float(first["train_fsp"]) > 0 and first["train_ce"] == ""
-    assert float(second["train_ce"]) > 0 and second["train_fsp"] == ""
+    for term in {*first_terms, *then_terms}:
+        assert (first[f"train_{term}"] != "") == (term in first_terms), term
+        assert (second[f"train_{term}"] != "") == (term in then_terms), term
+    assert all(float(first[f"train_{t}"]) > 0 for t in first_terms) and all(float(second[f"train_{t}"]) > 0 for t in then_terms)
 
 
 def test_an_ickd_run_resumes_longer_with_its_embedding(cli_runs, tmp_path):

@@ -184,7 +184,8 @@ def _wrap_ddp(method: Distiller, job: Training):
     if not job.world.distributed:
         return method
     ids = [job.device.index] if job.device.type == "cuda" else None
-    return DistributedDataParallel(method, device_ids=ids)
+    # A phased method's first epochs leave some parameters without a gradient (DDP must look for them).
+    return DistributedDataParallel(method, device_ids=ids, find_unused_parameters=method.phased)
 
 
 def _train_epoch(job, method, forward, optimizer, scaler, epoch, steps, bar) -> dict[str, Any]:

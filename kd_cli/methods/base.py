@@ -33,6 +33,9 @@ class Distiller(nn.Module, metaclass=ABCMeta):
     needs_index = False
     # Born-again self-distillation: how many students to train in sequence, each teaching the next.
     generations = 1
+    # True for methods whose epochs train different parts (FSP's and FT's initialisation phases): some
+    # parameters get no gradient in some steps, which DDP must be told (find_unused_parameters).
+    phased = False
     # The options that weight the method's loss terms: every method names its own, and at least one
     # of them must be > 0 (validate_options). `method_name` is set by register_method.
     loss_weights: tuple[str, ...] = ()

@@ -42,6 +42,7 @@ def fsp_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.
 
 @register_method("fsp")
 class FlowOfSolutionProcedure(FeatureDistiller):
+    phased = True  # an initialisation phase trains other parameters than the rest
     loss_weights = ("fsp_weight", "ce_weight", "kd_weight")
 
     def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
