@@ -128,13 +128,14 @@ def test_every_student_of_a_dml_cohort_beats_the_student_trained_alone_on_digits
     """The issue's bar, on scikit-learn's digits: the method table's student (cnn, width 4), fp32, 3 seeds;
     a cohort of three, each student's test top-1 (last epoch, mean over seeds) above `method=none`'s."""
     seeds = [0, 1, 2]
-    result = kd("distill", "-m", "method=none,dml", "method.students=3", f"seed={','.join(map(str, seeds))}",
-                "student=cnn", "student.kwargs.width=4", "trainer.precision=fp32", *FAST, f"paths.outputs={tmp_path}",
-                f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.sweep.subdir=${method.name}-${seed}", cwd=tmp_path,
-                timeout=3000)
-    assert result.code == 0, result.stderr[-3000:]
-    alone = [summary(tmp_path / "sweep" / f"none-{seed}")["last_top1"] for seed in seeds]
-    cohorts = [summary(tmp_path / "sweep" / f"dml-{seed}") for seed in seeds]
+    common = [f"seed={','.join(map(str, seeds))}", "student=cnn", "student.kwargs.width=4", "trainer.precision=fp32",
+              *FAST, f"paths.outputs={tmp_path}"]
+    for method in (["method=none"], ["method=dml", "method.students=3"]):
+        result = kd("distill", "-m", *method, *common, f"hydra.sweep.dir={tmp_path / method[0][7:]}",
+                    "hydra.sweep.subdir=${seed}", cwd=tmp_path, timeout=3000)
+        assert result.code == 0, result.stderr[-3000:]
+    alone = [summary(tmp_path / "none" / str(seed))["last_top1"] for seed in seeds]
+    cohorts = [summary(tmp_path / "dml" / str(seed)) for seed in seeds]
     students = {"student": [c["last_top1"] for c in cohorts],
                 **{name: [c["peers"][name]["last_top1"] for c in cohorts] for name in ("peer1", "peer2")}}
     print(f"\nnone {alone}: mean {np.mean(alone):.2f}")
