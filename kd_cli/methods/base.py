@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_cli.errors import KdError
+from kd_cli.methods.feature_utils import require_maps
 from kd_cli.models.features import FeatureTap, feature_shapes
 
 # The largest teacher feature (values per sample) the teacher cache stores: a 2048-d embedding of a
@@ -33,9 +34,9 @@ class Distiller(nn.Module, metaclass=ABCMeta):
     needs_index = False
     # Born-again self-distillation: how many students to train in sequence, each teaching the next.
     generations = 1
-    # True for methods whose epochs train different parts (FSP's and FT's initialisation phases): some
-    # parameters get no gradient in some steps, which DDP must be told (find_unused_parameters).
-    phased = False
+    # Methods with an initialisation phase (FSP, FT): its epochs, the first of trainer.epochs, train
+    # other parameters than the rest, so some get no gradient in some steps (DDP must be told: `phased`).
+    init_epochs = 0
     # The options that weight the method's loss terms: every method names its own, and at least one
     # of them must be > 0 (validate_options). `method_name` is set by register_method.
     loss_weights: tuple[str, ...] = ()
@@ -66,8 +67,16 @@ class Distiller(nn.Module, metaclass=ABCMeta):
             self.teacher.eval()  # the teacher's BN statistics and dropout stay frozen
         return self
 
+    @property
+    def phased(self) -> bool:
+        return self.init_epochs > 0
+
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """Called by the loop before each epoch (0-based), for schedules such as DKD's warm-up."""
+        if self.init_epochs >= epochs > 0 and self.phased:
+            raise KdError(f"method.init_epochs={self.init_epochs} leaves none of trainer.epochs={epochs} for the "
+                          f"training that follows method={self.method_name}'s initialisation phase; raise "
+                          f"trainer.epochs or lower method.init_epochs")
         self.epoch, self.epochs = epoch, epochs
 
     def teacher_cache_outputs(self) -> list[str] | None:
@@ -138,6 +147,13 @@ class FeatureDistiller(Distiller):
                               f"names {len(layers)} layers, give one (or null for the method's default)")
         if student_layers and teacher_layers:
             check_layer_counts(student_layers, teacher_layers)
+
+    def require_maps(self) -> None:
+        """For methods on feature maps: every chosen layer of both models gives (C, H, W) features."""
+        for role, layers, shapes in (("student", self.student_layers, self.student_shapes),
+                                     ("teacher", self.teacher_layers, self.teacher_shapes)):
+            for layer, shape in zip(layers, shapes):
+                require_maps(self.method_name, role, layer, shape)
 
     def default_layers(self, model: nn.Module) -> list[str]:
         """The stage outputs, shallow to deep; methods on the embedding override this."""

@@ -18,12 +18,11 @@ the epochs and shift the milestones (trainer.epochs=270 optim.milestones=[180,21
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
-from kd_cli.methods.feature_utils import full_precision, pool_to, require_maps
+from kd_cli.methods.feature_utils import full_precision, pool_to
 from kd_cli.registry import NonNegative, NonNegativeInt, Positive
 
 
@@ -42,7 +41,6 @@ def fsp_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.
 
 @register_method("fsp")
 class FlowOfSolutionProcedure(FeatureDistiller):
-    phased = True  # an initialisation phase trains other parameters than the rest
     loss_weights = ("fsp_weight", "ce_weight", "kd_weight")
 
     def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
@@ -53,10 +51,7 @@ class FlowOfSolutionProcedure(FeatureDistiller):
         if len(self.student_layers) < 2:
             raise KdError("method=fsp compares consecutive layers and needs at least 2 of each model; "
                           "name them with method.student_layers / method.teacher_layers")
-        for role, layers, shapes in (("student", self.student_layers, self.student_shapes),
-                                     ("teacher", self.teacher_layers, self.teacher_shapes)):
-            for layer, shape in zip(layers, shapes):
-                require_maps("fsp", role, layer, shape)
+        self.require_maps()
         mismatched = [f"{s} ({a[0]}) / {t} ({b[0]})" for s, t, a, b in
                       zip(self.student_layers, self.teacher_layers, self.student_shapes, self.teacher_shapes) if a[0] != b[0]]
         if mismatched:
@@ -65,12 +60,6 @@ class FlowOfSolutionProcedure(FeatureDistiller):
                           f"resnet56) or a method with adapters (fitnet, at)")
         self.fsp_weight = fsp_weight
         self.init_epochs = init_epochs if fsp_weight else 0  # a phase with its only term left out is no phase
-
-    def start_epoch(self, epoch: int, epochs: int) -> None:
-        if self.init_epochs >= epochs:
-            raise KdError(f"method.init_epochs={self.init_epochs} leaves none of trainer.epochs={epochs} for the "
-                          f"classification training that follows; raise trainer.epochs or lower method.init_epochs")
-        super().start_epoch(epoch, epochs)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         if self.epoch < self.init_epochs:  # the initialisation phase: the FSP matrices are the only loss

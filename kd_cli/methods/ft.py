@@ -24,7 +24,7 @@ from torch import nn
 from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
-from kd_cli.methods.feature_utils import full_precision, match_spatial, require_maps
+from kd_cli.methods.feature_utils import full_precision, match_spatial
 from kd_cli.registry import NonNegative, NonNegativeInt, OpenFraction, Positive
 
 
@@ -68,7 +68,6 @@ def translator(channels: int, factor_channels: int) -> nn.Module:
 @register_method("ft")
 class FactorTransfer(FeatureDistiller):
     single_layer = True  # the last stage of each model
-    phased = True  # an initialisation phase trains other parameters than the rest
     loss_weights = ("ft_weight", "ce_weight", "kd_weight")
 
     def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
@@ -76,8 +75,7 @@ class FactorTransfer(FeatureDistiller):
                  rate: OpenFraction, init_epochs: NonNegativeInt):
         super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
                          ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
-        require_maps("ft", "student", self.student_layers[0], self.student_shapes[0])
-        require_maps("ft", "teacher", self.teacher_layers[0], self.teacher_shapes[0])
+        self.require_maps()
         teacher_channels = self.teacher_shapes[0][0]
         factor_channels = max(1, int(teacher_channels * rate))
         # no modules for a term left out (DDP: every parameter must get a gradient)

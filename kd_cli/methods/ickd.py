@@ -16,7 +16,7 @@ from torch import nn
 
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
-from kd_cli.methods.feature_utils import full_precision, require_maps
+from kd_cli.methods.feature_utils import full_precision
 from kd_cli.registry import NonNegative, Positive
 
 
@@ -46,10 +46,7 @@ class InterChannelCorrelation(FeatureDistiller):
                  ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, ickd_weight: NonNegative):
         super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
                          ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
-        for layer, shape in zip(self.student_layers, self.student_shapes):
-            require_maps("ickd", "student", layer, shape)
-        for layer, shape in zip(self.teacher_layers, self.teacher_shapes):
-            require_maps("ickd", "teacher", layer, shape)
+        self.require_maps()
         # no adapter for a term left out (DDP: every parameter must get a gradient)
         self.embeds = nn.ModuleList([embed(s[0], t[0]) for s, t in zip(self.student_shapes, self.teacher_shapes)]
                                     if ickd_weight else [])

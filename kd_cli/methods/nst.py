@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
-from kd_cli.methods.feature_utils import area_scale, full_precision, match_spatial, require_maps
+from kd_cli.methods.feature_utils import area_scale, full_precision, match_spatial
 from kd_cli.registry import NonNegative, Positive, PositiveInt
 
 
@@ -45,10 +45,7 @@ class NeuronSelectivityTransfer(FeatureDistiller):
                  tuned_input_size: PositiveInt | None):
         super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
                          ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
-        for layer, shape in zip(self.student_layers, self.student_shapes):
-            require_maps("nst", "student", layer, shape)
-        for layer, shape in zip(self.teacher_layers, self.teacher_shapes):
-            require_maps("nst", "teacher", layer, shape)
+        self.require_maps()
         self.nst_weight = nst_weight * area_scale(student, tuned_input_size)
 
     # default_layers: every stage output (the base's), as RepDistiller's feat[1:-1]

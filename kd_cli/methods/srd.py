@@ -24,7 +24,7 @@ from torch import nn
 
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
-from kd_cli.methods.feature_utils import full_precision, require_maps
+from kd_cli.methods.feature_utils import full_precision
 from kd_cli.models.features import resolve_modules
 from kd_cli.registry import NonNegative, Positive
 
@@ -55,8 +55,7 @@ class SoftmaxRegressionDistillation(FeatureDistiller):
                  logit_weight: NonNegative):
         super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
                          ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
-        require_maps("srd", "student", self.student_layers[0], self.student_shapes[0])
-        require_maps("srd", "teacher", self.teacher_layers[0], self.teacher_shapes[0])
+        self.require_maps()
         self.feature_weight, self.logit_weight = feature_weight, logit_weight
         used = feature_weight or logit_weight  # no adapter for terms left out (DDP: every parameter gets a gradient)
         self.connector = connector(self.student_shapes[0][0], self.teacher_shapes[0][0]) if used else None
