@@ -27,7 +27,7 @@ from kd_cli.engine.device import resolve_precision
 from kd_cli.engine.loop import Training, fit
 from kd_cli.engine.rundir import RunDir
 from kd_cli.methods import build_method
-from kd_cli.methods.kd import kd_loss
+from kd_cli.methods.logit_utils import kd_loss
 from kd_cli.models import create_model
 
 MEAN, STD = [0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]

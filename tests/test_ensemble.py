@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from kd_cli.errors import KdError
 from kd_cli.methods.ensemble import ensemble_probabilities, normalised_weights
-from kd_cli.methods.kd import kd_loss
+from kd_cli.methods.logit_utils import kd_loss
 from kdrun import FAST, assert_one_line_error, kd, kd_ok, summary
 
 

@@ -19,7 +19,7 @@ from kd_cli.errors import KdError
 from kd_cli.methods import METHODS, build_method
 from kd_cli.methods.dist import dist_losses, inter_class_relation, intra_class_relation
 from kd_cli.methods.dkd import dkd_losses, warmup_factor
-from kd_cli.methods.kd import kd_loss
+from kd_cli.methods.logit_utils import kd_loss
 from kdrun import FAST, assert_one_line_error, kd, summary
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "method"

@@ -26,7 +26,7 @@ from kd_cli.methods.ctkd import learned_temperature, reversal_strength
 from kd_cli.methods.fsp import fsp_loss, fsp_matrix
 from kd_cli.methods.ft import factor, ft_loss
 from kd_cli.methods.ickd import channel_correlation, ickd_loss
-from kd_cli.methods.kd import kd_loss
+from kd_cli.methods.logit_utils import kd_loss
 from kd_cli.methods.nst import nst_loss
 from kd_cli.methods.srd import srd_feature_loss, srd_logit_loss
 from kd_cli.methods.tfkd import tfkd_loss, virtual_teacher

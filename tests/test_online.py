@@ -19,6 +19,7 @@ import torch
 from kd_cli.errors import KdError
 from kd_cli.methods import build_method
 from kd_cli.methods.dml import mutual_loss
+from kd_cli.methods.logit_utils import kd_loss
 from kd_cli.methods.one import one_losses
 from kd_cli.models import create_model
 from kdrun import FAST, assert_one_line_error, kd, summary
@@ -299,3 +300,16 @@ def test_a_stopped_one_run_resumes_with_its_shared_trunk(one_run, tmp_path):
         rows = list(csv.DictReader(handle))
     assert [row["epoch"] for row in rows] == ["1", "2", "3"]
     assert summary(run)["peers"]["branch2"]["last_top1"] == pytest.approx(float(rows[-1]["branch2_test_top1"]))
+
+
+def test_without_the_ensembles_term_one_has_no_gate_and_teaches_the_branches_mean():
+    torch.manual_seed(0)
+    build = lambda: create_model("cnn", 10, 1, 8)  # noqa: E731
+    method = build_method({**ONE, "ensemble_weight": 0.0}, build(), None, new_student=build)
+    assert method.gate is None and not any(n.startswith("gate.") for n, _ in method.named_parameters())
+    method.train()
+    images, labels = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    logits, terms = method(images, labels)
+    branches = [logits, *(peer(images) for peer in method.peers)]
+    mean = sum(branches) / 3
+    assert terms["one"].item() == pytest.approx(kd_loss(logits, mean.detach(), 3.0).item(), rel=1e-5)

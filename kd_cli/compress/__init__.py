@@ -83,7 +83,7 @@ def is_int8(extra: dict[str, Any]) -> bool:
 
 def _import_all() -> None:
     for info in pkgutil.iter_modules(__path__):
-        if info.name not in ("context", "layers", "measure", "qstate"):
+        if info.name not in ("context", "layers", "qstate"):
             importlib.import_module(f"{__name__}.{info.name}")
 
 

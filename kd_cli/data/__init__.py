@@ -6,7 +6,8 @@ config node without loading anything; `load_dataset` checks it too, loads, and c
 
 from kd_cli.data.augment import AugmentSpec
 from kd_cli.data.base import (COMMON_KEYS, DATASETS, DataSplits, FolderSplit, TensorSplit, check_dataset_config,
-                              load_dataset, register_dataset)
+                              register_dataset)
+from kd_cli.data.load import load_dataset
 from kd_cli.data.loader import make_loader
 from kd_cli.data import digits, folder, synthetic, torchvision_sets  # noqa: F401  (register the data sets)
 

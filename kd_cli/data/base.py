@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Annotated, Any, Mapping
 
 import torch
@@ -83,71 +83,20 @@ class DataSplits:
     val: TensorSplit | FolderSplit | None = None
 
 
-def load_dataset(cfg: Mapping[str, Any]) -> DataSplits:
-    """Load the data set a dataset config node describes (a dict or an OmegaConf DictConfig).
-
-    The node is checked first (`check_dataset_config`), the loaded splits after (`check_splits`):
-    a degenerate data set is refused, a test split that leaks training images is reported."""
-    from kd_cli.data.checks import check_splits
-
-    cfg = _plain_dict(cfg)
-    check_dataset_config(cfg)
-    data = DATASETS.build(cfg["name"], {}, _options(cfg))
-    fraction = cfg.get("val_fraction") or 0.0
-    if fraction and data.val is None:
-        data = hold_out_validation(data, fraction, cfg.get("split_seed", 0), cfg["name"])
-    check_splits(data, cfg["name"])
-    return data
-
-
-def hold_out_validation(data: DataSplits, fraction: float, seed: int, name: str) -> DataSplits:
-    """Move `fraction` of each training class (at least one image of any class that has two, never its
-    last) into a validation split, drawn with `seed`.
-
-    The fingerprint changes with it: a teacher found by fingerprint was trained on the same, smaller,
-    training split, so it has never seen a validation image either."""
-    import numpy as np
-
-    labels = split_labels(data.train)
-    labels = np.zeros(len(data.train), dtype=np.int64) if labels is None else labels.numpy()
-    rng = np.random.default_rng(seed)
-    held: list[np.ndarray] = []
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        count = min(len(members) - 1, max(1, round(fraction * len(members))))
-        held.append(members[:count])
-    val_idx = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
-    if len(val_idx) == 0:
-        raise KdError(f"dataset={name}: dataset.val_fraction={fraction} holds out no image (every class has a single "
-                      "training image); add images, or set dataset.val_fraction=0")
-    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
-    train, val = (subset(data.train, idx.tolist()) for idx in (train_idx, val_idx))
-    return replace(data, train=train, val=val,
-                   fingerprint=fingerprint(data.fingerprint, f"val_fraction={fraction}", f"seed={seed}"))
-
-
-def subset(split: TensorSplit | FolderSplit, indices: list[int]) -> TensorSplit | FolderSplit:
-    """The samples of `split` at `indices`, of the same kind."""
-    if isinstance(split, TensorSplit):
-        index = torch.as_tensor(indices, dtype=torch.int64)
-        return TensorSplit(split.images[index], split.labels[index])
-    return FolderSplit(Subset(split.dataset, indices), split.image_size, split.crop_fraction)
-
-
 def check_dataset_config(cfg: Mapping[str, Any]) -> None:
     """Every value of a dataset config node, checked without loading anything: the name is a
     registered data set; the loader's options have its names, types and ranges (its signature);
     `mean`/`std` are lists of finite numbers of equal length with every std > 0, as many as the data
     set's channels (or one) where that is known from the config; `crop_padding` >= 0; `hflip` a bool.
     Keys that are absent are not required here (a partial node is checked as far as it goes)."""
-    cfg = _plain_dict(cfg)
+    cfg = plain_dict(cfg)
     name = cfg.get("name")
     if name is None:
         raise KdError("the dataset config has no 'name'; choose one with dataset=NAME")
     if not isinstance(name, str):
         raise KdError(f"dataset.name={_show(name)} must be a string; choose one with dataset=NAME "
                       f"(one of: {', '.join(DATASETS.names())})")
-    options = _options(cfg)
+    options = dataset_options(cfg)
     DATASETS.check(name, options, path="dataset")
     for key, hint in COMMON_TYPES.items():
         if key in cfg:
@@ -185,11 +134,11 @@ def _show(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-def _options(cfg: Mapping[str, Any]) -> dict[str, Any]:
+def dataset_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in cfg.items() if key not in COMMON_KEYS}
 
 
-def _plain_dict(cfg: Mapping[str, Any]) -> dict[str, Any]:
+def plain_dict(cfg: Mapping[str, Any]) -> dict[str, Any]:
     try:
         from omegaconf import DictConfig, OmegaConf
     except ImportError:  # omegaconf comes with hydra; plain dicts work without it

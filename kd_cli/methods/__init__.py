@@ -39,7 +39,7 @@ def register_method(name: str):
     return add
 
 
-FIXED = ("student", "teacher", "num_samples", "new_student")  # given by the stage, not options
+FIXED = ("student", "teacher", "num_samples", "new_student", "load_model")  # given by the stage, not options
 PATH = "method"  # where the options sit in the config
 
 
@@ -57,10 +57,12 @@ def check_method_options(cfg: Mapping[str, Any]) -> None:
 
 
 def build_method(cfg: Mapping[str, Any], student: nn.Module, teacher: nn.Module | None,
-                 num_samples: int | None = None, new_student: Callable[[], nn.Module] | None = None) -> Distiller:
-    """`num_samples` (the training split's size) is passed to methods that take it (CRD's memory), and
+                 num_samples: int | None = None, new_student: Callable[[], nn.Module] | None = None,
+                 load_model: Callable[[str], tuple[nn.Module, Any]] | None = None) -> Distiller:
+    """`num_samples` (the training split's size) is passed to methods that take it (CRD's memory),
     `new_student` (a fresh, newly initialised network of the student's architecture) to those that
-    train several students (DML's cohort)."""
+    train several students (DML's cohort, ONE's branches), and `load_model` (a saved model's path ->
+    (network, spec), the stage's artifact loader) to those that load their own teachers (ensemble)."""
     fixed: dict[str, Any] = {"student": student, "teacher": teacher}
     parameters = inspect.signature(METHODS.get(cfg["name"])).parameters
     if "num_samples" in parameters:
@@ -69,6 +71,10 @@ def build_method(cfg: Mapping[str, Any], student: nn.Module, teacher: nn.Module 
         if new_student is None:
             raise KdError(f"method={cfg['name']} trains several students at once; it runs in kd distill only")
         fixed["new_student"] = new_student
+    if "load_model" in parameters:
+        if load_model is None:
+            raise KdError(f"method={cfg['name']} loads its own teachers; the stage must give it a model loader")
+        fixed["load_model"] = load_model
     return METHODS.build(cfg["name"], fixed, _options(cfg), path=PATH)
 
 

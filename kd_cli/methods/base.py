@@ -20,6 +20,7 @@ from torch import nn
 
 from kd_cli.errors import KdError
 from kd_cli.methods.feature_utils import require_maps
+from kd_cli.methods.logit_utils import kd_loss
 from kd_cli.models.features import FeatureTap, feature_shapes
 
 # The largest teacher feature (values per sample) the teacher cache stores: a 2048-d embedding of a
@@ -197,8 +198,6 @@ class FeatureDistiller(Distiller):
 
     def logit_terms(self, logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                     labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        from kd_cli.methods.kd import kd_loss
-
         terms = {}
         if self.ce_weight:
             terms["ce"] = self.ce_weight * F.cross_entropy(logits, labels)

@@ -23,7 +23,7 @@ from torch import nn
 from kd_cli.methods import register_method
 from kd_cli.methods.base import Distiller
 from kd_cli.methods.feature_utils import full_precision
-from kd_cli.methods.kd import kd_loss
+from kd_cli.methods.logit_utils import kd_loss
 from kd_cli.registry import NonNegative, Positive, Range
 
 CohortSize = Annotated[int, Range(2)]  # one student alone has no one to learn from

@@ -12,14 +12,16 @@ never saved with the student.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from kd_cli.engine.artifacts import load_model
 from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import Distiller
-from kd_cli.methods.kd import kd_loss
+from kd_cli.methods.logit_utils import kd_loss
 from kd_cli.registry import NonNegative, Positive
 
 
@@ -46,10 +48,11 @@ class Ensemble(Distiller):
     requires_teacher = False  # its teachers are method.teachers
     loss_weights = ("kd_weight", "ce_weight")
 
-    def __init__(self, student, teacher=None, *, teachers: list[str], weights: list[float] | None,
-                 temperature: Positive, kd_weight: NonNegative, ce_weight: NonNegative):
+    def __init__(self, student, teacher=None, *, load_model: Callable[[str], tuple[nn.Module, Any]],
+                 teachers: list[str], weights: list[float] | None, temperature: Positive, kd_weight: NonNegative,
+                 ce_weight: NonNegative):
         super().__init__(student, None)
-        models = [self._load_teacher(path, student) for path in teachers]
+        models = [self._load_teacher(load_model, path, student) for path in teachers]
         self.__dict__["teachers"] = models  # plain attribute: not submodules (see Distiller)
         self.weights = normalised_weights(weights, len(models))
         self.temperature, self.kd_weight, self.ce_weight = temperature, kd_weight, ce_weight
@@ -62,7 +65,8 @@ class Ensemble(Distiller):
         super().validate_options(**options)
 
     @staticmethod
-    def _load_teacher(path: str, student) -> torch.nn.Module:
+    def _load_teacher(load_model: Callable[[str], tuple[nn.Module, Any]], path: str, student) -> nn.Module:
+        """A saved teacher (through the stage's loader, which reads kd's model files), checked against the data."""
         model, spec = load_model(path)
         expected = getattr(student, "kd_input_shape", None)
         if expected and (spec.in_channels, spec.input_size) != (expected[0], expected[1]):

@@ -12,17 +12,8 @@ import torch.nn.functional as F
 
 from kd_cli.methods import register_method
 from kd_cli.methods.base import Distiller
-from kd_cli.methods.logit_utils import tempered
+from kd_cli.methods.logit_utils import kd_loss
 from kd_cli.registry import NonNegative, Positive
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, *,
-            logit_standardization: bool = False) -> torch.Tensor:
-    """T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes, averaged over the batch."""
-    log_p_student = F.log_softmax(tempered(student_logits, temperature, logit_standardization), dim=1)
-    log_p_teacher = F.log_softmax(tempered(teacher_logits, temperature, logit_standardization), dim=1)
-    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
-    return kl * temperature**2
 
 
 @register_method("kd")

@@ -1,4 +1,5 @@
-"""Helpers shared by the logit methods (kd, dkd, dist): logit standardization.
+"""Helpers shared by the logit methods (kd, dkd, dist, and every method with a KD term): Hinton's KD
+loss, logit standardization.
 
 Logit standardization: Sun et al., "Logit Standardization in Knowledge Distillation" (CVPR 2024).
 Each sample's logits are z-scored over the classes before the temperature is applied, so the
@@ -8,6 +9,7 @@ student matches the teacher's logit *relations* rather than their range and scal
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # Added to the standard deviation as in the authors' code (`normalize` in their KD.py), so a sample
 # whose logits are all equal (std 0) standardizes to zeros instead of dividing by zero.
@@ -30,3 +32,12 @@ def tempered(logits: torch.Tensor, temperature: float, logit_standardization: bo
     if logit_standardization:
         logits = standardize(logits)
     return logits / temperature
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, *,
+            logit_standardization: bool = False) -> torch.Tensor:
+    """T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes, averaged over the batch."""
+    log_p_student = F.log_softmax(tempered(student_logits, temperature, logit_standardization), dim=1)
+    log_p_teacher = F.log_softmax(tempered(teacher_logits, temperature, logit_standardization), dim=1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    return kl * temperature**2

@@ -34,7 +34,7 @@ from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import Distiller
 from kd_cli.methods.feature_utils import full_precision
-from kd_cli.methods.kd import kd_loss
+from kd_cli.methods.logit_utils import kd_loss
 from kd_cli.registry import NonNegative, Positive, Range
 
 BranchCount = Annotated[int, Range(2)]  # one branch is no ensemble
@@ -180,7 +180,10 @@ class OnTheFlyNativeEnsemble(Distiller):
             peer = new_student()
             self.trunk = graft_trunk(peer, student, head)
             self.peers.append(peer)
-        self.gate = nn.Sequential(nn.Linear(self._trunk_width(), branches), GateNorm(branches), nn.ReLU())
+        # the gate learns from the ensemble's CE alone (the KL terms take the ensemble as a fixed target):
+        # without that term there is nothing to learn it from, and the ensemble is the branches' mean
+        self.gate = (nn.Sequential(nn.Linear(self._trunk_width(), branches), GateNorm(branches), nn.ReLU())
+                     if ensemble_weight else None)
         self.ce_weight, self.ensemble_weight, self.one_weight = ce_weight, ensemble_weight, one_weight
         self.temperature = temperature
 
@@ -204,7 +207,10 @@ class OnTheFlyNativeEnsemble(Distiller):
                 branch_logits = [self.student(images), *(peer(images) for peer in self.peers)]
         finally:
             handle.remove()
-        gate = F.softmax(self.gate(full_precision(pooled(trunk[0]))), dim=1)
+        if self.gate is not None:
+            gate = F.softmax(self.gate(full_precision(pooled(trunk[0]))), dim=1)
+        else:
+            gate = torch.full((len(images), len(branch_logits)), 1 / len(branch_logits), device=images.device)
         ce, ensemble_ce, kl = one_losses(branch_logits, gate, labels, self.temperature)
         terms = {}
         for prefix, branch_ce, branch_kl in zip(["", *(f"{name}_" for name in self.peer_models())], ce, kl):

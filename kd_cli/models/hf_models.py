@@ -10,6 +10,7 @@ which dataset option to set). transformers is an optional extra: pip install 'kd
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -57,9 +58,7 @@ def hf(num_classes: int, in_channels: int, input_size: int, config: dict[str, An
 
 def hf_from_folder(folder, num_classes: int, in_channels: int, input_size: int) -> nn.Module:
     """A save_pretrained folder loaded by transformers itself (local files only), checked against the data."""
-    from kd_cli.engine.files import read_json
-
-    hf(num_classes, in_channels, input_size, read_json(folder / "config.json"))  # every check, before loading
+    hf(num_classes, in_channels, input_size, json.loads((folder / "config.json").read_text()))  # every check, before loading
     from transformers import AutoModelForImageClassification
     from transformers.utils import logging as hf_logging
 

@@ -19,18 +19,18 @@ from torch import nn
 
 from kd_cli.compress import FINETUNE, STEPS, build_step, check_steps, is_int8
 from kd_cli.compress.context import StepContext
-from kd_cli.compress.measure import Measurement, measure
+from kd_cli.stages.measure import Measurement, measure
 from kd_cli.compress.prune_unstructured import copyable, make_permanent
 from kd_cli.data import make_loader
 from kd_cli.engine.artifacts import ModelSpec, load_model, load_spec, resolve_weights, save_model, weights_digest
-from kd_cli.engine.loop import Training, fit
+from kd_cli.engine.loop import fit
 from kd_cli.engine.metrics import predict
 from kd_cli.engine.rundir import COMPLETE, CONFIG, RunDir
 from kd_cli.engine.trackers import Trackers, open_trackers
 from kd_cli.errors import KdError
-from kd_cli.methods import build_method, method_requires_teacher
+from kd_cli.methods import method_requires_teacher
 from kd_cli.stages.common import Setup, check_model_fits, print_config, saved_dataset, setup_run, start_run
-from kd_cli.stages.training import Loaders, data_env, dry_build, load_data, rank_resume_dir
+from kd_cli.stages.training import Loaders, data_env, dry_build, load_data, new_method, training_job
 
 log = logging.getLogger("kd")
 TABLE = "compression.csv"
@@ -133,12 +133,8 @@ def finetune(cfg: DictConfig, run: RunDir, setup: Setup, loaders: Loaders, model
     """Recovery training in the engine's one loop; the uncompressed model teaches (cfg.method)."""
     teacher = _teacher(cfg, uncompressed)
     model = model.to(setup.device).requires_grad_(True)
-    method = build_method(OmegaConf.to_container(cfg.method, resolve=True), model, teacher,
-                          num_samples=len(loaders.data.train))
-    fit(Training(method=method, train_loader=loaders.train, test_loader=loaders.test, optim=cfg.optim,
-                 trainer=cfg.trainer, device=setup.device, dtype=setup.dtype, eval_dtype=setup.eval_dtype, run=run,
-                 title=f"recovery ({cfg.method.name})", world=setup.world, tracker=tracker,
-                 resume_from=rank_resume_dir(cfg, setup, run)))
+    method = new_method(cfg, model, teacher, loaders, new_student=None)
+    fit(training_job(cfg, run, setup, loaders, method, f"recovery ({cfg.method.name})", tracker))
     return model.eval()
 
 

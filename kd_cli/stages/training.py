@@ -6,21 +6,22 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kd_cli.data import AugmentSpec, DataSplits, load_dataset, make_loader
-from kd_cli.engine.artifacts import ModelSpec, save_model
+from kd_cli.engine.artifacts import ModelSpec, load_model, save_model
 from kd_cli.engine.device import use_channels_last
 from kd_cli.engine.loop import FitResult, Training, fit
 from kd_cli.engine.teacher_cache import TeacherCache, teacher_identity
 from kd_cli.engine.rundir import COMPLETE, RunDir
-from kd_cli.engine.trackers import check_trackers, open_trackers
+from kd_cli.engine.trackers import Trackers, check_trackers, open_trackers
 from kd_cli.errors import KdError
 from kd_cli.methods import build_method
+from kd_cli.methods.base import Distiller
 from kd_cli.stages.common import PEERS, Setup, check_channels, count_parameters, dataset_options, output_dir
 
 log = logging.getLogger("kd")
@@ -81,8 +82,24 @@ def dry_build(cfg: DictConfig, student: nn.Module, teacher: nn.Module | None, lo
     the stage trains several students when the method asks (kd compress does not)."""
     import copy
 
-    build_method(OmegaConf.to_container(cfg.method, resolve=True), student, teacher,
-                 num_samples=len(loaders.data.train), new_student=(lambda: copy.deepcopy(student)) if online else None)
+    new_method(cfg, student, teacher, loaders, (lambda: copy.deepcopy(student)) if online else None)
+
+
+def new_method(cfg: DictConfig, student: nn.Module, teacher: nn.Module | None, loaders: Loaders,
+               new_student: Callable[[], nn.Module] | None) -> Distiller:
+    """cfg.method built around `student`, with what the stage gives methods: the training split's size,
+    fresh students (None: this stage trains one network), the artifact loader for teachers by path."""
+    return build_method(OmegaConf.to_container(cfg.method, resolve=True), student, teacher,
+                        num_samples=len(loaders.data.train), new_student=new_student, load_model=load_model)
+
+
+def training_job(cfg: DictConfig, run: RunDir, setup: Setup, loaders: Loaders, method: Distiller, title: str,
+                 tracker: Trackers, **options: Any) -> Training:
+    """The engine's one loop, set up from the run's config (`options`: val_loader, teacher_cache)."""
+    return Training(method=method, train_loader=loaders.train, test_loader=loaders.test, optim=cfg.optim,
+                    trainer=cfg.trainer, device=setup.device, dtype=setup.dtype, eval_dtype=setup.eval_dtype,
+                    run=run, title=title, world=setup.world, tracker=tracker,
+                    resume_from=rank_resume_dir(cfg, setup, run), **options)
 
 
 def train_and_save(
@@ -91,14 +108,10 @@ def train_and_save(
 ) -> FitResult:
     """Train `model` with cfg.method (and the teacher, if any); save weights (and each peer's, for online
     methods, in peers/NAME); return the history."""
-    method = build_method(OmegaConf.to_container(cfg.method, resolve=True), model, teacher,
-                          num_samples=len(loaders.data.train), new_student=lambda: spec.build(initial=True))
+    method = new_method(cfg, model, teacher, loaders, lambda: spec.build(initial=True))
     tracker = open_trackers(cfg, run, setup.world.is_main)
-    job = Training(method=method, train_loader=loaders.train, test_loader=loaders.test, optim=cfg.optim,
-                   trainer=cfg.trainer, device=setup.device, dtype=setup.dtype, eval_dtype=setup.eval_dtype,
-                   run=run, title=title, world=setup.world, tracker=tracker,
-                   resume_from=rank_resume_dir(cfg, setup, run), val_loader=loaders.val,
-                   teacher_cache=open_teacher_cache(cfg, setup, loaders, teacher))
+    job = training_job(cfg, run, setup, loaders, method, title, tracker, val_loader=loaders.val,
+                       teacher_cache=open_teacher_cache(cfg, setup, loaders, teacher))
     with tracker:  # closed as FINISHED, or FAILED/KILLED when training raises
         result = fit(job)
         if setup.world.is_main:

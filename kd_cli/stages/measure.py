@@ -14,6 +14,8 @@ from kd_cli.compress.layers import weight_sparsity
 from kd_cli.compress.prune_unstructured import copyable, make_permanent
 from kd_cli.engine.artifacts import ModelSpec, weights_for_file
 from kd_cli.engine.metrics import topk_accuracy
+from kd_cli.stages.common import count_parameters
+from kd_cli.stages.evaluate import count_macs, measure_latency
 
 
 @dataclass
@@ -47,9 +49,6 @@ def measure(step: str, model: nn.Module, spec: ModelSpec, *, predict_on: Callabl
             batch_sizes: list[int], batches: int, params: int | None = None, macs: int | None = None) -> Measurement:
     """`predict_on(model)` -> (logits, labels) of the test split; params/MACs may be carried over
     (an int8 model has the same weights and multiply-adds, stored and done in 8 bits)."""
-    from kd_cli.stages.common import count_parameters
-    from kd_cli.stages.evaluate import count_macs, measure_latency
-
     model = saved_form(model).eval()
     device = next((t.device for t in model.state_dict().values() if isinstance(t, torch.Tensor)), torch.device("cpu"))
     logits, labels = predict_on(model)
