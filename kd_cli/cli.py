@@ -169,7 +169,11 @@ def main(argv: list[str] | None = None) -> None:
     args = [a for a in args if a != "--debug"]
     # Let exceptions reach us instead of Hydra's multi-line report; we print one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    from kd_cli.engine.process import ignore_stop_signals, install_interrupt_handlers, watch_parent
+    from kd_cli.engine.process import (
+        ignore_stop_signals,
+        install_interrupt_handlers,
+        watch_parent,
+    )
     from kd_cli.engine.slurm import adopt_slurm_tasks
 
     adopt_slurm_tasks()  # one of several tasks of a SLURM step: DDP ranks as torchrun would set them

@@ -12,7 +12,14 @@ from typing import Callable, Iterator
 
 import torch
 
-from kd_cli.engine.artifacts import META, ModelSpec, load_model, load_spec, resolve_weights
+import kd_cli.compress  # noqa: F401  (registers how a compressed model is rebuilt: kd_cli/saved_forms)
+from kd_cli.engine.artifacts import (
+    META,
+    ModelSpec,
+    load_model,
+    load_spec,
+    resolve_weights,
+)
 from kd_cli.errors import KdError
 
 log = logging.getLogger("kd")

@@ -15,6 +15,9 @@ too. A float is never NaN or infinite. Checks that tie several options together 
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 import difflib
 import inspect
 import math
@@ -58,11 +61,18 @@ NonNegativeInt = Annotated[int, Range(0)]
 
 
 class Registry:
-    """Names -> callables. A `family` serves every name under a prefix (`timm/...`) from one resolver,
-    for libraries whose names are too many to register one by one."""
+    """Names -> callables: the one way kd is extended (methods, models, data sets, compression steps,
+    optimisers). `register(name)` is the decorator; the entry's keyword arguments are its options, their
+    annotations the types and ranges `check` enforces. `name_attribute` stores the registered name on a
+    class (for its messages); `on_register(name, entry)` lets the registry's owner do more (compress
+    records how its steps' saved structure is rebuilt). A `family` serves every name under a prefix
+    (`timm/...`) from one resolver, for libraries whose names are too many to register one by one."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, name_attribute: str | None = None,
+                 on_register: Callable[[str, Callable], None] | None = None):
         self.kind = kind
+        self.name_attribute = name_attribute
+        self.on_register = on_register
         self._entries: dict[str, Callable] = {}
         self._families: dict[str, Callable[[str], Callable]] = {}
 
@@ -75,6 +85,10 @@ class Registry:
             key = name or fn.__name__
             if key in self._entries:
                 raise ValueError(f"{self.kind} '{key}' is registered twice")
+            if self.name_attribute:
+                setattr(fn, self.name_attribute, key)
+            if self.on_register:
+                self.on_register(key, fn)
             self._entries[key] = fn
             return fn
 
@@ -222,3 +236,10 @@ def check_number(key: str, value: Any, limit: Range | None = None, hint: str = "
         raise KdError(f"{key}={_show(value)} must be a finite number{f' ({hint})' if hint else ''}")
     if limit is not None and value not in limit:
         raise KdError(f"{key}={_show(value)} must be {limit.describe()}{f' ({hint})' if hint else ''}")
+
+
+def import_submodules(package: str, path: Iterable[str]) -> None:
+    """Import every module of a package (`__name__`, `__path__`), so each registers what it defines:
+    adding a method, model family, data set or compression step is adding one file."""
+    for info in pkgutil.iter_modules(path):
+        importlib.import_module(f"{package}.{info.name}")

@@ -27,8 +27,19 @@ from pathlib import Path
 from typing import Any
 
 from kd_cli.errors import KdError, warn
-from kd_cli.report.discover import (CONFIG, HYDRA, METRICS, OVERRIDES, REPRODUCTION, SUMMARY, BrokenFile, read_json,
-                                    read_metrics, read_yaml, run_status)
+from kd_cli.report.discover import (
+    CONFIG,
+    HYDRA,
+    METRICS,
+    OVERRIDES,
+    REPRODUCTION,
+    SUMMARY,
+    BrokenFile,
+    read_json,
+    read_metrics,
+    read_yaml,
+    run_status,
+)
 
 CONFIG_NAMES = {"train-teacher": "train_teacher", "distill": "distill", "evaluate": "evaluate"}
 PACKAGE_CONFIGS = "kd_cli.configs"

@@ -151,7 +151,8 @@ def test_model_families_export_to_onnx_and_match(arch, kwargs, channels, size, o
 def test_int8_model_exports_to_torchscript_but_not_onnx(tmp_path):
     from kd_cli.compress import build_step
     from kd_cli.compress.context import StepContext
-    from kd_cli.stages.export import is_int8, main
+    from kd_cli.compress import is_int8
+    from kd_cli.stages.export import main
 
     run = saved_model(tmp_path / "float", "cnn", {"width": 8, "depth": 2, "dropout": 0.0}, 1, 8)
     model, spec = load_model(run)
@@ -161,7 +162,7 @@ def test_int8_model_exports_to_torchscript_but_not_onnx(tmp_path):
     int8 = build_step("quantize_int8", options).apply(model, ctx)
     int8_spec = ModelSpec(**{**spec.__dict__, "extra": {"transforms": ctx.transforms}})
     save_model(tmp_path / "int8", int8, int8_spec)
-    assert is_int8(int8_spec) and not is_int8(spec)
+    assert is_int8(int8_spec.extra) and not is_int8(spec.extra)
 
     out = RunDir(tmp_path / "ts")
     main(stage_config(tmp_path / "int8", format="torchscript", check_inputs="random"), out)

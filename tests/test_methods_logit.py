@@ -5,7 +5,6 @@ cases, and each method end to end through the real CLI on digits and on CIFAR-sh
 from __future__ import annotations
 
 import csv
-import inspect
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from kd_cli.errors import KdError
-from kd_cli.methods import METHODS, build_method
+from kd_cli.methods import build_method
 from kd_cli.methods.dist import dist_losses, inter_class_relation, intra_class_relation
 from kd_cli.methods.dkd import dkd_losses, warmup_factor
 from kd_cli.methods.logit_utils import kd_loss
@@ -264,13 +263,8 @@ def build(cfg: dict):
 
 
 @pytest.mark.parametrize("name", ["kd", "dkd", "dist"])
-def test_yaml_sets_every_option_and_the_code_has_no_defaults(name):
-    cfg = load_yaml(name)
-    params = inspect.signature(METHODS.get(name)).parameters
-    options = {n: p for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
-    assert cfg["name"] == name and set(cfg) - {"name"} == set(options)
-    assert all(p.default is p.empty for p in options.values())
-    assert cfg["logit_standardization"] is False
+def test_logit_standardization_is_off_in_the_published_recipes(name):
+    assert load_yaml(name)["logit_standardization"] is False  # (every key: tests/test_registries.py)
 
 
 @pytest.mark.parametrize(("name", "terms"), [("kd", {"ce", "kd"}), ("dkd", {"ce", "tckd", "nckd"}),

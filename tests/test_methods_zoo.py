@@ -296,16 +296,6 @@ def method_config(name: str, **overrides) -> dict:
     return {**yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()), **overrides}
 
 
-def test_yaml_defaults_name_every_option_and_the_constructors_have_none():
-    import inspect
-
-    for name in (*FEATURE_METHODS, "tfkd"):
-        params = inspect.signature(METHODS.get(name)).parameters
-        options = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
-        assert set(method_config(name)) - {"name"} == options, name
-        assert all(params[n].default is inspect.Parameter.empty for n in options), name
-
-
 @pytest.fixture(scope="module")
 def cifar_models():
     """resnet8 (16/32/64 channels) as the student of resnet32x4 (64/128/256): unequal widths."""

@@ -178,10 +178,6 @@ def test_every_method_yaml_passes_its_checks(name):
     check_method_options(config)
 
 
-def test_every_registered_method_has_a_yaml():
-    assert set(METHODS.names()) <= {p.stem for p in (CONFIGS / "method").glob("*.yaml")}
-
-
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_compression_preset_passes_its_checks(preset):
     config = compression(preset)

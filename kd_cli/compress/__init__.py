@@ -21,25 +21,24 @@ options together or depend on this machine): `build_step` checks them, before an
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any, Iterable
 
 from torch import nn
 
-from kd_cli.errors import KdError
-from kd_cli.registry import Registry
+from kd_cli.compress.qstate import LAYOUT_KEY, decode, encode, needs_encoding
+from kd_cli.registry import Registry, import_submodules
+from kd_cli.saved_forms import StateCodec, register_codec, register_transform
 
-STEPS = Registry("compression step")
+def _record_rebuild(name: str, step: type) -> None:
+    """A step's `rebuild` (the structure it leaves, redone on a fresh network when a saved model is loaded)
+    goes to kd_cli/saved_forms, which the artifact loader reads."""
+    if hasattr(step, "rebuild"):
+        register_transform(name, step.rebuild, cpu_only=getattr(step, "cpu_only", False))
+
+
+STEPS = Registry("compression step", name_attribute="name", on_register=_record_rebuild)
+register_step = STEPS.register
 FINETUNE = "finetune"
-
-
-def register_step(name: str):
-    def add(cls):
-        cls.name = name
-        return STEPS.register(name)(cls)
-
-    return add
 
 
 def build_step(name: str, options: dict[str, Any]):
@@ -61,30 +60,12 @@ def check_steps(model: nn.Module, steps: Iterable[tuple[str, Any]]) -> None:
             layers = step.layers_after(layers)
 
 
-def rebuild(model: nn.Module, transforms: list[dict[str, Any]]) -> nn.Module:
-    """Apply the structural part of every saved transform, in order, to a freshly built model."""
-    for record in transforms:
-        kind = record.get("kind", "?") if isinstance(record, dict) else "?"
-        try:
-            model = STEPS.get(kind).rebuild(model, record)
-        except KdError:
-            raise
-        except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as error:
-            raise KdError(f"model.json's '{kind}' record does not fit the rebuilt {type(model).__name__} "
-                          f"({type(error).__name__}: {error}); was model.json edited, or written for another "
-                          f"model?") from None
-    return model
-
-
 def is_int8(extra: dict[str, Any]) -> bool:
     """True when a saved model's `extra` (model.json) records the int8 step: it loads as a CPU model."""
     return any(isinstance(t, dict) and t.get("kind") == "quantize_int8" for t in extra.get("transforms") or [])
 
 
-def _import_all() -> None:
-    for info in pkgutil.iter_modules(__path__):
-        if info.name not in ("context", "layers", "qstate"):
-            importlib.import_module(f"{__name__}.{info.name}")
+register_codec(StateCodec(LAYOUT_KEY, needs_encoding, encode, decode))  # int8 state in plain safetensors
 
 
-_import_all()
+import_submodules(__name__, __path__)

@@ -17,8 +17,15 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from kd_cli.compress import register_step
 from kd_cli.compress.context import StepContext
-from kd_cli.compress.layers import (WEIGHTED, changed_layers, check_layers, classifier_name, layer_map, resize_layers,
-                                   tensor_shapes)
+from kd_cli.compress.layers import (
+    WEIGHTED,
+    changed_layers,
+    check_layers,
+    classifier_name,
+    layer_map,
+    resize_layers,
+    tensor_shapes,
+)
 from kd_cli.errors import KdError
 from kd_cli.registry import OpenFraction, PositiveInt
 

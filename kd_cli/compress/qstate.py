@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 LAYOUT_KEY = "kd_layout"
-QDTYPES = {"qint8": torch.qint8, "quint8": torch.quint8, "qint32": torch.qint32}
 PER_CHANNEL = (torch.per_channel_affine, torch.per_channel_symmetric)
 
 

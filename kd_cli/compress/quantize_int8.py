@@ -39,6 +39,8 @@ class QuantizeInt8:
     calibration_batches: training batches observed (static); layers: only these layers (empty: every
     conv/linear); skip: layers kept in float (often the first conv and the classifier)."""
 
+    cpu_only = True  # torch.ao's int8 kernels: a saved int8 model loads onto the CPU
+
     def __init__(self, mode: Mode, backend: Backend, calibration_batches: PositiveInt, layers: list[str],
                  skip: list[str]):
         self.mode, self.backend, self.calibration_batches = mode, backend, calibration_batches
@@ -97,7 +99,11 @@ class QuantizeInt8:
                           "quantised; leave them out of skip")
 
     def _prepare(self, model: nn.Module, example: torch.Tensor) -> nn.Module:
-        from torch.ao.quantization import QConfigMapping, default_dynamic_qconfig, get_default_qconfig
+        from torch.ao.quantization import (
+            QConfigMapping,
+            default_dynamic_qconfig,
+            get_default_qconfig,
+        )
         from torch.ao.quantization.quantize_fx import prepare_fx
 
         torch.backends.quantized.engine = self.backend

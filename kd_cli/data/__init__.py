@@ -1,7 +1,8 @@
 """Data: the data-set registry, in-memory tensor splits, batched on-device augmentation, loaders.
 
-Importing this package registers every built-in data set. `check_dataset_config` checks a dataset
-config node without loading anything; `load_dataset` checks it too, loads, and checks the splits.
+Importing this package registers every data set: each module here that defines one does so with
+`@register_dataset`. `check_dataset_config` checks a dataset config node without loading anything;
+`load_dataset` checks it too, loads, and checks the splits.
 """
 
 from kd_cli.data.augment import AugmentSpec
@@ -9,7 +10,9 @@ from kd_cli.data.base import (COMMON_KEYS, DATASETS, DataSplits, FolderSplit, Te
                               register_dataset)
 from kd_cli.data.load import load_dataset
 from kd_cli.data.loader import make_loader
-from kd_cli.data import digits, folder, synthetic, torchvision_sets  # noqa: F401  (register the data sets)
+from kd_cli.registry import import_submodules
+
+import_submodules(__name__, __path__)
 
 __all__ = [
     "DATASETS", "register_dataset", "load_dataset", "check_dataset_config", "DataSplits", "TensorSplit",

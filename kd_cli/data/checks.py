@@ -31,7 +31,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from kd_cli.data.base import DataSplits, FolderSplit, TensorSplit, folder_samples, split_labels
+from kd_cli.data.base import (
+    DataSplits,
+    FolderSplit,
+    TensorSplit,
+    folder_samples,
+    split_labels,
+)
 from kd_cli.errors import KdError, warn
 
 SHOWN = 5  # class names listed in a message before "..."

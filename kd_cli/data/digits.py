@@ -12,7 +12,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kd_cli.data.base import DataSplits, SplitSeed, TensorSplit, register_dataset, tensor_splits
+from kd_cli.data.base import (
+    DataSplits,
+    SplitSeed,
+    TensorSplit,
+    register_dataset,
+    tensor_splits,
+)
 from kd_cli.data.files import brief
 from kd_cli.errors import KdError
 from kd_cli.registry import OpenFraction

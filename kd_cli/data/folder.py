@@ -31,8 +31,15 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
 
-from kd_cli.data.base import (DataSplits, FolderSplit, SplitSeed, absolute, fingerprint, folder_samples,
-                              register_dataset)
+from kd_cli.data.base import (
+    DataSplits,
+    FolderSplit,
+    SplitSeed,
+    absolute,
+    fingerprint,
+    folder_samples,
+    register_dataset,
+)
 from kd_cli.data.files import brief
 from kd_cli.errors import KdError, warn
 from kd_cli.registry import OpenFraction, PositiveInt, Range

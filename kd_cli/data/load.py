@@ -10,8 +10,17 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from kd_cli.data.base import (DATASETS, DataSplits, FolderSplit, TensorSplit, dataset_options, plain_dict,
-                              check_dataset_config, fingerprint, split_labels)
+from kd_cli.data.base import (
+    DATASETS,
+    DataSplits,
+    FolderSplit,
+    TensorSplit,
+    check_dataset_config,
+    dataset_options,
+    fingerprint,
+    plain_dict,
+    split_labels,
+)
 from kd_cli.data.checks import check_splits
 from kd_cli.errors import KdError
 

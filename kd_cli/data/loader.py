@@ -12,9 +12,20 @@ from dataclasses import asdict, replace
 from typing import Any, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    Sampler,
+)
 
-from kd_cli.data.augment import AugmentSpec, augment_batch, channel_stats, check_in_memory
+from kd_cli.data.augment import (
+    AugmentSpec,
+    augment_batch,
+    channel_stats,
+    check_in_memory,
+)
 from kd_cli.data.base import FolderSplit, TensorSplit, folder_samples
 from kd_cli.data.folder import UnreadableImage
 from kd_cli.errors import KdError

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from kd_cli.data.base import ClassCount, DataSplits, TensorSplit, TorchSeed, register_dataset, tensor_splits
+from kd_cli.data.base import (
+    ClassCount,
+    DataSplits,
+    TensorSplit,
+    TorchSeed,
+    register_dataset,
+    tensor_splits,
+)
 from kd_cli.registry import PositiveInt
 
 

@@ -30,7 +30,13 @@ import numpy as np
 import torch
 from torchvision import datasets as tv
 
-from kd_cli.data.base import DataSplits, TensorSplit, absolute, register_dataset, tensor_splits
+from kd_cli.data.base import (
+    DataSplits,
+    TensorSplit,
+    absolute,
+    register_dataset,
+    tensor_splits,
+)
 from kd_cli.data.files import open_or_explain
 from kd_cli.data.safe_pickle import reading_with
 from kd_cli.errors import KdError

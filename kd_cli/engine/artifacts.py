@@ -19,6 +19,7 @@ from torch import nn
 
 from kd_cli.engine.files import atomic_write, read_json, write_json
 from kd_cli.errors import KdError
+from kd_cli.saved_forms import decode_state, encode_state, rebuild, runs_on_cpu_only
 
 WEIGHTS = "model.safetensors"
 META = "model.json"
@@ -62,14 +63,9 @@ def save_model(directory: Path, model: nn.Module, spec: ModelSpec) -> Path:
 
 
 def weights_for_file(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and header metadata of model.safetensors (int8 state encoded, see compress/qstate)."""
-    state = _plain(model).state_dict()
-    metadata = {"format": FORMAT}
-    from kd_cli.compress.qstate import LAYOUT_KEY, encode, needs_encoding
-
-    if needs_encoding(state):
-        state, metadata[LAYOUT_KEY] = encode(state)
-    return _unshare({k: v.detach().contiguous().cpu() for k, v in state.items()}), metadata
+    """The tensors and header metadata of model.safetensors (int8 state encoded: kd_cli/saved_forms.py)."""
+    state, header = encode_state(_plain(model).state_dict())
+    return _unshare({k: v.detach().contiguous().cpu() for k, v in state.items()}), {"format": FORMAT, **header}
 
 
 def _plain(model: nn.Module) -> nn.Module:
@@ -132,10 +128,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
     model = spec.build()
     transforms = spec.extra.get("transforms", [])
     if transforms:  # compressed: redo the saved structure (pruned widths, factorised layers, int8)
-        from kd_cli.compress import is_int8, rebuild
-
         model = rebuild(model, transforms)
-        if is_int8(spec.extra):
+        if runs_on_cpu_only(transforms):
             device = "cpu"
     state = read_weights(weights)
     load_state(model, state, f"{weights} (arch {spec.arch})")
@@ -143,13 +137,10 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
 
 
 def read_weights(weights: Path) -> dict[str, Any]:
-    from kd_cli.compress.qstate import LAYOUT_KEY, decode
-
     try:
         with safe_open(str(weights), framework="pt", device="cpu") as handle:
-            layout = (handle.metadata() or {}).get(LAYOUT_KEY)
-        state = load_file(str(weights), device="cpu")
-        return decode(state, layout) if layout else state
+            header = handle.metadata() or {}
+        return decode_state(load_file(str(weights), device="cpu"), header)
     except (SafetensorError, OSError, ValueError, KeyError) as error:
         raise KdError(f"{weights} is corrupt or not a safetensors file ({error})") from None
 

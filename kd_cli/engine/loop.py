@@ -23,16 +23,22 @@ import torch
 from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
 
-from kd_cli.engine.checkpoint import LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from kd_cli.engine.checkpoint import (
+    LAST,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from kd_cli.engine.device import autocast, use_channels_last
 from kd_cli.engine.distributed import World, all_reduce_sum
 from kd_cli.engine.metrics import predict, topk_accuracy
 from kd_cli.engine.optim import Schedule, build_optimizer, param_groups, set_lr
-from kd_cli.engine.values import check_optim, compile_mode
 from kd_cli.engine.progress import make_reporter
 from kd_cli.engine.rundir import RunDir
 from kd_cli.engine.teacher_cache import TeacherCache
 from kd_cli.engine.trackers import Trackers
+from kd_cli.engine.values import check_optim, compile_mode
 from kd_cli.errors import KdError
 from kd_cli.methods.base import Distiller
 from kd_cli.models.features import backbone_parameters

@@ -6,6 +6,7 @@ scheduler state and the learning rate after a resume is exactly the uninterrupte
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -13,7 +14,9 @@ from typing import Any, Iterable
 import torch
 from omegaconf import DictConfig
 
+from kd_cli.engine.optimizers import OPTIMIZERS
 from kd_cli.errors import KdError
+
 
 def param_groups(params: Iterable[torch.nn.Parameter], backbone: Iterable[torch.nn.Parameter],
                  backbone_lr_scale: float) -> list[dict]:
@@ -29,21 +32,11 @@ def param_groups(params: Iterable[torch.nn.Parameter], backbone: Iterable[torch.
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter] | list[dict], cfg: DictConfig) -> torch.optim.Optimizer:
+    """The optimiser `optim.name` names (engine/optimizers.py), given the options of cfg its builder takes."""
     params = list(params)
-    fused = use_fused(cfg.fused, params)
-    # Every parameter is decayed, biases and BN scales included, as in the KD literature's recipes.
-    if cfg.name == "sgd":
-        nesterov = cfg.nesterov and cfg.momentum > 0
-        optimizer = torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov, weight_decay=cfg.weight_decay, fused=fused
-        )
-        if fused and cfg.momentum > 0:
-            _start_momentum(optimizer)
-        return optimizer
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-                                 fused=fused)
-    raise KdError(f"unknown optim.name '{cfg.name}' (choose from: sgd, adamw)")
+    builder = OPTIMIZERS.get(cfg.name)
+    takes = [name for name in inspect.signature(builder).parameters if name not in ("params", "fused")]
+    return builder(params, fused=use_fused(cfg.fused, params), **{name: cfg[name] for name in takes})
 
 
 def use_fused(setting: Any, params: list) -> bool | None:
@@ -60,15 +53,6 @@ def use_fused(setting: Any, params: list) -> bool | None:
     if str(setting).lower() == "auto" and supported:
         return True
     return None  # torch's default (the foreach kernels)
-
-
-def _start_momentum(optimizer: torch.optim.SGD) -> None:
-    """Zero momentum buffers for every parameter from the start. torch's fused SGD cannot step when some
-    parameters have a buffer and others get their first gradient later (FSP's and other two-phase
-    methods' classifier); with dampening 0 a zero buffer gives the same first step as torch's own."""
-    for group in optimizer.param_groups:
-        for parameter in group["params"]:
-            optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,13 @@ class BarReporter(PlainReporter):
 
     def __init__(self, title: str, epochs: int, steps: int):
         super().__init__(title, epochs)
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         self.steps = steps
         self.progress = Progress(

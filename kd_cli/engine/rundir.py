@@ -21,7 +21,12 @@ from typing import Any, Callable, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
-from kd_cli.engine.files import atomic_write, leftover_temporary_files, read_json, write_json
+from kd_cli.engine.files import (
+    atomic_write,
+    leftover_temporary_files,
+    read_json,
+    write_json,
+)
 from kd_cli.engine.lock import holder
 from kd_cli.errors import WARNINGS
 

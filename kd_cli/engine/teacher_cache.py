@@ -37,8 +37,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from kd_cli.engine.files import atomic_write, write_json
 from kd_cli.data.files import brief
+from kd_cli.engine.files import atomic_write, write_json
 from kd_cli.errors import KdError, warn
 
 KEY_FILE = "key.json"

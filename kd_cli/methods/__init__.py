@@ -17,26 +17,18 @@ term whose weight is 0 (no column of zeros in metrics.csv, no time spent on it).
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import pkgutil
 from typing import Any, Callable, Mapping
 
 from torch import nn
 
 from kd_cli.errors import KdError
 from kd_cli.methods.base import Distiller
-from kd_cli.registry import Registry
+from kd_cli.registry import Registry, import_submodules
 
-METHODS = Registry("method")
-
-
-def register_method(name: str):
-    def add(cls):
-        cls.method_name = name  # for messages (`method=kd: ...`), also in a subclass's inherited rules
-        return METHODS.register(name)(cls)
-
-    return add
+# the registered name is kept as `method_name`, for messages (`method=kd: ...`), also in a subclass's rules
+METHODS = Registry("method", name_attribute="method_name")
+register_method = METHODS.register
 
 
 FIXED = ("student", "teacher", "num_samples", "new_student", "load_model")  # given by the stage, not options
@@ -86,13 +78,7 @@ def method_requires_teacher(name: str) -> bool:
     return METHODS.get(name).requires_teacher
 
 
-def _import_all() -> None:
-    for info in pkgutil.iter_modules(__path__):
-        if info.name != "base":
-            importlib.import_module(f"{__name__}.{info.name}")
-
-
-_import_all()
+import_submodules(__name__, __path__)
 
 __all__ = ["METHODS", "Distiller", "build_method", "check_method_options", "method_requires_teacher",
            "register_method"]

@@ -23,7 +23,12 @@ from torch import nn
 
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller, embedding_layers
-from kd_cli.methods.feature_utils import Regressor, check_relation_batch, flatten, require_same_kind
+from kd_cli.methods.feature_utils import (
+    Regressor,
+    check_relation_batch,
+    flatten,
+    require_same_kind,
+)
 from kd_cli.registry import NonNegative, NonNegativeInt, Positive
 
 

@@ -26,8 +26,15 @@ from torch import nn
 from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller, embedding_layers
-from kd_cli.methods.feature_utils import (Regressor, Shape, full_precision, is_map, matched_size, pool_to,
-                                          require_same_kind)
+from kd_cli.methods.feature_utils import (
+    Regressor,
+    Shape,
+    full_precision,
+    is_map,
+    matched_size,
+    pool_to,
+    require_same_kind,
+)
 from kd_cli.registry import NonNegative, Positive
 
 VARIANCE_EPS = 1e-6  # the authors' code's (torchdistill's PADL2Loss eps)

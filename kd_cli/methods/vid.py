@@ -22,7 +22,12 @@ from torch import nn
 from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
-from kd_cli.methods.feature_utils import full_precision, is_map, match_spatial, require_same_kind
+from kd_cli.methods.feature_utils import (
+    full_precision,
+    is_map,
+    match_spatial,
+    require_same_kind,
+)
 from kd_cli.registry import NonNegative, Positive
 
 

@@ -1,10 +1,10 @@
-"""Model registry and model families. Importing this package registers every family."""
+"""Model registry and model families. Importing this package registers every family: each module here
+defines its builders with `@register_model` (timm style: one file per family; timm and transformers
+themselves are imported on use)."""
 
 from kd_cli.models.registry import MODELS, check_model_options, create_model, list_models, register_model
+from kd_cli.registry import import_submodules
 
-# Each import registers its family's builders (timm style: one file per family).
-from kd_cli.models import small  # noqa: F401,E402
-from kd_cli.models import cifar_resnet, wrn, vgg, mobilenetv2, shufflenetv1, shufflenetv2  # noqa: F401,E402
-from kd_cli.models import torchvision_models, timm_models, hf_models  # noqa: F401,E402  (timm/hf: imported on use)
+import_submodules(__name__, __path__)
 
 __all__ = ["MODELS", "check_model_options", "create_model", "list_models", "register_model"]

@@ -24,8 +24,8 @@ from typing import Callable
 from torch import nn
 
 from kd_cli.errors import KdError
-from kd_cli.models.features import set_feature_layers, tap_classifier_input
 from kd_cli.models.checkpoints import brief_error as _brief
+from kd_cli.models.features import set_feature_layers, tap_classifier_input
 from kd_cli.models.layers import DropoutRate, check_io
 from kd_cli.models.registry import MODELS
 

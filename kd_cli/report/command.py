@@ -7,9 +7,22 @@ from pathlib import Path
 
 from kd_cli.errors import KdError
 from kd_cli.overrides import canonical
-from kd_cli.report.discover import (Run, Skipped, all_skipped_error, display_path, find_run_dirs,
-                                    load_or_skip, no_runs_error)
-from kd_cli.report.table import METRICS, build_report, print_table, write_csv, write_markdown
+from kd_cli.report.discover import (
+    Run,
+    Skipped,
+    all_skipped_error,
+    display_path,
+    find_run_dirs,
+    load_or_skip,
+    no_runs_error,
+)
+from kd_cli.report.table import (
+    METRICS,
+    build_report,
+    print_table,
+    write_csv,
+    write_markdown,
+)
 
 DESCRIPTION = """\
 One row per setting: runs that differ only in `seed` are one setting, shown as mean ± std over

@@ -17,7 +17,16 @@ import yaml
 
 from kd_cli.engine.checkpoint import LAST, load_checkpoint
 from kd_cli.engine.lock import DirectoryLock
-from kd_cli.engine.rundir import COMPLETE, CONFIG, METRICS, SWEEP_RECORD, enclosing, holds_run, holds_sweep, read_summary
+from kd_cli.engine.rundir import (
+    COMPLETE,
+    CONFIG,
+    METRICS,
+    SWEEP_RECORD,
+    enclosing,
+    holds_run,
+    holds_sweep,
+    read_summary,
+)
 from kd_cli.errors import KdError
 from kd_cli.overrides import canonical, flatten, override_map
 

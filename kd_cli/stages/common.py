@@ -17,9 +17,15 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+import kd_cli.compress  # noqa: F401  (registers how a compressed model is rebuilt: kd_cli/saved_forms)
 from kd_cli.engine.artifacts import ModelSpec
-from kd_cli.engine.device import (evaluation_precision, resolve_device, resolve_precision, seed_everything,
-                                  use_channels_last)
+from kd_cli.engine.device import (
+    evaluation_precision,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+    use_channels_last,
+)
 from kd_cli.engine.distributed import World, init_distributed
 from kd_cli.engine.files import atomic_write, read_json
 from kd_cli.engine.lock import Owner

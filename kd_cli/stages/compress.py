@@ -19,18 +19,39 @@ from torch import nn
 
 from kd_cli.compress import FINETUNE, STEPS, build_step, check_steps, is_int8
 from kd_cli.compress.context import StepContext
-from kd_cli.stages.measure import Measurement, measure
 from kd_cli.compress.prune_unstructured import copyable, make_permanent
 from kd_cli.data import make_loader
-from kd_cli.engine.artifacts import ModelSpec, load_model, load_spec, resolve_weights, save_model, weights_digest
+from kd_cli.engine.artifacts import (
+    ModelSpec,
+    load_model,
+    load_spec,
+    resolve_weights,
+    save_model,
+    weights_digest,
+)
 from kd_cli.engine.loop import fit
 from kd_cli.engine.metrics import predict
 from kd_cli.engine.rundir import COMPLETE, CONFIG, RunDir
 from kd_cli.engine.trackers import Trackers, open_trackers
 from kd_cli.errors import KdError
 from kd_cli.methods import method_requires_teacher
-from kd_cli.stages.common import Setup, check_model_fits, print_config, saved_dataset, setup_run, start_run
-from kd_cli.stages.training import Loaders, data_env, dry_build, load_data, new_method, training_job
+from kd_cli.stages.common import (
+    Setup,
+    check_model_fits,
+    print_config,
+    saved_dataset,
+    setup_run,
+    start_run,
+)
+from kd_cli.stages.measure import Measurement, measure
+from kd_cli.stages.training import (
+    Loaders,
+    data_env,
+    dry_build,
+    load_data,
+    new_method,
+    training_job,
+)
 
 log = logging.getLogger("kd")
 TABLE = "compression.csv"

@@ -7,14 +7,34 @@ import time
 
 from omegaconf import DictConfig
 
-from kd_cli.engine.metrics import predict, topk_accuracy
 from kd_cli.engine.artifacts import load_model
+from kd_cli.engine.metrics import predict, topk_accuracy
 from kd_cli.engine.rundir import RunDir, is_complete, read_summary
 from kd_cli.methods import method_requires_teacher
-from kd_cli.stages.common import check_pretrained_form, count_parameters, model_spec, print_config, setup_run, start_run
-from kd_cli.stages.teacher import TeacherPlan, check_teacher_outputs, obtain_teacher, plan_teacher
-from kd_cli.stages.training import (data_env, dry_build, finish, load_data, objective, print_results,
-                                    selection_rows, train_and_save)
+from kd_cli.stages.common import (
+    check_pretrained_form,
+    count_parameters,
+    model_spec,
+    print_config,
+    setup_run,
+    start_run,
+)
+from kd_cli.stages.teacher import (
+    TeacherPlan,
+    check_teacher_outputs,
+    obtain_teacher,
+    plan_teacher,
+)
+from kd_cli.stages.training import (
+    data_env,
+    dry_build,
+    finish,
+    load_data,
+    objective,
+    print_results,
+    selection_rows,
+    train_and_save,
+)
 
 
 def main(cfg: DictConfig, run: RunDir) -> float:

@@ -14,12 +14,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from kd_cli.compress import is_int8
 from kd_cli.data import load_dataset, make_loader
 from kd_cli.engine.artifacts import ModelSpec, load_model, load_spec, resolve_weights
 from kd_cli.engine.metrics import classification_report, predict
 from kd_cli.engine.rundir import COMPLETE, CONFIG, RunDir
 from kd_cli.errors import KdError
-from kd_cli.stages.common import check_model_fits, count_parameters, saved_dataset, setup_run, start_run
+from kd_cli.saved_forms import rebuild
+from kd_cli.stages.common import (
+    check_model_fits,
+    count_parameters,
+    saved_dataset,
+    setup_run,
+    start_run,
+)
 from kd_cli.stages.training import print_results
 
 log = logging.getLogger("kd")
@@ -94,8 +102,6 @@ def _dataset_config(cfg: DictConfig, weights: Path) -> dict:
 def float_twin(model: nn.Module, spec: ModelSpec) -> nn.Module:
     """For an int8 model, the float network of the same shape (torch's counter skips int8 ops);
     the multiply-adds are the same, done in 8 bits. Other models are returned as they are."""
-    from kd_cli.compress import is_int8, rebuild
-
     if not is_int8(spec.extra):
         return model
     return rebuild(spec.build(), spec.extra["transforms"][:-1]).eval()

@@ -30,7 +30,14 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from kd_cli.engine.artifacts import META, ModelSpec, load_model, load_spec, resolve_weights
+from kd_cli.engine.artifacts import (
+    META,
+    ModelSpec,
+    load_model,
+    load_spec,
+    resolve_weights,
+)
+from kd_cli.compress import is_int8
 from kd_cli.engine.device import seed_everything
 from kd_cli.engine.files import atomic_write
 from kd_cli.engine.rundir import COMPLETE, RunDir
@@ -56,7 +63,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     seed_everything(cfg.seed)
     weights = resolve_weights(cfg.run)
     spec = load_spec(weights)
-    if cfg.format == "onnx" and is_int8(spec):
+    if cfg.format == "onnx" and is_int8(spec.extra):
         raise KdError(f"ONNX export of int8 models is not supported ({weights} holds int8 weights); export the "
                       f"float model instead: kd export run={weights.parent / 'float'} format=onnx "
                       f"(or format=torchscript for the int8 model)")
@@ -73,7 +80,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         "format": cfg.format, "file": path.name, "size_bytes": path.stat().st_size,
         "exporter": "torch.onnx.export(dynamo=True)" if cfg.format == "onnx" else "torch.jit.trace",
         "opset": onnx_opset(path) if cfg.format == "onnx" else None,
-        "dynamic_batch": cfg.dynamic_batch, "int8": is_int8(spec),
+        "dynamic_batch": cfg.dynamic_batch, "int8": is_int8(spec.extra),
         "check_runtime": "onnxruntime CPUExecutionProvider" if cfg.format == "onnx" else "torch.jit.load",
         "check_inputs": source, "check_batch_sizes": [len(b) for b in batches],
         **result, "tolerance": cfg.tolerance,
@@ -114,13 +121,6 @@ def _batch_label(cfg: DictConfig) -> str:
     if cfg.dynamic_batch:
         return "yes (checked at two sizes)"
     return f"no (fixed at {cfg.check_batch_size})" if cfg.format == "onnx" else "not checked"
-
-
-def is_int8(spec: ModelSpec) -> bool:
-    """True when model.json records compress's int8 step (load_model then returns a torch.ao int8 model)."""
-    from kd_cli.compress import is_int8 as records_int8
-
-    return records_int8(spec.extra)
 
 
 def check_options(cfg: DictConfig) -> None:

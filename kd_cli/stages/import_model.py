@@ -19,13 +19,19 @@ from omegaconf import DictConfig
 
 from kd_cli.data import load_dataset, make_loader
 from kd_cli.engine.artifacts import load_model, save_model
+from kd_cli.engine.files import read_json
 from kd_cli.engine.metrics import predict, topk_accuracy
 from kd_cli.engine.rundir import COMPLETE, RunDir
-from kd_cli.engine.files import read_json
 from kd_cli.errors import KdError, warn
 from kd_cli.models.checkpoints import fit_state, read_state_dict
 from kd_cli.models.hf_models import hf_from_folder
-from kd_cli.stages.common import count_parameters, dataset_options, model_spec, setup_run, start_run
+from kd_cli.stages.common import (
+    count_parameters,
+    dataset_options,
+    model_spec,
+    setup_run,
+    start_run,
+)
 from kd_cli.stages.training import print_results
 
 SAME_OUTPUTS = 1e-5  # largest |saved model - imported module| over the test logits

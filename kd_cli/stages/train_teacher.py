@@ -9,9 +9,22 @@ from omegaconf import DictConfig
 from kd_cli.engine.rundir import RunDir
 from kd_cli.errors import KdError
 from kd_cli.methods import method_requires_teacher
-from kd_cli.stages.common import check_pretrained_form, model_spec, print_config, setup_run, start_run
-from kd_cli.stages.training import (data_env, finish, load_data, objective, print_results, selection_rows,
-                                    train_and_save)
+from kd_cli.stages.common import (
+    check_pretrained_form,
+    model_spec,
+    print_config,
+    setup_run,
+    start_run,
+)
+from kd_cli.stages.training import (
+    data_env,
+    finish,
+    load_data,
+    objective,
+    print_results,
+    selection_rows,
+    train_and_save,
+)
 
 
 def main(cfg: DictConfig, run: RunDir) -> float:

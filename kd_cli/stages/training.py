@@ -16,13 +16,20 @@ from kd_cli.data import AugmentSpec, DataSplits, load_dataset, make_loader
 from kd_cli.engine.artifacts import ModelSpec, load_model, save_model
 from kd_cli.engine.device import use_channels_last
 from kd_cli.engine.loop import FitResult, Training, fit
-from kd_cli.engine.teacher_cache import TeacherCache, teacher_identity
 from kd_cli.engine.rundir import COMPLETE, RunDir
+from kd_cli.engine.teacher_cache import TeacherCache, teacher_identity
 from kd_cli.engine.trackers import Trackers, check_trackers, open_trackers
 from kd_cli.errors import KdError
 from kd_cli.methods import build_method
 from kd_cli.methods.base import Distiller
-from kd_cli.stages.common import PEERS, Setup, check_channels, count_parameters, dataset_options, output_dir
+from kd_cli.stages.common import (
+    PEERS,
+    Setup,
+    check_channels,
+    count_parameters,
+    dataset_options,
+    output_dir,
+)
 
 log = logging.getLogger("kd")
 
