@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kd-installed
 
-.PHONY: run test test-slow bench clean
+.PHONY: run test test-slow lint format bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,16 @@ run: $(STAMP)
 # --dist loadfile keeps a test file on one worker, so its module fixtures (trained teachers) are built once.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
+
+# ruff (pyflakes, pycodestyle, import order, bugbear, pyupgrade; and the format) and mypy on kd_cli.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # The accuracy bars on real data (digits, MNIST): several minutes of training.
 test-slow: $(STAMP)

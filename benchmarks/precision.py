@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 
 import torch
+from throughput import cifar_like, kd_engine, plain_loop
 
 from kd_cli.engine.device import cpu_has_bf16_units, resolve_precision, use_channels_last
-from throughput import cifar_like, kd_engine, plain_loop
 
 
 def main() -> None:

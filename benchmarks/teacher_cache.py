@@ -18,15 +18,15 @@ import time
 from pathlib import Path
 
 import torch
+from throughput import MEAN, SPEC, STD, cifar_like, optim_cfg, trainer_cfg
 
+from kd_cli.data import make_loader
 from kd_cli.engine.device import autocast, resolve_precision
 from kd_cli.engine.loop import Training, fit
 from kd_cli.engine.rundir import RunDir
 from kd_cli.engine.teacher_cache import TeacherCache, teacher_identity
 from kd_cli.methods import build_method
 from kd_cli.models import create_model
-from throughput import MEAN, SPEC, STD, cifar_like, optim_cfg, trainer_cfg
-from kd_cli.data import make_loader
 
 TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
 TIMING = ("images_per_s", "seconds")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from kd_cli.errors import INTERRUPTED_RUNS, one_line, take_error, unknown_choice
 

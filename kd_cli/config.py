@@ -9,7 +9,7 @@ of the registered loader or method instead (see kd_cli/registry.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -24,10 +24,10 @@ class PathsConfig:
 @dataclass
 class ModelConfig:
     arch: str = MISSING
-    kwargs: Dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=dict)
     # teacher only: a run directory, a model.safetensors file, `auto` (newest matching teacher run
     # under paths.outputs, trained first when there is none) or null (train-teacher).
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
 
 
 @dataclass
@@ -47,9 +47,9 @@ class OptimConfig:
     weight_decay: float = MISSING
     momentum: float = MISSING
     nesterov: bool = MISSING
-    betas: List[float] = MISSING
+    betas: list[float] = MISSING
     schedule: str = MISSING
-    milestones: List[int] = MISSING
+    milestones: list[int] = MISSING
     gamma: float = MISSING
     warmup_epochs: float = MISSING
     min_lr: float = MISSING
@@ -69,9 +69,9 @@ class TrainerConfig:
     deterministic: bool = MISSING
     num_workers: int = MISSING
     eval_every: int = MISSING
-    grad_clip: Optional[float] = MISSING
+    grad_clip: float | None = MISSING
     progress: str = MISSING
-    max_steps_per_epoch: Optional[int] = MISSING
+    max_steps_per_epoch: int | None = MISSING
 
 
 @dataclass
@@ -88,15 +88,15 @@ class TensorBoardLoggerConfig:
 class MlflowLoggerConfig:
     tracking_uri: str = MISSING
     experiment: str = MISSING
-    artifact_location: Optional[str] = MISSING
+    artifact_location: str | None = MISSING
 
 
 @dataclass
 class WandbLoggerConfig:
     project: str = MISSING
-    entity: Optional[str] = MISSING
-    group: Optional[str] = MISSING
-    tags: List[str] = MISSING
+    entity: str | None = MISSING
+    group: str | None = MISSING
+    tags: list[str] = MISSING
     mode: str = MISSING
     dir: str = MISSING
 
@@ -105,10 +105,10 @@ class WandbLoggerConfig:
 class LoggerConfig:
     """One key per selected tracker: `logger=mlflow` fills `mlflow`, `logger=[tensorboard,mlflow]` both."""
 
-    csv: Optional[CsvLoggerConfig] = None
-    tensorboard: Optional[TensorBoardLoggerConfig] = None
-    mlflow: Optional[MlflowLoggerConfig] = None
-    wandb: Optional[WandbLoggerConfig] = None
+    csv: CsvLoggerConfig | None = None
+    tensorboard: TensorBoardLoggerConfig | None = None
+    mlflow: MlflowLoggerConfig | None = None
+    wandb: WandbLoggerConfig | None = None
 
 
 @dataclass
@@ -126,7 +126,7 @@ class TrainConfig(BaseConfig):
     method: Any = MISSING
     optim: OptimConfig = MISSING
     logger: LoggerConfig = MISSING
-    resume: Optional[str] = None  # a run directory (or a sweep folder) to continue
+    resume: str | None = None  # a run directory (or a sweep folder) to continue
     resume_extend: bool = False  # let resume= train the run longer (trainer.epochs, trainer.eval_every)
 
 
@@ -134,7 +134,7 @@ class TrainConfig(BaseConfig):
 class TrainTeacherConfig(TrainConfig):
     teacher: ModelConfig = MISSING
     # Ignored: lets one experiment preset (teacher + student) serve train-teacher and distill alike.
-    student: Optional[ModelConfig] = None
+    student: ModelConfig | None = None
 
 
 @dataclass
@@ -155,7 +155,7 @@ class DistillConfig(TrainConfig):
 class EvaluateConfig(BaseConfig):
     run: str = MISSING
     split: str = MISSING
-    teacher_run: Optional[str] = None
+    teacher_run: str | None = None
     latency_batches: int = MISSING
     latency_batch_size: int = MISSING
 
@@ -163,7 +163,7 @@ class EvaluateConfig(BaseConfig):
 @dataclass
 class ImportConfig(BaseConfig):
     source: str = MISSING
-    nested: Optional[str] = None
+    nested: str | None = None
     model: ModelConfig = MISSING
 
 
@@ -173,7 +173,7 @@ class CompressConfig(TrainConfig):
     dataset: Any = None  # the model's own data set unless given
     compression: Any = MISSING  # open: each step's options are checked against its class (kd_cli/compress)
     latency_batches: int = MISSING
-    latency_batch_sizes: List[int] = MISSING
+    latency_batch_sizes: list[int] = MISSING
 
 
 @dataclass

@@ -51,7 +51,7 @@ def _install_hint_for_plugin(text: str) -> str:
     return text
 
 
-def _messages(error: BaseException) -> list[str]:
+def _messages(error: BaseException | None) -> list[str]:
     """The error's message and those of its causes, without repeats."""
     seen: list[str] = []
     while error is not None and len(seen) < 4:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -141,8 +141,8 @@ def predict_files(model: Predictor, files: list[Path], transform: Callable,
         for batch in _batches(files, args.batch_size):
             loaded = list(pool.map(load, batch))
             if args.strict and any(isinstance(item, str) for item in loaded):
-                bad = next(i for i, item in enumerate(loaded) if isinstance(item, str))
-                return rows, [(batch[bad], loaded[bad])]
+                bad = next((path, item) for path, item in zip(batch, loaded) if isinstance(item, str))
+                return rows, [bad]
             kept = [(path, item) for path, item in zip(batch, loaded) if not isinstance(item, str)]
             skipped += [(path, item) for path, item in zip(batch, loaded) if isinstance(item, str)]
             if not kept:

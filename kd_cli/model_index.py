@@ -14,8 +14,9 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 INDEX_FILE = Path(__file__).with_name("model_index.json")
 MODEL_SOURCES = Path(__file__).with_name("models")

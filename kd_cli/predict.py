@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kd_cli.console import print_table
 from kd_cli.errors import KdError, warn
 
 if TYPE_CHECKING:
@@ -118,7 +119,7 @@ def main(argv: list[str]) -> int:
     if not rows:
         raise KdError(f"none of the {len(files)} image(s) could be read; nothing written")
     write_csv(args.out, rows, min(args.top_k, model.spec.num_classes))
-    print_table(rows, model, args.out)
+    print_predictions(rows, model, args.out)
     return 0
 
 
@@ -172,20 +173,11 @@ def write_csv(path: Path, rows: list[dict], k: int) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def print_table(rows: list[dict], model: Predictor, out: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"kd predict: {len(rows)} image(s), {model.spec.arch} ({model.source})")
-    table.add_column("file", overflow="fold")
-    table.add_column("top-1")
-    table.add_column("p", justify="right")
-    table.add_column("next")
-    for row in rows[:SHOWN_ROWS]:
-        rest = ", ".join(f"{name} {prob:.2f}" for name, prob in zip(row["classes"][1:3], row["probs"][1:3]))
-        table.add_row(row["file"], row["classes"][0], f"{row['probs'][0]:.3f}", rest)
-    console = Console()
-    console.print(table)
-    if len(rows) > SHOWN_ROWS:
-        console.print(f"... and {len(rows) - SHOWN_ROWS} more", highlight=False)
-    console.print(f"predictions: {out}", highlight=False, soft_wrap=True)
+def print_predictions(rows: list[dict], model: Predictor, out: Path) -> None:
+    cells = [[row["file"], row["classes"][0], f"{row['probs'][0]:.3f}",
+              ", ".join(f"{name} {prob:.2f}" for name, prob in zip(row["classes"][1:3], row["probs"][1:3]))]
+             for row in rows[:SHOWN_ROWS]]
+    more = [f"... and {len(rows) - SHOWN_ROWS} more"] if len(rows) > SHOWN_ROWS else []
+    print_table(f"kd predict: {len(rows)} image(s), {model.spec.arch} ({model.source})",
+                [("file", "left"), ("top-1", "left"), ("p", "right"), ("next", "left")], cells,
+                notes=[*more, f"predictions: {out}"])

@@ -15,16 +15,16 @@ too. A float is never NaN or infinite. Checks that tie several options together 
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 import difflib
+import importlib
 import inspect
 import math
+import pkgutil
 import types
 import typing
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Iterable, Literal, Mapping
+from typing import Annotated, Any, Literal
 
 from kd_cli.errors import KdError, unknown_choice
 
@@ -81,6 +81,10 @@ class Registry:
         self._families[prefix] = resolve
 
     def register(self, name: str | None = None) -> Callable[[Callable], Callable]:
+        """Decorator: `@METHODS.register("kd")` (exported as `register_method`, `register_model`,
+        `register_dataset`, `register_step`, `register_optimizer`) adds a class or function under `name`
+        (its `__name__` when None); registering a name twice is a bug, raised at import."""
+
         def add(fn: Callable) -> Callable:
             key = name or fn.__name__
             if key in self._entries:

@@ -101,7 +101,8 @@ def guard_run_dir(stage: str, args: list[str]) -> None:
     claim checks it again once the directory is locked); refuse an empty folder setting before Hydra
     makes directories from it (an empty paths.outputs would put runs at the root of the file system)."""
     for key in ("paths.outputs", "paths.data", RUN_DIR_KEY, SWEEP_DIR_KEY):
-        if value_of(args, key) is not None and not value_of(args, key).strip().strip("'\""):
+        value = value_of(args, key)
+        if value is not None and not value.strip().strip("'\""):
             raise KdError(f"{key} is empty; give a folder, e.g. {key}=outputs")
     target = value_of(args, RUN_DIR_KEY)
     if target is None or value_of(args, "resume") not in (None, "null"):

@@ -9,8 +9,9 @@ saved models through this module, so they know no compression step, and the laye
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 

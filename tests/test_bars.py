@@ -15,9 +15,7 @@ import statistics
 from pathlib import Path
 
 import pytest
-
 import torch
-
 from formats import MNIST_T10K, digits_images, load_mnist_t10k, save_image, write_mnist_raw
 from kdrun import FAST, kd_ok, summary
 

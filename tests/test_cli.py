@@ -6,7 +6,6 @@ prints run it in this process (`kd_here`), which is the same code without a new 
 from __future__ import annotations
 
 import pytest
-
 from kdrun import FAST, Result, assert_one_line_error, kd, kd_here, kd_ok
 
 

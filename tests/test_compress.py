@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kdrun import FAST, assert_one_line_error, kd, kd_here, kd_ok, summary
 from safetensors import safe_open
 
 from kd_cli.compress import build_step
@@ -17,7 +18,6 @@ from kd_cli.compress.lowrank import factorise
 from kd_cli.compress.qstate import decode, encode
 from kd_cli.engine.artifacts import ModelSpec, load_model, save_model
 from kd_cli.stages.common import count_parameters
-from kdrun import FAST, assert_one_line_error, kd, kd_here, kd_ok, summary
 
 PRUNE = dict(ratio=0.5, importance="magnitude", scope="uniform", ignored_layers=[], iterative_steps=1,
              round_to=None, max_layer_ratio=0.9, taylor_batches=1)

@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from formats import MNIST_T10K, load_mnist_t10k, write_mnist_raw
 from kdrun import FAST, kd_ok, summary
 

@@ -17,19 +17,23 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
+from formats import MNIST_T10K, load_mnist_t10k, md5, write_cifar, write_mnist_raw
 from omegaconf import OmegaConf
 from PIL import Image
 from torchvision import datasets as tv
 
 from kd_cli.data import (
-    COMMON_KEYS, DATASETS, AugmentSpec, FolderSplit, TensorSplit, load_dataset, make_loader,
+    COMMON_KEYS,
+    DATASETS,
+    AugmentSpec,
+    FolderSplit,
+    TensorSplit,
+    load_dataset,
+    make_loader,
 )
 from kd_cli.data.augment import augment_batch, normalize
 from kd_cli.errors import KdError
 from kd_cli.registry import check_options
-
-from formats import (MNIST_T10K, load_mnist_t10k, md5, write_cifar,
-                     write_mnist_raw)
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

@@ -17,18 +17,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from formats import (
+    MNIST_T10K,
+    Payload,
+    cifar_batch,
+    damage_jpeg_header,
+    digits_images,
+    load_mnist_t10k,
+    md5,
+    save_image,
+    truncate,
+    write_cifar,
+    write_mnist_raw,
+    write_pickle,
+)
 from omegaconf import OmegaConf
 from torchvision import datasets as tv
 
-from kd_cli.data import DATASETS, DataSplits, TensorSplit, check_dataset_config, load_dataset, make_loader
-from kd_cli.data import safe_pickle
+from kd_cli.data import DATASETS, DataSplits, TensorSplit, check_dataset_config, load_dataset, make_loader, safe_pickle
 from kd_cli.data.base import folder_samples
 from kd_cli.data.checks import check_splits, file_duplicates, tensor_duplicates
 from kd_cli.data.folder import scan
 from kd_cli.errors import KdError
-
-from formats import (MNIST_T10K, Payload, cifar_batch, damage_jpeg_header, digits_images, load_mnist_t10k, md5,
-                     save_image, truncate, write_cifar, write_mnist_raw, write_pickle)
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

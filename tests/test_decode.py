@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from formats import digits_images, save_image, truncate
 from PIL import Image
 
-from formats import digits_images, save_image, truncate
-from kd_cli.data import AugmentSpec, load_dataset, make_loader
-from kd_cli.data import decode
+from kd_cli.data import AugmentSpec, decode, load_dataset, make_loader
 from kd_cli.data.decode import CroppedBatches, decode_rgb, header_size, random_resized_boxes, uniforms
 from kd_cli.data.folder import UnreadableImage, read_rgb
 

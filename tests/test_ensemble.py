@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from kdrun import FAST, assert_one_line_error, kd, kd_ok, summary
 
 from kd_cli.errors import KdError
 from kd_cli.methods.ensemble import ensemble_probabilities, normalised_weights
 from kd_cli.methods.logit_utils import kd_loss
-from kdrun import FAST, assert_one_line_error, kd, kd_ok, summary
 
 
 def test_ensemble_target_is_the_weighted_mean_of_softened_outputs():

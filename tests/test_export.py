@@ -13,12 +13,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from kdrun import assert_one_line_error, kd, kd_ok, summary
 from omegaconf import OmegaConf
 
 from kd_cli.engine.artifacts import ModelSpec, load_model, save_model
 from kd_cli.engine.rundir import RunDir
 from kd_cli.errors import KdError
-from kdrun import assert_one_line_error, kd, kd_ok, summary
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DIGITS = {"name": "digits", "test_fraction": 0.3, "split_seed": 0, "mean": [0.3053], "std": [0.3759]}
@@ -149,9 +149,8 @@ def test_model_families_export_to_onnx_and_match(arch, kwargs, channels, size, o
 
 
 def test_int8_model_exports_to_torchscript_but_not_onnx(tmp_path):
-    from kd_cli.compress import build_step
+    from kd_cli.compress import build_step, is_int8
     from kd_cli.compress.context import StepContext
-    from kd_cli.compress import is_int8
     from kd_cli.stages.export import main
 
     run = saved_model(tmp_path / "float", "cnn", {"width": 8, "depth": 2, "dropout": 0.0}, 1, 8)

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from kdrun import FAST, assert_one_line_error, kd, kd_here, summary
 from safetensors.torch import save_file
 
 from kd_cli.data import load_dataset, make_loader
 from kd_cli.engine.artifacts import load_model
 from kd_cli.engine.metrics import predict
 from kd_cli.models import create_model
-from kdrun import FAST, assert_one_line_error, kd, kd_here, summary
 
 DIGITS = {"name": "digits"}
 MEAN, STD = [0.3053], [0.3759]

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from formats import digits_images, save_image
+from kdrun import FAST, kd_here, summary
+
 from kd_cli.models import create_model
 from kd_cli.models.input_form import Form, ToOwnForm, feed_own_form
-from kdrun import FAST, kd_here, summary
 
 GREY = Form(1, 8, (0.3053,), (0.3759,))
 RGB16 = Form(3, 16, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

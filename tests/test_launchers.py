@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from kdrun import FAST, kd_ok, summary
 
 TINY = [*FAST, "trainer.epochs=2"]

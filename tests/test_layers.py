@@ -16,10 +16,10 @@ PACKAGE = Path(__file__).parents[1] / "kd_cli"
 LAYERS: list[tuple[str, ...]] = [
     ("cli", "__main__"),
     ("stages", "inference", "predict", "reproduce", "resume", "report", "table", "sweep_status", "cache_command",
-     "config", "overrides", "model_index"),
+     "config", "model_index"),
     ("engine",),
     ("methods", "models", "data", "compress"),
-    ("registry", "errors", "hydra_errors", "saved_forms", ""),
+    ("registry", "errors", "hydra_errors", "saved_forms", "overrides", "console", ""),
 ]
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}
 

@@ -12,7 +12,6 @@ import statistics
 from pathlib import Path
 
 import pytest
-
 from kdrun import FAST, kd_ok, summary
 
 LOGIT = ["kd", "dkd", "dist", "ctkd", "tfkd"]

@@ -8,10 +8,9 @@ In-process, on tiny CNNs."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import inspect
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch

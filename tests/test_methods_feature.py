@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from kdrun import FAST, kd, summary
 
 from kd_cli.errors import KdError
 from kd_cli.methods import build_method
@@ -31,7 +32,6 @@ from kd_cli.methods.rkd import rkd_angle_loss, rkd_distance_loss
 from kd_cli.methods.sp import sp_loss
 from kd_cli.methods.vid import vid_loss
 from kd_cli.models.registry import create_model
-from kdrun import FAST, kd, summary
 
 METHODS = ["fitnet", "at", "pkt", "rkd", "sp", "vid", "cc"]
 TERMS = {"fitnet": ["fitnet"], "at": ["at"], "pkt": ["pkt"], "rkd": ["rkd_distance", "rkd_angle"],

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kdrun import FAST, assert_one_line_error, kd, summary
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -19,7 +20,6 @@ from kd_cli.methods import build_method
 from kd_cli.methods.dist import dist_losses, inter_class_relation, intra_class_relation
 from kd_cli.methods.dkd import dkd_losses, warmup_factor
 from kd_cli.methods.logit_utils import kd_loss
-from kdrun import FAST, assert_one_line_error, kd, summary
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "method"
 T = 4.0

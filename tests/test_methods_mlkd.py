@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from kdrun import FAST, assert_one_line_error, kd, kd_here, summary
 
 from kd_cli.engine.teacher_cache import TeacherCache
 from kd_cli.errors import KdError
 from kd_cli.methods import build_method, check_method_options
 from kd_cli.methods.mlkd import STRONG_OPS, _apply_ops, _geometric, confidence_masks, mlkd_losses, strong_view
 from kd_cli.models.registry import create_model
-from kdrun import FAST, assert_one_line_error, kd, kd_here, summary
 
 CONFIG = Path(__file__).parents[1] / "configs" / "method" / "mlkd.yaml"
 TEMPERATURES = [2.0, 3.0, 4.0, 5.0, 6.0]

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from kdrun import FAST, assert_one_line_error, kd, summary
 from torch import nn
 
 from kd_cli.errors import KdError
@@ -30,7 +31,6 @@ from kd_cli.methods.ofd import ofd_loss, ofd_margin, partial_l2
 from kd_cli.models.features import FeatureTap, PreActivationTap, preactivation_sites, set_feature_layers
 from kd_cli.models.layers import GlobalAvgPool
 from kd_cli.models.registry import create_model
-from kdrun import FAST, assert_one_line_error, kd, summary
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "method"
 

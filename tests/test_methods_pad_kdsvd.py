@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from kdrun import FAST, kd, summary
 
 from kd_cli.errors import KdError
 from kd_cli.methods import build_method
@@ -27,7 +28,6 @@ from kd_cli.methods.kdsvd import kdsvd_loss, top_right_singular_vectors
 from kd_cli.methods.pad import VARIANCE_EPS, Unchanged, pad_loss
 from kd_cli.models.features import FeatureTap
 from kd_cli.models.registry import create_model
-from kdrun import FAST, kd, summary
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "method"
 TERMS = {"pad": "pad", "kdsvd": "kdsvd"}

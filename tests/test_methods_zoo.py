@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from kdrun import FAST, kd, summary
 
 from kd_cli.errors import KdError
 from kd_cli.methods import METHODS, build_method
@@ -31,7 +32,6 @@ from kd_cli.methods.nst import nst_loss
 from kd_cli.methods.srd import srd_feature_loss, srd_logit_loss
 from kd_cli.methods.tfkd import tfkd_loss, virtual_teacher
 from kd_cli.models.registry import create_model
-from kdrun import FAST, kd, summary
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "method"
 FEATURE_METHODS = ["nst", "ickd", "srd"]

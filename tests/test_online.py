@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kdrun import FAST, assert_one_line_error, kd, summary
 
 from kd_cli.errors import KdError
 from kd_cli.methods import build_method
@@ -22,7 +23,6 @@ from kd_cli.methods.dml import mutual_loss
 from kd_cli.methods.logit_utils import kd_loss
 from kd_cli.methods.one import one_losses
 from kd_cli.models import create_model
-from kdrun import FAST, assert_one_line_error, kd, summary
 
 DML = {"name": "dml", "students": 3, "ce_weight": 1.0, "dml_weight": 1.0, "temperature": 1.0}
 

@@ -22,12 +22,12 @@ import torch
 from omegaconf import OmegaConf
 
 from kd_cli.compress import STEPS, build_step, check_steps
-from kd_cli.model_index import model_options
 from kd_cli.errors import KdError
+from kd_cli.methods import FIXED as METHOD_FIXED
 from kd_cli.methods import METHODS, check_method_options
 from kd_cli.methods.base import Distiller, FeatureDistiller
+from kd_cli.model_index import model_options
 from kd_cli.models import MODELS, check_model_options, create_model
-from kd_cli.methods import FIXED as METHOD_FIXED
 from kd_cli.models.registry import FIXED as MODEL_FIXED
 from kd_cli.registry import Range
 

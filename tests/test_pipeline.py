@@ -4,8 +4,8 @@ train-teacher -> distill -> evaluate, the run directory contract, resume, determ
 from __future__ import annotations
 
 import csv
-import os
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from formats import MNIST_T10K, load_mnist_t10k, write_mnist_raw, write_pickle
 from kdrun import FAST, assert_one_line_error, kd, kd_here, kd_ok, run_dirs, summary
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from formats import save_image, truncate
+from kdrun import FAST, assert_one_line_error, kd, kd_here
+
 from kd_cli.data import load_dataset
 from kd_cli.engine.artifacts import load_model
-from kdrun import FAST, assert_one_line_error, kd, kd_here
 
 
 @pytest.fixture(scope="module")

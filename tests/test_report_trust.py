@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kdrun import FAST
 
 from kd_cli import cli
 from kd_cli.engine.lock import DirectoryLock
 from kd_cli.errors import KdError
 from kd_cli.report import discover
-from kdrun import FAST
 
 HYDRA_CHOICES = {"method": "kd", "dataset": "digits", "student": "default", "teacher": "default"}
 METRICS_CSV = "epoch,train_loss,test_top1\n1,0.9,70.0\n2,0.5,80.0\n"

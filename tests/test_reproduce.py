@@ -11,7 +11,6 @@ from importlib.resources import files
 from pathlib import Path
 
 import pytest
-
 from kdrun import FAST, assert_one_line_error, kd, kd_ok
 
 TINY = [*FAST, "trainer.epochs=2"]

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from kdrun import FAST, assert_one_line_error, kd, kd_here, summary
 from safetensors.torch import save_file
 
 from kd_cli.engine.teacher_cache import FileLock, TeacherCache, entries, evict
-from kdrun import FAST, assert_one_line_error, kd, kd_here, summary
 
 EPOCHS = ["trainer.epochs=2", "trainer.max_steps_per_epoch=6"]
 TIMING = {"images_per_s", "seconds"}

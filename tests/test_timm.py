@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from kdrun import FAST as QUICK
+from kdrun import assert_one_line_error, kd_here, summary
 from safetensors.torch import load_file, save_file
 
 from kd_cli.errors import KdError
 from kd_cli.models import check_model_options, create_model
 from kd_cli.models.features import backbone_parameters, classifier_module, feature_shapes
-from kdrun import FAST as QUICK, assert_one_line_error, kd_here, summary
 
 # timm's test_resnet on 8x8 digits reaches 1x1 maps whose BatchNorm overflows under bf16 autocast within a
 # few steps (a plain PyTorch loop does the same): these tests are about timm models in kd, so they train

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from kdrun import FAST, assert_one_line_error, kd, kd_ok, summary
 
 TINY = [*FAST, "trainer.epochs=2"]

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from kdrun import FAST, Result, assert_one_line_error, kd, kd_here, kd_ok, summary
 
 SMALL = [*FAST, "trainer.max_steps_per_epoch=2", "trainer.eval_batch_size=512"]
@@ -202,7 +201,6 @@ def test_a_resumed_sweep_runs_a_job_that_was_refused_before_it_started(tmp_path)
     for launchers that run jobs elsewhere) and the sweep exits non-zero. Once the files are there,
     resume=SWEEP keeps job 0 as it is and runs job 1."""
     import numpy as np
-
     from formats import write_mnist_raw
 
     sweep, data = tmp_path / "sweep", tmp_path / "data"

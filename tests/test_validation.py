@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kdrun import FAST, kd_here, summary
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -16,7 +17,6 @@ from kd_cli.data.base import split_labels
 from kd_cli.data.loader import TensorLoader
 from kd_cli.engine import loop
 from kd_cli.errors import KdError
-from kdrun import FAST, kd_here, summary
 
 DIGITS = {"name": "digits", "test_fraction": 0.3, "split_seed": 0}
 

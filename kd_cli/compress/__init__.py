@@ -21,7 +21,8 @@ options together or depend on this machine): `build_step` checks them, before an
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from torch import nn
 
@@ -29,7 +30,8 @@ from kd_cli.compress.qstate import LAYOUT_KEY, decode, encode, needs_encoding
 from kd_cli.registry import Registry, import_submodules
 from kd_cli.saved_forms import StateCodec, register_codec, register_transform
 
-def _record_rebuild(name: str, step: type) -> None:
+
+def _record_rebuild(name: str, step: Callable) -> None:
     """A step's `rebuild` (the structure it leaves, redone on a fresh network when a saved model is loaded)
     goes to kd_cli/saved_forms, which the artifact loader reads."""
     if hasattr(step, "rebuild"):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Literal, Mapping
+from collections.abc import Mapping
+from typing import Literal, TypeGuard, cast
 
 import torch
 from torch import nn
@@ -29,6 +30,8 @@ class LowRank:
     """rank_ratio: kept rank as a share of each layer's full rank; energy (instead, when set): the
     smallest rank whose singular values keep this share of sum(s^2); layers: all | conv | linear;
     skip: layer names left whole."""
+
+    name: str  # the registered name, set by register_step (STEPS' name_attribute)
 
     def __init__(self, rank_ratio: OpenFraction, energy: OpenFraction | None, layers: Literal["all", "conv", "linear"],
                  skip: list[str]):
@@ -54,7 +57,8 @@ class LowRank:
     @staticmethod
     def rebuild(model: nn.Module, record: dict) -> nn.Module:
         for name, rank in record["ranks"].items():
-            set_submodule(model, name, factorise(model.get_submodule(name), int(rank), None))
+            layer = cast("nn.Conv2d | nn.Linear", model.get_submodule(name))  # the kinds `apply` factorises
+            set_submodule(model, name, factorise(layer, int(rank), None))
         return model
 
     def check(self, model: nn.Module | Mapping[str, nn.Module]) -> None:
@@ -85,10 +89,10 @@ class LowRank:
                 after[name] = nn.Sequential()
         return after
 
-    def _candidates(self, layers: Mapping[str, nn.Module]) -> list[tuple[str, nn.Module]]:
+    def _candidates(self, layers: Mapping[str, nn.Module]) -> list[tuple[str, nn.Conv2d | nn.Linear]]:
         return [(name, m) for name, m in layers.items() if name not in self.skip and self._eligible(m)]
 
-    def _eligible(self, module: nn.Module) -> bool:
+    def _eligible(self, module: nn.Module) -> TypeGuard[nn.Conv2d | nn.Linear]:
         if isinstance(module, nn.Conv2d):
             return self.layers in ("all", "conv") and module.groups == 1
         return isinstance(module, nn.Linear) and self.layers in ("all", "linear")
@@ -102,7 +106,7 @@ class LowRank:
     def _ratio_rank(self, full_rank: int) -> int:
         return max(1, math.ceil(self.rank_ratio * full_rank))
 
-    def _smaller_by_ratio(self, module: nn.Module) -> bool:
+    def _smaller_by_ratio(self, module: nn.Conv2d | nn.Linear) -> bool:
         """Whether rank_ratio factorises `module` (its rank follows from the shape: no SVD needed)."""
         rows, cols = module.weight.shape[0], math.prod(module.weight.shape[1:])
         return _saves(self._ratio_rank(min(rows, cols)), (rows, cols))
@@ -116,17 +120,24 @@ def _as_matrix(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
-def _saves(rank: int, shape: tuple[int, int]) -> bool:
+Pair = tuple[int, int]
+
+
+def _saves(rank: int, shape: tuple[int, ...]) -> bool:
     """Whether factors of this rank hold fewer parameters than the (rows, cols) matrix they replace."""
     return rank * sum(shape) < math.prod(shape)
 
 
-def factorise(module: nn.Module, rank: int, svd) -> nn.Sequential:
+def factorise(module: nn.Conv2d | nn.Linear, rank: int, svd) -> nn.Sequential:
     """The (first, second) pair replacing `module`; filled from `svd` = (u, s, vh) when given."""
     bias = module.bias is not None
+    first: nn.Conv2d | nn.Linear
+    second: nn.Conv2d | nn.Linear
     if isinstance(module, nn.Conv2d):
-        first = nn.Conv2d(module.in_channels, rank, module.kernel_size, module.stride, module.padding,
-                          module.dilation, bias=False, padding_mode=module.padding_mode)
+        # torch types a conv's geometry as tuple[int, ...]: a Conv2d's holds two ints (padding may be a str)
+        geometry = cast("tuple[Pair, Pair, str | Pair, Pair]",
+                        (module.kernel_size, module.stride, module.padding, module.dilation))
+        first = nn.Conv2d(module.in_channels, rank, *geometry, bias=False, padding_mode=module.padding_mode)
         second = nn.Conv2d(rank, module.out_channels, 1, bias=bias)
     else:
         first = nn.Linear(module.in_features, rank, bias=False)
@@ -138,6 +149,7 @@ def factorise(module: nn.Module, rank: int, svd) -> nn.Sequential:
         with torch.no_grad():
             first.weight.copy_((root[:, None] * vh).reshape(first.weight.shape))
             second.weight.copy_((u * root[None, :]).reshape(second.weight.shape))
-            if bias:
+            if module.bias is not None:
+                assert second.bias is not None  # built with bias=bias
                 second.bias.copy_(module.bias)
     return pair

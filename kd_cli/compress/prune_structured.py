@@ -9,7 +9,8 @@ smaller: its new layer widths go into model.json and load rebuilds them (layers.
 from __future__ import annotations
 
 import logging
-from typing import Literal, Mapping
+from collections.abc import Mapping
+from typing import Literal
 
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +39,8 @@ class PruneStructured:
     importance: magnitude (L2 norm of a channel's weights), bn_scale (|gamma| of its BatchNorm,
     Liu et al. 2017), taylor (|weight x gradient| on training batches, Molchanov et al. 2019) or
     random; ignored_layers: names kept whole (the classifier always is)."""
+
+    name: str  # the registered name, set by register_step (STEPS' name_attribute)
 
     # ratio and max_layer_ratio below 1: no layer may lose every channel
     def __init__(self, ratio: OpenFraction, importance: Literal["magnitude", "bn_scale", "taylor", "random"],

@@ -8,7 +8,8 @@ do not shrink a dense file or speed up dense kernels: kd reports the sparsity, n
 from __future__ import annotations
 
 import logging
-from typing import Literal, Mapping
+from collections.abc import Mapping
+from typing import Literal
 
 from torch import nn
 from torch.nn.utils import prune
@@ -26,6 +27,8 @@ log = logging.getLogger("kd")
 class PruneUnstructured:
     """sparsity: share of the weights set to zero, chosen over all layers together (`global`: the
     smallest |w| of the whole net) or per layer (`layer`); skip: layer names left dense."""
+
+    name: str  # the registered name, set by register_step (STEPS' name_attribute)
 
     def __init__(self, sparsity: OpenFraction, scope: Literal["global", "layer"], skip: list[str]):
         self.sparsity, self.scope, self.skip = sparsity, scope, list(skip)
@@ -51,7 +54,8 @@ class PruneUnstructured:
         self._targets(layers)
 
     def _targets(self, layers: Mapping[str, nn.Module]) -> list[tuple[nn.Module, str]]:
-        targets = [(m, "weight") for n, m in layers.items() if isinstance(m, WEIGHTED) and n not in self.skip]
+        targets: list[tuple[nn.Module, str]] = [
+            (m, "weight") for n, m in layers.items() if isinstance(m, WEIGHTED) and n not in self.skip]
         if not targets:
             raise KdError("compression.prune_unstructured: no conv or linear layer left to prune (all skipped)")
         return targets

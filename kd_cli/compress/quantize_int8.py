@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Literal, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
@@ -27,6 +28,9 @@ from kd_cli.compress.context import StepContext
 from kd_cli.compress.layers import WEIGHTED, check_layers, layer_map
 from kd_cli.errors import KdError
 from kd_cli.registry import PositiveInt
+
+if TYPE_CHECKING:
+    from torch.fx import GraphModule
 
 log = logging.getLogger("kd")
 Mode = Literal["static", "dynamic"]
@@ -38,6 +42,8 @@ class QuantizeInt8:
     """mode: static | dynamic; backend: the CPU kernel family (x86 for Intel/AMD, qnnpack for ARM);
     calibration_batches: training batches observed (static); layers: only these layers (empty: every
     conv/linear); skip: layers kept in float (often the first conv and the classifier)."""
+
+    name: str  # the registered name, set by register_step (STEPS' name_attribute)
 
     cpu_only = True  # torch.ao's int8 kernels: a saved int8 model loads onto the CPU
 
@@ -98,7 +104,7 @@ class QuantizeInt8:
             raise KdError("compression.quantize_int8: every layer in layers is also in skip, so nothing would be "
                           "quantised; leave them out of skip")
 
-    def _prepare(self, model: nn.Module, example: torch.Tensor) -> nn.Module:
+    def _prepare(self, model: nn.Module, example: torch.Tensor) -> GraphModule:
         from torch.ao.quantization import (
             QConfigMapping,
             default_dynamic_qconfig,
@@ -136,7 +142,7 @@ def backend_missing(backend: str) -> str | None:
     return f"is not available in this PyTorch build (available: {', '.join(available)})"
 
 
-def _convert(prepared: nn.Module) -> nn.Module:
+def _convert(prepared: GraphModule) -> nn.Module:
     from torch.ao.quantization.quantize_fx import convert_fx
 
     with warnings.catch_warnings():
@@ -146,4 +152,4 @@ def _convert(prepared: nn.Module) -> nn.Module:
 
 def quantized_layer_count(model: nn.Module) -> int:
     return sum(1 for m in model.modules() if ".quantized" in type(m).__module__
-               and hasattr(m, "weight") and callable(getattr(m, "weight")))
+               and hasattr(m, "weight") and callable(m.weight))

@@ -6,8 +6,15 @@ Importing this package registers every data set: each module here that defines o
 """
 
 from kd_cli.data.augment import AugmentSpec
-from kd_cli.data.base import (COMMON_KEYS, DATASETS, DataSplits, FolderSplit, TensorSplit, check_dataset_config,
-                              register_dataset)
+from kd_cli.data.base import (
+                              COMMON_KEYS,
+                              DATASETS,
+                              DataSplits,
+                              FolderSplit,
+                              TensorSplit,
+                              check_dataset_config,
+                              register_dataset,
+)
 from kd_cli.data.load import load_dataset
 from kd_cli.data.loader import make_loader
 from kd_cli.registry import import_submodules

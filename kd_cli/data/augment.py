@@ -7,8 +7,8 @@ and every step is a tensor op over the whole batch (no per-sample Python), so a 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +75,8 @@ def channel_stats(
             f"dataset.mean/std have {len(mean)}/{len(std)} values but the images have {channels} channel(s); "
             f"give {channels} values each"
         )
-    return tuple(torch.as_tensor(list(v), dtype=dtype, device=device).view(1, -1, 1, 1) for v in (mean, std))
+    mean_t, std_t = (torch.as_tensor(list(v), dtype=dtype, device=device).view(1, -1, 1, 1) for v in (mean, std))
+    return mean_t, std_t
 
 
 def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping, Sized
 from dataclasses import dataclass
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any, cast
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -66,7 +67,7 @@ class FolderSplit:
     crop_fraction: float = 0.875  # evaluation: resize to image_size / crop_fraction, keep the centre
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(cast(Sized, self.dataset))  # map-style: an ImageFolder, or a Subset of one
 
 
 @dataclass
@@ -144,7 +145,7 @@ def plain_dict(cfg: Mapping[str, Any]) -> dict[str, Any]:
     except ImportError:  # omegaconf comes with hydra; plain dicts work without it
         return dict(cfg)
     if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
+        return cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=True))
     return dict(cfg)
 
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -103,8 +103,10 @@ def _warn_duplicates(data: DataSplits, what: str, train_labels: torch.Tensor, te
         pairs = tensor_duplicates(data.train.images, data.test.images)
         show = lambda i, j: f"test image #{i} = training image #{j}"  # noqa: E731
     elif isinstance(data.train, FolderSplit) and isinstance(data.test, FolderSplit):
-        train_files = [path for path, _ in folder_samples(data.train.dataset)]
-        test_files = [path for path, _ in folder_samples(data.test.dataset)]
+        train_samples, test_samples = folder_samples(data.train.dataset), folder_samples(data.test.dataset)
+        assert train_samples is not None and test_samples is not None  # check_splits knew their labels
+        train_files = [path for path, _ in train_samples]
+        test_files = [path for path, _ in test_samples]
         pairs = file_duplicates(train_files, test_files)
 
         def show(i: int, j: int) -> str:
@@ -179,7 +181,7 @@ def file_duplicates(train: Sequence[str], test: Sequence[str]) -> list[tuple[int
                 return []
             train_keys = _refine(pool, digest, train, train_keys, shared)
             test_keys = _refine(pool, digest, test, test_keys, shared)
-    first = {}
+    first: dict[tuple, int] = {}
     for j, key in enumerate(train_keys):
         if key is not None:
             first.setdefault(key, j)

@@ -25,7 +25,7 @@ import math
 import os
 import struct
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

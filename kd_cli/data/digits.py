@@ -45,7 +45,7 @@ def digits(
         raise KdError(f"dataset.test_fraction={test_fraction} cannot split the {len(labels)} digits so that both "
                       f"splits hold all 10 classes ({brief(error)}); choose a value nearer 0.3") from None
     splits = [TensorSplit(torch.from_numpy(images[i]), torch.from_numpy(labels[i])) for i in (train_idx, test_idx)]
-    return tensor_splits(*splits, [str(name) for name in bunch.target_names])
+    return tensor_splits(splits[0], splits[1], [str(name) for name in bunch.target_names])
 
 
-digits.image_channels = 1
+digits.image_channels = 1  # type: ignore[attr-defined]  # a function attribute, read by base.expected_channels

@@ -233,6 +233,7 @@ def _base(dataset: Dataset) -> ImageFolder:
 def _digest(dataset: Dataset, root: str, files_read: int = 8) -> list[bytes | str]:
     """Labels and relative paths of every image, plus the bytes of a few: no full pass over the disk."""
     samples = folder_samples(dataset)
+    assert samples is not None  # an ImageFolder (or a Subset of one) lists its files
     labels = torch.tensor([label for _, label in samples], dtype=torch.int64).numpy().tobytes()
     paths = "\n".join(os.path.relpath(path, root) for path, _ in samples)
     step = max(1, len(samples) // files_read)
@@ -245,4 +246,4 @@ def _read(path: str) -> bytes:
         return file.read()
 
 
-imagefolder.image_channels = 3  # read_rgb converts every image to RGB
+imagefolder.image_channels = 3  # type: ignore[attr-defined]  # a function attribute; read_rgb makes every image RGB

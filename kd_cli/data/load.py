@@ -3,8 +3,9 @@ when asked, the splits checked (the one entry point: `kd_cli.data.load_dataset`)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,8 +47,8 @@ def hold_out_validation(data: DataSplits, fraction: float, seed: int, name: str)
 
     The fingerprint changes with it: a teacher found by fingerprint was trained on the same, smaller,
     training split, so it has never seen a validation image either."""
-    labels = split_labels(data.train)
-    labels = np.zeros(len(data.train), dtype=np.int64) if labels is None else labels.numpy()
+    known = split_labels(data.train)
+    labels = np.zeros(len(data.train), dtype=np.int64) if known is None else known.numpy()
     rng = np.random.default_rng(seed)
     held: list[np.ndarray] = []
     for label in np.unique(labels):

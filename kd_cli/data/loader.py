@@ -8,8 +8,9 @@ resumed at epoch k sees exactly the batches an uninterrupted run would have seen
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator, Sequence, Sized
 from dataclasses import asdict, replace
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch.utils.data import (
@@ -29,6 +30,9 @@ from kd_cli.data.augment import (
 from kd_cli.data.base import FolderSplit, TensorSplit, folder_samples
 from kd_cli.data.folder import UnreadableImage
 from kd_cli.errors import KdError
+
+if TYPE_CHECKING:
+    from kd_cli.data.decode import CroppedBatches
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -113,7 +117,7 @@ class TensorLoader:
         whole, part = divmod(self.num_samples, self.batch_size)
         return whole if self.drop_last else whole + (part > 0)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:  # a Batch, plus each sample's index with `with_index`
         order = shard(self._order(), self.rank, self.world_size, equal=self.shuffle).to(self.device)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(epoch_seed(self.seed, self.epoch, f"augment/rank{self.rank}"))
@@ -150,9 +154,11 @@ class FolderLoader:
         samples = folder_samples(split.dataset)
         self.batched = spec is not None and spec.crop_padding > 0 and not spec.trivial_augment and samples is not None
         collate = None
+        dataset: CroppedBatches | Transformed
         if self.batched:
             from kd_cli.data.decode import CroppedBatches, keep_batch
 
+            assert spec is not None and samples is not None  # as self.batched says
             dataset = CroppedBatches(samples, split.image_size, seed, spec.hflip)
             collate = keep_batch
             self.batch_spec = replace(spec, crop_padding=0, hflip=False)  # the workers crop and flip
@@ -196,7 +202,7 @@ class FolderLoader:
     def __iter__(self) -> Iterator[Batch]:
         self.generator.manual_seed(epoch_seed(self.seed, self.epoch, "folder"))
         if self.batched:
-            self.dataset.set_epoch(self.epoch)  # (shared memory: persistent workers read it)
+            cast("CroppedBatches", self.dataset).set_epoch(self.epoch)  # (shared memory: persistent workers read it)
             augment = torch.Generator(device=self.device)
             augment.manual_seed(epoch_seed(self.seed, self.epoch, f"folder-batch/rank{self.rank}"))
         batches = iter(self.loader)
@@ -246,7 +252,7 @@ class Transformed(Dataset):
         self.dataset, self.transform = dataset, transform
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(cast(Sized, self.dataset))  # a map-style data set (an ImageFolder, or a Subset of one)
 
     def __getitem__(self, index: int):
         image, label = self.dataset[index]
@@ -307,7 +313,8 @@ class EpochPermutation(Sampler):
         return iter(torch.randperm(self.count, generator=generator).tolist())
 
 
-def _sampler(dataset: Dataset, shuffle: bool, seed: int, rank: int, world_size: int, generator: torch.Generator):
+def _sampler(dataset: CroppedBatches | Transformed, shuffle: bool, seed: int, rank: int, world_size: int,
+             generator: torch.Generator):
     count = len(dataset)
     if world_size > 1 and shuffle:
         return DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)

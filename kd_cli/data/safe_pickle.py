@@ -22,7 +22,8 @@ import importlib
 import io
 import pickle
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from kd_cli.errors import KdError
 

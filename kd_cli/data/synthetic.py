@@ -43,4 +43,4 @@ def synthetic(
     return tensor_splits(train, test, [f"class_{i}" for i in range(num_classes)])
 
 
-synthetic.image_channels = lambda options: options["channels"]
+synthetic.image_channels = lambda options: options["channels"]  # type: ignore[attr-defined]  # a function attribute

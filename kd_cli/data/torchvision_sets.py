@@ -102,7 +102,7 @@ def svhn(root: str = "data/svhn", download: bool = False, verify_checksums: bool
     )
     # torchvision already transposed SVHN to (N, C, H, W) and mapped label 10 to digit 0.
     splits = [_split("SVHN", root, ds.data, ds.labels, (3, 32, 32)) for ds in (train, test)]
-    return tensor_splits(*splits, [str(digit) for digit in range(10)])
+    return tensor_splits(splits[0], splits[1], [str(digit) for digit in range(10)])
 
 
 def _mnist_style(cls: type[tv.MNIST], title: str, root: str, download: bool) -> DataSplits:
@@ -119,7 +119,7 @@ def _mnist_style(cls: type[tv.MNIST], title: str, root: str, download: bool) -> 
         lambda: (safe(root, train=True, download=download), safe(root, train=False, download=download)),
     )
     splits = [_split(title, root, _numpy(ds.data)[:, None], _numpy(ds.targets), (1, 28, 28)) for ds in (train, test)]
-    return tensor_splits(*splits, list(train.classes))
+    return tensor_splits(splits[0], splits[1], list(train.classes))
 
 
 def _load_legacy_data(self: tv.MNIST):
@@ -155,7 +155,7 @@ def _cifar(cls: type[tv.CIFAR10], title: str, root: str, download: bool) -> Data
     if not all(isinstance(name, str) for name in classes):
         raise KdError(f"{title} files under {root} look corrupt (class names are not strings); delete them and "
                       "download again (dataset.download=true)")
-    return tensor_splits(*splits, classes)
+    return tensor_splits(splits[0], splits[1], classes)
 
 
 def _numpy(value) -> np.ndarray:
@@ -183,4 +183,4 @@ def _split(title: str, root: str, images, labels, shape: tuple[int, int, int]) -
 
 
 for _loader, _channels in ((mnist, 1), (fashion_mnist, 1), (cifar10, 3), (cifar100, 3), (svhn, 3)):
-    _loader.image_channels = _channels
+    _loader.image_channels = _channels  # type: ignore[attr-defined]  # a function attribute (base.expected_channels)

@@ -81,7 +81,7 @@ class FitResult:
     selected_on: str = "test"  # "val" or "test": the split that chose best_epoch
     best_val_top1: float | None = None
     teacher_cache: dict[str, Any] | None = None  # what the teacher cache served (TeacherCache.summary)
-    peers_last_top1: dict[str, float] = field(default_factory=dict)  # test top-1 of each peer's last weights
+    peers_last_top1: dict[str, float | None] = field(default_factory=dict)  # test top-1 of each peer's last weights
 
     @property
     def last(self) -> dict[str, Any]:
@@ -144,8 +144,8 @@ def _test_chosen(job: Training, method: Distiller, state: dict) -> FitResult:
         chosen = _score(job, method.student, job.test_loader, "test", best["epoch"])["test_top1"]
     log.info(f"best epoch {best['epoch']} on validation ({best['top1']:.2f}): test top-1 {chosen:.2f} "
              f"(last epoch {last:.2f})")
-    peers = {name: _score(job, peer, job.test_loader, "test", epochs_done)["test_top1"]
-             for name, peer in method.peer_models().items()}
+    peers: dict[str, float | None] = {name: _score(job, peer, job.test_loader, "test", epochs_done)["test_top1"]
+                                      for name, peer in method.peer_models().items()}
     return FitResult(state["history"], chosen, best["epoch"], state["resumed_from"], last_top1=last,
                      selected_on="val", best_val_top1=best["top1"], peers_last_top1=peers)
 
@@ -243,8 +243,8 @@ def _accumulate(sums: dict, terms: dict, loss: torch.Tensor, batch: int) -> None
 
 def _epoch_row(job, epoch, sums, correct, seen, seconds, lr) -> dict[str, Any]:
     names = list(sums)
-    totals = torch.stack([sums[n] for n in names] + [correct, torch.tensor(float(seen), device=job.device)])
-    totals = all_reduce_sum(totals, job.world).tolist()
+    stacked = torch.stack([sums[n] for n in names] + [correct, torch.tensor(float(seen), device=job.device)])
+    totals = all_reduce_sum(stacked, job.world).tolist()
     count = totals[-1]
     row: dict[str, Any] = {"epoch": epoch + 1}
     row.update({f"train_{n}": v / count for n, v in zip(names, totals)})

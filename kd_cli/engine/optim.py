@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -33,10 +34,10 @@ def param_groups(params: Iterable[torch.nn.Parameter], backbone: Iterable[torch.
 
 def build_optimizer(params: Iterable[torch.nn.Parameter] | list[dict], cfg: DictConfig) -> torch.optim.Optimizer:
     """The optimiser `optim.name` names (engine/optimizers.py), given the options of cfg its builder takes."""
-    params = list(params)
+    listed: list[Any] = list(params)
     builder = OPTIMIZERS.get(cfg.name)
     takes = [name for name in inspect.signature(builder).parameters if name not in ("params", "fused")]
-    return builder(params, fused=use_fused(cfg.fused, params), **{name: cfg[name] for name in takes})
+    return builder(listed, fused=use_fused(cfg.fused, listed), **{name: cfg[name] for name in takes})
 
 
 def use_fused(setting: Any, params: list) -> bool | None:

@@ -7,7 +7,7 @@ key the other optimisers' files hold (the schedule's among them), its own defaul
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from kd_cli.registry import Registry
 
@@ -33,7 +33,8 @@ def adamw(params: list[Any], *, lr: float, weight_decay: float, betas: list[floa
     """AdamW (decoupled weight decay)."""
     import torch
 
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused)
+    pair = cast("tuple[float, float]", tuple(betas))  # two: engine/values.py checks optim.betas
+    return torch.optim.AdamW(params, lr=lr, betas=pair, weight_decay=weight_decay, fused=fused)
 
 
 def _start_momentum(optimizer: Any) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("kd")
 SHOW_LOSS_EVERY = 20  # batches between loss readings on the bar (each reading waits for the GPU)
@@ -100,7 +101,7 @@ class BarReporter(PlainReporter):
 
 def log_to_files_only(message: str) -> None:
     """Keep the run's log file complete while the console shows bars instead of log lines."""
-    record = log.makeRecord(log.name, logging.INFO, __file__, 0, message, None, None)
+    record = log.makeRecord(log.name, logging.INFO, __file__, 0, message, (), None)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)

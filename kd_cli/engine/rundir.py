@@ -16,8 +16,9 @@ import platform
 import socket
 import subprocess
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import MutableMapping
+from collections.abc import MutableMapping
 
 PORT_BASE, PORT_SPAN = 20000, 10000  # the job's port: PORT_BASE + job id % PORT_SPAN, as every task computes it
 

@@ -30,9 +30,10 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -151,6 +152,7 @@ class TeacherCache:
         checksum = images.detach().double().sum()
         stored = self.stored
         if stored is not None and step < self.steps and len(stored[0][0][step]) == len(images):
+            assert self.mismatch is not None  # begin_epoch sets it whenever something is stored
             self.mismatch |= stored[1][step] != checksum
             return tuple(tensor[step] for tensor in stored[0])
         with torch.no_grad():
@@ -260,7 +262,8 @@ class FileLock:
     since the file it writes is the same and lands by an atomic rename.)"""
 
     def __init__(self, path: Path):
-        self.path, self.fd = path, None
+        self.path = path
+        self.fd: int | None = None
 
     def try_acquire(self) -> bool:
         try:

@@ -19,9 +19,10 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -29,6 +30,10 @@ from kd_cli.engine.artifacts import META, WEIGHTS
 from kd_cli.engine.files import read_json, write_json
 from kd_cli.engine.rundir import RunDir
 from kd_cli.errors import KdError
+from kd_cli.overrides import flatten as dotted
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard.writer import FileWriter, SummaryWriter
 
 log = logging.getLogger("kd")
 
@@ -52,6 +57,8 @@ def selected(logger: DictConfig | None) -> list[str]:
 
 def check_trackers(logger: DictConfig | None) -> None:
     """Import each selected tracker's packages now: a missing extra is a one-line error before any work."""
+    if logger is None:
+        return  # no tracker selected
     for name in selected(logger):
         extra, modules = EXTRAS[name]
         if name == "mlflow" and not _is_database_uri(logger.mlflow.tracking_uri):
@@ -125,7 +132,7 @@ class Trackers:
         if self.state_path is not None:
             write_json(self.state_path, self.state)
 
-    def __enter__(self) -> "Trackers":
+    def __enter__(self) -> Trackers:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
@@ -142,7 +149,7 @@ def open_trackers(cfg: DictConfig, run: RunDir, is_main: bool = True) -> Tracker
     if not names or not is_main:
         return Trackers()
     check_trackers(cfg.logger)
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=True))
     context = RunContext(run.path, run_name(cfg, run.path), config, _read_state(run.path))
     openers = {"tensorboard": TensorBoardTracker, "mlflow": MlflowTracker, "wandb": WandbTracker}
     trackers = Trackers(state_path=run.path / STATE, state=context.state)
@@ -158,7 +165,7 @@ def open_trackers(cfg: DictConfig, run: RunDir, is_main: bool = True) -> Tracker
 
 
 @contextlib.contextmanager
-def _held_interrupts():
+def _held_interrupts() -> Iterator[None]:
     """Ctrl-C or SIGTERM in the middle of a tracker's write would leave its store half-written (an
     SQLite store stays locked, so the run could not even be marked KILLED): hold them until the write
     is done, then deliver them as usual."""
@@ -203,18 +210,11 @@ def run_name(cfg: DictConfig, path: Path) -> str:
         return str(path)
 
 
-def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
-    """{'method': {'temperature': 4.0}} -> {'method.temperature': 4.0}; lists and None as JSON text."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{name}."))
-        elif isinstance(value, (bool, int, float, str)):
-            flat[name] = value
-        else:
-            flat[name] = json.dumps(value)
-    return flat
+def flatten(config: dict) -> dict[str, Any]:
+    """{'method': {'temperature': 4.0}} -> {'method.temperature': 4.0}; lists and None as JSON text (what
+    trackers store as parameters)."""
+    return {key: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+            for key, value in dotted(config).items()}
 
 
 def _is_number(value: Any) -> bool:
@@ -237,6 +237,11 @@ def _resolve(base: Path, directory: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
+def _file_writer(writer: SummaryWriter) -> FileWriter:
+    """A SummaryWriter's event file writer (torch declares `file_writer` None: __init__ sets it later)."""
+    return cast("FileWriter", writer.file_writer)
+
+
 class TensorBoardTracker(Backend):
     """Event files under <run dir>/<dir>: scalars per epoch, the HParams plugin's records, text."""
 
@@ -250,8 +255,9 @@ class TensorBoardTracker(Backend):
         context.state.setdefault(self.key, {})
         params = {k: v for k, v in flatten(context.config).items() if not k.startswith("logger.")}
         experiment, self._start, self._end = hparams(params, {"best_top1": 0.0, "test_top1": 0.0})
-        self.writer.file_writer.add_summary(experiment)
-        self.writer.file_writer.add_summary(self._start)
+        events = _file_writer(self.writer)
+        events.add_summary(experiment)
+        events.add_summary(self._start)
         self.writer.add_text("config", "```\n" + OmegaConf.to_yaml(context.config) + "```", 0)
         self.step = 0
 
@@ -268,7 +274,7 @@ class TensorBoardTracker(Backend):
 
     def close(self, status: str) -> None:
         if status == FINISHED:
-            self.writer.file_writer.add_summary(self._end)  # hparams session end: success
+            _file_writer(self.writer).add_summary(self._end)  # hparams session end: success
         self.writer.close()
 
 

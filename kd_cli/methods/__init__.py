@@ -18,7 +18,8 @@ term whose weight is 0 (no column of zeros in metrics.csv, no time spent on it).
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 from torch import nn
 
@@ -42,7 +43,7 @@ def check_method_options(cfg: Mapping[str, Any]) -> None:
     from omegaconf import DictConfig, OmegaConf
 
     if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_container(cfg, resolve=True)
+        cfg = cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=True))  # a DictConfig gives a dict
     if not cfg.get("name"):
         raise KdError(f"the method config has no name; pick a method with method=NAME ({', '.join(METHODS.names())})")
     METHODS.check(cfg["name"], _options(cfg), fixed=FIXED, path=PATH)
@@ -75,7 +76,7 @@ def _options(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def method_requires_teacher(name: str) -> bool:
-    return METHODS.get(name).requires_teacher
+    return cast("type[Distiller]", METHODS.get(name)).requires_teacher  # every entry is a Distiller subclass
 
 
 import_submodules(__name__, __path__)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from kd_cli.methods import register_method
-from kd_cli.methods.feature_utils import full_precision
+from kd_cli.methods.feature_utils import full_precision, tensor_sum
 from kd_cli.methods.ofd import PreReluDistiller, connector, stage_weights
 from kd_cli.registry import NonNegative, NonNegativeInt, Positive
 
@@ -40,7 +40,7 @@ def boundary_loss(student: torch.Tensor, teacher: torch.Tensor, margin: float) -
 
 def ab_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], margin: float) -> torch.Tensor:
     """The stages' boundary losses, the deepest weighing 1, each shallower one half the next."""
-    return sum(w * boundary_loss(s, t, margin) for w, s, t in zip(stage_weights(len(student)), student, teacher))
+    return tensor_sum(w * boundary_loss(s, t, margin) for w, s, t in zip(stage_weights(len(student)), student, teacher))
 
 
 @register_method("ab")
@@ -60,6 +60,7 @@ class ActivationBoundaries(PreReluDistiller):
             for s, t in zip(self.student_shapes, self.teacher_shapes)) if ab_init_weight or ab_weight else None
 
     def boundaries(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+        assert self.connectors is not None  # built whenever an AB term is computed
         return ab_loss(*self.connected(self.connectors, student, teacher), self.margin)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
-from kd_cli.methods.feature_utils import area_scale, full_precision, match_spatial
+from kd_cli.methods.feature_utils import area_scale, full_precision, match_spatial, tensor_sum
 from kd_cli.registry import NonNegative, Positive, PositiveInt
 
 
@@ -56,5 +56,6 @@ class AttentionTransfer(FeatureDistiller):
         logits, student, teacher_logits, teacher = self.features(images, self.at_weight)
         terms = self.logit_terms(logits, teacher_logits, labels)
         if self.at_weight:
-            terms["at"] = self.at_weight * sum(at_loss(s, t, self.p, self.form) for s, t in zip(student, teacher))
+            loss = tensor_sum(at_loss(s, t, self.p, self.form) for s, t in zip(student, teacher))
+            terms["at"] = self.at_weight * loss
         return logits, terms

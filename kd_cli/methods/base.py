@@ -12,16 +12,27 @@ in which all of them are 0 is refused before any work (`validate_options`).
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
-from typing import Any, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kd_cli.errors import KdError
-from kd_cli.methods.feature_utils import require_maps
+from kd_cli.methods.feature_utils import embedding_layer, feature_layers, require_maps
 from kd_cli.methods.logit_utils import kd_loss
 from kd_cli.models.features import FeatureTap, feature_shapes
+
+
+class TeacherOutputs(Protocol):
+    """What a method reads from the teacher cache the loop attaches (engine/teacher_cache.TeacherCache):
+    the teacher's outputs for a training batch, computed by `teacher`/`compute` when not stored."""
+
+    def logits(self, images: torch.Tensor, teacher: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor: ...
+
+    def outputs(self, images: torch.Tensor,
+                compute: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]: ...
 
 # The largest teacher feature (values per sample) the teacher cache stores: a 2048-d embedding of a
 # 50,000-image epoch is 400 MB in fp32.
@@ -33,8 +44,6 @@ class Distiller(nn.Module, metaclass=ABCMeta):
     # True for methods with a per-sample memory (CRD): forward then gets a third argument, the
     # batch's sample indices in the training split (in-memory data sets only).
     needs_index = False
-    # Born-again self-distillation: how many students to train in sequence, each teaching the next.
-    generations = 1
     # Methods with an initialisation phase (FSP, FT): its epochs, the first of trainer.epochs, train
     # other parameters than the rest, so some get no gradient in some steps (DDP must be told: `phased`).
     init_epochs = 0
@@ -45,6 +54,10 @@ class Distiller(nn.Module, metaclass=ABCMeta):
     # True for methods that read the teacher only through `teacher_logits`: its outputs may then come
     # from the teacher cache (engine/teacher_cache.py) instead of running it (see teacher_cache_outputs).
     reads_teacher_logits_only = False
+    # Plain attributes set through __dict__ in __init__ (not submodules); declared here so that they are
+    # not typed through nn.Module.__getattr__. The loop attaches the teacher cache.
+    teacher: nn.Module | None
+    teacher_outputs: TeacherOutputs | None
 
     @classmethod
     def validate_options(cls, **options: Any) -> None:
@@ -62,7 +75,7 @@ class Distiller(nn.Module, metaclass=ABCMeta):
         if teacher is not None:
             teacher.eval().requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "Distiller":
+    def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()  # the teacher's BN statistics and dropout stay frozen
@@ -89,6 +102,7 @@ class Distiller(nn.Module, metaclass=ABCMeta):
     @torch.no_grad()
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
         """The teacher's logits for a training batch: from the teacher cache when one is attached."""
+        assert self.teacher is not None  # only methods that require a teacher read its logits
         if self.teacher_outputs is not None and self.training:
             return self.teacher_outputs.logits(images, self.teacher)
         return self.teacher(images)
@@ -125,6 +139,7 @@ class FeatureDistiller(Distiller):
     # True for methods that compare one layer of each model (CRD's embeddings, SRD's last stage): a layer
     # list, when given, must then name exactly one.
     single_layer = False
+    teacher: nn.Module  # a feature method always has one (its __init__ takes no None)
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, student_layers: list[str] | None,
                  teacher_layers: list[str] | None, ce_weight: float, kd_weight: float, temperature: float):
@@ -158,7 +173,7 @@ class FeatureDistiller(Distiller):
 
     def default_layers(self, model: nn.Module) -> list[str]:
         """The stage outputs, shallow to deep; methods on the embedding override this."""
-        return list(model.kd_feature_layers)
+        return list(feature_layers(model))
 
     def student_features(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         with FeatureTap(self.student, self.student_layers) as tap:
@@ -202,6 +217,7 @@ class FeatureDistiller(Distiller):
         if self.ce_weight:
             terms["ce"] = self.ce_weight * F.cross_entropy(logits, labels)
         if self.kd_weight:
+            assert teacher_logits is not None  # `features` runs the teacher whenever kd_weight > 0
             terms["kd"] = self.kd_weight * kd_loss(logits.float(), teacher_logits.float(), self.temperature)
         return terms
 
@@ -229,7 +245,7 @@ def check_layer_counts(student_layers: list[str], teacher_layers: list[str]) -> 
 
 def embedding_layers(model: nn.Module) -> list[str]:
     """The pooled embedding before the classifier, for methods that compare sample relations."""
-    return [model.kd_embedding_layer]
+    return [embedding_layer(model)]
 
 
 def _shapes(model: nn.Module, layers: list[str]) -> list[tuple[int, ...]]:

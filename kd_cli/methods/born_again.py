@@ -4,7 +4,8 @@ trained student of generation k (a fresh network of the same architecture each t
 student's architecture as the teacher (`teacher=X student=X`) this is the paper's setting.
 
 The loss of each generation is Hinton's KD (`kd.py`); the generations themselves are run by the
-distill stage, which reads `generations` from the method (see `Distiller.generations`).
+distill stage, which reads `method.generations` from the config: one generation is one run of the
+loop, so the loop stays the same for every method.
 """
 
 from __future__ import annotations
@@ -20,6 +21,6 @@ class BornAgain(KD):
 
     def __init__(self, student, teacher, *, generations: PositiveInt, temperature: Positive, kd_weight: NonNegative,
                  ce_weight: NonNegative, logit_standardization: bool):
+        # `generations` is read by the distill stage (it runs the loop once per generation), not here
         super().__init__(student, teacher, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
                          logit_standardization=logit_standardization)
-        self.generations = generations

@@ -26,8 +26,9 @@ from kd_cli.methods.base import FeatureDistiller, embedding_layers
 from kd_cli.methods.feature_utils import (
     Regressor,
     check_relation_batch,
-    flatten,
     require_same_kind,
+    sample_vectors,
+    tensor_sum,
 )
 from kd_cli.registry import NonNegative, NonNegativeInt, Positive
 
@@ -35,12 +36,12 @@ from kd_cli.registry import NonNegative, NonNegativeInt, Positive
 def correlation_matrix(features: torch.Tensor, gamma: float, order: int, kernel: str = "gaussian") -> torch.Tensor:
     """(B, ...) -> (B, B): the order-P Taylor expansion of the RBF kernel on unit-norm features, or
     (`bilinear`) their plain dot products."""
-    unit = F.normalize(flatten(features), dim=1)
+    unit = F.normalize(sample_vectors(features), dim=1)
     similarity = unit @ unit.T
     if kernel == "bilinear":
         return similarity
     scale = math.exp(-2 * gamma)
-    return sum(scale * (2 * gamma) ** p / math.factorial(p) * similarity.pow(p) for p in range(order + 1))
+    return tensor_sum(scale * (2 * gamma) ** p / math.factorial(p) * similarity.pow(p) for p in range(order + 1))
 
 
 def cc_loss(student: torch.Tensor, teacher: torch.Tensor, gamma: float, order: int,
@@ -59,7 +60,8 @@ class CorrelationCongruence(FeatureDistiller):
         super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
                          ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
         # no adapter for a term left out (DDP: every parameter must get a gradient)
-        self.embeds = nn.ModuleList(self._embed(*pair) for pair in zip(
+        # (None entries are real: ModuleList keeps them, for pairs that need no embedding; its stub allows modules only)
+        self.embeds = nn.ModuleList(self._embed(*pair) for pair in zip(  # type: ignore[misc]
             self.student_layers, self.student_shapes, self.teacher_layers, self.teacher_shapes) if cc_weight)
         self.cc_weight, self.gamma, self.order, self.kernel = cc_weight, gamma, order, kernel
 
@@ -77,9 +79,7 @@ class CorrelationCongruence(FeatureDistiller):
         logits, student, teacher_logits, teacher = self.features(images, self.cc_weight)
         terms = self.logit_terms(logits, teacher_logits, labels)
         if self.cc_weight:
-            loss = 0
-            for embed, s, t in zip(self.embeds, student, teacher):
-                s, t = embed(s, t) if embed is not None else (s, t)
-                loss = loss + cc_loss(s, t, self.gamma, self.order, self.kernel)
+            pairs = (embed(s, t) if embed is not None else (s, t) for embed, s, t in zip(self.embeds, student, teacher))
+            loss = tensor_sum(cc_loss(s, t, self.gamma, self.order, self.kernel) for s, t in pairs)
             terms["cc"] = self.cc_weight * loss
         return logits, terms

@@ -118,12 +118,17 @@ class CRD(FeatureDistiller):
     needs_index = True
     single_layer = True  # one embedding per model
     loss_weights = ("crd_weight", "ce_weight", "kd_weight")
+    # buffers (register_buffer), declared so that they are typed as tensors, not through nn.Module.__getattr__
+    memory_student: torch.Tensor
+    memory_teacher: torch.Tensor
+    normaliser: torch.Tensor
 
     def __init__(self, student, teacher, *, num_samples: int | None, feat_dim: PositiveInt, nce_k: PositiveInt,
                  nce_t: Positive, nce_momentum: Momentum, crd_weight: NonNegative, student_layers: list[str] | None,
                  teacher_layers: list[str] | None, ce_weight: NonNegative, kd_weight: NonNegative,
                  temperature: Positive):
         check_num_samples(num_samples)
+        assert num_samples is not None  # check_num_samples refuses None
         super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
                          ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
         self.num_samples, self.nce_t, self.nce_momentum = num_samples, nce_t, nce_momentum
@@ -143,7 +148,9 @@ class CRD(FeatureDistiller):
     def default_layers(self, model: nn.Module) -> list[str]:
         return embedding_layers(model)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor):
+    # A third argument beyond the base's (hence the ignore): needs_index, so the loop passes the batch's
+    # sample indices too.
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor):  # type: ignore[override]
         logits, student, teacher_logits, teacher = self.features(images, self.crd_weight)
         terms = self.logit_terms(logits, teacher_logits, labels)
         if self.crd_weight:

@@ -68,6 +68,7 @@ class CurriculumTemperatureKD(Distiller):
 
     def temperature(self) -> torch.Tensor:
         reversal = reversal_strength(self.epoch, self.curriculum_epochs, self.max_reversal)
+        assert self.theta is not None  # only the KD term reads the temperature, and it has theta
         return learned_temperature(self.theta, self.t_min, self.t_range, reversal)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):

@@ -28,11 +28,14 @@ PEARSON_EPS = 1e-8
 
 
 def dist_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, *,
-                logit_standardization: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inter, intra), each already multiplied by T^2, unweighted."""
+                logit_standardization: bool = False, inter: bool = True,
+                intra: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(inter, intra), each already multiplied by T^2, unweighted; a term not asked for is None (intra needs
+    2 samples per batch, so leaving it out also trains with a batch of one)."""
     p_student, p_teacher = soft_targets(student_logits, teacher_logits, temperature, logit_standardization)
     scale = temperature**2
-    return scale * inter_class_relation(p_student, p_teacher), scale * intra_class_relation(p_student, p_teacher)
+    return (scale * inter_class_relation(p_student, p_teacher) if inter else None,
+            scale * intra_class_relation(p_student, p_teacher) if intra else None)
 
 
 def soft_targets(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
@@ -78,14 +81,13 @@ class DIST(Distiller):
         logits = self.student(images)
         terms = {}
         if self.beta or self.gamma:  # a term whose weight is 0 is left out
-            teacher_logits = self.teacher_logits(images)
-            p_student, p_teacher = soft_targets(logits.float(), teacher_logits.float(), self.temperature,
-                                                self.logit_standardization)
-            scale = self.temperature**2
-            if self.beta:
-                terms["inter"] = self.beta * scale * inter_class_relation(p_student, p_teacher)
-            if self.gamma:  # so gamma=0 also trains with a batch of one
-                terms["intra"] = self.gamma * scale * intra_class_relation(p_student, p_teacher)
+            inter, intra = dist_losses(logits.float(), self.teacher_logits(images).float(), self.temperature,
+                                       logit_standardization=self.logit_standardization, inter=bool(self.beta),
+                                       intra=bool(self.gamma))
+            if inter is not None:
+                terms["inter"] = self.beta * inter
+            if intra is not None:
+                terms["intra"] = self.gamma * intra
         if self.ce_weight:
             terms["ce"] = self.ce_weight * F.cross_entropy(logits, labels)
         return logits, terms

@@ -14,7 +14,8 @@ as its own model in the run (`peers/peer1`), which `kd evaluate run=RUN/peers/pe
 
 from __future__ import annotations
 
-from typing import Annotated, Callable
+from collections.abc import Callable
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from torch import nn
 
 from kd_cli.methods import register_method
 from kd_cli.methods.base import Distiller
-from kd_cli.methods.feature_utils import full_precision
+from kd_cli.methods.feature_utils import full_precision, tensor_sum
 from kd_cli.methods.logit_utils import kd_loss
 from kd_cli.registry import NonNegative, Positive, Range
 
@@ -32,7 +33,7 @@ CohortSize = Annotated[int, Range(2)]  # one student alone has no one to learn f
 def mutual_loss(own: torch.Tensor, others: list[torch.Tensor], temperature: float) -> torch.Tensor:
     """Mean over the other students of T^2 KL(p_other || p_own), the others' outputs as fixed targets."""
     own = full_precision(own)
-    return sum(kd_loss(own, full_precision(other.detach()), temperature) for other in others) / len(others)
+    return tensor_sum(kd_loss(own, full_precision(other.detach()), temperature) for other in others) / len(others)
 
 
 @register_method("dml")

@@ -12,7 +12,8 @@ never saved with the student.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,13 +22,14 @@ from torch import nn
 from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import Distiller
+from kd_cli.methods.feature_utils import tensor_sum
 from kd_cli.methods.logit_utils import kd_loss
 from kd_cli.registry import NonNegative, Positive
 
 
 def ensemble_probabilities(logits: list[torch.Tensor], weights: list[float], temperature: float) -> torch.Tensor:
     """sum_i w_i softmax(z_i / T), with weights summing to one."""
-    return sum(w * F.softmax(z.float() / temperature, dim=1) for w, z in zip(weights, logits))
+    return tensor_sum(w * F.softmax(z.float() / temperature, dim=1) for w, z in zip(weights, logits))
 
 
 def check_weights(weights: list[float] | None, count: int) -> None:
@@ -47,6 +49,7 @@ def normalised_weights(weights: list[float] | None, count: int) -> list[float]:
 class Ensemble(Distiller):
     requires_teacher = False  # its teachers are method.teachers
     loss_weights = ("kd_weight", "ce_weight")
+    teachers: list[nn.Module]  # a plain attribute, set through __dict__ (not submodules)
 
     def __init__(self, student, teacher=None, *, load_model: Callable[[str], tuple[nn.Module, Any]],
                  teachers: list[str], weights: list[float] | None, temperature: Positive, kd_weight: NonNegative,
@@ -58,7 +61,10 @@ class Ensemble(Distiller):
         self.temperature, self.kd_weight, self.ce_weight = temperature, kd_weight, ce_weight
 
     @classmethod
-    def validate_options(cls, *, teachers: list[str], weights: list[float] | None, **options) -> None:
+    def validate_options(cls, **options: Any) -> None:
+        # Taken from **options (the registry passes every option) so the signature stays the base's.
+        teachers: list[str] = options.pop("teachers")
+        weights: list[float] | None = options.pop("weights")
         if not teachers:
             raise KdError("method=ensemble needs method.teachers=[RUN_DIR,RUN_DIR,...] (one or more teachers)")
         check_weights(weights, len(teachers))

@@ -6,7 +6,8 @@ a vector (an MLP layer, a pooled embedding).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Iterable, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,22 @@ from torch import nn
 from kd_cli.errors import KdError
 
 Shape = Sequence[int]
+
+
+def feature_layers(model: nn.Module) -> list[str]:
+    """The model's stage outputs, shallow to deep, as its builder recorded them (`set_feature_layers`).
+    (cast: nn.Module's stubs type any other attribute as a tensor or a module.)"""
+    return cast("list[str]", model.kd_feature_layers)
+
+
+def embedding_layer(model: nn.Module) -> str:
+    """The model's pooled embedding before the classifier, as its builder recorded it."""
+    return cast(str, model.kd_embedding_layer)
+
+
+def input_shape(model: nn.Module) -> tuple[int, int, int]:
+    """The (C, H, W) input the model registry recorded for the model (`kd_input_shape`)."""
+    return cast("tuple[int, int, int]", model.kd_input_shape)
 
 
 def is_map(shape: Shape) -> bool:
@@ -74,7 +91,7 @@ def area_scale(model: nn.Module, tuned_input_size: int | None) -> float:
     published form, unchanged)."""
     if tuned_input_size is None:
         return 1.0
-    _, height, width = model.kd_input_shape
+    _, height, width = input_shape(model)
     return height * width / tuned_input_size**2
 
 
@@ -87,12 +104,18 @@ def check_relation_batch(method: str, batch: int) -> None:
         )
 
 
+def tensor_sum(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The built-in sum() of loss terms, typed as the tensor it is: sum() starts from the int 0, so its
+    stub also allows 0 (what an empty iterable gives); callers sum one term per layer, at least one."""
+    return cast(torch.Tensor, sum(terms))
+
+
 def full_precision(features: torch.Tensor) -> torch.Tensor:
     """Upcast bf16/fp16 (autocast) features to float32: the losses divide and normalise; float64 stays."""
     return features.float() if features.dtype in (torch.float16, torch.bfloat16) else features
 
 
-def flatten(features: torch.Tensor) -> torch.Tensor:
+def sample_vectors(features: torch.Tensor) -> torch.Tensor:
     """(B, ...) -> (B, D) at full precision, for the losses on sample relations."""
     return full_precision(features.flatten(1))
 

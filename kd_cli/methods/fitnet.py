@@ -15,7 +15,7 @@ from torch import nn
 
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
-from kd_cli.methods.feature_utils import Regressor, full_precision, require_same_kind
+from kd_cli.methods.feature_utils import Regressor, feature_layers, full_precision, require_same_kind, tensor_sum
 from kd_cli.registry import NonNegative, Positive
 
 
@@ -45,13 +45,13 @@ class FitNet(FeatureDistiller):
     def default_layers(self, model: nn.Module) -> list[str]:
         # RepDistiller's hint_layer=2 indexes [stem, stage1, stage2, stage3, pooled]: the second
         # stage. kd_feature_layers lists the stages without the stem, so that is index 1.
-        stages = list(model.kd_feature_layers)
+        stages = list(feature_layers(model))
         return [stages[min(1, len(stages) - 1)]]
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         logits, student, teacher_logits, teacher = self.features(images, self.fitnet_weight)
         terms = self.logit_terms(logits, teacher_logits, labels)
         if self.fitnet_weight:
-            loss = sum(fitnet_loss(*regress(s, t)) for regress, s, t in zip(self.regressors, student, teacher))
+            loss = tensor_sum(fitnet_loss(*regress(s, t)) for regress, s, t in zip(self.regressors, student, teacher))
             terms["fitnet"] = self.fitnet_weight * loss
         return logits, terms

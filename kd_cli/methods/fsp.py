@@ -22,7 +22,7 @@ import torch
 from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
-from kd_cli.methods.feature_utils import full_precision, pool_to
+from kd_cli.methods.feature_utils import full_precision, pool_to, tensor_sum
 from kd_cli.registry import NonNegative, NonNegativeInt, Positive
 
 
@@ -35,7 +35,7 @@ def fsp_matrix(bottom: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
 
 def fsp_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
     """Sum over consecutive layer pairs of the mean squared difference of the FSP matrices."""
-    return sum((fsp_matrix(s0, s1) - fsp_matrix(t0, t1)).pow(2).mean()
+    return tensor_sum((fsp_matrix(s0, s1) - fsp_matrix(t0, t1)).pow(2).mean()
                for s0, s1, t0, t1 in zip(student, student[1:], teacher, teacher[1:]))
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
-from kd_cli.methods.feature_utils import full_precision, match_spatial
+from kd_cli.methods.feature_utils import feature_layers, full_precision, match_spatial
 from kd_cli.registry import NonNegative, NonNegativeInt, OpenFraction, Positive
 
 
@@ -85,7 +85,7 @@ class FactorTransfer(FeatureDistiller):
         self.init_epochs = init_epochs if ft_weight else 0  # no factor to transfer: no paraphraser to train
 
     def default_layers(self, model: nn.Module) -> list[str]:
-        return list(model.kd_feature_layers)[-1:]  # the last stage, before pooling (RepDistiller's feat[-2])
+        return list(feature_layers(model))[-1:]  # the last stage, before pooling (RepDistiller's feat[-2])
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         if self.init_epochs >= epochs:
@@ -98,11 +98,13 @@ class FactorTransfer(FeatureDistiller):
             _, teacher = self.teacher_features(images)
             with torch.no_grad():
                 logits = self.student(images)  # (for the epoch's training accuracy only)
+            assert self.paraphraser is not None  # init_epochs > 0 only when ft_weight > 0
             rebuilt = self.paraphraser(teacher[0])
             return logits, {"paraphrase": F.mse_loss(full_precision(rebuilt), full_precision(teacher[0]))}
         logits, student, teacher_logits, teacher = self.features(images, self.ft_weight)
         terms = self.logit_terms(logits, teacher_logits, labels)
         if self.ft_weight:
+            assert self.paraphraser is not None and self.translator is not None  # built when ft_weight > 0
             with torch.no_grad():  # frozen after its phase
                 teacher_factor = self.paraphraser.encoder(teacher[0])
             terms["ft"] = self.ft_weight * ft_loss(self.translator(student[0]), teacher_factor)

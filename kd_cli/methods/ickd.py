@@ -16,7 +16,7 @@ from torch import nn
 
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
-from kd_cli.methods.feature_utils import full_precision
+from kd_cli.methods.feature_utils import feature_layers, full_precision, tensor_sum
 from kd_cli.registry import NonNegative, Positive
 
 
@@ -53,12 +53,12 @@ class InterChannelCorrelation(FeatureDistiller):
         self.ickd_weight = ickd_weight
 
     def default_layers(self, model: nn.Module) -> list[str]:
-        return list(model.kd_feature_layers)[-1:]  # the last stage, before pooling (the authors' feat[-2])
+        return list(feature_layers(model))[-1:]  # the last stage, before pooling (the authors' feat[-2])
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         logits, student, teacher_logits, teacher = self.features(images, self.ickd_weight)
         terms = self.logit_terms(logits, teacher_logits, labels)
         if self.ickd_weight:
-            loss = sum(ickd_loss(embed(s), t) for embed, s, t in zip(self.embeds, student, teacher))
+            loss = tensor_sum(ickd_loss(embed(s), t) for embed, s, t in zip(self.embeds, student, teacher))
             terms["ickd"] = self.ickd_weight * loss
         return logits, terms

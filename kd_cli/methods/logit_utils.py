@@ -27,14 +27,14 @@ def standardize(logits: torch.Tensor) -> torch.Tensor:
     return (logits - mean) / (std + STANDARDIZE_EPS)
 
 
-def tempered(logits: torch.Tensor, temperature: float, logit_standardization: bool) -> torch.Tensor:
+def tempered(logits: torch.Tensor, temperature: float | torch.Tensor, logit_standardization: bool) -> torch.Tensor:
     """Logits ready for a temperature softmax: standardized first when asked, then divided by T."""
     if logit_standardization:
         logits = standardize(logits)
     return logits / temperature
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, *,
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float | torch.Tensor, *,
             logit_standardization: bool = False) -> torch.Tensor:
     """T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes, averaged over the batch."""
     log_p_student = F.log_softmax(tempered(student_logits, temperature, logit_standardization), dim=1)

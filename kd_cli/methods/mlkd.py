@@ -30,7 +30,8 @@ since it stores the outputs for the batch the loader gave.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import Distiller
-from kd_cli.methods.feature_utils import check_relation_batch, full_precision
+from kd_cli.methods.feature_utils import check_relation_batch, full_precision, tensor_sum
 from kd_cli.registry import NonNegative, Positive, PositiveInt, Range
 
 Percentile = Annotated[float, Range(0, 100)]
@@ -115,7 +116,8 @@ def mlkd_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temp
     losses = {}
     for level in levels:
         rows, keep, mean = reducers[level]
-        losses[level] = sum(masked(rows(student_logits, teacher_logits, t), keep, masking, mean) for t in temperatures)
+        losses[level] = tensor_sum(masked(rows(student_logits, teacher_logits, t), keep, masking, mean)
+                                   for t in temperatures)
     return losses
 
 
@@ -275,15 +277,18 @@ class MultiLevelKD(Distiller):
     loss_weights = ("ce_weight", "kd_weight", "batch_weight", "class_weight")
 
     @classmethod
-    def validate_options(cls, *, temperatures: list[float], mean: list[float] | None = None,
-                         std: list[float] | None = None, **options: Any) -> None:
+    def validate_options(cls, **options: Any) -> None:
+        # Taken from **options (the registry passes every option) so the signature stays the base's.
+        temperatures: list[float] = options.pop("temperatures")
+        mean: list[float] | None = options.pop("mean", None)
+        std: list[float] | None = options.pop("std", None)
         super().validate_options(**options)
         if not temperatures:
             raise KdError("method.temperatures is empty; give at least one temperature (the authors use [2, 3, 4, 5, 6])")
         if (mean is None) != (std is None):
             raise KdError("method.mean and method.std go together: give both (the data set's, e.g. "
                           "method.mean='${dataset.mean}' method.std='${dataset.std}') or neither")
-        if mean is not None and len(mean) != len(std):
+        if mean is not None and std is not None and len(mean) != len(std):
             raise KdError(f"method.mean has {len(mean)} value(s) but method.std has {len(std)}; give as many of each")
 
     def __init__(self, student, teacher, *, ce_weight: NonNegative, kd_weight: NonNegative,
@@ -310,6 +315,7 @@ class MultiLevelKD(Distiller):
     @torch.no_grad()
     def strong_teacher_logits(self, strong: torch.Tensor) -> torch.Tensor:
         """Never from the cache: it holds the teacher's outputs for the loader's batch, not for this view."""
+        assert self.teacher is not None  # mlkd requires a teacher
         return self.teacher(strong)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):

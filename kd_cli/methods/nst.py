@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
-from kd_cli.methods.feature_utils import area_scale, full_precision, match_spatial
+from kd_cli.methods.feature_utils import area_scale, full_precision, match_spatial, tensor_sum
 from kd_cli.registry import NonNegative, Positive, PositiveInt
 
 
@@ -54,5 +54,5 @@ class NeuronSelectivityTransfer(FeatureDistiller):
         logits, student, teacher_logits, teacher = self.features(images, self.nst_weight)
         terms = self.logit_terms(logits, teacher_logits, labels)
         if self.nst_weight:
-            terms["nst"] = self.nst_weight * sum(nst_loss(s, t) for s, t in zip(student, teacher))
+            terms["nst"] = self.nst_weight * tensor_sum(nst_loss(s, t) for s, t in zip(student, teacher))
         return logits, terms

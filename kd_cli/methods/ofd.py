@@ -21,14 +21,16 @@ beside the cross-entropy. Unequal grids: the larger map is average-pooled to the
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
-from kd_cli.methods.feature_utils import full_precision, match_spatial
+from kd_cli.methods.feature_utils import full_precision, input_shape, match_spatial, tensor_sum
 from kd_cli.models.features import (
     PreActivation,
     PreActivationTap,
@@ -71,7 +73,8 @@ def stage_weights(count: int) -> list[float]:
 
 def ofd_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], margins: list[torch.Tensor]) -> torch.Tensor:
     """The stages' partial L2 distances, the deepest weighing 1, each shallower one half the next."""
-    return sum(w * partial_l2(s, t, m) for w, s, t, m in zip(stage_weights(len(student)), student, teacher, margins))
+    return tensor_sum(w * partial_l2(s, t, m)
+                      for w, s, t, m in zip(stage_weights(len(student)), student, teacher, margins))
 
 
 def connector(student_channels: int, teacher_channels: int) -> nn.Sequential:
@@ -95,7 +98,7 @@ class PreReluDistiller(FeatureDistiller):
         self.teacher_sites = self._sites(teacher, self.teacher_layers, "teacher")
 
     def _sites(self, model: nn.Module, layers: list[str], role: str) -> list[PreActivation]:
-        channels, size, _ = model.kd_input_shape
+        channels, size, _ = input_shape(model)
         return preactivation_sites(model, layers, channels, size, who=f"method={self.method_name} ({role})",
                                    fix=f"name such layers with method.{role}_layers or pick another {role}")
 
@@ -133,7 +136,8 @@ class OverhaulFeatureDistillation(PreReluDistiller):
             return
         norms = resolve_modules(teacher, [site.norm for site in self.teacher_sites if site.norm])
         for i, (site, shape) in enumerate(zip(self.teacher_sites, self.teacher_shapes)):
-            norm = norms.get(site.norm) if site.norm else None
+            # cast: a site's norm is a BatchNorm (preactivation_sites records no other kind)
+            norm = cast("_BatchNorm | None", norms.get(site.norm) if site.norm else None)
             if norm is None or norm.num_features != shape[0]:
                 raise KdError(f"method=ofd takes its margins from the BatchNorm before each teacher ReLU, but no "
                               f"BatchNorm of {shape[0]} channels runs before '{site.relu}' in teacher layer "
@@ -150,6 +154,7 @@ class OverhaulFeatureDistillation(PreReluDistiller):
         logits, student, teacher_logits, teacher = self.features(images, self.ofd_weight)
         terms = self.logit_terms(logits, teacher_logits, labels)
         if self.ofd_weight:
+            assert self.connectors is not None  # built whenever ofd_weight > 0
             student, teacher = self.connected(self.connectors, student, teacher)
             terms["ofd"] = self.ofd_weight * ofd_loss(student, teacher, self.margins)
         return logits, terms

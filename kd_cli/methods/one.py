@@ -24,7 +24,8 @@ reaches the one trunk graph, as in the authors' single multi-branch forward.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Callable
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ from torch import nn
 from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import Distiller
-from kd_cli.methods.feature_utils import full_precision
+from kd_cli.methods.feature_utils import feature_layers, full_precision, input_shape
 from kd_cli.methods.logit_utils import kd_loss
 from kd_cli.registry import NonNegative, Positive, Range
 
@@ -60,7 +61,7 @@ def call_order(model: nn.Module) -> list[str]:
     order: list[str] = []
     handles = [module.register_forward_pre_hook(lambda m, args, name=name: order.append(name))
                for name, module in model.named_modules() if name]
-    channels, height, width = model.kd_input_shape
+    channels, height, width = input_shape(model)
     param = next(model.parameters())
     states = {module: module.training for module in model.modules()}
     try:
@@ -79,7 +80,7 @@ def head_modules(model: nn.Module) -> set[str]:
     """The branch: every module first called after the student's second-to-last stage (the last stage and
     what follows it: pooling, classifier; for a WRN its last block group and final BN-ReLU). Its first
     module's input is the trunk's output."""
-    stages = list(model.kd_feature_layers)
+    stages = list(feature_layers(model))
     if len(stages) < 2:
         raise KdError(f"method=one shares a trunk and gives each branch the student's last stage, but "
                       f"{type(model).__name__} has {len(stages)} stage(s); pick a student with several (e.g. cnn)")
@@ -105,11 +106,14 @@ def graft_trunk(peer: nn.Module, student: nn.Module, head: set[str]) -> list[nn.
             full = prefix + name
             if full in head:
                 continue
+            peer_child, student_child = peer_module._modules[name], student_module._modules[name]
+            # (a None entry is a placeholder, with no submodules and nothing to share; kd's models have none)
+            assert peer_child is not None and student_child is not None
             if any(h.startswith(full + ".") for h in head):
-                walk(full + ".", peer_module._modules[name], student_module._modules[name])
+                walk(full + ".", peer_child, student_child)
             else:
-                peer_module._modules[name] = student_module._modules[name]
-                shared.append(student_module._modules[name])
+                peer_module._modules[name] = student_child
+                shared.append(student_child)
 
     walk("", peer, student)
     return shared
@@ -126,7 +130,7 @@ class SharedTrunk:
         self.modules = modules
         self.memo: dict[tuple[int, ...], tuple[tuple[Any, ...], Any]] = {}
 
-    def __enter__(self) -> "SharedTrunk":
+    def __enter__(self) -> SharedTrunk:
         for module in self.modules:
             module.forward = self._memoised(module, module.forward)
         return self

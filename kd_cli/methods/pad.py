@@ -34,6 +34,7 @@ from kd_cli.methods.feature_utils import (
     matched_size,
     pool_to,
     require_same_kind,
+    tensor_sum,
 )
 from kd_cli.registry import NonNegative, Positive
 
@@ -44,6 +45,12 @@ def pad_loss(student: torch.Tensor, teacher: torch.Tensor, log_variance: torch.T
     """Mean over every element of (t - s)^2 / (exp(log_variance) + 1e-6) + log_variance (equal shapes)."""
     student, teacher, log_variance = (full_precision(x) for x in (student, teacher, log_variance))
     return ((teacher - student).pow(2) / (log_variance.exp() + VARIANCE_EPS) + log_variance).mean()
+
+
+def pair_loss(regress: nn.Module, estimate: nn.Module, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """pad_loss of one layer pair: the regressed pair, the log-variance estimated from the raw student feature."""
+    regressed, target = regress(student, teacher)
+    return pad_loss(regressed, target, estimate(student))
 
 
 class VarianceEstimator(nn.Module):
@@ -104,7 +111,7 @@ class PrimeAwareAdaptiveDistillation(FeatureDistiller):
             if self.training and len(images) < 2:
                 raise KdError("method=pad predicts its variances through BatchNorm (as the authors' code does), "
                               "which needs at least 2 samples per training batch, got 1; raise trainer.batch_size")
-            terms["pad"] = self.pad_weight * sum(
-                pad_loss(*regress(s, t), estimate(s))
+            terms["pad"] = self.pad_weight * tensor_sum(
+                pair_loss(regress, estimate, s, t)
                 for regress, estimate, s, t in zip(self.regressors, self.variance_estimators, student, teacher))
         return logits, terms

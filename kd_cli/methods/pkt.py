@@ -16,7 +16,7 @@ from torch import nn
 
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller, embedding_layers
-from kd_cli.methods.feature_utils import check_relation_batch, flatten
+from kd_cli.methods.feature_utils import check_relation_batch, sample_vectors, tensor_sum
 from kd_cli.registry import NonNegative, Positive
 
 EPS = 1e-7  # RepDistiller's: keeps the norm division and the log finite
@@ -32,8 +32,8 @@ def conditional_probabilities(features: torch.Tensor) -> torch.Tensor:
 def pkt_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Mean over the b x b entries of p_t * log(p_t / p_s)."""
     check_relation_batch("pkt", len(student))
-    p_s = conditional_probabilities(flatten(student))
-    p_t = conditional_probabilities(flatten(teacher))
+    p_s = conditional_probabilities(sample_vectors(student))
+    p_t = conditional_probabilities(sample_vectors(teacher))
     return (p_t * torch.log((p_t + EPS) / (p_s + EPS))).mean()
 
 
@@ -54,5 +54,5 @@ class PKT(FeatureDistiller):
         logits, student, teacher_logits, teacher = self.features(images, self.pkt_weight)
         terms = self.logit_terms(logits, teacher_logits, labels)
         if self.pkt_weight:
-            terms["pkt"] = self.pkt_weight * sum(pkt_loss(s, t) for s, t in zip(student, teacher))
+            terms["pkt"] = self.pkt_weight * tensor_sum(pkt_loss(s, t) for s, t in zip(student, teacher))
         return logits, terms

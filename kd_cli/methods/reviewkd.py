@@ -18,6 +18,8 @@ The term is weighted by min((epoch + 1) / warmup, 1): mdistiller's linear warm-u
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +27,7 @@ from torch import nn
 from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
+from kd_cli.methods.feature_utils import embedding_layer, tensor_sum
 from kd_cli.registry import NonNegative, NonNegativeInt, Positive, PositiveInt
 
 HCL_POOL_SIZES = (4, 2, 1)
@@ -32,7 +35,7 @@ HCL_POOL_SIZES = (4, 2, 1)
 
 def hcl_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
     """Hierarchical context loss summed over levels; the maps of each pair have the same shape."""
-    return sum(level_hcl(at_least_fp32(s), at_least_fp32(t)) for s, t in zip(student, teacher, strict=True))
+    return tensor_sum(level_hcl(at_least_fp32(s), at_least_fp32(t)) for s, t in zip(student, teacher, strict=True))
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -61,14 +64,16 @@ class ABF(nn.Module):
                                     nn.BatchNorm2d(out_channels))
         # two sigmoid maps: how much of this level and of the residual (deeper) level to keep per pixel
         self.attention = nn.Sequential(nn.Conv2d(2 * mid_channels, 2, 1), nn.Sigmoid()) if fuse else None
-        nn.init.kaiming_uniform_(self.reduce[0].weight, a=1)  # the authors' initialisation
-        nn.init.kaiming_uniform_(self.output[0].weight, a=1)
+        # the authors' initialisation (cast: indexing a Sequential is typed as any module)
+        nn.init.kaiming_uniform_(cast(nn.Conv2d, self.reduce[0]).weight, a=1)
+        nn.init.kaiming_uniform_(cast(nn.Conv2d, self.output[0]).weight, a=1)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None,
                 out_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(output for the loss at the teacher's size, fused map passed on to the next shallower level)."""
         x = self.reduce(x)
         if self.attention is not None:
+            assert residual is not None  # a fusing level always gets the deeper level's map
             residual = F.interpolate(residual, size=x.shape[-2:], mode="nearest")
             gates = self.attention(torch.cat([x, residual], dim=1))
             x = x * gates[:, :1] + residual * gates[:, 1:]
@@ -93,7 +98,7 @@ def stage_layers(model: nn.Module) -> list[str]:
 def review_levels(model: nn.Module, stages: int) -> list[str]:
     """The deepest `stages` stage outputs, then the pooled embedding."""
     layers = stage_layers(model)
-    return [*layers[max(0, len(layers) - stages):], model.kd_embedding_layer]
+    return [*layers[max(0, len(layers) - stages):], embedding_layer(model)]
 
 
 def map_shapes(model: nn.Module, layers: list[str], shapes: list[tuple[int, ...]], role: str) -> list[tuple[int, ...]]:

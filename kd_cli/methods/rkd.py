@@ -18,7 +18,7 @@ from torch import nn
 
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller, embedding_layers
-from kd_cli.methods.feature_utils import check_relation_batch, flatten
+from kd_cli.methods.feature_utils import check_relation_batch, sample_vectors, tensor_sum
 from kd_cli.registry import NonNegative, Positive
 
 EPS = 1e-12  # keeps sqrt differentiable at a zero distance and the mean distance non-zero
@@ -45,12 +45,12 @@ def triplet_angles(features: torch.Tensor) -> torch.Tensor:
 
 def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     check_relation_batch("rkd", len(student))
-    return F.smooth_l1_loss(normalised_distances(flatten(student)), normalised_distances(flatten(teacher)))
+    return F.smooth_l1_loss(normalised_distances(sample_vectors(student)), normalised_distances(sample_vectors(teacher)))
 
 
 def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     check_relation_batch("rkd", len(student))
-    return F.smooth_l1_loss(triplet_angles(flatten(student)), triplet_angles(flatten(teacher)))
+    return F.smooth_l1_loss(triplet_angles(sample_vectors(student)), triplet_angles(sample_vectors(teacher)))
 
 
 @register_method("rkd")
@@ -72,7 +72,7 @@ class RKD(FeatureDistiller):
         terms = self.logit_terms(logits, teacher_logits, labels)
         pairs = list(zip(student, teacher))
         if self.distance_weight:
-            terms["rkd_distance"] = self.distance_weight * sum(rkd_distance_loss(s, t) for s, t in pairs)
+            terms["rkd_distance"] = self.distance_weight * tensor_sum(rkd_distance_loss(s, t) for s, t in pairs)
         if self.angle_weight:
-            terms["rkd_angle"] = self.angle_weight * sum(rkd_angle_loss(s, t) for s, t in pairs)
+            terms["rkd_angle"] = self.angle_weight * tensor_sum(rkd_angle_loss(s, t) for s, t in pairs)
         return logits, terms

@@ -14,13 +14,13 @@ from torch import nn
 
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
-from kd_cli.methods.feature_utils import check_relation_batch, flatten
+from kd_cli.methods.feature_utils import check_relation_batch, feature_layers, sample_vectors, tensor_sum
 from kd_cli.registry import NonNegative, Positive
 
 
 def similarity_matrix(features: torch.Tensor) -> torch.Tensor:
     """(B, ...) -> (B, B) Gram matrix of the flattened features with unit-norm rows."""
-    flat = flatten(features)
+    flat = sample_vectors(features)
     return F.normalize(flat @ flat.T, dim=1)
 
 
@@ -41,11 +41,11 @@ class SimilarityPreserving(FeatureDistiller):
         self.sp_weight = sp_weight
 
     def default_layers(self, model: nn.Module) -> list[str]:
-        return list(model.kd_feature_layers)[-1:]  # the last stage, before pooling
+        return list(feature_layers(model))[-1:]  # the last stage, before pooling
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         logits, student, teacher_logits, teacher = self.features(images, self.sp_weight)
         terms = self.logit_terms(logits, teacher_logits, labels)
         if self.sp_weight:
-            terms["sp"] = self.sp_weight * sum(sp_loss(s, t) for s, t in zip(student, teacher))
+            terms["sp"] = self.sp_weight * tensor_sum(sp_loss(s, t) for s, t in zip(student, teacher))
         return logits, terms

@@ -24,7 +24,7 @@ from torch import nn
 
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
-from kd_cli.methods.feature_utils import full_precision
+from kd_cli.methods.feature_utils import feature_layers, full_precision
 from kd_cli.models.features import resolve_modules
 from kd_cli.registry import NonNegative, Positive
 
@@ -61,7 +61,7 @@ class SoftmaxRegressionDistillation(FeatureDistiller):
         self.connector = connector(self.student_shapes[0][0], self.teacher_shapes[0][0]) if used else None
 
     def default_layers(self, model: nn.Module) -> list[str]:
-        return list(model.kd_feature_layers)[-1:]  # the last stage, before pooling
+        return list(feature_layers(model))[-1:]  # the last stage, before pooling
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         logits, student, teacher_logits, teacher = self.features(images, self.feature_weight or self.logit_weight)
@@ -70,10 +70,12 @@ class SoftmaxRegressionDistillation(FeatureDistiller):
             return logits, terms
         connected = self.connector(student[0])
         if connected.shape[2:] != teacher[0].shape[2:]:
-            connected = F.adaptive_avg_pool2d(connected, teacher[0].shape[2:])
+            height, width = teacher[0].shape[2:]  # maps (require_maps)
+            connected = F.adaptive_avg_pool2d(connected, (height, width))
         if self.feature_weight:
             terms["srd_feature"] = self.feature_weight * srd_feature_loss(connected, teacher[0])
         if self.logit_weight:
+            assert teacher_logits is not None  # `features` runs the teacher whenever a term reads it
             terms["srd_logits"] = self.logit_weight * srd_logit_loss(self.teacher_head(images, connected), teacher_logits)
         return logits, terms
 

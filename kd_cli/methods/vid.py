@@ -13,7 +13,8 @@ summed over the pairs. Unequal grids: the larger map is average-pooled to the sm
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +82,10 @@ class VID(FeatureDistiller):
         self.vid_weight = vid_weight
 
     @classmethod
-    def validate_options(cls, *, min_variance: float, init_variance: float, **options) -> None:
+    def validate_options(cls, **options: Any) -> None:
+        # Taken from **options (the registry passes every option) so the signature stays the base's.
+        min_variance: float = options.pop("min_variance")
+        init_variance: float = options.pop("init_variance")
         super().validate_options(**options)
         if not min_variance < init_variance:  # softplus(alpha) = init - min must be > 0
             raise KdError(f"method vid needs 0 < min_variance < init_variance, got method.min_variance={min_variance} "

@@ -14,8 +14,9 @@ from __future__ import annotations
 import pickle
 import warnings
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn

@@ -8,7 +8,7 @@ classes). Projection shortcuts (1x1 conv + BN) wherever the shape changes.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn

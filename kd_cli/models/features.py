@@ -17,8 +17,9 @@ every forward pass without changing the model's outputs.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -31,8 +32,9 @@ def set_feature_layers(model: nn.Module, stages: Iterable[str], embedding: str) 
     """Record which modules give the stage outputs (shallow to deep) and the pooled embedding."""
     stages = list(stages)
     resolve_modules(model, [*stages, embedding])  # a builder naming a missing module is a bug: fail early
-    model.kd_feature_layers = stages
-    model.kd_embedding_layer = embedding
+    # (the ignores: nn.Module's stubs allow only tensors and modules as attributes)
+    model.kd_feature_layers = stages  # type: ignore[assignment]
+    model.kd_embedding_layer = embedding  # type: ignore[assignment]
     return model
 
 
@@ -100,7 +102,7 @@ class FeatureTap:
             handle.remove()
         self._handles = []
 
-    def __enter__(self) -> "FeatureTap":
+    def __enter__(self) -> FeatureTap:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -171,12 +173,13 @@ class PreActivationTap:
         names = {n for site in self.sites for n in (site.layer, site.relu, site.norm) if n is not None}
         modules = resolve_modules(model, names)
         self._handles: list[Any] = []
-        self._inplace: dict[nn.Module, bool] = {}
+        self._inplace: dict[nn.ReLU, bool] = {}
         for site in self.sites:
-            relu = modules[site.relu]
+            relu = cast(nn.ReLU, modules[site.relu])  # preactivation_sites names nn.ReLU modules only
             self._inplace.setdefault(relu, relu.inplace)
             relu.inplace = False
             if site.after_stage:
+                assert site.norm is not None  # an after_stage site reads its norm's output (_find_site)
                 self._read_after(site, modules[site.layer], modules[site.norm])
             else:
                 self._read_inside(site, modules[site.layer], relu)
@@ -225,7 +228,7 @@ class PreActivationTap:
             relu.inplace = inplace
         self._inplace = {}
 
-    def __enter__(self) -> "PreActivationTap":
+    def __enter__(self) -> PreActivationTap:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -322,7 +325,7 @@ def _find_site(model: nn.Module, name: str, calls: list[_Call], who: str, fix: s
             norms = [calls[i] for i in range(start + 1, inside[-1]) if calls[i].kind == "norm"]
             parent = last.name.rpartition(".")[0]
             siblings = [c for c in norms if c.name.rpartition(".")[0] == parent]
-            norm = (siblings or norms or [None])[-1]
+            norm = next(reversed(siblings or norms), None)  # the last one, if any
             return PreActivation(name, last.name, norm.name if norm else None)
     after = calls[end + 1:]
     norm_at = next((i for i, c in enumerate(after) if c.kind == "norm"), None)
@@ -348,12 +351,13 @@ def _check_sites(model: nn.Module, sites: Sequence[PreActivation], images: torch
     with torch.no_grad(), FeatureTap(model, layers, detach=True) as stages, \
             PreActivationTap(model, sites, detach=True) as tap:
         model(images)
-    modules = resolve_modules(model, [site.norm for site in sites if site.after_stage])
+    modules = resolve_modules(model, [site.norm for site in sites if site.after_stage and site.norm is not None])
     for site in sites:
         pre, out = tap.outputs.get(site.layer), stages.outputs[site.layer]
         if pre is None:
             ok = False
         elif site.after_stage:
+            assert site.norm is not None  # an after_stage site reads its norm's output (_find_site)
             with torch.no_grad():
                 expected = modules[site.norm](out)
             ok = pre.shape == expected.shape and torch.allclose(pre, expected, rtol=1e-5, atol=1e-6)

@@ -13,8 +13,8 @@ an input of its own shape (`kd_input_shape`) size its feature adapters as traini
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -9,7 +9,8 @@ checks them before any data is read, `create_model` again when it builds. What n
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 from torch import nn
 
@@ -34,13 +35,17 @@ def check_model_options(arch: str, kwargs: Mapping[str, Any], path: str = "") ->
     from omegaconf import DictConfig, OmegaConf
 
     if isinstance(kwargs, DictConfig):
-        kwargs = OmegaConf.to_container(kwargs, resolve=True)
+        kwargs = cast("dict[str, Any]", OmegaConf.to_container(kwargs, resolve=True))
     MODELS.check(arch, kwargs, fixed=FIXED, path=path)
 
 
 def create_model(
     name: str, num_classes: int, in_channels: int = 3, input_size: int = 32, **options: Any
 ) -> nn.Module:
+    """The registered model `name` for `num_classes` classes of `in_channels` x `input_size`² images, its
+    `options` checked against the builder's signature (a one-line KdError names a wrong one). The model
+    records its input shape and class count (`kd_input_shape`, `kd_num_classes`) for the dry runs that
+    size feature adapters; every builder names its stages and embedding (`set_feature_layers`)."""
     fixed = dict(zip(FIXED, (num_classes, in_channels, input_size)))
     model = MODELS.build(name, fixed, options)
     model.kd_input_shape = (in_channels, input_size, input_size)  # for dry runs that size adapters

@@ -19,7 +19,7 @@ import difflib
 import functools
 import inspect
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -62,8 +62,9 @@ def _builder(name: str) -> Callable[..., nn.Module]:
 
     build.__name__ = build.__qualname__ = PREFIX + name
     build.__doc__ = f"timm {name}; pretrained=true: timm's weights from the cache; weights=PATH: a local file."
-    build.__signature__ = inspect.signature(build)
-    build.validate_options = _validate
+    # (the ignores: mypy knows no attributes of a function beyond its own)
+    build.__signature__ = inspect.signature(build)  # type: ignore[attr-defined]
+    build.validate_options = _validate  # type: ignore[attr-defined]
     return build
 
 
@@ -85,7 +86,7 @@ def build_timm(name: str, num_classes: int, in_channels: int, input_size: int, p
     if weights:
         load_weights(model, weights, in_channels, PREFIX + name)
     if pretrained or weights:  # what the weights were trained on, for a warning when the data differ
-        model.kd_pretrained_form = pretrained_form(timm, model)
+        model.kd_pretrained_form = pretrained_form(timm, model)  # type: ignore[assignment]  # stubs: tensors, modules
     return add_feature_layers(model)
 
 
@@ -187,8 +188,14 @@ def load_weights(model: nn.Module, path: str, in_channels: int, what: str) -> No
         log.info(f"{what}: weights from {path}; new classifier ({len(fresh)} tensors) for this data set's classes")
 
 
+def _get_classifier(model: nn.Module) -> nn.Module | None:
+    """timm's `get_classifier()`, None for a model without one."""
+    getter = getattr(model, "get_classifier", None)
+    return getter() if getter is not None else None
+
+
 def classifier_name(model: nn.Module) -> str:
-    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    classifier = _get_classifier(model)
     for name, module in model.named_modules():
         if module is classifier:
             return name
@@ -196,7 +203,7 @@ def classifier_name(model: nn.Module) -> str:
 
 
 def add_feature_layers(model: nn.Module) -> nn.Module:
-    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    classifier = _get_classifier(model)
     tap_classifier_input(model, classifier)
     info = getattr(model, "feature_info", None)
     stages = []

@@ -11,8 +11,9 @@ a local file in torchvision's layout (your own fine-tuned checkpoint, or ImageNe
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import cast
 
 import torch
 import torchvision
@@ -86,20 +87,23 @@ def download_imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
 
 
 def adapt_stem(model: nn.Module, spec: Spec, in_channels: int, small: bool, pretrained: bool) -> None:
-    old = model.get_submodule(spec.stem)
+    old = cast(nn.Conv2d, model.get_submodule(spec.stem))  # every Spec's stem is a conv
     if small:
         new = nn.Conv2d(in_channels, old.out_channels, 3, stride=1, padding=1, bias=old.bias is not None)
         replace_module(model, spec.stem, new)
         if spec.maxpool:
             replace_module(model, spec.maxpool, nn.Identity())
     elif in_channels != old.in_channels:
-        new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
-                        bias=old.bias is not None)
+        # torch types a conv's geometry as tuple[int, ...]: a Conv2d's holds two ints (padding may be a str)
+        size, stride, padding = cast("tuple[tuple[int, int], tuple[int, int], str | tuple[int, int]]",
+                                     (old.kernel_size, old.stride, old.padding))
+        new = nn.Conv2d(in_channels, old.out_channels, size, stride, padding, bias=old.bias is not None)
         if pretrained:
             # a grey image (same value in every channel) gets the same response as from the RGB filters
             with torch.no_grad():
                 new.weight.copy_(old.weight.mean(1, keepdim=True).expand_as(new.weight) * 3 / in_channels)
                 if old.bias is not None:
+                    assert new.bias is not None  # built with bias=old.bias is not None
                     new.bias.copy_(old.bias)
         replace_module(model, spec.stem, new)
 
@@ -128,7 +132,7 @@ def build_torchvision(arch: str, num_classes: int, in_channels: int, input_size:
     if pretrained or weights:
         from kd_cli.models.checkpoints import fit_state, read_state_dict
 
-        state = download_imagenet_state_dict(arch) if pretrained else read_state_dict(weights)
+        state = read_state_dict(weights) if weights else download_imagenet_state_dict(arch)  # not both (above)
         # the classifier is new when the weights were trained for other classes (ImageNet's 1000)
         fit_state(model, state, f"{arch} weights={weights or 'ImageNet'}", replaceable=(spec.classifier,))
     adapt_stem(model, spec, in_channels, small, pretrained or bool(weights))

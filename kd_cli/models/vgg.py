@@ -8,7 +8,7 @@ for inputs of 64 pixels or more, so 32x32 CIFAR ends at 4x4 (RepDistiller's layo
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -54,6 +54,7 @@ class CifarVGG(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                assert m.bias is not None  # make_block keeps every conv's bias
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0, 0.01)  # small logits at the start, as in the reference

@@ -8,7 +8,7 @@ pre-activated input, wherever the shape changes.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -19,7 +19,7 @@ from kd_cli.report.discover import (
 from kd_cli.report.table import (
     METRICS,
     build_report,
-    print_table,
+    print_report,
     write_csv,
     write_markdown,
 )
@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
              f"pass their reproduce/ folder to see them"] if counted else []
     # Left out, with a warning each; listed here too, so the table never looks complete when it is not.
     extra += [f"{left.status}, left out: {display_path(left.path)}  ({left.error})" for left in skipped]
-    print_table(report, extra)
+    print_report(report, extra)
     write_outputs(report, args)
     return 0
 

@@ -18,9 +18,10 @@ import io
 import json
 import os
 import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import yaml
 
@@ -289,7 +290,8 @@ def _parse(run_dir: Path, name: str | Path, kind: type, parse: Callable[[str], A
     except (ValueError, yaml.YAMLError) as error:
         raise BrokenFile(path, str(name), f"is not valid {language} ({_parse_error(error)})") from None
     if not isinstance(data, kind):
-        wanted = {dict: "a mapping" if language == "YAML" else "an object", list: "a list"}[kind]
+        names: dict[type, str] = {dict: "a mapping" if language == "YAML" else "an object", list: "a list"}
+        wanted = names[kind]
         raise BrokenFile(path, str(name), f"holds {_kind_name(data)}, not {wanted}")
     return data
 

@@ -43,9 +43,9 @@ def plot_metric_against(report: Report, x_key: str, metric: str, directory: Path
 
     lines: dict[str, list[tuple[float, float, float]]] = {}
     for row in report.rows:
-        stat = row.stat(metric)
-        if stat.n and row.values[x_key] is not None:
-            lines.setdefault(line_label(report, row, x_key), []).append((float(row.values[x_key]), stat.mean, stat.std))
+        stat, x = row.stat(metric), row.values[x_key]
+        if stat.mean is not None and stat.std is not None and x is not None:  # (None when stat.n == 0)
+            lines.setdefault(line_label(report, row, x_key), []).append((float(x), stat.mean, stat.std))
     if not lines:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.4))

@@ -14,10 +14,12 @@ import csv
 import statistics
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from kd_cli.console import print_table
 from kd_cli.errors import KdError, unknown_choice
 from kd_cli.report.discover import STALE, Run, as_number, display_path
 
@@ -172,7 +174,8 @@ def _raw_value(row: Row, column: str) -> Any:
 
 def display_cells(report: Report, row: Row) -> list[str]:
     """One row's cells as shown in the terminal and in Markdown."""
-    cells = [row.values[key] if row.values[key] is not None else MISSING for key in report.keys]
+    values = [row.values[key] for key in report.keys]
+    cells = [value if value is not None else MISSING for value in values]
     teacher, wall = row.mean_of("teacher_top1"), row.mean_of("wall_time_s")
     return [
         *cells,
@@ -228,21 +231,11 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
-def print_table(report: Report, extra_notes: list[str]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="kd report")
-    for column in report.columns:
-        numeric = column not in report.keys and column != "status"
-        table.add_column(HEADERS.get(column, column), justify="right" if numeric else "left")
-    for row in report.rows:
-        table.add_row(*display_cells(report, row))
+def print_report(report: Report, extra_notes: list[str]) -> None:
+    columns = [(HEADERS.get(c, c), "left" if c in report.keys or c == "status" else "right") for c in report.columns]
     # Not a terminal (a pipe, a file): wide enough that "mean ± std" cells never wrap.
-    console = Console(width=None if sys.stdout.isatty() else 200)
-    console.print(table)
-    for line in [*notes(report), *extra_notes]:
-        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    print_table("kd report", columns, [display_cells(report, row) for row in report.rows],
+                notes=[*notes(report), *extra_notes], width=None if sys.stdout.isatty() else 200)
 
 
 def write_csv(report: Report, path: Path) -> None:

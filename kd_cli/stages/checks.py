@@ -66,6 +66,7 @@ def check_known_keys(node: DictConfig, prefix: str = "") -> None:
         return
     fields = [f.name for f in dataclasses.fields(schema)]
     for key in node.keys():
+        key = str(key)  # a field name (OmegaConf's stubs allow other key types: bytes, ints, enums)
         if key not in fields:
             raise KdError(f"unknown option {prefix}{key} (choose from: {', '.join(fields)}); it would be ignored")
         child = node._get_node(key)

@@ -7,9 +7,11 @@ import logging.handlers
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, cast
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -253,10 +255,10 @@ def _check_same_config(run: RunDir, cfg: DictConfig) -> None:
 
 def _write_hydra_files(path: Path, cfg: DictConfig) -> None:
     """What Hydra writes to .hydra/ (told not to, since it would write before the run is claimed)."""
-    hydra = HydraConfig.instance().cfg
+    hydra = cast(DictConfig, HydraConfig.instance().cfg)  # the whole config, its `hydra` node within (not a HydraConf)
     files = {"config.yaml": cfg, "hydra.yaml": hydra, "overrides.yaml": hydra.hydra.overrides.task}
     for name, node in files.items():
-        atomic_write(path / ".hydra" / name, lambda tmp, node=node: OmegaConf.save(node, tmp))
+        atomic_write(path / ".hydra" / name, partial(OmegaConf.save, node))  # OmegaConf.save(node, tmp)
 
 
 
@@ -293,23 +295,23 @@ def saved_dataset(weights: Path) -> dict | None:
 
 
 def dataset_options(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg.dataset, resolve=True)
+    return cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True))
 
 
-def model_options(model_cfg: DictConfig) -> dict:
+def options_with_defaults(model_cfg: DictConfig) -> dict:
     """Every option of the model, the builder's defaults filled in: `teacher=default` with `{}` and
     `teacher=cnn` with `{width: 32, ...}` describe the same network, and model.json says so."""
     from kd_cli.model_index import model_options as defaults
     from kd_cli.models import MODELS
 
-    given = OmegaConf.to_container(model_cfg.kwargs, resolve=True)
+    given = cast("dict[str, Any]", OmegaConf.to_container(model_cfg.kwargs, resolve=True))
     return {**defaults(MODELS.get(model_cfg.arch)), **given}
 
 
 def model_spec(model_cfg: DictConfig, data, dataset_cfg: DictConfig) -> ModelSpec:
     return ModelSpec(
         arch=model_cfg.arch,
-        kwargs=model_options(model_cfg),
+        kwargs=options_with_defaults(model_cfg),
         num_classes=data.num_classes,
         in_channels=data.in_channels,
         input_size=data.input_size,
@@ -320,6 +322,17 @@ def model_spec(model_cfg: DictConfig, data, dataset_cfg: DictConfig) -> ModelSpe
         # how an image file becomes this model's input (kd predict): the evaluation crop of image folders
         extra={"crop_fraction": dataset_cfg.crop_fraction} if "crop_fraction" in dataset_cfg else {},
     )
+
+
+def eval_loader(cfg: DictConfig, split, spec: ModelSpec, device: torch.device, *, batch_size: int | None = None,
+                num_workers: int | None = None):
+    """`split` in a fixed order without augmentation, normalised as `spec`'s model expects (scoring a saved
+    model, calibrating int8, checking an import or an export)."""
+    from kd_cli.data import make_loader
+
+    return make_loader(split, batch_size=batch_size or cfg.trainer.eval_batch_size, train=False, spec=None,
+                       mean=spec.mean, std=spec.std, device=device, seed=cfg.seed,
+                       num_workers=cfg.trainer.num_workers if num_workers is None else num_workers)
 
 
 def count_parameters(model: nn.Module) -> int:

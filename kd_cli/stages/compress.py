@@ -12,6 +12,7 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, Protocol, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -20,7 +21,7 @@ from torch import nn
 from kd_cli.compress import FINETUNE, STEPS, build_step, check_steps, is_int8
 from kd_cli.compress.context import StepContext
 from kd_cli.compress.prune_unstructured import copyable, make_permanent
-from kd_cli.data import make_loader
+from kd_cli.console import print_table
 from kd_cli.engine.artifacts import (
     ModelSpec,
     load_model,
@@ -38,6 +39,7 @@ from kd_cli.methods import method_requires_teacher
 from kd_cli.stages.common import (
     Setup,
     check_model_fits,
+    eval_loader,
     print_config,
     saved_dataset,
     setup_run,
@@ -56,6 +58,12 @@ from kd_cli.stages.training import (
 log = logging.getLogger("kd")
 TABLE = "compression.csv"
 FLOAT_DIR = "float"  # beside an int8 result: the float model it was quantised from (for ONNX export)
+
+
+class Step(Protocol):
+    """A registered compression step (kd_cli/compress), as the stage uses it."""
+
+    def apply(self, model: nn.Module, ctx: StepContext) -> nn.Module: ...
 
 
 def main(cfg: DictConfig, run: RunDir) -> float:
@@ -94,8 +102,11 @@ def main(cfg: DictConfig, run: RunDir) -> float:
             else:
                 before = rows[-1]
                 float_model = copy.deepcopy(copyable(model)) if name == "quantize_int8" else None
+                assert step is not None  # only finetune has none (plan)
                 model = step.apply(model, ctx)
-                carried = dict(params=before.params, macs=before.macs) if name == "quantize_int8" else {}
+                carried: dict[str, Any] = {}  # int8 has the float model's params and MACs (see measure)
+                if name == "quantize_int8":
+                    carried = dict(params=before.params, macs=before.macs)
                 rows.append(measure(name, model, spec, predict_on=score, **figures, **carried))
                 continue
             rows.append(measure(f"+ {FINETUNE} ({cfg.method.name})", model, spec, predict_on=score, **figures))
@@ -111,11 +122,11 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     summary = summarise(cfg, rows, reload_top1, started, spec)
     write_table(run.path / TABLE, rows)
     run.write_summary(COMPLETE, **summary)
-    print_table(cfg, rows, spec, run.path)
+    print_measurements(cfg, rows, spec, run.path)
     return rows[-1].top1
 
 
-def plan(compression: DictConfig) -> list[tuple[str, object]]:
+def plan(compression: DictConfig) -> list[tuple[str, Step | None]]:
     """The steps with their options checked, before any data is read or model loaded."""
     names = list(compression.steps)
     if not names:
@@ -124,7 +135,7 @@ def plan(compression: DictConfig) -> list[tuple[str, object]]:
         raise KdError("compression.steps: at most one finetune (the recovery training) per run")
     if "quantize_int8" in names and names.index("quantize_int8") != len(names) - 1:
         raise KdError("compression.steps: quantize_int8 must be the last step (int8 weights are not trained further)")
-    steps = []
+    steps: list[tuple[str, Step | None]] = []
     for name in names:
         if name == FINETUNE:
             steps.append((name, None))
@@ -134,7 +145,7 @@ def plan(compression: DictConfig) -> list[tuple[str, object]]:
         options = compression.get(name)
         if options is None:
             raise KdError(f"compression.steps names {name} but compression.{name} has no settings")
-        steps.append((name, build_step(name, OmegaConf.to_container(options, resolve=True))))
+        steps.append((name, build_step(name, cast("dict[str, Any]", OmegaConf.to_container(options, resolve=True)))))
     return steps
 
 
@@ -171,8 +182,7 @@ def _example(spec: ModelSpec, device: torch.device) -> torch.Tensor:
 
 def _calibration_loader(cfg: DictConfig, loaders: Loaders, spec: ModelSpec, device: torch.device):
     """Training images without augmentation, in a fixed order (calibration and Taylor scores)."""
-    return make_loader(loaders.data.train, batch_size=cfg.trainer.batch_size, train=False, spec=None,
-                       mean=spec.mean, std=spec.std, device=device, seed=cfg.seed, num_workers=cfg.trainer.num_workers)
+    return eval_loader(cfg, loaders.data.train, spec, device, batch_size=cfg.trainer.batch_size)
 
 
 def _scorer(cfg: DictConfig, loaders: Loaders, spec: ModelSpec, setup: Setup):
@@ -186,9 +196,7 @@ def _scorer(cfg: DictConfig, loaders: Loaders, spec: ModelSpec, setup: Setup):
             logits, labels = predict(model, loaders.test, setup.device, setup.eval_dtype)
         else:
             if cpu_loader is None:
-                cpu_loader = make_loader(loaders.data.test, batch_size=cfg.trainer.eval_batch_size, train=False,
-                                         spec=None, mean=spec.mean, std=spec.std, device=torch.device("cpu"),
-                                         seed=cfg.seed, num_workers=cfg.trainer.num_workers)
+                cpu_loader = eval_loader(cfg, loaders.data.test, spec, torch.device("cpu"))
             logits, labels = predict(model, cpu_loader, torch.device("cpu"), torch.float32)
         if not torch.isfinite(logits).all():
             raise KdError("the model gives non-finite outputs (NaN or inf) on the test images at this step; "
@@ -234,24 +242,20 @@ def write_table(path: Path, rows: list[Measurement]) -> None:
         writer.writerows(r.row() for r in rows)
 
 
-def print_table(cfg: DictConfig, rows: list[Measurement], spec: ModelSpec, run_dir: Path) -> None:
+def print_measurements(cfg: DictConfig, rows: list[Measurement], spec: ModelSpec, run_dir: Path) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     sizes = list(rows[0].latency_ms)
-    table = Table(title=f"compress {spec.arch} on {cfg.dataset.name} ({cfg.compression.get('name', 'custom')})")
-    for column in ["step", "params", "MACs", "size KiB", "sparsity %",
-                   *[f"CPU ms b{b}" for b in sizes], "top-1 %"]:
-        table.add_column(column, justify="left" if column == "step" else "right")
-    for r in rows:
-        table.add_row(r.step, f"{r.params:,}", f"{r.macs:,}", f"{r.size_bytes / 1024:,.1f}", f"{r.sparsity:.1f}",
-                      *[f"{r.latency_ms[b]:.3f}" for b in sizes], f"{r.top1:.2f}")
+    headers = ["step", "params", "MACs", "size KiB", "sparsity %", *[f"CPU ms b{b}" for b in sizes], "top-1 %"]
+    cells = [[r.step, f"{r.params:,}", f"{r.macs:,}", f"{r.size_bytes / 1024:,.1f}", f"{r.sparsity:.1f}",
+              *[f"{r.latency_ms[b]:.3f}" for b in sizes], f"{r.top1:.2f}"] for r in rows]
     first, last = rows[0], rows[-1]
-    table.add_row("ratio", f"{last.params / first.params:.2f}x", f"{last.macs / max(first.macs, 1):.2f}x",
+    cells.append(["ratio", f"{last.params / first.params:.2f}x", f"{last.macs / max(first.macs, 1):.2f}x",
                   f"{last.size_bytes / first.size_bytes:.2f}x", "",
                   *[f"{first.latency_ms[b] / last.latency_ms[b]:.2f}x speed" for b in sizes],
-                  f"{last.top1 - first.top1:+.2f}", style="bold")
-    console = Console(width=max(Console().width, 120))  # the table is wide; logs and pipes get 120 columns
-    console.print(table)
-    console.print(f"CPU latency: median of {cfg.latency_batches} batches, {torch.get_num_threads()} thread(s)")
-    console.print(f"run directory: {run_dir}", highlight=False, soft_wrap=True)
+                  f"{last.top1 - first.top1:+.2f}"])
+    print_table(f"compress {spec.arch} on {cfg.dataset.name} ({cfg.compression.get('name', 'custom')})",
+                [(h, "left" if h == "step" else "right") for h in headers], cells, bold_last=True,
+                width=max(Console().width, 120),  # the table is wide; logs and pipes get 120 columns
+                notes=[f"CPU latency: median of {cfg.latency_batches} batches, {torch.get_num_threads()} thread(s)",
+                       f"run directory: {run_dir}"])

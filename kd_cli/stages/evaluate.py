@@ -9,13 +9,14 @@ import logging
 import statistics
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kd_cli.compress import is_int8
-from kd_cli.data import load_dataset, make_loader
+from kd_cli.data import load_dataset
 from kd_cli.engine.artifacts import ModelSpec, load_model, load_spec, resolve_weights
 from kd_cli.engine.metrics import classification_report, predict
 from kd_cli.engine.rundir import COMPLETE, CONFIG, RunDir
@@ -24,6 +25,7 @@ from kd_cli.saved_forms import rebuild
 from kd_cli.stages.common import (
     check_model_fits,
     count_parameters,
+    eval_loader,
     saved_dataset,
     setup_run,
     start_run,
@@ -56,8 +58,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
                       "split=train, or set dataset.val_fraction")
     start_run(cfg, run, setup, device=str(setup.device), seed=cfg.seed, data_fingerprint=data.fingerprint,
               model=str(weights))
-    loader = make_loader(split, batch_size=cfg.trainer.eval_batch_size, train=False, spec=None, mean=spec.mean,
-                         std=spec.std, device=device, seed=cfg.seed, num_workers=cfg.trainer.num_workers)
+    loader = eval_loader(cfg, split, spec, device)
     logits, labels = predict(model, loader, device, dtype)
     if not torch.isfinite(logits).all():
         raise KdError(f"{weights} gives non-finite outputs (NaN or inf) on {int((~torch.isfinite(logits)).any(1).sum())} "
@@ -92,7 +93,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
 def _dataset_config(cfg: DictConfig, weights: Path) -> dict:
     """The data set given on the command line, else the one the model was trained on."""
     if cfg.dataset is not None:
-        return OmegaConf.to_container(cfg.dataset, resolve=True)
+        return cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True))
     saved = saved_dataset(weights)
     if saved is None:
         raise KdError(f"no {CONFIG} beside {weights} to tell its data set; pass dataset=NAME (and its options)")

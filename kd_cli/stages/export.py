@@ -22,14 +22,15 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from kd_cli.compress import is_int8
 from kd_cli.engine.artifacts import (
     META,
     ModelSpec,
@@ -37,7 +38,6 @@ from kd_cli.engine.artifacts import (
     load_spec,
     resolve_weights,
 )
-from kd_cli.compress import is_int8
 from kd_cli.engine.device import seed_everything
 from kd_cli.engine.files import atomic_write
 from kd_cli.engine.rundir import COMPLETE, RunDir
@@ -58,7 +58,7 @@ METADATA_KEY = "model.json"  # ONNX metadata_props key / TorchScript extra file 
 
 
 def main(cfg: DictConfig, run: RunDir) -> float:
-    check_options(cfg)
+    check_export_options(cfg)
     started = time.time()
     seed_everything(cfg.seed)
     weights = resolve_weights(cfg.run)
@@ -123,7 +123,7 @@ def _batch_label(cfg: DictConfig) -> str:
     return f"no (fixed at {cfg.check_batch_size})" if cfg.format == "onnx" else "not checked"
 
 
-def check_options(cfg: DictConfig) -> None:
+def check_export_options(cfg: DictConfig) -> None:
     """Impossible values, found before anything is read or written."""
     if cfg.format not in FILES:
         raise unknown_choice("format", cfg.format, FILES)
@@ -212,6 +212,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, cfg: DictCo
             report.write_text(f"{error}\n\n{output.getvalue()}")
             raise KdError(f"ONNX export failed: {_root_cause(error)}; the exporter's report is in {report}; "
                           f"format=torchscript may work") from error
+    assert program is not None  # dynamo=True returns the ONNX program
     program.model.metadata_props[METADATA_KEY] = meta_text
     program.save(str(path), external_data=False)
     written = onnx_opset(path)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from kd_cli.data import load_dataset, make_loader
+from kd_cli.data import load_dataset
 from kd_cli.engine.artifacts import load_model, save_model
 from kd_cli.engine.files import read_json
 from kd_cli.engine.metrics import predict, topk_accuracy
@@ -28,6 +28,7 @@ from kd_cli.models.hf_models import hf_from_folder
 from kd_cli.stages.common import (
     count_parameters,
     dataset_options,
+    eval_loader,
     model_spec,
     setup_run,
     start_run,
@@ -51,10 +52,10 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         model = hf_from_folder(source, spec.num_classes, spec.in_channels, spec.input_size)
     else:
         model = spec.build()
+        assert state is not None  # read above for every arch but hf
         fit_state(model, state, f"{source} as {spec.arch}")
     model = model.to(setup.device).eval()
-    loader = make_loader(data.test, batch_size=cfg.trainer.eval_batch_size, train=False, spec=None, mean=spec.mean,
-                         std=spec.std, device=setup.device, seed=cfg.seed, num_workers=cfg.trainer.num_workers)
+    loader = eval_loader(cfg, data.test, spec, setup.device)
     logits, labels = predict(model, loader, setup.device)
     if not torch.isfinite(logits).all():
         raise KdError(f"{source} as {spec.arch} gives non-finite outputs (NaN or inf) on the test images; "

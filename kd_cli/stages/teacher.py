@@ -29,7 +29,7 @@ from kd_cli.engine.process import run_child
 from kd_cli.engine.rundir import ENV, SUMMARY, RunDir, holds_run, is_complete
 from kd_cli.errors import KdError, warn
 from kd_cli.models.input_form import Form, feed_own_form
-from kd_cli.stages.common import check_model_fits, model_options, model_spec
+from kd_cli.stages.common import check_model_fits, model_spec, options_with_defaults
 
 log = logging.getLogger("kd")
 
@@ -108,6 +108,7 @@ def obtain_teacher(plan: TeacherPlan, cfg: DictConfig, run: RunDir, data: DataSp
     run.keep(teacher_run=str(plan.path), **({"teacher_trained_for_this_run": True} if plan.train else {}))
     if not plan.train:
         run.keep(teacher_weights_sha256=weights_digest(plan.path))
+        assert plan.model is not None  # a plan that trains nothing holds its loaded teacher (_loaded)
         return plan.model, plan.spec, plan.path
     train_teacher(cfg, plan.path)
     model, spec = load_model(plan.path, device)
@@ -121,7 +122,7 @@ def teacher_runs(cfg: DictConfig, data: DataSplits) -> list[Path]:
     """The complete teacher runs under paths.outputs for this architecture and data, newest first; runs
     whose files are broken or unreadable are skipped with a warning (never the reason to train a new
     one silently)."""
-    wanted = (cfg.teacher.arch, model_options(cfg.teacher), data.fingerprint)
+    wanted = (cfg.teacher.arch, options_with_defaults(cfg.teacher), data.fingerprint)
     candidates = []
     for meta in Path(cfg.paths.outputs).glob("**/" + META):
         run = meta.parent

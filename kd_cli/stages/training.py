@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from kd_cli.console import print_table
 from kd_cli.data import AugmentSpec, DataSplits, load_dataset, make_loader
 from kd_cli.engine.artifacts import ModelSpec, load_model, save_model
 from kd_cli.engine.device import use_channels_last
@@ -47,7 +49,8 @@ def load_data(cfg: DictConfig, setup: Setup) -> Loaders:
     check_trackers(cfg.get("logger"))  # a missing tracker extra fails here, before data, teacher or training
     data = load_dataset(dataset_options(cfg))
     check_channels(list(cfg.dataset.mean), list(cfg.dataset.std), data.in_channels)
-    augmentation = {k: v for k, v in OmegaConf.to_container(cfg.augmentation, resolve=True).items() if k != "name"}
+    options = cast("dict[str, Any]", OmegaConf.to_container(cfg.augmentation, resolve=True))
+    augmentation = {k: v for k, v in options.items() if k != "name"}
     common = dict(mean=list(cfg.dataset.mean), std=list(cfg.dataset.std), device=setup.device, seed=stream_seed(cfg),
                   rank=setup.world.rank, world_size=setup.world.size, num_workers=cfg.trainer.num_workers)
     train = make_loader(data.train, batch_size=cfg.trainer.batch_size, train=True,
@@ -96,7 +99,7 @@ def new_method(cfg: DictConfig, student: nn.Module, teacher: nn.Module | None, l
                new_student: Callable[[], nn.Module] | None) -> Distiller:
     """cfg.method built around `student`, with what the stage gives methods: the training split's size,
     fresh students (None: this stage trains one network), the artifact loader for teachers by path."""
-    return build_method(OmegaConf.to_container(cfg.method, resolve=True), student, teacher,
+    return build_method(cast("dict[str, Any]", OmegaConf.to_container(cfg.method, resolve=True)), student, teacher,
                         num_samples=len(loaders.data.train), new_student=new_student, load_model=load_model)
 
 
@@ -202,19 +205,14 @@ def selection_rows(summary: dict, who: str = "") -> list[tuple[str, Any]]:
 def objective(result: FitResult) -> float:
     """What a sweeper optimises: validation top-1 when there is a validation split (never the test set's
     when it can be avoided), else the test-set best."""
-    return result.best_val_top1 if result.selected_on == "val" else result.best_top1
+    if result.selected_on == "val":
+        assert result.best_val_top1 is not None  # set whenever a validation split chose the epoch
+        return result.best_val_top1
+    return result.best_top1
 
 
 def print_results(title: str, rows: list[tuple[str, Any]], run_dir: Path) -> None:
-    """The final table; the run directory below it, whole (a table cell would cut a long path)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("")
-    table.add_column("value", justify="right")
-    for name, value in rows:
-        table.add_row(name, f"{value:.2f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value))
-    console = Console()
-    console.print(table)
-    console.print(f"run directory: {run_dir}", highlight=False, soft_wrap=True)
+    """The final table; the run directory below it."""
+    cells = [[name, f"{value:.2f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)]
+             for name, value in rows]
+    print_table(title, [("", "left"), ("value", "right")], cells, notes=[f"run directory: {run_dir}"])

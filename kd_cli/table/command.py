@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
+from kd_cli.console import print_table
 from kd_cli.errors import KdError
 from kd_cli.table.spec import Pair, TableSpec, builtin_tables, check_choices, load_spec
 
@@ -220,7 +221,8 @@ def make_cell(spec: TableSpec, pair: str, method: str, runs: list[dict]) -> Cell
     figure = spec.figure(method, pair)
     ours = best if spec.compare == "best" else last
     if not ours:
-        return Cell(pair, method, best, last, figure and figure.top1, figure and figure.source, "not run", None)
+        published, source = (figure.top1, figure.source) if figure is not None else (None, None)
+        return Cell(pair, method, best, last, published, source, "not run", None)
     if figure is None:
         return Cell(pair, method, best, last, None, None, "not published", None)
     delta = statistics.mean(ours) - figure.top1
@@ -250,7 +252,7 @@ def write_outputs(spec: TableSpec, cells: list[Cell], out: Path) -> None:
     atomic_write(out / "table.csv", lambda tmp: Path(tmp).write_text(as_csv(table)))
     atomic_write(out / "table.md", lambda tmp: Path(tmp).write_text(as_markdown(spec, table)))
     plot(spec, cells, out / "table.png")
-    print_table(spec, table, cells)
+    print_grid(spec, table, cells)
     print(f"table written to {out / 'table.csv'}, {out / 'table.md'} and {out / 'table.png'}")
 
 
@@ -277,20 +279,14 @@ def as_markdown(spec: TableSpec, table: list[dict[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def print_table(spec: TableSpec, table: list[dict[str, str]], cells: list[Cell]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    shown = Table(title=f"kd table {spec.name} ({spec.compare} epoch vs published, tolerance {spec.tolerance})")
-    for key in table[0]:
-        if key != "source":
-            shown.add_column(key, justify="left" if key in ("pair", "method", "status") else "right")
-    for row in table:
-        shown.add_row(*(value for key, value in row.items() if key != "source"))
-    console = Console(width=None if sys.stdout.isatty() else 160)  # a log file gets whole rows
-    console.print(shown)
+def print_grid(spec: TableSpec, table: list[dict[str, str]], cells: list[Cell]) -> None:
+    keys = [key for key in table[0] if key != "source"]
     counts = {status: sum(c.status == status for c in cells) for status in ("reproduced", "below", "above")}
-    console.print(", ".join(f"{n} {status}" for status, n in counts.items()), highlight=False)
+    print_table(f"kd table {spec.name} ({spec.compare} epoch vs published, tolerance {spec.tolerance})",
+                [(key, "left" if key in ("pair", "method", "status") else "right") for key in keys],
+                [[row[key] for key in keys] for row in table],
+                notes=[", ".join(f"{n} {status}" for status, n in counts.items())],
+                width=None if sys.stdout.isatty() else 160)  # a log file gets whole rows
 
 
 def plot(spec: TableSpec, cells: list[Cell], path: Path) -> None:
