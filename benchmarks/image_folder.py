@@ -50,7 +50,9 @@ def write_jpegs(root: Path, count: int, side: int) -> str:
     for i, (image, label) in enumerate(zip(images, labels)):
         folder = root / str(int(label))
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).convert("RGB").resize((side, side), Image.BILINEAR).save(folder / f"{i:05d}.jpg", quality=90)
+        Image.fromarray(image).convert("RGB").resize((side, side), Image.BILINEAR).save(
+            folder / f"{i:05d}.jpg", quality=90
+        )
     return "MNIST test set" if MNIST.exists() else "scikit-learn digits"
 
 
@@ -58,20 +60,38 @@ def torchvision_loader(root: Path, args):
     from torchvision import datasets
     from torchvision import transforms as T
 
-    transform = T.Compose([T.RandomResizedCrop(args.size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+    transform = T.Compose(
+        [T.RandomResizedCrop(args.size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)]
+    )
     dataset = datasets.ImageFolder(str(root), transform=transform)
-    return torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=True, drop_last=True,
-                                       num_workers=args.workers, persistent_workers=args.workers > 0)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.workers,
+        persistent_workers=args.workers > 0,
+    )
 
 
 def kd_loader(root: Path, args):
     from kd_cli.data import AugmentSpec, load_dataset, make_loader
 
-    data = load_dataset({"name": "imagefolder", "root": str(root), "image_size": args.size, "test_fraction": 0.01,
-                         "val_fraction": 0.0})
-    return make_loader(data.train, batch_size=args.batch, train=True, spec=AugmentSpec(crop_padding=4, hflip=True),
-                       mean=MEAN, std=STD, device=torch.device("cpu"), seed=0, drop_last=True,
-                       num_workers=args.workers)
+    data = load_dataset(
+        {"name": "imagefolder", "root": str(root), "image_size": args.size, "test_fraction": 0.01, "val_fraction": 0.0}
+    )
+    return make_loader(
+        data.train,
+        batch_size=args.batch,
+        train=True,
+        spec=AugmentSpec(crop_padding=4, hflip=True),
+        mean=MEAN,
+        std=STD,
+        device=torch.device("cpu"),
+        seed=0,
+        drop_last=True,
+        num_workers=args.workers,
+    )
 
 
 def images_per_s(loader, epochs: int) -> float:
@@ -99,8 +119,10 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         source = write_jpegs(Path(folder), args.images, args.side)
-        print(f"{args.images} JPEGs of {args.side} px ({source}), crops of {args.size}, batch {args.batch}, "
-              f"{args.workers} workers, {torch.get_num_threads()} threads")
+        print(
+            f"{args.images} JPEGs of {args.side} px ({source}), crops of {args.size}, batch {args.batch}, "
+            f"{args.workers} workers, {torch.get_num_threads()} threads"
+        )
         runs: dict[str, list[float]] = {"torchvision": [], "kd": []}
         for _ in range(2):  # alternate, keep the best of each
             runs["torchvision"].append(images_per_s(torchvision_loader(Path(folder), args), args.epochs))

@@ -30,9 +30,11 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = resolve_precision("auto", device)
-    print(f"device {device}, bf16 units {cpu_has_bf16_units()}, auto -> {str(dtype).split('.')[-1]}, "
-          f"channels_last {use_channels_last('auto', device, dtype)}, threads {torch.get_num_threads()}, "
-          f"{args.teacher} -> {args.student}, batch {args.batch}, {args.samples} CIFAR-shaped images")
+    print(
+        f"device {device}, bf16 units {cpu_has_bf16_units()}, auto -> {str(dtype).split('.')[-1]}, "
+        f"channels_last {use_channels_last('auto', device, dtype)}, threads {torch.get_num_threads()}, "
+        f"{args.teacher} -> {args.student}, batch {args.batch}, {args.samples} CIFAR-shaped images"
+    )
     data = cifar_like(args.samples)
     runs: dict[str, list[float]] = {"plain fp32": [], "kd fp32": [], "kd auto": []}
     for _ in range(2):  # alternate, keep the best of each: drift in machine load hits all alike
@@ -42,7 +44,9 @@ def main() -> None:
     best = {name: max(values) for name, values in runs.items()}
     for name, speed in best.items():
         print(f"{name:<12} {speed:8.1f} images/s   {speed / best['plain fp32']:.2f}x plain fp32")
-    print(f"ratio kd auto / kd fp32 = {best['kd auto'] / best['kd fp32']:.2f}x   (aim >= 1.6x on a CPU with bf16 units)")
+    print(
+        f"ratio kd auto / kd fp32 = {best['kd auto'] / best['kd fp32']:.2f}x   (aim >= 1.6x on a CPU with bf16 units)"
+    )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ TIMING = ("images_per_s", "seconds")
 
 
 def loader(args, device, data):
-    return make_loader(data, batch_size=args.batch, train=True, spec=SPEC, mean=MEAN, std=STD, device=device,
-                       seed=0, drop_last=True)
+    return make_loader(
+        data, batch_size=args.batch, train=True, spec=SPEC, mean=MEAN, std=STD, device=device, seed=0, drop_last=True
+    )
 
 
 def one_job(args, device, data, teacher, method_cfg, cache_dir: Path | None) -> tuple[float, list[dict]]:
@@ -46,11 +47,24 @@ def one_job(args, device, data, teacher, method_cfg, cache_dir: Path | None) -> 
     dtype = resolve_precision(args.precision, device)
     cache = None
     if cache_dir is not None:
-        cache = TeacherCache(cache_dir, {"teacher": teacher_identity(teacher), "stream": train.stream_identity(),
-                                         "precision": str(dtype)}, max_bytes=2**34)
+        cache = TeacherCache(
+            cache_dir,
+            {"teacher": teacher_identity(teacher), "stream": train.stream_identity(), "precision": str(dtype)},
+            max_bytes=2**34,
+        )
     with tempfile.TemporaryDirectory() as run:
-        job = Training(method, train, test, optim_cfg(), trainer_cfg(args, args.precision, False), device, dtype,
-                       RunDir(run), "bench", teacher_cache=cache)
+        job = Training(
+            method,
+            train,
+            test,
+            optim_cfg(),
+            trainer_cfg(args, args.precision, False),
+            device,
+            dtype,
+            RunDir(run),
+            "bench",
+            teacher_cache=cache,
+        )
         start = time.perf_counter()
         result = fit(job)
         seconds = time.perf_counter() - start
@@ -87,20 +101,26 @@ def main() -> None:
     data = cifar_like(args.samples)
     torch.manual_seed(0)
     teacher = create_model(args.teacher, 100, 3, 32).to(device).eval().requires_grad_(False)
-    kd = [{"name": "kd", "temperature": t, "kd_weight": 0.9, "ce_weight": 0.1, "logit_standardization": False}
-          for t in TEMPERATURES]
+    kd = [
+        {"name": "kd", "temperature": t, "kd_weight": 0.9, "ce_weight": 0.1, "logit_standardization": False}
+        for t in TEMPERATURES
+    ]
     none = {"name": "none", "ce_weight": 1.0, "label_smoothing": 0.0}
-    print(f"device {device}, {args.teacher} -> {args.student}, batch {args.batch}, {args.samples} CIFAR-shaped "
-          f"images, {args.epochs} epochs per job, {len(TEMPERATURES)} temperatures, {args.precision}")
+    print(
+        f"device {device}, {args.teacher} -> {args.student}, batch {args.batch}, {args.samples} CIFAR-shaped "
+        f"images, {args.epochs} epochs per job, {len(TEMPERATURES)} temperatures, {args.precision}"
+    )
     plain = [one_job(args, device, data, teacher, cfg, None) for cfg in kd]
     with tempfile.TemporaryDirectory() as cache_dir:
         cached = [one_job(args, device, data, teacher, cfg, Path(cache_dir)) for cfg in kd]
     alone = [one_job(args, device, data, teacher, none, None)[0] for _ in TEMPERATURES]
     once = teacher_pass(args, device, data, teacher)
     floor = sum(alone) + once
-    for name, seconds in (("sweep without cache", sum(s for s, _ in plain)),
-                          ("sweep with cache", sum(s for s, _ in cached)),
-                          ("4 student-only + 1 teacher pass", floor)):
+    for name, seconds in (
+        ("sweep without cache", sum(s for s, _ in plain)),
+        ("sweep with cache", sum(s for s, _ in cached)),
+        ("4 student-only + 1 teacher pass", floor),
+    ):
         print(f"{name:<34} {seconds:8.1f} s   {seconds / floor:.2f}x the floor")
     print(f"  jobs with cache: {', '.join(f'{s:.1f} s' for s, _ in cached)} (the first fills it)")
     same = all(p == c for (_, p), (_, c) in zip(plain, cached))

@@ -48,35 +48,83 @@ def models(args, device):
 
 
 def optim_cfg(fused: str = "auto"):
-    return OmegaConf.create({"name": "sgd", "lr": 0.05, "weight_decay": 5e-4, "momentum": 0.9, "nesterov": False,
-                             "betas": [0.9, 0.999], "schedule": "constant", "milestones": [], "gamma": 0.1,
-                             "warmup_epochs": 0, "min_lr": 0.0, "backbone_lr_scale": 1.0, "fused": fused})
+    return OmegaConf.create(
+        {
+            "name": "sgd",
+            "lr": 0.05,
+            "weight_decay": 5e-4,
+            "momentum": 0.9,
+            "nesterov": False,
+            "betas": [0.9, 0.999],
+            "schedule": "constant",
+            "milestones": [],
+            "gamma": 0.1,
+            "warmup_epochs": 0,
+            "min_lr": 0.0,
+            "backbone_lr_scale": 1.0,
+            "fused": fused,
+        }
+    )
 
 
 def trainer_cfg(args, precision: str = "fp32", channels_last: bool | str = False, compile: str = "false"):
-    return OmegaConf.create({"epochs": args.epochs, "batch_size": args.batch, "eval_batch_size": 1024,
-                             "device": args.device, "precision": precision, "channels_last": channels_last,
-                             "compile": compile,
-                             "deterministic": False, "num_workers": 0, "eval_every": 10**6, "grad_clip": None,
-                             "progress": "none", "max_steps_per_epoch": None})
+    return OmegaConf.create(
+        {
+            "epochs": args.epochs,
+            "batch_size": args.batch,
+            "eval_batch_size": 1024,
+            "device": args.device,
+            "precision": precision,
+            "channels_last": channels_last,
+            "compile": compile,
+            "deterministic": False,
+            "num_workers": 0,
+            "eval_every": 10**6,
+            "grad_clip": None,
+            "progress": "none",
+            "max_steps_per_epoch": None,
+        }
+    )
 
 
-def kd_engine(args, device, data: TensorSplit, precision: str = "fp32", channels_last: bool | str = False,
-              compile: str = "false") -> float:
+def kd_engine(
+    args, device, data: TensorSplit, precision: str = "fp32", channels_last: bool | str = False, compile: str = "false"
+) -> float:
     """Images/s of kd's own loop (evaluation disabled but for the one after the last epoch)."""
     teacher, student = models(args, device)
-    method = build_method({"name": "kd", "temperature": 4.0, "kd_weight": 0.9, "ce_weight": 0.1,
-                           "logit_standardization": False}, student, teacher)
-    train = make_loader(data, batch_size=args.batch, train=True, spec=SPEC, mean=MEAN, std=STD, device=device,
-                        seed=0, drop_last=True)
-    tiny_test = make_loader(TensorSplit(data.images[:8], data.labels[:8]), batch_size=8, train=False, spec=None,
-                            mean=MEAN, std=STD, device=device, seed=0)
+    method = build_method(
+        {"name": "kd", "temperature": 4.0, "kd_weight": 0.9, "ce_weight": 0.1, "logit_standardization": False},
+        student,
+        teacher,
+    )
+    train = make_loader(
+        data, batch_size=args.batch, train=True, spec=SPEC, mean=MEAN, std=STD, device=device, seed=0, drop_last=True
+    )
+    tiny_test = make_loader(
+        TensorSplit(data.images[:8], data.labels[:8]),
+        batch_size=8,
+        train=False,
+        spec=None,
+        mean=MEAN,
+        std=STD,
+        device=device,
+        seed=0,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         trainer = trainer_cfg(args, precision, channels_last, compile)
-        job = Training(method, train, tiny_test, optim_cfg(getattr(args, "fused", "auto")), trainer, device,
-                       resolve_precision(precision, device), RunDir(tmp), "bench")
+        job = Training(
+            method,
+            train,
+            tiny_test,
+            optim_cfg(getattr(args, "fused", "auto")),
+            trainer,
+            device,
+            resolve_precision(precision, device),
+            RunDir(tmp),
+            "bench",
+        )
         result = fit(job)
-    rows = result.history[args.warmup_epochs:]  # the first epoch pays one-off allocation costs
+    rows = result.history[args.warmup_epochs :]  # the first epoch pays one-off allocation costs
     return sum(r["images_per_s"] * r["seconds"] for r in rows) / sum(r["seconds"] for r in rows)
 
 
@@ -133,8 +181,9 @@ class PilCifar(torch.utils.data.Dataset):
 
 
 def augmentation_kd(args, device, data: TensorSplit) -> float:
-    loader = make_loader(data, batch_size=args.batch, train=True, spec=SPEC, mean=MEAN, std=STD, device=device,
-                         seed=0, drop_last=True)
+    loader = make_loader(
+        data, batch_size=args.batch, train=True, spec=SPEC, mean=MEAN, std=STD, device=device, seed=0, drop_last=True
+    )
     return _images_per_s(loader, device, args.aug_epochs)
 
 
@@ -142,9 +191,15 @@ def augmentation_torchvision(args, device, data: TensorSplit) -> float:
     from torchvision import transforms as T
 
     transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
-    loader = torch.utils.data.DataLoader(PilCifar(data, transform), batch_size=args.batch, shuffle=True,
-                                         drop_last=True, num_workers=args.workers, persistent_workers=args.workers > 0,
-                                         pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(
+        PilCifar(data, transform),
+        batch_size=args.batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.workers,
+        persistent_workers=args.workers > 0,
+        pin_memory=device.type == "cuda",
+    )
     return _images_per_s(loader, device, args.aug_epochs)
 
 
@@ -179,12 +234,16 @@ def main() -> None:
     parser.add_argument("--aug-epochs", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--fused", default="auto", help="kd's optim.fused: auto | false")
-    parser.add_argument("--compile", default="false", help="also time kd with trainer.compile=MODE (e.g. reduce-overhead)")
+    parser.add_argument(
+        "--compile", default="false", help="also time kd with trainer.compile=MODE (e.g. reduce-overhead)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     data = cifar_like(args.samples)
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"teacher {args.teacher} -> student {args.student}, batch {args.batch}, {args.samples} CIFAR-shaped images")
+    print(
+        f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"teacher {args.teacher} -> student {args.student}, batch {args.batch}, {args.samples} CIFAR-shaped images"
+    )
     # Alternate the two loops twice so drift in machine load hits both alike; keep the best of each.
     kd_runs, plain_runs = [], []
     for _ in range(2):
@@ -197,7 +256,9 @@ def main() -> None:
     if args.compile != "false":
         compiled = kd_engine(args, device, data, compile=args.compile)
         kd_speed = max(kd_speed, compiled)
-        print(f"distill  kd trainer.compile={args.compile} {compiled:10.1f} images/s: ratio {compiled / plain_speed:.3f}")
+        print(
+            f"distill  kd trainer.compile={args.compile} {compiled:10.1f} images/s: ratio {compiled / plain_speed:.3f}"
+        )
     minutes = 240 * 50_000 / kd_speed / 60  # the literature's CIFAR-100 recipe: 240 epochs of 50,000 images
     print(f"distill  240 epochs of 50,000 images at kd's speed: {minutes:.1f} min (teacher run every step)")
     aug_data = cifar_like(args.aug_samples, seed=1)

@@ -42,8 +42,12 @@ def write_folder(root: Path) -> None:
 
 def fine_tune(root: Path, out: Path, epochs: int = 8) -> None:
     torch.manual_seed(0)
-    transform = torchvision.transforms.Compose([
-        torchvision.transforms.ToTensor(), torchvision.transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    transform = torchvision.transforms.Compose(
+        [
+            torchvision.transforms.ToTensor(),
+            torchvision.transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )
     data = torchvision.datasets.ImageFolder(str(root / "train"), transform=transform)  # never val/ or test/
     loader = torch.utils.data.DataLoader(data, batch_size=64, shuffle=True)
     model = torchvision.models.resnet50(num_classes=10)

@@ -15,7 +15,10 @@ from pathlib import Path
 from kd_cli.errors import KdError
 
 DEFAULT_DIR = Path("outputs/.cache/teacher")  # distill's default: ${paths.outputs}/.cache/teacher
-USAGE = "kd cache ls|clear [dir=DIR] [key=PREFIX]   (DIR: the distill config's teacher_cache.dir, default outputs/.cache/teacher)"
+USAGE = (
+    "kd cache ls|clear [dir=DIR] [key=PREFIX]   "
+    "(DIR: the distill config's teacher_cache.dir, default outputs/.cache/teacher)"
+)
 KEYS = ("dir", "key")
 
 
@@ -33,8 +36,10 @@ def main(argv: list[str]) -> int:
 
 def cache_folder(text: str) -> Path:
     if not text.strip():
-        raise KdError(f"kd cache: dir= is empty; give the cache folder (the distill config's teacher_cache.dir, "
-                      f"default {DEFAULT_DIR})")
+        raise KdError(
+            f"kd cache: dir= is empty; give the cache folder (the distill config's teacher_cache.dir, "
+            f"default {DEFAULT_DIR})"
+        )
     root = Path(text).expanduser()
     if root.exists() and not root.is_dir():
         raise KdError(f"kd cache: {root} is a file, not a cache folder; give the distill config's teacher_cache.dir")
@@ -57,7 +62,9 @@ def parse_options(words: list[str]) -> dict[str, str]:
     for word in words:
         key, sep, value = word.partition("=")
         if not sep or key not in KEYS:
-            raise KdError(f"kd cache: unknown option '{word}' (known: {', '.join(f'{k}=' for k in KEYS)}); usage: {USAGE}")
+            raise KdError(
+                f"kd cache: unknown option '{word}' (known: {', '.join(f'{k}=' for k in KEYS)}); usage: {USAGE}"
+            )
         options[key] = value
     return options
 
@@ -66,15 +73,20 @@ def list_entries(root: Path, found: list) -> int:
     if not found:
         print(f"teacher cache {root}: empty" if root.is_dir() else f"teacher cache {root}: no such folder yet")
         return 0
-    header = f"{'key':<24}  {'teacher':<14} {'data set':<12} {'aug seed':>8} {'batch':>5} {'epochs':>6} {'size':>9}  last used"
+    header = (
+        f"{'key':<24}  {'teacher':<14} {'data set':<12} {'aug seed':>8} {'batch':>5} {'epochs':>6} {'size':>9}"
+        "  last used"
+    )
     print(f"teacher cache {root}")
     print(header)
     for entry in reversed(found):  # most recently used first
         d = entry.description
         stream = d.get("stream", {})
-        print(f"{entry.path.name:<24}  {str(d.get('teacher_arch', '?')):<14} {str(d.get('dataset', '?')):<12} "
-              f"{str(stream.get('seed', '?')):>8} {str(stream.get('batch_size', '?')):>5} {entry.epochs:>6} "
-              f"{human_size(entry.bytes):>9}  {age(time.time() - entry.last_used)}")
+        print(
+            f"{entry.path.name:<24}  {str(d.get('teacher_arch', '?')):<14} {str(d.get('dataset', '?')):<12} "
+            f"{str(stream.get('seed', '?')):>8} {str(stream.get('batch_size', '?')):>5} {entry.epochs:>6} "
+            f"{human_size(entry.bytes):>9}  {age(time.time() - entry.last_used)}"
+        )
     print(f"{len(found)} entr{'y' if len(found) == 1 else 'ies'}, {human_size(sum(e.bytes for e in found))}")
     return 0
 

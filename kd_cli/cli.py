@@ -36,15 +36,42 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("kd_cli.report.command", "tables and plots over runs and sweeps (mean ± std over seeds)"),
     "reproduce": ("kd_cli.reproduce", "rerun a saved run from its config and compare the final metrics"),
     "predict": ("kd_cli.predict", "classify image files with a trained or exported model: CSV of the top k"),
-    "table": ("kd_cli.table.command", "run a literature table's grid (pairs x methods x seeds), set beside the published figures"),
+    "table": (
+        "kd_cli.table.command",
+        "run a literature table's grid (pairs x methods x seeds), set beside the published figures",
+    ),
     "cache": ("kd_cli.cache_command", "list or clear the teacher cache (teacher outputs shared by distill runs)"),
 }
 
 # Hydra flags that take a value (the value travels with the flag when flags are moved).
-FLAGS_WITH_VALUE = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
-                    "-p", "--package", "-sc", "--shell-completion", "-i", "--info", "--experimental-rerun"}
-FLAGS_WITHOUT_VALUE = {"-m", "--multirun", "--cfg", "-c", "--resolve", "--help", "-h", "--hydra-help",
-                       "--version", "-r", "--run"}
+FLAGS_WITH_VALUE = {
+    "-cp",
+    "--config-path",
+    "-cn",
+    "--config-name",
+    "-cd",
+    "--config-dir",
+    "-p",
+    "--package",
+    "-sc",
+    "--shell-completion",
+    "-i",
+    "--info",
+    "--experimental-rerun",
+}
+FLAGS_WITHOUT_VALUE = {
+    "-m",
+    "--multirun",
+    "--cfg",
+    "-c",
+    "--resolve",
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--version",
+    "-r",
+    "--run",
+}
 # Flags whose value is optional (`--info` alone, or `--info config`); `--cfg` always takes one.
 INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 

@@ -6,8 +6,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def print_table(title: str, columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[str]], *,
-                notes: Sequence[str] = (), width: int | None = None, bold_last: bool = False) -> None:
+def print_table(
+    title: str,
+    columns: Sequence[tuple[str, str]],
+    rows: Sequence[Sequence[str]],
+    *,
+    notes: Sequence[str] = (),
+    width: int | None = None,
+    bold_last: bool = False,
+) -> None:
     """`columns`: (header, justify) with justify left | right; `width`: None for the terminal's (a pipe or a
     file gets what the caller asks, so wide rows do not wrap in logs)."""
     from rich.console import Console

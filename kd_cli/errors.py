@@ -31,8 +31,10 @@ def one_line(error: BaseException) -> str:
     if isinstance(error, (KdError, Refusal)):
         return str(error)
     if isinstance(error, OSError) and error.filename:  # e.g. Hydra making a run directory where it cannot
-        return (f"{error.strerror or type(error).__name__}: {error.filename}; check that the path is right and "
-                f"that you may write there (hydra.run.dir=, paths.outputs=)")
+        return (
+            f"{error.strerror or type(error).__name__}: {error.filename}; check that the path is right and "
+            f"that you may write there (hydra.run.dir=, paths.outputs=)"
+        )
     from kd_cli.hydra_errors import describe
 
     return describe(error)

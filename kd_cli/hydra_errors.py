@@ -5,15 +5,25 @@ from __future__ import annotations
 import difflib
 import re
 
-NOISE = ("full_key:", "object_type", "reference_type", "See http", "Set the environment variable",
-         "Config search path", "provider=")
+NOISE = (
+    "full_key:",
+    "object_type",
+    "reference_type",
+    "See http",
+    "Set the environment variable",
+    "Config search path",
+    "provider=",
+)
 
 
 def describe(error: BaseException) -> str:
     parts = _messages(error)
     lines = [line.strip() for part in parts for line in part.splitlines()]
-    lines = [line for line in lines if line and not line.startswith(NOISE) and "$VALUE" not in line
-             and "$FULL_KEY" not in line]
+    lines = [
+        line
+        for line in lines
+        if line and not line.startswith(NOISE) and "$VALUE" not in line and "$FULL_KEY" not in line
+    ]
     text = "; ".join(_fold_option_lists(lines))
     text = _suggest_for_missing_option(text)
     text = _install_hint_for_plugin(text)
@@ -25,14 +35,20 @@ def describe(error: BaseException) -> str:
 
 
 # Hydra plugins that are optional extras of kd: the option Hydra cannot find -> the extra to install.
-PLUGIN_EXTRAS = {"hydra/launcher/joblib": "joblib", "hydra/launcher/submitit_": "slurm",
-                 "hydra/launcher/slurm": "slurm", "hydra/sweeper/optuna": "optuna"}
+PLUGIN_EXTRAS = {
+    "hydra/launcher/joblib": "joblib",
+    "hydra/launcher/submitit_": "slurm",
+    "hydra/launcher/slurm": "slurm",
+    "hydra/sweeper/optuna": "optuna",
+}
 
 
 # OmegaConf's name for a schema type -> what the user should give.
 TYPE_WORDS = {"Float": "a number, e.g. 0.5", "Integer": "a whole number, e.g. 3", "bool": "true or false"}
-TYPE_ERROR = re.compile(r"Error merging override ([\w.+~]+)=(.*?); Value '.*?' (?:of type '\w+' could not be "
-                        r"converted to (\w+)|is not a valid (\w+))")
+TYPE_ERROR = re.compile(
+    r"Error merging override ([\w.+~]+)=(.*?); Value '.*?' (?:of type '\w+' could not be "
+    r"converted to (\w+)|is not a valid (\w+))"
+)
 
 
 def _plain_type_error(text: str) -> str:

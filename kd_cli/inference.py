@@ -75,8 +75,11 @@ def _onnx(path: Path, device: str) -> Predictor:
     if not meta.is_file():
         raise KdError(f"no {META} beside {path}: kd export writes one there (input size, normalisation, classes)")
     spec = load_spec(path)  # the model.json beside it, as beside a model.safetensors
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if _device(device).type == "cuda" else \
-        ["CPUExecutionProvider"]
+    providers = (
+        ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if _device(device).type == "cuda"
+        else ["CPUExecutionProvider"]
+    )
     try:
         session = ort.InferenceSession(str(path), providers=providers)
     except Exception as error:  # noqa: BLE001 - onnxruntime raises its own classes for a bad file
@@ -90,8 +93,9 @@ def _onnx(path: Path, device: str) -> Predictor:
         return torch.from_numpy(session.run(None, {name: images.numpy()})[0]).float()
 
     def forward_fixed(chunk: torch.Tensor) -> torch.Tensor:
-        padded = torch.cat([chunk, chunk[-1:].expand(fixed - len(chunk), *chunk.shape[1:])]) if len(chunk) < fixed \
-            else chunk
+        padded = (
+            torch.cat([chunk, chunk[-1:].expand(fixed - len(chunk), *chunk.shape[1:])]) if len(chunk) < fixed else chunk
+        )
         return torch.from_numpy(session.run(None, {name: padded.numpy()})[0]).float()[: len(chunk)]
 
     return Predictor(spec, forward, str(path))
@@ -111,8 +115,9 @@ def preprocessing(spec: ModelSpec) -> Callable:
         frame = centre_crop(size, spec.extra.get("crop_fraction", 0.875))
     else:  # the small in-memory sets saw whole images at their own size
         frame = [v2.Resize((size, size), antialias=True)]
-    return v2.Compose([v2.ToImage(), *frame, v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(list(spec.mean), list(spec.std))])
+    return v2.Compose(
+        [v2.ToImage(), *frame, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec.mean), list(spec.std))]
+    )
 
 
 def read_image(path: Path, channels: int, transform: Callable) -> torch.Tensor:
@@ -122,8 +127,9 @@ def read_image(path: Path, channels: int, transform: Callable) -> torch.Tensor:
     return transform(image.convert("L") if channels == 1 else image)
 
 
-def predict_files(model: Predictor, files: list[Path], transform: Callable,
-                  args: argparse.Namespace) -> tuple[list[dict], list[tuple[Path, str]]]:
+def predict_files(
+    model: Predictor, files: list[Path], transform: Callable, args: argparse.Namespace
+) -> tuple[list[dict], list[tuple[Path, str]]]:
     """Top-k rows for the readable files, and (file, problem) for the others."""
     from kd_cli.data.folder import UnreadableImage
 
@@ -151,8 +157,9 @@ def predict_files(model: Predictor, files: list[Path], transform: Callable,
             _check_finite(logits, model.source)
             top = logits.softmax(1).topk(k, dim=1)
             for (path, _), probs, classes in zip(kept, top.values.tolist(), top.indices.tolist()):
-                rows.append({"file": str(path), "classes": [model.spec.class_names[c] for c in classes],
-                             "probs": probs})
+                rows.append(
+                    {"file": str(path), "classes": [model.spec.class_names[c] for c in classes], "probs": probs}
+                )
     return rows, skipped
 
 

@@ -65,10 +65,18 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> Parser:
-    usage = ("kd predict run=RUN INPUT... [top_k=5] [out=predictions.csv] [batch_size=64] [device=cpu] "
-             "[strict=false] [overwrite=false] [workers=N]   (or --key VALUE)")
-    parser = Parser(prog="kd predict", usage=usage, description=__doc__.split("\n\n", 1)[1].split("\n\n")[0],
-                    epilog=EPILOG, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    usage = (
+        "kd predict run=RUN INPUT... [top_k=5] [out=predictions.csv] [batch_size=64] [device=cpu] "
+        "[strict=false] [overwrite=false] [workers=N]   (or --key VALUE)"
+    )
+    parser = Parser(
+        prog="kd predict",
+        usage=usage,
+        description=__doc__.split("\n\n", 1)[1].split("\n\n")[0],
+        epilog=EPILOG,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="images, folders of images, or lists of paths")
     parser.add_argument("--run", required=True, help="run directory, model.safetensors or model.onnx")
     parser.add_argument("--top-k", "--top_k", dest="top_k", type=_positive, default=5, help="classes per image (5)")
@@ -110,8 +118,10 @@ def main(argv: list[str]) -> int:
     rows, skipped = predict_files(model, files, transform, args)
     if skipped and args.strict:
         path, problem = skipped[0]
-        raise KdError(f"cannot read image {path} ({problem}); {len(skipped)} unreadable in all (strict=true: "
-                      "nothing written); fix or remove them, or drop strict=true to skip them")
+        raise KdError(
+            f"cannot read image {path} ({problem}); {len(skipped)} unreadable in all (strict=true: "
+            "nothing written); fix or remove them, or drop strict=true to skip them"
+        )
     if skipped:
         shown = "; ".join(f"{path} ({problem})" for path, problem in skipped[:SKIPPED_SHOWN])
         more = f"; and {len(skipped) - SKIPPED_SHOWN} more" if len(skipped) > SKIPPED_SHOWN else ""
@@ -174,10 +184,19 @@ def write_csv(path: Path, rows: list[dict], k: int) -> None:
 
 
 def print_predictions(rows: list[dict], model: Predictor, out: Path) -> None:
-    cells = [[row["file"], row["classes"][0], f"{row['probs'][0]:.3f}",
-              ", ".join(f"{name} {prob:.2f}" for name, prob in zip(row["classes"][1:3], row["probs"][1:3]))]
-             for row in rows[:SHOWN_ROWS]]
+    cells = [
+        [
+            row["file"],
+            row["classes"][0],
+            f"{row['probs'][0]:.3f}",
+            ", ".join(f"{name} {prob:.2f}" for name, prob in zip(row["classes"][1:3], row["probs"][1:3])),
+        ]
+        for row in rows[:SHOWN_ROWS]
+    ]
     more = [f"... and {len(rows) - SHOWN_ROWS} more"] if len(rows) > SHOWN_ROWS else []
-    print_table(f"kd predict: {len(rows)} image(s), {model.spec.arch} ({model.source})",
-                [("file", "left"), ("top-1", "left"), ("p", "right"), ("next", "left")], cells,
-                notes=[*more, f"predictions: {out}"])
+    print_table(
+        f"kd predict: {len(rows)} image(s), {model.spec.arch} ({model.source})",
+        [("file", "left"), ("top-1", "left"), ("p", "right"), ("next", "left")],
+        cells,
+        notes=[*more, f"predictions: {out}"],
+    )

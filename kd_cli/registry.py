@@ -48,8 +48,10 @@ class Range:
             return f"{'>' if self.low_open else '>='} {_number(self.low)}"
         if self.low is None:
             return f"{'<' if self.high_open else '<='} {_number(self.high)}"
-        return (f"in {'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}"
-                f"{')' if self.high_open else ']'}")
+        return (
+            f"in {'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}"
+            f"{')' if self.high_open else ']'}"
+        )
 
 
 Positive = Annotated[float, Range(0, low_open=True)]
@@ -68,8 +70,9 @@ class Registry:
     records how its steps' saved structure is rebuilt). A `family` serves every name under a prefix
     (`timm/...`) from one resolver, for libraries whose names are too many to register one by one."""
 
-    def __init__(self, kind: str, name_attribute: str | None = None,
-                 on_register: Callable[[str, Callable], None] | None = None):
+    def __init__(
+        self, kind: str, name_attribute: str | None = None, on_register: Callable[[str, Callable], None] | None = None
+    ):
         self.kind = kind
         self.name_attribute = name_attribute
         self.on_register = on_register
@@ -103,7 +106,7 @@ class Registry:
             return self._entries[name]
         prefix = next((p for p in self._families if name.startswith(p)), None)
         if prefix is not None:
-            return self._families[prefix](name[len(prefix):])
+            return self._families[prefix](name[len(prefix) :])
         raise unknown_choice(self.kind, name, [*self._entries, *(f"{p}NAME" for p in self._families)])
 
     def names(self) -> list[str]:
@@ -122,8 +125,9 @@ class Registry:
         return self.get(name)(**fixed, **options)
 
 
-def check_options(what: str, fn: Callable, options: Mapping[str, Any], exclude: Iterable[str] = (),
-                  path: str = "") -> None:
+def check_options(
+    what: str, fn: Callable, options: Mapping[str, Any], exclude: Iterable[str] = (), path: str = ""
+) -> None:
     """Raise a KdError when `options` has a key `fn` does not take, lacks one it needs, or holds a
     value of the wrong type or out of range. `path` is where the options sit in the config
     (`method`, `student.kwargs`), for messages that name the key as the user would type it."""
@@ -137,7 +141,9 @@ def check_options(what: str, fn: Callable, options: Mapping[str, Any], exclude: 
             if key not in accepted:
                 close = difflib.get_close_matches(key, accepted, n=3)
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
-                raise KdError(f"unknown option {prefix}{key} of {what}{hint} (choose from: {', '.join(sorted(accepted))})")
+                raise KdError(
+                    f"unknown option {prefix}{key} of {what}{hint} (choose from: {', '.join(sorted(accepted))})"
+                )
         missing = [n for n in accepted if params[n].default is inspect.Parameter.empty and n not in options]
         if missing:
             raise KdError(f"{what} needs option(s) {', '.join(missing)}; set them in its YAML or as overrides")
@@ -208,8 +214,7 @@ def _kind(hint: Any) -> str:
         return " or ".join(_kind(a) for a in args)
     if origin is Literal:
         return "one of " + ", ".join(map(str, args))
-    names = {float: "a number", int: "a whole number", bool: "true or false", str: "a string",
-             type(None): "null"}
+    names = {float: "a number", int: "a whole number", bool: "true or false", str: "a string", type(None): "null"}
     if hint in names:
         return names[hint]
     if origin in (list, tuple) or (origin is not None and issubclass(origin, typing.Sequence)):

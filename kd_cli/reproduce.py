@@ -53,11 +53,27 @@ IGNORED_CONFIG_KEYS = {"resume"}
 VOLATILE_RESOLVERS = ("${now:", "${hydra:", "${oc.env:")
 ENV_VERSION_KEYS = ("kd", "python", "torch", "torchvision", "hydra", "git_sha")
 # Compared after the run when the metrics differ: the likely causes.
-ENV_CAUSES = {"data_fingerprint": "the data differ", "train_samples": "the data differ",
-              "test_samples": "the data differ", "val_samples": "the data differ", "device": "another device",
-              "world_size": "another process count"}
-SUMMARY_KEYS = ("best_top1", "best_epoch", "best_val_top1", "last_top1", "teacher_top1", "generations_top1",
-                "top1", "top5", "nll", "ece", "teacher_agreement")
+ENV_CAUSES = {
+    "data_fingerprint": "the data differ",
+    "train_samples": "the data differ",
+    "test_samples": "the data differ",
+    "val_samples": "the data differ",
+    "device": "another device",
+    "world_size": "another process count",
+}
+SUMMARY_KEYS = (
+    "best_top1",
+    "best_epoch",
+    "best_val_top1",
+    "last_top1",
+    "teacher_top1",
+    "generations_top1",
+    "top1",
+    "top5",
+    "nll",
+    "ece",
+    "teacher_agreement",
+)
 TIMING_COLUMNS = {"seconds", "images_per_s"}  # wall-clock facts: never the same twice
 SHOWN_DIFFERENCES = 20
 EXIT_DIFFERENT = 1
@@ -71,17 +87,31 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="kd reproduce", allow_abbrev=False, description=(
-        "Run a saved run again from its stage and overrides into a new run directory, then compare the final "
-        "metrics (summary.json and metrics.csv without timings): exit 0 when identical, 1 when not."))
+    parser = Parser(
+        prog="kd reproduce",
+        allow_abbrev=False,
+        description=(
+            "Run a saved run again from its stage and overrides into a new run directory, then compare the final "
+            "metrics (summary.json and metrics.csv without timings): exit 0 when identical, 1 when not."
+        ),
+    )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the run directory to reproduce")
     # OVERRIDE...: whatever is left after the options (see parse_arguments), so they may stand anywhere.
     parser.usage = "kd reproduce [-h] [--out DIR] [--tolerance ABS] RUN_DIR [OVERRIDE ...]"
     parser.epilog = "OVERRIDE: Hydra overrides applied after the saved ones, e.g. trainer.device=cpu"
-    parser.add_argument("--out", type=Path, metavar="DIR",
-                        help="put the new run under DIR/<date>/<time> (default: <paths.outputs>/reproduce)")
-    parser.add_argument("--tolerance", type=float, default=0.0, metavar="ABS",
-                        help="largest absolute difference counted as equal (default 0: identical)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="put the new run under DIR/<date>/<time> (default: <paths.outputs>/reproduce)",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.0,
+        metavar="ABS",
+        help="largest absolute difference counted as equal (default 0: identical)",
+    )
     return parser
 
 
@@ -115,8 +145,14 @@ class SavedRun:
     def user_config_dirs(self) -> list[str]:
         """Folders given with `-cd` (Hydra records them as command-line config sources)."""
         sources = (self.hydra.get("runtime") or {}).get("config_sources") or []
-        return [s["path"] for s in sources if isinstance(s, dict) and s.get("provider") == "command-line"
-                and s.get("schema") == "file" and s.get("path")]
+        return [
+            s["path"]
+            for s in sources
+            if isinstance(s, dict)
+            and s.get("provider") == "command-line"
+            and s.get("schema") == "file"
+            and s.get("path")
+        ]
 
     def replay_overrides(self) -> list[str]:
         return [o for o in self.overrides if not o.lstrip("+~").startswith(DROPPED_OVERRIDES)]
@@ -140,8 +176,11 @@ def _read_saved_run(given: str, path: Path) -> SavedRun:
     """Every saved file, strictly (BrokenFile); a missing optional one (hydra.yaml, env.json) is fine."""
     overrides, hydra_config = read_yaml(path, OVERRIDES, list), read_yaml(path, HYDRA_CONFIG, dict)
     if overrides is None or hydra_config is None:
-        hint = "; it is a sweep folder: give one of its numbered run directories" if (path / "multirun.yaml").exists() \
+        hint = (
+            "; it is a sweep folder: give one of its numbered run directories"
+            if (path / "multirun.yaml").exists()
             else "; give a run directory such as outputs/distill/<date>/<time>"
+        )
         raise KdError(f"{given} is not a kd run directory (no .hydra/overrides.yaml and config.yaml){hint}")
     if not all(isinstance(o, str) for o in overrides):
         raise BrokenFile(path / OVERRIDES, str(OVERRIDES), "holds something other than a list of overrides")
@@ -157,7 +196,10 @@ def _read_saved_run(given: str, path: Path) -> SavedRun:
         raise BrokenFile(path / HYDRA, str(HYDRA), "is not Hydra's record of the run (no hydra.runtime/job mappings)")
     summary = read_json(path, SUMMARY)
     return SavedRun(
-        path=path, stage=stage, overrides=overrides, config=config,
+        path=path,
+        stage=stage,
+        overrides=overrides,
+        config=config,
         hydra=node,
         summary=summary or {},
         env=read_json(path, ENV) or {},
@@ -171,11 +213,15 @@ TRAINING_STAGES = ("train-teacher", "distill")  # their metrics.csv is compared 
 
 def check_complete(saved: SavedRun) -> None:
     if saved.status != "complete":
-        raise KdError(f"{saved.path} is {saved.status}, not complete: it has no final metrics to compare with; "
-                      f"finish it first (kd {saved.stage} resume={saved.path})")
+        raise KdError(
+            f"{saved.path} is {saved.status}, not complete: it has no final metrics to compare with; "
+            f"finish it first (kd {saved.stage} resume={saved.path})"
+        )
     if saved.stage in TRAINING_STAGES and not (saved.path / METRICS).is_file():
-        raise KdError(f"cannot reproduce {saved.path}: its {METRICS} is missing, so there is nothing to compare the "
-                      f"rerun with; the run's record is damaged (nothing was started)")
+        raise KdError(
+            f"cannot reproduce {saved.path}: its {METRICS} is missing, so there is nothing to compare the "
+            f"rerun with; the run's record is damaged (nothing was started)"
+        )
 
 
 # --- the config, then and now ------------------------------------------------------------------
@@ -203,7 +249,9 @@ def recompose(saved: SavedRun, overrides: list[str]) -> tuple[dict[str, Any], se
     except Exception as error:  # noqa: BLE001 - Hydra raises many types; all mean "cannot recompose"
         from kd_cli.errors import one_line
 
-        raise KdError(f"cannot recompose the config of {saved.path} from its overrides today: {one_line(error)}") from None
+        raise KdError(
+            f"cannot recompose the config of {saved.path} from its overrides today: {one_line(error)}"
+        ) from None
     raw = flatten(OmegaConf.to_container(cfg, resolve=False))
     volatile = {key for key, value in raw.items() if any(marker in str(value) for marker in VOLATILE_RESOLVERS)}
     plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
@@ -218,19 +266,26 @@ def config_differences(saved: SavedRun, now: dict[str, Any], volatile: set[str])
     then = flatten(saved.config)
     keys = [k for k in dict.fromkeys([*then, *now]) if k not in volatile and k not in IGNORED_CONFIG_KEYS]
     absent = object()
-    return [f"{key}: {_show(then.get(key, absent), absent)} → {_show(now.get(key, absent), absent)}"
-            for key in keys if then.get(key, absent) != now.get(key, absent)]
+    return [
+        f"{key}: {_show(then.get(key, absent), absent)} → {_show(now.get(key, absent), absent)}"
+        for key in keys
+        if then.get(key, absent) != now.get(key, absent)
+    ]
 
 
 def environment_warnings(saved: SavedRun) -> list[str]:
     from kd_cli.engine.rundir import environment
 
     now = environment()
-    warnings = [f"{key} was {saved.env[key]} for the original run, now {now.get(key)}: results may differ"
-                for key in ENV_VERSION_KEYS if key in saved.env and saved.env[key] != now.get(key)]
+    warnings = [
+        f"{key} was {saved.env[key]} for the original run, now {now.get(key)}: results may differ"
+        for key in ENV_VERSION_KEYS
+        if key in saved.env and saved.env[key] != now.get(key)
+    ]
     if saved.original_cwd and not Path(saved.original_cwd).is_dir():
-        warnings.append(f"the run's working directory {saved.original_cwd} is gone: its relative paths "
-                        f"are taken from {Path.cwd()}")
+        warnings.append(
+            f"the run's working directory {saved.original_cwd} is gone: its relative paths are taken from {Path.cwd()}"
+        )
     return warnings
 
 
@@ -247,8 +302,10 @@ def pinned_teacher(saved: SavedRun, new_overrides: list[str]) -> list[str]:
         return []
     path = saved.absolute(saved.summary["teacher_run"])
     if not path.exists():
-        raise KdError(f"the teacher the run used ({path}) is gone; give one with teacher.checkpoint=PATH "
-                      f"(the metrics will then differ)")
+        raise KdError(
+            f"the teacher the run used ({path}) is gone; give one with teacher.checkpoint=PATH "
+            f"(the metrics will then differ)"
+        )
     print(f"teacher: pinned to the original run's teacher {path} (its teacher.checkpoint was auto)")
     return [f"teacher.checkpoint={quote(str(path))}"]
 
@@ -266,8 +323,10 @@ def new_run_dir(saved: SavedRun, out: Path | None) -> Path:
         except FileExistsError:  # taken in the same microsecond: take the next
             continue
         except OSError as error:
-            raise KdError(f"cannot create the run directory {run_dir} ({(error.strerror or str(error)).lower()}); "
-                          f"choose another folder with --out") from None
+            raise KdError(
+                f"cannot create the run directory {run_dir} ({(error.strerror or str(error)).lower()}); "
+                f"choose another folder with --out"
+            ) from None
 
 
 def reproduction_command(saved: SavedRun, overrides: list[str], run_dir: Path) -> list[str]:
@@ -287,8 +346,11 @@ def run_stage(saved: SavedRun, command: list[str], run_dir: Path) -> None:
     try:
         done = run_child(command, cwd=saved.cwd)
     except KeyboardInterrupt:
-        where = "it had not started: nothing kept" if discard_if_unstarted(run_dir) else \
-            f"its run directory {run_dir} keeps what the run recorded"
+        where = (
+            "it had not started: nothing kept"
+            if discard_if_unstarted(run_dir)
+            else f"its run directory {run_dir} keeps what the run recorded"
+        )
         print(f"reproduction interrupted; {where}", flush=True)
         raise
     errors = (done.stderr or "").strip()
@@ -337,8 +399,9 @@ def metric_differences(saved: SavedRun, new: Path, tolerance: float) -> tuple[li
             compared += 1
             if not same(old_row.get(column), new_row.get(column), tolerance):
                 epoch = _show(old_row.get("epoch", "?"))
-                differences.append(f"metrics.csv epoch {epoch} {column}: "
-                                   f"{_show(old_row.get(column))} → {_show(new_row.get(column))}")
+                differences.append(
+                    f"metrics.csv epoch {epoch} {column}: {_show(old_row.get(column))} → {_show(new_row.get(column))}"
+                )
     return differences, compared
 
 
@@ -352,15 +415,21 @@ def _read_new(run_dir: Path, name: str) -> Any:
 
 def _summary_differences(before: dict[str, Any], after: dict[str, Any], tolerance: float) -> tuple[list[str], int]:
     keys = [key for key in SUMMARY_KEYS if key in before or key in after]
-    differences = [f"summary.json {key}: {_show(before.get(key))} → {_show(after.get(key))}"
-                   for key in keys if not same(before.get(key), after.get(key), tolerance)]
+    differences = [
+        f"summary.json {key}: {_show(before.get(key))} → {_show(after.get(key))}"
+        for key in keys
+        if not same(before.get(key), after.get(key), tolerance)
+    ]
     return differences, len(keys)
 
 
 def likely_causes(saved: SavedRun, new: Path) -> list[str]:
     before, after = saved.env, _read_new(new, ENV)
-    return [f"env.json {key}: {before.get(key)} → {after.get(key)} ({cause})"
-            for key, cause in ENV_CAUSES.items() if key in before and before.get(key) != after.get(key)]
+    return [
+        f"env.json {key}: {before.get(key)} → {after.get(key)} ({cause})"
+        for key, cause in ENV_CAUSES.items()
+        if key in before and before.get(key) != after.get(key)
+    ]
 
 
 def same(a: Any, b: Any, tolerance: float) -> bool:
@@ -421,8 +490,10 @@ def report_config(changed: list[str]) -> None:
     if not changed:
         print("config: recomposed today from the saved overrides, it equals the saved config_resolved.yaml")
         return
-    print(f"config: {len(changed)} value(s) differ from the saved config_resolved.yaml "
-          f"(code or config files changed since; saved → now):")
+    print(
+        f"config: {len(changed)} value(s) differ from the saved config_resolved.yaml "
+        f"(code or config files changed since; saved → now):"
+    )
     for line in changed:
         print(f"  {line}")
 
@@ -430,8 +501,10 @@ def report_config(changed: list[str]) -> None:
 def report_result(saved: SavedRun, run_dir: Path, differences: list[str], compared: int, tolerance: float) -> int:
     if not differences:
         how = "identical" if tolerance == 0 else f"equal within {tolerance}"
-        print(f"reproduced: the final metrics are {how} ({compared} values: summary.json and metrics.csv "
-              f"without timings); new run {run_dir}")
+        print(
+            f"reproduced: the final metrics are {how} ({compared} values: summary.json and metrics.csv "
+            f"without timings); new run {run_dir}"
+        )
         return 0
     print("differences (original → reproduction):")
     for line in differences[:SHOWN_DIFFERENCES]:
@@ -440,8 +513,10 @@ def report_result(saved: SavedRun, run_dir: Path, differences: list[str], compar
         print(f"  ... and {len(differences) - SHOWN_DIFFERENCES} more")
     for line in likely_causes(saved, run_dir):  # the likely cause, when it is the data
         print(f"  {line}")
-    print(f"not reproduced: {len(differences)} of {compared} compared values differ from the original run "
-          f"{saved.path}; new run {run_dir}")
+    print(
+        f"not reproduced: {len(differences)} of {compared} compared values differ from the original run "
+        f"{saved.path}; new run {run_dir}"
+    )
     return EXIT_DIFFERENT
 
 

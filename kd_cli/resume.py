@@ -72,8 +72,10 @@ def _check_resumable(path: Path, target: str, stage: str) -> None:
         raise KdError(f"resume={target} is a {saved_stage} run; continue it with `kd {saved_stage} resume={target}`")
     owner = holder(path)
     if owner is not None:
-        raise KdError(f"resume={target}: that run is still being written ({owner.describe()}); wait for it to "
-                      f"finish, or stop it first")
+        raise KdError(
+            f"resume={target}: that run is still being written ({owner.describe()}); wait for it to "
+            f"finish, or stop it first"
+        )
 
 
 def _sweep_arguments(stage: str, sweep: Path, args: list[str]) -> list[str]:
@@ -87,7 +89,9 @@ def _sweep_arguments(stage: str, sweep: Path, args: list[str]) -> list[str]:
     overrides = hydra.get("overrides") or {}
     # Hydra's own settings too (hydra.sweep.subdir, hydra/launcher=...): the jobs land in the folders they
     # started in, through the launcher they started with.
-    saved_hydra = [str(o) for o in overrides.get("hydra") or [] if split_override(str(o))[0] not in (SWEEP_DIR_KEY, "hydra.mode")]
+    saved_hydra = [
+        str(o) for o in overrides.get("hydra") or [] if split_override(str(o))[0] not in (SWEEP_DIR_KEY, "hydra.mode")
+    ]
     saved = [*saved_hydra, *(str(o) for o in overrides.get("task") or [])]
     fresh = [a for a in args if split_override(a)[0] not in ("resume", SWEEP_DIR_KEY) and a not in ("-m", "--multirun")]
     return ["-m", *merge(saved, fresh), f"resume={sweep}", f"{SWEEP_DIR_KEY}={sweep}"]
@@ -110,8 +114,10 @@ def guard_run_dir(stage: str, args: list[str]) -> None:
     run = Path(target)
     owner = holder(run)
     if owner is not None:
-        raise KdError(f"{run} is being written by another kd process ({owner.describe()}); wait for it to finish, "
-                      f"or choose another directory")
+        raise KdError(
+            f"{run} is being written by another kd process ({owner.describe()}); wait for it to finish, "
+            f"or choose another directory"
+        )
     if holds_run(run):
         hint = f"continue it with resume={run}, or " if stage in RESUMABLE else ""
         raise KdError(f"{run} already holds a run; {hint}choose another directory")

@@ -54,23 +54,28 @@ def rebuild(model: nn.Module, transforms: list[Any]) -> nn.Module:
         kind = record.get("kind", "?") if isinstance(record, dict) else "?"
         if kind not in TRANSFORMS:
             known = ", ".join(sorted(TRANSFORMS)) or "none registered"
-            raise KdError(f"model.json records a '{kind}' change that this kd cannot redo (it knows: {known}); "
-                          f"was it written by another kd version, or edited?")
+            raise KdError(
+                f"model.json records a '{kind}' change that this kd cannot redo (it knows: {known}); "
+                f"was it written by another kd version, or edited?"
+            )
         try:
             model = TRANSFORMS[kind].rebuild(model, record)
         except KdError:
             raise
         except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as error:
-            raise KdError(f"model.json's '{kind}' record does not fit the rebuilt {type(model).__name__} "
-                          f"({type(error).__name__}: {error}); was model.json edited, or written for another "
-                          f"model?") from None
+            raise KdError(
+                f"model.json's '{kind}' record does not fit the rebuilt {type(model).__name__} "
+                f"({type(error).__name__}: {error}); was model.json edited, or written for another "
+                f"model?"
+            ) from None
     return model
 
 
 def runs_on_cpu_only(transforms: list[Any]) -> bool:
     """True when a recorded change leaves a model that runs on the CPU only (int8)."""
-    return any(isinstance(t, dict) and t.get("kind") in TRANSFORMS and TRANSFORMS[t["kind"]].cpu_only
-               for t in transforms)
+    return any(
+        isinstance(t, dict) and t.get("kind") in TRANSFORMS and TRANSFORMS[t["kind"]].cpu_only for t in transforms
+    )
 
 
 def encode_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -88,6 +93,8 @@ def decode_state(tensors: dict[str, Any], header: dict[str, str]) -> dict[str, A
             tensors = codec.decode(tensors, header[codec.header_key])
     unknown = [key for key in header if key.startswith("kd_") and key not in {c.header_key for c in CODECS}]
     if unknown:
-        raise KdError(f"the weights file's header holds {', '.join(unknown)}, a form this kd cannot read; "
-                      f"was it written by another kd version?")
+        raise KdError(
+            f"the weights file's header holds {', '.join(unknown)}, a form this kd cannot read; "
+            f"was it written by another kd version?"
+        )
     return tensors

@@ -2,8 +2,8 @@
 
 At the start, the sweep takes its folder's lock for as long as it launches jobs, and refuses a folder
 that already holds runs (re-running a sweep into it would take over its jobs) unless the command is
-`resume=` that folder. The basic launcher runs jobs in this process, where `stages.common.guarded` hands a failed job's error
-for the CLI to report after Hydra returns. Joblib, submitit and SLURM run jobs in other processes,
+`resume=` that folder. The basic launcher runs jobs in this process, where `stages.common.guarded` hands
+a failed job's error for the CLI to report after Hydra returns. Joblib, submitit and SLURM run jobs in other processes,
 so their failures never reach this one; after the last job, this callback reads every job's
 summary.json in the sweep folder and records the failures the same way (one line, exit non-zero).
 """
@@ -34,21 +34,32 @@ class SweepStatus(Callback):
             if sweep_dir.is_dir() and not resuming and _holds_runs(sweep_dir):
                 hint = f"continue that sweep with resume={sweep_dir}, or " if "resume" in config else ""
                 raise KdError(f"{sweep_dir} already holds a sweep's runs; {hint}choose another hydra.sweep.dir")
-            outer = holds_run(sweep_dir) and sweep_dir or enclosing(sweep_dir, holds_run) or \
-                enclosing(sweep_dir, holds_sweep)
+            outer = (
+                holds_run(sweep_dir)
+                and sweep_dir
+                or enclosing(sweep_dir, holds_run)
+                or enclosing(sweep_dir, holds_sweep)
+            )
             if outer:
-                raise KdError(f"hydra.sweep.dir={sweep_dir} is {'inside ' if outer != sweep_dir else ''}the folder of "
-                              f"another run or sweep ({outer}); choose a folder outside any run")
+                raise KdError(
+                    f"hydra.sweep.dir={sweep_dir} is {'inside ' if outer != sweep_dir else ''}the folder of "
+                    f"another run or sweep ({outer}); choose a folder outside any run"
+                )
             check_every_job(config)
             sweep_dir.mkdir(parents=True, exist_ok=True)
-            self.lock = DirectoryLock.acquire(sweep_dir, f"wait for that sweep to finish, or stop it and continue "
-                                                         f"it with resume={sweep_dir}")
+            self.lock = DirectoryLock.acquire(
+                sweep_dir, f"wait for that sweep to finish, or stop it and continue it with resume={sweep_dir}"
+            )
             self.lock.record_owner()
         except KdError as error:
             raise Refusal(error) from None
         except OSError as error:
-            raise Refusal(KdError(f"cannot create the sweep folder {sweep_dir} ({error.strerror}); choose a folder "
-                                  f"you can write (hydra.sweep.dir= or paths.outputs=)")) from None
+            raise Refusal(
+                KdError(
+                    f"cannot create the sweep folder {sweep_dir} ({error.strerror}); choose a folder "
+                    f"you can write (hydra.sweep.dir= or paths.outputs=)"
+                )
+            ) from None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.lock is not None:
@@ -60,8 +71,12 @@ class SweepStatus(Callback):
             path, status, message = unfinished[0]
             # (A job that failed in this process, with the basic launcher, has handed over its error already:
             # that first error is the one reported.)
-            hand_over(KdError(f"{len(unfinished)} job(s) of the sweep did not complete, e.g. {path}: "
-                              f"{status}{': ' + message if message else ''}"))
+            hand_over(
+                KdError(
+                    f"{len(unfinished)} job(s) of the sweep did not complete, e.g. {path}: "
+                    f"{status}{': ' + message if message else ''}"
+                )
+            )
 
 
 def check_every_job(config: DictConfig) -> None:

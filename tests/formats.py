@@ -53,8 +53,9 @@ def write_pickle(path: Path, obj: dict) -> None:
         pickle.dump(obj, file, protocol=2)  # the protocol the official files use
 
 
-def cifar_batch(rng: np.random.Generator, count: int, classes: int, label_key: str,
-                labels: list[int] | None = None) -> tuple[dict, np.ndarray]:
+def cifar_batch(
+    rng: np.random.Generator, count: int, classes: int, label_key: str, labels: list[int] | None = None
+) -> tuple[dict, np.ndarray]:
     """One batch in CIFAR's python format: rows of 3072 bytes, the R, G then B planes of a 32x32 image.
     `labels`: the labels to draw from (default: every class)."""
     hwc = rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)

@@ -26,14 +26,22 @@ class Result:
 def kd(*args: str, cwd: Path, env: dict | None = None, timeout: float = 600) -> Result:
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     environment.pop("KD_DEBUG", None)
-    done = subprocess.run([sys.executable, "-m", "kd_cli", *args], cwd=cwd, env=environment,
-                          capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, "-m", "kd_cli", *args],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return Result(done.returncode, done.stdout, done.stderr)
 
 
 def kd_ok(*args: str, cwd: Path, **kwargs) -> Result:
     result = kd(*args, cwd=cwd, **kwargs)
-    assert result.code == 0, f"kd {' '.join(args)} failed ({result.code}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.code == 0, (
+        f"kd {' '.join(args)} failed ({result.code}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
     return result
 
 
@@ -71,8 +79,13 @@ def kd_here(*args: str, cwd: Path) -> Result:
     from kd_cli.cli import main
 
     out, err = io.StringIO(), io.StringIO()
-    saved = (sys.argv[:], os.getcwd(), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)},
-             logging.getLogger().handlers[:], dict(os.environ))
+    saved = (
+        sys.argv[:],
+        os.getcwd(),
+        {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)},
+        logging.getLogger().handlers[:],
+        dict(os.environ),
+    )
     code = 0
     try:
         os.chdir(cwd)

@@ -28,8 +28,16 @@ def kd_vs_none(tmp_path: Path, *overrides: str, score: str = "last_top1") -> dic
         for seed in SEEDS:
             precision = [o.split("=", 1)[1] for o in overrides if o.startswith("trainer.precision=")]
             run = tmp_path / "-".join([method, str(seed), *precision])
-            kd_ok("distill", f"method={method}", f"seed={seed}", *overrides, *FAST,
-                  f"paths.outputs={tmp_path}", f"hydra.run.dir={run}", cwd=tmp_path)
+            kd_ok(
+                "distill",
+                f"method={method}",
+                f"seed={seed}",
+                *overrides,
+                *FAST,
+                f"paths.outputs={tmp_path}",
+                f"hydra.run.dir={run}",
+                cwd=tmp_path,
+            )
             scores[method].append(summary(run)[score])
     gain = statistics.mean(scores["kd"]) - statistics.mean(scores["none"])
     print(f"\n{overrides}: none {scores['none']} kd {scores['kd']} gain {gain:+.2f}")
@@ -65,8 +73,14 @@ def test_kd_beats_the_student_alone_on_digits(tmp_path):
 def test_kd_beats_the_student_alone_on_real_mnist(tmp_path):
     images, labels = load_mnist_t10k()
     write_mnist_raw(tmp_path / "data", images, labels, n_train=2000)
-    setting = ["dataset=mnist", f"paths.data={tmp_path / 'data'}", "teacher.kwargs.width=16", "student=cnn",
-               "student.kwargs.width=4", "trainer.eval_every=10"]
+    setting = [
+        "dataset=mnist",
+        f"paths.data={tmp_path / 'data'}",
+        "teacher.kwargs.width=16",
+        "student=cnn",
+        "student.kwargs.width=4",
+        "trainer.eval_every=10",
+    ]
     fp32 = kd_vs_none(tmp_path, *setting, "trainer.precision=fp32")
     auto = kd_vs_none(tmp_path, *setting, "trainer.precision=auto")
     assert_kd_gains_a_point(fp32)
@@ -102,12 +116,33 @@ def test_a_timm_teacher_from_a_weights_file_teaches_on_an_image_folder(tmp_path)
         save_image(folder / str(label) / f"{i:04d}.png", image)
     weights = timm_weights_file(tmp_path / "timm_teacher.pth", images, labels)
     # fp32: timm's test_resnet overflows under bf16 autocast on these small images (a plain loop does too)
-    data = ["dataset=imagefolder", f"dataset.root={folder}", "dataset.image_size=16", "augmentation=none",
-            "trainer.precision=fp32"]
+    data = [
+        "dataset=imagefolder",
+        f"dataset.root={folder}",
+        "dataset.image_size=16",
+        "augmentation=none",
+        "trainer.precision=fp32",
+    ]
     teacher = tmp_path / "teacher"
-    kd_ok("train-teacher", *data, "teacher.arch=timm/test_resnet", f"teacher.kwargs.weights={weights}",
-          "trainer.epochs=10", *FAST, f"paths.outputs={tmp_path}", f"hydra.run.dir={teacher}", cwd=tmp_path)
+    kd_ok(
+        "train-teacher",
+        *data,
+        "teacher.arch=timm/test_resnet",
+        f"teacher.kwargs.weights={weights}",
+        "trainer.epochs=10",
+        *FAST,
+        f"paths.outputs={tmp_path}",
+        f"hydra.run.dir={teacher}",
+        cwd=tmp_path,
+    )
     assert summary(teacher)["selected_on"] == "val"
-    scores = kd_vs_none(tmp_path, *data, f"teacher.checkpoint={teacher}", "student=cnn", "student.kwargs.width=4",
-                        "trainer.epochs=15", score="best_top1")  # test top-1 at the epoch validation chose
+    scores = kd_vs_none(
+        tmp_path,
+        *data,
+        f"teacher.checkpoint={teacher}",
+        "student=cnn",
+        "student.kwargs.width=4",
+        "trainer.epochs=15",
+        score="best_top1",
+    )  # test top-1 at the epoch validation chose
     assert_kd_gains_a_point(scores)

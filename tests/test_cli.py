@@ -57,8 +57,9 @@ def test_bash_completion_of_stages_and_options(tmp_path):
     assert "complete" in script and "hydra_bash_completion" in script
     stages = kd_ok("-sc", "query=bash", cwd=tmp_path, env={"COMP_LINE": "kd di", "COMP_POINT": "5"}).stdout
     assert stages.split() == ["distill"]
-    options = kd_ok("distill", "-sc", "query=bash", cwd=tmp_path,
-                    env={"COMP_LINE": "kd distill dataset=", "COMP_POINT": "19"}).stdout
+    options = kd_ok(
+        "distill", "-sc", "query=bash", cwd=tmp_path, env={"COMP_LINE": "kd distill dataset=", "COMP_POINT": "19"}
+    ).stdout
     assert "dataset=digits" in options.split() and "dataset=cifar100" in options.split()
 
 
@@ -99,7 +100,9 @@ def test_the_real_process_prints_one_line_and_exits_2(tmp_path, args, fragments)
 
 def here_ok(*args: str, cwd) -> Result:
     result = kd_here(*args, cwd=cwd)
-    assert result.code == 0, f"kd {' '.join(args)} failed ({result.code}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.code == 0, (
+        f"kd {' '.join(args)} failed ({result.code}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
     return result
 
 
@@ -116,7 +119,11 @@ def test_a_sweep_over_methods_takes_an_option_only_some_of_them_have():
     from kd_cli.cli import open_swept_method_options
 
     swept = ["method=at,nst", "method.tuned_input_size=32", "seed=0,1", "student.kwargs.width=4"]
-    assert open_swept_method_options(swept) == ["method=at,nst", "++method.tuned_input_size=32", "seed=0,1",
-                                                "student.kwargs.width=4"]
+    assert open_swept_method_options(swept) == [
+        "method=at,nst",
+        "++method.tuned_input_size=32",
+        "seed=0,1",
+        "student.kwargs.width=4",
+    ]
     single = ["method=at", "method.tuned_input_size=32"]
     assert open_swept_method_options(single) == single

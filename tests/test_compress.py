@@ -19,8 +19,16 @@ from kd_cli.compress.qstate import decode, encode
 from kd_cli.engine.artifacts import ModelSpec, load_model, save_model
 from kd_cli.stages.common import count_parameters
 
-PRUNE = dict(ratio=0.5, importance="magnitude", scope="uniform", ignored_layers=[], iterative_steps=1,
-             round_to=None, max_layer_ratio=0.9, taylor_batches=1)
+PRUNE = dict(
+    ratio=0.5,
+    importance="magnitude",
+    scope="uniform",
+    ignored_layers=[],
+    iterative_steps=1,
+    round_to=None,
+    max_layer_ratio=0.9,
+    taylor_batches=1,
+)
 LOWRANK = dict(rank_ratio=0.5, energy=None, layers="all", skip=[])
 INT8 = dict(mode="static", backend="x86", calibration_batches=2, layers=[], skip=[])
 
@@ -30,15 +38,22 @@ def teacher(tmp_path_factory) -> Path:
     """A cnn trained on the real digits (the model every CLI test compresses)."""
     root = tmp_path_factory.mktemp("compress")
     run = root / "teacher"
-    kd_ok("train-teacher", "teacher=cnn", "trainer.epochs=8", *FAST,
-          f"hydra.run.dir={run}", cwd=root)
+    kd_ok("train-teacher", "teacher=cnn", "trainer.epochs=8", *FAST, f"hydra.run.dir={run}", cwd=root)
     return run
 
 
 def compress(teacher: Path, tmp_path: Path, *overrides: str) -> tuple[Path, dict]:
     run = tmp_path / "compressed"
-    kd_ok("compress", f"run={teacher}", "trainer.epochs=4", "latency_batches=3", *FAST, *overrides,
-          f"hydra.run.dir={run}", cwd=tmp_path)
+    kd_ok(
+        "compress",
+        f"run={teacher}",
+        "trainer.epochs=4",
+        "latency_batches=3",
+        *FAST,
+        *overrides,
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
     return run, summary(run)
 
 
@@ -89,12 +104,15 @@ def test_lowrank_lowers_params_and_reloads(teacher, tmp_path):
 
 
 def test_unstructured_sparsity_survives_recovery_but_not_the_file_size(teacher, tmp_path):
-    run, s = compress(teacher, tmp_path, "compression=prune_unstructured",
-                      "compression.prune_unstructured.sparsity=0.6")
+    run, s = compress(
+        teacher, tmp_path, "compression=prune_unstructured", "compression.prune_unstructured.sparsity=0.6"
+    )
     assert 59.0 <= s["compressed"]["sparsity"] <= 61.0, s  # the masks held through finetuning
     assert s["size_ratio"] > 0.95, s  # a dense file of zeros is no smaller: reported, not hidden
     model, _ = load_model(run)
-    weights = torch.cat([m.weight.flatten() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))])
+    weights = torch.cat(
+        [m.weight.flatten() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    )
     assert (weights == 0).float().mean().item() == pytest.approx(0.6, abs=0.01)
 
 
@@ -111,19 +129,26 @@ def test_prune_then_quantize_lists_every_step(teacher, tmp_path):
     assert summary(exported)["check_inputs"] == "digits test images" and summary(exported)["max_abs_diff"] <= 1e-4
 
 
-@pytest.mark.parametrize("overrides, fragments", [
-    (["compression.prune_structured.ratio=1.0"], ["compression.prune_structured.ratio=1.0 must be a number in (0, 1)"]),
-    (["compression=quantize_int8", "compression.quantize_int8.layers=[stages.0.0.1]"], ["BatchNorm2d", "int8"]),
-    (["compression.steps=[quantize_int8,finetune]"], ["quantize_int8 must be the last step"]),
-    (["compression.steps=[prune,finetune]"], ["unknown step 'prune'"]),
-    (["compression.prune_structured.importance=l1"], ["importance='l1' must be one of magnitude, bn_scale"]),
-    (["compression.prune_structured.ignored_layers=[nope]"], ["no layer 'nope'"]),
-    (["compression.prune_structured.ratio=half"], ["ratio"]),
-])
+@pytest.mark.parametrize(
+    "overrides, fragments",
+    [
+        (
+            ["compression.prune_structured.ratio=1.0"],
+            ["compression.prune_structured.ratio=1.0 must be a number in (0, 1)"],
+        ),
+        (["compression=quantize_int8", "compression.quantize_int8.layers=[stages.0.0.1]"], ["BatchNorm2d", "int8"]),
+        (["compression.steps=[quantize_int8,finetune]"], ["quantize_int8 must be the last step"]),
+        (["compression.steps=[prune,finetune]"], ["unknown step 'prune'"]),
+        (["compression.prune_structured.importance=l1"], ["importance='l1' must be one of magnitude, bn_scale"]),
+        (["compression.prune_structured.ignored_layers=[nope]"], ["no layer 'nope'"]),
+        (["compression.prune_structured.ratio=half"], ["ratio"]),
+    ],
+)
 def test_impossible_requests_are_one_line_errors_and_nothing_is_complete(teacher, tmp_path, overrides, fragments):
     run = tmp_path / "bad"
-    result = kd_here("compress", f"run={teacher}", "trainer.epochs=1", *FAST, *overrides, f"hydra.run.dir={run}",
-                     cwd=tmp_path)
+    result = kd_here(
+        "compress", f"run={teacher}", "trainer.epochs=1", *FAST, *overrides, f"hydra.run.dir={run}", cwd=tmp_path
+    )
     assert_one_line_error(result, *fragments)
     assert not (run / "model.safetensors").exists()
     assert not (run / "summary.json").exists() or summary(run)["status"] != "complete"
@@ -182,8 +207,10 @@ def test_shufflenet_channel_pruning_is_refused_in_one_line(tmp_path):
 
 def test_full_rank_factorisation_reproduces_the_layer():
     torch.manual_seed(0)
-    for layer, x in [(torch.nn.Conv2d(6, 8, 3, stride=2, padding=1), torch.randn(2, 6, 9, 9)),
-                     (torch.nn.Linear(12, 5), torch.randn(4, 12))]:
+    for layer, x in [
+        (torch.nn.Conv2d(6, 8, 3, stride=2, padding=1), torch.randn(2, 6, 9, 9)),
+        (torch.nn.Linear(12, 5), torch.randn(4, 12)),
+    ]:
         matrix = layer.weight.detach().reshape(layer.weight.shape[0], -1).double()
         pair = factorise(layer, min(matrix.shape), torch.linalg.svd(matrix, full_matrices=False))
         assert torch.allclose(pair(x), layer(x), atol=1e-5)
@@ -198,10 +225,14 @@ def test_energy_picks_the_smallest_rank_keeping_that_energy():
 def test_quantized_state_round_trips_through_plain_tensors():
     w = torch.randn(4, 3)
     state = {
-        "per_channel": torch.quantize_per_channel(w, torch.rand(4) + 0.1, torch.zeros(4, dtype=torch.long), 0, torch.qint8),
+        "per_channel": torch.quantize_per_channel(
+            w, torch.rand(4) + 0.1, torch.zeros(4, dtype=torch.long), 0, torch.qint8
+        ),
         "per_tensor": torch.quantize_per_tensor(w, 0.05, 3, torch.quint8),
         "packed": (torch.quantize_per_tensor(w, 0.1, 0, torch.qint8), torch.randn(4)),
-        "dtype": torch.qint8, "nothing": None, "plain": torch.arange(3),
+        "dtype": torch.qint8,
+        "nothing": None,
+        "plain": torch.arange(3),
     }
     tensors, layout = encode(state)
     assert all(not t.is_quantized for t in tensors.values())
@@ -222,8 +253,13 @@ def test_interrupted_recovery_resumes_to_the_uninterrupted_result(teacher, tmp_p
     args = ["compress", f"run={teacher}", "trainer.epochs=12", "latency_batches=2", *FAST]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     kd_ok(*args, f"hydra.run.dir={whole}", cwd=tmp_path)
-    process = subprocess.Popen([sys.executable, "-m", "kd_cli", *args, f"hydra.run.dir={broken}"], cwd=tmp_path,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kd_cli", *args, f"hydra.run.dir={broken}"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     while not (broken / "checkpoints/last.pt").exists() and process.poll() is None:
         time.sleep(0.02)
     process.send_signal(signal.SIGINT)
@@ -255,15 +291,20 @@ def test_recovery_epochs_and_the_compressed_model_reach_the_tracker(teacher, tmp
     assert {a.path for a in client.list_artifacts(tracked.info.run_id, "model")} >= {"model/model.safetensors"}
 
 
-@pytest.mark.parametrize("options", [
-    {"importance": "taylor", "taylor_batches": 2},
-    {"importance": "bn_scale"},
-    {"scope": "global", "ratio": 0.4},
-    {"iterative_steps": 3},
-    {"round_to": 8},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"importance": "taylor", "taylor_batches": 2},
+        {"importance": "bn_scale"},
+        {"scope": "global", "ratio": 0.4},
+        {"iterative_steps": 3},
+        {"round_to": 8},
+    ],
+)
 def test_pruning_criteria_and_schedules_shrink_and_rebuild(options, tmp_path):
-    model, compressed, reloaded = compressed_and_reloaded("resnet8x4", "prune_structured", {**PRUNE, **options}, tmp_path)
+    model, compressed, reloaded = compressed_and_reloaded(
+        "resnet8x4", "prune_structured", {**PRUNE, **options}, tmp_path
+    )
     x = torch.randn(2, 3, 32, 32)
     assert count_parameters(compressed) < 0.8 * count_parameters(model)
     assert torch.equal(reloaded(x), compressed(x))
@@ -281,7 +322,8 @@ def test_taylor_scores_differ_from_magnitude(tmp_path):
     """Taylor importance uses the training gradients: it keeps other channels than magnitude does."""
     kept = {}
     for importance in ("magnitude", "taylor"):
-        _, compressed, _ = compressed_and_reloaded("cnn", "prune_structured", {**PRUNE, "importance": importance},
-                                                   tmp_path / importance)
+        _, compressed, _ = compressed_and_reloaded(
+            "cnn", "prune_structured", {**PRUNE, "importance": importance}, tmp_path / importance
+        )
         kept[importance] = compressed.stages[0][0][0].weight.detach().clone()
     assert kept["magnitude"].shape == kept["taylor"].shape and not torch.equal(kept["magnitude"], kept["taylor"])

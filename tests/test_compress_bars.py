@@ -15,8 +15,10 @@ import pytest
 from formats import MNIST_T10K, load_mnist_t10k, write_mnist_raw
 from kdrun import FAST, kd_ok, summary
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not MNIST_T10K.is_dir(), reason="real MNIST test files not found beside the repository")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not MNIST_T10K.is_dir(), reason="real MNIST test files not found beside the repository"),
+]
 
 QUIET = [*FAST, "trainer.eval_every=100"]  # evaluate after the last epoch only: the test split is 8,000 images
 
@@ -27,21 +29,54 @@ def mnist_model(tmp_path_factory) -> tuple[Path, Path]:
     images, labels = load_mnist_t10k()
     write_mnist_raw(root / "data", images, labels, n_train=2000)
     run = root / "model"
-    kd_ok("train-teacher", "dataset=mnist", f"paths.data={root / 'data'}", "teacher=cnn", "trainer.epochs=15",
-          *QUIET, f"hydra.run.dir={run}", cwd=root)
+    kd_ok(
+        "train-teacher",
+        "dataset=mnist",
+        f"paths.data={root / 'data'}",
+        "teacher=cnn",
+        "trainer.epochs=15",
+        *QUIET,
+        f"hydra.run.dir={run}",
+        cwd=root,
+    )
     return root, run
 
 
 def compress_and_reload(mnist_model, name: str, *overrides: str) -> dict:
     root, model = mnist_model
     run = root / name
-    kd_ok("compress", f"run={model}", f"paths.data={root / 'data'}", *QUIET, *overrides, f"hydra.run.dir={run}", cwd=root)
+    kd_ok(
+        "compress", f"run={model}", f"paths.data={root / 'data'}", *QUIET, *overrides, f"hydra.run.dir={run}", cwd=root
+    )
     s = summary(run)
     out = root / f"{name}-evaluated"
-    kd_ok("evaluate", f"run={run}", f"paths.data={root / 'data'}", "trainer.num_workers=0", f"hydra.run.dir={out}", cwd=root)
+    kd_ok(
+        "evaluate",
+        f"run={run}",
+        f"paths.data={root / 'data'}",
+        "trainer.num_workers=0",
+        f"hydra.run.dir={out}",
+        cwd=root,
+    )
     assert summary(out)["top1"] == pytest.approx(s["last_top1"], abs=1e-9)  # reloads to the same accuracy
-    print(name, json.dumps({k: s[k] for k in ("top1_original", "last_top1", "top1_drop", "params_ratio",
-                                              "macs_ratio", "size_ratio", "speedup_b1", "speedup_b64")}))
+    print(
+        name,
+        json.dumps(
+            {
+                k: s[k]
+                for k in (
+                    "top1_original",
+                    "last_top1",
+                    "top1_drop",
+                    "params_ratio",
+                    "macs_ratio",
+                    "size_ratio",
+                    "speedup_b1",
+                    "speedup_b64",
+                )
+            }
+        ),
+    )
     return s
 
 

@@ -189,7 +189,7 @@ def test_svhn_real_mat_format_through_torchvision(tmp_path, monkeypatch):
     for split, count in (("train", 9), ("test", 5)):
         x = rng.integers(0, 256, (32, 32, 3, count), dtype=np.uint8)  # SVHN's layout: H, W, C, N
         # SVHN's labels: 1..10, with 10 meaning digit 0; the test split's are among the training split's
-        y = (rng.integers(1, 11, (count, 1)) if split == "train" else rng.choice(written["train"][1], (count, 1)))
+        y = rng.integers(1, 11, (count, 1)) if split == "train" else rng.choice(written["train"][1], (count, 1))
         y = y.astype(np.uint8)
         url, filename, _ = split_list[split]
         sio.savemat(tmp_path / filename, {"X": x, "y": y})
@@ -206,10 +206,17 @@ def test_svhn_real_mat_format_through_torchvision(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------ missing downloads
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("mnist", "MNIST/raw/"), ("fashion_mnist", "FashionMNIST/raw/"), ("cifar10", "cifar-10-batches-py/"),
-    ("cifar100", "cifar-100-python/"), ("svhn", "train_32x32.mat"), ("imagefolder", "train/"),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("mnist", "MNIST/raw/"),
+        ("fashion_mnist", "FashionMNIST/raw/"),
+        ("cifar10", "cifar-10-batches-py/"),
+        ("cifar100", "cifar-100-python/"),
+        ("svhn", "train_32x32.mat"),
+        ("imagefolder", "train/"),
+    ],
+)
 def test_missing_data_names_the_folder_and_the_fix(tmp_path, name, expected):
     root = tmp_path / "nowhere"
     with pytest.raises(KdError) as error:
@@ -251,8 +258,9 @@ def test_imagefolder_train_test_layout_and_loader(tmp_path):
     assert isinstance(image, Image.Image) and label == 0  # no transform attached
 
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.2, 0.2]
-    test = make_loader(data.test, batch_size=4, train=False, spec=None, mean=mean, std=std, device=CPU, seed=0,
-                       num_workers=0)
+    test = make_loader(
+        data.test, batch_size=4, train=False, spec=None, mean=mean, std=std, device=CPU, seed=0, num_workers=0
+    )
     batches = list(test)
     assert len(test) == len(batches) == 2 and test.num_samples == 6
     images, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
@@ -265,8 +273,11 @@ def test_imagefolder_train_test_layout_and_loader(tmp_path):
     spec = AugmentSpec(crop_padding=4, hflip=True, erase_prob=0.5, trivial_augment=True)
 
     def train_batches():
-        return list(make_loader(data.train, batch_size=5, train=True, spec=spec, mean=mean, std=std, device=CPU,
-                                seed=3, num_workers=0))
+        return list(
+            make_loader(
+                data.train, batch_size=5, train=True, spec=spec, mean=mean, std=std, device=CPU, seed=3, num_workers=0
+            )
+        )
 
     first = train_batches()
     torch.manual_seed(12345)  # the training loop's own use of the global RNG must not change the data
@@ -351,8 +362,16 @@ def test_no_augmentation_is_exact_and_trivial_augment_is_refused_in_memory():
     with pytest.raises(KdError, match="imagefolder"):
         augment_batch(x, AugmentSpec(trivial_augment=True), torch.Generator())
     with pytest.raises(KdError, match="trivial_augment=false"):
-        make_loader(TensorSplit(x, torch.arange(4)), batch_size=2, train=True, spec=AugmentSpec(trivial_augment=True),
-                    mean=[0.5], std=[0.5], device=CPU, seed=0)
+        make_loader(
+            TensorSplit(x, torch.arange(4)),
+            batch_size=2,
+            train=True,
+            spec=AugmentSpec(trivial_augment=True),
+            mean=[0.5],
+            std=[0.5],
+            device=CPU,
+            seed=0,
+        )
 
 
 def test_normalize_checks_channel_count():

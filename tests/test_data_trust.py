@@ -97,8 +97,17 @@ BROKEN = ["truncated png", "truncated jpeg", "corrupt jpeg", "text named .png"]
 
 
 def folder_loader(split, num_workers: int):
-    return make_loader(split, batch_size=4, train=False, spec=None, mean=[0.5] * 3, std=[0.25] * 3, device=CPU,
-                       seed=0, num_workers=num_workers)
+    return make_loader(
+        split,
+        batch_size=4,
+        train=False,
+        spec=None,
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+        device=CPU,
+        seed=0,
+        num_workers=num_workers,
+    )
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -138,8 +147,10 @@ def test_skip_unreadable_leaves_them_out_counts_them_and_keeps_the_split_determi
         target = clean / path.relative_to(tmp_path / "mixed")
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(path.read_bytes())
-    broken = [break_file(save_image(tmp_path / "mixed" / name / f"bad{i}.png", digits_images(1)[0][0]), kind)
-              for i, (name, kind) in enumerate(zip(["four", "one", "seven", "one"], BROKEN))]
+    broken = [
+        break_file(save_image(tmp_path / "mixed" / name / f"bad{i}.png", digits_images(1)[0][0]), kind)
+        for i, (name, kind) in enumerate(zip(["four", "one", "seven", "one"], BROKEN))
+    ]
     node = {"name": "imagefolder", "root": str(tmp_path / "mixed"), "image_size": 16, "test_fraction": 0.3}
 
     data = load_dataset({**node, "skip_unreadable": True})
@@ -191,7 +202,7 @@ def test_skipping_that_empties_a_training_class_is_refused_naming_it(tmp_path):
 def test_an_image_folder_with_one_class_is_refused(tmp_path):
     for layout in ("alone", "train-test"):
         root = tmp_path / layout
-        for part in (["."] if layout == "alone" else ["train", "test"]):
+        for part in ["."] if layout == "alone" else ["train", "test"]:
             images, _ = digits_images(8)
             for i, image in enumerate(images):
                 save_image(root / part / "cats" / f"{i}.png", image)
@@ -203,12 +214,14 @@ def test_an_image_folder_with_one_class_is_refused(tmp_path):
 
 def tensor_data(train_labels, test_labels, classes: int = 3) -> DataSplits:
     """In-memory splits of 1x1 images, all different, with the labels given."""
+
     def split(labels, start):
         pixels = torch.arange(start, start + len(labels), dtype=torch.uint8).view(-1, 1, 1, 1)
         return TensorSplit(pixels, torch.as_tensor(labels, dtype=torch.int64))
 
-    return DataSplits(split(train_labels, 0), split(test_labels, 100), classes, [f"c{i}" for i in range(classes)],
-                      1, 1, "x")
+    return DataSplits(
+        split(train_labels, 0), split(test_labels, 100), classes, [f"c{i}" for i in range(classes)], 1, 1, "x"
+    )
 
 
 def test_empty_splits_are_refused():
@@ -234,8 +247,9 @@ def test_class_coverage_rules():
 
 
 def test_a_test_split_missing_classes_is_a_warning(capsys):
-    data = load_dataset({"name": "synthetic", "num_train": 40, "num_test": 6, "num_classes": 10, "channels": 1,
-                         "image_size": 4})
+    data = load_dataset(
+        {"name": "synthetic", "num_train": 40, "num_test": 6, "num_classes": 10, "channels": 1, "image_size": 4}
+    )
     assert len(data.test) == 6  # a warning does not stop anything
     (warning,) = warnings_in(capsys)
     assert "the test split has no images of 4 of the 10 classes (class_6, class_7, class_8, class_9)" in warning
@@ -254,8 +268,10 @@ def test_real_cifar_files_whose_training_batches_lack_a_class_are_refused(tmp_pa
     for name, _ in tv.CIFAR10.train_list:
         write_pickle(folder / name, cifar_batch(rng, 5, 10, "labels", labels=[0, 1, 2, 3, 4, 5, 6, 8, 9])[0])
     write_pickle(folder / "test_batch", cifar_batch(rng, 5, 10, "labels", labels=[7])[0])
-    write_pickle(folder / "batches.meta", {"label_names": ["plane", "car", "bird", "cat", "deer", "dog", "frog",
-                                                           "horse", "ship", "truck"]})
+    write_pickle(
+        folder / "batches.meta",
+        {"label_names": ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]},
+    )
     with pytest.raises(KdError) as error:
         load_dataset({"name": "cifar10", "root": str(tmp_path), "verify_checksums": False})
     assert "no images of class horse, which the test split has (5 images)" in one_line(error)
@@ -292,8 +308,10 @@ def test_mnist_test_images_copied_from_training_are_reported(tmp_path, mnist_t10
     write_mnist_raw(tmp_path / "leaky", images, labels)
     load_dataset({"name": "mnist", "root": str(tmp_path / "leaky")})
     (warning,) = warnings_in(capsys)
-    assert "3 of 3000 test images are exact copies of training images (e.g. test image #5 = training image #12, " \
-           "1 of them with a different label)" in warning
+    assert (
+        "3 of 3000 test images are exact copies of training images (e.g. test image #5 = training image #12, "
+        "1 of them with a different label)" in warning
+    )
 
 
 def test_tensor_duplicates_match_brute_force_at_odd_sizes_and_across_blocks():
@@ -307,8 +325,9 @@ def test_tensor_duplicates_match_brute_force_at_odd_sizes_and_across_blocks():
     train[10] = near
     train[10, 2, 6, 6] ^= 1  # one bit away from a test image: not a copy
     rows = {bytes(image.numpy().tobytes()): j for j, image in enumerate(train)}
-    expected = sorted((i, rows[image.numpy().tobytes()]) for i, image in enumerate(test)
-                      if image.numpy().tobytes() in rows)
+    expected = sorted(
+        (i, rows[image.numpy().tobytes()]) for i, image in enumerate(test) if image.numpy().tobytes() in rows
+    )
     assert sorted(tensor_duplicates(train, test)) == expected == sorted(copies.items())
 
 
@@ -324,8 +343,9 @@ def test_image_folder_duplicates_by_content_not_by_size(tmp_path, capsys):
     train = sorted(map(str, (tmp_path / "train").rglob("*.bmp")))
     test = sorted(map(str, (tmp_path / "test").rglob("*.*")))
     assert len({len(Path(p).read_bytes()) for p in train + test}) == 2
-    assert [(test[i], train[j]) for i, j in file_duplicates(train, test)] == \
-           [(str(tmp_path / "test/seven/3.bmp"), str(tmp_path / "train/one/2.bmp"))]
+    assert [(test[i], train[j]) for i, j in file_duplicates(train, test)] == [
+        (str(tmp_path / "test/seven/3.bmp"), str(tmp_path / "train/one/2.bmp"))
+    ]
     # Files alike in size and in their first 4 KiB (BMP stores the bottom rows first) are still told apart.
     big = np.zeros((80, 80), np.uint8)
     top_differs = big.copy()
@@ -336,8 +356,10 @@ def test_image_folder_duplicates_by_content_not_by_size(tmp_path, capsys):
     assert file_duplicates([str(pair[0])], [str(pair[1]), str(pair[0])]) == [(1, 0)]
     load_dataset({"name": "imagefolder", "root": str(tmp_path), "image_size": 16})
     (warning,) = warnings_in(capsys)
-    assert "1 of 13 test images are exact copies of training images (e.g. test/seven/3.bmp = train/one/2.bmp " \
-           f"under {tmp_path}, 1 of them with a different label)" in warning
+    assert (
+        "1 of 13 test images are exact copies of training images (e.g. test/seven/3.bmp = train/one/2.bmp "
+        f"under {tmp_path}, 1 of them with a different label)" in warning
+    )
 
 
 # ------------------------------------------------------------------------------- no code from data files
@@ -380,8 +402,14 @@ def test_a_crafted_cifar_pickle_is_refused_and_never_run(tmp_path, monkeypatch, 
 
 
 def test_restricted_unpickler_reads_what_numpy_1_and_2_write():
-    arrays = {"data": np.arange(24, dtype=np.uint8).reshape(2, 12), "f": np.array([1.5, -2.0]),
-              "labels": [1, 2, 3], "name": b"batch", "scalar": np.int64(7), "text": "x"}
+    arrays = {
+        "data": np.arange(24, dtype=np.uint8).reshape(2, 12),
+        "f": np.array([1.5, -2.0]),
+        "labels": [1, 2, 3],
+        "name": b"batch",
+        "scalar": np.int64(7),
+        "text": "x",
+    }
     for protocol in (2, 4, 5):
         blob = pickle.dumps(arrays, protocol=protocol)
         back = safe_pickle.loads(blob, encoding="latin1")
@@ -400,8 +428,9 @@ def test_a_crafted_legacy_mnist_file_is_refused_and_a_real_one_still_loads(tmp_p
     processed = tmp_path / "MNIST" / "processed"
     processed.mkdir(parents=True)
     for name, part in (("training.pt", slice(0, 7000)), ("test.pt", slice(7000, None))):
-        torch.save((torch.from_numpy(images[part].copy()), torch.from_numpy(labels[part].astype(np.int64))),
-                   processed / name)
+        torch.save(
+            (torch.from_numpy(images[part].copy()), torch.from_numpy(labels[part].astype(np.int64))), processed / name
+        )
     data = load_dataset({"name": "mnist", "root": str(tmp_path)})  # the legacy files of old torchvision versions
     assert (len(data.train), len(data.test)) == (7000, 3000)
     assert torch.equal(data.test.images[:, 0], torch.from_numpy(images[7000:].copy()))
@@ -435,28 +464,36 @@ def test_every_shipped_dataset_yaml_passes_the_check(name):
     check_dataset_config(OmegaConf.create(dataset_node(name)))  # a DictConfig node as the stages hold it
 
 
-@pytest.mark.parametrize("name, key, value, expected", [
-    ("digits", "test_fraction", "abc", "dataset.test_fraction='abc' must be a number"),
-    ("digits", "test_fraction", 1.5, "dataset.test_fraction=1.5 must be a number in (0, 1)"),
-    ("digits", "test_fraction", math.nan, "dataset.test_fraction=nan must be a finite number"),
-    ("digits", "split_seed", -1, "dataset.split_seed=-1 must be a whole number in [0, 4294967295]"),
-    ("imagefolder", "image_size", 0, "dataset.image_size=0 must be a whole number >= 1"),
-    ("imagefolder", "skip_unreadable", "yes", "dataset.skip_unreadable='yes' must be true or false"),
-    ("imagefolder", "test_fraction", 0.0, "dataset.test_fraction=0.0 must be a number in (0, 1)"),
-    ("synthetic", "num_classes", 1, "dataset.num_classes=1 must be a whole number >= 2"),
-    ("synthetic", "num_test", 0, "dataset.num_test=0 must be a whole number >= 1"),
-    ("synthetic", "image_size", 2.5, "dataset.image_size=2.5 must be a whole number"),
-    ("cifar10", "verify_checksums", "no", "dataset.verify_checksums='no' must be true or false"),
-    ("mnist", "root", 3, "dataset.root=3 must be a string"),
-    ("mnist", "mean", [0.1, math.nan], "dataset.mean=[0.1, nan] must be a list whose items are each a finite number"),
-    ("mnist", "mean", "0.1", "dataset.mean='0.1' must be a list"),
-    ("mnist", "std", [0.0], "dataset.std=[0.0] must be a list of values > 0"),
-    ("mnist", "std", [], "dataset.std=[] must be a list of at least one number"),
-    ("mnist", "crop_padding", -2, "dataset.crop_padding=-2 must be a whole number >= 0"),
-    ("mnist", "crop_padding", True, "dataset.crop_padding=True must be a whole number"),
-    ("mnist", "hflip", "no", "dataset.hflip='no' must be true or false"),
-    ("mnist", "default_student", 7, "dataset.default_student=7 must be a string"),
-])
+@pytest.mark.parametrize(
+    "name, key, value, expected",
+    [
+        ("digits", "test_fraction", "abc", "dataset.test_fraction='abc' must be a number"),
+        ("digits", "test_fraction", 1.5, "dataset.test_fraction=1.5 must be a number in (0, 1)"),
+        ("digits", "test_fraction", math.nan, "dataset.test_fraction=nan must be a finite number"),
+        ("digits", "split_seed", -1, "dataset.split_seed=-1 must be a whole number in [0, 4294967295]"),
+        ("imagefolder", "image_size", 0, "dataset.image_size=0 must be a whole number >= 1"),
+        ("imagefolder", "skip_unreadable", "yes", "dataset.skip_unreadable='yes' must be true or false"),
+        ("imagefolder", "test_fraction", 0.0, "dataset.test_fraction=0.0 must be a number in (0, 1)"),
+        ("synthetic", "num_classes", 1, "dataset.num_classes=1 must be a whole number >= 2"),
+        ("synthetic", "num_test", 0, "dataset.num_test=0 must be a whole number >= 1"),
+        ("synthetic", "image_size", 2.5, "dataset.image_size=2.5 must be a whole number"),
+        ("cifar10", "verify_checksums", "no", "dataset.verify_checksums='no' must be true or false"),
+        ("mnist", "root", 3, "dataset.root=3 must be a string"),
+        (
+            "mnist",
+            "mean",
+            [0.1, math.nan],
+            "dataset.mean=[0.1, nan] must be a list whose items are each a finite number",
+        ),
+        ("mnist", "mean", "0.1", "dataset.mean='0.1' must be a list"),
+        ("mnist", "std", [0.0], "dataset.std=[0.0] must be a list of values > 0"),
+        ("mnist", "std", [], "dataset.std=[] must be a list of at least one number"),
+        ("mnist", "crop_padding", -2, "dataset.crop_padding=-2 must be a whole number >= 0"),
+        ("mnist", "crop_padding", True, "dataset.crop_padding=True must be a whole number"),
+        ("mnist", "hflip", "no", "dataset.hflip='no' must be true or false"),
+        ("mnist", "default_student", 7, "dataset.default_student=7 must be a string"),
+    ],
+)
 def test_a_bad_value_is_one_line_naming_the_key(name, key, value, expected):
     node = {**dataset_node(name), key: value}
     with pytest.raises(KdError) as error:

@@ -47,8 +47,11 @@ def test_png_pixels_equal_pils(tmp_path, decoder):
 
 
 def test_jpeg_pixels_match_pils(tmp_path, decoder):
-    for name, options in {"baseline.jpg": {}, "progressive.jpg": {"progressive": True},
-                          "exif.jpg": {"exif": Image.Exif()}}.items():
+    for name, options in {
+        "baseline.jpg": {},
+        "progressive.jpg": {"progressive": True},
+        "exif.jpg": {"exif": Image.Exif()},
+    }.items():
         path = save_image(tmp_path / name, photo(), quality=90, **options)
         ours, pils = decode_rgb(str(path)).int(), as_pil_tensor(path).int()
         assert ours.shape == pils.shape == (3, 40, 56)
@@ -139,9 +142,18 @@ def folder(tmp_path_factory) -> Path:
 
 def epochs_of(folder: Path, workers: int, epochs: int = 2, first: int = 0) -> list[torch.Tensor]:
     data = load_dataset({"name": "imagefolder", "root": str(folder), "image_size": 16, "val_fraction": 0.0})
-    loader = make_loader(data.train, batch_size=32, train=True, spec=AugmentSpec(crop_padding=4, hflip=True),
-                         mean=[0.5], std=[0.25], device=torch.device("cpu"), seed=1, drop_last=True,
-                         num_workers=workers)
+    loader = make_loader(
+        data.train,
+        batch_size=32,
+        train=True,
+        spec=AugmentSpec(crop_padding=4, hflip=True),
+        mean=[0.5],
+        std=[0.25],
+        device=torch.device("cpu"),
+        seed=1,
+        drop_last=True,
+        num_workers=workers,
+    )
     assert loader.batched
     out = []
     for epoch in range(first, first + epochs):
@@ -164,8 +176,18 @@ def test_a_resumed_epoch_sees_the_same_batches(folder):
 
 def test_an_early_stop_leaves_the_next_epoch_working(folder):
     data = load_dataset({"name": "imagefolder", "root": str(folder), "image_size": 16, "val_fraction": 0.0})
-    loader = make_loader(data.train, batch_size=32, train=True, spec=AugmentSpec(crop_padding=4, hflip=True),
-                         mean=[0.5], std=[0.25], device=torch.device("cpu"), seed=1, drop_last=True, num_workers=2)
+    loader = make_loader(
+        data.train,
+        batch_size=32,
+        train=True,
+        spec=AugmentSpec(crop_padding=4, hflip=True),
+        mean=[0.5],
+        std=[0.25],
+        device=torch.device("cpu"),
+        seed=1,
+        drop_last=True,
+        num_workers=2,
+    )
     for _ in zip(range(2), loader):  # stops after two batches (trainer.max_steps_per_epoch)
         pass
     loader.set_epoch(1)
@@ -174,8 +196,17 @@ def test_an_early_stop_leaves_the_next_epoch_working(folder):
 
 def test_trivial_augment_keeps_the_per_image_path(folder):
     data = load_dataset({"name": "imagefolder", "root": str(folder), "image_size": 16, "val_fraction": 0.0})
-    loader = make_loader(data.train, batch_size=32, train=True, spec=AugmentSpec(crop_padding=4, trivial_augment=True),
-                         mean=[0.5], std=[0.25], device=torch.device("cpu"), seed=1, num_workers=0)
+    loader = make_loader(
+        data.train,
+        batch_size=32,
+        train=True,
+        spec=AugmentSpec(crop_padding=4, trivial_augment=True),
+        mean=[0.5],
+        std=[0.25],
+        device=torch.device("cpu"),
+        seed=1,
+        num_workers=0,
+    )
     assert not loader.batched and next(iter(loader))[0].shape == (32, 3, 16, 16)
 
 
@@ -185,10 +216,20 @@ def test_an_unreadable_image_in_a_worker_is_one_line(tmp_path, folder):
     root = tmp_path / "digits"
     shutil.copytree(folder, root)
     (root / "3" / "broken.png").write_text("not an image")
-    data = load_dataset({"name": "imagefolder", "root": str(root), "image_size": 16, "val_fraction": 0.0,
-                         "test_fraction": 0.1})
-    loader = make_loader(data.train, batch_size=32, train=True, spec=AugmentSpec(crop_padding=4, hflip=True),
-                         mean=[0.5], std=[0.25], device=torch.device("cpu"), seed=1, num_workers=2)
+    data = load_dataset(
+        {"name": "imagefolder", "root": str(root), "image_size": 16, "val_fraction": 0.0, "test_fraction": 0.1}
+    )
+    loader = make_loader(
+        data.train,
+        batch_size=32,
+        train=True,
+        spec=AugmentSpec(crop_padding=4, hflip=True),
+        mean=[0.5],
+        std=[0.25],
+        device=torch.device("cpu"),
+        seed=1,
+        num_workers=2,
+    )
     if not any(path.endswith("broken.png") for path, _ in loader.dataset.samples):
         pytest.skip("the broken file fell in the test split")
     with pytest.raises(UnreadableImage) as caught:

@@ -47,15 +47,36 @@ def sweep_scores(outputs: Path) -> list[float]:
 def test_two_teachers_teach_better_than_the_weaker_alone(tmp_path):
     teachers = {"cnn": tmp_path / "cnn", "mlp": tmp_path / "mlp"}
     kd_ok("train-teacher", *FAST, f"hydra.run.dir={teachers['cnn']}", cwd=tmp_path)
-    kd_ok("train-teacher", "teacher=mlp", "teacher.kwargs.hidden=[128]", *FAST, f"hydra.run.dir={teachers['mlp']}",
-          cwd=tmp_path)
+    kd_ok(
+        "train-teacher",
+        "teacher=mlp",
+        "teacher.kwargs.hidden=[128]",
+        *FAST,
+        f"hydra.run.dir={teachers['mlp']}",
+        cwd=tmp_path,
+    )
     accuracy = {name: summary(path)["last_top1"] for name, path in teachers.items()}
     weaker = min(accuracy, key=accuracy.get)
     single_out, ensemble_out = tmp_path / "single", tmp_path / "ensemble"
-    kd_ok("distill", "-m", "seed=0,1,2", f"teacher.checkpoint={teachers[weaker]}", *FAST,
-          f"paths.outputs={single_out}", cwd=tmp_path)
-    kd_ok("distill", "-m", "seed=0,1,2", "method=ensemble", f"method.teachers=[{teachers['cnn']},{teachers['mlp']}]",
-          *FAST, f"paths.outputs={ensemble_out}", cwd=tmp_path)
+    kd_ok(
+        "distill",
+        "-m",
+        "seed=0,1,2",
+        f"teacher.checkpoint={teachers[weaker]}",
+        *FAST,
+        f"paths.outputs={single_out}",
+        cwd=tmp_path,
+    )
+    kd_ok(
+        "distill",
+        "-m",
+        "seed=0,1,2",
+        "method=ensemble",
+        f"method.teachers=[{teachers['cnn']},{teachers['mlp']}]",
+        *FAST,
+        f"paths.outputs={ensemble_out}",
+        cwd=tmp_path,
+    )
     single, ensemble = sweep_scores(single_out), sweep_scores(ensemble_out)
     print(f"\nteachers {accuracy}; kd from {weaker}: {single}; ensemble: {ensemble}")
     assert statistics.mean(ensemble) > statistics.mean(single)

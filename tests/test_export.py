@@ -29,8 +29,9 @@ def saved_model(directory: Path, arch: str, kwargs: dict, channels: int, size: i
     """A registry model with random weights and random BatchNorm statistics (so BN folding in the
     exporters matters), saved as a run directory holds it: model.safetensors + model.json."""
     torch.manual_seed(0)
-    spec = ModelSpec(arch, kwargs, 10, channels, size, [0.5] * channels, [0.25] * channels,
-                     [str(i) for i in range(10)], dataset)
+    spec = ModelSpec(
+        arch, kwargs, 10, channels, size, [0.5] * channels, [0.25] * channels, [str(i) for i in range(10)], dataset
+    )
     if dataset == "digits":
         spec.mean, spec.std = DIGITS["mean"], DIGITS["std"]
     model = spec.build().eval()
@@ -47,8 +48,9 @@ def saved_model(directory: Path, arch: str, kwargs: dict, channels: int, size: i
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory) -> Path:
     """A cnn for the real digits, with the config_resolved.yaml a run directory has (its data set)."""
-    run = saved_model(tmp_path_factory.mktemp("digits") / "teacher", "cnn", {"width": 8, "depth": 2, "dropout": 0.0},
-                      1, 8)
+    run = saved_model(
+        tmp_path_factory.mktemp("digits") / "teacher", "cnn", {"width": 8, "depth": 2, "dropout": 0.0}, 1, 8
+    )
     (run / "config_resolved.yaml").write_text(OmegaConf.to_yaml({"stage": "train-teacher", "dataset": DIGITS}))
     return run
 
@@ -57,7 +59,7 @@ def digits_test_images(count: int, offset: int = 0) -> torch.Tensor:
     """Real digits test images, normalised here by hand as model.json says (not through kd's loader)."""
     from kd_cli.data import load_dataset
 
-    images = load_dataset(DIGITS).test.images[offset:offset + count].float() / 255.0
+    images = load_dataset(DIGITS).test.images[offset : offset + count].float() / 255.0
     return (images - DIGITS["mean"][0]) / DIGITS["std"][0]
 
 
@@ -117,8 +119,9 @@ def stage_config(run: Path, **overrides) -> OmegaConf:
     """The shipped configs/export.yaml (its defaults), with overrides: the stage called in-process."""
     cfg = OmegaConf.load(CONFIGS / "export.yaml")
     cfg.pop("defaults")
-    return OmegaConf.merge(cfg, {"seed": 0, "paths": {"outputs": "outputs", "data": "data"}, "run": str(run)},
-                           overrides)
+    return OmegaConf.merge(
+        cfg, {"seed": 0, "paths": {"outputs": "outputs", "data": "data"}, "run": str(run)}, overrides
+    )
 
 
 ARCHS = [
@@ -190,12 +193,15 @@ def test_a_difference_over_tolerance_fails_and_keeps_no_file(digits_run, tmp_pat
     assert not list(out.path.glob(".model.onnx*"))  # nor its temporary file
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"opset": 13}, "opset=13: torch's ONNX exporter writes opset 18 or newer"),
-    ({"check_batch_size": 1}, "check_batch_size=1: a dynamic batch is traced from a batch of at least 2"),
-    ({"check_inputs": "tests"}, "unknown check_inputs 'tests'"),
-    ({"tolerance": -1.0}, "tolerance=-1.0 must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"opset": 13}, "opset=13: torch's ONNX exporter writes opset 18 or newer"),
+        ({"check_batch_size": 1}, "check_batch_size=1: a dynamic batch is traced from a batch of at least 2"),
+        ({"check_inputs": "tests"}, "unknown check_inputs 'tests'"),
+        ({"tolerance": -1.0}, "tolerance=-1.0 must be >= 0"),
+    ],
+)
 def test_impossible_options_are_refused_before_any_work(overrides, message, tmp_path):
     from kd_cli.stages.export import main
 
@@ -214,8 +220,13 @@ def test_a_model_torch_export_refuses_is_one_line_with_the_report_in_a_file(tmp_
     from kd_cli.stages.export import export_onnx
 
     with pytest.raises(KdError) as error:
-        export_onnx(DataDependent().eval(), torch.randn(4, 3), tmp_path / "model.onnx",
-                    OmegaConf.create({"dynamic_batch": True, "opset": 18}), "{}")
+        export_onnx(
+            DataDependent().eval(),
+            torch.randn(4, 3),
+            tmp_path / "model.onnx",
+            OmegaConf.create({"dynamic_batch": True, "opset": 18}),
+            "{}",
+        )
     message = str(error.value)
     assert "\n" not in message and "\x1b" not in message
     assert message.startswith("ONNX export failed: GuardOnDataDependentSymNode: Could not guard on data-dependent")
@@ -252,13 +263,20 @@ def corrupt(tmp_path: Path, digits_run: Path) -> Path:
     return bad
 
 
-@pytest.mark.parametrize("case, overrides, fragments", [
-    ("no model", ["run={tmp}"], ["no model.safetensors in"]),
-    ("corrupt", ["run={corrupt}"], ["is corrupt or not a safetensors file"]),
-    ("format", ["run={model}", "format=onnxx"], ["unknown format 'onnxx'", "did you mean onnx"]),
-])
+@pytest.mark.parametrize(
+    "case, overrides, fragments",
+    [
+        ("no model", ["run={tmp}"], ["no model.safetensors in"]),
+        ("corrupt", ["run={corrupt}"], ["is corrupt or not a safetensors file"]),
+        ("format", ["run={model}", "format=onnxx"], ["unknown format 'onnxx'", "did you mean onnx"]),
+    ],
+)
 def test_bad_input_is_one_line_error(case, overrides, fragments, digits_run, tmp_path):
-    paths = {"tmp": tmp_path, "model": digits_run, "corrupt": corrupt(tmp_path, digits_run) if case == "corrupt" else ""}
+    paths = {
+        "tmp": tmp_path,
+        "model": digits_run,
+        "corrupt": corrupt(tmp_path, digits_run) if case == "corrupt" else "",
+    }
     out = tmp_path / "out"
     result = kd("export", *(o.format(**paths) for o in overrides), f"hydra.run.dir={out}", cwd=tmp_path)
     assert_one_line_error(result, *fragments)

@@ -56,8 +56,11 @@ FORMS = {
     "nested_model.pth": lambda s: {"model": s, "args": {"arch": "cnn"}},
     "nested_ema.ckpt": lambda s: {"ema": s, "step": 100},
     "ddp_module.pth": lambda s: {f"module.{k}": v for k, v in s.items()},
-    "lightning.ckpt": lambda s: {"state_dict": {f"model.{k}": v for k, v in s.items()}, "global_step": 3,
-                                 "pytorch-lightning_version": "2.4.0"},
+    "lightning.ckpt": lambda s: {
+        "state_dict": {f"model.{k}": v for k, v in s.items()},
+        "global_step": 3,
+        "pytorch-lightning_version": "2.4.0",
+    },
     "compiled_orig_mod.pt": lambda s: {f"_orig_mod.{k}": v for k, v in s.items()},
     "ddp_and_compiled.pt": lambda s: {f"module._orig_mod.{k}": v for k, v in s.items()},
 }
@@ -91,8 +94,9 @@ def test_import_round_trip_equals_the_original_module(original, tmp_path, form):
     assert result.code == 0, result.stderr
     imported, spec = load_model(run)
     data = load_dataset(DIGITS)
-    loader = make_loader(data.test, batch_size=256, train=False, spec=None, mean=spec.mean, std=spec.std,
-                         device="cpu", seed=0)
+    loader = make_loader(
+        data.test, batch_size=256, train=False, spec=None, mean=spec.mean, std=spec.std, device="cpu", seed=0
+    )
     logits, labels = predict(imported, loader, torch.device("cpu"))
     assert (logits - expected).abs().max().item() <= 1e-5
     # and through kd evaluate, as a user would check it
@@ -113,15 +117,23 @@ def test_a_timm_checkpoint_with_a_wrapper_prefix_imports_and_teaches(tmp_path):
     net = timm.create_model("test_resnet", num_classes=10, in_chans=1)
     torch.save({"model_ema": {f"module.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "timm.pth")
     run = tmp_path / "imported"
-    result = kd_here("import", str(tmp_path / "timm.pth"), "arch=timm/test_resnet", *FAST, f"hydra.run.dir={run}",
-                     cwd=tmp_path)
+    result = kd_here(
+        "import", str(tmp_path / "timm.pth"), "arch=timm/test_resnet", *FAST, f"hydra.run.dir={run}", cwd=tmp_path
+    )
     assert result.code == 0, result.stderr
     imported, _ = load_model(run)
     x = torch.randn(3, 1, 8, 8)
     assert (imported(x) - net.eval()(x)).abs().max().item() <= 1e-5
     student = tmp_path / "student"
-    distilled = kd_here("distill", f"teacher.checkpoint={run}", "trainer.epochs=1", *FAST,
-                        f"paths.outputs={tmp_path}", f"hydra.run.dir={student}", cwd=tmp_path)
+    distilled = kd_here(
+        "distill",
+        f"teacher.checkpoint={run}",
+        "trainer.epochs=1",
+        *FAST,
+        f"paths.outputs={tmp_path}",
+        f"hydra.run.dir={student}",
+        cwd=tmp_path,
+    )
     assert distilled.code == 0, distilled.stderr
     assert summary(student)["teacher_run"] == str(run)
 
@@ -132,9 +144,20 @@ def test_mismatched_weights_are_one_line_with_counts_and_first_names(original, t
     result = kd_here("import", str(source), "arch=mlp", *FAST, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
     line = assert_one_line_error(result, "do not fit the model", "missing (e.g.", "unexpected (e.g.")
     assert len(line) < 600 and not (tmp_path / "r").exists()
-    wrong_classes = kd_here("import", str(source), "arch=cnn", "dataset=synthetic", "dataset.num_classes=5",
-                            "dataset.image_size=8", "dataset.channels=1", "dataset.mean=[0.5]", "dataset.std=[0.25]", *FAST, f"hydra.run.dir={tmp_path / 'r'}",
-                            cwd=tmp_path)
+    wrong_classes = kd_here(
+        "import",
+        str(source),
+        "arch=cnn",
+        "dataset=synthetic",
+        "dataset.num_classes=5",
+        "dataset.image_size=8",
+        "dataset.channels=1",
+        "dataset.mean=[0.5]",
+        "dataset.std=[0.25]",
+        *FAST,
+        f"hydra.run.dir={tmp_path / 'r'}",
+        cwd=tmp_path,
+    )
     assert_one_line_error(wrong_classes, "of another shape", "fc.weight [10, 64] vs [5, 64]")
 
 
@@ -152,11 +175,14 @@ def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path, capfd):
     assert "pwned" not in result.stdout + result.stderr and not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("content, fragments", [
-    (b"garbage", ["corrupt or not a PyTorch weights file"]),
-    ({"epoch": 3, "lr": 0.1}, ["holds no state dict", "nested=KEY"]),
-    ([1, 2, 3], ["holds a list, not a state dict"]),
-])
+@pytest.mark.parametrize(
+    "content, fragments",
+    [
+        (b"garbage", ["corrupt or not a PyTorch weights file"]),
+        ({"epoch": 3, "lr": 0.1}, ["holds no state dict", "nested=KEY"]),
+        ([1, 2, 3], ["holds a list, not a state dict"]),
+    ],
+)
 def test_bad_checkpoints_are_one_line(tmp_path, content, fragments):
     source = tmp_path / "bad.pt"
     if isinstance(content, bytes):
@@ -172,14 +198,23 @@ def test_nested_key_and_missing_source(original, tmp_path):
     model, _ = original
     torch.save({"student": model.state_dict(), "teacher": {"x": torch.zeros(1)}}, tmp_path / "two.pt")
     run = tmp_path / "r"
-    ok = kd_here("import", str(tmp_path / "two.pt"), "arch=cnn", "nested=student", *FAST, f"hydra.run.dir={run}",
-                 cwd=tmp_path)
+    ok = kd_here(
+        "import", str(tmp_path / "two.pt"), "arch=cnn", "nested=student", *FAST, f"hydra.run.dir={run}", cwd=tmp_path
+    )
     assert ok.code == 0, ok.stderr
-    missing = kd_here("import", str(tmp_path / "two.pt"), "arch=cnn", "nested=ema", *FAST,
-                      f"hydra.run.dir={tmp_path / 'r2'}", cwd=tmp_path)
+    missing = kd_here(
+        "import",
+        str(tmp_path / "two.pt"),
+        "arch=cnn",
+        "nested=ema",
+        *FAST,
+        f"hydra.run.dir={tmp_path / 'r2'}",
+        cwd=tmp_path,
+    )
     assert_one_line_error(missing, "no state dict under 'ema'", "student", "teacher")
-    gone = kd_here("import", str(tmp_path / "nope.pt"), "arch=cnn", *FAST, f"hydra.run.dir={tmp_path / 'r3'}",
-                   cwd=tmp_path)
+    gone = kd_here(
+        "import", str(tmp_path / "nope.pt"), "arch=cnn", *FAST, f"hydra.run.dir={tmp_path / 'r3'}", cwd=tmp_path
+    )
     assert_one_line_error(gone, "does not exist")
 
 
@@ -187,9 +222,17 @@ def hf_vit_folder(folder: Path, num_labels: int = 10, image_size: int = 8, label
     """A tiny transformers ViT image classifier, as save_pretrained writes it."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.ViTConfig(image_size=image_size, patch_size=4, hidden_size=32, num_hidden_layers=2,
-                                    num_attention_heads=2, intermediate_size=64, num_labels=num_labels,
-                                    num_channels=1, **({"id2label": dict(enumerate(labels))} if labels else {}))
+    config = transformers.ViTConfig(
+        image_size=image_size,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=num_labels,
+        num_channels=1,
+        **({"id2label": dict(enumerate(labels))} if labels else {}),
+    )
     network = transformers.ViTForImageClassification(config).eval()
     network.save_pretrained(folder)
     return network
@@ -212,27 +255,35 @@ def test_a_hugging_face_image_classifier_folder_round_trip(tmp_path):
     assert scored.code == 0, scored.stderr
     top1 = 100.0 * (expected.argmax(1) == labels).float().mean().item()
     assert summary(tmp_path / "eval")["top1"] == pytest.approx(top1, abs=1e-6)
-    taught = kd_here("distill", f"teacher.checkpoint={run}", "trainer.epochs=1", *FAST, f"paths.outputs={tmp_path}",
-                     f"hydra.run.dir={tmp_path / 'student'}", cwd=tmp_path)
+    taught = kd_here(
+        "distill",
+        f"teacher.checkpoint={run}",
+        "trainer.epochs=1",
+        *FAST,
+        f"paths.outputs={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'student'}",
+        cwd=tmp_path,
+    )
     assert taught.code == 0, taught.stderr
 
 
-@pytest.mark.parametrize("kwargs, fragments", [
-    ({"image_size": 16}, ["takes 16px images", "dataset.image_size=16"]),
-    ({"num_labels": 3}, ["classifies 3 classes", "the data set has 10"]),
-])
+@pytest.mark.parametrize(
+    "kwargs, fragments",
+    [
+        ({"image_size": 16}, ["takes 16px images", "dataset.image_size=16"]),
+        ({"num_labels": 3}, ["classifies 3 classes", "the data set has 10"]),
+    ],
+)
 def test_a_hugging_face_folder_for_other_data_is_one_line(tmp_path, kwargs, fragments):
     hf_vit_folder(tmp_path / "vit", **kwargs)
-    result = kd_here("import", str(tmp_path / "vit"), "arch=hf", *FAST, f"hydra.run.dir={tmp_path / 'r'}",
-                     cwd=tmp_path)
+    result = kd_here("import", str(tmp_path / "vit"), "arch=hf", *FAST, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
     assert_one_line_error(result, *fragments)
     assert not (tmp_path / "r").exists()
 
 
 def test_hugging_face_class_names_that_differ_are_a_warning(tmp_path):
     hf_vit_folder(tmp_path / "vit", labels=[f"digit {k}" for k in range(10)])
-    result = kd_here("import", str(tmp_path / "vit"), "arch=hf", *FAST, f"hydra.run.dir={tmp_path / 'r'}",
-                     cwd=tmp_path)
+    result = kd_here("import", str(tmp_path / "vit"), "arch=hf", *FAST, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
     assert result.code == 0, result.stderr
     assert "kd: warning:" in result.stderr and "digit 0" in result.stderr
 

@@ -59,15 +59,34 @@ def test_distill_with_an_rgb_16px_teacher_on_grey_8px_data(tmp_path):
     folder = tmp_path / "pngs"
     write_digit_folder(folder)
     teacher = tmp_path / "teacher"
-    trained = kd_here("train-teacher", "dataset=imagefolder", f"dataset.root={folder}", "dataset.image_size=16",
-                      "dataset.val_fraction=0", "teacher=cnn", "augmentation=none", "trainer.epochs=8", "trainer.batch_size=32",
-                      *FAST, f"paths.outputs={tmp_path}", f"hydra.run.dir={teacher}", cwd=tmp_path)
+    trained = kd_here(
+        "train-teacher",
+        "dataset=imagefolder",
+        f"dataset.root={folder}",
+        "dataset.image_size=16",
+        "dataset.val_fraction=0",
+        "teacher=cnn",
+        "augmentation=none",
+        "trainer.epochs=8",
+        "trainer.batch_size=32",
+        *FAST,
+        f"paths.outputs={tmp_path}",
+        f"hydra.run.dir={teacher}",
+        cwd=tmp_path,
+    )
     assert trained.code == 0, trained.stderr
     spec = json.loads((teacher / "model.json").read_text())
     assert (spec["in_channels"], spec["input_size"]) == (3, 16)
     student = tmp_path / "student"
-    result = kd_here("distill", f"teacher.checkpoint={teacher}", "trainer.epochs=1", *FAST,
-                     f"paths.outputs={tmp_path}", f"hydra.run.dir={student}", cwd=tmp_path)
+    result = kd_here(
+        "distill",
+        f"teacher.checkpoint={teacher}",
+        "trainer.epochs=1",
+        *FAST,
+        f"paths.outputs={tmp_path}",
+        f"hydra.run.dir={student}",
+        cwd=tmp_path,
+    )
     assert result.code == 0, result.stderr
     log = (student / "distill.log").read_text()
     assert "converted from the data's form (1x8x8" in log and "to its own (3x16x16" in log

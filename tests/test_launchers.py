@@ -39,8 +39,13 @@ def jobs(folder: Path) -> dict[tuple[tuple[str, str], ...], Path]:
     """The job directories of a sweep by their swept overrides (launcher-independent)."""
     found = {}
     for overrides in folder.glob("*/.hydra/overrides.yaml"):
-        swept = tuple(sorted(tuple(o.split("=", 1)) for o in yaml.safe_load(overrides.read_text())
-                             if o.split("=", 1)[0] in ("method.temperature", "seed")))
+        swept = tuple(
+            sorted(
+                tuple(o.split("=", 1))
+                for o in yaml.safe_load(overrides.read_text())
+                if o.split("=", 1)[0] in ("method.temperature", "seed")
+            )
+        )
         found[swept] = overrides.parent.parent
     return found
 
@@ -58,8 +63,15 @@ def basic(outputs, teacher) -> dict:
 
 
 def test_joblib_runs_the_jobs_in_parallel_with_the_basic_launchers_results(outputs, teacher, basic):
-    parallel = sweep(outputs, teacher, "joblib", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                     "method.temperature=2,4", "seed=0,1")
+    parallel = sweep(
+        outputs,
+        teacher,
+        "joblib",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "method.temperature=2,4",
+        "seed=0,1",
+    )
     assert "joblib" in (parallel / "multirun.yaml").read_text()
     by_job = jobs(parallel)
     assert sorted(by_job) == sorted(basic) and len(basic) == 4
@@ -80,22 +92,37 @@ def test_submitit_local_executor_runs_a_sweep(outputs, teacher, basic):
 
 
 def test_slurm_preset_composes_the_submitit_slurm_launcher(tmp_path):
-    shown = kd_ok("distill", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra",
-                  cwd=tmp_path).stdout
+    shown = kd_ok(
+        "distill", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra", cwd=tmp_path
+    ).stdout
     launcher = yaml.safe_load(shown)["hydra"]["launcher"]
     assert launcher["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert launcher["partition"] == "gpu"
-    assert {k: launcher[k] for k in ("gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb",
-                                     "timeout_min", "array_parallelism")} == {
-        "gpus_per_node": 1, "tasks_per_node": 1, "cpus_per_task": 8, "mem_gb": 32, "timeout_min": 720,
-        "array_parallelism": 64}
+    assert {
+        k: launcher[k]
+        for k in ("gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "timeout_min", "array_parallelism")
+    } == {
+        "gpus_per_node": 1,
+        "tasks_per_node": 1,
+        "cpus_per_task": 8,
+        "mem_gb": 32,
+        "timeout_min": 720,
+        "array_parallelism": 64,
+    }
     assert launcher["submitit_folder"] == "${hydra.sweep.dir}/.submitit/%j"
 
 
 def test_optuna_preset_maximises_best_top1(outputs, teacher):
     root = outputs / "optuna"
-    kd_ok("distill", "hparams_search=kd_optuna", "hydra.sweeper.n_trials=3", f"teacher.checkpoint={teacher}",
-          *TINY, f"paths.outputs={root}", cwd=outputs)  # no -m: the preset sets hydra.mode=MULTIRUN
+    kd_ok(
+        "distill",
+        "hparams_search=kd_optuna",
+        "hydra.sweeper.n_trials=3",
+        f"teacher.checkpoint={teacher}",
+        *TINY,
+        f"paths.outputs={root}",
+        cwd=outputs,
+    )  # no -m: the preset sets hydra.mode=MULTIRUN
     (folder,) = (root / "multirun").glob("*/*")
     trials = sorted(folder.glob("*/summary.json"))
     assert len(trials) == 3
@@ -116,11 +143,14 @@ def test_optuna_preset_maximises_best_top1(outputs, teacher):
 def test_a_method_search_preset_samples_its_log_scale_space(outputs):
     """hparams_search=tfkd_optuna: the method picked by the preset, its weight drawn on a log scale."""
     root = outputs / "optuna-tfkd"
-    kd_ok("distill", "hparams_search=tfkd_optuna", "hydra.sweeper.n_trials=2", *TINY, f"paths.outputs={root}",
-          cwd=outputs)
+    kd_ok(
+        "distill", "hparams_search=tfkd_optuna", "hydra.sweeper.n_trials=2", *TINY, f"paths.outputs={root}", cwd=outputs
+    )
     (folder,) = (root / "multirun").glob("*/*")
-    trials = [yaml.safe_load((p.parent / "config_resolved.yaml").read_text())["method"]
-              for p in sorted(folder.glob("*/summary.json"))]
+    trials = [
+        yaml.safe_load((p.parent / "config_resolved.yaml").read_text())["method"]
+        for p in sorted(folder.glob("*/summary.json"))
+    ]
     assert len(trials) == 2 and all(t["name"] == "tfkd" and 1.0 <= t["tfkd_weight"] <= 100.0 for t in trials)
     assert (folder / "optimization_results.yaml").exists()
 
@@ -130,17 +160,34 @@ def test_a_failed_joblib_job_makes_the_sweep_exit_non_zero(outputs, teacher):
 
     root = outputs / "joblib-failing"
     # A bad value is refused before any job runs, whatever the launcher...
-    refused = kd("distill", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "method.temperature=2,-1",
-                 f"teacher.checkpoint={teacher}", *TINY, f"paths.outputs={root}", cwd=outputs)
+    refused = kd(
+        "distill",
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "method.temperature=2,-1",
+        f"teacher.checkpoint={teacher}",
+        *TINY,
+        f"paths.outputs={root}",
+        cwd=outputs,
+    )
     assert_one_line_error(refused, "job 1 of the sweep", "method.temperature=-1", "no job was run")
     assert not list(root.glob("multirun/*/*/*/summary.json"))
     # ...and a job that fails as it trains (a learning rate that diverges) fails the sweep's exit status
-    result = kd("distill", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optim.lr=0.05,1e9",
-                f"teacher.checkpoint={teacher}", *TINY, f"paths.outputs={root}", cwd=outputs)
+    result = kd(
+        "distill",
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "optim.lr=0.05,1e9",
+        f"teacher.checkpoint={teacher}",
+        *TINY,
+        f"paths.outputs={root}",
+        cwd=outputs,
+    )
     assert_one_line_error(result, "job(s) of the sweep did not complete", "became nan")
     statuses = sorted(summary(p.parent)["status"] for p in root.glob("multirun/*/*/*/summary.json"))
     assert statuses == ["complete", "failed"]  # the other job went on and finished
-
 
 
 def test_a_missing_launcher_plugin_is_one_line_with_the_install_command(tmp_path):
@@ -148,6 +195,7 @@ def test_a_missing_launcher_plugin_is_one_line_with_the_install_command(tmp_path
     that family that does not exist gives the same Hydra error here, through the real CLI."""
     from kdrun import assert_one_line_error, kd
 
-    result = kd("distill", "-m", "hydra/launcher=submitit_pbs", "seed=0,1", *TINY, f"paths.outputs={tmp_path}",
-                cwd=tmp_path)
+    result = kd(
+        "distill", "-m", "hydra/launcher=submitit_pbs", "seed=0,1", *TINY, f"paths.outputs={tmp_path}", cwd=tmp_path
+    )
     assert_one_line_error(result, "hydra/launcher/submitit_pbs", "pip install 'kd-cli[slurm]'")

@@ -15,8 +15,19 @@ PACKAGE = Path(__file__).parents[1] / "kd_cli"
 # Top to bottom. A name is a top-level module or package of kd_cli; "" is the package root (its version).
 LAYERS: list[tuple[str, ...]] = [
     ("cli", "__main__"),
-    ("stages", "inference", "predict", "reproduce", "resume", "report", "table", "sweep_status", "cache_command",
-     "config", "model_index"),
+    (
+        "stages",
+        "inference",
+        "predict",
+        "reproduce",
+        "resume",
+        "report",
+        "table",
+        "sweep_status",
+        "cache_command",
+        "config",
+        "model_index",
+    ),
     ("engine",),
     ("methods", "models", "data", "compress"),
     ("registry", "errors", "hydra_errors", "saved_forms", "overrides", "console", ""),
@@ -54,9 +65,12 @@ def top(module: str) -> str:
 
 
 def upward_imports(edges: dict[str, set[str]]) -> list[str]:
-    return sorted(f"{source} imports {target} ({top(source) or 'kd_cli'} is below {top(target) or 'kd_cli'})"
-                  for source, targets in edges.items() for target in targets
-                  if LEVEL[top(target)] < LEVEL[top(source)])
+    return sorted(
+        f"{source} imports {target} ({top(source) or 'kd_cli'} is below {top(target) or 'kd_cli'})"
+        for source, targets in edges.items()
+        for target in targets
+        if LEVEL[top(target)] < LEVEL[top(source)]
+    )
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -109,12 +123,15 @@ def test_kd_cli_has_no_import_cycles():
     assert cycles(EDGES) == []
 
 
-@pytest.mark.parametrize(("source", "target"), [
-    ("kd_cli.engine.loop", "kd_cli.stages.common"),  # engine reaching up to a stage
-    ("kd_cli.methods.kd", "kd_cli.engine.artifacts"),
-    ("kd_cli.errors", "kd_cli.models"),
-    ("kd_cli.compress.lowrank", "kd_cli.cli"),
-])
+@pytest.mark.parametrize(
+    ("source", "target"),
+    [
+        ("kd_cli.engine.loop", "kd_cli.stages.common"),  # engine reaching up to a stage
+        ("kd_cli.methods.kd", "kd_cli.engine.artifacts"),
+        ("kd_cli.errors", "kd_cli.models"),
+        ("kd_cli.compress.lowrank", "kd_cli.cli"),
+    ],
+)
 def test_an_upward_import_is_found(source, target):
     edges = {**EDGES, source: EDGES[source] | {target}}
     assert [line for line in upward_imports(edges) if line.startswith(f"{source} imports {target}")]

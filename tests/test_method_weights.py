@@ -44,8 +44,12 @@ def loss_weights(name: str) -> tuple[str, ...]:
 
 def several() -> list[tuple[str, str]]:
     """(method, weight) for each weight of each method that has more than one."""
-    return [(name, w) for name in METHODS.names() for w in METHODS.get(name).loss_weights
-            if len(METHODS.get(name).loss_weights) > 1]
+    return [
+        (name, w)
+        for name in METHODS.names()
+        for w in METHODS.get(name).loss_weights
+        if len(METHODS.get(name).loss_weights) > 1
+    ]
 
 
 @pytest.mark.parametrize("name", METHODS.names())
@@ -65,8 +69,11 @@ def test_one_loss_weight_zero_is_accepted(name, weight):
 
 
 def test_the_issue_example():
-    with pytest.raises(KdError, match=r"^method=kd: every loss weight is 0 \(method\.kd_weight, method\.ce_weight\), "
-                                      r"so nothing would be learned; give one a weight > 0$"):
+    with pytest.raises(
+        KdError,
+        match=r"^method=kd: every loss weight is 0 \(method\.kd_weight, method\.ce_weight\), "
+        r"so nothing would be learned; give one a weight > 0$",
+    ):
         check_method_options(config("kd", kd_weight=0, ce_weight=0))
     with pytest.raises(KdError, match=r"^method=none: its only loss weight method\.ce_weight is 0"):
         check_method_options(config("none", ce_weight=0))
@@ -78,14 +85,20 @@ def test_the_issue_example():
 
 # ---------------------------------------------------------------- forward leaves the term out
 
+
 def method(name: str, monkeypatch, **options):
     torch.manual_seed(0)
     student = create_model("cnn", 10, 1, 8, width=4)
     teacher = create_model("cnn", 10, 1, 8, width=4 if name == "fsp" else 8)  # FSP pairs equal widths
     # ensemble's teachers come from run directories: here a loader that gives the teacher above for each
-    return build_method(config(name, **options), student, teacher, num_samples=32,
-                        new_student=lambda: create_model("cnn", 10, 1, 8, width=4),
-                        load_model=lambda path: (teacher, SimpleNamespace(in_channels=1, input_size=8)))
+    return build_method(
+        config(name, **options),
+        student,
+        teacher,
+        num_samples=32,
+        new_student=lambda: create_model("cnn", 10, 1, 8, width=4),
+        load_model=lambda path: (teacher, SimpleNamespace(in_channels=1, input_size=8)),
+    )
 
 
 def terms_of(built, seed: int = 1) -> dict[str, torch.Tensor]:

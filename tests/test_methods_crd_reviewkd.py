@@ -22,13 +22,34 @@ from kd_cli.methods.crd import contrast_scores, draw_negatives, momentum_update,
 from kd_cli.methods.reviewkd import hcl_loss
 from kd_cli.models import create_model
 
-CRD = dict(name="crd", student_layers=None, teacher_layers=None, feat_dim=16, nce_k=16384, nce_t=0.07,
-           nce_momentum=0.5, crd_weight=0.8, ce_weight=1.0, kd_weight=0.0, temperature=4.0)
-REVIEWKD = dict(name="reviewkd", student_layers=None, teacher_layers=None, reviewkd_weight=5.0, warmup=20,
-                max_mid_channels=512, ce_weight=1.0, kd_weight=0.0, temperature=4.0)
+CRD = dict(
+    name="crd",
+    student_layers=None,
+    teacher_layers=None,
+    feat_dim=16,
+    nce_k=16384,
+    nce_t=0.07,
+    nce_momentum=0.5,
+    crd_weight=0.8,
+    ce_weight=1.0,
+    kd_weight=0.0,
+    temperature=4.0,
+)
+REVIEWKD = dict(
+    name="reviewkd",
+    student_layers=None,
+    teacher_layers=None,
+    reviewkd_weight=5.0,
+    warmup=20,
+    max_mid_channels=512,
+    ce_weight=1.0,
+    kd_weight=0.0,
+    temperature=4.0,
+)
 
 
 # ---------------------------------------------------------------- references (float64, from the equations)
+
 
 def reference_nce(scores: torch.Tensor, num_samples: int) -> float:
     """Tian et al. eq. 18: -1/B sum_b [log h+/(h+ + K/N) + sum_k log (K/N)/(h-_k + K/N)]."""
@@ -61,6 +82,7 @@ def reference_hcl(students: list[torch.Tensor], teachers: list[torch.Tensor]) ->
 
 
 # ---------------------------------------------------------------- CRD: pure functions
+
 
 def test_nce_loss_matches_the_paper_equation():
     generator = torch.Generator().manual_seed(0)
@@ -118,6 +140,7 @@ def test_negatives_are_uniform_over_the_other_samples():
 
 
 # ---------------------------------------------------------------- CRD: the method
+
 
 def crd_method(num_samples: int = 50, **options):
     torch.manual_seed(0)
@@ -194,6 +217,7 @@ def test_crd_options_are_checked():
 
 # ---------------------------------------------------------------- ReviewKD: HCL
 
+
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 3, 4, 4), (1, 2, 2, 2), (1, 5, 1, 1)])
 def test_hcl_matches_the_reference(shape):
     generator = torch.Generator().manual_seed(4)
@@ -204,8 +228,10 @@ def test_hcl_matches_the_reference(shape):
 
 def test_hcl_is_zero_for_identical_features_and_has_exact_gradients():
     generator = torch.Generator().manual_seed(5)
-    features = [torch.randn(1, 2, 8, 8, generator=generator, dtype=torch.float64),
-                torch.randn(2, 3, 1, 1, generator=generator, dtype=torch.float64)]
+    features = [
+        torch.randn(1, 2, 8, 8, generator=generator, dtype=torch.float64),
+        torch.randn(2, 3, 1, 1, generator=generator, dtype=torch.float64),
+    ]
     assert hcl_loss(features, [f.clone() for f in features]).item() == 0
     student = [f.clone().requires_grad_() for f in features]
     teacher = [torch.randn_like(f) for f in features]
@@ -213,6 +239,7 @@ def test_hcl_is_zero_for_identical_features_and_has_exact_gradients():
 
 
 # ---------------------------------------------------------------- ReviewKD: the method
+
 
 def reviewkd_method(student: str, teacher: str, size: int, channels: int, student_kwargs=None, **options):
     torch.manual_seed(0)
@@ -275,9 +302,17 @@ STUDENTS = {
 def kd_together(commands: dict[str, list[str]], cwd) -> dict[str, Result]:
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     environment.pop("KD_DEBUG", None)
-    processes = {name: subprocess.Popen([sys.executable, "-m", "kd_cli", *args], cwd=cwd, env=environment,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for name, args in commands.items()}
+    processes = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "kd_cli", *args],
+            cwd=cwd,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, args in commands.items()
+    }
     results = {}
     for name, process in processes.items():
         stdout, stderr = process.communicate(timeout=600)
@@ -290,13 +325,25 @@ def runs(tmp_path_factory):
     """name -> (run directory, Result) of each student run; the teachers are trained first."""
     outputs = tmp_path_factory.mktemp("crd_reviewkd")
     common = [*SHORT, f"paths.outputs={outputs}"]
-    teachers = kd_together({name: ["train-teacher", *args, *common, f"hydra.run.dir={outputs / name}"]
-                            for name, args in TEACHERS.items()}, outputs)
+    teachers = kd_together(
+        {name: ["train-teacher", *args, *common, f"hydra.run.dir={outputs / name}"] for name, args in TEACHERS.items()},
+        outputs,
+    )
     for name, result in teachers.items():
         assert result.code == 0, f"teacher {name}: {result.stderr[-3000:]}"
-    students = kd_together({name: ["distill", *args, f"teacher.checkpoint={outputs / teacher}", *common,
-                                   f"hydra.run.dir={outputs / name}"]
-                            for name, (teacher, args) in STUDENTS.items()}, outputs)
+    students = kd_together(
+        {
+            name: [
+                "distill",
+                *args,
+                f"teacher.checkpoint={outputs / teacher}",
+                *common,
+                f"hydra.run.dir={outputs / name}",
+            ]
+            for name, (teacher, args) in STUDENTS.items()
+        },
+        outputs,
+    )
     return {name: (outputs / name, result) for name, result in students.items()}
 
 

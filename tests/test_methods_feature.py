@@ -34,8 +34,15 @@ from kd_cli.methods.vid import vid_loss
 from kd_cli.models.registry import create_model
 
 METHODS = ["fitnet", "at", "pkt", "rkd", "sp", "vid", "cc"]
-TERMS = {"fitnet": ["fitnet"], "at": ["at"], "pkt": ["pkt"], "rkd": ["rkd_distance", "rkd_angle"],
-         "sp": ["sp"], "vid": ["vid"], "cc": ["cc"]}
+TERMS = {
+    "fitnet": ["fitnet"],
+    "at": ["at"],
+    "pkt": ["pkt"],
+    "rkd": ["rkd_distance", "rkd_angle"],
+    "sp": ["sp"],
+    "vid": ["vid"],
+    "cc": ["cc"],
+}
 CONFIGS = Path(__file__).parents[1] / "configs" / "method"
 
 
@@ -44,6 +51,7 @@ def rng_tensor(*shape: int, seed: int = 0) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- float64 references (numpy, loops)
+
 
 def huber(x: float) -> float:
     return 0.5 * x * x if abs(x) < 1 else abs(x) - 0.5
@@ -69,8 +77,12 @@ def ref_at(fs: np.ndarray, ft: np.ndarray, p: float) -> float:
 def ref_pkt(s: np.ndarray, t: np.ndarray) -> float:
     def conditional(x):
         b = len(x)
-        k = np.array([[(x[i] @ x[j] / (np.linalg.norm(x[i]) * np.linalg.norm(x[j])) + 1) / 2
-                       for j in range(b)] for i in range(b)])
+        k = np.array(
+            [
+                [(x[i] @ x[j] / (np.linalg.norm(x[i]) * np.linalg.norm(x[j])) + 1) / 2 for j in range(b)]
+                for i in range(b)
+            ]
+        )
         return k / k.sum(axis=1, keepdims=True)
 
     ps, pt = conditional(s), conditional(t)
@@ -99,8 +111,7 @@ def ref_rkd_angle(s: np.ndarray, t: np.ndarray) -> float:
         u, v = x[i] - x[j], x[k] - x[j]
         return u @ v / (np.linalg.norm(u) * np.linalg.norm(v))
 
-    return sum(huber(cos(s, i, j, k) - cos(t, i, j, k))
-               for i in range(b) for j in range(b) for k in range(b)) / b**3
+    return sum(huber(cos(s, i, j, k) - cos(t, i, j, k)) for i in range(b) for j in range(b) for k in range(b)) / b**3
 
 
 def ref_sp(s: np.ndarray, t: np.ndarray) -> float:
@@ -130,8 +141,14 @@ def ref_cc_kernel(a: np.ndarray, b: np.ndarray, gamma: float, order: int) -> flo
 
 def ref_cc(s: np.ndarray, t: np.ndarray, gamma: float, order: int) -> float:
     b = len(s)
-    return sum((ref_cc_kernel(s[i], s[j], gamma, order) - ref_cc_kernel(t[i], t[j], gamma, order)) ** 2
-               for i in range(b) for j in range(b)) / b**2
+    return (
+        sum(
+            (ref_cc_kernel(s[i], s[j], gamma, order) - ref_cc_kernel(t[i], t[j], gamma, order)) ** 2
+            for i in range(b)
+            for j in range(b)
+        )
+        / b**2
+    )
 
 
 def ref_fitnet(s: np.ndarray, t: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> float:
@@ -145,6 +162,7 @@ def ref_fitnet(s: np.ndarray, t: np.ndarray, weight: np.ndarray, bias: np.ndarra
 
 
 # ---------------------------------------------------------------- values against the references
+
 
 def test_at_matches_reference_with_unequal_channels_and_grids():
     for s_shape, t_shape in [((3, 2, 4, 4), (3, 5, 4, 4)), ((3, 2, 8, 8), (3, 6, 4, 4)), ((3, 6, 2, 2), (3, 3, 4, 4))]:
@@ -181,7 +199,8 @@ def test_vid_matches_reference():
     mean, target = rng_tensor(3, 4, 2, 2, seed=10), rng_tensor(3, 4, 2, 2, seed=11)
     variance = torch.tensor([0.5, 1.0, 2.0, 5.0], dtype=torch.float64)
     assert vid_loss(mean, target, variance).item() == pytest.approx(
-        ref_vid(mean.numpy(), target.numpy(), variance.numpy()), rel=1e-10)
+        ref_vid(mean.numpy(), target.numpy(), variance.numpy()), rel=1e-10
+    )
     vectors = vid_loss(mean[:, :, 0, 0], target[:, :, 0, 0], variance).item()
     assert vectors == pytest.approx(ref_vid(mean[:, :, 0, 0].numpy(), target[:, :, 0, 0].numpy(), variance.numpy()))
 
@@ -205,6 +224,7 @@ def test_vid_starts_at_the_configured_variance():
 
 # ---------------------------------------------------------------- gradients
 
+
 def _gradcheck(loss, *inputs: torch.Tensor) -> None:
     inputs = tuple(x.clone().requires_grad_(True) for x in inputs)
     assert torch.autograd.gradcheck(loss, inputs, eps=1e-6, atol=1e-6)
@@ -225,6 +245,7 @@ def test_gradients_of_the_pure_losses():
 
 
 # ---------------------------------------------------------------- edge cases
+
 
 def test_identical_features_give_zero_loss():
     maps, vectors = rng_tensor(4, 3, 4, 4, seed=18), rng_tensor(4, 6, seed=19)
@@ -249,8 +270,9 @@ def test_relation_losses_scale_invariant_where_the_paper_says_so():
         assert loss(3.0 * s, t).item() == pytest.approx(loss(s, t).item(), rel=1e-6)  # PKT: its eps
 
 
-@pytest.mark.parametrize("loss", [pkt_loss, rkd_distance_loss, rkd_angle_loss, sp_loss,
-                                  lambda s, t: cc_loss(s, t, 0.4, 2)])
+@pytest.mark.parametrize(
+    "loss", [pkt_loss, rkd_distance_loss, rkd_angle_loss, sp_loss, lambda s, t: cc_loss(s, t, 0.4, 2)]
+)
 def test_relation_losses_refuse_a_batch_of_one(loss):
     with pytest.raises(KdError, match="at least 2 per batch.*trainer.batch_size"):
         loss(rng_tensor(1, 4), rng_tensor(1, 4, seed=1))
@@ -264,6 +286,7 @@ def test_per_sample_losses_work_on_a_batch_of_one():
 
 
 # ---------------------------------------------------------------- the methods on real models
+
 
 def method_config(name: str, **overrides) -> dict:
     return {**yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()), **overrides}
@@ -282,8 +305,15 @@ def test_feature_method_yamls_keep_repdistillers_ce_1_and_no_kd_term():
         assert config["ce_weight"] == 1.0 and config["kd_weight"] == 0.0, name
 
 
-DEFAULT_LAYERS = {"fitnet": ["layer2"], "at": ["layer1", "layer2", "layer3"], "vid": ["layer1", "layer2", "layer3"],
-                  "sp": ["layer3"], "pkt": ["pool"], "rkd": ["pool"], "cc": ["pool"]}
+DEFAULT_LAYERS = {
+    "fitnet": ["layer2"],
+    "at": ["layer1", "layer2", "layer3"],
+    "vid": ["layer1", "layer2", "layer3"],
+    "sp": ["layer3"],
+    "pkt": ["pool"],
+    "rkd": ["pool"],
+    "cc": ["pool"],
+}
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -308,8 +338,9 @@ def test_method_on_unequal_widths_trains_the_student_and_its_adapters(name, cifa
 def test_map_pairs_with_unequal_grids(name, cifar_models):
     # resnet8's layer1 (16, 32, 32) against resnet32x4's layer2 (128, 16, 16), and layer2 against layer3
     student, teacher = cifar_models
-    method = build_method(method_config(name, student_layers=["layer1", "layer2"], teacher_layers=["layer2", "layer3"]),
-                          student, teacher)
+    method = build_method(
+        method_config(name, student_layers=["layer1", "layer2"], teacher_layers=["layer2", "layer3"]), student, teacher
+    )
     logits, terms = method(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,)))
     sum(terms.values()).backward()
     assert all(torch.isfinite(v) for v in terms.values())
@@ -383,17 +414,38 @@ def cli_runs(tmp_path_factory) -> dict[str, tuple[Path, object]]:
     # On digits every method gets the small CNN student: the map methods need maps, the others don't mind.
     sweep = ["distill", "-m", f"method={','.join(METHODS)}", *common, "hydra.sweep.subdir=${method.name}"]
     jobs = {
-        "digits": [*sweep, f"teacher.checkpoint={out / 'digits'}", *SMALL_CNN, f"hydra.sweep.dir={out / 'digits-sweep'}"],
-        "cifar": [*sweep, f"teacher.checkpoint={out / 'cifar'}", "student=resnet8", *SYNTHETIC,
-                  f"hydra.sweep.dir={out / 'cifar-sweep'}"],
+        "digits": [
+            *sweep,
+            f"teacher.checkpoint={out / 'digits'}",
+            *SMALL_CNN,
+            f"hydra.sweep.dir={out / 'digits-sweep'}",
+        ],
+        "cifar": [
+            *sweep,
+            f"teacher.checkpoint={out / 'cifar'}",
+            "student=resnet8",
+            *SYNTHETIC,
+            f"hydra.sweep.dir={out / 'cifar-sweep'}",
+        ],
         # resnet8x4 and resnet32x4 share stage widths: pairing shifted stages makes channels and grids differ
-        "wide-vid": ["distill", "method=vid", f"teacher.checkpoint={out / 'wide'}", "student=resnet8x4",
-                     "method.student_layers=[layer1,layer2]", "method.teacher_layers=[layer2,layer3]",
-                     *SYNTHETIC, *common, f"hydra.run.dir={out / 'wide-vid'}"],
+        "wide-vid": [
+            "distill",
+            "method=vid",
+            f"teacher.checkpoint={out / 'wide'}",
+            "student=resnet8x4",
+            "method.student_layers=[layer1,layer2]",
+            "method.teacher_layers=[layer2,layer3]",
+            *SYNTHETIC,
+            *common,
+            f"hydra.run.dir={out / 'wide-vid'}",
+        ],
     }
     results = _run_all(jobs, out)
-    runs = {f"{data}-{method}": (out / f"{data}-sweep" / method, results[data])
-            for data in ("digits", "cifar") for method in METHODS}
+    runs = {
+        f"{data}-{method}": (out / f"{data}-sweep" / method, results[data])
+        for data in ("digits", "cifar")
+        for method in METHODS
+    }
     return {**runs, "wide-vid": (out / "wide-vid", results["wide-vid"])}
 
 

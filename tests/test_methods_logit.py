@@ -86,8 +86,10 @@ def reference_dist(s, t, temperature, standardize=False) -> tuple[float, float]:
 
 def logits(batch: int, classes: int = 6, seed: int = 0, scale: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(batch, classes, generator=g, dtype=torch.float64),
-            scale * torch.randn(batch, classes, generator=g, dtype=torch.float64))
+    return (
+        scale * torch.randn(batch, classes, generator=g, dtype=torch.float64),
+        scale * torch.randn(batch, classes, generator=g, dtype=torch.float64),
+    )
 
 
 def labels_for(batch: int, classes: int = 6, seed: int = 1) -> torch.Tensor:
@@ -102,9 +104,11 @@ def affine_per_sample(x: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def all_losses(s, t, labels, standardize) -> list[torch.Tensor]:
-    return [kd_loss(s, t, T, logit_standardization=standardize),
-            *dkd_losses(s, t, labels, T, logit_standardization=standardize),
-            *dist_losses(s, t, T, logit_standardization=standardize)]
+    return [
+        kd_loss(s, t, T, logit_standardization=standardize),
+        *dkd_losses(s, t, labels, T, logit_standardization=standardize),
+        *dist_losses(s, t, T, logit_standardization=standardize),
+    ]
 
 
 # ---------------------------------------------------------------- values against the references
@@ -114,7 +118,8 @@ def all_losses(s, t, labels, standardize) -> list[torch.Tensor]:
 def test_kd_loss_matches_reference(standardize):
     s, t = logits(5)
     assert kd_loss(s, t, T, logit_standardization=standardize).item() == pytest.approx(
-        reference_kd(s, t, T, standardize), rel=1e-10)
+        reference_kd(s, t, T, standardize), rel=1e-10
+    )
 
 
 def test_kd_loss_keeps_its_three_argument_call():
@@ -136,7 +141,7 @@ def test_dkd_parts_recompose_kd_per_sample():
     s, t = logits(4)
     labels = labels_for(4)
     for i in range(4):
-        si, ti, yi = s[i:i + 1], t[i:i + 1], labels[i:i + 1]
+        si, ti, yi = s[i : i + 1], t[i : i + 1], labels[i : i + 1]
         tckd, nckd = dkd_losses(si, ti, yi, T)
         teacher_target = torch.softmax(ti / T, dim=1)[0, yi].item()
         assert (tckd + (1 - teacher_target) * nckd).item() == pytest.approx(kd_loss(si, ti, T).item(), rel=1e-10)
@@ -267,12 +272,14 @@ def test_logit_standardization_is_off_in_the_published_recipes(name):
     assert load_yaml(name)["logit_standardization"] is False  # (every key: tests/test_registries.py)
 
 
-@pytest.mark.parametrize(("name", "terms"), [("kd", {"ce", "kd"}), ("dkd", {"ce", "tckd", "nckd"}),
-                                             ("dist", {"ce", "inter", "intra"})])
+@pytest.mark.parametrize(
+    ("name", "terms"), [("kd", {"ce", "kd"}), ("dkd", {"ce", "tckd", "nckd"}), ("dist", {"ce", "inter", "intra"})]
+)
 def test_forward_returns_the_named_terms(name, terms):
     for standardize in (False, True):
         logits_out, found = build(dict(load_yaml(name), logit_standardization=standardize))(
-            torch.randn(5, 4), torch.randint(3, (5,)))
+            torch.randn(5, 4), torch.randint(3, (5,))
+        )
         assert logits_out.shape == (5, 3) and set(found) == terms
         assert all(v.ndim == 0 and torch.isfinite(v) for v in found.values())
 
@@ -300,9 +307,10 @@ def test_forward_terms_are_the_published_weights_times_the_pure_losses(name):
         torch.testing.assert_close(terms[key].detach(), value, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize(("name", "option", "value"), [("dkd", "temperature", 0.0), ("dkd", "warmup", -1),
-                                                       ("dist", "temperature", -2.0),
-                                                       ("kd", "temperature", 0.0)])
+@pytest.mark.parametrize(
+    ("name", "option", "value"),
+    [("dkd", "temperature", 0.0), ("dkd", "warmup", -1), ("dist", "temperature", -2.0), ("kd", "temperature", 0.0)],
+)
 def test_impossible_options_are_one_line_errors(name, option, value):
     with pytest.raises(KdError, match=f"method.{option}") as error:
         build(dict(load_yaml(name), **{option: value}))
@@ -321,8 +329,11 @@ SWEEPS = {
     "digits": [],
     "synthetic": [*SYNTHETIC, "teacher=resnet20", "student=resnet8", "method.logit_standardization=true"],
 }
-TERMS = {"kd": ["train_kd", "train_ce"], "dkd": ["train_ce", "train_tckd", "train_nckd"],
-         "dist": ["train_ce", "train_inter", "train_intra"]}
+TERMS = {
+    "kd": ["train_kd", "train_ce"],
+    "dkd": ["train_ce", "train_tckd", "train_nckd"],
+    "dist": ["train_ce", "train_inter", "train_intra"],
+}
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the runs go side by side; one thread each avoids oversubscription
 
 
@@ -341,23 +352,48 @@ def outputs(tmp_path_factory) -> Path:
 def teachers(outputs) -> dict[str, Path]:
     """A tiny teacher per data set: cnn on digits, resnet20 on synthetic CIFAR-shaped data."""
     teacher_args = {"digits": [], "synthetic": [*SYNTHETIC, "teacher=resnet20"]}
-    jobs = {data: ["train-teacher", *args, *ONE_STEP, f"paths.outputs={outputs}",
-                   f"hydra.run.dir={outputs / 'teachers' / data}"] for data, args in teacher_args.items()}
+    jobs = {
+        data: [
+            "train-teacher",
+            *args,
+            *ONE_STEP,
+            f"paths.outputs={outputs}",
+            f"hydra.run.dir={outputs / 'teachers' / data}",
+        ]
+        for data, args in teacher_args.items()
+    }
     for data, result in run_side_by_side(jobs, outputs).items():
         assert result.code == 0, f"{data} teacher failed:\n{result.stderr[-3000:]}"
-    return {data: outputs / "teachers" / data for data in teacher_args}  # not in the sweep folders: a sweep owns its folder
+    return {
+        data: outputs / "teachers" / data for data in teacher_args
+    }  # not in the sweep folders: a sweep owns its folder
 
 
 @pytest.fixture(scope="module")
 def distilled(outputs, teachers) -> dict:
     """The two method sweeps and DIST on a batch of one, started together to save wall time."""
     common = [*ONE_STEP, f"paths.outputs={outputs}"]
-    jobs = {data: ["distill", "-m", f"method={','.join(METHOD_NAMES)}", *extra, f"teacher.checkpoint={teachers[data]}",
-                   *common, f"hydra.sweep.dir={outputs / data}", "hydra.sweep.subdir=${method.name}"]
-            for data, extra in SWEEPS.items()}
-    jobs["dist_batch_of_one"] = ["distill", "method=dist", "trainer.batch_size=1",
-                                 f"teacher.checkpoint={teachers['digits']}", *common,
-                                 f"hydra.run.dir={outputs / 'dist_batch_of_one'}"]
+    jobs = {
+        data: [
+            "distill",
+            "-m",
+            f"method={','.join(METHOD_NAMES)}",
+            *extra,
+            f"teacher.checkpoint={teachers[data]}",
+            *common,
+            f"hydra.sweep.dir={outputs / data}",
+            "hydra.sweep.subdir=${method.name}",
+        ]
+        for data, extra in SWEEPS.items()
+    }
+    jobs["dist_batch_of_one"] = [
+        "distill",
+        "method=dist",
+        "trainer.batch_size=1",
+        f"teacher.checkpoint={teachers['digits']}",
+        *common,
+        f"hydra.run.dir={outputs / 'dist_batch_of_one'}",
+    ]
     return run_side_by_side(jobs, outputs)
 
 

@@ -40,6 +40,7 @@ def rng(*shape: int, seed: int = 0, scale: float = 2.0) -> np.ndarray:
 
 # ---------------------------------------------------------------- float64 reference (numpy, loops)
 
+
 def ref_softmax(row: np.ndarray, temperature: float) -> list[float]:
     exps = [math.exp(v / temperature) for v in row]
     return [e / sum(exps) for e in exps]
@@ -61,8 +62,9 @@ def ref_levels(zs: np.ndarray, zt: np.ndarray, temperature: float) -> tuple[list
     batch, classes = zs.shape
     ps = [ref_softmax(row, temperature) for row in zs]
     pt = [ref_softmax(row, temperature) for row in zt]
-    instance = [temperature**2 * sum(pt[i][k] * math.log(pt[i][k] / ps[i][k]) for k in range(classes))
-                for i in range(batch)]
+    instance = [
+        temperature**2 * sum(pt[i][k] * math.log(pt[i][k] / ps[i][k]) for k in range(classes)) for i in range(batch)
+    ]
 
     def gram(p, i, j):  # sample similarity
         return sum(p[i][k] * p[j][k] for k in range(classes))
@@ -71,8 +73,10 @@ def ref_levels(zs: np.ndarray, zt: np.ndarray, temperature: float) -> tuple[list
         return sum(p[i][a] * p[i][b] for i in range(batch))
 
     rows = [sum((gram(pt, i, j) - gram(ps, i, j)) ** 2 for j in range(batch)) / batch for i in range(batch)]
-    columns = [sum((correlation(pt, a, b) - correlation(ps, a, b)) ** 2 for a in range(classes)) / classes
-               for b in range(classes)]
+    columns = [
+        sum((correlation(pt, a, b) - correlation(ps, a, b)) ** 2 for a in range(classes)) / classes
+        for b in range(classes)
+    ]
     return instance, rows, columns
 
 
@@ -99,6 +103,7 @@ def ref_mlkd(zs: np.ndarray, zt: np.ndarray, temperatures: list[float], masking:
 
 # ---------------------------------------------------------------- values, masks, gradients, edge cases
 
+
 @pytest.mark.parametrize("masking", ["reference", "per_sample", "none"])
 @pytest.mark.parametrize("batch, classes, percentile", [(6, 5, 50.0), (5, 7, 50.0), (4, 3, 30.0), (3, 4, 100.0)])
 def test_the_three_levels_match_the_reference_with_each_masking(masking, batch, classes, percentile):
@@ -118,7 +123,9 @@ def test_the_masks_keep_the_less_confident_part_of_the_batch():
     assert keep.tolist() == [False, True, False, True]  # confidences .96, .58, .91, .45
     assert keep_classes.tolist() == ref_masks(teacher.numpy(), 50.0)[1]
     assert confidence_masks(teacher[:3], 50.0)[0].tolist() == [False, True, True]
-    assert confidence_masks(teacher, 100.0)[0].all() and confidence_masks(teacher, 0.0)[0].tolist() == [False] * 3 + [True]
+    assert confidence_masks(teacher, 100.0)[0].all() and confidence_masks(teacher, 0.0)[0].tolist() == [False] * 3 + [
+        True
+    ]
 
 
 def test_reference_and_per_sample_masking_agree_when_every_sample_is_kept_and_equal_models_give_zero():
@@ -135,11 +142,13 @@ def test_reference_and_per_sample_masking_agree_when_every_sample_is_kept_and_eq
 def test_gradients_of_the_levels(masking):
     zt = torch.from_numpy(rng(4, 5, seed=3))
     for level in ("instance", "batch", "class"):
+
         def loss(z: torch.Tensor, level: str = level) -> torch.Tensor:
             return mlkd_losses(z, zt, [2.0, 5.0], masking, 50.0, levels=(level,))[level]
 
-        assert torch.autograd.gradcheck(loss, (torch.from_numpy(rng(4, 5, seed=4)).requires_grad_(True),),
-                                        eps=1e-6, atol=1e-8)
+        assert torch.autograd.gradcheck(
+            loss, (torch.from_numpy(rng(4, 5, seed=4)).requires_grad_(True),), eps=1e-6, atol=1e-8
+        )
 
 
 def tiny_models(seed: int = 0):
@@ -159,10 +168,14 @@ def test_the_method_weights_its_terms_as_the_authors_and_trains_the_student():
     with torch.no_grad():
         weak_s, weak_t, strong_s, strong_t = student(images), teacher(images), student(strong), teacher(strong)
     weak = mlkd_losses(weak_s, weak_t, TEMPERATURES)
-    expected = {"ce": 0.1 * (torch.nn.functional.cross_entropy(weak_s, labels)
-                             + torch.nn.functional.cross_entropy(strong_s, labels)),
-                "kd": 0.9 * weak["instance"], "batch": 0.9 * weak["batch"], "class": 0.9 * weak["class"],
-                "kd_strong": 0.9 * mlkd_losses(strong_s, strong_t, TEMPERATURES, "none")["instance"]}
+    expected = {
+        "ce": 0.1
+        * (torch.nn.functional.cross_entropy(weak_s, labels) + torch.nn.functional.cross_entropy(strong_s, labels)),
+        "kd": 0.9 * weak["instance"],
+        "batch": 0.9 * weak["batch"],
+        "class": 0.9 * weak["class"],
+        "kd_strong": 0.9 * mlkd_losses(strong_s, strong_t, TEMPERATURES, "none")["instance"],
+    }
     for name, value in expected.items():
         assert terms[name].item() == pytest.approx(value.item(), rel=1e-5), name
     torch.testing.assert_close(logits, weak_s, rtol=0, atol=0)  # the weak view's logits are the method's
@@ -178,27 +191,36 @@ def test_one_view_when_asked():
     images, labels = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
     _, terms = method(images, labels)
     assert set(terms) == {"ce", "kd", "batch", "class"} and len(calls) == 1
-    assert terms["ce"].item() == pytest.approx(0.1 * torch.nn.functional.cross_entropy(student(images), labels).item(),
-                                               rel=1e-5)
+    assert terms["ce"].item() == pytest.approx(
+        0.1 * torch.nn.functional.cross_entropy(student(images), labels).item(), rel=1e-5
+    )
 
 
 def test_a_batch_of_one_is_refused_in_one_line_unless_the_batch_level_is_off():
     student, teacher = tiny_models()
     one = (torch.randn(1, 1, 8, 8), torch.tensor([3]))
-    with pytest.raises(KdError, match=r"^method mlkd compares the samples of a batch .* got 1; raise trainer.batch_size$"):
+    with pytest.raises(
+        KdError, match=r"^method mlkd compares the samples of a batch .* got 1; raise trainer.batch_size$"
+    ):
         build_method(config(), student, teacher)(*one)
     _, terms = build_method(config(batch_weight=0.0), student, teacher)(*one)
     assert set(terms) == {"ce", "kd", "kd_strong", "class"} and all(torch.isfinite(v) for v in terms.values())
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"temperatures": []}, "method.temperatures is empty"),
-    ({"temperatures": [4.0, 0.0]}, "method.temperatures=[4.0, 0.0] must be a list whose items are each a number > 0"),
-    ({"mean": [0.5]}, "method.mean and method.std go together"),
-    ({"mean": [0.5, 0.4], "std": [0.2]}, "method.mean has 2 value(s) but method.std has 1"),
-    ({"mask_percentile": 101.0}, "method.mask_percentile=101.0 must be a number in [0, 100]"),
-    ({"masking": "paper"}, "method.masking='paper' must be one of reference, per_sample, none"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"temperatures": []}, "method.temperatures is empty"),
+        (
+            {"temperatures": [4.0, 0.0]},
+            "method.temperatures=[4.0, 0.0] must be a list whose items are each a number > 0",
+        ),
+        ({"mean": [0.5]}, "method.mean and method.std go together"),
+        ({"mean": [0.5, 0.4], "std": [0.2]}, "method.mean has 2 value(s) but method.std has 1"),
+        ({"mask_percentile": 101.0}, "method.mask_percentile=101.0 must be a number in [0, 100]"),
+        ({"masking": "paper"}, "method.masking='paper' must be one of reference, per_sample, none"),
+    ],
+)
 def test_impossible_options_are_one_line_errors(options, message):
     with pytest.raises(KdError) as error:
         check_method_options(config(**options))
@@ -239,8 +261,10 @@ def test_the_strong_view_is_another_tensor_of_the_same_shape_drawn_per_sample_an
     changed = (first != images).flatten(1).float().mean(1)
     assert (changed > 0).sum() >= 6  # (an identity op twice and an empty cutout leave an image as it was)
     generator = torch.Generator().manual_seed(3)
-    assert torch.equal(strong_view(images, generator=generator, **kwargs),
-                       strong_view(images, generator=torch.Generator().manual_seed(3), **kwargs))
+    assert torch.equal(
+        strong_view(images, generator=generator, **kwargs),
+        strong_view(images, generator=torch.Generator().manual_seed(3), **kwargs),
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the view is made in fp32 whatever the loop's precision
         torch.manual_seed(0)
         assert torch.equal(strong_view(images, **kwargs), first)
@@ -311,6 +335,7 @@ def test_geometric_ops_act_on_normalised_images_as_on_pixels_except_the_uncovere
 
 
 # ---------------------------------------------------------------- the teacher cache serves the weak view only
+
 
 def test_the_teacher_cache_serves_the_weak_view_and_the_teacher_runs_on_the_strong_one(tmp_path):
     student, teacher = tiny_models()
@@ -406,14 +431,24 @@ def test_cli_a_run_reading_the_teacher_cache_trains_as_the_run_that_filled_it(cl
     assert (filled["epochs_read"], filled["epochs_computed"]) == (0, 1)
     assert (read["epochs_read"], read["epochs_computed"]) == (1, 0) and read["key"] == filled["key"]
     timing = {"images_per_s", "seconds"}
-    filled_rows, read_rows = ([{k: v for k, v in r.items() if k not in timing} for r in rows(cli_runs / name)]
-                              for name in ("digits", "digits-cached"))
+    filled_rows, read_rows = (
+        [{k: v for k, v in r.items() if k not in timing} for r in rows(cli_runs / name)]
+        for name in ("digits", "digits-cached")
+    )
     assert filled_rows == read_rows
 
 
 def test_cli_a_batch_of_one_stops_before_training_in_one_line(cli_runs, tmp_path):
-    result = kd_here("distill", "method=mlkd", *SHORT, "trainer.batch_size=1", f"paths.outputs={tmp_path}",
-                     f"teacher.checkpoint={cli_runs / 'digits-teacher'}", f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
+    result = kd_here(
+        "distill",
+        "method=mlkd",
+        *SHORT,
+        "trainer.batch_size=1",
+        f"paths.outputs={tmp_path}",
+        f"teacher.checkpoint={cli_runs / 'digits-teacher'}",
+        f"hydra.run.dir={tmp_path / 'one'}",
+        cwd=tmp_path,
+    )
     assert_one_line_error(result, "method mlkd compares the samples of a batch", "raise trainer.batch_size")
 
 
@@ -424,6 +459,8 @@ def test_cli_an_mlkd_run_resumes_longer(cli_runs, tmp_path):
     result = kd("distill", f"resume={run}", "trainer.epochs=2", "resume_extend=true", cwd=cli_runs)
     assert result.code == 0, result.stderr[-3000:]
     done = summary(run)
-    assert done["status"] == "complete" and done["epochs"] == 2 and done["resumes"][-1]["changes"] == ["trainer.epochs=2"]
+    assert (
+        done["status"] == "complete" and done["epochs"] == 2 and done["resumes"][-1]["changes"] == ["trainer.epochs=2"]
+    )
     assert [row["epoch"] for row in rows(run)] == ["1", "2"]
     assert all(float(row[f"train_{term}"]) > 0 for row in rows(run) for term in TERMS)

@@ -64,13 +64,18 @@ SITES = {
     "resnet8": {"layer1": ("layer1.0.relu", "layer1.0.bn2", False), "layer2": ("layer2.0.relu", "layer2.0.bn2", False)},
     "resnet20": {"layer3": ("layer3.2.relu", "layer3.2.bn2", False)},
     # pre-activation blocks: the next block's first BN of the stage output, then the closing BN-ReLU
-    "wrn_16_1": {"block1": ("block2.0.relu1", "block2.0.bn1", True), "block2": ("block3.0.relu1", "block3.0.bn1", True),
-                 "head_act": ("head_act.1", "head_act.0", False)},
+    "wrn_16_1": {
+        "block1": ("block2.0.relu1", "block2.0.bn1", True),
+        "block2": ("block3.0.relu1", "block3.0.bn1", True),
+        "head_act": ("head_act.1", "head_act.0", False),
+    },
     "cnn": {"stages.0": ("stages.0.1.2", "stages.0.1.1", False), "stages.1": ("stages.1.2.2", "stages.1.2.1", False)},
     "vgg8": {"block4": ("block4.2", "block4.1", False)},
     # torchvision: in-place ReLUs, the downsample BN after bn2
-    "resnet18": {"layer2": ("layer2.1.relu", "layer2.1.bn2", False),
-                 "layer4": ("layer4.1.relu", "layer4.1.bn2", False)},
+    "resnet18": {
+        "layer2": ("layer2.1.relu", "layer2.1.bn2", False),
+        "layer4": ("layer4.1.relu", "layer4.1.bn2", False),
+    },
 }
 
 
@@ -168,12 +173,13 @@ def test_a_pre_activation_changed_in_place_afterwards_is_refused():
 
 # ---------------------------------------------------------------- float64 references
 
+
 def ref_margin(gamma: float, beta: float) -> float:
     """E[x | x < 0] for x ~ N(beta, gamma^2): beta - s phi(beta/s) / Phi(-beta/s), -3s when Phi(-beta/s) <= 0.001."""
     s = abs(gamma)
     below = 0.5 * (1 + math.erf(-beta / s / math.sqrt(2)))
     if below > 0.001:
-        return beta - s * math.exp(-(beta / s) ** 2 / 2) / math.sqrt(2 * math.pi) / below
+        return beta - s * math.exp(-((beta / s) ** 2) / 2) / math.sqrt(2 * math.pi) / below
     return -3 * s
 
 
@@ -208,7 +214,7 @@ def test_ofd_margin_is_the_mean_of_the_negative_responses_with_the_references_fa
     assert margin[5] == pytest.approx(-3.0) and margin[0] == pytest.approx(-math.sqrt(2 / math.pi), rel=1e-6)
     # the closed form is the conditional mean: numerical integration of x N(x; beta, gamma^2) over x < 0
     x = np.linspace(-12.0, 0.0, 200_001)
-    density = np.exp(-((x - beta[1]) / 0.5) ** 2 / 2)
+    density = np.exp(-(((x - beta[1]) / 0.5) ** 2) / 2)
     assert margin[1] == pytest.approx(np.trapezoid(x * density, x) / np.trapezoid(density, x), rel=1e-6)
 
 
@@ -229,8 +235,9 @@ def test_partial_l2_and_ofd_loss_match_the_reference():
     students = [rng(2, 3, 4, 4, seed=k) for k in (3, 4, 5)]
     teachers = [rng(2, 3, 4, 4, seed=k) for k in (6, 7, 8)]
     expected = sum(w * ref_partial_l2(s, t, margin) for w, s, t in zip([0.25, 0.5, 1.0], students, teachers))
-    value = ofd_loss([torch.from_numpy(s) for s in students], [torch.from_numpy(t) for t in teachers],
-                     [torch.from_numpy(margin)] * 3).item()
+    value = ofd_loss(
+        [torch.from_numpy(s) for s in students], [torch.from_numpy(t) for t in teachers], [torch.from_numpy(margin)] * 3
+    ).item()
     assert value == pytest.approx(expected, rel=1e-12)
     _gradcheck(lambda s: partial_l2(s, torch.from_numpy(ft), torch.from_numpy(margin)), torch.from_numpy(fs))
 
@@ -264,6 +271,7 @@ def test_ab_loss_matches_the_reference_and_its_edges():
 
 
 # ---------------------------------------------------------------- the methods on real models
+
 
 @pytest.fixture(scope="module")
 def cifar_models():
@@ -314,8 +322,10 @@ class NoNorm(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.stages = nn.Sequential(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()),
-                                    nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU()))
+        self.stages = nn.Sequential(
+            nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()),
+            nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU()),
+        )
         self.pool, self.fc = GlobalAvgPool(), nn.Linear(8, 10)
 
     def forward(self, x):
@@ -330,16 +340,25 @@ def no_norm() -> nn.Module:
 
 def test_ofd_refuses_a_teacher_without_bn_before_its_relu_and_ab_does_not_need_one():
     student = create_model("cnn", 10, 1, 8, width=4)
-    with pytest.raises(KdError, match=r"^method=ofd takes its margins from the BatchNorm.*'stages.0.1' in teacher "
-                                      r"layer 'stages.0'.*teacher_layers\)$"):
+    with pytest.raises(
+        KdError,
+        match=r"^method=ofd takes its margins from the BatchNorm.*'stages.0.1' in teacher "
+        r"layer 'stages.0'.*teacher_layers\)$",
+    ):
         build_method(method_config("ofd"), student, no_norm())
     build_method(method_config("ab"), student, no_norm())
     with pytest.raises(KdError, match=r"^method=ofd \(teacher\) needs layers that end in an nn.ReLU.*'blocks.1'"):
-        build_method(method_config("ofd", teacher_layers=["blocks.1", "blocks.2", "blocks.4"]),
-                     create_model("resnet8", 10), create_model("mobilenetv2", 10))
+        build_method(
+            method_config("ofd", teacher_layers=["blocks.1", "blocks.2", "blocks.4"]),
+            create_model("resnet8", 10),
+            create_model("mobilenetv2", 10),
+        )
     with pytest.raises(KdError, match="needs feature maps"):
-        build_method(method_config("ab", teacher_layers=["stages.1"]), create_model("mlp", 10, 1, 8),
-                     create_model("cnn", 10, 1, 8))
+        build_method(
+            method_config("ab", teacher_layers=["stages.1"]),
+            create_model("mlp", 10, 1, 8),
+            create_model("cnn", 10, 1, 8),
+        )
 
 
 def test_ab_trains_body_and_connectors_on_the_boundaries_first_then_classifies_without_the_teacher(cifar_models):
@@ -395,8 +414,16 @@ def cli_runs(tmp_path_factory) -> Path:
         assert result.code == 0, result.stderr[-3000:]
     for data in ("digits", "cifar"):
         for method, extra in {"ofd": [], "ab": PHASES}.items():
-            result = kd("distill", f"method={method}", *common, *extra, *STUDENTS[data],
-                        f"teacher.checkpoint={out / data}", f"hydra.run.dir={out / f'{data}-{method}'}", cwd=out)
+            result = kd(
+                "distill",
+                f"method={method}",
+                *common,
+                *extra,
+                *STUDENTS[data],
+                f"teacher.checkpoint={out / data}",
+                f"hydra.run.dir={out / f'{data}-{method}'}",
+                cwd=out,
+            )
             assert result.code == 0, result.stderr[-3000:]
     return out
 
@@ -439,8 +466,21 @@ def test_an_ofd_run_resumes_longer_with_its_connectors_and_margins(cli_runs, tmp
 
 
 def test_cli_refuses_a_student_whose_stages_do_not_end_in_a_relu_in_one_line(cli_runs):
-    result = kd("distill", "method=ofd", *SHORT, *SYNTHETIC, "student=shufflenetv2", f"paths.outputs={cli_runs}",
-                f"teacher.checkpoint={cli_runs / 'cifar'}", f"hydra.run.dir={cli_runs / 'refused'}", cwd=cli_runs)
-    assert_one_line_error(result, "method=ofd (student) needs layers that end in an nn.ReLU module",
-                          "'layer1' of ShuffleNetV2", "method.student_layers")
+    result = kd(
+        "distill",
+        "method=ofd",
+        *SHORT,
+        *SYNTHETIC,
+        "student=shufflenetv2",
+        f"paths.outputs={cli_runs}",
+        f"teacher.checkpoint={cli_runs / 'cifar'}",
+        f"hydra.run.dir={cli_runs / 'refused'}",
+        cwd=cli_runs,
+    )
+    assert_one_line_error(
+        result,
+        "method=ofd (student) needs layers that end in an nn.ReLU module",
+        "'layer1' of ShuffleNetV2",
+        "method.student_layers",
+    )
     assert not (cli_runs / "refused" / "metrics.csv").exists()

@@ -48,6 +48,7 @@ def _gradcheck(loss, *inputs: torch.Tensor) -> None:
 
 # ---------------------------------------------------------------- float64 references (numpy, loops)
 
+
 def ref_pad(student: np.ndarray, teacher: np.ndarray, log_variance: np.ndarray) -> float:
     """The authors' code's PAD-L2: mean over samples of the mean over elements of
     (t - s)^2 / (exp(a) + 1e-6) + a."""
@@ -96,6 +97,7 @@ def ref_kdsvd(student: list[np.ndarray], teacher: list[np.ndarray], k: int) -> f
 
 # ---------------------------------------------------------------- PAD-L2: values, gradients, edge cases
 
+
 @pytest.mark.parametrize("shape", [(4, 6), (3, 2, 3, 3)])
 def test_pad_matches_the_authors_form_on_vectors_and_maps(shape):
     s, t, a = rng(*shape, seed=1), rng(*shape, seed=2), 0.5 * rng(*shape, seed=3)
@@ -111,10 +113,13 @@ def test_pad_is_the_mse_at_unit_variance_and_least_where_the_variance_matches_th
     # per element, d^2 / sigma^2 + log sigma^2 is least at sigma^2 = d^2 (the variance the student should predict)
     best = torch.log((s - t) ** 2)
     assert all(pad_loss(s, t, best).item() < pad_loss(s, t, best + shift).item() for shift in (-1.0, -0.1, 0.1, 1.0))
-    assert pad_loss(s, s, torch.full_like(s, -3.0)).item() == pytest.approx(-3.0)  # negative: a matched, confident student
+    assert pad_loss(s, s, torch.full_like(s, -3.0)).item() == pytest.approx(
+        -3.0
+    )  # negative: a matched, confident student
 
 
 # ---------------------------------------------------------------- KDSVD: values, gradients, edge cases
+
 
 @pytest.mark.parametrize("k", [1, 2])
 def test_kdsvd_matches_the_reference_on_tall_and_wide_maps_of_unequal_grids(k):
@@ -144,8 +149,8 @@ def test_the_guarded_svd_gradient_is_torchs_exact_one_where_that_is_defined(m, n
     def f(vectors):
         return ((vectors * weights) ** 2).sum()
 
-    ours, = torch.autograd.grad(f(top_right_singular_vectors(x, count)), x)
-    theirs, = torch.autograd.grad(f(torch.linalg.svd(x, full_matrices=False)[2][:, :count].transpose(1, 2)), x)
+    (ours,) = torch.autograd.grad(f(top_right_singular_vectors(x, count)), x)
+    (theirs,) = torch.autograd.grad(f(torch.linalg.svd(x, full_matrices=False)[2][:, :count].transpose(1, 2)), x)
     torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
     _gradcheck(lambda x_: f(top_right_singular_vectors(x_, count)), x.detach())
 
@@ -154,8 +159,9 @@ def _student_gradient(student_map: torch.Tensor) -> torch.Tensor:
     torch.manual_seed(1)
     first = student_map.clone().requires_grad_(True)
     channels = student_map.shape[1]
-    loss = kdsvd_loss([first, torch.randn(2, channels, 2, 2)],
-                      [torch.randn(2, channels, 4, 4), torch.randn(2, channels, 2, 2)], 1)
+    loss = kdsvd_loss(
+        [first, torch.randn(2, channels, 2, 2)], [torch.randn(2, channels, 4, 4), torch.randn(2, channels, 2, 2)], 1
+    )
     loss.backward()
     assert torch.isfinite(loss)
     return first.grad
@@ -171,7 +177,7 @@ def test_degenerate_maps_give_finite_gradients():
     assert torch.isfinite(_student_gradient(dead)).all()
     x = dead.flatten(2).transpose(1, 2).double().requires_grad_(True)
     vh = torch.linalg.svd(x, full_matrices=False)[2]
-    builtin, = torch.autograd.grad((vh[:, :4] ** 2 * torch.randn(4, 6, dtype=torch.float64)).sum(), x)
+    (builtin,) = torch.autograd.grad((vh[:, :4] ** 2 * torch.randn(4, 6, dtype=torch.float64)).sum(), x)
     assert not torch.isfinite(builtin).all()  # why the guard exists
     orthogonal = torch.linalg.qr(torch.randn(2, 16, 6))[0] * 3.0  # (B, H*W, C): 6 equal singular values
     equal = _student_gradient(orthogonal.transpose(1, 2).reshape(2, 6, 4, 4))
@@ -195,6 +201,7 @@ def test_kdsvd_is_zero_for_the_teachers_maps_and_blind_to_what_svd_ignores():
 
 # ---------------------------------------------------------------- the methods on real models
 
+
 def cnns(student_width: int, teacher_width: int = 8):
     torch.manual_seed(0)
     return create_model("cnn", 10, 1, 8, width=student_width), create_model("cnn", 10, 1, 8, width=teacher_width)
@@ -206,17 +213,22 @@ def _tapped(model: torch.nn.Module, layers: list[str], images: torch.Tensor) -> 
     return [tap.outputs[name] for name in layers]
 
 
-@pytest.mark.parametrize("student_width, regressor, regressed", [(4, "auto", True), (8, "auto", False),
-                                                                 (8, "always", True)])
-def test_pad_distills_the_embeddings_through_a_regressor_only_where_the_shapes_differ(student_width, regressor,
-                                                                                     regressed):
+@pytest.mark.parametrize(
+    "student_width, regressor, regressed", [(4, "auto", True), (8, "auto", False), (8, "always", True)]
+)
+def test_pad_distills_the_embeddings_through_a_regressor_only_where_the_shapes_differ(
+    student_width, regressor, regressed
+):
     student, teacher = cnns(student_width)
     method = build_method(method_config("pad", regressor=regressor), student, teacher)
     assert method.student_layers == method.teacher_layers == ["pool"]  # the authors' code: the pooled embedding
     assert isinstance(method.regressors[0], Unchanged) != regressed
     estimator = method.variance_estimators[0].net
-    assert (estimator[0].in_features, estimator[0].out_features, estimator[1].num_features) == (2 * student_width,
-                                                                                               16, 16)
+    assert (estimator[0].in_features, estimator[0].out_features, estimator[1].num_features) == (
+        2 * student_width,
+        16,
+        16,
+    )
     images, labels = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
     _, terms = method(images, labels)
     assert set(terms) == {"ce", "pad"} and all(torch.isfinite(v) and v.dim() == 0 for v in terms.values())
@@ -247,7 +259,9 @@ def test_pad_refuses_what_it_cannot_compare():
     with pytest.raises(KdError, match=r"^method pad cannot pair student layer 'stages.1' .* with teacher layer 'pool'"):
         build_method(method_config("pad", student_layers=["stages.1"], teacher_layers=["pool"]), student, teacher)
     method = build_method(method_config("pad"), student, teacher)
-    with pytest.raises(KdError, match=r"^method=pad predicts its variances through BatchNorm .* raise trainer.batch_size$"):
+    with pytest.raises(
+        KdError, match=r"^method=pad predicts its variances through BatchNorm .* raise trainer.batch_size$"
+    ):
         method(torch.randn(1, 1, 8, 8), torch.tensor([3]))
     method.eval()
     method(torch.randn(1, 1, 8, 8), torch.tensor([3]))  # evaluation reads BatchNorm's running statistics
@@ -282,12 +296,23 @@ def test_kdsvd_term_is_the_pure_loss_on_the_connected_maps():
 
 def test_kdsvd_refuses_what_it_cannot_compare_in_one_line():
     student, teacher = cnns(4)
-    cases = [({"student_layers": ["stages.1"], "teacher_layers": ["stages.1"]},
-              r"^method=kdsvd relates consecutive layers and needs at least 2 maps of each model, got 1"),
-             ({"student_layers": ["stages.1", "pool"], "teacher_layers": ["stages.1", "pool"]},
-              r"^method kdsvd needs feature maps \(C,H,W\) but student layer 'pool'"),
-             ({"k": 9}, (r"^method.k=9 asks for more singular vectors than teacher layer 'stages.0' has "
-                         r"\(min\(H\*W, C\) = 8\); lower method.k"))]
+    cases = [
+        (
+            {"student_layers": ["stages.1"], "teacher_layers": ["stages.1"]},
+            r"^method=kdsvd relates consecutive layers and needs at least 2 maps of each model, got 1",
+        ),
+        (
+            {"student_layers": ["stages.1", "pool"], "teacher_layers": ["stages.1", "pool"]},
+            r"^method kdsvd needs feature maps \(C,H,W\) but student layer 'pool'",
+        ),
+        (
+            {"k": 9},
+            (
+                r"^method.k=9 asks for more singular vectors than teacher layer 'stages.0' has "
+                r"\(min\(H\*W, C\) = 8\); lower method.k"
+            ),
+        ),
+    ]
     for options, message in cases:
         with pytest.raises(KdError, match=message) as error:
             build_method(method_config("kdsvd", **options), student, teacher)
@@ -345,6 +370,8 @@ def test_a_pad_run_resumes_longer_with_its_variance_branch(cli_runs, tmp_path):
     result = kd("distill", f"resume={run}", "trainer.epochs=2", "resume_extend=true", cwd=cli_runs)
     assert result.code == 0, result.stderr[-3000:]
     done = summary(run)
-    assert done["status"] == "complete" and done["epochs"] == 2 and done["resumes"][-1]["changes"] == ["trainer.epochs=2"]
+    assert (
+        done["status"] == "complete" and done["epochs"] == 2 and done["resumes"][-1]["changes"] == ["trainer.epochs=2"]
+    )
     with open(run / "metrics.csv") as handle:
         assert [row["epoch"] for row in csv.DictReader(handle)] == ["1", "2"]

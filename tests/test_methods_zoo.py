@@ -35,8 +35,8 @@ from kd_cli.models.registry import create_model
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "method"
 FEATURE_METHODS = ["nst", "ickd", "srd"]
-SWEPT = [*FEATURE_METHODS, "ctkd"]
-PHASED = ["fsp", "ft"]  # an initialisation phase first: run with init_epochs=1 of 2 epochs  # the methods with a teacher, one sweep per data set in the CLI tests
+SWEPT = [*FEATURE_METHODS, "ctkd"]  # the methods with a teacher, one sweep per data set in the CLI tests
+PHASED = ["fsp", "ft"]  # an initialisation phase first: run with init_epochs=1 of 2 epochs
 TERMS = {"nst": ["nst"], "ickd": ["ickd"], "tfkd": ["tfkd"], "srd": ["srd_feature", "srd_logits"], "ctkd": ["kd"]}
 
 
@@ -50,6 +50,7 @@ def block_mean(x: np.ndarray, h: int, w: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- float64 references (numpy, loops)
+
 
 def ref_nst(fs: np.ndarray, ft: np.ndarray) -> float:
     """Huang & Wang's MMD^2 with k(x, y) = (x . y)^2 over each sample's L2-normalised channels."""
@@ -96,8 +97,10 @@ def ref_tfkd(logits: np.ndarray, labels: np.ndarray, correct: float, temperature
 
 # ---------------------------------------------------------------- values, gradients, edge cases
 
-@pytest.mark.parametrize("s_shape, t_shape", [((3, 4, 8, 8), (3, 6, 4, 4)), ((2, 5, 4, 4), (2, 3, 8, 8)),
-                                              ((2, 3, 4, 4), (2, 3, 4, 4))])
+
+@pytest.mark.parametrize(
+    "s_shape, t_shape", [((3, 4, 8, 8), (3, 6, 4, 4)), ((2, 5, 4, 4), (2, 3, 8, 8)), ((2, 3, 4, 4), (2, 3, 4, 4))]
+)
 def test_nst_matches_the_mmd_reference_with_unequal_channels_and_grids(s_shape, t_shape):
     fs, ft = rng(*s_shape, seed=1), rng(*t_shape, seed=2)
     value = nst_loss(torch.from_numpy(fs), torch.from_numpy(ft)).item()
@@ -178,13 +181,19 @@ def test_fsp_matrices_match_the_papers_definition():
     bottom, top = rng(2, 3, 8, 8, seed=20), rng(2, 4, 4, 4, seed=21)
     pooled = block_mean(bottom, 4, 4)
     expected = np.array([[[(pooled[b, i] * top[b, j]).mean() for i in range(3)] for j in range(4)] for b in range(2)])
-    np.testing.assert_allclose(fsp_matrix(torch.from_numpy(bottom), torch.from_numpy(top)).numpy(), expected, rtol=1e-12)
-    student = [torch.from_numpy(rng(2, 3, 4, 4, seed=22)), torch.from_numpy(rng(2, 4, 2, 2, seed=23)),
-               torch.from_numpy(rng(2, 5, 2, 2, seed=24))]
+    np.testing.assert_allclose(
+        fsp_matrix(torch.from_numpy(bottom), torch.from_numpy(top)).numpy(), expected, rtol=1e-12
+    )
+    student = [
+        torch.from_numpy(rng(2, 3, 4, 4, seed=22)),
+        torch.from_numpy(rng(2, 4, 2, 2, seed=23)),
+        torch.from_numpy(rng(2, 5, 2, 2, seed=24)),
+    ]
     teacher = [torch.from_numpy(rng(*t.shape, seed=30 + k)) for k, t in enumerate(student)]
     pairs = [(0, 1), (1, 2)]
-    expected_loss = sum(((fsp_matrix(student[a], student[b]) - fsp_matrix(teacher[a], teacher[b])) ** 2).mean().item()
-                        for a, b in pairs)
+    expected_loss = sum(
+        ((fsp_matrix(student[a], student[b]) - fsp_matrix(teacher[a], teacher[b])) ** 2).mean().item() for a, b in pairs
+    )
     assert fsp_loss(student, teacher).item() == pytest.approx(expected_loss, rel=1e-12)
     _gradcheck(lambda s0: fsp_loss([s0, *student[1:]], teacher), student[0])
 
@@ -212,7 +221,9 @@ def test_fsp_trains_its_matrices_first_then_classifies_without_running_the_teach
 def test_fsp_refuses_what_it_cannot_compare_and_skips_a_phase_without_a_term():
     with pytest.raises(KdError, match="compares channels one to one.*layer1 .16. / layer1 .64."):
         build_method(method_config("fsp"), create_model("resnet8", 10), create_model("resnet32x4", 10))
-    no_phase = build_method(method_config("fsp", fsp_weight=0.0), create_model("resnet8", 10), create_model("resnet20", 10))
+    no_phase = build_method(
+        method_config("fsp", fsp_weight=0.0), create_model("resnet8", 10), create_model("resnet20", 10)
+    )
     assert no_phase.init_epochs == 0  # its only term left out: no initialisation phase
 
 
@@ -220,7 +231,7 @@ def test_ft_factor_and_loss_match_repdistillers_factor_transfer():
     fs, ft = rng(2, 3, 4, 4, seed=40), rng(2, 5, 2, 2, seed=41)
 
     def ref_factor(x):
-        flat = (x ** 2).mean(axis=1).reshape(len(x), -1)
+        flat = (x**2).mean(axis=1).reshape(len(x), -1)
         return flat / np.linalg.norm(flat, axis=1, keepdims=True)
 
     np.testing.assert_allclose(factor(torch.from_numpy(ft)).numpy(), ref_factor(ft), rtol=1e-12)
@@ -292,6 +303,7 @@ def test_tfkd_is_smallest_when_the_student_predicts_the_softened_virtual_teacher
 
 # ---------------------------------------------------------------- the methods on real models
 
+
 def method_config(name: str, **overrides) -> dict:
     return {**yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()), **overrides}
 
@@ -303,8 +315,9 @@ def cifar_models():
     return create_model("resnet8", 10), create_model("resnet32x4", 10)
 
 
-@pytest.mark.parametrize("name, layers", [("nst", ["layer1", "layer2", "layer3"]), ("ickd", ["layer3"]),
-                                         ("srd", ["layer3"])])
+@pytest.mark.parametrize(
+    "name, layers", [("nst", ["layer1", "layer2", "layer3"]), ("ickd", ["layer3"]), ("srd", ["layer3"])]
+)
 def test_feature_method_on_unequal_widths_trains_the_student_and_its_adapters(name, layers, cifar_models):
     student, teacher = cifar_models
     method = build_method(method_config(name), student, teacher)
@@ -373,8 +386,17 @@ def cli_runs(tmp_path_factory) -> Path:
         assert result.code == 0, result.stderr[-3000:]
     for data, extra in {"digits": ["student=cnn"], "cifar": [*SYNTHETIC, "student=resnet8"]}.items():
         for method in PHASED:
-            result = kd("distill", f"method={method}", "method.init_epochs=1", *common, "trainer.epochs=2", *extra,
-                        f"teacher.checkpoint={out / data}", f"hydra.run.dir={out / f'{data}-{method}'}", cwd=out)
+            result = kd(
+                "distill",
+                f"method={method}",
+                "method.init_epochs=1",
+                *common,
+                "trainer.epochs=2",
+                *extra,
+                f"teacher.checkpoint={out / data}",
+                f"hydra.run.dir={out / f'{data}-{method}'}",
+                cwd=out,
+            )
             assert result.code == 0, result.stderr[-3000:]
     for data, extra in {"digits": [], "cifar": [*SYNTHETIC, "student=resnet8"]}.items():
         result = kd("distill", "method=tfkd", *common, *extra, f"hydra.run.dir={out / f'{data}-tfkd'}", cwd=out)
@@ -397,7 +419,9 @@ def test_cli_distill_logs_every_term(cli_runs, data, method):
 
 
 @pytest.mark.parametrize("data", ["digits", "cifar"])
-@pytest.mark.parametrize("method, first_terms, then_terms", [("fsp", ["fsp"], ["ce"]), ("ft", ["paraphrase"], ["ce", "ft"])])
+@pytest.mark.parametrize(
+    "method, first_terms, then_terms", [("fsp", ["fsp"], ["ce"]), ("ft", ["paraphrase"], ["ce", "ft"])]
+)
 def test_cli_phased_methods_log_their_two_phases(cli_runs, data, method, first_terms, then_terms):
     run = cli_runs / f"{data}-{method}"
     assert summary(run)["status"] == "complete" and summary(run)["epochs"] == 2
@@ -406,7 +430,9 @@ def test_cli_phased_methods_log_their_two_phases(cli_runs, data, method, first_t
     for term in {*first_terms, *then_terms}:
         assert (first[f"train_{term}"] != "") == (term in first_terms), term
         assert (second[f"train_{term}"] != "") == (term in then_terms), term
-    assert all(float(first[f"train_{t}"]) > 0 for t in first_terms) and all(float(second[f"train_{t}"]) > 0 for t in then_terms)
+    assert all(float(first[f"train_{t}"]) > 0 for t in first_terms) and all(
+        float(second[f"train_{t}"]) > 0 for t in then_terms
+    )
 
 
 def test_an_ickd_run_resumes_longer_with_its_embedding(cli_runs, tmp_path):
@@ -418,12 +444,15 @@ def test_an_ickd_run_resumes_longer_with_its_embedding(cli_runs, tmp_path):
     result = kd("distill", f"resume={run}", "trainer.epochs=2", "resume_extend=true", cwd=cli_runs)
     assert result.code == 0, result.stderr[-3000:]
     done = summary(run)
-    assert done["status"] == "complete" and done["epochs"] == 2 and done["resumes"][-1]["changes"] == ["trainer.epochs=2"]
+    assert (
+        done["status"] == "complete" and done["epochs"] == 2 and done["resumes"][-1]["changes"] == ["trainer.epochs=2"]
+    )
     with open(run / "metrics.csv") as handle:
         assert [row["epoch"] for row in csv.DictReader(handle)] == ["1", "2"]
 
 
 # ---------------------------------------------------------------- what the comparison with the references fixed
+
 
 def test_cc_bilinear_kernel_is_the_dot_product_of_unit_embeddings():
     from kd_cli.methods.cc import cc_loss
@@ -482,5 +511,6 @@ def test_tuned_input_size_carries_a_cifar_weight_to_other_input_sizes(name, weig
     term_published, term_carried = published(images, labels)[1][name], carried(images, labels)[1][name]
     assert term_carried.item() == pytest.approx(term_published.item() / 16, rel=1e-5)
     wide = create_model("resnet8", 10)  # 32x32 inputs: the tuned size itself, nothing changes
-    assert getattr(build_method(method_config(name, tuned_input_size=32), wide, create_model("resnet20", 10)),
-                   weight) == getattr(published, weight)
+    assert getattr(
+        build_method(method_config(name, tuned_input_size=32), wide, create_model("resnet20", 10)), weight
+    ) == getattr(published, weight)

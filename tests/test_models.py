@@ -45,9 +45,23 @@ MEASURED_PARAMS = {
 CIFAR_ZOO = sorted({**LITERATURE_PARAMS, **MEASURED_PARAMS})
 SMALL_NETS = ["mlp", "cnn"]
 # One net per family for the tests that need a forward pass with autograd.
-FAMILY_SAMPLE = ["mlp", "cnn", "resnet8", "wrn_16_1", "vgg8", "mobilenetv2", "shufflenetv1", "shufflenetv2",
-                 "resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf",
-                 "shufflenet_v2_x1_0", "convnext_tiny"]
+FAMILY_SAMPLE = [
+    "mlp",
+    "cnn",
+    "resnet8",
+    "wrn_16_1",
+    "vgg8",
+    "mobilenetv2",
+    "shufflenetv1",
+    "shufflenetv2",
+    "resnet18",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "regnet_y_400mf",
+    "shufflenet_v2_x1_0",
+    "convnext_tiny",
+]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -80,8 +94,15 @@ def test_cifar_zoo_parameter_counts_match_the_literature(name):
 def test_every_family_is_registered():
     names = set(list_models())
     assert set(CIFAR_ZOO) | set(SMALL_NETS) | set(TORCHVISION_SPECS) <= names
-    for name in ["resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small",
-                 "mobilenet_v3_large", "efficientnet_b0"]:
+    for name in [
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "mobilenet_v2",
+        "mobilenet_v3_small",
+        "mobilenet_v3_large",
+        "efficientnet_b0",
+    ]:
         assert name in names
 
 
@@ -101,8 +122,10 @@ def test_mnist_forward_one_channel_28px(name):
     assert run(model, torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
-@pytest.mark.parametrize("name", SMALL_NETS + ["resnet8", "wrn_16_1", "vgg8", "mobilenetv2", "shufflenetv2",
-                                               "resnet18", "mobilenet_v3_small"])
+@pytest.mark.parametrize(
+    "name",
+    SMALL_NETS + ["resnet8", "wrn_16_1", "vgg8", "mobilenetv2", "shufflenetv2", "resnet18", "mobilenet_v3_small"],
+)
 def test_digits_forward_one_channel_8px(name):
     model = create_model(name, num_classes=10, in_channels=1, input_size=8)
     assert run(model, torch.randn(2, 1, 8, 8)).shape == (2, 10)
@@ -178,16 +201,19 @@ def test_unknown_model_suggests_the_right_name():
         create_model("resnt18", num_classes=10)
 
 
-@pytest.mark.parametrize("name, options, message", [
-    ("cnn", {"width": 0}, "width=0 must be a whole number >= 1"),
-    ("cnn", {"widht": 8}, "width"),  # a typo in an option names the real one
-    ("cnn", {"depth": 5}, "at least 16x16"),
-    ("mlp", {"hidden": [64, 0]}, r"hidden=\[64, 0\] must be a list whose items are each a whole number >= 1"),
-    ("mlp", {"dropout": 1.5}, "dropout"),
-    ("mobilenetv2", {"width_mult": 0}, "width_mult"),
-    ("shufflenetv2", {"net_size": 3}, "net_size=3 must be one of 0.5, 1.0, 1.5, 2.0"),
-    ("wrn_16_2", {"dropout": -0.1}, "dropout"),
-])
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("cnn", {"width": 0}, "width=0 must be a whole number >= 1"),
+        ("cnn", {"widht": 8}, "width"),  # a typo in an option names the real one
+        ("cnn", {"depth": 5}, "at least 16x16"),
+        ("mlp", {"hidden": [64, 0]}, r"hidden=\[64, 0\] must be a list whose items are each a whole number >= 1"),
+        ("mlp", {"dropout": 1.5}, "dropout"),
+        ("mobilenetv2", {"width_mult": 0}, "width_mult"),
+        ("shufflenetv2", {"net_size": 3}, "net_size=3 must be one of 0.5, 1.0, 1.5, 2.0"),
+        ("wrn_16_2", {"dropout": -0.1}, "dropout"),
+    ],
+)
 def test_bad_options_raise_kd_error(name, options, message):
     with pytest.raises(KdError, match=message):
         create_model(name, num_classes=10, in_channels=1, input_size=8, **options)

@@ -29,6 +29,7 @@ DML = {"name": "dml", "students": 3, "ce_weight": 1.0, "dml_weight": 1.0, "tempe
 
 def ref_mutual(own: np.ndarray, others: list[np.ndarray], temperature: float) -> float:
     """mean over the others of T^2 * (1/B) sum_i KL(p_other,i || p_own,i), p = softmax(z / T)."""
+
     def softmax(z):
         e = np.exp(z / temperature - (z / temperature).max())
         return e / e.sum()
@@ -47,14 +48,16 @@ def test_the_mutual_loss_is_the_papers_mean_kl_to_the_other_students(temperature
     value = mutual_loss(torch.from_numpy(own), [torch.from_numpy(o) for o in others], temperature).item()
     assert value == pytest.approx(ref_mutual(own, others, temperature), rel=1e-10)
     own_t = torch.from_numpy(own).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda z: mutual_loss(z, [torch.from_numpy(o) for o in others], temperature),
-                                    (own_t,), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(
+        lambda z: mutual_loss(z, [torch.from_numpy(o) for o in others], temperature), (own_t,), eps=1e-6, atol=1e-6
+    )
 
 
 def test_each_student_learns_from_its_own_terms_only():
     torch.manual_seed(0)
-    method = build_method(DML, create_model("cnn", 10, 1, 8, width=4), None,
-                          new_student=lambda: create_model("cnn", 10, 1, 8, width=4))
+    method = build_method(
+        DML, create_model("cnn", 10, 1, 8, width=4), None, new_student=lambda: create_model("cnn", 10, 1, 8, width=4)
+    )
     peers = method.peer_models()
     assert list(peers) == ["peer1", "peer2"]
     assert all(p is not method.student for p in peers.values())
@@ -78,8 +81,19 @@ def test_a_cohort_of_one_and_a_stage_without_students_to_spare_are_refused():
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dml")
-    result = kd("distill", "method=dml", "method.students=3", "student=cnn", "student.kwargs.width=4", "trainer.epochs=2",
-                "trainer.precision=fp32", *FAST, f"paths.outputs={out}", f"hydra.run.dir={out / 'run'}", cwd=out)
+    result = kd(
+        "distill",
+        "method=dml",
+        "method.students=3",
+        "student=cnn",
+        "student.kwargs.width=4",
+        "trainer.epochs=2",
+        "trainer.precision=fp32",
+        *FAST,
+        f"paths.outputs={out}",
+        f"hydra.run.dir={out / 'run'}",
+        cwd=out,
+    )
     assert result.code == 0, result.stderr[-3000:]
     return out / "run"
 
@@ -100,8 +114,13 @@ def test_every_student_is_scored_logged_and_saved(cohort):
 
 
 def test_kd_evaluate_scores_a_peer_as_its_own_model(cohort, tmp_path):
-    result = kd("evaluate", f"run={cohort / 'peers' / 'peer2'}", f"paths.outputs={tmp_path}",
-                f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    result = kd(
+        "evaluate",
+        f"run={cohort / 'peers' / 'peer2'}",
+        f"paths.outputs={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+        cwd=tmp_path,
+    )
     assert result.code == 0, result.stderr[-3000:]
     assert summary(tmp_path / "eval")["top1"] == pytest.approx(summary(cohort)["peers"]["peer2"]["last_top1"], abs=1e-6)
 
@@ -119,8 +138,14 @@ def test_a_stopped_cohort_resumes_every_student(cohort, tmp_path):
 
 
 def test_kd_compress_refuses_a_cohort_in_one_line_before_writing(cohort, tmp_path):
-    result = kd("compress", f"run={cohort}", "method=dml", "compression=prune_quantize", f"paths.outputs={tmp_path}",
-                cwd=tmp_path)
+    result = kd(
+        "compress",
+        f"run={cohort}",
+        "method=dml",
+        "compression=prune_quantize",
+        f"paths.outputs={tmp_path}",
+        cwd=tmp_path,
+    )
     assert_one_line_error(result, "method=dml trains several students", "kd distill only")
     assert not list(tmp_path.glob("compress/*/*"))
 
@@ -130,16 +155,32 @@ def test_every_student_of_a_dml_cohort_beats_the_student_trained_alone_on_digits
     """The issue's bar, on scikit-learn's digits: the method table's student (cnn, width 4), fp32, 3 seeds;
     a cohort of three, each student's test top-1 (last epoch, mean over seeds) above `method=none`'s."""
     seeds = [0, 1, 2]
-    common = [f"seed={','.join(map(str, seeds))}", "student=cnn", "student.kwargs.width=4", "trainer.precision=fp32",
-              *FAST, f"paths.outputs={tmp_path}"]
+    common = [
+        f"seed={','.join(map(str, seeds))}",
+        "student=cnn",
+        "student.kwargs.width=4",
+        "trainer.precision=fp32",
+        *FAST,
+        f"paths.outputs={tmp_path}",
+    ]
     for method in (["method=none"], ["method=dml", "method.students=3"]):
-        result = kd("distill", "-m", *method, *common, f"hydra.sweep.dir={tmp_path / method[0][7:]}",
-                    "hydra.sweep.subdir=${seed}", cwd=tmp_path, timeout=3000)
+        result = kd(
+            "distill",
+            "-m",
+            *method,
+            *common,
+            f"hydra.sweep.dir={tmp_path / method[0][7:]}",
+            "hydra.sweep.subdir=${seed}",
+            cwd=tmp_path,
+            timeout=3000,
+        )
         assert result.code == 0, result.stderr[-3000:]
     alone = [summary(tmp_path / "none" / str(seed))["last_top1"] for seed in seeds]
     cohorts = [summary(tmp_path / "dml" / str(seed)) for seed in seeds]
-    students = {"student": [c["last_top1"] for c in cohorts],
-                **{name: [c["peers"][name]["last_top1"] for c in cohorts] for name in ("peer1", "peer2")}}
+    students = {
+        "student": [c["last_top1"] for c in cohorts],
+        **{name: [c["peers"][name]["last_top1"] for c in cohorts] for name in ("peer1", "peer2")},
+    }
     print(f"\nnone {alone}: mean {np.mean(alone):.2f}")
     for name, scores in students.items():
         print(f"dml {name} {scores}: mean {np.mean(scores):.2f} ({np.mean(scores) - np.mean(alone):+.2f})")
@@ -153,6 +194,7 @@ ONE = {"name": "one", "branches": 3, "ce_weight": 1.0, "ensemble_weight": 1.0, "
 
 def ref_one(branches: list[np.ndarray], gate: np.ndarray, labels: np.ndarray, temperature: float):
     """Lan et al.'s terms, float64 loops: z_e = sum_i g_i z_i; CE of each branch and of z_e; T^2 KL(p_e || p_i)."""
+
     def softmax(z, t=1.0):
         e = np.exp(z / t - (z / t).max())
         return e / e.sum()
@@ -161,9 +203,16 @@ def ref_one(branches: list[np.ndarray], gate: np.ndarray, labels: np.ndarray, te
     ensemble = np.array([sum(gate[b, i] * branches[i][b] for i in range(len(branches))) for b in range(batch)])
     ce = [sum(-math.log(softmax(z[b])[labels[b]]) for b in range(batch)) / batch for z in branches]
     ensemble_ce = sum(-math.log(softmax(ensemble[b])[labels[b]]) for b in range(batch)) / batch
-    kl = [temperature**2 * sum(q * math.log(q / p) for b in range(batch)
-                               for q, p in zip(softmax(ensemble[b], temperature), softmax(z[b], temperature))) / batch
-          for z in branches]
+    kl = [
+        temperature**2
+        * sum(
+            q * math.log(q / p)
+            for b in range(batch)
+            for q, p in zip(softmax(ensemble[b], temperature), softmax(z[b], temperature))
+        )
+        / batch
+        for z in branches
+    ]
     return ce, ensemble_ce, kl
 
 
@@ -180,13 +229,16 @@ def test_one_terms_match_the_papers_gated_ensemble(temperature):
     branches = [generator.normal(size=(4, 5)) for _ in range(3)]
     gate = generator.dirichlet(np.ones(3), size=4)
     labels = np.array([0, 3, 4, 1])
-    ce, ensemble_ce, kl = one_losses([torch.from_numpy(z) for z in branches], torch.from_numpy(gate),
-                                     torch.from_numpy(labels), temperature)
+    ce, ensemble_ce, kl = one_losses(
+        [torch.from_numpy(z) for z in branches], torch.from_numpy(gate), torch.from_numpy(labels), temperature
+    )
     want_ce, want_ensemble, want_kl = ref_one(branches, gate, labels, temperature)
     assert [c.item() for c in ce] == pytest.approx(want_ce, rel=1e-10)
     assert ensemble_ce.item() == pytest.approx(want_ensemble, rel=1e-10)
     assert [k.item() for k in kl] == pytest.approx(want_kl, rel=1e-10)
-    inputs = [torch.from_numpy(z).requires_grad_(True) for z in branches] + [torch.from_numpy(gate).requires_grad_(True)]
+    inputs = [torch.from_numpy(z).requires_grad_(True) for z in branches] + [
+        torch.from_numpy(gate).requires_grad_(True)
+    ]
 
     def cross_entropies(*tensors):
         ce, ensemble_ce, _ = one_losses(list(tensors[:3]), tensors[3], torch.from_numpy(labels), temperature)
@@ -196,8 +248,12 @@ def test_one_terms_match_the_papers_gated_ensemble(temperature):
     # the KL terms take the ensemble as a fixed target: d/dz_i T^2 KL(p_e || p_i) = T (p_i - p_e) / B, no gate gradient
     _, _, kl = one_losses(inputs[:3], inputs[3], torch.from_numpy(labels), temperature)
     kl[1].backward()
-    ensemble = sum(inputs[3][:, i:i + 1].detach() * inputs[i].detach() for i in range(3))
-    expected = temperature * (torch.softmax(inputs[1].detach() / temperature, 1) - torch.softmax(ensemble / temperature, 1)) / 4
+    ensemble = sum(inputs[3][:, i : i + 1].detach() * inputs[i].detach() for i in range(3))
+    expected = (
+        temperature
+        * (torch.softmax(inputs[1].detach() / temperature, 1) - torch.softmax(ensemble / temperature, 1))
+        / 4
+    )
     assert torch.allclose(inputs[1].grad, expected, atol=1e-12)
     assert inputs[3].grad is None and inputs[0].grad is None
 
@@ -234,8 +290,13 @@ def test_one_runs_the_trunk_once_with_the_same_values_and_gradients_as_three_run
             monkeypatch.setattr(one.SharedTrunk, "__exit__", lambda self, *exc: None)
         logits, terms = method(images, labels)
         sum(terms.values()).backward()
-        results.append((logits.detach(), {k: v.item() for k, v in terms.items()},
-                        {n: p.grad.clone() for n, p in method.named_parameters()}))
+        results.append(
+            (
+                logits.detach(),
+                {k: v.item() for k, v in terms.items()},
+                {n: p.grad.clone() for n, p in method.named_parameters()},
+            )
+        )
     (logits_a, terms_a, grads_a), (logits_b, terms_b, grads_b) = results
     assert torch.allclose(logits_a, logits_b) and terms_a == pytest.approx(terms_b, rel=1e-6)
     assert grads_a.keys() == grads_b.keys()
@@ -262,8 +323,12 @@ def test_one_gate_takes_a_batch_of_one_and_bad_students_are_refused():
     with pytest.raises(KdError, match="has 1 stage"):
         build_method(ONE, create_model("mlp", 10, 1, 8), None, new_student=lambda: create_model("mlp", 10, 1, 8))
     with pytest.raises(KdError, match="method.branches=1 must be"):
-        build_method({**ONE, "branches": 1}, create_model("cnn", 10, 1, 8), None,
-                     new_student=lambda: create_model("cnn", 10, 1, 8))
+        build_method(
+            {**ONE, "branches": 1},
+            create_model("cnn", 10, 1, 8),
+            None,
+            new_student=lambda: create_model("cnn", 10, 1, 8),
+        )
     with pytest.raises(KdError, match="method=one trains several students at once; it runs in kd distill only"):
         build_method(ONE, create_model("cnn", 10, 1, 8), None)
 
@@ -271,8 +336,18 @@ def test_one_gate_takes_a_batch_of_one_and_bad_students_are_refused():
 @pytest.fixture(scope="module")
 def one_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one")
-    result = kd("distill", "method=one", "student=cnn", "student.kwargs.width=4", "trainer.epochs=2",
-                "trainer.precision=fp32", *FAST, f"paths.outputs={out}", f"hydra.run.dir={out / 'run'}", cwd=out)
+    result = kd(
+        "distill",
+        "method=one",
+        "student=cnn",
+        "student.kwargs.width=4",
+        "trainer.epochs=2",
+        "trainer.precision=fp32",
+        *FAST,
+        f"paths.outputs={out}",
+        f"hydra.run.dir={out / 'run'}",
+        cwd=out,
+    )
     assert result.code == 0, result.stderr[-3000:]
     return out / "run"
 
@@ -284,8 +359,13 @@ def test_one_logs_every_branch_saves_each_and_evaluates_one(one_run, tmp_path):
         rows = list(csv.DictReader(handle))
     for column in ("train_ce", "train_one", "train_ensemble_ce", "train_branch3_one", "branch2_test_top1"):
         assert all(math.isfinite(float(row[column])) for row in rows), column
-    result = kd("evaluate", f"run={one_run / 'peers' / 'branch3'}", f"paths.outputs={tmp_path}",
-                f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    result = kd(
+        "evaluate",
+        f"run={one_run / 'peers' / 'branch3'}",
+        f"paths.outputs={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+        cwd=tmp_path,
+    )
     assert result.code == 0, result.stderr[-3000:]
     assert summary(tmp_path / "eval")["top1"] == pytest.approx(done["peers"]["branch3"]["last_top1"], abs=1e-6)
 

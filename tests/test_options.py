@@ -38,6 +38,7 @@ USER_GIVEN = {"ensemble": {"teachers": ["runs/a", "runs/b"]}}
 
 # ---------------------------------------------------------------- the options of each entry
 
+
 def method_yaml(name: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(CONFIGS / "method" / f"{name}.yaml"), resolve=True)
 
@@ -61,8 +62,11 @@ BASE = compression("base")
 
 
 def entry_cases() -> list[tuple[str, str]]:
-    return ([("method", n) for n in METHODS.names()] + [("model", n) for n in MODELS.names()]
-            + [("step", n) for n in STEPS.names()])
+    return (
+        [("method", n) for n in METHODS.names()]
+        + [("model", n) for n in MODELS.names()]
+        + [("step", n) for n in STEPS.names()]
+    )
 
 
 def registry(kind: str):
@@ -97,11 +101,11 @@ def hints(kind: str, name: str) -> dict[str, Any]:
 
 def option_names(kind: str, name: str) -> list[str]:
     params = inspect.signature(registry(kind).get(name)).parameters
-    return [n for n, p in params.items()
-            if n not in fixed(kind) and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return [n for n, p in params.items() if n not in fixed(kind) and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
 # ---------------------------------------------------------------- what the annotations say
+
 
 def without_none(hint: Any) -> Any:
     """`X | None` -> X (None is then one more accepted value, not a kind of number)."""
@@ -141,8 +145,12 @@ def outside(base: type, limit: Range) -> list[float]:
 
 
 def numeric_cases() -> list[tuple[str, str, str]]:
-    return [(kind, name, key) for kind, name in entry_cases() for key, hint in hints(kind, name).items()
-            if key in option_names(kind, name) and numeric(hint)]
+    return [
+        (kind, name, key)
+        for kind, name in entry_cases()
+        for key, hint in hints(kind, name).items()
+        if key in option_names(kind, name) and numeric(hint)
+    ]
 
 
 def range_cases() -> list[tuple[str, str, str, Any]]:
@@ -156,13 +164,21 @@ def range_cases() -> list[tuple[str, str, str, Any]]:
 
 
 def literal_cases() -> list[tuple[str, str, str]]:
-    return [(kind, name, key) for kind, name in entry_cases() for key, hint in hints(kind, name).items()
-            if key in option_names(kind, name) and typing.get_origin(without_none(hint)) is Literal]
+    return [
+        (kind, name, key)
+        for kind, name in entry_cases()
+        for key, hint in hints(kind, name).items()
+        if key in option_names(kind, name) and typing.get_origin(without_none(hint)) is Literal
+    ]
 
 
 def flag_cases() -> list[tuple[str, str, str]]:
-    return [(kind, name, key) for kind, name in entry_cases() for key, hint in hints(kind, name).items()
-            if key in option_names(kind, name) and hint is bool]
+    return [
+        (kind, name, key)
+        for kind, name in entry_cases()
+        for key, hint in hints(kind, name).items()
+        if key in option_names(kind, name) and hint is bool
+    ]
 
 
 def case_id(value: Any) -> str:
@@ -170,6 +186,7 @@ def case_id(value: Any) -> str:
 
 
 # ---------------------------------------------------------------- the shipped settings pass
+
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONFIGS / "method").glob("*.yaml")))
 def test_every_method_yaml_passes_its_checks(name):
@@ -202,6 +219,7 @@ def test_every_option_is_annotated(kind, name):
 
 
 # ---------------------------------------------------------------- wrong types and ranges name the key
+
 
 @pytest.mark.parametrize(("kind", "name", "key"), numeric_cases(), ids=case_id)
 def test_a_string_for_a_number_names_the_key(kind, name, key):
@@ -283,10 +301,17 @@ BAD_COMBINATIONS = [
     ("method", "ensemble", {"weights": [0, 0]}, "not all zero"),
     ("method", "crd", {"student_layers": ["layer2", "pool"]}, "method.student_layers names 2 layers"),
     ("method", "crd", {"teacher_layers": ["layer2", "pool"]}, "method.teacher_layers names 2 layers"),
-    ("method", "reviewkd", {"student_layers": ["pool"], "teacher_layers": ["pool"]},
-     "needs at least one stage map and the embedding"),
-    *[("method", name, {"student_layers": ["a", "b"], "teacher_layers": ["c", "d", "e"]}, "as many of each")
-      for name in FEATURE_METHODS if not METHODS.get(name).single_layer],  # crd: one layer each, above
+    (
+        "method",
+        "reviewkd",
+        {"student_layers": ["pool"], "teacher_layers": ["pool"]},
+        "needs at least one stage map and the embedding",
+    ),
+    *[
+        ("method", name, {"student_layers": ["a", "b"], "teacher_layers": ["c", "d", "e"]}, "as many of each")
+        for name in FEATURE_METHODS
+        if not METHODS.get(name).single_layer
+    ],  # crd: one layer each, above
     ("method", "srd", {"teacher_layers": ["layer2", "layer3"]}, "method=srd compares one layer of each model"),
 ]
 RULES_TESTED_BELOW = {"quantize_int8"}
@@ -322,8 +347,11 @@ def test_an_int8_backend_missing_from_this_torch_build_is_refused(monkeypatch):
     from types import SimpleNamespace
 
     monkeypatch.setattr(torch.backends, "quantized", SimpleNamespace(supported_engines=["qnnpack", "none"]))
-    with pytest.raises(KdError, match=r"^compression\.quantize_int8\.backend=x86 is not available in this "
-                                      r"PyTorch build \(available: qnnpack\)$"):
+    with pytest.raises(
+        KdError,
+        match=r"^compression\.quantize_int8\.backend=x86 is not available in this "
+        r"PyTorch build \(available: qnnpack\)$",
+    ):
         check("step", "quantize_int8", valid_options("step", "quantize_int8"))
     check("step", "quantize_int8", {**valid_options("step", "quantize_int8"), "backend": "qnnpack"})
 
@@ -331,11 +359,13 @@ def test_an_int8_backend_missing_from_this_torch_build_is_refused(monkeypatch):
 @pytest.mark.parametrize("name", FEATURE_METHODS)
 def test_good_layer_lists_pass(name):
     count = 1 if METHODS.get(name).single_layer else 2
-    check_method_options({**method_config(name), "student_layers": ["a", "b"][:count],
-                          "teacher_layers": ["c", "d"][:count]})
+    check_method_options(
+        {**method_config(name), "student_layers": ["a", "b"][:count], "teacher_layers": ["c", "d"][:count]}
+    )
 
 
 # ---------------------------------------------------------------- compression options against the model
+
 
 def tiny(arch: str = "cnn") -> torch.nn.Module:
     """cnn: stages.{0,1}.{..}.{0: Conv2d, 1: BatchNorm2d, 2: ReLU}, pool, dropout, fc (Linear 16 -> 10);
@@ -353,13 +383,23 @@ def step(name: str, **options):
 
 def layer_list_cases() -> list[tuple[str, str]]:
     """Every step option that names layers: the `list[str]` ones (a new step's are covered too)."""
-    return [(name, key) for _, name in entry_cases() if _ == "step"
-            for key, hint in hints("step", name).items() if key in option_names("step", name) and hint == list[str]]
+    return [
+        (name, key)
+        for _, name in entry_cases()
+        if _ == "step"
+        for key, hint in hints("step", name).items()
+        if key in option_names("step", name) and hint == list[str]
+    ]
 
 
 def test_the_layer_options_are_found():
-    assert {("prune_structured", "ignored_layers"), ("prune_unstructured", "skip"), ("lowrank", "skip"),
-            ("quantize_int8", "layers"), ("quantize_int8", "skip")} <= set(layer_list_cases())
+    assert {
+        ("prune_structured", "ignored_layers"),
+        ("prune_unstructured", "skip"),
+        ("lowrank", "skip"),
+        ("quantize_int8", "layers"),
+        ("quantize_int8", "skip"),
+    } <= set(layer_list_cases())
 
 
 @pytest.mark.parametrize(("name", "key"), layer_list_cases(), ids=case_id)
@@ -376,22 +416,50 @@ def test_check_refuses_a_layer_the_model_does_not_have_naming_the_key(name, key)
 
 # (step, options over base.yaml's, tiny model, the message's start)
 BAD_FOR_THE_MODEL = [
-    ("quantize_int8", {"layers": ["stages.0.0.1"]}, "cnn",
-     r"compression\.quantize_int8\.layers: layer 'stages\.0\.0\.1' is a BatchNorm2d; static int8 quantises Conv"),
-    ("quantize_int8", {"mode": "dynamic", "layers": ["stages.0.0.0"]}, "cnn",
-     r"compression\.quantize_int8\.layers: layer 'stages\.0\.0\.0' is a Conv2d; dynamic int8 quantises Linear"),
+    (
+        "quantize_int8",
+        {"layers": ["stages.0.0.1"]},
+        "cnn",
+        r"compression\.quantize_int8\.layers: layer 'stages\.0\.0\.1' is a BatchNorm2d; static int8 quantises Conv",
+    ),
+    (
+        "quantize_int8",
+        {"mode": "dynamic", "layers": ["stages.0.0.0"]},
+        "cnn",
+        r"compression\.quantize_int8\.layers: layer 'stages\.0\.0\.0' is a Conv2d; dynamic int8 quantises Linear",
+    ),
     ("quantize_int8", {"layers": ["fc"], "skip": ["fc"]}, "cnn", r"compression\.quantize_int8: every layer in layers"),
-    ("prune_unstructured", {"skip": ["stages.1"]}, "cnn",
-     r"compression\.prune_unstructured\.skip: layer 'stages\.1' is a Sequential; .*inside it: stages\.1\.1\.0"),
-    ("prune_unstructured", {"skip": ["stages.0.0.0", "stages.0.1.0", "stages.1.1.0", "stages.1.2.0", "fc"]}, "cnn",
-     r"compression\.prune_unstructured: no conv or linear layer left"),
-    ("lowrank", {"skip": ["stages.0.0.1"]}, "cnn",
-     r"compression\.lowrank\.skip: layer 'stages\.0\.0\.1' is a BatchNorm2d"),
+    (
+        "prune_unstructured",
+        {"skip": ["stages.1"]},
+        "cnn",
+        r"compression\.prune_unstructured\.skip: layer 'stages\.1' is a Sequential; .*inside it: stages\.1\.1\.0",
+    ),
+    (
+        "prune_unstructured",
+        {"skip": ["stages.0.0.0", "stages.0.1.0", "stages.1.1.0", "stages.1.2.0", "fc"]},
+        "cnn",
+        r"compression\.prune_unstructured: no conv or linear layer left",
+    ),
+    (
+        "lowrank",
+        {"skip": ["stages.0.0.1"]},
+        "cnn",
+        r"compression\.lowrank\.skip: layer 'stages\.0\.0\.1' is a BatchNorm2d",
+    ),
     ("lowrank", {"layers": "conv"}, "mlp", r"compression\.lowrank has no layer to factorise"),
-    ("lowrank", {"rank_ratio": 0.99}, "cnn",
-     r"compression\.lowrank factorised no layer: at this rank none would get smaller"),
-    ("prune_structured", {"importance": "bn_scale"}, "mlp",
-     r"compression\.prune_structured\.importance=bn_scale needs BatchNorm"),
+    (
+        "lowrank",
+        {"rank_ratio": 0.99},
+        "cnn",
+        r"compression\.lowrank factorised no layer: at this rank none would get smaller",
+    ),
+    (
+        "prune_structured",
+        {"importance": "bn_scale"},
+        "mlp",
+        r"compression\.prune_structured\.importance=bn_scale needs BatchNorm",
+    ),
 ]
 
 
@@ -412,8 +480,11 @@ def test_steps_after_lowrank_are_checked_against_the_factorised_names():
     against what they will see, not refused for naming the new layers."""
     plan = [("lowrank", step("lowrank")), ("finetune", None)]
     check_steps(cnn(), [*plan, ("quantize_int8", step("quantize_int8", layers=["fc.0"], skip=["fc.1"]))])
-    with pytest.raises(KdError, match=r"^compression\.quantize_int8\.layers: layer 'fc' is a Sequential; .*"
-                                      r"inside it: fc\.0"):
+    with pytest.raises(
+        KdError,
+        match=r"^compression\.quantize_int8\.layers: layer 'fc' is a Sequential; .*"
+        r"inside it: fc\.0",
+    ):
         check_steps(cnn(), [*plan, ("quantize_int8", step("quantize_int8", layers=["fc"]))])
     with pytest.raises(KdError, match=r"^compression\.quantize_int8\.layers: the model has no layer 'fc\.0'"):
         check_steps(cnn(), [("quantize_int8", step("quantize_int8", layers=["fc.0"]))])

@@ -40,9 +40,19 @@ def metrics(run: Path) -> list[dict]:
 
 
 def test_train_teacher_writes_the_whole_run_directory(teacher_run):
-    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "config_resolved.yaml",
-                 "env.json", "metrics.csv", "summary.json", "model.safetensors", "model.json",
-                 "checkpoints/last.pt", "train-teacher.log"):
+    for name in (
+        ".hydra/config.yaml",
+        ".hydra/overrides.yaml",
+        ".hydra/hydra.yaml",
+        "config_resolved.yaml",
+        "env.json",
+        "metrics.csv",
+        "summary.json",
+        "model.safetensors",
+        "model.json",
+        "checkpoints/last.pt",
+        "train-teacher.log",
+    ):
         assert (teacher_run / name).is_file(), name
     done = summary(teacher_run)
     assert done["status"] == "complete" and done["epochs"] == 3 and done["role"] == "teacher"
@@ -61,16 +71,31 @@ def test_train_teacher_writes_the_whole_run_directory(teacher_run):
 
 def test_distill_then_evaluate_agree(teacher_run, outputs):
     student = outputs / "student"
-    out = kd_ok("distill", f"teacher.checkpoint={teacher_run}", "trainer.epochs=2", *FAST,
-                f"paths.outputs={outputs}", f"hydra.run.dir={student}", cwd=outputs).stdout
+    out = kd_ok(
+        "distill",
+        f"teacher.checkpoint={teacher_run}",
+        "trainer.epochs=2",
+        *FAST,
+        f"paths.outputs={outputs}",
+        f"hydra.run.dir={student}",
+        cwd=outputs,
+    ).stdout
     done = summary(student)
     assert done["status"] == "complete" and done["method"] == "kd"
     assert done["teacher_top1"] == pytest.approx(summary(teacher_run)["last_top1"])
     assert "train_kd" in metrics(student)[0] and "train_ce" in metrics(student)[0]
     assert "teacher cnn test top-1" in out and "student mlp test top-1" in out
     evaluation = outputs / "evaluation"
-    kd_ok("evaluate", f"run={student}", f"teacher_run={teacher_run}", "latency_batches=3", *FAST,
-          f"paths.outputs={outputs}", f"hydra.run.dir={evaluation}", cwd=outputs)
+    kd_ok(
+        "evaluate",
+        f"run={student}",
+        f"teacher_run={teacher_run}",
+        "latency_batches=3",
+        *FAST,
+        f"paths.outputs={outputs}",
+        f"hydra.run.dir={evaluation}",
+        cwd=outputs,
+    )
     scores = summary(evaluation)
     assert scores["top1"] == pytest.approx(done["last_top1"], abs=1e-9)
     assert scores["top5"] >= scores["top1"] and scores["nll"] > 0 and 0 <= scores["ece"] <= 100
@@ -83,8 +108,15 @@ def test_distill_then_evaluate_agree(teacher_run, outputs):
 def test_distill_auto_finds_the_matching_teacher(teacher_run, outputs):
     # teacher=cnn spells out the options that teacher=default (the one trained) left implicit
     run = outputs / "auto"
-    kd_ok("distill", "teacher=cnn", "trainer.epochs=1", *FAST, f"paths.outputs={outputs}", f"hydra.run.dir={run}",
-          cwd=outputs)
+    kd_ok(
+        "distill",
+        "teacher=cnn",
+        "trainer.epochs=1",
+        *FAST,
+        f"paths.outputs={outputs}",
+        f"hydra.run.dir={run}",
+        cwd=outputs,
+    )
     assert Path(summary(run)["teacher_run"]) == teacher_run
     assert json.loads((teacher_run / "model.json").read_text())["kwargs"] == {"width": 32, "depth": 2, "dropout": 0.0}
 
@@ -105,8 +137,9 @@ def test_same_seed_gives_identical_metrics_and_weights(tmp_path):
 
 
 def start_kd(*args: str, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "kd_cli", *args], cwd=cwd, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "kd_cli", *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
@@ -159,9 +192,20 @@ def test_corrupt_or_mismatched_weights_are_one_line_errors(teacher_run, tmp_path
 
 
 def test_teacher_for_another_data_set_is_refused(teacher_run, tmp_path):
-    result = kd_here("distill", "dataset=synthetic", "dataset.num_classes=3", "dataset.channels=1",
-                "dataset.image_size=8", "dataset.mean=[0.5]", "dataset.std=[0.25]", "dataset.num_train=64",
-                "dataset.num_test=32", f"teacher.checkpoint={teacher_run}", *FAST, cwd=tmp_path)
+    result = kd_here(
+        "distill",
+        "dataset=synthetic",
+        "dataset.num_classes=3",
+        "dataset.channels=1",
+        "dataset.image_size=8",
+        "dataset.mean=[0.5]",
+        "dataset.std=[0.25]",
+        "dataset.num_train=64",
+        "dataset.num_test=32",
+        f"teacher.checkpoint={teacher_run}",
+        *FAST,
+        cwd=tmp_path,
+    )
     assert_one_line_error(result, "10 classes", "3 and 1")
 
 
@@ -170,8 +214,16 @@ def test_mnist_real_images_through_the_cli(tmp_path):
     images, labels = load_mnist_t10k()
     write_mnist_raw(tmp_path / "data", images, labels, n_train=8000)
     run = tmp_path / "run"
-    kd_ok("train-teacher", "dataset=mnist", f"paths.data={tmp_path / 'data'}", "trainer.epochs=1",
-          "trainer.max_steps_per_epoch=100", *FAST, f"hydra.run.dir={run}", cwd=tmp_path)
+    kd_ok(
+        "train-teacher",
+        "dataset=mnist",
+        f"paths.data={tmp_path / 'data'}",
+        "trainer.epochs=1",
+        "trainer.max_steps_per_epoch=100",
+        *FAST,
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
     env = json.loads((run / "env.json").read_text())
     assert (env["train_samples"], env["test_samples"]) == (8000, 2000)
     assert summary(run)["last_top1"] > 70  # 100 steps of a small CNN on real digits (chance: 10)
@@ -183,9 +235,16 @@ def write_cifar100(root: Path, train: int, test: int) -> None:
     rng = np.random.default_rng(0)
     for name, count in (("train", train), ("test", test)):
         labels = (np.arange(count) % 100).tolist()
-        write_pickle(folder / name, {"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
-                                     "fine_labels": labels, "coarse_labels": [x // 5 for x in labels],
-                                     "filenames": [f"{i}.png" for i in range(count)], "batch_label": name})
+        write_pickle(
+            folder / name,
+            {
+                "data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+                "fine_labels": labels,
+                "coarse_labels": [x // 5 for x in labels],
+                "filenames": [f"{i}.png" for i in range(count)],
+                "batch_label": name,
+            },
+        )
     names = [f"class_{i}" for i in range(100)]
     write_pickle(folder / "meta", {"fine_label_names": names, "coarse_label_names": names[:20]})
 
@@ -194,9 +253,18 @@ def test_cifar100_format_runs_the_readme_command(tmp_path):
     missing = kd("distill", "dataset=cifar100", "student=resnet18", f"paths.data={tmp_path / 'data'}", cwd=tmp_path)
     assert_one_line_error(missing, str(tmp_path / "data"), "dataset.download")
     write_cifar100(tmp_path / "data", train=200, test=100)
-    kd_ok("distill", "dataset=cifar100", "student=resnet18", "debug=default", "dataset.verify_checksums=false",
-          "trainer.max_steps_per_epoch=2", "trainer.batch_size=16", f"paths.data={tmp_path / 'data'}",
-          f"paths.outputs={tmp_path / 'out'}", cwd=tmp_path)
+    kd_ok(
+        "distill",
+        "dataset=cifar100",
+        "student=resnet18",
+        "debug=default",
+        "dataset.verify_checksums=false",
+        "trainer.max_steps_per_epoch=2",
+        "trainer.batch_size=16",
+        f"paths.data={tmp_path / 'data'}",
+        f"paths.outputs={tmp_path / 'out'}",
+        cwd=tmp_path,
+    )
     student = run_dirs(tmp_path / "out", "distill")[0]
     done = summary(student)
     assert done["status"] == "complete" and done["teacher_arch"] == "resnet32x4" and done["arch"] == "resnet18"
@@ -204,22 +272,41 @@ def test_cifar100_format_runs_the_readme_command(tmp_path):
 
 
 def test_sweep_with_the_flag_after_overrides(teacher_run, outputs):
-    kd_ok("distill", "trainer.epochs=1", "-m", "method.temperature=2,8", *FAST, f"paths.outputs={outputs}",
-          cwd=outputs)
+    kd_ok("distill", "trainer.epochs=1", "-m", "method.temperature=2,8", *FAST, f"paths.outputs={outputs}", cwd=outputs)
     sweep = sorted((outputs / "multirun").glob("*/*"))[-1]
     assert (sweep / "multirun.yaml").exists()
-    temperatures = sorted(json.loads((sweep / str(i) / "summary.json").read_text())["status"] == "complete"
-                          and float(__import__("yaml").safe_load((sweep / str(i) / "config_resolved.yaml").read_text())["method"]["temperature"])
-                          for i in (0, 1))
+    temperatures = sorted(
+        json.loads((sweep / str(i) / "summary.json").read_text())["status"] == "complete"
+        and float(
+            __import__("yaml").safe_load((sweep / str(i) / "config_resolved.yaml").read_text())["method"]["temperature"]
+        )
+        for i in (0, 1)
+    )
     assert temperatures == [2.0, 8.0]
 
 
 def test_torchrun_ddp_on_cpu_writes_one_run(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     run = tmp_path / "ddp"
-    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "kd_cli", "train-teacher",
-                           "trainer.epochs=2", *FAST, f"paths.outputs={tmp_path}", f"hydra.run.dir={run}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "kd_cli",
+            "train-teacher",
+            "trainer.epochs=2",
+            *FAST,
+            f"paths.outputs={tmp_path}",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert summary(run)["status"] == "complete"
     assert json.loads((run / "env.json").read_text())["world_size"] == 2
@@ -230,14 +317,31 @@ def test_torchrun_ddp_on_cpu_writes_one_run(tmp_path):
 def test_torchrun_ddp_resume_continues_the_checkpoint_on_every_rank(tmp_path):
     """Rank 1 writes a scratch directory; on resume it must continue rank 0's checkpoint too, else
     the ranks run different numbers of epochs and the collectives no longer match."""
-    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2", "-m", "kd_cli"]
+    torchrun = [
+        str(Path(sys.executable).with_name("torchrun")),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "kd_cli",
+    ]
     run = tmp_path / "ddp"
-    first = subprocess.run([*torchrun, "train-teacher", "trainer.epochs=2", *FAST, f"hydra.run.dir={run}"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    first = subprocess.run(
+        [*torchrun, "train-teacher", "trainer.epochs=2", *FAST, f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     (run / "summary.json").write_text(json.dumps({**summary(run), "status": "interrupted"}))
-    longer = subprocess.run([*torchrun, "train-teacher", f"resume={run}", "trainer.epochs=4", "resume_extend=true"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    longer = subprocess.run(
+        [*torchrun, "train-teacher", f"resume={run}", "trainer.epochs=4", "resume_extend=true"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert longer.returncode == 0, longer.stderr[-3000:]
     done = summary(run)
     assert done["status"] == "complete" and done["epochs"] == 4 and done["resumed_from_epoch"] == 2
@@ -245,20 +349,31 @@ def test_torchrun_ddp_resume_continues_the_checkpoint_on_every_rank(tmp_path):
 
 
 def test_progress_bars_and_plain_lines(tmp_path):
-    bars = kd_ok("train-teacher", "trainer.epochs=2", "trainer.progress=bar", f"hydra.run.dir={tmp_path / 'a'}",
-                 cwd=tmp_path).stdout
+    bars = kd_ok(
+        "train-teacher", "trainer.epochs=2", "trainer.progress=bar", f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path
+    ).stdout
     assert "epoch 2/2" in bars and "test top-1" in bars
-    plain = kd_ok("train-teacher", "trainer.epochs=2", "trainer.progress=plain", f"hydra.run.dir={tmp_path / 'b'}",
-                  cwd=tmp_path).stdout
+    plain = kd_ok(
+        "train-teacher", "trainer.epochs=2", "trainer.progress=plain", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path
+    ).stdout
     assert "[teacher cnn] epoch 1/2" in plain and "[teacher cnn] epoch 2/2" in plain
     assert "epoch 2/2" in (tmp_path / "a" / "train-teacher.log").read_text()  # bars still log each epoch to file
 
 
 def test_born_again_generations_each_teach_the_next(teacher_run, tmp_path):
     run = tmp_path / "ban"
-    out = kd_ok("distill", "method=born_again", "method.generations=2", "student=cnn", "student.kwargs.width=8",
-                f"teacher.checkpoint={teacher_run}", "trainer.epochs=2", *FAST, f"hydra.run.dir={run}",
-                cwd=tmp_path).stdout
+    out = kd_ok(
+        "distill",
+        "method=born_again",
+        "method.generations=2",
+        "student=cnn",
+        "student.kwargs.width=8",
+        f"teacher.checkpoint={teacher_run}",
+        "trainer.epochs=2",
+        *FAST,
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    ).stdout
     first, final = summary(run / "generation-1"), summary(run)
     assert first["status"] == "complete" and first["generation"] == 1
     assert final["status"] == "complete" and len(final["generations_top1"]) == 2
@@ -276,8 +391,12 @@ def free_port() -> int:
 
 def two_processes(commands: list[list[str]], envs: list[dict], cwd: Path) -> list[subprocess.CompletedProcess]:
     """Start both at once (they rendezvous), then wait for both."""
-    procs = [subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for cmd, env in zip(commands, envs)]
+    procs = [
+        subprocess.Popen(
+            cmd, cwd=cwd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for cmd, env in zip(commands, envs)
+    ]
     outcomes = []
     for proc, cmd in zip(procs, commands):
         out, err = proc.communicate(timeout=300)
@@ -291,9 +410,24 @@ def test_two_torchrun_nodes_train_one_run(tmp_path):
     is written, by rank 0."""
     port, run = free_port(), tmp_path / "out" / "run"
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    commands = [[torchrun, "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
-                 f"--master_port={port}", "-m", "kd_cli", "train-teacher", "trainer.epochs=2", *FAST,
-                 f"paths.outputs={tmp_path / 'out'}", f"hydra.run.dir={run}"] for node in (0, 1)]
+    commands = [
+        [
+            torchrun,
+            "--nnodes=2",
+            f"--node_rank={node}",
+            "--nproc_per_node=1",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            "-m",
+            "kd_cli",
+            "train-teacher",
+            "trainer.epochs=2",
+            *FAST,
+            f"paths.outputs={tmp_path / 'out'}",
+            f"hydra.run.dir={run}",
+        ]
+        for node in (0, 1)
+    ]
     for done in two_processes(commands, [{}, {}], tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
     assert summary(run)["status"] == "complete"
@@ -306,10 +440,22 @@ def test_the_tasks_of_a_slurm_step_train_one_run(tmp_path):
     """What `srun --ntasks=2 kd ...` (or the submitit launcher with two tasks) gives each process: SLURM's
     variables only. kd derives the ranks from them, and the two tasks train one run."""
     run = tmp_path / "out" / "run"
-    command = [sys.executable, "-m", "kd_cli", "train-teacher", "trainer.epochs=2", *FAST,
-               f"paths.outputs={tmp_path / 'out'}", f"hydra.run.dir={run}"]
-    slurm = {"SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "localhost", "SLURM_JOB_ID": str(free_port()),
-             "MASTER_ADDR": "127.0.0.1"}
+    command = [
+        sys.executable,
+        "-m",
+        "kd_cli",
+        "train-teacher",
+        "trainer.epochs=2",
+        *FAST,
+        f"paths.outputs={tmp_path / 'out'}",
+        f"hydra.run.dir={run}",
+    ]
+    slurm = {
+        "SLURM_STEP_NUM_TASKS": "2",
+        "SLURM_STEP_NODELIST": "localhost",
+        "SLURM_JOB_ID": str(free_port()),
+        "MASTER_ADDR": "127.0.0.1",
+    }
     envs = [{**slurm, "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task)} for task in (0, 1)]
     for done in two_processes([command, command], envs, tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]

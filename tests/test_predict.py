@@ -20,8 +20,9 @@ from kd_cli.engine.artifacts import load_model
 def trained(tmp_path_factory) -> Path:
     outputs = tmp_path_factory.mktemp("outputs")
     run = outputs / "teacher"
-    result = kd_here("train-teacher", "trainer.epochs=2", *FAST, f"paths.outputs={outputs}", f"hydra.run.dir={run}",
-                     cwd=outputs)
+    result = kd_here(
+        "train-teacher", "trainer.epochs=2", *FAST, f"paths.outputs={outputs}", f"hydra.run.dir={run}", cwd=outputs
+    )
     assert result.code == 0, result.stderr
     return run
 
@@ -89,11 +90,20 @@ def test_single_images_and_list_files(trained, pngs, tmp_path):
     root, _, _ = pngs
     files = sorted(root.rglob("*.png"))
     listing = tmp_path / "list.txt"
-    listing.write_text("# two digits, one by a path relative to the list\n" + "\n".join(
-        [os.path.relpath(files[3], tmp_path), str(files[4])]))
+    listing.write_text(
+        "# two digits, one by a path relative to the list\n"
+        + "\n".join([os.path.relpath(files[3], tmp_path), str(files[4])])
+    )
     out = tmp_path / "p.csv"
-    result = kd_here("predict", f"run={trained / 'model.safetensors'}", str(files[0]), str(listing), f"out={out}",
-                     "top_k=20", cwd=tmp_path)
+    result = kd_here(
+        "predict",
+        f"run={trained / 'model.safetensors'}",
+        str(files[0]),
+        str(listing),
+        f"out={out}",
+        "top_k=20",
+        cwd=tmp_path,
+    )
     assert result.code == 0, result.stderr
     rows = rows_of(out)
     assert [Path(r["file"]).resolve() for r in rows] == [p.resolve() for p in (files[0], *files[3:5])]
@@ -101,12 +111,15 @@ def test_single_images_and_list_files(trained, pngs, tmp_path):
     assert sum(float(rows[0][f"prob{k}"]) for k in range(1, 11)) == pytest.approx(1.0, abs=1e-4)
 
 
-@pytest.mark.parametrize("args, fragments", [
-    (["top_k=0"], ["top_k", "at least 1"]),
-    (["topk=3"], ["unknown option 'topk'"]),
-    (["device=cuda"] if not torch.cuda.is_available() else ["device=tpu"], ["device="]),
-    (["strict=maybe"], ["'maybe' is not true or false"]),
-])
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["top_k=0"], ["top_k", "at least 1"]),
+        (["topk=3"], ["unknown option 'topk'"]),
+        (["device=cuda"] if not torch.cuda.is_available() else ["device=tpu"], ["device="]),
+        (["strict=maybe"], ["'maybe' is not true or false"]),
+    ],
+)
 def test_bad_options_are_one_line(trained, pngs, tmp_path, args, fragments):
     result = kd_here("predict", f"run={trained}", str(pngs[0]), f"out={tmp_path / 'p.csv'}", *args, cwd=tmp_path)
     assert_one_line_error(result, *fragments)

@@ -17,9 +17,16 @@ PRESETS = sorted(
     str(p.relative_to(Path(__file__).parents[1] / "configs" / "experiment").with_suffix(""))
     for p in (Path(__file__).parents[1] / "configs" / "experiment").rglob("*.yaml")
 )
-DKD_BETA = {"resnet56_resnet20": 2.0, "resnet110_resnet32": 2.0, "resnet32x4_resnet8x4": 8.0,
-            "wrn_40_2_wrn_16_2": 6.0, "wrn_40_2_wrn_40_1": 6.0, "vgg13_vgg8": 6.0,
-            "resnet32x4_shufflenetv2": 8.0, "vgg13_mobilenetv2": 6.0}
+DKD_BETA = {
+    "resnet56_resnet20": 2.0,
+    "resnet110_resnet32": 2.0,
+    "resnet32x4_resnet8x4": 8.0,
+    "wrn_40_2_wrn_16_2": 6.0,
+    "wrn_40_2_wrn_40_1": 6.0,
+    "vgg13_vgg8": 6.0,
+    "resnet32x4_shufflenetv2": 8.0,
+    "vgg13_mobilenetv2": 6.0,
+}
 
 
 def compose_distill(preset: str):
@@ -33,8 +40,12 @@ def test_every_preset_composes_with_valid_method_options(preset):
     cfg = compose_distill(preset)
     OmegaConf.resolve(cfg)
     method = dict(cfg.method)
-    check_options(f"method {method['name']}", METHODS.get(method.pop("name")), method,
-                  exclude=("student", "teacher", "num_samples"))
+    check_options(
+        f"method {method['name']}",
+        METHODS.get(method.pop("name")),
+        method,
+        exclude=("student", "teacher", "num_samples"),
+    )
     assert cfg.dataset.name == "cifar100" and cfg.trainer.epochs == 240
     assert list(cfg.optim.milestones) == [150, 180, 210]
 

@@ -26,8 +26,11 @@ PACKAGES = Path(__file__).parents[1] / "kd_cli"
 
 
 def keyword_options(entry, fixed=()) -> dict[str, inspect.Parameter]:
-    return {name: p for name, p in inspect.signature(entry).parameters.items()
-            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and name not in fixed and name != "params"}
+    return {
+        name: p
+        for name, p in inspect.signature(entry).parameters.items()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and name not in fixed and name != "params"
+    }
 
 
 def load(path: Path) -> dict:

@@ -40,8 +40,7 @@ def jobs(sweep: Path) -> dict[tuple[str, str], Path]:
 
 def table_rows(stdout: str) -> list[list[str]]:
     """The body rows of the rich table, as stripped cells."""
-    return [[cell.strip() for cell in line.split("│")[1:-1]] for line in stdout.splitlines()
-            if line.startswith("│")]
+    return [[cell.strip() for cell in line.split("│")[1:-1]] for line in stdout.splitlines() if line.startswith("│")]
 
 
 def best(run: Path) -> float:
@@ -93,8 +92,9 @@ def test_where_filters_on_overrides_and_saved_config(sweep, tmp_path):
     rows = table_rows(kd_ok("report", str(sweep), "--where", "method.temperature=4", cwd=tmp_path).stdout)
     assert len(rows) == 1 and rows[0][-1] == "2 complete"
     assert len(table_rows(kd_ok("report", str(sweep), "--where", "method.name=kd", cwd=tmp_path).stdout)) == 3
-    line = assert_one_line_error(kd("report", str(sweep), "--where", "method.temperature=5", cwd=tmp_path),
-                                 "method.temperature=5")
+    line = assert_one_line_error(
+        kd("report", str(sweep), "--where", "method.temperature=5", cwd=tmp_path), "method.temperature=5"
+    )
     assert "1, 4, 8" in line
 
 

@@ -47,16 +47,28 @@ BROKEN = [
 ]
 
 
-def write_run(path: Path, temperature: float = 4, seed: int = 0, status: str = "complete", best: float = 80.0,
-              cwd: Path | None = None, stage: str = "distill", overrides: list[str] | None = None) -> Path:
+def write_run(
+    path: Path,
+    temperature: float = 4,
+    seed: int = 0,
+    status: str = "complete",
+    best: float = 80.0,
+    cwd: Path | None = None,
+    stage: str = "distill",
+    overrides: list[str] | None = None,
+) -> Path:
     """A small run directory with every file kd writes (no model: report and reproduce need none)."""
     if overrides is None:
         overrides = [f"method.temperature={temperature}", f"seed={seed}"]
     config = {"stage": stage, "seed": seed, "paths": {"outputs": "outputs", "data": "data"}, "trainer": {"epochs": 2}}
     if stage == "distill":
         config["method"] = {"name": "kd", "temperature": temperature}
-    hydra = {"hydra": {"runtime": {"choices": HYDRA_CHOICES, "cwd": str(cwd or path.parent)},
-                       "job": {"config_name": stage.replace("-", "_")}}}
+    hydra = {
+        "hydra": {
+            "runtime": {"choices": HYDRA_CHOICES, "cwd": str(cwd or path.parent)},
+            "job": {"config_name": stage.replace("-", "_")},
+        }
+    }
     files = {
         ".hydra/overrides.yaml": yaml.safe_dump(overrides),
         ".hydra/config.yaml": yaml.safe_dump(config),
@@ -122,8 +134,7 @@ def unreadable(monkeypatch, path: Path) -> None:
 
 
 @pytest.mark.parametrize("name,content,problem", BROKEN, ids=[f"{n}:{p[:14]}" for n, _, p in BROKEN])
-def test_a_broken_file_leaves_its_run_out_with_one_warning(runs, tmp_path, capsys, monkeypatch, name, content,
-                                                           problem):
+def test_a_broken_file_leaves_its_run_out_with_one_warning(runs, tmp_path, capsys, monkeypatch, name, content, problem):
     monkeypatch.chdir(tmp_path)
     bad = write_run(runs / "t8-s0", 8, 0, best=99.0)
     break_file(bad, name, content)
@@ -138,7 +149,10 @@ def test_a_broken_file_leaves_its_run_out_with_one_warning(runs, tmp_path, capsy
         assert "4 runs in 2 settings" in out
         assert f"broken, left out: outputs/t8-s0  ({name} {problem}" in out
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
-        "best_top1_vs_method.temperature.png", "curves_test_top1.png", "curves_train_loss.png"]
+        "best_top1_vs_method.temperature.png",
+        "curves_test_top1.png",
+        "curves_train_loss.png",
+    ]
     assert snapshot(runs) == before  # report reads, never writes
 
 
@@ -170,8 +184,10 @@ def test_every_run_left_out_is_one_error(tmp_path, capsys, monkeypatch):
     code, out, err = kd_main(capsys, "report", "outputs")
     assert code == 2 and out == ""
     assert [line.split(":")[1] for line in err] == [" warning", " warning", " error"]
-    assert err[-1] == ("kd: error: no readable kd run under outputs: each of the 2 run directories has an "
-                       "unreadable or broken file (named in the warnings above); fix or move those files")
+    assert err[-1] == (
+        "kd: error: no readable kd run under outputs: each of the 2 run directories has an "
+        "unreadable or broken file (named in the warnings above); fix or move those files"
+    )
 
 
 def test_a_killed_run_is_stale_and_a_live_one_running(runs, tmp_path, capsys, monkeypatch):
@@ -183,8 +199,10 @@ def test_a_killed_run_is_stale_and_a_live_one_running(runs, tmp_path, capsys, mo
         code, out, err = kd_main(capsys, "report", "outputs")
         assert code == 0 and err == []
         assert table_rows(out)[1][-1] == "2 complete, 1 running, 1 stale"
-        assert ("stale: outputs/t4-s2  (killed: its summary says running but no process holds it; continue it "
-                "with kd distill resume=outputs/t4-s2)") in out
+        assert (
+            "stale: outputs/t4-s2  (killed: its summary says running but no process holds it; continue it "
+            "with kd distill resume=outputs/t4-s2)"
+        ) in out
         code, out, err = kd_main(capsys, "report", "outputs", "--where", "status=stale")
         assert code == 0 and [row[-1] for row in table_rows(out)] == ["1 stale"] and "t4-s2" in out
         code, out, err = kd_main(capsys, "report", "outputs", "--where", "status=running")
@@ -223,7 +241,11 @@ def test_a_folder_that_cannot_be_searched_is_warned_about(runs, tmp_path, capsys
 
 REPRODUCE_BROKEN = [
     (".hydra/config.yaml", "stage: [distill\n", "is not valid YAML"),
-    (".hydra/overrides.yaml", "- method.temperature=4\n- {seed: 0}\n", "holds something other than a list of overrides"),
+    (
+        ".hydra/overrides.yaml",
+        "- method.temperature=4\n- {seed: 0}\n",
+        "holds something other than a list of overrides",
+    ),
     (".hydra/overrides.yaml", "- [method", "is not valid YAML"),
     (".hydra/hydra.yaml", "- just a list\n", "holds a list, not a mapping"),
     ("config_resolved.yaml", "seed: 0\n\tmethod: kd\n", "is not valid YAML"),
@@ -233,9 +255,12 @@ REPRODUCE_BROKEN = [
 ]
 
 
-@pytest.mark.parametrize("name,content,problem", REPRODUCE_BROKEN, ids=[f"{n}:{p[:14]}" for n, _, p in REPRODUCE_BROKEN])
-def test_reproduce_of_a_broken_run_is_one_line_and_starts_nothing(tmp_path, capsys, monkeypatch, name, content,
-                                                                  problem):
+@pytest.mark.parametrize(
+    "name,content,problem", REPRODUCE_BROKEN, ids=[f"{n}:{p[:14]}" for n, _, p in REPRODUCE_BROKEN]
+)
+def test_reproduce_of_a_broken_run_is_one_line_and_starts_nothing(
+    tmp_path, capsys, monkeypatch, name, content, problem
+):
     monkeypatch.chdir(tmp_path)
     run = write_run(tmp_path / "project" / "run", cwd=tmp_path / "project")
     break_file(run, name, content)
@@ -254,12 +279,16 @@ def test_reproduce_of_an_unreadable_or_killed_run_is_one_line(tmp_path, capsys, 
         unreadable(patch, run / "env.json")
         code, out, err = kd_main(capsys, "reproduce", str(run))
     (run / "env.json").chmod(0o644)
-    assert code == 2 and err == [f"kd: error: cannot reproduce {run}: its env.json cannot be read (permission denied); "
-                                 f"get read access to it (nothing was started)"]
+    assert code == 2 and err == [
+        f"kd: error: cannot reproduce {run}: its env.json cannot be read (permission denied); "
+        f"get read access to it (nothing was started)"
+    ]
     write_run(run, status="running")  # killed: nobody holds its lock
     code, out, err = kd_main(capsys, "reproduce", str(run))
-    assert code == 2 and err == [f"kd: error: {run} is stale, not complete: it has no final metrics to compare with; "
-                                 f"finish it first (kd distill resume={run})"]
+    assert code == 2 and err == [
+        f"kd: error: {run} is stale, not complete: it has no final metrics to compare with; "
+        f"finish it first (kd distill resume={run})"
+    ]
     assert sorted(p.name for p in (tmp_path / "project").iterdir()) == ["run"]
 
 
@@ -286,8 +315,9 @@ def test_reproduce_reads_a_run_without_its_optional_files(tmp_path):
 def teacher_run(path: Path, cwd: Path) -> Path:
     """A finished train-teacher run as kd reproduce reads it. Its saved config is not kd's whole config:
     the differences are listed, which does not matter here."""
-    return write_run(path, stage="train-teacher", cwd=cwd,
-                     overrides=[*FAST, "trainer.max_steps_per_epoch=2", "trainer.epochs=1"])
+    return write_run(
+        path, stage="train-teacher", cwd=cwd, overrides=[*FAST, "trainer.max_steps_per_epoch=2", "trainer.epochs=1"]
+    )
 
 
 @pytest.mark.parametrize("child", ["refused", "interrupted"])
@@ -317,8 +347,11 @@ def test_a_reproduction_that_never_starts_leaves_no_directory(tmp_path, capsys, 
             where = f"run directory {run_dir}" if started else "it wrote nothing"
             assert str(raised.value) == f"the reproduction failed: trainer.epochs=0 must be >= 1 ({where})"
         else:
-            where = f"its run directory {run_dir} keeps what the run recorded" if started else \
-                "it had not started: nothing kept"
+            where = (
+                f"its run directory {run_dir} keeps what the run recorded"
+                if started
+                else "it had not started: nothing kept"
+            )
             assert f"reproduction interrupted; {where}" in out
     assert [p.name for p in (tmp_path / "outputs" / "reproduce").glob("*/*")] == [run_dir.name]
 
@@ -343,15 +376,22 @@ def test_sigterm_to_reproduce_stops_its_child(tmp_path):
     teacher_run(tmp_path / "original", cwd=tmp_path)
     out_file, err_file = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with open(out_file, "w") as out, open(err_file, "w") as err:  # files, not pipes: nothing blocks on a full pipe
-        process = subprocess.Popen([sys.executable, "-m", "kd_cli", "reproduce", "original", "trainer.epochs=100000"],
-                                   cwd=tmp_path, stdout=out, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        process = subprocess.Popen(
+            [sys.executable, "-m", "kd_cli", "reproduce", "original", "trainer.epochs=100000"],
+            cwd=tmp_path,
+            stdout=out,
+            stderr=err,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     try:
         checkpoints: list[Path] = []
         give_up = time.monotonic() + 600  # a safety net against a hung test, not a timing under test
         while not checkpoints and process.poll() is None and time.monotonic() < give_up:
             time.sleep(0.2)
             checkpoints = list((tmp_path / "outputs" / "reproduce").glob("*/*/checkpoints/last.pt"))
-        assert checkpoints, f"no checkpoint of the rerun:\n{out_file.read_text()[-3000:]}\n{err_file.read_text()[-3000:]}"
+        assert checkpoints, (
+            f"no checkpoint of the rerun:\n{out_file.read_text()[-3000:]}\n{err_file.read_text()[-3000:]}"
+        )
         child_dir = checkpoints[0].parent.parent
         assert any(str(child_dir) in line for line in command_lines())  # the child is training
         process.send_signal(signal.SIGTERM)

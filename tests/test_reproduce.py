@@ -24,8 +24,17 @@ def project(tmp_path_factory) -> Path:
     digits = files("kd_cli.configs").joinpath("dataset", "digits.yaml").read_text()
     (root / "userconf" / "dataset" / "mydigits.yaml").write_text(digits)
     kd_ok("train-teacher", *TINY, "paths.outputs=outputs", cwd=root)
-    kd_ok("distill", "-m", "-cd", str(root / "userconf"), "dataset=mydigits", "seed=1", *TINY,
-          "paths.outputs=outputs", cwd=root)
+    kd_ok(
+        "distill",
+        "-m",
+        "-cd",
+        str(root / "userconf"),
+        "dataset=mydigits",
+        "seed=1",
+        *TINY,
+        "paths.outputs=outputs",
+        cwd=root,
+    )
     return root
 
 

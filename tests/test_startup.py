@@ -40,8 +40,9 @@ print(json.dumps({"codes": results, "torch": "torch" in sys.modules}), file=sys.
 
 def test_the_index_matches_the_registered_models():
     saved = json.loads(model_index.INDEX_FILE.read_text())
-    assert saved["fingerprint"] == model_index.sources_fingerprint(), \
+    assert saved["fingerprint"] == model_index.sources_fingerprint(), (
         "kd_cli/model_index.json is stale: run `python -m kd_cli.model_index`"
+    )
     assert saved["models"] == model_index.build_index()
 
 
@@ -54,8 +55,13 @@ def test_a_stale_index_is_not_used(tmp_path, monkeypatch):
 
 
 def test_commands_that_need_no_model_do_not_import_torch(tmp_path):
-    probe = subprocess.run([sys.executable, "-c", PROBE, json.dumps(LIGHT_COMMANDS)], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=120)
+    probe = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(LIGHT_COMMANDS)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     outcome = json.loads(probe.stderr.strip().splitlines()[-1])
     assert outcome["codes"] == [0, 0, 0, 0, 2, 2, 0, 0, 2, 0], probe.stderr
     assert not outcome["torch"]

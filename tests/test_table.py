@@ -33,13 +33,16 @@ def test_the_cifar100_table_cites_a_source_for_every_published_figure():
     assert all(pair in spec.pairs for cells in spec.published.values() for pair in cells)
 
 
-@pytest.mark.parametrize("change, fragment", [
-    (lambda t: t["published"]["kd"].update({"resnet56_resnet20": [70.66, "a blog"]}), "cites 'a blog'"),
-    (lambda t: t["published"]["kd"].update({"resnet56_resnet20": "70.66"}), "must be [top-1, source]"),
-    (lambda t: t["pairs"].update({"odd": {"teacher": "resnet56"}}), "pairs.odd must give `teacher` and `student`"),
-    (lambda t: t.update(compare="median"), "compare=median is not one of best, last"),
-    (lambda t: t["small"].update(pairs=["nope"]), "small.pairs names nope"),
-])
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        (lambda t: t["published"]["kd"].update({"resnet56_resnet20": [70.66, "a blog"]}), "cites 'a blog'"),
+        (lambda t: t["published"]["kd"].update({"resnet56_resnet20": "70.66"}), "must be [top-1, source]"),
+        (lambda t: t["pairs"].update({"odd": {"teacher": "resnet56"}}), "pairs.odd must give `teacher` and `student`"),
+        (lambda t: t.update(compare="median"), "compare=median is not one of best, last"),
+        (lambda t: t["small"].update(pairs=["nope"]), "small.pairs names nope"),
+    ],
+)
 def test_a_broken_table_file_is_one_line_naming_the_key(tmp_path, change, fragment):
     table = yaml.safe_load((Path(load_spec("cifar100").path)).read_text())
     change(table)
@@ -61,8 +64,9 @@ def test_unknown_tables_methods_and_pairs_are_refused_with_the_choices():
 
 
 def test_own_keys_are_the_commands_and_every_other_override_goes_to_each_run():
-    own, overrides = split_arguments(["cifar100", "methods=kd,dkd", "seeds=2", "hydra/launcher=joblib",
-                                      "trainer.device=cuda", "--small"])
+    own, overrides = split_arguments(
+        ["cifar100", "methods=kd,dkd", "seeds=2", "hydra/launcher=joblib", "trainer.device=cuda", "--small"]
+    )
     assert own == ["cifar100", "--methods", "kd,dkd", "--seeds", "2", "--small"]
     assert overrides == ["hydra/launcher=joblib", "trainer.device=cuda"]
     with pytest.raises(KdError, match="kd table sets seed itself"):
@@ -98,16 +102,24 @@ def test_a_cell_is_planned_fresh_resumed_or_skipped(tmp_path):
         cell_job(spec, pair, "kd", tmp_path, [], needs_teacher=True)
 
 
-@pytest.mark.parametrize("scores, status, delta", [
-    ([70.5, 70.9], "reproduced", 0.04), ([69.0, 69.2], "below", -1.56), ([72.0, 71.0], "above", 0.84), ([], "not run", None),
-])
+@pytest.mark.parametrize(
+    "scores, status, delta",
+    [
+        ([70.5, 70.9], "reproduced", 0.04),
+        ([69.0, 69.2], "below", -1.56),
+        ([72.0, 71.0], "above", 0.84),
+        ([], "not run", None),
+    ],
+)
 def test_a_cell_is_reproduced_within_the_tolerance_else_below_or_above(scores, status, delta):
     spec = load_spec("cifar100")
     cell = make_cell(spec, "resnet56_resnet20", "kd", [{"best_top1": s, "last_top1": s - 1} for s in scores])
     assert cell.status == status and cell.published == 70.66 and cell.source == "repdistiller"
     assert cell.delta == (None if delta is None else pytest.approx(delta))
-    assert make_cell(spec, "resnet56_resnet20", "reviewkd", [{"best_top1": 71.0, "last_top1": 70.0}]).status == \
-        "not published"
+    assert (
+        make_cell(spec, "resnet56_resnet20", "reviewkd", [{"best_top1": 71.0, "last_top1": 70.0}]).status
+        == "not published"
+    )
 
 
 # ---------------------------------------------------------------- the command, end to end
@@ -127,7 +139,10 @@ def test_the_small_table_trains_each_teacher_once_and_sets_kd_beside_the_publish
     with open(out / "table.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["pair"], r["method"]) for r in rows] == [
-        (pair, method) for pair in ("resnet56_resnet20", "wrn_40_2_wrn_16_2") for method in ("teacher", "none", "kd", "at")]
+        (pair, method)
+        for pair in ("resnet56_resnet20", "wrn_40_2_wrn_16_2")
+        for method in ("teacher", "none", "kd", "at")
+    ]
     cells = {(r["pair"], r["method"]): r for r in rows}
     assert cells[("resnet56_resnet20", "kd")]["published"] == "70.66"
     assert cells[("wrn_40_2_wrn_16_2", "at")]["source"] == "repdistiller"

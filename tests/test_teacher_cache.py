@@ -30,8 +30,16 @@ def teacher(tmp_path_factory) -> Path:
 
 def distill(teacher: Path, folder: Path, name: str, *overrides: str) -> Path:
     run = folder / name
-    result = kd_here("distill", *FAST, *EPOCHS, f"teacher.checkpoint={teacher}", f"paths.outputs={folder}",
-                     f"hydra.run.dir={run}", *overrides, cwd=folder)
+    result = kd_here(
+        "distill",
+        *FAST,
+        *EPOCHS,
+        f"teacher.checkpoint={teacher}",
+        f"paths.outputs={folder}",
+        f"hydra.run.dir={run}",
+        *overrides,
+        cwd=folder,
+    )
     assert result.code == 0, result.stderr
     return run
 
@@ -83,7 +91,13 @@ def test_feature_methods_on_maps_run_their_teacher(teacher, tmp_path):
 def test_a_feature_method_on_embeddings_reads_them_from_the_cache_exactly(teacher, tmp_path, method):
     """PKT and CRD read the teacher's pooled embedding: it is stored beside the logits (another entry than
     the logits alone), and a run reading both trains to the same bits as one running the teacher."""
-    setting = ["trainer.precision=fp32", f"method={method}", "student=cnn", "student.kwargs.width=8", "method.kd_weight=0.5"]
+    setting = [
+        "trainer.precision=fp32",
+        f"method={method}",
+        "student=cnn",
+        "student.kwargs.width=8",
+        "method.kd_weight=0.5",
+    ]
     filled = distill(teacher, tmp_path, "filled", *setting)
     read = distill(teacher, tmp_path, "read", *setting)
     plain = distill(teacher, tmp_path, "plain", *setting, "teacher_cache.enabled=false")
@@ -101,8 +115,15 @@ def test_outputs_for_other_images_are_refused_in_one_line(teacher, tmp_path):
     stored = entry / "epoch-00000.safetensors"
     tensors, metadata = read_entry_file(stored)
     save_file({"logits": tensors["logits"], "checksums": tensors["checksums"] + 1.0}, str(stored), metadata=metadata)
-    result = kd_here("distill", *FAST, *EPOCHS, f"teacher.checkpoint={teacher}", f"paths.outputs={tmp_path}",
-                     f"hydra.run.dir={tmp_path / 'second'}", cwd=tmp_path)
+    result = kd_here(
+        "distill",
+        *FAST,
+        *EPOCHS,
+        f"teacher.checkpoint={teacher}",
+        f"paths.outputs={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'second'}",
+        cwd=tmp_path,
+    )
     assert_one_line_error(result, "holds outputs for other images", "kd cache clear")
     assert summary(tmp_path / "second")["status"] == "failed"
 
@@ -132,8 +153,15 @@ def test_a_tampered_cache_file_is_recomputed_with_a_warning(teacher, tmp_path, h
     stored = entry / "epoch-00000.safetensors"
     tensors, metadata = read_entry_file(stored)
     save_file(tampered(tensors, how), str(stored), metadata=metadata)
-    result = kd_here("distill", *FAST, *EPOCHS, f"teacher.checkpoint={teacher}", f"paths.outputs={tmp_path}",
-                     f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
+    result = kd_here(
+        "distill",
+        *FAST,
+        *EPOCHS,
+        f"teacher.checkpoint={teacher}",
+        f"paths.outputs={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'again'}",
+        cwd=tmp_path,
+    )
     assert result.code == 0, result.stderr
     assert "kd: warning: teacher cache:" in result.stderr and "damaged" in result.stderr
     assert served(tmp_path / "again") == (1, 1) and metrics(tmp_path / "again") == metrics(run)
@@ -165,8 +193,16 @@ def test_a_broken_cache_file_is_recomputed(teacher, tmp_path):
 def test_an_unwritable_cache_costs_speed_not_the_run(teacher, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    result = kd_here("distill", *FAST, *EPOCHS, f"teacher.checkpoint={teacher}", f"paths.outputs={tmp_path}",
-                     f"hydra.run.dir={tmp_path / 'run'}", f"teacher_cache.dir={blocker}/cache", cwd=tmp_path)
+    result = kd_here(
+        "distill",
+        *FAST,
+        *EPOCHS,
+        f"teacher.checkpoint={teacher}",
+        f"paths.outputs={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        f"teacher_cache.dir={blocker}/cache",
+        cwd=tmp_path,
+    )
     assert result.code == 0, result.stderr
     assert "teacher cache" in result.stderr and "cannot be written" in result.stderr
     assert served(tmp_path / "run") == (0, 2)
@@ -232,12 +268,15 @@ def test_kd_cache_lists_and_clears(teacher, tmp_path):
     assert entries(cache) == []
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("teacher_cache.max_gb=0", "must be > 0"),
-    ("teacher_cache.max_gb=abc", "teacher_cache.max_gb"),
-    ("dataset.aug_seed=-1", "aug_seed"),
-    ("+teacher_cache.size=3", "size"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("teacher_cache.max_gb=0", "must be > 0"),
+        ("teacher_cache.max_gb=abc", "teacher_cache.max_gb"),
+        ("dataset.aug_seed=-1", "aug_seed"),
+        ("+teacher_cache.size=3", "size"),
+    ],
+)
 def test_bad_cache_settings_are_one_line_errors(tmp_path, override, fragment):
     assert_one_line_error(kd_here("distill", override, cwd=tmp_path), fragment)
 
@@ -251,17 +290,33 @@ def test_an_image_folder_stream_is_cached_exactly(tmp_path, workers):
     images, labels = digits_images(240)
     for i, (image, label) in enumerate(zip(images, labels)):
         save_image(tmp_path / "digits" / str(label) / f"{i}.png", image)
-    data = ["dataset=imagefolder", f"dataset.root={tmp_path / 'digits'}", "dataset.image_size=16",
-            "dataset.val_fraction=0", "teacher=cnn",
-            f"trainer.num_workers={workers}", "trainer.progress=plain", *EPOCHS, "trainer.batch_size=32"]
+    data = [
+        "dataset=imagefolder",
+        f"dataset.root={tmp_path / 'digits'}",
+        "dataset.image_size=16",
+        "dataset.val_fraction=0",
+        "teacher=cnn",
+        f"trainer.num_workers={workers}",
+        "trainer.progress=plain",
+        *EPOCHS,
+        "trainer.batch_size=32",
+    ]
     student = ["student=cnn", "student.kwargs.width=4"]
     teacher = tmp_path / "teacher"
     assert kd_here("train-teacher", *data, f"hydra.run.dir={teacher}", cwd=tmp_path).code == 0
     runs = []
     for name, enabled in (("filled", "true"), ("read", "true"), ("plain", "false")):
         run = tmp_path / name
-        result = kd_here("distill", *data, *student, f"teacher.checkpoint={teacher}", f"paths.outputs={tmp_path}",
-                         f"teacher_cache.enabled={enabled}", f"hydra.run.dir={run}", cwd=tmp_path)
+        result = kd_here(
+            "distill",
+            *data,
+            *student,
+            f"teacher.checkpoint={teacher}",
+            f"paths.outputs={tmp_path}",
+            f"teacher_cache.enabled={enabled}",
+            f"hydra.run.dir={run}",
+            cwd=tmp_path,
+        )
         assert result.code == 0, result.stderr
         runs.append(run)
     filled, read, plain = runs

@@ -45,15 +45,24 @@ def test_any_timm_name_builds_for_the_data_with_feature_layers():
     assert set(model.state_dict()) == set(timm.create_model("test_resnet", num_classes=10, in_chans=1).state_dict())
 
 
-@pytest.mark.parametrize("call, fragments", [
-    (lambda: create_model("timm/resnt18", 10), ["unknown timm model 'resnt18'", "did you mean resnet18"]),
-    (lambda: check_model_options("timm/test_resnet", {"widht": 3}, "student.kwargs"),
-     ["unknown option student.kwargs.widht"]),
-    (lambda: check_model_options("timm/test_resnet", {"drop_rate": 1.5}, "teacher.kwargs"),
-     ["teacher.kwargs.drop_rate=1.5"]),
-    (lambda: check_model_options("timm/test_resnet", {"pretrained": True, "weights": "w.pt"}, "teacher.kwargs"),
-     ["pretrained=true or weights=PATH, not both"]),
-])
+@pytest.mark.parametrize(
+    "call, fragments",
+    [
+        (lambda: create_model("timm/resnt18", 10), ["unknown timm model 'resnt18'", "did you mean resnet18"]),
+        (
+            lambda: check_model_options("timm/test_resnet", {"widht": 3}, "student.kwargs"),
+            ["unknown option student.kwargs.widht"],
+        ),
+        (
+            lambda: check_model_options("timm/test_resnet", {"drop_rate": 1.5}, "teacher.kwargs"),
+            ["teacher.kwargs.drop_rate=1.5"],
+        ),
+        (
+            lambda: check_model_options("timm/test_resnet", {"pretrained": True, "weights": "w.pt"}, "teacher.kwargs"),
+            ["pretrained=true or weights=PATH, not both"],
+        ),
+    ],
+)
 def test_bad_timm_options_are_one_line(call, fragments):
     with pytest.raises(KdError) as error:
         call()
@@ -97,18 +106,31 @@ def fake_hub_cache(root: Path, tag: str = "test_resnet.r160_in1k") -> dict[str, 
 
 def test_pretrained_comes_from_the_cache_offline_or_says_where_to_put_it(tmp_path):
     state = fake_hub_cache(tmp_path / "hub")
-    code = ("from kd_cli.models import create_model; import sys; "
-            "m = create_model('timm/test_resnet.r160_in1k', 10, 3, 32, pretrained=True); "
-            "from safetensors.torch import save_file; save_file(m.state_dict(), sys.argv[1])")
+    code = (
+        "from kd_cli.models import create_model; import sys; "
+        "m = create_model('timm/test_resnet.r160_in1k', 10, 3, 32, pretrained=True); "
+        "from safetensors.torch import save_file; save_file(m.state_dict(), sys.argv[1])"
+    )
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "0"}
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out.safetensors")], env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "out.safetensors")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     loaded = load_file(str(tmp_path / "out.safetensors"))
     assert torch.equal(loaded["layer2.0.conv1.weight"], state["layer2.0.conv1.weight"])
 
-    result = kd_here("train-teacher", "teacher.arch=timm/test_resnet.r160_in1k", "++teacher.kwargs.pretrained=true",
-                     *FAST, f"paths.outputs={tmp_path / 'o'}", cwd=tmp_path)
+    result = kd_here(
+        "train-teacher",
+        "teacher.arch=timm/test_resnet.r160_in1k",
+        "++teacher.kwargs.pretrained=true",
+        *FAST,
+        f"paths.outputs={tmp_path / 'o'}",
+        cwd=tmp_path,
+    )
     if result.code == 0:  # a machine with internet downloads the weights: nothing to check here
         pytest.skip("this machine reached the Hugging Face hub")
     assert_one_line_error(result, "no pretrained weights for timm/test_resnet.r160_in1k", "weights=PATH")
@@ -119,13 +141,23 @@ def test_fine_tune_from_a_weights_file_with_a_slow_backbone(tmp_path):
     full rate, the pretrained layers at backbone_lr_scale of it."""
     state = imagenet_like_weights(tmp_path / "w.safetensors")
     run = tmp_path / "teacher"
-    result = kd_here("train-teacher", "teacher.arch=timm/test_resnet",
-                     f"teacher.kwargs.weights={tmp_path / 'w.safetensors'}", "optim.backbone_lr_scale=1e-9",
-                     "optim.weight_decay=0", "trainer.epochs=1", *FAST, f"paths.outputs={tmp_path}",
-                     f"hydra.run.dir={run}", cwd=tmp_path)
+    result = kd_here(
+        "train-teacher",
+        "teacher.arch=timm/test_resnet",
+        f"teacher.kwargs.weights={tmp_path / 'w.safetensors'}",
+        "optim.backbone_lr_scale=1e-9",
+        "optim.weight_decay=0",
+        "trainer.epochs=1",
+        *FAST,
+        f"paths.outputs={tmp_path}",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
     assert result.code == 0, result.stderr
     # the digits are normalised with their own statistics, not the ones timm's data config gives the weights
-    assert "pretrained weights expect images normalised with mean [0.5] / std [0.5] (timm's data config)" in result.stderr
+    assert (
+        "pretrained weights expect images normalised with mean [0.5] / std [0.5] (timm's data config)" in result.stderr
+    )
     tuned = load_file(str(run / "model.safetensors"))
     assert (tuned["layer3.0.conv1.weight"] - state["layer3.0.conv1.weight"]).abs().max() < 1e-6  # barely moved
     assert tuned["fc.weight"].shape == (10, state["fc.weight"].shape[1])
@@ -148,9 +180,19 @@ def test_param_groups_split_the_classifier_from_the_backbone():
 
 
 def test_a_timm_teacher_teaches_a_kd_student_with_a_feature_method(tmp_path):
-    result = kd_here("distill", "teacher.arch=timm/test_resnet", "student.arch=cnn", "method=at",
-                     "method.teacher_layers=[layer3,layer4]", "method.student_layers=[stages.0,stages.1]", "trainer.epochs=1", *FAST,
-                     f"paths.outputs={tmp_path}", f"hydra.run.dir={tmp_path / 's'}", cwd=tmp_path)
+    result = kd_here(
+        "distill",
+        "teacher.arch=timm/test_resnet",
+        "student.arch=cnn",
+        "method=at",
+        "method.teacher_layers=[layer3,layer4]",
+        "method.student_layers=[stages.0,stages.1]",
+        "trainer.epochs=1",
+        *FAST,
+        f"paths.outputs={tmp_path}",
+        f"hydra.run.dir={tmp_path / 's'}",
+        cwd=tmp_path,
+    )
     assert result.code == 0, result.stderr
     done = summary(tmp_path / "s")
     assert done["status"] == "complete" and done["teacher_arch"] == "timm/test_resnet"

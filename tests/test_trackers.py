@@ -48,8 +48,14 @@ def test_one_run_tracked_by_all_three_reads_back_in_each_ones_reader(tmp_path):
     """A distilled student (kd: two loss terms) with `logger=[tensorboard,mlflow,wandb]` (its teacher is
     trained first). One test, not four: under pytest-xdist a shared module fixture would run once per worker."""
     outputs, student = tmp_path, tmp_path / "student"
-    kd_ok("distill", "logger=[tensorboard,mlflow,wandb]", *TINY, f"paths.outputs={outputs}",
-          f"hydra.run.dir={student}", cwd=outputs)
+    kd_ok(
+        "distill",
+        "logger=[tensorboard,mlflow,wandb]",
+        *TINY,
+        f"paths.outputs={outputs}",
+        f"hydra.run.dir={student}",
+        cwd=outputs,
+    )
     check_a_list_fills_one_key_each(student)
     check_tensorboard(student)
     check_mlflow(outputs, student)
@@ -94,8 +100,10 @@ def check_mlflow(outputs: Path, student: Path) -> None:
         assert [m.step for m in history] == [1, 2], name
         assert [m.value for m in history] == pytest.approx([row[name] for row in rows]), name
     assert run.data.metrics["best_top1"] == pytest.approx(summary(student)["best_top1"])
-    assert {f.path for f in client.list_artifacts(run.info.run_id, "model")} == {"model/model.safetensors",
-                                                                                "model/model.json"}
+    assert {f.path for f in client.list_artifacts(run.info.run_id, "model")} == {
+        "model/model.safetensors",
+        "model/model.json",
+    }
     local = Path(client.download_artifacts(run.info.run_id, "model/model.safetensors", str(outputs)))
     assert local.read_bytes() == (student / "model.safetensors").read_bytes()
     assert (outputs / "mlflow-artifacts").is_dir()  # artifacts under paths.outputs, not ./mlruns
@@ -106,8 +114,9 @@ def check_wandb(student: Path) -> None:
     (offline,) = (student / "wandb").glob("offline-run-*")
     assert list(offline.glob("run-*.wandb"))
     wandb_cli = Path(sys.executable).with_name("wandb")
-    done = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(offline)], capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [str(wandb_cli), "leet", "inspect", "--json", str(offline)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     by_type: dict[str, list] = {}
@@ -151,17 +160,27 @@ sys.meta_path.insert(0, _Missing())
 """
 
 
-@pytest.mark.parametrize("stage, logger, blocked", [
-    ("train-teacher", "logger=mlflow", "mlflow"),
-    ("distill", "logger=[tensorboard,wandb]", "wandb"),  # the second of a list; before any teacher is trained
-])
+@pytest.mark.parametrize(
+    "stage, logger, blocked",
+    [
+        ("train-teacher", "logger=mlflow", "mlflow"),
+        ("distill", "logger=[tensorboard,wandb]", "wandb"),  # the second of a list; before any teacher is trained
+    ],
+)
 def test_a_missing_extra_is_one_line_with_the_install_command(tmp_path, stage, logger, blocked):
     shim = tmp_path / "shim"
     shim.mkdir()
     (shim / "sitecustomize.py").write_text(BLOCKER)
     outputs, run = tmp_path / "outputs", tmp_path / "outputs" / "run"
-    result = kd(stage, logger, *TINY, f"paths.outputs={outputs}", f"hydra.run.dir={run}", cwd=tmp_path,
-                env={"PYTHONPATH": str(shim), "KD_TEST_BLOCK": blocked})
+    result = kd(
+        stage,
+        logger,
+        *TINY,
+        f"paths.outputs={outputs}",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(shim), "KD_TEST_BLOCK": blocked},
+    )
     assert_one_line_error(result, f"logger={blocked} needs the {blocked} package: pip install 'kd-cli[{blocked}]'")
     # refused before any work: no run directory left, and distill did not train a teacher first
     assert not run.exists() and (not outputs.exists() or list(outputs.iterdir()) == [])
@@ -171,9 +190,25 @@ def test_a_missing_extra_is_one_line_with_the_install_command(tmp_path, stage, l
 def test_only_rank_0_tracks_under_ddp(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     run = tmp_path / "ddp"
-    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "kd_cli", "train-teacher",
-                           "logger=mlflow", *TINY, f"paths.outputs={tmp_path}", f"hydra.run.dir={run}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "kd_cli",
+            "train-teacher",
+            "logger=mlflow",
+            *TINY,
+            f"paths.outputs={tmp_path}",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     client = mlflow_client(tmp_path)
     runs = client.search_runs([client.get_experiment_by_name("kd").experiment_id])
@@ -185,8 +220,13 @@ def test_only_rank_0_tracks_under_ddp(tmp_path):
 def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
     args = ["train-teacher", "logger=mlflow", "trainer.epochs=12", *FAST, f"paths.outputs={tmp_path}"]
     run = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "-m", "kd_cli", *args, f"hydra.run.dir={run}"], cwd=tmp_path,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kd_cli", *args, f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     while not (run / "checkpoints/last.pt").exists() and process.poll() is None:
         time.sleep(0.02)
     process.send_signal(signal.SIGINT)
@@ -208,8 +248,13 @@ def test_open_trackers_off_rank_0_and_without_trackers_does_nothing(tmp_path):
     from kd_cli.engine.rundir import RunDir
     from kd_cli.engine.trackers import open_trackers, selected
 
-    cfg = OmegaConf.create({"stage": "train-teacher", "paths": {"outputs": str(tmp_path)},
-                            "logger": {"csv": None, "tensorboard": {"dir": "tb"}, "mlflow": None, "wandb": None}})
+    cfg = OmegaConf.create(
+        {
+            "stage": "train-teacher",
+            "paths": {"outputs": str(tmp_path)},
+            "logger": {"csv": None, "tensorboard": {"dir": "tb"}, "mlflow": None, "wandb": None},
+        }
+    )
     assert selected(cfg.logger) == ["tensorboard"]
     run = RunDir(tmp_path / "run")
     with open_trackers(cfg, run, is_main=False) as trackers:

@@ -31,8 +31,11 @@ LONG = [*FAST, "trainer.epochs=100", "trainer.max_steps_per_epoch=1", "trainer.e
 
 def snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
     """Every file's bytes and modification time: 'unchanged' means unchanged byte for byte."""
-    return {str(p.relative_to(directory)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def leftovers(run: Path) -> list[str]:
@@ -43,8 +46,15 @@ def leftovers(run: Path) -> list[str]:
 def start_kd(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("KD_DEBUG", None)
-    return subprocess.Popen([sys.executable, "-m", "kd_cli", *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "kd_cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def wait_for(condition, process: subprocess.Popen | None = None, timeout: float = 120) -> None:
@@ -108,8 +118,11 @@ def test_the_lock_names_its_owner_and_dies_with_it(tmp_path):
     lock = DirectoryLock.acquire(tmp_path, "wait")
     lock.record_owner()  # (a run records itself when it starts writing)
     assert holder(tmp_path).pid == os.getpid()
-    line = assert_one_line_error(kd_here("train-teacher", *SMALL, f"hydra.run.dir={tmp_path}", cwd=tmp_path),
-                                 "being written by another kd process", f"pid {os.getpid()}")
+    line = assert_one_line_error(
+        kd_here("train-teacher", *SMALL, f"hydra.run.dir={tmp_path}", cwd=tmp_path),
+        "being written by another kd process",
+        f"pid {os.getpid()}",
+    )
     assert "wait for it to finish" in line
     lock.release()
     assert holder(tmp_path) is None and not (tmp_path / ".kd.lock").exists()
@@ -126,8 +139,12 @@ def test_a_finished_run_is_never_written_again(finished, tmp_path, spelling):
 
 def test_a_run_never_goes_inside_another_run_or_a_sweep(finished, tmp_path):
     sweep = tmp_path / "sweep"
-    assert kd_here("train-teacher", "-m", "seed=0", "trainer.epochs=1", *SMALL, f"hydra.sweep.dir={sweep}",
-                   cwd=tmp_path).code == 0
+    assert (
+        kd_here(
+            "train-teacher", "-m", "seed=0", "trainer.epochs=1", *SMALL, f"hydra.sweep.dir={sweep}", cwd=tmp_path
+        ).code
+        == 0
+    )
     before = snapshot(finished)
     cases = [
         (["train-teacher", f"hydra.run.dir={finished / 'sub'}"], f"inside the run directory {finished}"),
@@ -151,14 +168,24 @@ def test_a_finished_run_removes_only_its_own_temporary_files(tmp_path):
     (run / "checkpoints" / ".last.pt.x1y2.tmp").write_text("left by a killed writer")
     assert kd_here("train-teacher", "trainer.epochs=1", *SMALL, f"hydra.run.dir={run}", cwd=tmp_path).code == 0
     assert (run / "notes" / ".draft.tmp").read_text() == "mine"
-    assert not (run / "checkpoints" / ".last.pt.x1y2.tmp").exists() and leftovers(run) == [".draft.tmp"] or \
-        leftovers(run) == ["notes/.draft.tmp"]
+    assert (
+        not (run / "checkpoints" / ".last.pt.x1y2.tmp").exists()
+        and leftovers(run) == [".draft.tmp"]
+        or leftovers(run) == ["notes/.draft.tmp"]
+    )
 
 
 def test_every_job_of_a_sweep_is_checked_before_the_first_runs(finished, tmp_path):
     sweep = tmp_path / "sweep"
-    result = kd_here("distill", "-m", "optim.lr=0.1,nan", f"teacher.checkpoint={finished}", *SMALL,
-                     f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    result = kd_here(
+        "distill",
+        "-m",
+        "optim.lr=0.1,nan",
+        f"teacher.checkpoint={finished}",
+        *SMALL,
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     assert_one_line_error(result, "job 1 of the sweep", "optim.lr=nan must be a finite number", "no job was run")
     assert not sweep.exists()
 
@@ -170,8 +197,15 @@ def test_a_sweep_folder_holding_runs_is_refused_unless_resumed(tmp_path):
     jobs = sorted(p.parent for p in sweep.glob("*/summary.json"))
     assert len(jobs) == 2 and all(summary(job)["status"] == "complete" for job in jobs)
     before = {job: snapshot(job) for job in jobs}
-    other = kd_here("train-teacher", "-m", "optim.lr=0.05,0.01", "trainer.epochs=1", *SMALL,
-                    f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    other = kd_here(
+        "train-teacher",
+        "-m",
+        "optim.lr=0.05,0.01",
+        "trainer.epochs=1",
+        *SMALL,
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     assert_one_line_error(other, "already holds a sweep's runs", f"resume={sweep}")
     assert {job: snapshot(job) for job in jobs} == before
     # resume=SWEEP: finished jobs are kept as they are, a stopped one continues
@@ -186,8 +220,15 @@ def test_a_resumed_sweep_keeps_its_job_folders_and_hydra_settings(tmp_path):
     """A sweep started with hydra.sweep.subdir=seed-${seed} continues in those folders (its Hydra overrides,
     the launcher's too, are carried like its own), not in new numbered ones beside them."""
     sweep = tmp_path / "sweep"
-    args = ["train-teacher", "-m", "seed=0,1", "trainer.epochs=1", *SMALL, f"hydra.sweep.dir={sweep}",
-            "hydra.sweep.subdir=seed-${seed}"]
+    args = [
+        "train-teacher",
+        "-m",
+        "seed=0,1",
+        "trainer.epochs=1",
+        *SMALL,
+        f"hydra.sweep.dir={sweep}",
+        "hydra.sweep.subdir=seed-${seed}",
+    ]
     assert kd_here(*args, cwd=tmp_path).code == 0
     status = json.loads((sweep / "seed-1" / "summary.json").read_text())
     (sweep / "seed-1" / "summary.json").write_text(json.dumps({**status, "status": "interrupted"}))
@@ -204,14 +245,23 @@ def test_a_resumed_sweep_runs_a_job_that_was_refused_before_it_started(tmp_path)
     from formats import write_mnist_raw
 
     sweep, data = tmp_path / "sweep", tmp_path / "data"
-    args = ["train-teacher", "-m", "dataset=digits,mnist", "trainer.epochs=1", *SMALL, f"paths.data={data}",
-            f"hydra.sweep.dir={sweep}"]
+    args = [
+        "train-teacher",
+        "-m",
+        "dataset=digits,mnist",
+        "trainer.epochs=1",
+        *SMALL,
+        f"paths.data={data}",
+        f"hydra.sweep.dir={sweep}",
+    ]
     assert_one_line_error(kd_here(*args, cwd=tmp_path), "MNIST not found")
     assert summary(sweep / "0")["status"] == "complete"
     assert summary(sweep / "1")["status"] == "failed" and summary(sweep / "1")["started_run"] is False
     before = snapshot(sweep / "0")
     rng = np.random.default_rng(0)
-    write_mnist_raw(data, rng.integers(0, 256, (300, 28, 28), dtype=np.uint8), (np.arange(300) % 10).astype(np.uint8), n_train=200)
+    write_mnist_raw(
+        data, rng.integers(0, 256, (300, 28, 28), dtype=np.uint8), (np.arange(300) % 10).astype(np.uint8), n_train=200
+    )
     assert kd_here("train-teacher", f"resume={sweep}", cwd=tmp_path).code == 0
     assert snapshot(sweep / "0") == before and summary(sweep / "1")["status"] == "complete"
 
@@ -221,8 +271,12 @@ def test_a_resumed_sweep_runs_a_job_that_was_refused_before_it_started(tmp_path)
 
 def test_resume_with_changed_settings_is_refused_by_name_and_the_run_is_unchanged(stopped, tmp_path):
     before = snapshot(stopped)
-    line = assert_one_line_error(kd_here("train-teacher", f"resume={stopped}", "optim.lr=0.5", "seed=7",
-                                         cwd=tmp_path), "optim.lr=0.5", "seed=7", "the run has")
+    line = assert_one_line_error(
+        kd_here("train-teacher", f"resume={stopped}", "optim.lr=0.5", "seed=7", cwd=tmp_path),
+        "optim.lr=0.5",
+        "seed=7",
+        "the run has",
+    )
     assert "start a new run" in line
     longer = kd_here("train-teacher", f"resume={stopped}", "trainer.epochs=150", cwd=tmp_path)
     assert_one_line_error(longer, "trainer.epochs=150", "resume_extend=true")
@@ -231,8 +285,10 @@ def test_resume_with_changed_settings_is_refused_by_name_and_the_run_is_unchange
     assert_one_line_error(fewer, "trainer.epochs")
     assert snapshot(stopped) == before
     # the same settings typed again, or a free one (progress), are not changes
-    assert kd_here("train-teacher", f"resume={stopped}", "trainer.epochs=100", "trainer.progress=none",
-                   cwd=tmp_path).code == 0
+    assert (
+        kd_here("train-teacher", f"resume={stopped}", "trainer.epochs=100", "trainer.progress=none", cwd=tmp_path).code
+        == 0
+    )
     done = summary(stopped)
     assert done["status"] == "complete" and done["epochs"] == 100
     assert done["resumes"][0]["changes"] == ["trainer.progress=none"] and leftovers(stopped) == []
@@ -256,14 +312,17 @@ def test_a_resumed_run_must_see_the_same_config_and_data(stopped, tmp_path):
     config = (stopped / "config_resolved.yaml").read_text()
     (stopped / "config_resolved.yaml").write_text(config.replace("lr: 0.05", "lr: 0.07"))
     before = snapshot(stopped)
-    assert_one_line_error(kd_here("train-teacher", f"resume={stopped}", cwd=tmp_path),
-                          "resolves differently", "optim.lr: 0.07 -> 0.05")
+    assert_one_line_error(
+        kd_here("train-teacher", f"resume={stopped}", cwd=tmp_path), "resolves differently", "optim.lr: 0.07 -> 0.05"
+    )
     assert snapshot(stopped) == before
     (stopped / "config_resolved.yaml").write_text(config)
     env = json.loads((stopped / "env.json").read_text())
     (stopped / "env.json").write_text(json.dumps({**env, "data_fingerprint": "0123456789abcdef"}))
     before = snapshot(stopped)
-    assert_one_line_error(kd_here("train-teacher", f"resume={stopped}", cwd=tmp_path), "data differ", "0123456789abcdef")
+    assert_one_line_error(
+        kd_here("train-teacher", f"resume={stopped}", cwd=tmp_path), "data differ", "0123456789abcdef"
+    )
     assert snapshot(stopped) == before
     (stopped / "env.json").write_text(json.dumps(env))
     assert kd_here("train-teacher", f"resume={stopped}", cwd=tmp_path).code == 0
@@ -338,8 +397,9 @@ def test_a_failed_checkpoint_write_is_recorded_as_failed(tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), no signal
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 
-    process = start_kd("train-teacher", "trainer.epochs=2", *SMALL, f"hydra.run.dir={run}", cwd=tmp_path,
-                       preexec_fn=small_files_only)
+    process = start_kd(
+        "train-teacher", "trainer.epochs=2", *SMALL, f"hydra.run.dir={run}", cwd=tmp_path, preexec_fn=small_files_only
+    )
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 2 and "cannot write the checkpoint" in stderr, stderr
     assert len([line for line in stderr.splitlines() if line.strip()]) == 1
@@ -381,11 +441,17 @@ def test_a_folder_kd_may_not_write_is_one_line(tmp_path):
         os.chown(locked, 65534, 65534)
         prefix = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"]
     locked.chmod(0o755)
-    for args, fragment in ((["train-teacher", f"hydra.run.dir={locked / 'run'}"], "Permission denied"),
-                           (["train-teacher", "-m", "seed=0,1", f"hydra.sweep.dir={locked / 'sweep'}"],
-                            "cannot create the sweep folder")):
-        done = subprocess.run([*prefix, sys.executable, "-m", "kd_cli", *args, *SMALL], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=120)
+    for args, fragment in (
+        (["train-teacher", f"hydra.run.dir={locked / 'run'}"], "Permission denied"),
+        (["train-teacher", "-m", "seed=0,1", f"hydra.sweep.dir={locked / 'sweep'}"], "cannot create the sweep folder"),
+    ):
+        done = subprocess.run(
+            [*prefix, sys.executable, "-m", "kd_cli", *args, *SMALL],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert_one_line_error(Result(done.returncode, done.stdout, done.stderr), fragment, str(locked))
     assert list(locked.iterdir()) == []
 
@@ -398,7 +464,9 @@ def test_run_files_follow_the_users_umask(finished, tmp_path, umask, group_bits)
     run = tmp_path / "run"
     previous = os.umask(umask)
     try:
-        result = kd_here("evaluate", f"run={finished}", "latency_batches=1", *FAST, f"hydra.run.dir={run}", cwd=tmp_path)
+        result = kd_here(
+            "evaluate", f"run={finished}", "latency_batches=1", *FAST, f"hydra.run.dir={run}", cwd=tmp_path
+        )
     finally:
         os.umask(previous)
     assert result.code == 0, result.stderr
@@ -437,8 +505,10 @@ BAD_VALUES = [
     (["train-teacher", "optim.fused=sometimes"], ["optim.fused=sometimes", "auto, true, false"]),
     (["distill", "trainer.compile=fastest"], ["trainer.compile=fastest", "reduce-overhead"]),
     (["distill", "trainer.epochs=1.5"], ["trainer.epochs=1.5 is not accepted", "a whole number"]),
-    (["distill", "-m", "method=at,kd", "method.tuned_input_size=32"],
-     ["unknown option method.tuned_input_size of method 'kd'", "no job was run"]),
+    (
+        ["distill", "-m", "method=at,kd", "method.tuned_input_size=32"],
+        ["unknown option method.tuned_input_size of method 'kd'", "no job was run"],
+    ),
     (["distill", "teacher_cache.enabled=maybe"], ["teacher_cache.enabled", "true or false"]),
     (["distill", "teacher_cache.max_gb=lots"], ["teacher_cache.max_gb=lots", "a number"]),
     (["distill", "student.checkpoint=/some/weights"], ["student.checkpoint", "not used"]),
@@ -451,9 +521,21 @@ BAD_VALUES = [
     (["compress", "run=FINISHED", "latency_batch_sizes=[-4]"], ["latency_batch_sizes=-4"]),
     (["compress", "run=FINISHED", "compression.prune_structured.ignored_layers=[nope]"], ["nope"]),
     (["export", "run=FINISHED", "tolerance=inf"], ["tolerance=inf"]),
-    (["distill", "dataset=synthetic", "dataset.num_classes=10", "dataset.channels=1", "dataset.image_size=8",
-      "dataset.mean=[0.5]", "dataset.std=[0.25]", "dataset.num_train=64", "dataset.num_test=32",
-      "teacher.checkpoint=FINISHED"], ["other classes", "class_0"]),
+    (
+        [
+            "distill",
+            "dataset=synthetic",
+            "dataset.num_classes=10",
+            "dataset.channels=1",
+            "dataset.image_size=8",
+            "dataset.mean=[0.5]",
+            "dataset.std=[0.25]",
+            "dataset.num_train=64",
+            "dataset.num_test=32",
+            "teacher.checkpoint=FINISHED",
+        ],
+        ["other classes", "class_0"],
+    ),
 ]
 
 
@@ -487,8 +569,9 @@ def test_non_finite_outputs_never_end_as_complete(finished, tmp_path):
     result = kd_here("evaluate", f"run={nan_model}", *FAST, f"hydra.run.dir={tmp_path / 'evaluation'}", cwd=tmp_path)
     assert_one_line_error(result, "non-finite")
     assert summary(tmp_path / "evaluation")["status"] == "failed"
-    result = kd_here("distill", f"teacher.checkpoint={nan_model}", *SMALL, f"hydra.run.dir={tmp_path / 'student'}",
-                     cwd=tmp_path)
+    result = kd_here(
+        "distill", f"teacher.checkpoint={nan_model}", *SMALL, f"hydra.run.dir={tmp_path / 'student'}", cwd=tmp_path
+    )
     assert_one_line_error(result, "non-finite")
     text = (tmp_path / "student" / "summary.json").read_text()
     assert json.loads(text)["status"] == "failed" and "NaN" not in text.replace("(NaN", "")
@@ -498,8 +581,10 @@ def test_summary_json_is_strict_json(tmp_path):
     from kd_cli.engine.files import write_json
 
     write_json(tmp_path / "s.json", {"loss": float("nan"), "rows": [float("inf"), 1.5]})
-    assert json.loads((tmp_path / "s.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == \
-        {"loss": None, "rows": [None, 1.5]}
+    assert json.loads((tmp_path / "s.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == {
+        "loss": None,
+        "rows": [None, 1.5],
+    }
 
 
 def test_a_broken_teacher_run_is_skipped_with_a_warning_not_retrained(finished, tmp_path):
@@ -510,8 +595,14 @@ def test_a_broken_teacher_run_is_skipped_with_a_warning_not_retrained(finished, 
     shutil.copytree(finished, outputs / "truncated")  # the newest: its weights cut short
     weights = outputs / "truncated" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    result = kd_here("distill", "trainer.epochs=1", *SMALL, f"paths.outputs={outputs}",
-                     f"hydra.run.dir={tmp_path / 'student'}", cwd=tmp_path)
+    result = kd_here(
+        "distill",
+        "trainer.epochs=1",
+        *SMALL,
+        f"paths.outputs={outputs}",
+        f"hydra.run.dir={tmp_path / 'student'}",
+        cwd=tmp_path,
+    )
     assert result.code == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("kd: warning:")]
     assert len(warnings) == 2 and str(outputs / "broken") in warnings[0], warnings
@@ -524,8 +615,12 @@ def test_a_resumed_distill_refuses_a_teacher_whose_weights_changed(finished, tmp
     teacher = tmp_path / "teacher"
     shutil.copytree(finished, teacher)
     run = tmp_path / "student"
-    assert kd_here("distill", f"teacher.checkpoint={teacher}", "trainer.epochs=1", *SMALL, f"hydra.run.dir={run}",
-                   cwd=tmp_path).code == 0
+    assert (
+        kd_here(
+            "distill", f"teacher.checkpoint={teacher}", "trainer.epochs=1", *SMALL, f"hydra.run.dir={run}", cwd=tmp_path
+        ).code
+        == 0
+    )
     assert summary(run)["teacher_weights_sha256"]
     (run / "summary.json").write_text(json.dumps({**summary(run), "status": "interrupted"}))
     shutil.copyfile(broken_copy(finished, tmp_path, "other") / "model.safetensors", teacher / "model.safetensors")

@@ -90,8 +90,16 @@ def selected(tmp_path_factory):
     mp.setattr(loop, "_train_epoch", spy_epoch)
     run = outputs / "teacher"
     try:
-        result = kd_here("train-teacher", "trainer.epochs=6", "dataset.val_fraction=0.2", "optim.lr=0.3",
-                         *FAST, f"paths.outputs={outputs}", f"hydra.run.dir={run}", cwd=outputs)
+        result = kd_here(
+            "train-teacher",
+            "trainer.epochs=6",
+            "dataset.val_fraction=0.2",
+            "optim.lr=0.3",
+            *FAST,
+            f"paths.outputs={outputs}",
+            f"hydra.run.dir={run}",
+            cwd=outputs,
+        )
     finally:
         mp.undo()
     assert result.code == 0, result.stderr
@@ -125,8 +133,9 @@ def test_best_epoch_is_chosen_on_validation_and_its_weights_are_saved(selected):
     scored = kd_here("evaluate", f"run={run}", *FAST, f"hydra.run.dir={run.parent / 'eval'}", cwd=run.parent)
     assert scored.code == 0, scored.stderr
     assert summary(run.parent / "eval")["top1"] == pytest.approx(done["best_top1"], abs=1e-6)
-    on_val = kd_here("evaluate", f"run={run}", "split=val", *FAST, f"hydra.run.dir={run.parent / 'eval-val'}",
-                     cwd=run.parent)
+    on_val = kd_here(
+        "evaluate", f"run={run}", "split=val", *FAST, f"hydra.run.dir={run.parent / 'eval-val'}", cwd=run.parent
+    )
     assert on_val.code == 0, on_val.stderr
     assert summary(run.parent / "eval-val")["top1"] == pytest.approx(done["best_val_top1"], abs=1e-6)
     weights = load_file(run / "model.safetensors")
@@ -136,8 +145,9 @@ def test_best_epoch_is_chosen_on_validation_and_its_weights_are_saved(selected):
 
 def test_without_validation_the_best_is_named_a_test_set_number(tmp_path):
     run = tmp_path / "run"
-    result = kd_here("train-teacher", "trainer.epochs=1", *FAST, f"paths.outputs={tmp_path}", f"hydra.run.dir={run}",
-                     cwd=tmp_path)
+    result = kd_here(
+        "train-teacher", "trainer.epochs=1", *FAST, f"paths.outputs={tmp_path}", f"hydra.run.dir={run}", cwd=tmp_path
+    )
     assert result.code == 0, result.stderr
     assert summary(run)["selected_on"] == "test" and summary(run)["best_val_top1"] is None
     assert "literature comparison" in result.stdout

@@ -66,9 +66,19 @@ def zoo_table(outputs: Path) -> dict[str, list[float]]:
     table = {}
     for method, overrides in WEIGHTS.items():  # one sweep per method: each has its own weights
         folder = outputs / f"sweep_{method}"  # a sweep owns its folder
-        kd_ok("distill", "-m", f"method={method}", *overrides, f"seed={','.join(map(str, SEEDS))}", *SETUP,
-              f"paths.outputs={outputs}", f"hydra.sweep.dir={folder}", "hydra.sweep.subdir=${method.name}-${seed}",
-              cwd=outputs, timeout=1200)
+        kd_ok(
+            "distill",
+            "-m",
+            f"method={method}",
+            *overrides,
+            f"seed={','.join(map(str, SEEDS))}",
+            *SETUP,
+            f"paths.outputs={outputs}",
+            f"hydra.sweep.dir={folder}",
+            "hydra.sweep.subdir=${method.name}-${seed}",
+            cwd=outputs,
+            timeout=1200,
+        )
         runs = [summary(folder / f"{method}-{seed}") for seed in SEEDS]
         assert all(run["status"] == "complete" for run in runs), method
         table[method] = [run["last_top1"] for run in runs]
@@ -86,8 +96,10 @@ def test_at_least_half_of_the_new_feature_methods_beat_the_student_alone_with_se
     print("\n| method | last top-1, seeds 0/1/2 | mean ± std | vs none |")
     print("| --- | --- | --- | --- |")
     for method, last in table.items():
-        print(f"| {method} | {' / '.join(f'{x:.2f}' for x in last)} | {statistics.mean(last):.2f} ± "
-              f"{statistics.stdev(last):.2f} | {statistics.mean(last) - base:+.2f} |")
+        print(
+            f"| {method} | {' / '.join(f'{x:.2f}' for x in last)} | {statistics.mean(last):.2f} ± "
+            f"{statistics.stdev(last):.2f} | {statistics.mean(last) - base:+.2f} |"
+        )
     print("| fsp | cannot run: channels differ (4/8 vs the teacher's 32/64) | | |")
     beat = [m for m in NEW_FEATURE if m in table and statistics.mean(table[m]) > base]
     print(f"{len(beat)} of {len(NEW_FEATURE)} beat none: {', '.join(beat)}")

@@ -12,8 +12,8 @@ import torch
 
 @dataclass
 class StepContext:
-    example: torch.Tensor              # one normalised input (1, C, H, W) on `device`
-    calibration_data: Iterable          # un-augmented training batches (images, labels) on `device`
+    example: torch.Tensor  # one normalised input (1, C, H, W) on `device`
+    calibration_data: Iterable  # un-augmented training batches (images, labels) on `device`
     transforms: list[dict[str, Any]] = field(default_factory=list)  # records saved in model.json
 
     def batches(self, count: int):

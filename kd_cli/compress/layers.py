@@ -11,9 +11,20 @@ from torch import nn
 from kd_cli.errors import KdError
 
 # Constructor attributes that carry a layer's width; pruning changes them and load restores them.
-SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
-               "num_channels", "num_groups", "normalized_shape", "num_parameters", "embedding_dim",
-               "num_embeddings")
+SHAPE_ATTRS = (
+    "in_channels",
+    "out_channels",
+    "groups",
+    "in_features",
+    "out_features",
+    "num_features",
+    "num_channels",
+    "num_groups",
+    "normalized_shape",
+    "num_parameters",
+    "embedding_dim",
+    "num_embeddings",
+)
 WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
@@ -28,8 +39,9 @@ def layer_map(model: nn.Module | Mapping[str, nn.Module]) -> dict[str, nn.Module
     return dict(model) if isinstance(model, Mapping) else dict(model.named_modules())
 
 
-def check_layers(layers: Mapping[str, nn.Module], names: Iterable[str], option: str,
-                 kinds: tuple[type, ...] = (), handles: str = "") -> None:
+def check_layers(
+    layers: Mapping[str, nn.Module], names: Iterable[str], option: str, kinds: tuple[type, ...] = (), handles: str = ""
+) -> None:
     """Each of `names`, the value of the option `option`, is a layer of the model (`layers`: its
     layer_map) and, with `kinds`, one of those types (`handles` says which, for the message); else a
     one-line KdError naming the option and the name."""
@@ -73,8 +85,10 @@ def resize_layers(model: nn.Module, layers: dict[str, dict[str, Any]]) -> nn.Mod
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise KdError(f"the saved pruned layer '{name}' is not in the rebuilt model; model.json does not "
-                          f"match this version of the architecture") from None
+            raise KdError(
+                f"the saved pruned layer '{name}' is not in the rebuilt model; model.json does not "
+                f"match this version of the architecture"
+            ) from None
         for attr, value in record["attrs"].items():
             setattr(module, attr, tuple(value) if isinstance(value, list) else value)
         for key, shape in record["tensors"].items():
@@ -94,6 +108,7 @@ def classifier_name(model: nn.Module, example: torch.Tensor) -> str | None:
     def remember(name: str):
         def hook(module, inputs, output) -> None:  # returns None: the output stays as it is
             outputs.append((output, name))
+
         return hook
 
     hooks = [m.register_forward_hook(remember(n)) for n, m in model.named_modules() if isinstance(m, WEIGHTED)]
@@ -112,7 +127,11 @@ def weight_sparsity(model: nn.Module) -> float:
     for key, value in model.state_dict().items():
         tensors = value if isinstance(value, tuple) else (value,)
         for tensor in tensors:
-            if not isinstance(tensor, torch.Tensor) or tensor.dim() < 2 or not key.split(".")[-1].startswith(("weight", "_packed")):
+            if (
+                not isinstance(tensor, torch.Tensor)
+                or tensor.dim() < 2
+                or not key.split(".")[-1].startswith(("weight", "_packed"))
+            ):
                 continue
             dense = tensor.int_repr().float() - _zero_points(tensor) if tensor.is_quantized else tensor
             zeros += int((dense == 0).sum())

@@ -33,8 +33,13 @@ class LowRank:
 
     name: str  # the registered name, set by register_step (STEPS' name_attribute)
 
-    def __init__(self, rank_ratio: OpenFraction, energy: OpenFraction | None, layers: Literal["all", "conv", "linear"],
-                 skip: list[str]):
+    def __init__(
+        self,
+        rank_ratio: OpenFraction,
+        energy: OpenFraction | None,
+        layers: Literal["all", "conv", "linear"],
+        skip: list[str],
+    ):
         self.rank_ratio, self.energy, self.layers, self.skip = rank_ratio, energy, layers, list(skip)
 
     def apply(self, model: nn.Module, ctx: StepContext) -> nn.Module:
@@ -66,14 +71,22 @@ class LowRank:
         or linear layers of the model, some layer is left to factorise and, with rank_ratio (the ranks
         follow from the shapes), some layer would get smaller. With energy the ranks come from the SVD."""
         layers = layer_map(model)
-        check_layers(layers, self.skip, "compression.lowrank.skip", (nn.Conv2d, nn.Linear),
-                     "it factorises (and skips) conv and linear layers, by their own names")
+        check_layers(
+            layers,
+            self.skip,
+            "compression.lowrank.skip",
+            (nn.Conv2d, nn.Linear),
+            "it factorises (and skips) conv and linear layers, by their own names",
+        )
         candidates = self._candidates(layers)
         if not candidates:
-            kinds = {"all": "Conv2d (groups=1) and Linear", "conv": "Conv2d (groups=1)",
-                     "linear": "Linear"}[self.layers]
-            raise KdError(f"compression.lowrank has no layer to factorise: layers={self.layers} takes {kinds} layers "
-                          f"and this model has none outside skip")
+            kinds = {"all": "Conv2d (groups=1) and Linear", "conv": "Conv2d (groups=1)", "linear": "Linear"}[
+                self.layers
+            ]
+            raise KdError(
+                f"compression.lowrank has no layer to factorise: layers={self.layers} takes {kinds} layers "
+                f"and this model has none outside skip"
+            )
         if self.energy is None and not any(self._smaller_by_ratio(m) for _, m in candidates):
             raise KdError(NOTHING_SMALLER)
 
@@ -112,8 +125,9 @@ class LowRank:
         return _saves(self._ratio_rank(min(rows, cols)), (rows, cols))
 
 
-NOTHING_SMALLER = ("compression.lowrank factorised no layer: at this rank none would get smaller; lower rank_ratio "
-                   "(or energy)")
+NOTHING_SMALLER = (
+    "compression.lowrank factorised no layer: at this rank none would get smaller; lower rank_ratio (or energy)"
+)
 
 
 def _as_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -135,8 +149,9 @@ def factorise(module: nn.Conv2d | nn.Linear, rank: int, svd) -> nn.Sequential:
     second: nn.Conv2d | nn.Linear
     if isinstance(module, nn.Conv2d):
         # torch types a conv's geometry as tuple[int, ...]: a Conv2d's holds two ints (padding may be a str)
-        geometry = cast("tuple[Pair, Pair, str | Pair, Pair]",
-                        (module.kernel_size, module.stride, module.padding, module.dilation))
+        geometry = cast(
+            "tuple[Pair, Pair, str | Pair, Pair]", (module.kernel_size, module.stride, module.padding, module.dilation)
+        )
         first = nn.Conv2d(module.in_channels, rank, *geometry, bias=False, padding_mode=module.padding_mode)
         second = nn.Conv2d(rank, module.out_channels, 1, bias=bias)
     else:

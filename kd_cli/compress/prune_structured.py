@@ -43,9 +43,17 @@ class PruneStructured:
     name: str  # the registered name, set by register_step (STEPS' name_attribute)
 
     # ratio and max_layer_ratio below 1: no layer may lose every channel
-    def __init__(self, ratio: OpenFraction, importance: Literal["magnitude", "bn_scale", "taylor", "random"],
-                 scope: Literal["uniform", "global"], ignored_layers: list[str], iterative_steps: PositiveInt,
-                 round_to: PositiveInt | None, max_layer_ratio: OpenFraction, taylor_batches: PositiveInt):
+    def __init__(
+        self,
+        ratio: OpenFraction,
+        importance: Literal["magnitude", "bn_scale", "taylor", "random"],
+        scope: Literal["uniform", "global"],
+        ignored_layers: list[str],
+        iterative_steps: PositiveInt,
+        round_to: PositiveInt | None,
+        max_layer_ratio: OpenFraction,
+        taylor_batches: PositiveInt,
+    ):
         self.ratio, self.importance, self.scope = ratio, importance, scope
         self.ignored_layers = list(ignored_layers)
         self.iterative_steps, self.round_to = iterative_steps, round_to
@@ -58,8 +66,10 @@ class PruneStructured:
         layers = layer_map(model)
         check_layers(layers, self.ignored_layers, "compression.prune_structured.ignored_layers")
         if self.importance == "bn_scale" and not any(isinstance(m, _BatchNorm) for m in layers.values()):
-            raise KdError("compression.prune_structured.importance=bn_scale needs BatchNorm layers and this model "
-                          "has none; use importance=magnitude or taylor")
+            raise KdError(
+                "compression.prune_structured.importance=bn_scale needs BatchNorm layers and this model "
+                "has none; use importance=magnitude or taylor"
+            )
 
     def apply(self, model: nn.Module, ctx: StepContext) -> nn.Module:
         import torch_pruning as tp
@@ -71,9 +81,14 @@ class PruneStructured:
         before = tensor_shapes(model)
         try:
             pruner = tp.pruner.MetaPruner(
-                model, ctx.example, importance=self._criterion(tp), global_pruning=self.scope == "global",
-                pruning_ratio=self.ratio, max_pruning_ratio=self.max_layer_ratio,
-                iterative_steps=self.iterative_steps, round_to=self.round_to,
+                model,
+                ctx.example,
+                importance=self._criterion(tp),
+                global_pruning=self.scope == "global",
+                pruning_ratio=self.ratio,
+                max_pruning_ratio=self.max_layer_ratio,
+                iterative_steps=self.iterative_steps,
+                round_to=self.round_to,
                 ignored_layers=[model.get_submodule(name) for name in sorted(ignored)],
             )
             for _ in range(self.iterative_steps):
@@ -82,14 +97,18 @@ class PruneStructured:
                 pruner.step()
         except (RuntimeError, ValueError, ZeroDivisionError, IndexError, KeyError) as error:
             # e.g. ShuffleNet's channel shuffle (a reshape across groups) defeats the dependency graph
-            raise KdError(f"Torch-Pruning cannot prune this {type(model).__name__} ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0][:120] if str(error) else 'no message'}); use lowrank, "
-                          f"prune_unstructured or quantize_int8, or list the failing block in ignored_layers") from None
+            raise KdError(
+                f"Torch-Pruning cannot prune this {type(model).__name__} ({type(error).__name__}: "
+                f"{str(error).splitlines()[0][:120] if str(error) else 'no message'}); use lowrank, "
+                f"prune_unstructured or quantize_int8, or list the failing block in ignored_layers"
+            ) from None
         model.zero_grad(set_to_none=True)
         layers = changed_layers(before, model)
         if not layers:
-            raise KdError("compression.prune_structured removed no channel: every prunable layer is ignored or "
-                          "too narrow; lower ignored_layers or raise ratio")
+            raise KdError(
+                "compression.prune_structured removed no channel: every prunable layer is ignored or "
+                "too narrow; lower ignored_layers or raise ratio"
+            )
         self._check_widths(model)
         log.info(f"prune_structured: {len(layers)} layers resized (ignored: {', '.join(sorted(ignored)) or 'none'})")
         ctx.record(kind=self.name, ratio=self.ratio, importance=self.importance, scope=self.scope, layers=layers)
@@ -118,5 +137,7 @@ class PruneStructured:
     def _check_widths(model: nn.Module) -> None:
         for name, module in model.named_modules():
             if isinstance(module, WEIGHTED) and module.weight.numel() == 0:
-                raise KdError(f"compression.prune_structured removed every channel of {name}; lower ratio or "
-                              f"max_layer_ratio, or add it to ignored_layers")
+                raise KdError(
+                    f"compression.prune_structured removed every channel of {name}; lower ratio or "
+                    f"max_layer_ratio, or add it to ignored_layers"
+                )

@@ -49,13 +49,19 @@ class PruneUnstructured:
         """What can be checked before pruning (see compress.check_steps): the skipped layers are conv or
         linear layers of the model, and some layer is left to prune."""
         layers = layer_map(model)
-        check_layers(layers, self.skip, "compression.prune_unstructured.skip", WEIGHTED,
-                     "it prunes (and skips) conv and linear layers, by their own names")
+        check_layers(
+            layers,
+            self.skip,
+            "compression.prune_unstructured.skip",
+            WEIGHTED,
+            "it prunes (and skips) conv and linear layers, by their own names",
+        )
         self._targets(layers)
 
     def _targets(self, layers: Mapping[str, nn.Module]) -> list[tuple[nn.Module, str]]:
         targets: list[tuple[nn.Module, str]] = [
-            (m, "weight") for n, m in layers.items() if isinstance(m, WEIGHTED) and n not in self.skip]
+            (m, "weight") for n, m in layers.items() if isinstance(m, WEIGHTED) and n not in self.skip
+        ]
         if not targets:
             raise KdError("compression.prune_unstructured: no conv or linear layer left to prune (all skipped)")
         return targets

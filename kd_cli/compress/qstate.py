@@ -74,6 +74,7 @@ def _decode(record: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
         return tensors[record["tensor"]]
     key, values = record["quantized"], tensors[record["quantized"]]
     if "axis" in record:
-        return torch._make_per_channel_quantized_tensor(values, tensors[f"{key}.__scales"].double(),
-                                                        tensors[f"{key}.__zero_points"].long(), record["axis"])
+        return torch._make_per_channel_quantized_tensor(
+            values, tensors[f"{key}.__scales"].double(), tensors[f"{key}.__zero_points"].long(), record["axis"]
+        )
     return torch._make_per_tensor_quantized_tensor(values, record["scale"], record["zero_point"])

@@ -47,8 +47,9 @@ class QuantizeInt8:
 
     cpu_only = True  # torch.ao's int8 kernels: a saved int8 model loads onto the CPU
 
-    def __init__(self, mode: Mode, backend: Backend, calibration_batches: PositiveInt, layers: list[str],
-                 skip: list[str]):
+    def __init__(
+        self, mode: Mode, backend: Backend, calibration_batches: PositiveInt, layers: list[str], skip: list[str]
+    ):
         self.mode, self.backend, self.calibration_batches = mode, backend, calibration_batches
         self.layers, self.skip = list(layers), list(skip)
 
@@ -93,16 +94,25 @@ class QuantizeInt8:
         and something is left to quantise. Whether torch.fx can trace the model is known only by trying."""
         layers = layer_map(model)
         supported, kinds = ((nn.Linear,), "Linear") if self.mode == "dynamic" else (WEIGHTED, "Conv1d/2d/3d and Linear")
-        check_layers(layers, self.layers, "compression.quantize_int8.layers", supported,
-                     f"{self.mode} int8 quantises {kinds} layers (BatchNorm and activations are fused into the "
-                     f"conv before them)")
+        check_layers(
+            layers,
+            self.layers,
+            "compression.quantize_int8.layers",
+            supported,
+            f"{self.mode} int8 quantises {kinds} layers (BatchNorm and activations are fused into the "
+            f"conv before them)",
+        )
         check_layers(layers, self.skip, "compression.quantize_int8.skip")
         if self.mode == "dynamic" and not any(isinstance(m, nn.Linear) for m in layers.values()):
-            raise KdError("compression.quantize_int8.mode=dynamic quantises Linear layers only and this model has "
-                          "none; use mode=static for conv nets")
+            raise KdError(
+                "compression.quantize_int8.mode=dynamic quantises Linear layers only and this model has "
+                "none; use mode=static for conv nets"
+            )
         if self.layers and set(self.layers) <= set(self.skip):
-            raise KdError("compression.quantize_int8: every layer in layers is also in skip, so nothing would be "
-                          "quantised; leave them out of skip")
+            raise KdError(
+                "compression.quantize_int8: every layer in layers is also in skip, so nothing would be "
+                "quantised; leave them out of skip"
+            )
 
     def _prepare(self, model: nn.Module, example: torch.Tensor) -> GraphModule:
         from torch.ao.quantization import (
@@ -129,9 +139,11 @@ class QuantizeInt8:
                 warnings.simplefilter("ignore")  # torch.ao's deprecation notice, on every call
                 return prepare_fx(model, mapping, example_inputs=(example,))
         except Exception as error:  # FX cannot trace data-dependent Python control flow
-            raise KdError(f"compression.quantize_int8 cannot trace this model with torch.fx "
-                          f"({type(error).__name__}: {str(error).splitlines()[0][:160]}); int8 needs a traceable "
-                          f"model") from None
+            raise KdError(
+                f"compression.quantize_int8 cannot trace this model with torch.fx "
+                f"({type(error).__name__}: {str(error).splitlines()[0][:160]}); int8 needs a traceable "
+                f"model"
+            ) from None
 
 
 def backend_missing(backend: str) -> str | None:
@@ -151,5 +163,6 @@ def _convert(prepared: GraphModule) -> nn.Module:
 
 
 def quantized_layer_count(model: nn.Module) -> int:
-    return sum(1 for m in model.modules() if ".quantized" in type(m).__module__
-               and hasattr(m, "weight") and callable(m.weight))
+    return sum(
+        1 for m in model.modules() if ".quantized" in type(m).__module__ and hasattr(m, "weight") and callable(m.weight)
+    )

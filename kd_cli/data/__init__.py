@@ -7,13 +7,13 @@ Importing this package registers every data set: each module here that defines o
 
 from kd_cli.data.augment import AugmentSpec
 from kd_cli.data.base import (
-                              COMMON_KEYS,
-                              DATASETS,
-                              DataSplits,
-                              FolderSplit,
-                              TensorSplit,
-                              check_dataset_config,
-                              register_dataset,
+    COMMON_KEYS,
+    DATASETS,
+    DataSplits,
+    FolderSplit,
+    TensorSplit,
+    check_dataset_config,
+    register_dataset,
 )
 from kd_cli.data.load import load_dataset
 from kd_cli.data.loader import make_loader
@@ -22,6 +22,14 @@ from kd_cli.registry import import_submodules
 import_submodules(__name__, __path__)
 
 __all__ = [
-    "DATASETS", "register_dataset", "load_dataset", "check_dataset_config", "DataSplits", "TensorSplit",
-    "FolderSplit", "AugmentSpec", "make_loader", "COMMON_KEYS",
+    "DATASETS",
+    "register_dataset",
+    "load_dataset",
+    "check_dataset_config",
+    "DataSplits",
+    "TensorSplit",
+    "FolderSplit",
+    "AugmentSpec",
+    "make_loader",
+    "COMMON_KEYS",
 ]

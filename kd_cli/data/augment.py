@@ -126,6 +126,10 @@ def random_erase(x: torch.Tensor, prob: float, generator: torch.Generator) -> to
     left = (uniform(0.0, 1.0) * (w - ew + 1)).floor()
     rows = torch.arange(h, device=dev)[None, :, None]
     cols = torch.arange(w, device=dev)[None, None, :]
-    inside = ((rows >= top[:, None, None]) & (rows < (top + eh)[:, None, None])
-              & (cols >= left[:, None, None]) & (cols < (left + ew)[:, None, None]))
+    inside = (
+        (rows >= top[:, None, None])
+        & (rows < (top + eh)[:, None, None])
+        & (cols >= left[:, None, None])
+        & (cols < (left + ew)[:, None, None])
+    )
     return x.masked_fill((inside & erase[:, None, None])[:, None], 0.0)

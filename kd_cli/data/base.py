@@ -24,8 +24,9 @@ register_dataset = DATASETS.register
 
 # Keys of a dataset config node that the framework reads itself; every other key is an option of the
 # registered loader function (checked against its signature, so a typo is a one-line error).
-COMMON_KEYS = frozenset({"name", "mean", "std", "default_teacher", "default_student", "hflip", "crop_padding",
-                         "val_fraction", "aug_seed"})
+COMMON_KEYS = frozenset(
+    {"name", "mean", "std", "default_teacher", "default_student", "hflip", "crop_padding", "val_fraction", "aug_seed"}
+)
 
 # Types of the common keys, in the registry's terms (so messages read like those of loader options).
 COMMON_TYPES: dict[str, Any] = {
@@ -95,8 +96,10 @@ def check_dataset_config(cfg: Mapping[str, Any]) -> None:
     if name is None:
         raise KdError("the dataset config has no 'name'; choose one with dataset=NAME")
     if not isinstance(name, str):
-        raise KdError(f"dataset.name={_show(name)} must be a string; choose one with dataset=NAME "
-                      f"(one of: {', '.join(DATASETS.names())})")
+        raise KdError(
+            f"dataset.name={_show(name)} must be a string; choose one with dataset=NAME "
+            f"(one of: {', '.join(DATASETS.names())})"
+        )
     options = dataset_options(cfg)
     DATASETS.check(name, options, path="dataset")
     for key, hint in COMMON_TYPES.items():
@@ -108,13 +111,17 @@ def check_dataset_config(cfg: Mapping[str, Any]) -> None:
                 raise KdError(f"dataset.{key}={_show(cfg[key])} must be {problem} (data set '{name}')")
     mean, std = cfg.get("mean"), cfg.get("std")
     if mean is not None and std is not None and len(mean) != len(std):
-        raise KdError(f"dataset.mean has {len(mean)} value(s) but dataset.std has {len(std)}; "
-                      "give one per channel in both (or one each for every channel)")
+        raise KdError(
+            f"dataset.mean has {len(mean)} value(s) but dataset.std has {len(std)}; "
+            "give one per channel in both (or one each for every channel)"
+        )
     channels = expected_channels(name, options)
     for key, values in (("mean", mean), ("std", std)):
         if channels is not None and values is not None and len(values) not in (1, channels):
-            raise KdError(f"dataset.{key} has {len(values)} values but {name} images have {channels} channel(s); "
-                          f"give {channels} values (or one for all channels)")
+            raise KdError(
+                f"dataset.{key} has {len(values)} values but {name} images have {channels} channel(s); "
+                f"give {channels} values (or one for all channels)"
+            )
 
 
 def expected_channels(name: str, options: Mapping[str, Any]) -> int | None:
@@ -125,8 +132,11 @@ def expected_channels(name: str, options: Mapping[str, Any]) -> int | None:
     fn = DATASETS.get(name)
     channels = getattr(fn, "image_channels", None)
     if callable(channels):
-        defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items()
-                    if p.default is not inspect.Parameter.empty}
+        defaults = {
+            k: p.default
+            for k, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
         return channels({**defaults, **options})
     return channels
 
@@ -187,9 +197,7 @@ def tensor_split_digest(split: TensorSplit, samples: int = 256) -> list[bytes | 
     return [str(tuple(split.images.shape)), split.labels.numpy().tobytes(), sample.numpy().tobytes()]
 
 
-def tensor_splits(
-    train: TensorSplit, test: TensorSplit, class_names: list[str], *extra: str
-) -> DataSplits:
+def tensor_splits(train: TensorSplit, test: TensorSplit, class_names: list[str], *extra: str) -> DataSplits:
     """DataSplits for in-memory data, with channels, size and fingerprint read off the tensors."""
     for split in (train, test):
         _check_tensor_split(split)

@@ -50,12 +50,16 @@ def check_splits(data: DataSplits, name: str) -> None:
     splits = [("training", data.train), ("test", data.test)] + ([("validation", data.val)] if data.val else [])
     for title, split in splits:
         if len(split) == 0:
-            raise KdError(f"{what}: the {title} split is empty; add images to it (for a data set split by kd, "
-                          "change dataset.test_fraction)")
+            raise KdError(
+                f"{what}: the {title} split is empty; add images to it (for a data set split by kd, "
+                "change dataset.test_fraction)"
+            )
     names = list(data.class_names)
     if data.num_classes < 2:
-        raise KdError(f"{what} has {_count(data.num_classes, 'class')} ({', '.join(names)}); a classifier needs at "
-                      "least 2: add images of another class (an image folder needs one sub-folder per class)")
+        raise KdError(
+            f"{what} has {_count(data.num_classes, 'class')} ({', '.join(names)}); a classifier needs at "
+            "least 2: add images of another class (an image folder needs one sub-folder per class)"
+        )
     train, test = split_labels(data.train), split_labels(data.test)
     val = split_labels(data.val) if data.val is not None else torch.zeros(0, dtype=torch.int64)
     if train is None or test is None or val is None:
@@ -63,29 +67,39 @@ def check_splits(data: DataSplits, name: str) -> None:
     for title, labels in (("training", train), ("test", test), ("validation", val)):
         outside = labels[(labels < 0) | (labels >= data.num_classes)]
         if len(outside):
-            raise KdError(f"{what}: the {title} split has label {int(outside[0])}, outside 0..{data.num_classes - 1} "
-                          f"(the data set names {data.num_classes} classes); its files are inconsistent: "
-                          "replace them")
+            raise KdError(
+                f"{what}: the {title} split has label {int(outside[0])}, outside 0..{data.num_classes - 1} "
+                f"(the data set names {data.num_classes} classes); its files are inconsistent: "
+                "replace them"
+            )
     train_count = torch.bincount(train, minlength=data.num_classes)
     test_count = torch.bincount(test, minlength=data.num_classes)
     present = torch.nonzero(train_count).flatten().tolist()
     if len(present) < 2:
-        raise KdError(f"{what}: the training split has images of {_names(names, present)} only; a classifier "
-                      "needs at least 2 classes: add training images of another class")
+        raise KdError(
+            f"{what}: the training split has images of {_names(names, present)} only; a classifier "
+            "needs at least 2 classes: add training images of another class"
+        )
     unlearnable = torch.nonzero((train_count == 0) & (test_count > 0)).flatten().tolist()
     if unlearnable:
         shown = _count(int(test_count[unlearnable].sum()), "image")
-        raise KdError(f"{what}: the training split has no images of class {_names(names, unlearnable)}, which the "
-                      f"test split has ({shown}); the model could never predict it: add training images of it, or "
-                      "remove it from the test split")
+        raise KdError(
+            f"{what}: the training split has no images of class {_names(names, unlearnable)}, which the "
+            f"test split has ({shown}); the model could never predict it: add training images of it, or "
+            "remove it from the test split"
+        )
     val_only = torch.nonzero((train_count == 0) & (torch.bincount(val, minlength=data.num_classes) > 0))
     if len(val_only):
-        raise KdError(f"{what}: the validation split has images of class {_names(names, val_only.flatten().tolist())}, "
-                      "which the training split lacks; add training images of it, or remove it from the validation split")
+        raise KdError(
+            f"{what}: the validation split has images of class {_names(names, val_only.flatten().tolist())}, "
+            "which the training split lacks; add training images of it, or remove it from the validation split"
+        )
     untested = torch.nonzero(test_count == 0).flatten().tolist()
     if untested:
-        warn(f"{what}: the test split has no images of {len(untested)} of the {data.num_classes} classes "
-             f"({_names(names, untested)}); their accuracy is not measured")
+        warn(
+            f"{what}: the test split has no images of {len(untested)} of the {data.num_classes} classes "
+            f"({_names(names, untested)}); their accuracy is not measured"
+        )
     _warn_duplicates(data, what, train, test)
 
 
@@ -118,8 +132,10 @@ def _warn_duplicates(data: DataSplits, what: str, train_labels: torch.Tensor, te
         return
     relabelled = sum(int(test_labels[i]) != int(train_labels[j]) for i, j in pairs)
     other = f", {relabelled} of them with a different label" if relabelled else ""
-    warn(f"{what}: {len(pairs)} of {len(test_labels)} test images are exact copies of training images "
-         f"(e.g. {show(*pairs[0])}{other}); test accuracy overstates generalisation: remove them from one split")
+    warn(
+        f"{what}: {len(pairs)} of {len(test_labels)} test images are exact copies of training images "
+        f"(e.g. {show(*pairs[0])}{other}); test accuracy overstates generalisation: remove them from one split"
+    )
 
 
 def tensor_duplicates(train: torch.Tensor, test: torch.Tensor) -> list[tuple[int, int]]:
@@ -175,8 +191,9 @@ def file_duplicates(train: Sequence[str], test: Sequence[str]) -> list[tuple[int
         train_keys = [(size,) for size in pool.map(_size, train)]
         test_keys = [(size,) for size in pool.map(_size, test)]
         for digest in (_head_digest, _digest):
-            shared = {key for key in set(train_keys) & set(test_keys)
-                      if key is not None and key[0] >= 0}  # -1: cannot stat; the loader names such files
+            shared = {
+                key for key in set(train_keys) & set(test_keys) if key is not None and key[0] >= 0
+            }  # -1: cannot stat; the loader names such files
             if not shared:
                 return []
             train_keys = _refine(pool, digest, train, train_keys, shared)

@@ -78,8 +78,9 @@ def image_decoder() -> Callable[[torch.Tensor], torch.Tensor]:
     except ImportError:
         from torchvision.io import ImageReadMode, decode_image
 
-        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                                category=DeprecationWarning)
+        warnings.filterwarnings(
+            "ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning
+        )
         return lambda data: decode_image(data, mode=ImageReadMode.RGB)
 
 
@@ -181,9 +182,13 @@ class CroppedBatches(Dataset):
         crops = torch.empty(len(indices), 3, self.size, self.size, dtype=torch.uint8)
         for row, (image, (top, left, h, w), flip) in enumerate(zip(images, boxes.tolist(), flips.tolist())):
             # uint8 in, uint8 out: torch's antialiased bilinear kernel has a uint8 path (no float copy)
-            crop = torch.nn.functional.interpolate(image[None, :, top : top + h, left : left + w],
-                                                   size=(self.size, self.size), mode="bilinear",
-                                                   antialias=True, align_corners=False)[0]
+            crop = torch.nn.functional.interpolate(
+                image[None, :, top : top + h, left : left + w],
+                size=(self.size, self.size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )[0]
             crops[row] = crop.flip(-1) if flip else crop
         labels = torch.tensor([self.samples[index][1] for index in indices], dtype=torch.int64)
         return crops.numpy(), labels.numpy()

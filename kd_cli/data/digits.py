@@ -42,8 +42,10 @@ def digits(
             np.arange(len(labels)), test_size=test_fraction, stratify=labels, random_state=split_seed
         )
     except ValueError as error:  # a split too small to hold every class once
-        raise KdError(f"dataset.test_fraction={test_fraction} cannot split the {len(labels)} digits so that both "
-                      f"splits hold all 10 classes ({brief(error)}); choose a value nearer 0.3") from None
+        raise KdError(
+            f"dataset.test_fraction={test_fraction} cannot split the {len(labels)} digits so that both "
+            f"splits hold all 10 classes ({brief(error)}); choose a value nearer 0.3"
+        ) from None
     splits = [TensorSplit(torch.from_numpy(images[i]), torch.from_numpy(labels[i])) for i in (train_idx, test_idx)]
     return tensor_splits(splits[0], splits[1], [str(name) for name in bunch.target_names])
 

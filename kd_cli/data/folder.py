@@ -68,8 +68,10 @@ class UnreadableImage(KdError):
 
     @classmethod
     def of(cls, path: str, problem: str) -> UnreadableImage:
-        return cls(f"cannot read image {path} ({problem}); replace or delete it, or set "
-                   "dataset.skip_unreadable=true to leave unreadable images out")
+        return cls(
+            f"cannot read image {path} ({problem}); replace or delete it, or set "
+            "dataset.skip_unreadable=true to leave unreadable images out"
+        )
 
 
 def read_rgb(path: str) -> Image.Image:
@@ -110,8 +112,10 @@ def imagefolder(
     warning), instead of stopping at the first."""
     root = absolute(root)
     if download:
-        raise KdError("an image folder cannot be downloaded; set dataset.download=false and put the images "
-                      f"under {root} ({LAYOUT})")
+        raise KdError(
+            "an image folder cannot be downloaded; set dataset.download=false and put the images "
+            f"under {root} ({LAYOUT})"
+        )
     if not os.path.isdir(root):
         raise KdError(f"image folder not found: {root} (expected {LAYOUT}); set dataset.root=PATH")
     val = None
@@ -126,8 +130,10 @@ def imagefolder(
         train, test = _random_split(folder, test_fraction, split_seed)
     classes = _base(train).classes
     if len(classes) < 2:
-        raise KdError(f"{root} has {len(classes)} class folder ({', '.join(classes)}); a classifier needs at least "
-                      "2: add one folder of images per class")
+        raise KdError(
+            f"{root} has {len(classes)} class folder ({', '.join(classes)}); a classifier needs at least "
+            "2: add one folder of images per class"
+        )
     return DataSplits(
         train=FolderSplit(train, image_size, crop_fraction),
         test=FolderSplit(test, image_size, crop_fraction),
@@ -135,8 +141,9 @@ def imagefolder(
         class_names=list(classes),
         in_channels=3,  # ImageFolder's loader converts every image to RGB
         input_size=image_size,
-        fingerprint=fingerprint(*classes, *_digest(train, root), *_digest(test, root),
-                                *(_digest(val, root) if val is not None else [])),
+        fingerprint=fingerprint(
+            *classes, *_digest(train, root), *_digest(test, root), *(_digest(val, root) if val is not None else [])
+        ),
         val=FolderSplit(val, image_size, crop_fraction) if val is not None else None,
     )
 
@@ -154,8 +161,10 @@ def _official_split(root: str) -> tuple[ImageFolder, ImageFolder, ImageFolder | 
     for name, other in ((test_name, test), (val_name, val)):
         if other is not None and train.classes != other.classes:
             odd = sorted(set(train.classes) ^ set(other.classes))
-            raise KdError(f"train/ and {name}/ under {root} have different class folders "
-                          f"(only in one: {', '.join(odd[:5])}); give both the same classes")
+            raise KdError(
+                f"train/ and {name}/ under {root} have different class folders "
+                f"(only in one: {', '.join(odd[:5])}); give both the same classes"
+            )
     return train, test, val
 
 
@@ -180,8 +189,10 @@ def _drop_unreadable(folders: list[ImageFolder], root: str) -> None:
         folder.targets = [label for _, label in folder.samples]
     shown = "; ".join(f"{os.path.relpath(path, root)} ({problems[path]})" for path in bad[:SKIPPED_SHOWN])
     more = f"; and {len(bad) - SKIPPED_SHOWN} more" if len(bad) > SKIPPED_SHOWN else ""
-    warn(f"skipped {len(bad)} unreadable image(s) of {len(paths)} under {root} (dataset.skip_unreadable=true): "
-         f"{shown}{more}")
+    warn(
+        f"skipped {len(bad)} unreadable image(s) of {len(paths)} under {root} (dataset.skip_unreadable=true): "
+        f"{shown}{more}"
+    )
 
 
 def scan(paths: list[str], root: str, processes: bool | None = None) -> list[str | None]:
@@ -199,8 +210,10 @@ def scan(paths: list[str], root: str, processes: bool | None = None) -> list[str
         with ProcessPoolExecutor(max_workers=cores) as pool:
             return list(pool.map(_unreadable, paths, chunksize=64))
     except BrokenProcessPool:
-        raise KdError(f"a file under {root} crashed the image decoder while kd checked every image "
-                      "(dataset.skip_unreadable=true); it is crafted or badly damaged: find it and delete it") from None
+        raise KdError(
+            f"a file under {root} crashed the image decoder while kd checked every image "
+            "(dataset.skip_unreadable=true); it is crafted or badly damaged: find it and delete it"
+        ) from None
 
 
 def _unreadable(path: str) -> str | None:
@@ -221,8 +234,10 @@ def _random_split(folder: ImageFolder, test_fraction: float, seed: int) -> tuple
             np.arange(len(folder)), test_size=test_fraction, stratify=folder.targets, random_state=seed
         )
     except ValueError as error:  # e.g. a class with a single image
-        raise KdError(f"cannot split {folder.root} into train and test ({brief(error)}); add images or make "
-                      "train/ and test/ folders") from error
+        raise KdError(
+            f"cannot split {folder.root} into train and test ({brief(error)}); add images or make "
+            "train/ and test/ folders"
+        ) from error
     return Subset(folder, sorted(train_idx.tolist())), Subset(folder, sorted(test_idx.tolist()))
 
 

@@ -57,12 +57,18 @@ def hold_out_validation(data: DataSplits, fraction: float, seed: int, name: str)
         held.append(members[:count])
     val_idx = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
     if len(val_idx) == 0:
-        raise KdError(f"dataset={name}: dataset.val_fraction={fraction} holds out no image (every class has a single "
-                      "training image); add images, or set dataset.val_fraction=0")
+        raise KdError(
+            f"dataset={name}: dataset.val_fraction={fraction} holds out no image (every class has a single "
+            "training image); add images, or set dataset.val_fraction=0"
+        )
     train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
     train, val = (subset(data.train, idx.tolist()) for idx in (train_idx, val_idx))
-    return replace(data, train=train, val=val,
-                   fingerprint=fingerprint(data.fingerprint, f"val_fraction={fraction}", f"seed={seed}"))
+    return replace(
+        data,
+        train=train,
+        val=val,
+        fingerprint=fingerprint(data.fingerprint, f"val_fraction={fraction}", f"seed={seed}"),
+    )
 
 
 def subset(split: TensorSplit | FolderSplit, indices: list[int]) -> TensorSplit | FolderSplit:

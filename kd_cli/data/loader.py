@@ -67,8 +67,9 @@ def make_loader(
     device = torch.device(device)
     if isinstance(split, TensorSplit):
         return TensorLoader(split, batch_size, spec, mean, std, device, seed, drop_last, rank, world_size, train)
-    return FolderLoader(split, batch_size, spec, mean, std, device, seed, drop_last, rank, world_size, train,
-                        num_workers)
+    return FolderLoader(
+        split, batch_size, spec, mean, std, device, seed, drop_last, rank, world_size, train, num_workers
+    )
 
 
 def epoch_seed(seed: int, epoch: int, stream: str) -> int:
@@ -87,9 +88,20 @@ def shard(order: torch.Tensor, rank: int, world_size: int, equal: bool) -> torch
 class TensorLoader:
     """Shuffles, slices, augments and normalises an in-memory split, all on its device."""
 
-    def __init__(self, split: TensorSplit, batch_size: int, spec: AugmentSpec | None, mean: Sequence[float],
-                 std: Sequence[float], device: torch.device, seed: int, drop_last: bool, rank: int,
-                 world_size: int, shuffle: bool):
+    def __init__(
+        self,
+        split: TensorSplit,
+        batch_size: int,
+        spec: AugmentSpec | None,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device,
+        seed: int,
+        drop_last: bool,
+        rank: int,
+        world_size: int,
+        shuffle: bool,
+    ):
         if spec is not None:
             check_in_memory(spec)  # fail before the first epoch, not after the data moved to the device
         self.images = split.images.to(device)  # once: uint8 is 4x smaller than float
@@ -108,10 +120,18 @@ class TensorLoader:
 
     def stream_identity(self) -> dict[str, Any]:
         """What decides the batches of every epoch besides the data (the teacher cache's key)."""
-        return {"kind": "memory", "seed": self.seed, "batch_size": self.batch_size, "drop_last": self.drop_last,
-                "rank": self.rank, "world_size": self.world_size, "shuffle": self.shuffle,
-                "augmentation": None if self.spec is None else asdict(self.spec),
-                "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+        return {
+            "kind": "memory",
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "drop_last": self.drop_last,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "shuffle": self.shuffle,
+            "augmentation": None if self.spec is None else asdict(self.spec),
+            "mean": self.mean.flatten().tolist(),
+            "std": self.std.flatten().tolist(),
+        }
 
     def __len__(self) -> int:
         whole, part = divmod(self.num_samples, self.batch_size)
@@ -148,9 +168,21 @@ class FolderLoader:
     float conversion and normalisation batched on the device. Otherwise, and for evaluation, each image
     goes through torchvision.transforms.v2 in the workers."""
 
-    def __init__(self, split: FolderSplit, batch_size: int, spec: AugmentSpec | None, mean: Sequence[float],
-                 std: Sequence[float], device: torch.device, seed: int, drop_last: bool, rank: int,
-                 world_size: int, shuffle: bool, num_workers: int):
+    def __init__(
+        self,
+        split: FolderSplit,
+        batch_size: int,
+        spec: AugmentSpec | None,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device,
+        seed: int,
+        drop_last: bool,
+        rank: int,
+        world_size: int,
+        shuffle: bool,
+        num_workers: int,
+    ):
         samples = folder_samples(split.dataset)
         self.batched = spec is not None and spec.crop_padding > 0 and not spec.trivial_augment and samples is not None
         collate = None
@@ -170,9 +202,19 @@ class FolderLoader:
         self.dataset = dataset
         self.device, self.seed, self.rank, self.num_workers = device, seed, rank, num_workers
         # Workers draw the random transforms from seeds dealt in turn: their number shapes the stream too.
-        self.identity = {"kind": "folder", "seed": seed, "batch_size": batch_size, "drop_last": drop_last,
-                         "rank": rank, "world_size": world_size, "shuffle": shuffle, "num_workers": num_workers,
-                         "transform": repr(transform), "mean": list(mean), "std": list(std)}
+        self.identity = {
+            "kind": "folder",
+            "seed": seed,
+            "batch_size": batch_size,
+            "drop_last": drop_last,
+            "rank": rank,
+            "world_size": world_size,
+            "shuffle": shuffle,
+            "num_workers": num_workers,
+            "transform": repr(transform),
+            "mean": list(mean),
+            "std": list(std),
+        }
         self.epoch = 0
         # Seeds both the shuffle and the workers' random transforms; re-seeded from (seed, epoch) per epoch.
         self.generator = torch.Generator()
@@ -181,8 +223,14 @@ class FolderLoader:
             # persistent workers keep their iterator, which draws from the generator otherwise than a new one
             self.sampler = EpochPermutation(len(dataset), seed)
         self.loader = DataLoader(
-            dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
-            pin_memory=device.type == "cuda", drop_last=drop_last, generator=self.generator, collate_fn=collate,
+            dataset,
+            batch_size=batch_size,
+            sampler=self.sampler,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            drop_last=drop_last,
+            generator=self.generator,
+            collate_fn=collate,
             # the batched path's draws do not come from the workers' seeds, so its workers may live on
             persistent_workers=self.batched and num_workers > 0,
         )
@@ -259,8 +307,9 @@ class Transformed(Dataset):
         return self.transform(image), label
 
 
-def folder_transform(spec: AugmentSpec | None, size: int, mean: Sequence[float], std: Sequence[float],
-                     crop_fraction: float = 0.875):
+def folder_transform(
+    spec: AugmentSpec | None, size: int, mean: Sequence[float], std: Sequence[float], crop_fraction: float = 0.875
+):
     """RandomResizedCrop/flip/TrivialAugment/rotation/erasing as `spec` asks; Resize+CenterCrop otherwise.
 
     On image folders `crop_padding` > 0 switches on RandomResizedCrop (padding itself means nothing for
@@ -313,8 +362,14 @@ class EpochPermutation(Sampler):
         return iter(torch.randperm(self.count, generator=generator).tolist())
 
 
-def _sampler(dataset: CroppedBatches | Transformed, shuffle: bool, seed: int, rank: int, world_size: int,
-             generator: torch.Generator):
+def _sampler(
+    dataset: CroppedBatches | Transformed,
+    shuffle: bool,
+    seed: int,
+    rank: int,
+    world_size: int,
+    generator: torch.Generator,
+):
     count = len(dataset)
     if world_size > 1 and shuffle:
         return DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)

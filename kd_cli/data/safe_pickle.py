@@ -81,8 +81,12 @@ def loads(data: bytes, **kwargs: Any) -> Any:
 
 
 module = types.SimpleNamespace(
-    load=load, loads=loads, Unpickler=RestrictedUnpickler, UnpicklingError=pickle.UnpicklingError,
-    HIGHEST_PROTOCOL=pickle.HIGHEST_PROTOCOL, DEFAULT_PROTOCOL=pickle.DEFAULT_PROTOCOL,
+    load=load,
+    loads=loads,
+    Unpickler=RestrictedUnpickler,
+    UnpicklingError=pickle.UnpicklingError,
+    HIGHEST_PROTOCOL=pickle.HIGHEST_PROTOCOL,
+    DEFAULT_PROTOCOL=pickle.DEFAULT_PROTOCOL,
 )
 
 
@@ -94,10 +98,11 @@ def reading_with(fn: Callable, name: str = "pickle") -> Callable:
     torchvision reads its files some other way that this copy would not cover."""
     code = fn.__code__
     if name not in code.co_names:
-        raise KdError(f"this torchvision ({fn.__module__}.{fn.__qualname__}) no longer reads its files through "
-                      f"`{name}`, so kd cannot read them safely; install the torchvision version kd pins")
-    copy = types.FunctionType(code, {**fn.__globals__, name: module}, fn.__name__, fn.__defaults__,
-                              fn.__closure__)
+        raise KdError(
+            f"this torchvision ({fn.__module__}.{fn.__qualname__}) no longer reads its files through "
+            f"`{name}`, so kd cannot read them safely; install the torchvision version kd pins"
+        )
+    copy = types.FunctionType(code, {**fn.__globals__, name: module}, fn.__name__, fn.__defaults__, fn.__closure__)
     copy.__kwdefaults__ = fn.__kwdefaults__
     copy.__qualname__, copy.__doc__, copy.__module__ = fn.__qualname__, fn.__doc__, fn.__module__
     return copy

@@ -97,7 +97,11 @@ def svhn(root: str = "data/svhn", download: bool = False, verify_checksums: bool
     root = absolute(root)
     names = [tv.SVHN.split_list[split][1] for split in ("train", "test")]
     train, test = open_or_explain(
-        "SVHN", root, " and ".join(names), [os.path.join(root, name) for name in names], download,
+        "SVHN",
+        root,
+        " and ".join(names),
+        [os.path.join(root, name) for name in names],
+        download,
         lambda: (svhn_cls(root, split="train", download=download), svhn_cls(root, split="test", download=download)),
     )
     # torchvision already transposed SVHN to (N, C, H, W) and mapped label 10 to digit 0.
@@ -115,7 +119,11 @@ def _mnist_style(cls: type[tv.MNIST], title: str, root: str, download: bool) -> 
     expected = f"{cls.__name__}/raw/{names[0]} and the other {len(names) - 1} unzipped IDX files"
     safe = type(cls.__name__, (cls,), {"_load_legacy_data": _load_legacy_data})  # same name: same folders
     train, test = open_or_explain(
-        title, root, expected, files, download,
+        title,
+        root,
+        expected,
+        files,
+        download,
         lambda: (safe(root, train=True, download=download), safe(root, train=False, download=download)),
     )
     splits = [_split(title, root, _numpy(ds.data)[:, None], _numpy(ds.targets), (1, 28, 28)) for ds in (train, test)]
@@ -129,10 +137,14 @@ def _load_legacy_data(self: tv.MNIST):
         return torch.load(path, weights_only=True)
     except pickle.UnpicklingError as error:
         named = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
-        problem = (f"asks to run {named.group(1)} when read, which a data file of this kind never does; kd did not "
-                   "run it" if named else "is not a plain tensor file (torch.load refused it with weights_only=True)")
-        raise KdError(f"{path} {problem}. Delete {self.processed_folder} so that the raw IDX files are read "
-                      "instead") from None
+        problem = (
+            f"asks to run {named.group(1)} when read, which a data file of this kind never does; kd did not run it"
+            if named
+            else "is not a plain tensor file (torch.load refused it with weights_only=True)"
+        )
+        raise KdError(
+            f"{path} {problem}. Delete {self.processed_folder} so that the raw IDX files are read instead"
+        ) from None
 
 
 def _has_legacy_files(cls: type[tv.MNIST], root: str) -> bool:
@@ -145,16 +157,23 @@ def _cifar(cls: type[tv.CIFAR10], title: str, root: str, download: bool) -> Data
     names = [name for name, _md5 in cls.train_list + cls.test_list] + [cls.meta["filename"]]
     files = [os.path.join(root, cls.base_folder, name) for name in names]
     train, test = open_or_explain(
-        title, root, f"{cls.base_folder}/", files, download,
+        title,
+        root,
+        f"{cls.base_folder}/",
+        files,
+        download,
         lambda: (cls(root, train=True, download=download), cls(root, train=False, download=download)),
     )
     # torchvision made the images NHWC; back to NCHW.
-    splits = [_split(title, root, np.asarray(ds.data).transpose(0, 3, 1, 2), ds.targets, (3, 32, 32))
-              for ds in (train, test)]
+    splits = [
+        _split(title, root, np.asarray(ds.data).transpose(0, 3, 1, 2), ds.targets, (3, 32, 32)) for ds in (train, test)
+    ]
     classes = list(train.classes)
     if not all(isinstance(name, str) for name in classes):
-        raise KdError(f"{title} files under {root} look corrupt (class names are not strings); delete them and "
-                      "download again (dataset.download=true)")
+        raise KdError(
+            f"{title} files under {root} look corrupt (class names are not strings); delete them and "
+            "download again (dataset.download=true)"
+        )
     return tensor_splits(splits[0], splits[1], classes)
 
 
@@ -177,8 +196,10 @@ def _split(title: str, root: str, images, labels, shape: tuple[int, int, int]) -
     elif not whole or len(labels) != len(images):
         problem = f"{len(images)} images but {labels.size} labels, or labels that are not whole numbers"
     if problem:
-        raise KdError(f"{title} files under {root} look corrupt ({problem}); delete them and download again "
-                      "(dataset.download=true) or replace them")
+        raise KdError(
+            f"{title} files under {root} look corrupt ({problem}); delete them and download again "
+            "(dataset.download=true) or replace them"
+        )
     return TensorSplit(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64)))
 
 

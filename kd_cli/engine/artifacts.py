@@ -155,7 +155,9 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> N
         details = []
         if wrong:
             k = wrong[0]
-            details.append(f"{len(wrong)} shape mismatch(es), e.g. {k}: saved {_shape(state[k])} vs model {_shape(own[k])}")
+            details.append(
+                f"{len(wrong)} shape mismatch(es), e.g. {k}: saved {_shape(state[k])} vs model {_shape(own[k])}"
+            )
         if missing:
             details.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
         if unexpected:

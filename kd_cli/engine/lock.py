@@ -41,8 +41,9 @@ class Owner:
 
     @classmethod
     def me(cls) -> Owner:
-        return cls(os.getpid(), socket.gethostname(), time.strftime("%Y-%m-%dT%H:%M:%S"),
-                   " ".join(["kd", *sys.argv[1:]])[:500])
+        return cls(
+            os.getpid(), socket.gethostname(), time.strftime("%Y-%m-%dT%H:%M:%S"), " ".join(["kd", *sys.argv[1:]])[:500]
+        )
 
 
 class DirectoryLock:
@@ -70,7 +71,9 @@ class DirectoryLock:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
             except OSError as error:
-                raise KdError(f"cannot write in {directory} ({error.strerror}); choose a directory you can write") from None
+                raise KdError(
+                    f"cannot write in {directory} ({error.strerror}); choose a directory you can write"
+                ) from None
             if _try_lock(fd):
                 if _still_linked(fd, path):  # not a file its last owner removed between our open and lock
                     return cls(directory, fd, created)

@@ -126,9 +126,14 @@ def fit(job: Training) -> FitResult:
     else:
         best = state["best"]
         last_row = state["history"][-1] if state["history"] else {}
-        result = FitResult(state["history"], best["top1"], best["epoch"], state["resumed_from"],
-                           last_top1=last_row.get("test_top1"),
-                           peers_last_top1={name: last_row.get(f"{name}_test_top1") for name in method.peer_models()})
+        result = FitResult(
+            state["history"],
+            best["top1"],
+            best["epoch"],
+            state["resumed_from"],
+            last_top1=last_row.get("test_top1"),
+            peers_last_top1={name: last_row.get(f"{name}_test_top1") for name in method.peer_models()},
+        )
     result.teacher_cache = cache.summary() if cache else None
     return result
 
@@ -142,12 +147,24 @@ def _test_chosen(job: Training, method: Distiller, state: dict) -> FitResult:
     if best["epoch"] != epochs_done:
         method.student.load_state_dict(state["best_state"])
         chosen = _score(job, method.student, job.test_loader, "test", best["epoch"])["test_top1"]
-    log.info(f"best epoch {best['epoch']} on validation ({best['top1']:.2f}): test top-1 {chosen:.2f} "
-             f"(last epoch {last:.2f})")
-    peers: dict[str, float | None] = {name: _score(job, peer, job.test_loader, "test", epochs_done)["test_top1"]
-                                      for name, peer in method.peer_models().items()}
-    return FitResult(state["history"], chosen, best["epoch"], state["resumed_from"], last_top1=last,
-                     selected_on="val", best_val_top1=best["top1"], peers_last_top1=peers)
+    log.info(
+        f"best epoch {best['epoch']} on validation ({best['top1']:.2f}): test top-1 {chosen:.2f} "
+        f"(last epoch {last:.2f})"
+    )
+    peers: dict[str, float | None] = {
+        name: _score(job, peer, job.test_loader, "test", epochs_done)["test_top1"]
+        for name, peer in method.peer_models().items()
+    }
+    return FitResult(
+        state["history"],
+        chosen,
+        best["epoch"],
+        state["resumed_from"],
+        last_top1=last,
+        selected_on="val",
+        best_val_top1=best["top1"],
+        peers_last_top1=peers,
+    )
 
 
 def _save_epoch(job: Training, state: dict, checkpoint: dict) -> None:
@@ -157,8 +174,10 @@ def _save_epoch(job: Training, state: dict, checkpoint: dict) -> None:
         save_checkpoint(job.run.path, checkpoint)
     except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
         reason = getattr(error, "strerror", None) or str(error).splitlines()[-1].strip()[:160]
-        raise KdError(f"cannot write the checkpoint in {job.run.path} ({reason}); free some space "
-                      f"and continue with resume={job.run.path} (the previous epoch's checkpoint is intact)") from None
+        raise KdError(
+            f"cannot write the checkpoint in {job.run.path} ({reason}); free some space "
+            f"and continue with resume={job.run.path} (the previous epoch's checkpoint is intact)"
+        ) from None
 
 
 def _attach_teacher_cache(job: Training, method: Distiller, steps: int) -> TeacherCache | None:
@@ -172,8 +191,10 @@ def _attach_teacher_cache(job: Training, method: Distiller, steps: int) -> Teach
 
 def _enable_index(loader) -> None:
     if not hasattr(loader, "with_index"):
-        raise KdError("this method keeps a memory per training sample, which needs an in-memory data set "
-                      "(digits, MNIST, CIFAR, SVHN, synthetic), not an image folder")
+        raise KdError(
+            "this method keeps a memory per training sample, which needs an in-memory data set "
+            "(digits, MNIST, CIFAR, SVHN, synthetic), not an image folder"
+        )
     loader.with_index = True
 
 
@@ -274,8 +295,10 @@ def _score(job: Training, model: torch.nn.Module, loader, split: str, epoch: int
     logits, labels = predict(model, loader, job.device, job.eval_dtype or job.dtype)
     loss = torch.nn.functional.cross_entropy(logits, labels).item()
     if not math.isfinite(loss):  # a score from NaN outputs would be reported as a real accuracy
-        raise KdError(f"the {split} loss became {loss} in epoch {epoch} (the model's outputs are not finite); "
-                      "lower optim.lr, set trainer.grad_clip, or use trainer.precision=fp32")
+        raise KdError(
+            f"the {split} loss became {loss} in epoch {epoch} (the model's outputs are not finite); "
+            "lower optim.lr, set trainer.grad_clip, or use trainer.precision=fp32"
+        )
     return {f"{split}_top1": topk_accuracy(logits, labels, 1), f"{split}_loss": loss}
 
 

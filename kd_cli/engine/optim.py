@@ -19,16 +19,19 @@ from kd_cli.engine.optimizers import OPTIMIZERS
 from kd_cli.errors import KdError
 
 
-def param_groups(params: Iterable[torch.nn.Parameter], backbone: Iterable[torch.nn.Parameter],
-                 backbone_lr_scale: float) -> list[dict]:
+def param_groups(
+    params: Iterable[torch.nn.Parameter], backbone: Iterable[torch.nn.Parameter], backbone_lr_scale: float
+) -> list[dict]:
     """One group, or (fine-tuning) the `backbone` parameters at `backbone_lr_scale` times the rate and
     the rest (the new classifier, adapters) at the full rate. `lr_scale` is read by `set_lr`."""
     params = list(params)
     if backbone_lr_scale == 1.0:
         return [{"params": params, "lr_scale": 1.0}]
     slow = {id(p) for p in backbone}
-    groups = [{"params": [p for p in params if id(p) in slow], "lr_scale": float(backbone_lr_scale)},
-              {"params": [p for p in params if id(p) not in slow], "lr_scale": 1.0}]
+    groups = [
+        {"params": [p for p in params if id(p) in slow], "lr_scale": float(backbone_lr_scale)},
+        {"params": [p for p in params if id(p) not in slow], "lr_scale": 1.0},
+    ]
     return [group for group in groups if group["params"]]
 
 
@@ -48,8 +51,9 @@ def use_fused(setting: Any, params: list) -> bool | None:
     if str(setting).lower() == "true":
         if not supported:
             devices = sorted({p.device.type for p in tensors})
-            raise KdError(f"optim.fused=true: torch has no fused optimiser for {', '.join(devices)} tensors; "
-                          "use optim.fused=auto")
+            raise KdError(
+                f"optim.fused=true: torch has no fused optimiser for {', '.join(devices)} tensors; use optim.fused=auto"
+            )
         return True
     if str(setting).lower() == "auto" and supported:
         return True
@@ -71,8 +75,15 @@ class Schedule:
 
     @classmethod
     def from_config(cls, cfg: DictConfig, epochs: int) -> Schedule:
-        return cls(float(cfg.lr), str(cfg.schedule), epochs, float(cfg.warmup_epochs), float(cfg.min_lr),
-                   tuple(float(m) for m in cfg.milestones), float(cfg.gamma))
+        return cls(
+            float(cfg.lr),
+            str(cfg.schedule),
+            epochs,
+            float(cfg.warmup_epochs),
+            float(cfg.min_lr),
+            tuple(float(m) for m in cfg.milestones),
+            float(cfg.gamma),
+        )
 
     def at(self, progress: float) -> float:
         """Learning rate after `progress` epochs (fractional) of `epochs`."""

@@ -21,8 +21,9 @@ def sgd(params: list[Any], *, lr: float, weight_decay: float, momentum: float, n
     recipes; Nesterov only with momentum (torch refuses it without)."""
     import torch
 
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
-                                weight_decay=weight_decay, fused=fused)
+    optimizer = torch.optim.SGD(
+        params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, weight_decay=weight_decay, fused=fused
+    )
     if fused and momentum > 0:
         _start_momentum(optimizer)
     return optimizer

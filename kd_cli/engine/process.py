@@ -83,8 +83,9 @@ def run_child(args: Sequence[str], cwd=None, capture_stderr: bool = True) -> sub
     """Run a child process to the end; if this process is interrupted meanwhile, stop the child
     with SIGTERM, wait for it to record its state, then raise KeyboardInterrupt here too."""
     env = {**os.environ, PARENT: str(os.getpid())}
-    child = subprocess.Popen(list(args), cwd=cwd, env=env, stderr=subprocess.PIPE if capture_stderr else None,
-                             text=True)
+    child = subprocess.Popen(
+        list(args), cwd=cwd, env=env, stderr=subprocess.PIPE if capture_stderr else None, text=True
+    )
     try:
         _, stderr = child.communicate()
     except KeyboardInterrupt:

@@ -39,4 +39,3 @@ def first_host(nodelist: str) -> str:
     if not ranges:
         return prefix
     return prefix + re.split(r"[,-]", ranges)[0]
-

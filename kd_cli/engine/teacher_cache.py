@@ -122,9 +122,11 @@ class TeacherCache:
         """After a whole epoch: check what was read, store what was computed (all steps, or nothing)."""
         try:
             if self.mismatch is not None and bool(self.mismatch):
-                raise KdError(f"the teacher cache entry {self.entry} holds outputs for other images than this "
-                              f"run's epoch {self.current_epoch}; remove it (kd cache clear) or set "
-                              f"teacher_cache.enabled=false")
+                raise KdError(
+                    f"the teacher cache entry {self.entry} holds outputs for other images than this "
+                    f"run's epoch {self.current_epoch}; remove it (kd cache clear) or set "
+                    f"teacher_cache.enabled=false"
+                )
             if self.stored is not None:
                 self.hits += 1
             elif self.filling is not None and len(self.filling.outputs) == self.steps:
@@ -145,8 +147,9 @@ class TeacherCache:
     def logits(self, images: torch.Tensor, teacher: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         return self.outputs(images, lambda batch: (teacher(batch),))[0]
 
-    def outputs(self, images: torch.Tensor,
-                compute: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    def outputs(
+        self, images: torch.Tensor, compute: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+    ) -> tuple[torch.Tensor, ...]:
         """This step's (logits, *features): stored ones, or `compute(images)` (stored when filling)."""
         step, self.cursor = self.cursor, self.cursor + 1
         checksum = images.detach().double().sum()
@@ -158,8 +161,10 @@ class TeacherCache:
         with torch.no_grad():
             computed = tuple(compute(images))
         if len(computed) != len(self.names):
-            raise KdError(f"the teacher cache stores {', '.join(self.names)} but the method gave {len(computed)} "
-                          "outputs; this is a bug in the method's teacher_cache_outputs")
+            raise KdError(
+                f"the teacher cache stores {', '.join(self.names)} but the method gave {len(computed)} "
+                "outputs; this is a bug in the method's teacher_cache_outputs"
+            )
         if self.filling is not None:
             self.filling.outputs.append(tuple(t.detach() for t in computed))
             self.filling.checksums.append(checksum)
@@ -169,7 +174,9 @@ class TeacherCache:
     def _path(self, epoch: int) -> Path:
         return self.entry / f"epoch-{epoch:05d}.safetensors"
 
-    def _read(self, epoch: int, device: torch.device, quiet: bool = False) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+    def _read(
+        self, epoch: int, device: torch.device, quiet: bool = False
+    ) -> tuple[list[torch.Tensor], torch.Tensor] | None:
         """The epoch's (outputs, checksums), or None: absent, or damaged (then recomputed, with a warning)."""
         path = self._path(epoch)
         if not path.is_file():
@@ -195,8 +202,12 @@ class TeacherCache:
             raise ValueError("its contents do not match the checksum stored with them")
         batch = self.description.get("stream", {}).get("batch_size")
         for name, tensor in zip(self.names, outputs):
-            if tensor.dim() < 3 or tensor.shape[0] != self.steps or (batch and tensor.shape[1] != batch) \
-                    or not torch.isfinite(tensor).all():
+            if (
+                tensor.dim() < 3
+                or tensor.shape[0] != self.steps
+                or (batch and tensor.shape[1] != batch)
+                or not torch.isfinite(tensor).all()
+            ):
                 raise ValueError(f"{name} of shape {tuple(tensor.shape)} for {self.steps} steps of {batch}")
         if checksums.shape != (self.steps,):
             raise ValueError(f"{tuple(checksums.shape)} checksums for {self.steps} steps")
@@ -247,13 +258,20 @@ class TeacherCache:
 
     def _give_up(self, error: OSError) -> None:
         if not self._broken:
-            warn(f"the teacher cache at {self.root} cannot be written ({error.strerror or error}); "
-                 f"this run computes its teacher's outputs without storing them")
+            warn(
+                f"the teacher cache at {self.root} cannot be written ({error.strerror or error}); "
+                f"this run computes its teacher's outputs without storing them"
+            )
         self._broken = True
 
     def summary(self) -> dict[str, Any]:
-        return {"key": self.key, "dir": str(self.root), "outputs": self.names, "epochs_read": self.hits,
-                "epochs_computed": self.misses}
+        return {
+            "key": self.key,
+            "dir": str(self.root),
+            "outputs": self.names,
+            "epochs_read": self.hits,
+            "epochs_computed": self.misses,
+        }
 
 
 class FileLock:

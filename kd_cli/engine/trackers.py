@@ -69,8 +69,9 @@ def check_trackers(logger: DictConfig | None) -> None:
             except ImportError as error:
                 missing = getattr(error, "name", None) or module
                 detail = "" if missing.split(".")[0] == module.split(".")[0] else f" ({error})"
-                raise KdError(f"logger={name} needs the {module.split('.')[0]} package: "
-                              f"pip install 'kd-cli[{extra}]'{detail}") from None
+                raise KdError(
+                    f"logger={name} needs the {module.split('.')[0]} package: pip install 'kd-cli[{extra}]'{detail}"
+                ) from None
     if logger is not None and logger.get("wandb") is not None:
         mode = logger.wandb.mode
         if mode not in ("offline", "online", "disabled"):
@@ -84,8 +85,7 @@ class Trackers:
     trackers.json keeps the tracked runs' ids and the last epoch handed to them, so a resumed run
     continues the same tracked runs and first logs the checkpointed epochs they missed."""
 
-    def __init__(self, backends: list[Any] | None = None, state_path: Path | None = None,
-                 state: dict | None = None):
+    def __init__(self, backends: list[Any] | None = None, state_path: Path | None = None, state: dict | None = None):
         self.backends = backends or []
         self.state_path = state_path
         self.state = {} if state is None else state
@@ -198,8 +198,12 @@ class RunContext:
     def __init__(self, path: Path, name: str, config: dict, state: dict):
         self.path, self.name, self.config = path, name, config
         self.state = state
-        self.tags = {"stage": str(config.get("stage")), "dataset": str(config.get("dataset", {}).get("name")),
-                     "method": str((config.get("method") or {}).get("name")), "run_dir": str(path.resolve())}
+        self.tags = {
+            "stage": str(config.get("stage")),
+            "dataset": str(config.get("dataset", {}).get("name")),
+            "method": str((config.get("method") or {}).get("name")),
+            "run_dir": str(path.resolve()),
+        }
 
 
 def run_name(cfg: DictConfig, path: Path) -> str:
@@ -213,8 +217,10 @@ def run_name(cfg: DictConfig, path: Path) -> str:
 def flatten(config: dict) -> dict[str, Any]:
     """{'method': {'temperature': 4.0}} -> {'method.temperature': 4.0}; lists and None as JSON text (what
     trackers store as parameters)."""
-    return {key: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
-            for key, value in dotted(config).items()}
+    return {
+        key: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+        for key, value in dotted(config).items()
+    }
 
 
 def _is_number(value: Any) -> bool:
@@ -362,7 +368,7 @@ def _absolute_sqlite_uri(uri: str) -> str:
     prefix = "sqlite:///"
     if not uri.startswith(prefix) or uri == prefix + ":memory:":
         return uri
-    path = Path(uri[len(prefix):]).expanduser().resolve()
+    path = Path(uri[len(prefix) :]).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     return prefix + str(path)
 
@@ -378,7 +384,7 @@ def _store_lock(uri: str):
     except ImportError:  # Windows: no lock (one job at a time there)
         yield
         return
-    with open(uri[len("sqlite:///"):] + ".lock", "a") as handle:
+    with open(uri[len("sqlite:///") :] + ".lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -398,9 +404,16 @@ class WandbTracker(Backend):
         directory.mkdir(parents=True, exist_ok=True)
         resumed = context.state.get("wandb", {}).get("id")
         self.run = wandb.init(
-            project=options.project, entity=options.entity, group=options.group, tags=list(options.tags) or None,
-            name=context.name, dir=str(directory), mode=options.mode, config=context.config,
-            id=resumed, resume="allow" if resumed else None,
+            project=options.project,
+            entity=options.entity,
+            group=options.group,
+            tags=list(options.tags) or None,
+            name=context.name,
+            dir=str(directory),
+            mode=options.mode,
+            config=context.config,
+            id=resumed,
+            resume="allow" if resumed else None,
             settings=wandb.Settings(silent=True, console="off"),
         )
         if resumed != self.run.id:
@@ -422,8 +435,11 @@ class WandbTracker(Backend):
         if self.mode == "disabled":
             return
         meta = read_json(run_dir / META)
-        artifact = wandb.Artifact(f"model-{self.run.id}", type="model",
-                                  metadata={k: meta.get(k) for k in ("arch", "kwargs", "num_classes", "dataset")})
+        artifact = wandb.Artifact(
+            f"model-{self.run.id}",
+            type="model",
+            metadata={k: meta.get(k) for k in ("arch", "kwargs", "num_classes", "dataset")},
+        )
         for name in (WEIGHTS, META):  # immutable: referenced where they are, not copied to a staging folder
             artifact.add_file(str(run_dir / name), name=name, policy="immutable")
         self.run.log_artifact(artifact)

@@ -42,8 +42,12 @@ def check_optim(cfg: Any, epochs: int) -> None:
     for beta in cfg.betas:
         check_number("optim.betas", beta, Range(0, 1, high_open=True), hint="each of the two")
     check_number("optim.gamma", cfg.gamma, Range(0, low_open=True))
-    check_number("optim.backbone_lr_scale", cfg.backbone_lr_scale, Range(0, 1, low_open=True),
-                 hint="the fraction of optim.lr the pretrained layers get")
+    check_number(
+        "optim.backbone_lr_scale",
+        cfg.backbone_lr_scale,
+        Range(0, 1, low_open=True),
+        hint="the fraction of optim.lr the pretrained layers get",
+    )
     check_number("optim.min_lr", cfg.min_lr, Range(0, cfg.lr), hint="at most optim.lr")
     for milestone in cfg.milestones:
         check_number("optim.milestones", milestone, Range(0), hint="epochs at which the rate drops")

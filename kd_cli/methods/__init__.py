@@ -49,9 +49,14 @@ def check_method_options(cfg: Mapping[str, Any]) -> None:
     METHODS.check(cfg["name"], _options(cfg), fixed=FIXED, path=PATH)
 
 
-def build_method(cfg: Mapping[str, Any], student: nn.Module, teacher: nn.Module | None,
-                 num_samples: int | None = None, new_student: Callable[[], nn.Module] | None = None,
-                 load_model: Callable[[str], tuple[nn.Module, Any]] | None = None) -> Distiller:
+def build_method(
+    cfg: Mapping[str, Any],
+    student: nn.Module,
+    teacher: nn.Module | None,
+    num_samples: int | None = None,
+    new_student: Callable[[], nn.Module] | None = None,
+    load_model: Callable[[str], tuple[nn.Module, Any]] | None = None,
+) -> Distiller:
     """`num_samples` (the training split's size) is passed to methods that take it (CRD's memory),
     `new_student` (a fresh, newly initialised network of the student's architecture) to those that
     train several students (DML's cohort, ONE's branches), and `load_model` (a saved model's path ->
@@ -81,5 +86,4 @@ def method_requires_teacher(name: str) -> bool:
 
 import_submodules(__name__, __path__)
 
-__all__ = ["METHODS", "Distiller", "build_method", "check_method_options", "method_requires_teacher",
-           "register_method"]
+__all__ = ["METHODS", "Distiller", "build_method", "check_method_options", "method_requires_teacher", "register_method"]

@@ -47,17 +47,41 @@ def ab_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], margin: fl
 class ActivationBoundaries(PreReluDistiller):
     loss_weights = ("ab_init_weight", "ab_weight", "ce_weight", "kd_weight")
 
-    def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
-                 ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, ab_init_weight: NonNegative,
-                 ab_weight: NonNegative, margin: Positive, init_epochs: NonNegativeInt):
-        super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
-                         ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
+    def __init__(
+        self,
+        student,
+        teacher,
+        *,
+        student_layers: list[str] | None,
+        teacher_layers: list[str] | None,
+        ce_weight: NonNegative,
+        kd_weight: NonNegative,
+        temperature: Positive,
+        ab_init_weight: NonNegative,
+        ab_weight: NonNegative,
+        margin: Positive,
+        init_epochs: NonNegativeInt,
+    ):
+        super().__init__(
+            student,
+            teacher,
+            student_layers=student_layers,
+            teacher_layers=teacher_layers,
+            ce_weight=ce_weight,
+            kd_weight=kd_weight,
+            temperature=temperature,
+        )
         self.ab_init_weight, self.ab_weight, self.margin = ab_init_weight, ab_weight, margin
         self.init_epochs = init_epochs if ab_init_weight else 0  # a phase with its only term left out is no phase
         # no connectors when no AB term is computed (DDP: every parameter needs a gradient in some step)
-        self.connectors = nn.ModuleList(
-            nn.Identity() if s[0] == t[0] else connector(s[0], t[0])
-            for s, t in zip(self.student_shapes, self.teacher_shapes)) if ab_init_weight or ab_weight else None
+        self.connectors = (
+            nn.ModuleList(
+                nn.Identity() if s[0] == t[0] else connector(s[0], t[0])
+                for s, t in zip(self.student_shapes, self.teacher_shapes)
+            )
+            if ab_init_weight or ab_weight
+            else None
+        )
 
     def boundaries(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
         assert self.connectors is not None  # built whenever an AB term is computed

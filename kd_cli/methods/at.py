@@ -42,11 +42,30 @@ def at_loss(student: torch.Tensor, teacher: torch.Tensor, p: float, form: str = 
 class AttentionTransfer(FeatureDistiller):
     loss_weights = ("at_weight", "ce_weight", "kd_weight")
 
-    def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
-                 ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, at_weight: NonNegative,
-                 p: Positive, form: Literal["code", "paper"], tuned_input_size: PositiveInt | None):
-        super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
-                         ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
+    def __init__(
+        self,
+        student,
+        teacher,
+        *,
+        student_layers: list[str] | None,
+        teacher_layers: list[str] | None,
+        ce_weight: NonNegative,
+        kd_weight: NonNegative,
+        temperature: Positive,
+        at_weight: NonNegative,
+        p: Positive,
+        form: Literal["code", "paper"],
+        tuned_input_size: PositiveInt | None,
+    ):
+        super().__init__(
+            student,
+            teacher,
+            student_layers=student_layers,
+            teacher_layers=teacher_layers,
+            ce_weight=ce_weight,
+            kd_weight=kd_weight,
+            temperature=temperature,
+        )
         self.require_maps()
         self.at_weight, self.p, self.form = at_weight * area_scale(student, tuned_input_size), p, form
 

@@ -31,8 +31,10 @@ class TeacherOutputs(Protocol):
 
     def logits(self, images: torch.Tensor, teacher: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor: ...
 
-    def outputs(self, images: torch.Tensor,
-                compute: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]: ...
+    def outputs(
+        self, images: torch.Tensor, compute: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+    ) -> tuple[torch.Tensor, ...]: ...
+
 
 # The largest teacher feature (values per sample) the teacher cache stores: a 2048-d embedding of a
 # 50,000-image epoch is 400 MB in fp32.
@@ -88,9 +90,11 @@ class Distiller(nn.Module, metaclass=ABCMeta):
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """Called by the loop before each epoch (0-based), for schedules such as DKD's warm-up."""
         if self.init_epochs >= epochs > 0 and self.phased:
-            raise KdError(f"method.init_epochs={self.init_epochs} leaves none of trainer.epochs={epochs} for the "
-                          f"training that follows method={self.method_name}'s initialisation phase; raise "
-                          f"trainer.epochs or lower method.init_epochs")
+            raise KdError(
+                f"method.init_epochs={self.init_epochs} leaves none of trainer.epochs={epochs} for the "
+                f"training that follows method={self.method_name}'s initialisation phase; raise "
+                f"trainer.epochs or lower method.init_epochs"
+            )
         self.epoch, self.epochs = epoch, epochs
 
     def teacher_cache_outputs(self) -> list[str] | None:
@@ -141,8 +145,17 @@ class FeatureDistiller(Distiller):
     single_layer = False
     teacher: nn.Module  # a feature method always has one (its __init__ takes no None)
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, *, student_layers: list[str] | None,
-                 teacher_layers: list[str] | None, ce_weight: float, kd_weight: float, temperature: float):
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        *,
+        student_layers: list[str] | None,
+        teacher_layers: list[str] | None,
+        ce_weight: float,
+        kd_weight: float,
+        temperature: float,
+    ):
         super().__init__(student, teacher)
         self.student_layers = list(student_layers or self.default_layers(student))
         self.teacher_layers = list(teacher_layers or self.default_layers(teacher))
@@ -152,22 +165,27 @@ class FeatureDistiller(Distiller):
         self.ce_weight, self.kd_weight, self.temperature = ce_weight, kd_weight, temperature
 
     @classmethod
-    def validate_options(cls, *, student_layers: list[str] | None = None, teacher_layers: list[str] | None = None,
-                         **options: Any) -> None:
+    def validate_options(
+        cls, *, student_layers: list[str] | None = None, teacher_layers: list[str] | None = None, **options: Any
+    ) -> None:
         """Before any model exists: some term has a weight, and layer lists given for both models pair up
         (one layer each for a `single_layer` method)."""
         super().validate_options(**options)
         for role, layers in (("student", student_layers), ("teacher", teacher_layers)):
             if cls.single_layer and layers and len(layers) != 1:
-                raise KdError(f"method={cls.method_name} compares one layer of each model; method.{role}_layers "
-                              f"names {len(layers)} layers, give one (or null for the method's default)")
+                raise KdError(
+                    f"method={cls.method_name} compares one layer of each model; method.{role}_layers "
+                    f"names {len(layers)} layers, give one (or null for the method's default)"
+                )
         if student_layers and teacher_layers:
             check_layer_counts(student_layers, teacher_layers)
 
     def require_maps(self) -> None:
         """For methods on feature maps: every chosen layer of both models gives (C, H, W) features."""
-        for role, layers, shapes in (("student", self.student_layers, self.student_shapes),
-                                     ("teacher", self.teacher_layers, self.teacher_shapes)):
+        for role, layers, shapes in (
+            ("student", self.student_layers, self.student_shapes),
+            ("teacher", self.teacher_layers, self.teacher_shapes),
+        ):
             for layer, shape in zip(layers, shapes):
                 require_maps(self.method_name, role, layer, shape)
 
@@ -180,8 +198,9 @@ class FeatureDistiller(Distiller):
             logits = self.student(images)
         return logits, [tap.outputs[name] for name in self.student_layers]
 
-    def features(self, images: torch.Tensor, own_weight: float) -> tuple[torch.Tensor, list[torch.Tensor],
-                                                                        torch.Tensor | None, list[torch.Tensor]]:
+    def features(
+        self, images: torch.Tensor, own_weight: float
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None, list[torch.Tensor]]:
         """(student logits, student features, teacher logits, teacher features). The teacher runs only when
         a term reads it, the method's own (weighted by `own_weight`) or KD; otherwise None and []."""
         logits, student = self.student_features(images)
@@ -211,8 +230,9 @@ class FeatureDistiller(Distiller):
             logits = self.teacher(images)
         return (logits, *(tap.outputs[name] for name in self.teacher_layers))
 
-    def logit_terms(self, logits: torch.Tensor, teacher_logits: torch.Tensor | None,
-                    labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def logit_terms(
+        self, logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         terms = {}
         if self.ce_weight:
             terms["ce"] = self.ce_weight * F.cross_entropy(logits, labels)
@@ -229,10 +249,13 @@ def require_a_loss_term(method: str, weights: Sequence[str], options: Mapping[st
         return
     keys = [f"method.{w}" for w in weights]
     if len(keys) == 1:
-        raise KdError(f"method={method}: its only loss weight {keys[0]} is 0, so nothing would be learned; "
-                      f"give it a weight > 0")
-    raise KdError(f"method={method}: every loss weight is 0 ({', '.join(keys)}), so nothing would be learned; "
-                  f"give one a weight > 0")
+        raise KdError(
+            f"method={method}: its only loss weight {keys[0]} is 0, so nothing would be learned; give it a weight > 0"
+        )
+    raise KdError(
+        f"method={method}: every loss weight is 0 ({', '.join(keys)}), so nothing would be learned; "
+        f"give one a weight > 0"
+    )
 
 
 def check_layer_counts(student_layers: list[str], teacher_layers: list[str]) -> None:

@@ -19,8 +19,23 @@ from kd_cli.registry import NonNegative, Positive, PositiveInt
 class BornAgain(KD):
     loss_weights = ("kd_weight", "ce_weight")
 
-    def __init__(self, student, teacher, *, generations: PositiveInt, temperature: Positive, kd_weight: NonNegative,
-                 ce_weight: NonNegative, logit_standardization: bool):
+    def __init__(
+        self,
+        student,
+        teacher,
+        *,
+        generations: PositiveInt,
+        temperature: Positive,
+        kd_weight: NonNegative,
+        ce_weight: NonNegative,
+        logit_standardization: bool,
+    ):
         # `generations` is read by the distill stage (it runs the loop once per generation), not here
-        super().__init__(student, teacher, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
-                         logit_standardization=logit_standardization)
+        super().__init__(
+            student,
+            teacher,
+            temperature=temperature,
+            kd_weight=kd_weight,
+            ce_weight=ce_weight,
+            logit_standardization=logit_standardization,
+        )

@@ -44,25 +44,47 @@ def correlation_matrix(features: torch.Tensor, gamma: float, order: int, kernel:
     return tensor_sum(scale * (2 * gamma) ** p / math.factorial(p) * similarity.pow(p) for p in range(order + 1))
 
 
-def cc_loss(student: torch.Tensor, teacher: torch.Tensor, gamma: float, order: int,
-            kernel: str = "gaussian") -> torch.Tensor:
+def cc_loss(
+    student: torch.Tensor, teacher: torch.Tensor, gamma: float, order: int, kernel: str = "gaussian"
+) -> torch.Tensor:
     check_relation_batch("cc", len(student))
-    return F.mse_loss(correlation_matrix(student, gamma, order, kernel), correlation_matrix(teacher, gamma, order, kernel))
+    return F.mse_loss(
+        correlation_matrix(student, gamma, order, kernel), correlation_matrix(teacher, gamma, order, kernel)
+    )
 
 
 @register_method("cc")
 class CorrelationCongruence(FeatureDistiller):
     loss_weights = ("cc_weight", "ce_weight", "kd_weight")
 
-    def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
-                 ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, cc_weight: NonNegative,
-                 gamma: Positive, order: NonNegativeInt, kernel: Literal["gaussian", "bilinear"]):
-        super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
-                         ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
+    def __init__(
+        self,
+        student,
+        teacher,
+        *,
+        student_layers: list[str] | None,
+        teacher_layers: list[str] | None,
+        ce_weight: NonNegative,
+        kd_weight: NonNegative,
+        temperature: Positive,
+        cc_weight: NonNegative,
+        gamma: Positive,
+        order: NonNegativeInt,
+        kernel: Literal["gaussian", "bilinear"],
+    ):
+        super().__init__(
+            student,
+            teacher,
+            student_layers=student_layers,
+            teacher_layers=teacher_layers,
+            ce_weight=ce_weight,
+            kd_weight=kd_weight,
+            temperature=temperature,
+        )
         # no adapter for a term left out (DDP: every parameter must get a gradient)
         # (None entries are real: ModuleList keeps them, for pairs that need no embedding; its stub allows modules only)
-        self.embeds = nn.ModuleList(self._embed(*pair) for pair in zip(  # type: ignore[misc]
-            self.student_layers, self.student_shapes, self.teacher_layers, self.teacher_shapes) if cc_weight)
+        pairs = zip(self.student_layers, self.student_shapes, self.teacher_layers, self.teacher_shapes)
+        self.embeds = nn.ModuleList(self._embed(*pair) for pair in pairs if cc_weight)  # type: ignore[misc]
         self.cc_weight, self.gamma, self.order, self.kernel = cc_weight, gamma, order, kernel
 
     @staticmethod

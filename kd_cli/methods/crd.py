@@ -53,8 +53,7 @@ def nce_loss(scores: torch.Tensor, num_samples: int) -> torch.Tensor:
     return -(log_d1.sum() + log_d0.sum()) / scores.shape[0]
 
 
-def contrast_scores(anchor: torch.Tensor, memory: torch.Tensor, rows: torch.Tensor,
-                    temperature: float) -> torch.Tensor:
+def contrast_scores(anchor: torch.Tensor, memory: torch.Tensor, rows: torch.Tensor, temperature: float) -> torch.Tensor:
     """exp(<memory[rows[b, k]], anchor[b]> / T): (B, D) anchors against (B, 1+K) memory rows."""
     weights = memory[rows]  # a copy: the later in-place memory update cannot touch the graph
     return torch.exp(torch.bmm(weights, anchor.unsqueeze(2)).squeeze(2) / temperature)
@@ -108,8 +107,10 @@ class Embed(nn.Module):
 def clamp_negatives(nce_k: int, num_samples: int) -> int:
     if nce_k <= num_samples - 1:
         return nce_k
-    log.warning(f"crd: method.nce_k={nce_k} but the training split has {num_samples} samples; "
-                f"using {num_samples - 1} negatives per sample")
+    log.warning(
+        f"crd: method.nce_k={nce_k} but the training split has {num_samples} samples; "
+        f"using {num_samples - 1} negatives per sample"
+    )
     return num_samples - 1
 
 
@@ -123,14 +124,34 @@ class CRD(FeatureDistiller):
     memory_teacher: torch.Tensor
     normaliser: torch.Tensor
 
-    def __init__(self, student, teacher, *, num_samples: int | None, feat_dim: PositiveInt, nce_k: PositiveInt,
-                 nce_t: Positive, nce_momentum: Momentum, crd_weight: NonNegative, student_layers: list[str] | None,
-                 teacher_layers: list[str] | None, ce_weight: NonNegative, kd_weight: NonNegative,
-                 temperature: Positive):
+    def __init__(
+        self,
+        student,
+        teacher,
+        *,
+        num_samples: int | None,
+        feat_dim: PositiveInt,
+        nce_k: PositiveInt,
+        nce_t: Positive,
+        nce_momentum: Momentum,
+        crd_weight: NonNegative,
+        student_layers: list[str] | None,
+        teacher_layers: list[str] | None,
+        ce_weight: NonNegative,
+        kd_weight: NonNegative,
+        temperature: Positive,
+    ):
         check_num_samples(num_samples)
         assert num_samples is not None  # check_num_samples refuses None
-        super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
-                         ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
+        super().__init__(
+            student,
+            teacher,
+            student_layers=student_layers,
+            teacher_layers=teacher_layers,
+            ce_weight=ce_weight,
+            kd_weight=kd_weight,
+            temperature=temperature,
+        )
         self.num_samples, self.nce_t, self.nce_momentum = num_samples, nce_t, nce_momentum
         self.crd_weight = crd_weight
         if not crd_weight:  # the heads and memories serve the CRD term only, which is left out
@@ -157,8 +178,9 @@ class CRD(FeatureDistiller):
             terms["crd"] = self.crd_weight * self.contrast_loss(student[0], teacher[0], index)
         return logits, terms
 
-    def contrast_loss(self, student_feature: torch.Tensor, teacher_feature: torch.Tensor,
-                      index: torch.Tensor) -> torch.Tensor:
+    def contrast_loss(
+        self, student_feature: torch.Tensor, teacher_feature: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
         """Both NCE directions; then the memory update (after scoring, as in RepDistiller)."""
         student = self.embed_student(student_feature)
         teacher = self.embed_teacher(teacher_feature)
@@ -168,8 +190,9 @@ class CRD(FeatureDistiller):
             student_scores = contrast_scores(student, self.memory_teacher, rows, self.nce_t)
             teacher_scores = contrast_scores(teacher, self.memory_student, rows, self.nce_t)
             self.estimate_normaliser(student_scores, teacher_scores)
-            loss = (nce_loss(student_scores / self.normaliser[0], self.num_samples)
-                    + nce_loss(teacher_scores / self.normaliser[1], self.num_samples))
+            loss = nce_loss(student_scores / self.normaliser[0], self.num_samples) + nce_loss(
+                teacher_scores / self.normaliser[1], self.num_samples
+            )
         with torch.no_grad():
             index, student, teacher = gather_from_all_ranks(index, student.detach(), teacher.detach())
             momentum_update(self.memory_student, index, student, self.nce_momentum)
@@ -195,7 +218,9 @@ class CRD(FeatureDistiller):
 def check_num_samples(num_samples: int | None) -> None:
     """The training split's size (from the data, not an option)."""
     if num_samples is None:
-        raise KdError("method=crd keeps a memory per training sample and needs the training split's size "
-                      "(num_samples); build it through build_method")
+        raise KdError(
+            "method=crd keeps a memory per training sample and needs the training split's size "
+            "(num_samples); build it through build_method"
+        )
     if num_samples < 2:
         raise KdError(f"method=crd needs at least 2 training samples (negatives), got {num_samples}")

@@ -57,8 +57,18 @@ class CurriculumTemperatureKD(Distiller):
     reads_teacher_logits_only = True
     loss_weights = ("kd_weight", "ce_weight")
 
-    def __init__(self, student, teacher, *, kd_weight: NonNegative, ce_weight: NonNegative, t_min: Positive,
-                 t_range: Positive, curriculum_epochs: PositiveInt, max_reversal: Probability):
+    def __init__(
+        self,
+        student,
+        teacher,
+        *,
+        kd_weight: NonNegative,
+        ce_weight: NonNegative,
+        t_min: Positive,
+        t_range: Positive,
+        curriculum_epochs: PositiveInt,
+        max_reversal: Probability,
+    ):
         super().__init__(student, teacher)
         self.kd_weight, self.ce_weight = kd_weight, ce_weight
         self.t_min, self.t_range = t_min, t_range

@@ -27,21 +27,32 @@ from kd_cli.registry import NonNegative, Positive
 PEARSON_EPS = 1e-8
 
 
-def dist_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, *,
-                logit_standardization: bool = False, inter: bool = True,
-                intra: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def dist_losses(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    *,
+    logit_standardization: bool = False,
+    inter: bool = True,
+    intra: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(inter, intra), each already multiplied by T^2, unweighted; a term not asked for is None (intra needs
     2 samples per batch, so leaving it out also trains with a batch of one)."""
     p_student, p_teacher = soft_targets(student_logits, teacher_logits, temperature, logit_standardization)
     scale = temperature**2
-    return (scale * inter_class_relation(p_student, p_teacher) if inter else None,
-            scale * intra_class_relation(p_student, p_teacher) if intra else None)
+    return (
+        scale * inter_class_relation(p_student, p_teacher) if inter else None,
+        scale * intra_class_relation(p_student, p_teacher) if intra else None,
+    )
 
 
-def soft_targets(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-                 logit_standardization: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return (tempered(student_logits, temperature, logit_standardization).softmax(dim=1),
-            tempered(teacher_logits, temperature, logit_standardization).softmax(dim=1))
+def soft_targets(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, logit_standardization: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        tempered(student_logits, temperature, logit_standardization).softmax(dim=1),
+        tempered(teacher_logits, temperature, logit_standardization).softmax(dim=1),
+    )
 
 
 def inter_class_relation(p_student: torch.Tensor, p_teacher: torch.Tensor) -> torch.Tensor:
@@ -54,15 +65,16 @@ def intra_class_relation(p_student: torch.Tensor, p_teacher: torch.Tensor) -> to
     if len(p_student) < 2:
         # A correlation over one sample is undefined; the authors' code silently returns the constant 1
         # (no gradient), which would hide that the term does nothing. Say so instead.
-        raise KdError("method=dist: the intra-class relation correlates each class over the batch, which needs "
-                      "at least 2 samples per batch; raise trainer.batch_size or set method.gamma=0")
+        raise KdError(
+            "method=dist: the intra-class relation correlates each class over the batch, which needs "
+            "at least 2 samples per batch; raise trainer.batch_size or set method.gamma=0"
+        )
     return 1 - pearson_rows(p_student.T, p_teacher.T).mean()
 
 
 def pearson_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The Pearson correlation of each row of `a` with the same row of `b`: the cosine of the centred rows."""
-    return F.cosine_similarity(a - a.mean(dim=1, keepdim=True), b - b.mean(dim=1, keepdim=True), dim=1,
-                               eps=PEARSON_EPS)
+    return F.cosine_similarity(a - a.mean(dim=1, keepdim=True), b - b.mean(dim=1, keepdim=True), dim=1, eps=PEARSON_EPS)
 
 
 @register_method("dist")
@@ -70,8 +82,17 @@ class DIST(Distiller):
     reads_teacher_logits_only = True
     loss_weights = ("ce_weight", "beta", "gamma")
 
-    def __init__(self, student, teacher, *, ce_weight: NonNegative, beta: NonNegative, gamma: NonNegative,
-                 temperature: Positive, logit_standardization: bool):
+    def __init__(
+        self,
+        student,
+        teacher,
+        *,
+        ce_weight: NonNegative,
+        beta: NonNegative,
+        gamma: NonNegative,
+        temperature: Positive,
+        logit_standardization: bool,
+    ):
         super().__init__(student, teacher)
         self.ce_weight, self.beta, self.gamma = ce_weight, beta, gamma
         self.temperature = temperature
@@ -81,9 +102,14 @@ class DIST(Distiller):
         logits = self.student(images)
         terms = {}
         if self.beta or self.gamma:  # a term whose weight is 0 is left out
-            inter, intra = dist_losses(logits.float(), self.teacher_logits(images).float(), self.temperature,
-                                       logit_standardization=self.logit_standardization, inter=bool(self.beta),
-                                       intra=bool(self.gamma))
+            inter, intra = dist_losses(
+                logits.float(),
+                self.teacher_logits(images).float(),
+                self.temperature,
+                logit_standardization=self.logit_standardization,
+                inter=bool(self.beta),
+                intra=bool(self.gamma),
+            )
             if inter is not None:
                 terms["inter"] = self.beta * inter
             if intra is not None:

@@ -22,8 +22,14 @@ from kd_cli.methods.logit_utils import tempered
 from kd_cli.registry import NonNegative, Positive
 
 
-def dkd_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-               temperature: float, *, logit_standardization: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def dkd_losses(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    *,
+    logit_standardization: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(TCKD, NCKD), each T^2 * KL(teacher || student) averaged over the batch, unweighted."""
     student = tempered(student_logits, temperature, logit_standardization)
     teacher = tempered(teacher_logits, temperature, logit_standardization)
@@ -80,8 +86,18 @@ class DKD(Distiller):
     loss_weights = ("ce_weight", "alpha", "beta")
 
     # warmup: epochs over which the KD part ramps up (0 or 1: none); a fraction of an epoch count is allowed
-    def __init__(self, student, teacher, *, ce_weight: NonNegative, alpha: NonNegative, beta: NonNegative,
-                 temperature: Positive, warmup: NonNegative, logit_standardization: bool):
+    def __init__(
+        self,
+        student,
+        teacher,
+        *,
+        ce_weight: NonNegative,
+        alpha: NonNegative,
+        beta: NonNegative,
+        temperature: Positive,
+        warmup: NonNegative,
+        logit_standardization: bool,
+    ):
         super().__init__(student, teacher)
         self.ce_weight, self.alpha, self.beta = ce_weight, alpha, beta
         self.temperature, self.warmup = temperature, warmup

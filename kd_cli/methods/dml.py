@@ -41,8 +41,17 @@ class DeepMutualLearning(Distiller):
     requires_teacher = False  # the students teach each other
     loss_weights = ("ce_weight", "dml_weight")
 
-    def __init__(self, student, teacher=None, *, new_student: Callable[[], nn.Module], students: CohortSize,
-                 ce_weight: NonNegative, dml_weight: NonNegative, temperature: Positive):
+    def __init__(
+        self,
+        student,
+        teacher=None,
+        *,
+        new_student: Callable[[], nn.Module],
+        students: CohortSize,
+        ce_weight: NonNegative,
+        dml_weight: NonNegative,
+        temperature: Positive,
+    ):
         super().__init__(student, None)  # a teacher, if one is around, is ignored
         self.peers = nn.ModuleList(new_student() for _ in range(students - 1))
         self.ce_weight, self.dml_weight, self.temperature = ce_weight, dml_weight, temperature

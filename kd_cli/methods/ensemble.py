@@ -35,8 +35,10 @@ def ensemble_probabilities(logits: list[torch.Tensor], weights: list[float], tem
 def check_weights(weights: list[float] | None, count: int) -> None:
     """null (equal weights) or one non-negative weight per teacher, not all zero."""
     if weights and (len(weights) != count or any(w < 0 for w in weights) or sum(weights) <= 0):
-        raise KdError(f"method.weights={list(weights)} must be {count} non-negative numbers, one per teacher "
-                      f"(method.teachers), not all zero; or null for equal weights")
+        raise KdError(
+            f"method.weights={list(weights)} must be {count} non-negative numbers, one per teacher "
+            f"(method.teachers), not all zero; or null for equal weights"
+        )
 
 
 def normalised_weights(weights: list[float] | None, count: int) -> list[float]:
@@ -51,9 +53,18 @@ class Ensemble(Distiller):
     loss_weights = ("kd_weight", "ce_weight")
     teachers: list[nn.Module]  # a plain attribute, set through __dict__ (not submodules)
 
-    def __init__(self, student, teacher=None, *, load_model: Callable[[str], tuple[nn.Module, Any]],
-                 teachers: list[str], weights: list[float] | None, temperature: Positive, kd_weight: NonNegative,
-                 ce_weight: NonNegative):
+    def __init__(
+        self,
+        student,
+        teacher=None,
+        *,
+        load_model: Callable[[str], tuple[nn.Module, Any]],
+        teachers: list[str],
+        weights: list[float] | None,
+        temperature: Positive,
+        kd_weight: NonNegative,
+        ce_weight: NonNegative,
+    ):
         super().__init__(student, None)
         models = [self._load_teacher(load_model, path, student) for path in teachers]
         self.__dict__["teachers"] = models  # plain attribute: not submodules (see Distiller)
@@ -76,8 +87,10 @@ class Ensemble(Distiller):
         model, spec = load_model(path)
         expected = getattr(student, "kd_input_shape", None)
         if expected and (spec.in_channels, spec.input_size) != (expected[0], expected[1]):
-            raise KdError(f"teacher {path} takes {spec.in_channels}x{spec.input_size}px images but this data set "
-                          f"has {expected[0]}x{expected[1]}px; give teachers trained on this data set")
+            raise KdError(
+                f"teacher {path} takes {spec.in_channels}x{spec.input_size}px images but this data set "
+                f"has {expected[0]}x{expected[1]}px; give teachers trained on this data set"
+            )
         return model.requires_grad_(False)
 
     @torch.no_grad()
@@ -95,8 +108,10 @@ class Ensemble(Distiller):
         if self.kd_weight:  # a term whose weight is 0 is left out (and the teachers not run for it)
             ensemble = self.ensemble_logits(images)
             if ensemble.shape != logits.shape:
-                raise KdError(f"the teachers predict {ensemble.shape[1]} classes but the student "
-                              f"{logits.shape[1]}; give teachers trained on this data set")
+                raise KdError(
+                    f"the teachers predict {ensemble.shape[1]} classes but the student "
+                    f"{logits.shape[1]}; give teachers trained on this data set"
+                )
             terms["kd"] = self.kd_weight * kd_loss(logits.float(), ensemble, self.temperature)
         if self.ce_weight:
             terms["ce"] = self.ce_weight * F.cross_entropy(logits, labels)

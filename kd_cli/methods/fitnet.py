@@ -28,11 +28,28 @@ def fitnet_loss(regressed_student: torch.Tensor, teacher: torch.Tensor) -> torch
 class FitNet(FeatureDistiller):
     loss_weights = ("fitnet_weight", "ce_weight", "kd_weight")
 
-    def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
-                 ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, fitnet_weight: NonNegative,
-                 regressor_relu: bool):
-        super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
-                         ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
+    def __init__(
+        self,
+        student,
+        teacher,
+        *,
+        student_layers: list[str] | None,
+        teacher_layers: list[str] | None,
+        ce_weight: NonNegative,
+        kd_weight: NonNegative,
+        temperature: Positive,
+        fitnet_weight: NonNegative,
+        regressor_relu: bool,
+    ):
+        super().__init__(
+            student,
+            teacher,
+            student_layers=student_layers,
+            teacher_layers=teacher_layers,
+            ce_weight=ce_weight,
+            kd_weight=kd_weight,
+            temperature=temperature,
+        )
         pairs = zip(self.student_layers, self.student_shapes, self.teacher_layers, self.teacher_shapes)
         regressors = []
         for s_layer, s_shape, t_layer, t_shape in pairs:

@@ -35,29 +35,55 @@ def fsp_matrix(bottom: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
 
 def fsp_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
     """Sum over consecutive layer pairs of the mean squared difference of the FSP matrices."""
-    return tensor_sum((fsp_matrix(s0, s1) - fsp_matrix(t0, t1)).pow(2).mean()
-               for s0, s1, t0, t1 in zip(student, student[1:], teacher, teacher[1:]))
+    return tensor_sum(
+        (fsp_matrix(s0, s1) - fsp_matrix(t0, t1)).pow(2).mean()
+        for s0, s1, t0, t1 in zip(student, student[1:], teacher, teacher[1:])
+    )
 
 
 @register_method("fsp")
 class FlowOfSolutionProcedure(FeatureDistiller):
     loss_weights = ("fsp_weight", "ce_weight", "kd_weight")
 
-    def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
-                 ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, fsp_weight: NonNegative,
-                 init_epochs: NonNegativeInt):
-        super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
-                         ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
+    def __init__(
+        self,
+        student,
+        teacher,
+        *,
+        student_layers: list[str] | None,
+        teacher_layers: list[str] | None,
+        ce_weight: NonNegative,
+        kd_weight: NonNegative,
+        temperature: Positive,
+        fsp_weight: NonNegative,
+        init_epochs: NonNegativeInt,
+    ):
+        super().__init__(
+            student,
+            teacher,
+            student_layers=student_layers,
+            teacher_layers=teacher_layers,
+            ce_weight=ce_weight,
+            kd_weight=kd_weight,
+            temperature=temperature,
+        )
         if len(self.student_layers) < 2:
-            raise KdError("method=fsp compares consecutive layers and needs at least 2 of each model; "
-                          "name them with method.student_layers / method.teacher_layers")
+            raise KdError(
+                "method=fsp compares consecutive layers and needs at least 2 of each model; "
+                "name them with method.student_layers / method.teacher_layers"
+            )
         self.require_maps()
-        mismatched = [f"{s} ({a[0]}) / {t} ({b[0]})" for s, t, a, b in
-                      zip(self.student_layers, self.teacher_layers, self.student_shapes, self.teacher_shapes) if a[0] != b[0]]
+        mismatched = [
+            f"{s} ({a[0]}) / {t} ({b[0]})"
+            for s, t, a, b in zip(self.student_layers, self.teacher_layers, self.student_shapes, self.teacher_shapes)
+            if a[0] != b[0]
+        ]
         if mismatched:
-            raise KdError(f"method=fsp compares channels one to one, but these student/teacher layers differ: "
-                          f"{', '.join(mismatched)}; pick a student of the teacher's widths (e.g. resnet20 for "
-                          f"resnet56) or a method with adapters (fitnet, at)")
+            raise KdError(
+                f"method=fsp compares channels one to one, but these student/teacher layers differ: "
+                f"{', '.join(mismatched)}; pick a student of the teacher's widths (e.g. resnet20 for "
+                f"resnet56) or a method with adapters (fitnet, at)"
+            )
         self.fsp_weight = fsp_weight
         self.init_epochs = init_epochs if fsp_weight else 0  # a phase with its only term left out is no phase
 

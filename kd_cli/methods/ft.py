@@ -49,11 +49,16 @@ class Paraphraser(nn.Module):
     def __init__(self, channels: int, factor_channels: int):
         super().__init__()
         c, k = channels, factor_channels
-        self.encoder = nn.Sequential(*_block(nn.Conv2d(c, c, 3, 1, 1), c, False), *_block(nn.Conv2d(c, k, 3, 1, 1), k, False),
-                                     *_block(nn.Conv2d(k, k, 3, 1, 1), k, False))
-        self.decoder = nn.Sequential(*_block(nn.ConvTranspose2d(k, k, 3, 1, 1), k, False),
-                                     *_block(nn.ConvTranspose2d(k, c, 3, 1, 1), c, False),
-                                     *_block(nn.ConvTranspose2d(c, c, 3, 1, 1), c, False))
+        self.encoder = nn.Sequential(
+            *_block(nn.Conv2d(c, c, 3, 1, 1), c, False),
+            *_block(nn.Conv2d(c, k, 3, 1, 1), k, False),
+            *_block(nn.Conv2d(k, k, 3, 1, 1), k, False),
+        )
+        self.decoder = nn.Sequential(
+            *_block(nn.ConvTranspose2d(k, k, 3, 1, 1), k, False),
+            *_block(nn.ConvTranspose2d(k, c, 3, 1, 1), c, False),
+            *_block(nn.ConvTranspose2d(c, c, 3, 1, 1), c, False),
+        )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(features))
@@ -61,8 +66,11 @@ class Paraphraser(nn.Module):
 
 def translator(channels: int, factor_channels: int) -> nn.Module:
     c, k = channels, factor_channels
-    return nn.Sequential(*_block(nn.Conv2d(c, c, 3, 1, 1), c, True), *_block(nn.Conv2d(c, k, 3, 1, 1), k, True),
-                         *_block(nn.Conv2d(k, k, 3, 1, 1), k, True))
+    return nn.Sequential(
+        *_block(nn.Conv2d(c, c, 3, 1, 1), c, True),
+        *_block(nn.Conv2d(c, k, 3, 1, 1), k, True),
+        *_block(nn.Conv2d(k, k, 3, 1, 1), k, True),
+    )
 
 
 @register_method("ft")
@@ -70,11 +78,29 @@ class FactorTransfer(FeatureDistiller):
     single_layer = True  # the last stage of each model
     loss_weights = ("ft_weight", "ce_weight", "kd_weight")
 
-    def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
-                 ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, ft_weight: NonNegative,
-                 rate: OpenFraction, init_epochs: NonNegativeInt):
-        super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
-                         ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
+    def __init__(
+        self,
+        student,
+        teacher,
+        *,
+        student_layers: list[str] | None,
+        teacher_layers: list[str] | None,
+        ce_weight: NonNegative,
+        kd_weight: NonNegative,
+        temperature: Positive,
+        ft_weight: NonNegative,
+        rate: OpenFraction,
+        init_epochs: NonNegativeInt,
+    ):
+        super().__init__(
+            student,
+            teacher,
+            student_layers=student_layers,
+            teacher_layers=teacher_layers,
+            ce_weight=ce_weight,
+            kd_weight=kd_weight,
+            temperature=temperature,
+        )
         self.require_maps()
         teacher_channels = self.teacher_shapes[0][0]
         factor_channels = max(1, int(teacher_channels * rate))
@@ -89,8 +115,10 @@ class FactorTransfer(FeatureDistiller):
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         if self.init_epochs >= epochs:
-            raise KdError(f"method.init_epochs={self.init_epochs} leaves none of trainer.epochs={epochs} for the "
-                          f"factor transfer that follows; raise trainer.epochs or lower method.init_epochs")
+            raise KdError(
+                f"method.init_epochs={self.init_epochs} leaves none of trainer.epochs={epochs} for the "
+                f"factor transfer that follows; raise trainer.epochs or lower method.init_epochs"
+            )
         super().start_epoch(epoch, epochs)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):

@@ -34,22 +34,39 @@ def ickd_loss(embedded_student: torch.Tensor, teacher: torch.Tensor) -> torch.Te
 
 
 def embed(student_channels: int, teacher_channels: int) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(student_channels, teacher_channels, 1, bias=False),
-                         nn.BatchNorm2d(teacher_channels))
+    return nn.Sequential(nn.Conv2d(student_channels, teacher_channels, 1, bias=False), nn.BatchNorm2d(teacher_channels))
 
 
 @register_method("ickd")
 class InterChannelCorrelation(FeatureDistiller):
     loss_weights = ("ickd_weight", "ce_weight", "kd_weight")
 
-    def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
-                 ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, ickd_weight: NonNegative):
-        super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
-                         ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
+    def __init__(
+        self,
+        student,
+        teacher,
+        *,
+        student_layers: list[str] | None,
+        teacher_layers: list[str] | None,
+        ce_weight: NonNegative,
+        kd_weight: NonNegative,
+        temperature: Positive,
+        ickd_weight: NonNegative,
+    ):
+        super().__init__(
+            student,
+            teacher,
+            student_layers=student_layers,
+            teacher_layers=teacher_layers,
+            ce_weight=ce_weight,
+            kd_weight=kd_weight,
+            temperature=temperature,
+        )
         self.require_maps()
         # no adapter for a term left out (DDP: every parameter must get a gradient)
-        self.embeds = nn.ModuleList([embed(s[0], t[0]) for s, t in zip(self.student_shapes, self.teacher_shapes)]
-                                    if ickd_weight else [])
+        self.embeds = nn.ModuleList(
+            [embed(s[0], t[0]) for s, t in zip(self.student_shapes, self.teacher_shapes)] if ickd_weight else []
+        )
         self.ickd_weight = ickd_weight
 
     def default_layers(self, model: nn.Module) -> list[str]:

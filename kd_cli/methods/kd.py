@@ -21,8 +21,16 @@ class KD(Distiller):
     reads_teacher_logits_only = True
     loss_weights = ("kd_weight", "ce_weight")
 
-    def __init__(self, student, teacher, *, temperature: Positive, kd_weight: NonNegative, ce_weight: NonNegative,
-                 logit_standardization: bool):
+    def __init__(
+        self,
+        student,
+        teacher,
+        *,
+        temperature: Positive,
+        kd_weight: NonNegative,
+        ce_weight: NonNegative,
+        logit_standardization: bool,
+    ):
         super().__init__(student, teacher)
         self.temperature = temperature
         self.kd_weight = kd_weight
@@ -34,8 +42,12 @@ class KD(Distiller):
         terms = {}
         if self.kd_weight:  # a term whose weight is 0 is left out (and the teacher not run for it)
             teacher_logits = self.teacher_logits(images)
-            soft = kd_loss(logits.float(), teacher_logits.float(), self.temperature,
-                           logit_standardization=self.logit_standardization)
+            soft = kd_loss(
+                logits.float(),
+                teacher_logits.float(),
+                self.temperature,
+                logit_standardization=self.logit_standardization,
+            )
             terms["kd"] = self.kd_weight * soft
         if self.ce_weight:
             terms["ce"] = self.ce_weight * F.cross_entropy(logits, labels)

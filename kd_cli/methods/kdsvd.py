@@ -142,35 +142,57 @@ def kdsvd_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], k: int)
 
 def connector(student_channels: int, teacher_channels: int) -> nn.Module:
     """1x1 conv + BN onto the teacher's channels (for unequal widths; none at equal widths)."""
-    return nn.Sequential(nn.Conv2d(student_channels, teacher_channels, 1, bias=False),
-                         nn.BatchNorm2d(teacher_channels))
+    return nn.Sequential(nn.Conv2d(student_channels, teacher_channels, 1, bias=False), nn.BatchNorm2d(teacher_channels))
 
 
 @register_method("kdsvd")
 class KDSVD(FeatureDistiller):
     loss_weights = ("kdsvd_weight", "ce_weight", "kd_weight")
 
-    def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
-                 ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, kdsvd_weight: NonNegative,
-                 k: PositiveInt):
-        super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
-                         ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
+    def __init__(
+        self,
+        student,
+        teacher,
+        *,
+        student_layers: list[str] | None,
+        teacher_layers: list[str] | None,
+        ce_weight: NonNegative,
+        kd_weight: NonNegative,
+        temperature: Positive,
+        kdsvd_weight: NonNegative,
+        k: PositiveInt,
+    ):
+        super().__init__(
+            student,
+            teacher,
+            student_layers=student_layers,
+            teacher_layers=teacher_layers,
+            ce_weight=ce_weight,
+            kd_weight=kd_weight,
+            temperature=temperature,
+        )
         if len(self.student_layers) < 2:
-            raise KdError(f"method=kdsvd relates consecutive layers and needs at least 2 maps of each model, got 1 "
-                          f"('{self.student_layers[0]}' / '{self.teacher_layers[0]}'); name 2 or more with "
-                          f"method.student_layers / method.teacher_layers, or null for every stage")
+            raise KdError(
+                f"method=kdsvd relates consecutive layers and needs at least 2 maps of each model, got 1 "
+                f"('{self.student_layers[0]}' / '{self.teacher_layers[0]}'); name 2 or more with "
+                f"method.student_layers / method.teacher_layers, or null for every stage"
+            )
         self.require_maps()
         pairs = list(zip(self.student_layers, self.student_shapes, self.teacher_layers, self.teacher_shapes))
         for s_layer, s_shape, t_layer, t_shape in pairs:
             # the student's map is compared in the teacher's channels (through the connector when they differ)
-            for role, layer, rank in (("teacher", t_layer, min(t_shape[0], t_shape[1] * t_shape[2])),
-                                      ("student", s_layer, min(t_shape[0], s_shape[1] * s_shape[2]))):
+            for role, layer, rank in (
+                ("teacher", t_layer, min(t_shape[0], t_shape[1] * t_shape[2])),
+                ("student", s_layer, min(t_shape[0], s_shape[1] * s_shape[2])),
+            ):
                 if k > rank:
-                    raise KdError(f"method.k={k} asks for more singular vectors than {role} layer '{layer}' has "
-                                  f"(min(H*W, C) = {rank}); lower method.k or tap larger maps")
+                    raise KdError(
+                        f"method.k={k} asks for more singular vectors than {role} layer '{layer}' has "
+                        f"(min(H*W, C) = {rank}); lower method.k or tap larger maps"
+                    )
         self.connectors = nn.ModuleList(
-            [connector(s[0], t[0]) if s[0] != t[0] else nn.Identity() for _, s, _, t in pairs]
-            if kdsvd_weight else [])  # no adapter for a term left out (DDP: every parameter must get a gradient)
+            [connector(s[0], t[0]) if s[0] != t[0] else nn.Identity() for _, s, _, t in pairs] if kdsvd_weight else []
+        )  # no adapter for a term left out (DDP: every parameter must get a gradient)
         self.kdsvd_weight, self.k = kdsvd_weight, k
 
     # default_layers: every stage output (the base's), as mdistiller's feats[1:]

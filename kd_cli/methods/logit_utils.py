@@ -34,8 +34,13 @@ def tempered(logits: torch.Tensor, temperature: float | torch.Tensor, logit_stan
     return logits / temperature
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float | torch.Tensor, *,
-            logit_standardization: bool = False) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float | torch.Tensor,
+    *,
+    logit_standardization: bool = False,
+) -> torch.Tensor:
     """T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes, averaged over the batch."""
     log_p_student = F.log_softmax(tempered(student_logits, temperature, logit_standardization), dim=1)
     log_p_teacher = F.log_softmax(tempered(teacher_logits, temperature, logit_standardization), dim=1)

@@ -49,9 +49,19 @@ Masking = Literal["reference", "per_sample", "none"]
 # uniformly from its range: factors of PIL's ImageEnhance, posterize bits, degrees, shear, the solarize
 # threshold on 0..256, translation as a fraction of the side.
 STRONG_OPS: dict[str, tuple[float, float]] = {
-    "autocontrast": (0, 1), "brightness": (0.05, 0.95), "color": (0.05, 0.95), "contrast": (0.05, 0.95),
-    "equalize": (0, 1), "identity": (0, 1), "posterize": (4, 8), "rotate": (-30, 30), "sharpness": (0.05, 0.95),
-    "shear_x": (-0.3, 0.3), "shear_y": (-0.3, 0.3), "solarize": (0, 256), "translate_x": (-0.3, 0.3),
+    "autocontrast": (0, 1),
+    "brightness": (0.05, 0.95),
+    "color": (0.05, 0.95),
+    "contrast": (0.05, 0.95),
+    "equalize": (0, 1),
+    "identity": (0, 1),
+    "posterize": (4, 8),
+    "rotate": (-30, 30),
+    "sharpness": (0.05, 0.95),
+    "shear_x": (-0.3, 0.3),
+    "shear_y": (-0.3, 0.3),
+    "solarize": (0, 256),
+    "translate_x": (-0.3, 0.3),
     "translate_y": (-0.3, 0.3),
 }
 GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
@@ -62,6 +72,7 @@ LUMA = (0.299, 0.587, 0.114)  # PIL's convert("L"), which Color and Contrast ble
 
 
 # ---------------------------------------------------------------- the three levels (pure functions)
+
 
 def softened(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return (full_precision(logits) / temperature).softmax(dim=1)
@@ -106,25 +117,41 @@ def masked(values: torch.Tensor, keep: torch.Tensor, masking: str, mean: bool) -
     return values.sum() / normaliser
 
 
-def mlkd_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatures: Sequence[float],
-                masking: str = "reference", percentile: float = 50.0,
-                levels: Sequence[str] = ("instance", "batch", "class")) -> dict[str, torch.Tensor]:
+def mlkd_losses(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperatures: Sequence[float],
+    masking: str = "reference",
+    percentile: float = 50.0,
+    levels: Sequence[str] = ("instance", "batch", "class"),
+) -> dict[str, torch.Tensor]:
     """The unweighted `levels`, each summed over `temperatures`, masked by the teacher's confidence."""
     keep_samples, keep_classes = confidence_masks(teacher_logits, percentile)
-    reducers = {"instance": (instance_rows, keep_samples, True), "batch": (batch_rows, keep_samples, False),
-                "class": (class_columns, keep_classes, False)}
+    reducers = {
+        "instance": (instance_rows, keep_samples, True),
+        "batch": (batch_rows, keep_samples, False),
+        "class": (class_columns, keep_classes, False),
+    }
     losses = {}
     for level in levels:
         rows, keep, mean = reducers[level]
-        losses[level] = tensor_sum(masked(rows(student_logits, teacher_logits, t), keep, masking, mean)
-                                   for t in temperatures)
+        losses[level] = tensor_sum(
+            masked(rows(student_logits, teacher_logits, t), keep, masking, mean) for t in temperatures
+        )
     return losses
 
 
 # ---------------------------------------------------------------- the strong view
 
-def strong_view(images: torch.Tensor, *, ops: int = 2, mean: Sequence[float] | None = None,
-                std: Sequence[float] | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+
+def strong_view(
+    images: torch.Tensor,
+    *,
+    ops: int = 2,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """A RandAugment-like strong view of a normalised (B, C, H, W) batch, drawn per sample: `ops` ops picked
     uniformly (with replacement) from the authors' 14, each at a uniform magnitude in its range, then a cutout
     square of side uniform in [0, W/2). The draws come from `generator` (None: the device's default
@@ -163,9 +190,12 @@ def _magnitude(name: str, level: torch.Tensor) -> torch.Tensor:
     return low + (high - low) * level
 
 
-def _apply_ops(x: torch.Tensor, choice: torch.Tensor, level: torch.Tensor, names: list[str], colour: bool) -> torch.Tensor:
+def _apply_ops(
+    x: torch.Tensor, choice: torch.Tensor, level: torch.Tensor, names: list[str], colour: bool
+) -> torch.Tensor:
     """One op per sample (`choice` indexes `names`): every op runs on the whole batch and each sample takes
     its own op's result (a fixed amount of work and no host sync, whatever was drawn)."""
+
     def picked(name: str) -> torch.Tensor:
         return (choice == names.index(name)).view(-1, 1, 1, 1)
 
@@ -261,13 +291,18 @@ def _cutout(x: torch.Tensor, draws: torch.Tensor, fill: float | torch.Tensor) ->
     top = (draws[2] * h - side / 2).clamp(min=0).floor()
     rows = torch.arange(h, device=x.device, dtype=x.dtype).view(1, h, 1)
     cols = torch.arange(w, device=x.device, dtype=x.dtype).view(1, 1, w)
-    inside = ((rows >= top.view(-1, 1, 1)) & (rows < (top + side).view(-1, 1, 1))
-              & (cols >= left.view(-1, 1, 1)) & (cols < (left + side).view(-1, 1, 1)))
+    inside = (
+        (rows >= top.view(-1, 1, 1))
+        & (rows < (top + side).view(-1, 1, 1))
+        & (cols >= left.view(-1, 1, 1))
+        & (cols < (left + side).view(-1, 1, 1))
+    )
     fill = torch.as_tensor(fill, dtype=x.dtype, device=x.device)
     return torch.where(inside.unsqueeze(1), fill.expand_as(x) if fill.dim() else fill, x)
 
 
 # ---------------------------------------------------------------- the method
+
 
 @register_method("mlkd")
 class MultiLevelKD(Distiller):
@@ -284,23 +319,42 @@ class MultiLevelKD(Distiller):
         std: list[float] | None = options.pop("std", None)
         super().validate_options(**options)
         if not temperatures:
-            raise KdError("method.temperatures is empty; give at least one temperature (the authors use [2, 3, 4, 5, 6])")
+            raise KdError(
+                "method.temperatures is empty; give at least one temperature (the authors use [2, 3, 4, 5, 6])"
+            )
         if (mean is None) != (std is None):
-            raise KdError("method.mean and method.std go together: give both (the data set's, e.g. "
-                          "method.mean='${dataset.mean}' method.std='${dataset.std}') or neither")
+            raise KdError(
+                "method.mean and method.std go together: give both (the data set's, e.g. "
+                "method.mean='${dataset.mean}' method.std='${dataset.std}') or neither"
+            )
         if mean is not None and std is not None and len(mean) != len(std):
             raise KdError(f"method.mean has {len(mean)} value(s) but method.std has {len(std)}; give as many of each")
 
-    def __init__(self, student, teacher, *, ce_weight: NonNegative, kd_weight: NonNegative,
-                 batch_weight: NonNegative, class_weight: NonNegative, temperatures: list[Positive],
-                 masking: Masking, mask_percentile: Percentile, strong_view: bool, strong_ops: PositiveInt,
-                 mean: list[float] | None, std: list[Positive] | None):
+    def __init__(
+        self,
+        student,
+        teacher,
+        *,
+        ce_weight: NonNegative,
+        kd_weight: NonNegative,
+        batch_weight: NonNegative,
+        class_weight: NonNegative,
+        temperatures: list[Positive],
+        masking: Masking,
+        mask_percentile: Percentile,
+        strong_view: bool,
+        strong_ops: PositiveInt,
+        mean: list[float] | None,
+        std: list[Positive] | None,
+    ):
         super().__init__(student, teacher)
         channels = getattr(student, "kd_input_shape", (None,))[0]
         if mean is not None and channels is not None and len(mean) not in (1, channels):
-            raise KdError(f"method.mean/std have {len(mean)} value(s) but the images have {channels} channel(s); "
-                          f"give {channels} values each (the data set's: method.mean='${{dataset.mean}}' "
-                          "method.std='${dataset.std}') or null")
+            raise KdError(
+                f"method.mean/std have {len(mean)} value(s) but the images have {channels} channel(s); "
+                f"give {channels} values each (the data set's: method.mean='${{dataset.mean}}' "
+                "method.std='${dataset.std}') or null"
+            )
         self.ce_weight, self.kd_weight = ce_weight, kd_weight
         self.batch_weight, self.class_weight = batch_weight, class_weight
         self.temperatures = [float(t) for t in temperatures]
@@ -334,14 +388,19 @@ class MultiLevelKD(Distiller):
                 ce = ce + F.cross_entropy(strong_logits, labels)
             terms["ce"] = self.ce_weight * ce
         if levels:
-            weak = mlkd_losses(logits, self.teacher_logits(images), self.temperatures, self.masking,
-                               self.mask_percentile, levels)
+            weak = mlkd_losses(
+                logits, self.teacher_logits(images), self.temperatures, self.masking, self.mask_percentile, levels
+            )
             if self.kd_weight:
                 terms["kd"] = self.kd_weight * weak["instance"]
                 if strong is not None:
                     strong_teacher = self.strong_teacher_logits(strong)
-                    terms["kd_strong"] = self.kd_weight * mlkd_losses(
-                        strong_logits, strong_teacher, self.temperatures, "none", levels=("instance",))["instance"]
+                    terms["kd_strong"] = (
+                        self.kd_weight
+                        * mlkd_losses(strong_logits, strong_teacher, self.temperatures, "none", levels=("instance",))[
+                            "instance"
+                        ]
+                    )
             if self.batch_weight:
                 terms["batch"] = self.batch_weight * weak["batch"]
             if self.class_weight:

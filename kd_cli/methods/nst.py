@@ -40,11 +40,28 @@ def nst_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 class NeuronSelectivityTransfer(FeatureDistiller):
     loss_weights = ("nst_weight", "ce_weight", "kd_weight")
 
-    def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
-                 ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, nst_weight: NonNegative,
-                 tuned_input_size: PositiveInt | None):
-        super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
-                         ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
+    def __init__(
+        self,
+        student,
+        teacher,
+        *,
+        student_layers: list[str] | None,
+        teacher_layers: list[str] | None,
+        ce_weight: NonNegative,
+        kd_weight: NonNegative,
+        temperature: Positive,
+        nst_weight: NonNegative,
+        tuned_input_size: PositiveInt | None,
+    ):
+        super().__init__(
+            student,
+            teacher,
+            student_layers=student_layers,
+            teacher_layers=teacher_layers,
+            ce_weight=ce_weight,
+            kd_weight=kd_weight,
+            temperature=temperature,
+        )
         self.require_maps()
         self.nst_weight = nst_weight * area_scale(student, tuned_input_size)
 

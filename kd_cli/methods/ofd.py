@@ -53,7 +53,7 @@ def ofd_margin(weight: torch.Tensor | None, bias: torch.Tensor | None, channels:
     sigma = gamma.abs()
     z = beta / sigma.clamp_min(1e-300)
     below = 0.5 * torch.erfc(z / math.sqrt(2))  # Phi(-z), accurate in the far tail too
-    density = torch.exp(-z**2 / 2) / math.sqrt(2 * math.pi)
+    density = torch.exp(-(z**2) / 2) / math.sqrt(2 * math.pi)
     margin = torch.where(below > TAIL, beta - sigma * density / below.clamp_min(TAIL), -3 * sigma)
     return torch.where(sigma == 0, beta.clamp_max(0), margin)
 
@@ -73,8 +73,9 @@ def stage_weights(count: int) -> list[float]:
 
 def ofd_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], margins: list[torch.Tensor]) -> torch.Tensor:
     """The stages' partial L2 distances, the deepest weighing 1, each shallower one half the next."""
-    return tensor_sum(w * partial_l2(s, t, m)
-                      for w, s, t, m in zip(stage_weights(len(student)), student, teacher, margins))
+    return tensor_sum(
+        w * partial_l2(s, t, m) for w, s, t, m in zip(stage_weights(len(student)), student, teacher, margins)
+    )
 
 
 def connector(student_channels: int, teacher_channels: int) -> nn.Sequential:
@@ -91,16 +92,29 @@ class PreReluDistiller(FeatureDistiller):
     stage outputs, not pre-activations)."""
 
     def __init__(self, student, teacher, *, student_layers, teacher_layers, ce_weight, kd_weight, temperature):
-        super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
-                         ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
+        super().__init__(
+            student,
+            teacher,
+            student_layers=student_layers,
+            teacher_layers=teacher_layers,
+            ce_weight=ce_weight,
+            kd_weight=kd_weight,
+            temperature=temperature,
+        )
         self.require_maps()
         self.student_sites = self._sites(student, self.student_layers, "student")
         self.teacher_sites = self._sites(teacher, self.teacher_layers, "teacher")
 
     def _sites(self, model: nn.Module, layers: list[str], role: str) -> list[PreActivation]:
         channels, size, _ = input_shape(model)
-        return preactivation_sites(model, layers, channels, size, who=f"method={self.method_name} ({role})",
-                                   fix=f"name such layers with method.{role}_layers or pick another {role}")
+        return preactivation_sites(
+            model,
+            layers,
+            channels,
+            size,
+            who=f"method={self.method_name} ({role})",
+            fix=f"name such layers with method.{role}_layers or pick another {role}",
+        )
 
     def student_features(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         with PreActivationTap(self.student, self.student_sites) as tap:
@@ -115,8 +129,9 @@ class PreReluDistiller(FeatureDistiller):
     def teacher_cache_outputs(self) -> list[str] | None:
         return None
 
-    def connected(self, connectors: nn.ModuleList, student: list[torch.Tensor],
-                  teacher: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def connected(
+        self, connectors: nn.ModuleList, student: list[torch.Tensor], teacher: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Each pair on the smaller grid, the student's through its connector into the teacher's channels."""
         pairs = [match_spatial(s, t) for s, t in zip(student, teacher)]
         return [c(s) for c, (s, _) in zip(connectors, pairs)], [t for _, t in pairs]
@@ -126,10 +141,27 @@ class PreReluDistiller(FeatureDistiller):
 class OverhaulFeatureDistillation(PreReluDistiller):
     loss_weights = ("ofd_weight", "ce_weight", "kd_weight")
 
-    def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
-                 ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, ofd_weight: NonNegative):
-        super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
-                         ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
+    def __init__(
+        self,
+        student,
+        teacher,
+        *,
+        student_layers: list[str] | None,
+        teacher_layers: list[str] | None,
+        ce_weight: NonNegative,
+        kd_weight: NonNegative,
+        temperature: Positive,
+        ofd_weight: NonNegative,
+    ):
+        super().__init__(
+            student,
+            teacher,
+            student_layers=student_layers,
+            teacher_layers=teacher_layers,
+            ce_weight=ce_weight,
+            kd_weight=kd_weight,
+            temperature=temperature,
+        )
         self.ofd_weight = ofd_weight
         self.connectors = None
         if not ofd_weight:  # no connectors or margins for a term left out (DDP: every parameter needs a gradient)
@@ -139,10 +171,12 @@ class OverhaulFeatureDistillation(PreReluDistiller):
             # cast: a site's norm is a BatchNorm (preactivation_sites records no other kind)
             norm = cast("_BatchNorm | None", norms.get(site.norm) if site.norm else None)
             if norm is None or norm.num_features != shape[0]:
-                raise KdError(f"method=ofd takes its margins from the BatchNorm before each teacher ReLU, but no "
-                              f"BatchNorm of {shape[0]} channels runs before '{site.relu}' in teacher layer "
-                              f"'{site.layer}'; pick teacher layers that end in BatchNorm + ReLU "
-                              f"(method.teacher_layers)")
+                raise KdError(
+                    f"method=ofd takes its margins from the BatchNorm before each teacher ReLU, but no "
+                    f"BatchNorm of {shape[0]} channels runs before '{site.relu}' in teacher layer "
+                    f"'{site.layer}'; pick teacher layers that end in BatchNorm + ReLU "
+                    f"(method.teacher_layers)"
+                )
             self.register_buffer(f"margin{i}", ofd_margin(norm.weight, norm.bias, shape[0]).float())
         self.connectors = nn.ModuleList(connector(s[0], t[0]) for s, t in zip(self.student_shapes, self.teacher_shapes))
 

@@ -47,8 +47,9 @@ def ensemble_logits(branch_logits: list[torch.Tensor], gate: torch.Tensor) -> to
     return (gate.unsqueeze(2) * stacked).sum(dim=1)
 
 
-def one_losses(branch_logits: list[torch.Tensor], gate: torch.Tensor, labels: torch.Tensor,
-               temperature: float) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
+def one_losses(
+    branch_logits: list[torch.Tensor], gate: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
     """Unweighted terms: each branch's CE, the ensemble's CE, each branch's T^2 KL to the fixed ensemble."""
     ensemble = ensemble_logits(branch_logits, gate)
     ce = [F.cross_entropy(full_precision(z), labels) for z in branch_logits]
@@ -59,8 +60,11 @@ def one_losses(branch_logits: list[torch.Tensor], gate: torch.Tensor, labels: to
 def call_order(model: nn.Module) -> list[str]:
     """The names of `model`'s modules in the order they are first called, from a dry forward pass."""
     order: list[str] = []
-    handles = [module.register_forward_pre_hook(lambda m, args, name=name: order.append(name))
-               for name, module in model.named_modules() if name]
+    handles = [
+        module.register_forward_pre_hook(lambda m, args, name=name: order.append(name))
+        for name, module in model.named_modules()
+        if name
+    ]
     channels, height, width = input_shape(model)
     param = next(model.parameters())
     states = {module: module.training for module in model.modules()}
@@ -82,11 +86,13 @@ def head_modules(model: nn.Module) -> set[str]:
     module's input is the trunk's output."""
     stages = list(feature_layers(model))
     if len(stages) < 2:
-        raise KdError(f"method=one shares a trunk and gives each branch the student's last stage, but "
-                      f"{type(model).__name__} has {len(stages)} stage(s); pick a student with several (e.g. cnn)")
+        raise KdError(
+            f"method=one shares a trunk and gives each branch the student's last stage, but "
+            f"{type(model).__name__} has {len(stages)} stage(s); pick a student with several (e.g. cnn)"
+        )
     order = call_order(model)
     inside = f"{stages[-2]}."
-    return {name for name in order[order.index(stages[-2]) + 1:] if not name.startswith(inside)}
+    return {name for name in order[order.index(stages[-2]) + 1 :] if not name.startswith(inside)}
 
 
 def branch_entry(model: nn.Module, head: set[str]) -> str:
@@ -159,7 +165,9 @@ class GateNorm(nn.BatchNorm1d):
 
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
         if self.training and len(scores) == 1:
-            return F.batch_norm(scores, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+            return F.batch_norm(
+                scores, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
         return super().forward(scores)
 
 
@@ -173,9 +181,18 @@ class OnTheFlyNativeEnsemble(Distiller):
     requires_teacher = False  # the gated ensemble of the branches is the teacher
     loss_weights = ("ce_weight", "ensemble_weight", "one_weight")
 
-    def __init__(self, student, teacher=None, *, new_student: Callable[[], nn.Module], branches: BranchCount,
-                 ce_weight: NonNegative, ensemble_weight: NonNegative, one_weight: NonNegative,
-                 temperature: Positive):
+    def __init__(
+        self,
+        student,
+        teacher=None,
+        *,
+        new_student: Callable[[], nn.Module],
+        branches: BranchCount,
+        ce_weight: NonNegative,
+        ensemble_weight: NonNegative,
+        one_weight: NonNegative,
+        temperature: Positive,
+    ):
         super().__init__(student, None)
         head = head_modules(student)
         self.branch_entry = student.get_submodule(branch_entry(student, head))
@@ -186,8 +203,11 @@ class OnTheFlyNativeEnsemble(Distiller):
             self.peers.append(peer)
         # the gate learns from the ensemble's CE alone (the KL terms take the ensemble as a fixed target):
         # without that term there is nothing to learn it from, and the ensemble is the branches' mean
-        self.gate = (nn.Sequential(nn.Linear(self._trunk_width(), branches), GateNorm(branches), nn.ReLU())
-                     if ensemble_weight else None)
+        self.gate = (
+            nn.Sequential(nn.Linear(self._trunk_width(), branches), GateNorm(branches), nn.ReLU())
+            if ensemble_weight
+            else None
+        )
         self.ce_weight, self.ensemble_weight, self.one_weight = ce_weight, ensemble_weight, one_weight
         self.temperature = temperature
 

@@ -83,14 +83,33 @@ class Unchanged(nn.Module):
 class PrimeAwareAdaptiveDistillation(FeatureDistiller):
     loss_weights = ("pad_weight", "ce_weight", "kd_weight")
 
-    def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
-                 ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, pad_weight: NonNegative,
-                 regressor: Literal["auto", "always"], regressor_relu: bool):
-        super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
-                         ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
+    def __init__(
+        self,
+        student,
+        teacher,
+        *,
+        student_layers: list[str] | None,
+        teacher_layers: list[str] | None,
+        ce_weight: NonNegative,
+        kd_weight: NonNegative,
+        temperature: Positive,
+        pad_weight: NonNegative,
+        regressor: Literal["auto", "always"],
+        regressor_relu: bool,
+    ):
+        super().__init__(
+            student,
+            teacher,
+            student_layers=student_layers,
+            teacher_layers=teacher_layers,
+            ce_weight=ce_weight,
+            kd_weight=kd_weight,
+            temperature=temperature,
+        )
         regressors, estimators = [], []
-        for s_layer, s_shape, t_layer, t_shape in zip(self.student_layers, self.student_shapes,
-                                                      self.teacher_layers, self.teacher_shapes):
+        for s_layer, s_shape, t_layer, t_shape in zip(
+            self.student_layers, self.student_shapes, self.teacher_layers, self.teacher_shapes
+        ):
             require_same_kind("pad", (s_layer, s_shape), (t_layer, t_shape))
             if pad_weight:  # no adapter for a term left out (DDP: every parameter must get a gradient)
                 same = tuple(s_shape) == tuple(t_shape) and regressor == "auto"
@@ -109,9 +128,12 @@ class PrimeAwareAdaptiveDistillation(FeatureDistiller):
         terms = self.logit_terms(logits, teacher_logits, labels)
         if self.pad_weight:
             if self.training and len(images) < 2:
-                raise KdError("method=pad predicts its variances through BatchNorm (as the authors' code does), "
-                              "which needs at least 2 samples per training batch, got 1; raise trainer.batch_size")
+                raise KdError(
+                    "method=pad predicts its variances through BatchNorm (as the authors' code does), "
+                    "which needs at least 2 samples per training batch, got 1; raise trainer.batch_size"
+                )
             terms["pad"] = self.pad_weight * tensor_sum(
                 pair_loss(regress, estimate, s, t)
-                for regress, estimate, s, t in zip(self.regressors, self.variance_estimators, student, teacher))
+                for regress, estimate, s, t in zip(self.regressors, self.variance_estimators, student, teacher)
+            )
         return logits, terms

@@ -41,10 +41,27 @@ def pkt_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 class PKT(FeatureDistiller):
     loss_weights = ("pkt_weight", "ce_weight", "kd_weight")
 
-    def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
-                 ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, pkt_weight: NonNegative):
-        super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
-                         ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
+    def __init__(
+        self,
+        student,
+        teacher,
+        *,
+        student_layers: list[str] | None,
+        teacher_layers: list[str] | None,
+        ce_weight: NonNegative,
+        kd_weight: NonNegative,
+        temperature: Positive,
+        pkt_weight: NonNegative,
+    ):
+        super().__init__(
+            student,
+            teacher,
+            student_layers=student_layers,
+            teacher_layers=teacher_layers,
+            ce_weight=ce_weight,
+            kd_weight=kd_weight,
+            temperature=temperature,
+        )
         self.pkt_weight = pkt_weight
 
     def default_layers(self, model: nn.Module) -> list[str]:

@@ -60,16 +60,18 @@ class ABF(nn.Module):
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool):
         super().__init__()
         self.reduce = nn.Sequential(nn.Conv2d(in_channels, mid_channels, 1, bias=False), nn.BatchNorm2d(mid_channels))
-        self.output = nn.Sequential(nn.Conv2d(mid_channels, out_channels, 3, padding=1, bias=False),
-                                    nn.BatchNorm2d(out_channels))
+        self.output = nn.Sequential(
+            nn.Conv2d(mid_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels)
+        )
         # two sigmoid maps: how much of this level and of the residual (deeper) level to keep per pixel
         self.attention = nn.Sequential(nn.Conv2d(2 * mid_channels, 2, 1), nn.Sigmoid()) if fuse else None
         # the authors' initialisation (cast: indexing a Sequential is typed as any module)
         nn.init.kaiming_uniform_(cast(nn.Conv2d, self.reduce[0]).weight, a=1)
         nn.init.kaiming_uniform_(cast(nn.Conv2d, self.output[0]).weight, a=1)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None,
-                out_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, out_size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(output for the loss at the teacher's size, fused map passed on to the next shallower level)."""
         x = self.reduce(x)
         if self.attention is not None:
@@ -90,31 +92,37 @@ def as_map(feature: torch.Tensor) -> torch.Tensor:
 def stage_layers(model: nn.Module) -> list[str]:
     layers = getattr(model, "kd_feature_layers", None)
     if layers is None:
-        raise KdError(f"{type(model).__name__} was not built by kd's model registry; "
-                      "name its layers with method.student_layers / method.teacher_layers")
+        raise KdError(
+            f"{type(model).__name__} was not built by kd's model registry; "
+            "name its layers with method.student_layers / method.teacher_layers"
+        )
     return list(layers)
 
 
 def review_levels(model: nn.Module, stages: int) -> list[str]:
     """The deepest `stages` stage outputs, then the pooled embedding."""
     layers = stage_layers(model)
-    return [*layers[max(0, len(layers) - stages):], embedding_layer(model)]
+    return [*layers[max(0, len(layers) - stages) :], embedding_layer(model)]
 
 
 def map_shapes(model: nn.Module, layers: list[str], shapes: list[tuple[int, ...]], role: str) -> list[tuple[int, ...]]:
     """(C, H, W) per level; only the last level (the embedding) may be a (C,) vector, taken as 1x1."""
     if len(layers) < 2:
-        raise KdError(f"method=reviewkd needs at least one stage map and the embedding per model, but the "
-                      f"{role} has {layers}; use a model with convolutional stages or name them in "
-                      f"method.{role}_layers")
+        raise KdError(
+            f"method=reviewkd needs at least one stage map and the embedding per model, but the "
+            f"{role} has {layers}; use a model with convolutional stages or name them in "
+            f"method.{role}_layers"
+        )
     maps = []
     for i, (layer, shape) in enumerate(zip(layers, shapes)):
         if len(shape) == 1 and i == len(layers) - 1:
             shape = (shape[0], 1, 1)
         if len(shape) != 3:
-            raise KdError(f"method=reviewkd needs feature maps (C,H,W) from the {role}'s stages, but "
-                          f"{type(model).__name__}'s '{layer}' gives {shape}; use a convolutional {role} "
-                          f"(e.g. {role}=cnn) or name map-producing modules in method.{role}_layers")
+            raise KdError(
+                f"method=reviewkd needs feature maps (C,H,W) from the {role}'s stages, but "
+                f"{type(model).__name__}'s '{layer}' gives {shape}; use a convolutional {role} "
+                f"(e.g. {role}=cnn) or name map-producing modules in method.{role}_layers"
+            )
         maps.append(tuple(shape))
     return maps
 
@@ -123,15 +131,32 @@ def map_shapes(model: nn.Module, layers: list[str], shapes: list[tuple[int, ...]
 class ReviewKD(FeatureDistiller):
     loss_weights = ("reviewkd_weight", "ce_weight", "kd_weight")
 
-    def __init__(self, student, teacher, *, reviewkd_weight: NonNegative, warmup: NonNegativeInt,
-                 max_mid_channels: PositiveInt, student_layers: list[str] | None, teacher_layers: list[str] | None,
-                 ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive):
+    def __init__(
+        self,
+        student,
+        teacher,
+        *,
+        reviewkd_weight: NonNegative,
+        warmup: NonNegativeInt,
+        max_mid_channels: PositiveInt,
+        student_layers: list[str] | None,
+        teacher_layers: list[str] | None,
+        ce_weight: NonNegative,
+        kd_weight: NonNegative,
+        temperature: Positive,
+    ):
         # Default levels: as many stages of each model as the shallower one has, paired deepest first.
         given = student_layers or teacher_layers
         stages = len(given) - 1 if given else min(len(stage_layers(student)), len(stage_layers(teacher)))
-        super().__init__(student, teacher, student_layers=student_layers or review_levels(student, stages),
-                         teacher_layers=teacher_layers or review_levels(teacher, stages),
-                         ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
+        super().__init__(
+            student,
+            teacher,
+            student_layers=student_layers or review_levels(student, stages),
+            teacher_layers=teacher_layers or review_levels(teacher, stages),
+            ce_weight=ce_weight,
+            kd_weight=kd_weight,
+            temperature=temperature,
+        )
         self.reviewkd_weight, self.warmup = reviewkd_weight, warmup
         student_maps = map_shapes(student, self.student_layers, self.student_shapes, "student")
         teacher_maps = map_shapes(teacher, self.teacher_layers, self.teacher_shapes, "teacher")
@@ -139,18 +164,24 @@ class ReviewKD(FeatureDistiller):
         mid = min(max_mid_channels, student_maps[-1][0])  # mdistiller: min(512, channels of the deepest level)
         # shallow to deep, as the layers; the deepest has nothing below it to fuse with. None at all when
         # the term is left out (DDP: every parameter must get a gradient)
-        self.abfs = nn.ModuleList(ABF(s[0], mid, t[0], fuse=i < len(student_maps) - 1)
-                                  for i, (s, t) in enumerate(zip(student_maps, teacher_maps)) if reviewkd_weight)
+        self.abfs = nn.ModuleList(
+            ABF(s[0], mid, t[0], fuse=i < len(student_maps) - 1)
+            for i, (s, t) in enumerate(zip(student_maps, teacher_maps))
+            if reviewkd_weight
+        )
 
     @classmethod
-    def validate_options(cls, *, student_layers: list[str] | None = None, teacher_layers: list[str] | None = None,
-                         **options) -> None:
+    def validate_options(
+        cls, *, student_layers: list[str] | None = None, teacher_layers: list[str] | None = None, **options
+    ) -> None:
         """Given layer lists: at least one stage map then the embedding, as many for both models."""
         for role, layers in (("student", student_layers), ("teacher", teacher_layers)):
             if layers and len(layers) < 2:
-                raise KdError(f"method=reviewkd needs at least one stage map and the embedding per model, but "
-                              f"method.{role}_layers names {layers}; name the stage modules then the embedding, "
-                              f"or null for the default levels")
+                raise KdError(
+                    f"method=reviewkd needs at least one stage map and the embedding per model, but "
+                    f"method.{role}_layers names {layers}; name the stage modules then the embedding, "
+                    f"or null for the default levels"
+                )
         super().validate_options(student_layers=student_layers, teacher_layers=teacher_layers, **options)
 
     def warmup_factor(self) -> float:
@@ -166,8 +197,10 @@ class ReviewKD(FeatureDistiller):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         if self.training and self.reviewkd_weight and images.shape[0] < 2:
-            raise KdError("method=reviewkd needs training batches of at least 2 (its fusion modules use "
-                          "batch norm on 1x1 maps); raise trainer.batch_size")
+            raise KdError(
+                "method=reviewkd needs training batches of at least 2 (its fusion modules use "
+                "batch norm on 1x1 maps); raise trainer.batch_size"
+            )
         logits, student_features, teacher_logits, teacher_features = self.features(images, self.reviewkd_weight)
         terms = self.logit_terms(logits, teacher_logits, labels)
         if self.reviewkd_weight:

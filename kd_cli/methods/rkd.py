@@ -45,7 +45,9 @@ def triplet_angles(features: torch.Tensor) -> torch.Tensor:
 
 def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     check_relation_batch("rkd", len(student))
-    return F.smooth_l1_loss(normalised_distances(sample_vectors(student)), normalised_distances(sample_vectors(teacher)))
+    return F.smooth_l1_loss(
+        normalised_distances(sample_vectors(student)), normalised_distances(sample_vectors(teacher))
+    )
 
 
 def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -57,11 +59,28 @@ def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
 class RKD(FeatureDistiller):
     loss_weights = ("distance_weight", "angle_weight", "ce_weight", "kd_weight")
 
-    def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
-                 ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, distance_weight: NonNegative,
-                 angle_weight: NonNegative):
-        super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
-                         ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
+    def __init__(
+        self,
+        student,
+        teacher,
+        *,
+        student_layers: list[str] | None,
+        teacher_layers: list[str] | None,
+        ce_weight: NonNegative,
+        kd_weight: NonNegative,
+        temperature: Positive,
+        distance_weight: NonNegative,
+        angle_weight: NonNegative,
+    ):
+        super().__init__(
+            student,
+            teacher,
+            student_layers=student_layers,
+            teacher_layers=teacher_layers,
+            ce_weight=ce_weight,
+            kd_weight=kd_weight,
+            temperature=temperature,
+        )
         self.distance_weight, self.angle_weight = distance_weight, angle_weight
 
     def default_layers(self, model: nn.Module) -> list[str]:

@@ -41,8 +41,9 @@ def srd_logit_loss(regressed_logits: torch.Tensor, teacher_logits: torch.Tensor)
 
 
 def connector(student_channels: int, teacher_channels: int) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(student_channels, teacher_channels, 1, bias=False),
-                         nn.BatchNorm2d(teacher_channels), nn.ReLU())
+    return nn.Sequential(
+        nn.Conv2d(student_channels, teacher_channels, 1, bias=False), nn.BatchNorm2d(teacher_channels), nn.ReLU()
+    )
 
 
 @register_method("srd")
@@ -50,11 +51,28 @@ class SoftmaxRegressionDistillation(FeatureDistiller):
     single_layer = True  # the last stage of each model
     loss_weights = ("feature_weight", "logit_weight", "ce_weight", "kd_weight")
 
-    def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
-                 ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, feature_weight: NonNegative,
-                 logit_weight: NonNegative):
-        super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
-                         ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
+    def __init__(
+        self,
+        student,
+        teacher,
+        *,
+        student_layers: list[str] | None,
+        teacher_layers: list[str] | None,
+        ce_weight: NonNegative,
+        kd_weight: NonNegative,
+        temperature: Positive,
+        feature_weight: NonNegative,
+        logit_weight: NonNegative,
+    ):
+        super().__init__(
+            student,
+            teacher,
+            student_layers=student_layers,
+            teacher_layers=teacher_layers,
+            ce_weight=ce_weight,
+            kd_weight=kd_weight,
+            temperature=temperature,
+        )
         self.require_maps()
         self.feature_weight, self.logit_weight = feature_weight, logit_weight
         used = feature_weight or logit_weight  # no adapter for terms left out (DDP: every parameter gets a gradient)
@@ -76,7 +94,9 @@ class SoftmaxRegressionDistillation(FeatureDistiller):
             terms["srd_feature"] = self.feature_weight * srd_feature_loss(connected, teacher[0])
         if self.logit_weight:
             assert teacher_logits is not None  # `features` runs the teacher whenever a term reads it
-            terms["srd_logits"] = self.logit_weight * srd_logit_loss(self.teacher_head(images, connected), teacher_logits)
+            terms["srd_logits"] = self.logit_weight * srd_logit_loss(
+                self.teacher_head(images, connected), teacher_logits
+            )
         return logits, terms
 
     def teacher_head(self, images: torch.Tensor, features: torch.Tensor) -> torch.Tensor:

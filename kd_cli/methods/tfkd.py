@@ -24,8 +24,9 @@ from kd_cli.methods.base import Distiller
 from kd_cli.registry import NonNegative, OpenFraction, Positive
 
 
-def virtual_teacher(labels: torch.Tensor, classes: int, correct_prob: float,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def virtual_teacher(
+    labels: torch.Tensor, classes: int, correct_prob: float, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """(B,) labels -> (B, K): `correct_prob` on the label, (1 - correct_prob) / (K - 1) on each other class."""
     rest = (1.0 - correct_prob) / (classes - 1)
     teacher = torch.full((len(labels), classes), rest, dtype=dtype, device=labels.device)
@@ -45,13 +46,23 @@ class TeacherFreeKD(Distiller):
     requires_teacher = False  # the teacher is the virtual distribution above
     loss_weights = ("ce_weight", "tfkd_weight")
 
-    def __init__(self, student, teacher=None, *, ce_weight: NonNegative, tfkd_weight: NonNegative,
-                 temperature: Positive, correct_prob: OpenFraction):
+    def __init__(
+        self,
+        student,
+        teacher=None,
+        *,
+        ce_weight: NonNegative,
+        tfkd_weight: NonNegative,
+        temperature: Positive,
+        correct_prob: OpenFraction,
+    ):
         super().__init__(student, None)  # a teacher, if one is around, is ignored
         classes = getattr(student, "kd_num_classes", None)
         if tfkd_weight and classes and correct_prob <= 1 / classes:
-            raise KdError(f"method.correct_prob={correct_prob} must be above 1/{classes} (the virtual teacher must "
-                          "prefer the label); the authors use 0.99")
+            raise KdError(
+                f"method.correct_prob={correct_prob} must be above 1/{classes} (the virtual teacher must "
+                "prefer the label); the authors use 0.99"
+            )
         self.ce_weight, self.tfkd_weight = ce_weight, tfkd_weight
         self.temperature, self.correct_prob = temperature, correct_prob
 

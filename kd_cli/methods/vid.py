@@ -46,12 +46,14 @@ def _layer(maps: bool, c_in: int, c_out: int) -> nn.Module:
 class VariationalHead(nn.Module):
     """The Gaussian q(teacher | student) of one layer pair: its mean regressor and its variances."""
 
-    def __init__(self, student_shape: Sequence[int], teacher_shape: Sequence[int], init_variance: float,
-                 min_variance: float):
+    def __init__(
+        self, student_shape: Sequence[int], teacher_shape: Sequence[int], init_variance: float, min_variance: float
+    ):
         super().__init__()
         maps, c_s, c_t = is_map(student_shape), student_shape[0], teacher_shape[0]
-        self.regressor = nn.Sequential(_layer(maps, c_s, c_t), nn.ReLU(), _layer(maps, c_t, c_t), nn.ReLU(),
-                                       _layer(maps, c_t, c_t))
+        self.regressor = nn.Sequential(
+            _layer(maps, c_s, c_t), nn.ReLU(), _layer(maps, c_t, c_t), nn.ReLU(), _layer(maps, c_t, c_t)
+        )
         # inverse softplus, so that softplus(alpha) + min_variance == init_variance at the start
         alpha = math.log(math.expm1(init_variance - min_variance))
         self.alpha = nn.Parameter(torch.full((c_t,), alpha))
@@ -67,14 +69,33 @@ class VariationalHead(nn.Module):
 class VID(FeatureDistiller):
     loss_weights = ("vid_weight", "ce_weight", "kd_weight")
 
-    def __init__(self, student, teacher, *, student_layers: list[str] | None, teacher_layers: list[str] | None,
-                 ce_weight: NonNegative, kd_weight: NonNegative, temperature: Positive, vid_weight: NonNegative,
-                 init_variance: Positive, min_variance: Positive):
-        super().__init__(student, teacher, student_layers=student_layers, teacher_layers=teacher_layers,
-                         ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
+    def __init__(
+        self,
+        student,
+        teacher,
+        *,
+        student_layers: list[str] | None,
+        teacher_layers: list[str] | None,
+        ce_weight: NonNegative,
+        kd_weight: NonNegative,
+        temperature: Positive,
+        vid_weight: NonNegative,
+        init_variance: Positive,
+        min_variance: Positive,
+    ):
+        super().__init__(
+            student,
+            teacher,
+            student_layers=student_layers,
+            teacher_layers=teacher_layers,
+            ce_weight=ce_weight,
+            kd_weight=kd_weight,
+            temperature=temperature,
+        )
         heads = []
-        for s_layer, s_shape, t_layer, t_shape in zip(self.student_layers, self.student_shapes,
-                                                      self.teacher_layers, self.teacher_shapes):
+        for s_layer, s_shape, t_layer, t_shape in zip(
+            self.student_layers, self.student_shapes, self.teacher_layers, self.teacher_shapes
+        ):
             require_same_kind("vid", (s_layer, s_shape), (t_layer, t_shape))
             if vid_weight:  # no adapter for a term left out (DDP: every parameter must get a gradient)
                 heads.append(VariationalHead(s_shape, t_shape, init_variance, min_variance))
@@ -88,8 +109,10 @@ class VID(FeatureDistiller):
         init_variance: float = options.pop("init_variance")
         super().validate_options(**options)
         if not min_variance < init_variance:  # softplus(alpha) = init - min must be > 0
-            raise KdError(f"method vid needs 0 < min_variance < init_variance, got method.min_variance={min_variance} "
-                          f"and method.init_variance={init_variance}; the defaults are 1e-5 and 5.0")
+            raise KdError(
+                f"method vid needs 0 < min_variance < init_variance, got method.min_variance={min_variance} "
+                f"and method.init_variance={init_variance}; the defaults are 1e-5 and 5.0"
+            )
 
     # default_layers: every stage output (the base's), as RepDistiller's feat[1:-1]
 

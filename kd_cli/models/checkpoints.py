@@ -24,8 +24,18 @@ from torch import nn
 from kd_cli.errors import KdError
 
 # Where training code nests the model's state dict, in the order tried (`nested=` picks one).
-NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "network", "ema", "model_ema",
-               "state_dict_ema", "params")
+NESTED_KEYS = (
+    "state_dict",
+    "model",
+    "model_state_dict",
+    "module",
+    "net",
+    "network",
+    "ema",
+    "model_ema",
+    "state_dict_ema",
+    "params",
+)
 WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.", "net.", "network.", "backbone.", "student.", "ema.")
 HF_FILES = ("model.safetensors", "pytorch_model.bin")
 SHOWN = 3  # names shown per kind of mismatch
@@ -37,8 +47,9 @@ def read_state_dict(path: str | Path, nested: str | None = None) -> dict[str, to
     if path.is_dir():
         path = _hf_weights(path)
     if not path.is_file():
-        raise KdError(f"weights file {path} does not exist; give a .safetensors, .pt/.pth file or a "
-                      "save_pretrained folder")
+        raise KdError(
+            f"weights file {path} does not exist; give a .safetensors, .pt/.pth file or a save_pretrained folder"
+        )
     raw = _load(path)
     return _unnest(raw, path, nested)
 
@@ -48,8 +59,10 @@ def _hf_weights(folder: Path) -> Path:
         if (folder / name).is_file():
             return folder / name
     if any(folder.glob("*.safetensors.index.json")) or any(folder.glob("pytorch_model.bin.index.json")):
-        raise KdError(f"{folder} holds a sharded checkpoint; save it as one file (save_pretrained with a large "
-                      "max_shard_size) and import that")
+        raise KdError(
+            f"{folder} holds a sharded checkpoint; save it as one file (save_pretrained with a large "
+            "max_shard_size) and import that"
+        )
     raise KdError(f"{folder} has none of {', '.join(HF_FILES)}; give a weights file or a save_pretrained folder")
 
 
@@ -69,8 +82,10 @@ def _load(path: Path) -> Any:
     except pickle.UnpicklingError:
         if not _is_pickle(path):  # bytes that are no pickle at all
             raise KdError(f"{path} is corrupt or not a PyTorch weights file (not a pickle or zip archive)") from None
-        raise KdError(f"{path} holds more than tensors and plain values (objects whose loading may run code); kd "
-                      "reads only weights (weights_only=True): save model.state_dict() instead") from None
+        raise KdError(
+            f"{path} holds more than tensors and plain values (objects whose loading may run code); kd "
+            "reads only weights (weights_only=True): save model.state_dict() instead"
+        ) from None
     except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as error:
         raise KdError(f"{path} is corrupt or not a PyTorch weights file ({brief_error(error)})") from None
 
@@ -93,8 +108,10 @@ def _unnest(raw: Any, path: Path, nested: str | None) -> dict[str, torch.Tensor]
     elif not _is_state(raw):
         inner = next((key for key in NESTED_KEYS if isinstance(raw.get(key), Mapping) and _is_state(raw[key])), None)
         if inner is None:
-            raise KdError(f"{path} holds no state dict (top-level keys: {', '.join(list(map(str, raw))[:8])}); "
-                          f"name the key that holds it with nested=KEY")
+            raise KdError(
+                f"{path} holds no state dict (top-level keys: {', '.join(list(map(str, raw))[:8])}); "
+                f"name the key that holds it with nested=KEY"
+            )
         raw = raw[inner]
     state = {str(k): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
     if not state:
@@ -133,8 +150,9 @@ def strip_wrappers(state: dict[str, torch.Tensor], wanted: set[str], depth: int 
     return best
 
 
-def fit_state(model: nn.Module, state: dict[str, torch.Tensor], what: str, *,
-              replaceable: tuple[str, ...] = ()) -> list[str]:
+def fit_state(
+    model: nn.Module, state: dict[str, torch.Tensor], what: str, *, replaceable: tuple[str, ...] = ()
+) -> list[str]:
     """Load `state` into `model` strictly after stripping wrapper prefixes. Keys under a module named in
     `replaceable` (e.g. the classifier, when the classes differ) may be missing or of another shape:
     they keep the model's fresh values. Returns the keys left fresh; any other mismatch is one line."""
@@ -145,8 +163,10 @@ def fit_state(model: nn.Module, state: dict[str, torch.Tensor], what: str, *,
     unexpected = [k for k in state if k not in own]
     shapes = [k for k in own if k in state and state[k].shape != own[k].shape and not fresh(k)]
     if missing or unexpected or shapes:
-        raise KdError(f"{what}: the weights do not fit the model: {_mismatch(missing, unexpected, shapes, state, own)}; "
-                      "check the architecture (arch=, its kwargs) and the number of classes")
+        raise KdError(
+            f"{what}: the weights do not fit the model: {_mismatch(missing, unexpected, shapes, state, own)}; "
+            "check the architecture (arch=, its kwargs) and the number of classes"
+        )
     kept = {k: v for k, v in state.items() if not (fresh(k) and v.shape != own[k].shape)}
     left = [k for k in own if k not in kept]
     model.load_state_dict({**own, **kept}, strict=True)

@@ -55,8 +55,7 @@ def _unknown_layer(model: nn.Module, name: str, modules: dict[str, nn.Module]) -
     stages = getattr(model, "kd_feature_layers", None)
     known = f" (this model's stages: {', '.join(stages)})" if stages else ""
     return KdError(
-        f"no module named '{name}' in {type(model).__name__}{hint}{known}; "
-        f"use a name from model.named_modules()"
+        f"no module named '{name}' in {type(model).__name__}{hint}{known}; use a name from model.named_modules()"
     )
 
 
@@ -128,8 +127,10 @@ def feature_shapes(
             model(torch.zeros(2, in_channels, input_size, input_size, device=device, dtype=dtype))
             missing = [name for name in names if name not in tap.outputs]
             if missing:
-                raise KdError(f"module(s) {', '.join(missing)} did not run in {type(model).__name__}.forward; "
-                              f"tap modules that the forward pass uses")
+                raise KdError(
+                    f"module(s) {', '.join(missing)} did not run in {type(model).__name__}.forward; "
+                    f"tap modules that the forward pass uses"
+                )
             return {name: tuple(tap.outputs[name].shape[1:]) for name in names}
     finally:
         for module, training in states.items():
@@ -137,6 +138,7 @@ def feature_shapes(
 
 
 # ---------------------------------------------------------------- pre-activation taps
+
 
 @dataclass(frozen=True)
 class PreActivation:
@@ -201,8 +203,11 @@ class PreActivationTap:
             running[0] = False
 
         # registered in this order, so a stage that is itself the ReLU reads before it leaves
-        self._handles += [stage.register_forward_pre_hook(enter), relu.register_forward_hook(read),
-                          stage.register_forward_hook(leave)]
+        self._handles += [
+            stage.register_forward_pre_hook(enter),
+            relu.register_forward_hook(read),
+            stage.register_forward_hook(leave),
+        ]
 
     def _read_after(self, site: PreActivation, stage: nn.Module, norm: nn.Module) -> None:
         waiting = [False]
@@ -243,8 +248,14 @@ class _Call:
     output: Any = None
 
 
-def preactivation_sites(model: nn.Module, names: Iterable[str], in_channels: int, input_size: int,
-                        who: str = "reading pre-ReLU features", fix: str = "name such layers") -> list[PreActivation]:
+def preactivation_sites(
+    model: nn.Module,
+    names: Iterable[str],
+    in_channels: int,
+    input_size: int,
+    who: str = "reading pre-ReLU features",
+    fix: str = "name such layers",
+) -> list[PreActivation]:
     """Where each named stage's pre-activation is read (see PreActivation), found by a dry run, then checked
     by a second one through PreActivationTap itself: relu(pre-activation) must equal the stage's output
     (after_stage: the pre-activation must equal `norm` of the stage's output). A stage that fits neither
@@ -288,10 +299,14 @@ def preactivation_sites(model: nn.Module, names: Iterable[str], in_channels: int
             if isinstance(module, _BatchNorm):
                 handles.append(module.register_forward_hook(record("norm")))
         for name, stage in stages.items():
-            handles.append(stage.register_forward_pre_hook(
-                lambda module, args, name=name: calls.append(_Call("enter", name))))
-            handles.append(stage.register_forward_hook(
-                lambda module, args, output, name=name: calls.append(_Call("exit", name, output=output))))
+            handles.append(
+                stage.register_forward_pre_hook(lambda module, args, name=name: calls.append(_Call("enter", name)))
+            )
+            handles.append(
+                stage.register_forward_hook(
+                    lambda module, args, output, name=name: calls.append(_Call("exit", name, output=output))
+                )
+            )
         with torch.no_grad():
             model(images)
         for handle in handles:
@@ -315,8 +330,10 @@ def _find_site(model: nn.Module, name: str, calls: list[_Call], who: str, fix: s
     start = next((i for i, c in enumerate(calls) if c.kind == "enter" and c.name == name), None)
     end = next((i for i, c in enumerate(calls) if c.kind == "exit" and c.name == name and i > (start or 0)), None)
     if start is None or end is None:
-        raise KdError(f"{who}: module '{name}' did not run in {type(model).__name__}.forward; "
-                      f"tap modules that the forward pass uses")
+        raise KdError(
+            f"{who}: module '{name}' did not run in {type(model).__name__}.forward; "
+            f"tap modules that the forward pass uses"
+        )
     out = calls[end].output
     inside = [i for i in range(start + 1, end) if calls[i].kind == "relu"]
     if isinstance(out, torch.Tensor) and inside:
@@ -327,29 +344,33 @@ def _find_site(model: nn.Module, name: str, calls: list[_Call], who: str, fix: s
             siblings = [c for c in norms if c.name.rpartition(".")[0] == parent]
             norm = next(reversed(siblings or norms), None)  # the last one, if any
             return PreActivation(name, last.name, norm.name if norm else None)
-    after = calls[end + 1:]
+    after = calls[end + 1 :]
     norm_at = next((i for i, c in enumerate(after) if c.kind == "norm"), None)
     if isinstance(out, torch.Tensor) and norm_at is not None and _same(after[norm_at].input, out):
         norm = after[norm_at]
-        relu = next((c for c in after[norm_at + 1:] if c.kind == "relu"), None)
+        relu = next((c for c in after[norm_at + 1 :] if c.kind == "relu"), None)
         if relu is not None and _same(relu.input, norm.output):
             return PreActivation(name, relu.name, norm.name, after_stage=True)
-    raise KdError(f"{who} needs layers that end in an nn.ReLU module (e.g. the stages of cifar resnets, cnn, wrn, "
-                  f"vgg), but '{name}' of {type(model).__name__} does not: its output is not relu() of its last "
-                  f"nn.ReLU call's input, nor normalised by a BatchNorm that an nn.ReLU reads next; {fix}")
+    raise KdError(
+        f"{who} needs layers that end in an nn.ReLU module (e.g. the stages of cifar resnets, cnn, wrn, "
+        f"vgg), but '{name}' of {type(model).__name__} does not: its output is not relu() of its last "
+        f"nn.ReLU call's input, nor normalised by a BatchNorm that an nn.ReLU reads next; {fix}"
+    )
 
 
 def _same(a: Any, b: Any) -> bool:
     return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
 
 
-def _check_sites(model: nn.Module, sites: Sequence[PreActivation], images: torch.Tensor, who: str,
-                 fix: str) -> None:
+def _check_sites(model: nn.Module, sites: Sequence[PreActivation], images: torch.Tensor, who: str, fix: str) -> None:
     """The taps as they will run: relu(pre-activation) is the stage's output, or (after_stage) the
     pre-activation is `norm` of the stage's output; a later in-place op on it would show here."""
     layers = [site.layer for site in sites]
-    with torch.no_grad(), FeatureTap(model, layers, detach=True) as stages, \
-            PreActivationTap(model, sites, detach=True) as tap:
+    with (
+        torch.no_grad(),
+        FeatureTap(model, layers, detach=True) as stages,
+        PreActivationTap(model, sites, detach=True) as tap,
+    ):
         model(images)
     modules = resolve_modules(model, [site.norm for site in sites if site.after_stage and site.norm is not None])
     for site in sites:
@@ -364,9 +385,11 @@ def _check_sites(model: nn.Module, sites: Sequence[PreActivation], images: torch
         else:
             ok = _same(pre.clamp_min(0), out)
         if not ok:
-            raise KdError(f"{who}: the pre-activation read at '{site.layer}' of {type(model).__name__} (through "
-                          f"'{site.relu}') does not give the layer's output back (changed in place afterwards?); "
-                          f"{fix}")
+            raise KdError(
+                f"{who}: the pre-activation read at '{site.layer}' of {type(model).__name__} (through "
+                f"'{site.relu}') does not give the layer's output back (changed in place afterwards?); "
+                f"{fix}"
+            )
 
 
 def classifier_module(model: nn.Module) -> nn.Module | None:

@@ -48,12 +48,16 @@ def hf(num_classes: int, in_channels: int, input_size: int, config: dict[str, An
     check_io("hf", num_classes, in_channels, input_size)
     channels = getattr(hf_config, "num_channels", in_channels)
     if channels != in_channels:
-        raise KdError(f"the {hf_config.model_type} model takes {channels}-channel images and the data set has "
-                      f"{in_channels}; use a data set with {channels} channels")
+        raise KdError(
+            f"the {hf_config.model_type} model takes {channels}-channel images and the data set has "
+            f"{in_channels}; use a data set with {channels} channels"
+        )
     size = _fixed_size(hf_config)
     if size is not None and size != input_size:
-        raise KdError(f"the {hf_config.model_type} model takes {size}px images (its config's image_size) and the data "
-                      f"set gives {input_size}px; set dataset.image_size={size}")
+        raise KdError(
+            f"the {hf_config.model_type} model takes {size}px images (its config's image_size) and the data "
+            f"set gives {input_size}px; set dataset.image_size={size}"
+        )
     hf_config.num_labels = num_classes
     from transformers import AutoModelForImageClassification
 
@@ -62,7 +66,9 @@ def hf(num_classes: int, in_channels: int, input_size: int, config: dict[str, An
 
 def hf_from_folder(folder, num_classes: int, in_channels: int, input_size: int) -> nn.Module:
     """A save_pretrained folder loaded by transformers itself (local files only), checked against the data."""
-    hf(num_classes, in_channels, input_size, json.loads((folder / "config.json").read_text()))  # every check, before loading
+    hf(
+        num_classes, in_channels, input_size, json.loads((folder / "config.json").read_text())
+    )  # every check, before loading
     from transformers import AutoModelForImageClassification
     from transformers.utils import logging as hf_logging
 
@@ -73,8 +79,10 @@ def hf_from_folder(folder, num_classes: int, in_channels: int, input_size: int) 
     except (OSError, ValueError, RuntimeError) as error:
         raise KdError(f"transformers cannot load {folder} ({str(error).splitlines()[0][:160]})") from None
     if model.config.num_labels != num_classes:
-        raise KdError(f"{folder} classifies {model.config.num_labels} classes and the data set has {num_classes}; "
-                      "import a model fine-tuned on these classes (or fine-tune it with kd train-teacher)")
+        raise KdError(
+            f"{folder} classifies {model.config.num_labels} classes and the data set has {num_classes}; "
+            "import a model fine-tuned on these classes (or fine-tune it with kd train-teacher)"
+        )
     return _as_kd_model(model)
 
 
@@ -99,16 +107,17 @@ def _config(config: dict[str, Any]):
     try:
         return AutoConfig.for_model(model_type, **fields)
     except (ValueError, KeyError) as error:
-        raise KdError(f"transformers does not know model_type '{model_type}' ({str(error).splitlines()[0][:120]}); "
-                      "upgrade transformers or check config.json") from None
+        raise KdError(
+            f"transformers does not know model_type '{model_type}' ({str(error).splitlines()[0][:120]}); "
+            "upgrade transformers or check config.json"
+        ) from None
 
 
 def _fixed_size(hf_config) -> int | None:
     """The image side a model with position embeddings over a fixed patch grid needs (ViT-like)."""
     if not hasattr(hf_config, "patch_size") or not hasattr(hf_config, "image_size"):
         return None
-    if "vit" not in hf_config.model_type and "deit" not in hf_config.model_type \
-            and "beit" not in hf_config.model_type:
+    if "vit" not in hf_config.model_type and "deit" not in hf_config.model_type and "beit" not in hf_config.model_type:
         return None
     size = hf_config.image_size
     return int(size[0] if isinstance(size, (list, tuple)) else size)

@@ -31,8 +31,11 @@ class Form:
     std: tuple[float, ...]
 
     def same_as(self, other: Form) -> bool:
-        return (self.channels, self.size) == (other.channels, other.size) and _close(self.mean, other.mean, self.channels) \
+        return (
+            (self.channels, self.size) == (other.channels, other.size)
+            and _close(self.mean, other.mean, self.channels)
             and _close(self.std, other.std, self.channels)
+        )
 
     def describe(self) -> str:
         return f"{self.channels}x{self.size}x{self.size}, mean {list(self.mean)}, std {list(self.std)}"

@@ -79,8 +79,9 @@ class MobileNetV2(nn.Module):
 
 
 @register_model("mobilenetv2")
-def mobilenetv2(num_classes: int, in_channels: int, input_size: int,
-                width_mult: WidthMult = 0.5, expansion: PositiveInt = 6) -> nn.Module:
+def mobilenetv2(
+    num_classes: int, in_channels: int, input_size: int, width_mult: WidthMult = 0.5, expansion: PositiveInt = 6
+) -> nn.Module:
     """RepDistiller's `mobile_half` at the default width_mult=0.5; width_mult=1.0 is the full net."""
     check_io("mobilenetv2", num_classes, in_channels, input_size)
     model = MobileNetV2(num_classes, in_channels, float(width_mult), expansion)

@@ -39,9 +39,7 @@ def check_model_options(arch: str, kwargs: Mapping[str, Any], path: str = "") ->
     MODELS.check(arch, kwargs, fixed=FIXED, path=path)
 
 
-def create_model(
-    name: str, num_classes: int, in_channels: int = 3, input_size: int = 32, **options: Any
-) -> nn.Module:
+def create_model(name: str, num_classes: int, in_channels: int = 3, input_size: int = 32, **options: Any) -> nn.Module:
     """The registered model `name` for `num_classes` classes of `in_channels` x `input_size`² images, its
     `options` checked against the builder's signature (a one-line KdError names a wrong one). The model
     records its input shape and class count (`kd_input_shape`, `kd_num_classes`) for the dry runs that

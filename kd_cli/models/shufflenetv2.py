@@ -41,8 +41,9 @@ class BasicUnit(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         half = channels // 2
-        self.branch = nn.Sequential(*pointwise_bn_relu(half, half), *depthwise_bn(half, 1),
-                                    *pointwise_bn_relu(half, half))
+        self.branch = nn.Sequential(
+            *pointwise_bn_relu(half, half), *depthwise_bn(half, 1), *pointwise_bn_relu(half, half)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kept, transformed = x.chunk(2, dim=1)
@@ -54,8 +55,9 @@ class DownUnit(nn.Module):
         super().__init__()
         mid = out_planes // 2
         self.left = nn.Sequential(*depthwise_bn(in_planes, 2), *pointwise_bn_relu(in_planes, mid))
-        self.right = nn.Sequential(*pointwise_bn_relu(in_planes, mid), *depthwise_bn(mid, 2),
-                                   *pointwise_bn_relu(mid, mid))
+        self.right = nn.Sequential(
+            *pointwise_bn_relu(in_planes, mid), *depthwise_bn(mid, 2), *pointwise_bn_relu(mid, mid)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return channel_shuffle(torch.cat([self.left(x), self.right(x)], 1), 2)
@@ -82,8 +84,12 @@ class ShuffleNetV2(nn.Module):
 
 # typing allows no float Literal (hence the ignore), but kd's registry checks net_size against this one
 @register_model("shufflenetv2")
-def shufflenetv2(num_classes: int, in_channels: int, input_size: int,
-                 net_size: Literal[0.5, 1.0, 1.5, 2.0] = 1.0) -> nn.Module:  # type: ignore[valid-type]
+def shufflenetv2(
+    num_classes: int,
+    in_channels: int,
+    input_size: int,
+    net_size: Literal[0.5, 1.0, 1.5, 2.0] = 1.0,  # type: ignore[valid-type]
+) -> nn.Module:
     """RepDistiller's ShuffleV2 at the default net_size=1.0; net_size in 0.5, 1.0, 1.5, 2.0 (SIZES)."""
     check_io("shufflenetv2", num_classes, in_channels, input_size)
     model = ShuffleNetV2(num_classes, in_channels, float(net_size))

@@ -22,9 +22,7 @@ class MLP(nn.Module):
         super().__init__()
         self.flatten = nn.Flatten()
         widths = [in_features, *hidden]
-        self.hidden = nn.ModuleList(
-            nn.Sequential(nn.Linear(a, b), nn.ReLU()) for a, b in zip(widths[:-1], widths[1:])
-        )
+        self.hidden = nn.ModuleList(nn.Sequential(nn.Linear(a, b), nn.ReLU()) for a, b in zip(widths[:-1], widths[1:]))
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(widths[-1], num_classes)
 
@@ -36,8 +34,13 @@ class MLP(nn.Module):
 
 
 @register_model("mlp")
-def mlp(num_classes: int, in_channels: int, input_size: int,
-        hidden: Sequence[PositiveInt] = (32,), dropout: DropoutRate = 0.0) -> nn.Module:
+def mlp(
+    num_classes: int,
+    in_channels: int,
+    input_size: int,
+    hidden: Sequence[PositiveInt] = (32,),
+    dropout: DropoutRate = 0.0,
+) -> nn.Module:
     """`hidden`: the widths of the hidden layers, e.g. [256, 128] ([] is a linear classifier)."""
     check_io("mlp", num_classes, in_channels, input_size)
     hidden = list(hidden)
@@ -68,8 +71,14 @@ class SmallCNN(nn.Module):
 
 
 @register_model("cnn")
-def cnn(num_classes: int, in_channels: int, input_size: int,
-        width: PositiveInt = 32, depth: PositiveInt = 2, dropout: DropoutRate = 0.0) -> nn.Module:
+def cnn(
+    num_classes: int,
+    in_channels: int,
+    input_size: int,
+    width: PositiveInt = 32,
+    depth: PositiveInt = 2,
+    dropout: DropoutRate = 0.0,
+) -> nn.Module:
     # each stage after the first halves the resolution: depth stages need 2**(depth-1) pixels
     min_size = 2 ** (depth - 1)
     if input_size < min_size:

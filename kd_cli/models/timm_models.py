@@ -56,8 +56,15 @@ def resolve(name: str) -> Callable[..., nn.Module]:
 
 @functools.cache
 def _builder(name: str) -> Callable[..., nn.Module]:
-    def build(num_classes: int, in_channels: int, input_size: int, pretrained: bool = False,
-              weights: str | None = None, drop_rate: DropoutRate = 0.0, drop_path_rate: DropoutRate = 0.0) -> nn.Module:
+    def build(
+        num_classes: int,
+        in_channels: int,
+        input_size: int,
+        pretrained: bool = False,
+        weights: str | None = None,
+        drop_rate: DropoutRate = 0.0,
+        drop_path_rate: DropoutRate = 0.0,
+    ) -> nn.Module:
         return build_timm(name, num_classes, in_channels, input_size, pretrained, weights, drop_rate, drop_path_rate)
 
     build.__name__ = build.__qualname__ = PREFIX + name
@@ -73,8 +80,16 @@ def _validate(pretrained: bool = False, weights: str | None = None, **_: object)
         raise KdError("give pretrained=true or weights=PATH, not both (weights=PATH is the local file to load)")
 
 
-def build_timm(name: str, num_classes: int, in_channels: int, input_size: int, pretrained: bool,
-               weights: str | None, drop_rate: float, drop_path_rate: float) -> nn.Module:
+def build_timm(
+    name: str,
+    num_classes: int,
+    in_channels: int,
+    input_size: int,
+    pretrained: bool,
+    weights: str | None,
+    drop_rate: float,
+    drop_path_rate: float,
+) -> nn.Module:
     timm = import_timm()
     check_io(PREFIX + name, num_classes, in_channels, input_size)
     options = dict(num_classes=num_classes, in_chans=in_channels, drop_rate=drop_rate)
@@ -94,8 +109,11 @@ def pretrained_form(timm, model: nn.Module) -> dict:
     """timm's `resolve_data_config` for the model's pretrained config: the size and statistics its
     weights expect."""
     config = timm.data.resolve_data_config({}, model=model)
-    return {"mean": [float(v) for v in config["mean"]], "std": [float(v) for v in config["std"]],
-            "input_size": int(config["input_size"][-1])}
+    return {
+        "mean": [float(v) for v in config["mean"]],
+        "std": [float(v) for v in config["std"]],
+        "input_size": int(config["input_size"][-1]),
+    }
 
 
 def _takes_img_size(timm, name: str) -> bool:
@@ -116,15 +134,18 @@ def _create(timm, name: str, pretrained: bool, options: dict) -> nn.Module:
         if not _reachable(HUB_HOST):
             raise KdError(
                 f"no pretrained weights for timm/{name} in the local cache and no network to fetch them: "
-                f"on a machine with internet run python -c \"import timm; "
+                f'on a machine with internet run python -c "import timm; '
                 f"timm.create_model('{name}', pretrained=True)\" and copy ~/.cache/huggingface here, or pass "
-                f"weights=PATH to a local file") from None
+                f"weights=PATH to a local file"
+            ) from None
     try:
         with _hub_quiet():
             return timm.create_model(name, pretrained=True, **options)
     except Exception as error:  # noqa: BLE001
-        raise KdError(f"could not download the pretrained weights of timm/{name} ({_brief(error)}); pass "
-                      "weights=PATH to a local file, or retry") from None
+        raise KdError(
+            f"could not download the pretrained weights of timm/{name} ({_brief(error)}); pass "
+            "weights=PATH to a local file, or retry"
+        ) from None
 
 
 HUB_HOST = "huggingface.co"

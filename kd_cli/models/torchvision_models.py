@@ -32,39 +32,52 @@ IMAGENET_CLASSES = 1000
 class Spec:
     """Where a torchvision family keeps the parts the adaptation touches (dotted module names)."""
 
-    stem: str                   # the first conv
-    maxpool: str | None         # the stem max-pool, if any
-    stages: tuple[str, ...]     # the last module at each resolution (/4, /8, /16, /32)
-    classifier: str             # the final Linear
-    pool: str | None = None     # a pooling module followed by torch.flatten in forward: made to flatten itself
+    stem: str  # the first conv
+    maxpool: str | None  # the stem max-pool, if any
+    stages: tuple[str, ...]  # the last module at each resolution (/4, /8, /16, /32)
+    classifier: str  # the final Linear
+    pool: str | None = None  # a pooling module followed by torch.flatten in forward: made to flatten itself
     embedding: str | None = None  # set when the embedding needs no new module (already a Flatten)
-    head: str | None = None     # a classifier fed by a functional pool: an identity is put in front of it
+    head: str | None = None  # a classifier fed by a functional pool: an identity is put in front of it
     min_adapted_input: int = 1  # smallest input the small-input layout accepts
 
 
 RESNET = Spec("conv1", "maxpool", ("layer1", "layer2", "layer3", "layer4"), "fc", pool="avgpool")
-EFFICIENTNET = Spec("features.0.0", None, ("features.2", "features.3", "features.5", "features.8"),
-                    "classifier.1", pool="avgpool")
+EFFICIENTNET = Spec(
+    "features.0.0", None, ("features.2", "features.3", "features.5", "features.8"), "classifier.1", pool="avgpool"
+)
 SPECS: dict[str, Spec] = {
     "resnet18": RESNET,
     "resnet34": RESNET,
     "resnet50": RESNET,
     "resnext50_32x4d": RESNET,
     "wide_resnet50_2": RESNET,
-    "mobilenet_v2": Spec("features.0.0", None, ("features.3", "features.6", "features.13", "features.18"),
-                         "classifier.1", head="classifier"),
-    "mobilenet_v3_small": Spec("features.0.0", None, ("features.1", "features.3", "features.8", "features.12"),
-                               "classifier.3", pool="avgpool"),
-    "mobilenet_v3_large": Spec("features.0.0", None, ("features.3", "features.6", "features.12", "features.16"),
-                               "classifier.3", pool="avgpool"),
+    "mobilenet_v2": Spec(
+        "features.0.0",
+        None,
+        ("features.3", "features.6", "features.13", "features.18"),
+        "classifier.1",
+        head="classifier",
+    ),
+    "mobilenet_v3_small": Spec(
+        "features.0.0", None, ("features.1", "features.3", "features.8", "features.12"), "classifier.3", pool="avgpool"
+    ),
+    "mobilenet_v3_large": Spec(
+        "features.0.0", None, ("features.3", "features.6", "features.12", "features.16"), "classifier.3", pool="avgpool"
+    ),
     "efficientnet_b0": EFFICIENTNET,
     "efficientnet_b1": EFFICIENTNET,
-    "regnet_y_400mf": Spec("stem.0", None, tuple(f"trunk_output.block{i}" for i in range(1, 5)), "fc",
-                           pool="avgpool"),
+    "regnet_y_400mf": Spec("stem.0", None, tuple(f"trunk_output.block{i}" for i in range(1, 5)), "fc", pool="avgpool"),
     "shufflenet_v2_x1_0": Spec("conv1.0", "maxpool", ("stage2", "stage3", "conv5"), "fc", head="fc"),
     # ConvNeXt down-samples by 2x2 stride-2 convs between its four stages: 8 px leave 1 px at the end
-    "convnext_tiny": Spec("features.0.0", None, ("features.1", "features.3", "features.5", "features.7"),
-                          "classifier.2", embedding="classifier.1", min_adapted_input=8),
+    "convnext_tiny": Spec(
+        "features.0.0",
+        None,
+        ("features.1", "features.3", "features.5", "features.7"),
+        "classifier.2",
+        embedding="classifier.1",
+        min_adapted_input=8,
+    ),
 }
 
 
@@ -95,8 +108,9 @@ def adapt_stem(model: nn.Module, spec: Spec, in_channels: int, small: bool, pret
             replace_module(model, spec.maxpool, nn.Identity())
     elif in_channels != old.in_channels:
         # torch types a conv's geometry as tuple[int, ...]: a Conv2d's holds two ints (padding may be a str)
-        size, stride, padding = cast("tuple[tuple[int, int], tuple[int, int], str | tuple[int, int]]",
-                                     (old.kernel_size, old.stride, old.padding))
+        size, stride, padding = cast(
+            "tuple[tuple[int, int], tuple[int, int], str | tuple[int, int]]", (old.kernel_size, old.stride, old.padding)
+        )
         new = nn.Conv2d(in_channels, old.out_channels, size, stride, padding, bias=old.bias is not None)
         if pretrained:
             # a grey image (same value in every channel) gets the same response as from the RGB filters
@@ -121,8 +135,9 @@ def add_embedding_module(model: nn.Module, spec: Spec) -> str:
     return spec.embedding
 
 
-def build_torchvision(arch: str, num_classes: int, in_channels: int, input_size: int, pretrained: bool,
-                      weights: str | None = None) -> nn.Module:
+def build_torchvision(
+    arch: str, num_classes: int, in_channels: int, input_size: int, pretrained: bool, weights: str | None = None
+) -> nn.Module:
     spec = SPECS[arch]
     small = input_size < SMALL_INPUT
     check_io(arch, num_classes, in_channels, input_size, min_size=spec.min_adapted_input if small else 1)
@@ -141,13 +156,16 @@ def build_torchvision(arch: str, num_classes: int, in_channels: int, input_size:
 
 
 def _builder(arch: str) -> Callable[..., nn.Module]:
-    def build(num_classes: int, in_channels: int, input_size: int, pretrained: bool = False,
-              weights: str | None = None) -> nn.Module:
+    def build(
+        num_classes: int, in_channels: int, input_size: int, pretrained: bool = False, weights: str | None = None
+    ) -> nn.Module:
         return build_torchvision(arch, num_classes, in_channels, input_size, pretrained, weights)
 
     build.__name__ = build.__qualname__ = arch
-    build.__doc__ = (f"torchvision {arch}; pretrained=true loads its ImageNet weights (downloads once), "
-                     "weights=PATH a local file (torchvision's layout: a state dict, nested or prefixed too).")
+    build.__doc__ = (
+        f"torchvision {arch}; pretrained=true loads its ImageNet weights (downloads once), "
+        "weights=PATH a local file (torchvision's layout: a state dict, nested or prefixed too)."
+    )
     return build
 
 

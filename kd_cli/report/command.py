@@ -46,21 +46,42 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="kd report", description=DESCRIPTION, epilog=EPILOG, allow_abbrev=False,
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="+", metavar="PATH",
-                        help="run directories, sweep folders or an outputs folder (searched recursively)")
-    parser.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
-                        help="keep runs whose override, config group choice, saved config value or summary.json value "
-                             "KEY equals VALUE, e.g. method=kd, method.name=kd, status=complete, status=stale "
-                             "(repeat: all must hold)")
-    parser.add_argument("--sort", metavar="COLUMN",
-                        help="sort rows by a column: a varying key, best_top1, last_top1, n, teacher_top1, params, "
-                             "wall_time_s or status; --sort=-COLUMN for descending")
+    parser = Parser(
+        prog="kd report",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="run directories, sweep folders or an outputs folder (searched recursively)",
+    )
+    parser.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keep runs whose override, config group choice, saved config value or summary.json value "
+        "KEY equals VALUE, e.g. method=kd, method.name=kd, status=complete, status=stale "
+        "(repeat: all must hold)",
+    )
+    parser.add_argument(
+        "--sort",
+        metavar="COLUMN",
+        help="sort rows by a column: a varying key, best_top1, last_top1, n, teacher_top1, params, "
+        "wall_time_s or status; --sort=-COLUMN for descending",
+    )
     parser.add_argument("--csv", type=Path, metavar="FILE", help="also write the table as CSV (mean and std apart)")
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table as Markdown")
-    parser.add_argument("--plot", type=Path, metavar="DIR",
-                        help="write PNGs: the metric against each swept numeric key, and training curves")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        metavar="DIR",
+        help="write PNGs: the metric against each swept numeric key, and training curves",
+    )
     parser.add_argument("--metric", choices=METRICS, default="best_top1", help="the metric plotted (default best_top1)")
     return parser
 
@@ -72,8 +93,14 @@ def main(argv: list[str]) -> int:
     runs = filter_runs(runs, conditions)
     counted = sum(all(run.value(key) == value for key, value in conditions) for run in reproductions)
     report = build_report(runs, args.sort)
-    extra = [f"{counted} run(s) made by `kd reproduce` not counted (they repeat a run); "
-             f"pass their reproduce/ folder to see them"] if counted else []
+    extra = (
+        [
+            f"{counted} run(s) made by `kd reproduce` not counted (they repeat a run); "
+            f"pass their reproduce/ folder to see them"
+        ]
+        if counted
+        else []
+    )
     # Left out, with a warning each; listed here too, so the table never looks complete when it is not.
     extra += [f"{left.status}, left out: {display_path(left.path)}  ({left.error})" for left in skipped]
     print_report(report, extra)

@@ -123,13 +123,14 @@ def find_run_dirs(given: str) -> list[Path]:
 
 
 def no_runs_error(paths: list[str]) -> KdError:
-    return KdError(f"no kd runs under {', '.join(paths)} (a run directory holds .hydra/overrides.yaml or "
-                   f"summary.json)")
+    return KdError(f"no kd runs under {', '.join(paths)} (a run directory holds .hydra/overrides.yaml or summary.json)")
 
 
 def all_skipped_error(paths: list[str], count: int) -> KdError:
-    return KdError(f"no readable kd run under {', '.join(paths)}: each of the {count} run directories has an "
-                   f"unreadable or broken file (named in the warnings above); fix or move those files")
+    return KdError(
+        f"no readable kd run under {', '.join(paths)}: each of the {count} run directories has an "
+        f"unreadable or broken file (named in the warnings above); fix or move those files"
+    )
 
 
 def load_or_skip(path: Path) -> Run | Skipped:
@@ -195,7 +196,9 @@ def hydra_choices(path: Path) -> dict[str, Any]:
     runtime = node.get("runtime") if isinstance(node, dict) else None
     choices = runtime.get("choices") if isinstance(runtime, dict) else None
     if not isinstance(choices, dict):
-        raise BrokenFile(path / HYDRA, str(HYDRA), "is not Hydra's record of the run (no hydra.runtime.choices mapping)")
+        raise BrokenFile(
+            path / HYDRA, str(HYDRA), "is not Hydra's record of the run (no hydra.runtime.choices mapping)"
+        )
     return choices
 
 
@@ -246,13 +249,15 @@ def read_text(run_dir: Path, name: str | Path) -> str | None:
     except FileNotFoundError:
         return None
     except OSError as error:
-        raise BrokenFile(path, str(name), f"cannot be read ({_reason(error)})",
-                         unreadable=isinstance(error, PermissionError)) from None
+        raise BrokenFile(
+            path, str(name), f"cannot be read ({_reason(error)})", unreadable=isinstance(error, PermissionError)
+        ) from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise BrokenFile(path, str(name), f"is not text (byte {data[error.start]:#04x} at offset {error.start}): "
-                                          f"binary or corrupt") from None
+        raise BrokenFile(
+            path, str(name), f"is not text (byte {data[error.start]:#04x} at offset {error.start}): binary or corrupt"
+        ) from None
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -272,6 +277,7 @@ def read_json(run_dir: Path, name: str | Path) -> dict[str, Any] | None:
 
 def strict_json(text: str) -> Any:
     """JSON as kd writes it: a bare NaN or Infinity (which Python's json accepts) means a damaged file."""
+
     def refuse(constant: str) -> Any:
         raise ValueError(f"{constant} is not JSON (kd writes null for a missing number)")
 

@@ -71,13 +71,22 @@ def plot_curves(report: Report, column: str, directory: Path) -> Path | None:
     for index, row in enumerate(report.rows):
         label = ", ".join(f"{key}={row.values[key]}" for key in report.keys) or None
         for run in row.runs:
-            points = [(r["epoch"], r[column]) for r in run.metrics  # read (and checked) with the run
-                      if isinstance(r.get("epoch"), float) and isinstance(r.get(column), float)]
+            points = [
+                (r["epoch"], r[column])
+                for r in run.metrics  # read (and checked) with the run
+                if isinstance(r.get("epoch"), float) and isinstance(r.get(column), float)
+            ]
             if not points:
                 continue
             xs, ys = zip(*points)
-            ax.plot(xs, ys, color=f"C{index % 10}", linestyle="-" if run.status == COMPLETE else "--",
-                    marker="." if len(xs) < 30 else None, label=label)
+            ax.plot(
+                xs,
+                ys,
+                color=f"C{index % 10}",
+                linestyle="-" if run.status == COMPLETE else "--",
+                marker="." if len(xs) < 30 else None,
+                label=label,
+            )
             label, drawn = None, True  # one legend entry per setting
     if not drawn:
         plt.close(fig)

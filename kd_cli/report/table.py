@@ -31,8 +31,15 @@ METRICS = ("best_top1", "last_top1")
 # Evaluate runs have one accuracy (`top1`): it stands for both best and last.
 METRIC_FALLBACK = {"best_top1": "top1", "last_top1": "top1"}
 SUMMARY_COLUMNS = ("best_top1", "last_top1", "n", "teacher_top1", "params", "wall_time_s", "status")
-HEADERS = {"best_top1": "best top-1 %", "last_top1": "last top-1 %", "n": "n", "teacher_top1": "teacher top-1 %",
-           "params": "params", "wall_time_s": "wall time", "status": "status"}
+HEADERS = {
+    "best_top1": "best top-1 %",
+    "last_top1": "last top-1 %",
+    "n": "n",
+    "teacher_top1": "teacher top-1 %",
+    "params": "params",
+    "wall_time_s": "wall time",
+    "status": "status",
+}
 MISSING = "—"
 
 
@@ -195,8 +202,13 @@ def record(report: Report, row: Row) -> dict[str, Any]:
     for metric in METRICS:
         stat = row.stat(metric)
         fields[metric], fields[f"{metric}_std"] = stat.mean, stat.std
-    fields.update(n=len(row.complete), teacher_top1=row.mean_of("teacher_top1"), params=row.params,
-                  wall_time_s=row.mean_of("wall_time_s"), status=row.status)
+    fields.update(
+        n=len(row.complete),
+        teacher_top1=row.mean_of("teacher_top1"),
+        params=row.params,
+        wall_time_s=row.mean_of("wall_time_s"),
+        status=row.status,
+    )
     return fields
 
 
@@ -212,8 +224,10 @@ def format_duration(seconds: float) -> str:
 
 def notes(report: Report) -> list[str]:
     """Lines under the table: what is fixed, how numbers are aggregated, which runs did not complete."""
-    lines = [f"{_count(len(report.runs), 'run')} in {_count(len(report.rows), 'setting')}; top-1 is mean ± std "
-             f"over seeds of complete runs only (n = how many)"]
+    lines = [
+        f"{_count(len(report.runs), 'run')} in {_count(len(report.rows), 'setting')}; top-1 is mean ± std "
+        f"over seeds of complete runs only (n = how many)"
+    ]
     if report.fixed:
         lines.append("same in every row: " + ", ".join(f"{k}={v}" for k, v in report.fixed.items()))
     for run in report.runs:
@@ -221,8 +235,10 @@ def notes(report: Report) -> list[str]:
             detail = run.summary.get("error")
             if run.status == STALE:
                 where = display_path(run.path)
-                detail = (f"killed: its summary says running but no process holds it; continue it with "
-                          f"kd {run.stage or 'STAGE'} resume={where}")
+                detail = (
+                    f"killed: its summary says running but no process holds it; continue it with "
+                    f"kd {run.stage or 'STAGE'} resume={where}"
+                )
             lines.append(f"{run.status}: {display_path(run.path)}" + (f"  ({detail})" if detail else ""))
     return lines
 
@@ -234,8 +250,13 @@ def _count(number: int, noun: str) -> str:
 def print_report(report: Report, extra_notes: list[str]) -> None:
     columns = [(HEADERS.get(c, c), "left" if c in report.keys or c == "status" else "right") for c in report.columns]
     # Not a terminal (a pipe, a file): wide enough that "mean ± std" cells never wrap.
-    print_table("kd report", columns, [display_cells(report, row) for row in report.rows],
-                notes=[*notes(report), *extra_notes], width=None if sys.stdout.isatty() else 200)
+    print_table(
+        "kd report",
+        columns,
+        [display_cells(report, row) for row in report.rows],
+        notes=[*notes(report), *extra_notes],
+        width=None if sys.stdout.isatty() else 200,
+    )
 
 
 def write_csv(report: Report, path: Path) -> None:

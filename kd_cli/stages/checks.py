@@ -52,8 +52,12 @@ def check_plain_values(cfg: DictConfig) -> None:
     if "optim" in cfg and "method" in cfg:
         check_optim(cfg.optim, cfg.trainer.epochs)
     if cfg.get("teacher_cache") is not None:
-        check_number("teacher_cache.max_gb", cfg.teacher_cache.max_gb, Range(0, low_open=True),
-                     hint="the cache's size bound in GiB")
+        check_number(
+            "teacher_cache.max_gb",
+            cfg.teacher_cache.max_gb,
+            Range(0, low_open=True),
+            hint="the cache's size bound in GiB",
+        )
         if not str(cfg.teacher_cache.dir).strip():
             raise KdError("teacher_cache.dir is empty; give a folder, or teacher_cache.enabled=false")
 
@@ -87,12 +91,16 @@ def check_stage_options(cfg: DictConfig) -> None:
             check_number("latency_batch_sizes", size, Range(1), hint="each batch size")
     student = cfg.get("student")
     if student is not None and student.get("checkpoint") is not None:
-        raise KdError(f"student.checkpoint={student.checkpoint} is not used: the student is trained from scratch "
-                      f"(remove it; teacher.checkpoint names the teacher)")
+        raise KdError(
+            f"student.checkpoint={student.checkpoint} is not used: the student is trained from scratch "
+            f"(remove it; teacher.checkpoint names the teacher)"
+        )
     teacher = cfg.get("teacher")
     if cfg.stage == "train-teacher" and teacher is not None and teacher.get("checkpoint") not in (None, "auto"):
-        raise KdError(f"train-teacher trains its teacher from scratch, so teacher.checkpoint={teacher.checkpoint} "
-                      f"would be ignored; remove it (it names the teacher of kd distill)")
+        raise KdError(
+            f"train-teacher trains its teacher from scratch, so teacher.checkpoint={teacher.checkpoint} "
+            f"would be ignored; remove it (it names the teacher of kd distill)"
+        )
 
 
 def check_trainer(trainer: DictConfig) -> None:
@@ -102,8 +110,12 @@ def check_trainer(trainer: DictConfig) -> None:
     if trainer.max_steps_per_epoch is not None:
         check_number("trainer.max_steps_per_epoch", trainer.max_steps_per_epoch, Range(1))
     if trainer.grad_clip is not None:
-        check_number("trainer.grad_clip", trainer.grad_clip, Range(0, low_open=True),
-                     hint="the largest gradient norm, or null for no clipping")
+        check_number(
+            "trainer.grad_clip",
+            trainer.grad_clip,
+            Range(0, low_open=True),
+            hint="the largest gradient norm, or null for no clipping",
+        )
     if trainer.progress not in PROGRESS:
         raise KdError(f"trainer.progress={trainer.progress} is not one of {', '.join(PROGRESS)}")
     if str(trainer.channels_last).lower() not in ("auto", "true", "false"):

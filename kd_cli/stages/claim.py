@@ -33,8 +33,17 @@ from kd_cli.overrides import canonical, flatten, override_map
 # Keys that say how to run, not what: never part of the comparison.
 HOW_TO_RUN = ("resume", "resume_extend")
 # Changing these on resume leaves the run the same experiment (where it runs, how it reports).
-FREE_ON_RESUME = ("trainer.progress", "trainer.device", "trainer.num_workers", "trainer.eval_batch_size",
-                  "paths.data", "dataset.root", "dataset.download", "logger", "teacher_cache")
+FREE_ON_RESUME = (
+    "trainer.progress",
+    "trainer.device",
+    "trainer.num_workers",
+    "trainer.eval_batch_size",
+    "paths.data",
+    "dataset.root",
+    "dataset.download",
+    "logger",
+    "teacher_cache",
+)
 # These train the same run further; allowed with resume_extend=true.
 EXTEND_ON_RESUME = ("trainer.epochs", "trainer.eval_every")
 
@@ -48,8 +57,9 @@ class Claim:
     finished: bool = False  # a complete job of a resumed sweep: nothing to do
 
 
-def claim_run_dir(path: Path, resume: str | None, extend: bool, overrides: list[str], in_sweep: bool,
-                  resumable: bool = True) -> Claim:
+def claim_run_dir(
+    path: Path, resume: str | None, extend: bool, overrides: list[str], in_sweep: bool, resumable: bool = True
+) -> Claim:
     """Lock `path` and decide whether this process may write it (else a one-line KdError).
     `resumable`: the stage can continue a run (`resume=`), which the messages then suggest."""
     then = f", or stop it and continue with resume={path}" if resumable else ""
@@ -61,8 +71,15 @@ def claim_run_dir(path: Path, resume: str | None, extend: bool, overrides: list[
         raise
 
 
-def _claim(path: Path, lock: DirectoryLock, resume: str | None, extend: bool, overrides: list[str],
-           in_sweep: bool, resumable: bool) -> Claim:
+def _claim(
+    path: Path,
+    lock: DirectoryLock,
+    resume: str | None,
+    extend: bool,
+    overrides: list[str],
+    in_sweep: bool,
+    resumable: bool,
+) -> Claim:
     _check_place(path, in_sweep)
     if not holds_run(path) or _refused_before_start(path):
         return Claim(lock)
@@ -110,11 +127,16 @@ def resume_changes(path: Path, overrides: list[str], extend: bool, given_as: str
         after = now.get(key, ran_with.get(key))
         if canonical(before) != canonical(after):
             changes.append((key, before, after))
-    refused = [c for c in changes if not _among(c[0], FREE_ON_RESUME) and not (extend and _among(c[0], EXTEND_ON_RESUME))]
+    refused = [
+        c for c in changes if not _among(c[0], FREE_ON_RESUME) and not (extend and _among(c[0], EXTEND_ON_RESUME))
+    ]
     if refused:
         listed = ", ".join(f"{key}={after} (the run has {before})" for key, before, after in refused)
-        hint = ("; to train it longer, add resume_extend=true" if all(_among(k, EXTEND_ON_RESUME) for k, _, _ in refused)
-                else "; a resumed run keeps its own settings: drop these overrides, or start a new run")
+        hint = (
+            "; to train it longer, add resume_extend=true"
+            if all(_among(k, EXTEND_ON_RESUME) for k, _, _ in refused)
+            else "; a resumed run keeps its own settings: drop these overrides, or start a new run"
+        )
         raise KdError(f"resume={given_as} would change what the run is: {listed}{hint}")
     if extend:
         _check_epochs(path, now.get("trainer.epochs"))

@@ -72,8 +72,9 @@ def guarded(stage_main: Callable[[DictConfig, RunDir], Any], cfg: DictConfig) ->
         return stage_main(cfg, run)
     except KeyboardInterrupt as interrupt:
         with signals_held():  # a second Ctrl-C must not cut the record short
-            if run is not None and run.record_stop(INTERRUPTED, f"interrupted; continue with resume={path}",
-                                                   time.time() - started):
+            if run is not None and run.record_stop(
+                INTERRUPTED, f"interrupted; continue with resume={path}", time.time() - started
+            ):
                 INTERRUPTED_RUNS.append(str(path))
         hand_over(interrupt)
         raise
@@ -94,8 +95,14 @@ def _claim(cfg: DictConfig, path: Path) -> Claim:
     if int(os.environ.get("RANK", "0")) != 0:  # other ranks write a scratch directory of their own
         return Claim(NoLock())  # type: ignore[arg-type]
     overrides = list(HydraConfig.get().overrides.task)
-    return claim_run_dir(path, cfg.get("resume"), bool(cfg.get("resume_extend", False)), overrides, in_multirun(),
-                         resumable="resume" in cfg)
+    return claim_run_dir(
+        path,
+        cfg.get("resume"),
+        bool(cfg.get("resume_extend", False)),
+        overrides,
+        in_multirun(),
+        resumable="resume" in cfg,
+    )
 
 
 class NoLock:
@@ -106,8 +113,9 @@ class NoLock:
         pass
 
 
-def _hand_over(error: Exception, path: Path, run: RunDir | None, claim: Claim | None, seconds: float,
-               cfg: DictConfig) -> None:
+def _hand_over(
+    error: Exception, path: Path, run: RunDir | None, claim: Claim | None, seconds: float, cfg: DictConfig
+) -> None:
     if run is not None and run.started:
         run.record_stop(FAILED, one_line(error), seconds)
     elif in_multirun() and claim is not None and not claim.resuming:
@@ -208,8 +216,11 @@ def start_run(cfg: DictConfig, run: RunDir, setup: Setup | None, **env: Any) -> 
 
 
 def _resolved_hardware_settings(cfg: DictConfig, setup: Setup) -> dict[str, Any]:
-    settings: dict[str, Any] = {"device": str(setup.device), "precision": _name(setup.dtype),
-                                "eval_precision": _name(setup.eval_dtype)}
+    settings: dict[str, Any] = {
+        "device": str(setup.device),
+        "precision": _name(setup.dtype),
+        "eval_precision": _name(setup.eval_dtype),
+    }
     if "trainer" in cfg and "channels_last" in cfg.trainer:
         settings["channels_last"] = use_channels_last(cfg.trainer.channels_last, setup.device, setup.dtype)
     return settings
@@ -227,8 +238,10 @@ def _earlier_environments(run: RunDir, fingerprint: str | None) -> list[dict[str
         return []
     known = before.get("data_fingerprint")
     if fingerprint and known and fingerprint != known:
-        raise KdError(f"the data differ from those {run.path} started with (data fingerprint {fingerprint}, "
-                      f"was {known}); a resumed run must see the same data: restore them, or start a new run")
+        raise KdError(
+            f"the data differ from those {run.path} started with (data fingerprint {fingerprint}, "
+            f"was {known}); a resumed run must see the same data: restore them, or start a new run"
+        )
     earlier = before.pop("earlier", [])
     return [*earlier, before]
 
@@ -242,15 +255,25 @@ def _check_same_config(run: RunDir, cfg: DictConfig) -> None:
 
     before = flatten(read_saved(run.path / CONFIG) or {})
     now = flatten(OmegaConf.to_container(cfg, resolve=True))
-    accepted = {change.split("=", 1)[0] for record in run.sticky.get("resumes", [])[-1:] for change in record["changes"]}
-    ignored = lambda key: key.split(".")[0] in HOW_TO_RUN or key in accepted or any(  # noqa: E731
-        key == p or key.startswith(p + ".") for p in FREE_ON_RESUME)
-    differ = [f"{key}: {before.get(key)} -> {now.get(key)}" for key in dict.fromkeys([*before, *now])
-              if not ignored(key) and canonical(before.get(key)) != canonical(now.get(key))]
+    accepted = {
+        change.split("=", 1)[0] for record in run.sticky.get("resumes", [])[-1:] for change in record["changes"]
+    }
+
+    def ignored(key: str) -> bool:
+        free = any(key == p or key.startswith(p + ".") for p in FREE_ON_RESUME)
+        return key.split(".")[0] in HOW_TO_RUN or key in accepted or free
+
+    differ = [
+        f"{key}: {before.get(key)} -> {now.get(key)}"
+        for key in dict.fromkeys([*before, *now])
+        if not ignored(key) and canonical(before.get(key)) != canonical(now.get(key))
+    ]
     if differ:
-        raise KdError(f"{run.path}: its config resolves differently today than when it started ({'; '.join(differ[:3])}"
-                      f"{'; ...' if len(differ) > 3 else ''}): kd or a config file changed since; resume it with the "
-                      f"version that started it, or start a new run")
+        raise KdError(
+            f"{run.path}: its config resolves differently today than when it started ({'; '.join(differ[:3])}"
+            f"{'; ...' if len(differ) > 3 else ''}): kd or a config file changed since; resume it with the "
+            f"version that started it, or start a new run"
+        )
 
 
 def _write_hydra_files(path: Path, cfg: DictConfig) -> None:
@@ -259,7 +282,6 @@ def _write_hydra_files(path: Path, cfg: DictConfig) -> None:
     files = {"config.yaml": cfg, "hydra.yaml": hydra, "overrides.yaml": hydra.hydra.overrides.task}
     for name, node in files.items():
         atomic_write(path / ".hydra" / name, partial(OmegaConf.save, node))  # OmegaConf.save(node, tmp)
-
 
 
 def print_config(cfg: DictConfig) -> None:
@@ -324,21 +346,40 @@ def model_spec(model_cfg: DictConfig, data, dataset_cfg: DictConfig) -> ModelSpe
     )
 
 
-def eval_loader(cfg: DictConfig, split, spec: ModelSpec, device: torch.device, *, batch_size: int | None = None,
-                num_workers: int | None = None):
+def eval_loader(
+    cfg: DictConfig,
+    split,
+    spec: ModelSpec,
+    device: torch.device,
+    *,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+):
     """`split` in a fixed order without augmentation, normalised as `spec`'s model expects (scoring a saved
     model, calibrating int8, checking an import or an export)."""
     from kd_cli.data import make_loader
 
-    return make_loader(split, batch_size=batch_size or cfg.trainer.eval_batch_size, train=False, spec=None,
-                       mean=spec.mean, std=spec.std, device=device, seed=cfg.seed,
-                       num_workers=cfg.trainer.num_workers if num_workers is None else num_workers)
+    return make_loader(
+        split,
+        batch_size=batch_size or cfg.trainer.eval_batch_size,
+        train=False,
+        spec=None,
+        mean=spec.mean,
+        std=spec.std,
+        device=device,
+        seed=cfg.seed,
+        num_workers=cfg.trainer.num_workers if num_workers is None else num_workers,
+    )
 
 
 def count_parameters(model: nn.Module) -> int:
     """Weights and biases; int8 weights too (torch.ao packs those into buffers, not parameters)."""
-    stored = [t for v in model.state_dict().values() for t in (v if isinstance(v, tuple) else (v,))
-              if isinstance(t, torch.Tensor)]
+    stored = [
+        t
+        for v in model.state_dict().values()
+        for t in (v if isinstance(v, tuple) else (v,))
+        if isinstance(t, torch.Tensor)
+    ]
     if not any(t.is_quantized for t in stored):
         return sum(p.numel() for p in model.parameters())
     return sum(t.numel() for t in stored if t.is_quantized or isinstance(t, nn.Parameter))
@@ -351,8 +392,15 @@ def check_channels(mean: list, std: list, in_channels: int) -> None:
         )
 
 
-def check_model_fits(spec: ModelSpec, data, path: Path, role: str, normalisation: tuple | None = None,
-                     same_size: bool = False, converted: bool = False) -> None:
+def check_model_fits(
+    spec: ModelSpec,
+    data,
+    path: Path,
+    role: str,
+    normalisation: tuple | None = None,
+    same_size: bool = False,
+    converted: bool = False,
+) -> None:
     """Refuse a saved model whose outputs mean other classes than this data set's (count, names or
     order) or that takes other channels; a model that saw other image sizes is refused with
     `same_size`, else warned about, like one trained with another normalisation (`normalisation`:
@@ -361,16 +409,22 @@ def check_model_fits(spec: ModelSpec, data, path: Path, role: str, normalisation
     RGB model."""
     from kd_cli.models.input_form import can_convert
 
-    channels_fit = can_convert(data.in_channels, spec.in_channels) if converted else spec.in_channels == data.in_channels
+    channels_fit = (
+        can_convert(data.in_channels, spec.in_channels) if converted else spec.in_channels == data.in_channels
+    )
     if spec.num_classes != data.num_classes or not channels_fit:
-        raise KdError(f"{role} {path} was trained for {spec.num_classes} classes and {spec.in_channels} channel(s) "
-                      f"({spec.dataset}) but this data set has {data.num_classes} and {data.in_channels}; give a "
-                      f"{role} trained on it, or the data set it was trained on")
+        raise KdError(
+            f"{role} {path} was trained for {spec.num_classes} classes and {spec.in_channels} channel(s) "
+            f"({spec.dataset}) but this data set has {data.num_classes} and {data.in_channels}; give a "
+            f"{role} trained on it, or the data set it was trained on"
+        )
     if list(spec.class_names) != list(data.class_names):
         odd = next(((a, b) for a, b in zip(spec.class_names, data.class_names) if a != b), ("?", "?"))
-        raise KdError(f"{role} {path} was trained for other classes ({spec.dataset}: class '{odd[0]}' where this "
-                      f"data set has '{odd[1]}'); its outputs would be read as the wrong classes: give a {role} "
-                      f"trained on these classes, in this order, or the data set it was trained on")
+        raise KdError(
+            f"{role} {path} was trained for other classes ({spec.dataset}: class '{odd[0]}' where this "
+            f"data set has '{odd[1]}'); its outputs would be read as the wrong classes: give a {role} "
+            f"trained on these classes, in this order, or the data set it was trained on"
+        )
     if converted:
         return
     if spec.input_size != data.input_size:
@@ -379,8 +433,10 @@ def check_model_fits(spec: ModelSpec, data, path: Path, role: str, normalisation
             raise KdError(f"{message}; pass the data set it was trained on")
         warn(message)
     if normalisation is not None and not (_close(spec.mean, normalisation[0]) and _close(spec.std, normalisation[1])):
-        warn(f"{role} {path} was trained on images normalised with mean {spec.mean} / std {spec.std}, this run "
-             f"normalises with {list(normalisation[0])} / {list(normalisation[1])}")
+        warn(
+            f"{role} {path} was trained on images normalised with mean {spec.mean} / std {spec.std}, this run "
+            f"normalises with {list(normalisation[0])} / {list(normalisation[1])}"
+        )
 
 
 def check_pretrained_form(model: nn.Module, dataset_cfg: DictConfig, role: str) -> None:
@@ -394,9 +450,11 @@ def check_pretrained_form(model: nn.Module, dataset_cfg: DictConfig, role: str) 
     expected_mean, expected_std = form["mean"][:channels], form["std"][:channels]
     if not (_close(mean, expected_mean) and _close(std, expected_std)):
         shown = lambda values: "[" + ",".join(f"{v:.4g}" for v in values) + "]"  # noqa: E731
-        warn(f"the {role}'s pretrained weights expect images normalised with mean {shown(expected_mean)} / std "
-             f"{shown(expected_std)} (timm's data config) and this run uses {shown(mean)} / {shown(std)}: set "
-             f"dataset.mean={shown(expected_mean)} dataset.std={shown(expected_std)} unless that is intended")
+        warn(
+            f"the {role}'s pretrained weights expect images normalised with mean {shown(expected_mean)} / std "
+            f"{shown(expected_std)} (timm's data config) and this run uses {shown(mean)} / {shown(std)}: set "
+            f"dataset.mean={shown(expected_mean)} dataset.std={shown(expected_std)} unless that is intended"
+        )
 
 
 def _close(a: list, b: list) -> bool:

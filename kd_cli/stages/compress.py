@@ -74,9 +74,11 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         raise KdError(f"{weights} is already int8; compress its float model instead")
     digest = weights_digest(weights)
     if run.previous.get("model_weights_sha256") not in (None, digest):
-        raise KdError(f"{weights} holds other weights than when this run started (sha256 {digest}, was "
-                      f"{run.previous['model_weights_sha256']}); a resumed run keeps its model: restore it, or start "
-                      f"a new run")
+        raise KdError(
+            f"{weights} holds other weights than when this run started (sha256 {digest}, was "
+            f"{run.previous['model_weights_sha256']}); a resumed run keeps its model: restore it, or start "
+            f"a new run"
+        )
     run.keep(model_weights_sha256=digest)
     use_saved_dataset(cfg, weights)
     setup = setup_run(cfg)
@@ -88,9 +90,11 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     if FINETUNE in cfg.compression.steps:  # the recovery method's own checks, before anything is written
         dry_build(cfg, copy.deepcopy(original), _teacher(cfg, original), loaders, online=False)
     start_run(cfg, run, setup, **data_env(cfg, setup, loaders), model=str(weights))
-    ctx = StepContext(example=_example(spec, setup.device),
-                      calibration_data=_calibration_loader(cfg, loaders, spec, setup.device),
-                      transforms=list(spec.extra.get("transforms", [])))
+    ctx = StepContext(
+        example=_example(spec, setup.device),
+        calibration_data=_calibration_loader(cfg, loaders, spec, setup.device),
+        transforms=list(spec.extra.get("transforms", [])),
+    )
     score = _scorer(cfg, loaders, spec, setup)
     figures = dict(batch_sizes=list(cfg.latency_batch_sizes), batches=cfg.latency_batches)
     rows = [measure("original", original, spec, predict_on=score, **figures)]
@@ -141,7 +145,9 @@ def plan(compression: DictConfig) -> list[tuple[str, Step | None]]:
             steps.append((name, None))
             continue
         if name not in STEPS:
-            raise KdError(f"compression.steps: unknown step '{name}' (choose from: {', '.join([*STEPS.names(), FINETUNE])})")
+            raise KdError(
+                f"compression.steps: unknown step '{name}' (choose from: {', '.join([*STEPS.names(), FINETUNE])})"
+            )
         options = compression.get(name)
         if options is None:
             raise KdError(f"compression.steps names {name} but compression.{name} has no settings")
@@ -160,8 +166,15 @@ def use_saved_dataset(cfg: DictConfig, weights: Path) -> None:
         cfg.dataset = OmegaConf.create(saved)
 
 
-def finetune(cfg: DictConfig, run: RunDir, setup: Setup, loaders: Loaders, model: nn.Module,
-             uncompressed: nn.Module, tracker: Trackers) -> nn.Module:
+def finetune(
+    cfg: DictConfig,
+    run: RunDir,
+    setup: Setup,
+    loaders: Loaders,
+    model: nn.Module,
+    uncompressed: nn.Module,
+    tracker: Trackers,
+) -> nn.Module:
     """Recovery training in the engine's one loop; the uncompressed model teaches (cfg.method)."""
     teacher = _teacher(cfg, uncompressed)
     model = model.to(setup.device).requires_grad_(True)
@@ -199,8 +212,10 @@ def _scorer(cfg: DictConfig, loaders: Loaders, spec: ModelSpec, setup: Setup):
                 cpu_loader = eval_loader(cfg, loaders.data.test, spec, torch.device("cpu"))
             logits, labels = predict(model, cpu_loader, torch.device("cpu"), torch.float32)
         if not torch.isfinite(logits).all():
-            raise KdError("the model gives non-finite outputs (NaN or inf) on the test images at this step; "
-                          "nothing is reported for it (lower optim.lr for the recovery, or change the step's settings)")
+            raise KdError(
+                "the model gives non-finite outputs (NaN or inf) on the test images at this step; "
+                "nothing is reported for it (lower optim.lr for the recovery, or change the step's settings)"
+            )
         return logits, labels
 
     return score
@@ -213,8 +228,10 @@ def check_reload(path: Path, final: Measurement, score) -> float:
     model, _ = load_model(path, "cpu")
     reloaded = topk_accuracy(*score(model))
     if abs(reloaded - final.top1) > 1e-9:
-        raise KdError(f"the saved model scores {reloaded:.2f}% after reloading but {final.top1:.2f}% before saving; "
-                      f"this architecture does not survive this compression's save/load (please report it)")
+        raise KdError(
+            f"the saved model scores {reloaded:.2f}% after reloading but {final.top1:.2f}% before saving; "
+            f"this architecture does not survive this compression's save/load (please report it)"
+        )
     return reloaded
 
 
@@ -222,16 +239,29 @@ def summarise(cfg: DictConfig, rows: list[Measurement], reload_top1: float, star
     first, last = rows[0], rows[-1]
     ratio = lambda a, b: a / b if b else None  # noqa: E731
     return {
-        "stage": "compress", "compression": cfg.compression.get("name", "custom"), "steps": list(cfg.compression.steps),
-        "method": cfg.method.name, "dataset": cfg.dataset.name, "arch": spec.arch, "model": str(cfg.run),
+        "stage": "compress",
+        "compression": cfg.compression.get("name", "custom"),
+        "steps": list(cfg.compression.steps),
+        "method": cfg.method.name,
+        "dataset": cfg.dataset.name,
+        "arch": spec.arch,
+        "model": str(cfg.run),
         "seed": cfg.seed,
-        "original": first.row(), "compressed": last.row(), "rows": [r.row() for r in rows],
-        "params": last.params, "params_ratio": ratio(last.params, first.params),
-        "macs_ratio": ratio(last.macs, first.macs), "size_ratio": ratio(last.size_bytes, first.size_bytes),
+        "original": first.row(),
+        "compressed": last.row(),
+        "rows": [r.row() for r in rows],
+        "params": last.params,
+        "params_ratio": ratio(last.params, first.params),
+        "macs_ratio": ratio(last.macs, first.macs),
+        "size_ratio": ratio(last.size_bytes, first.size_bytes),
         **{f"speedup_b{b}": ratio(first.latency_ms[b], last.latency_ms[b]) for b in first.latency_ms},
-        "top1_original": first.top1, "last_top1": last.top1, "best_top1": last.top1,
-        "top1_drop": first.top1 - last.top1, "reload_top1": reload_top1,
-        "latency_threads": torch.get_num_threads(), "wall_time_s": time.time() - started,
+        "top1_original": first.top1,
+        "last_top1": last.top1,
+        "best_top1": last.top1,
+        "top1_drop": first.top1 - last.top1,
+        "reload_top1": reload_top1,
+        "latency_threads": torch.get_num_threads(),
+        "wall_time_s": time.time() - started,
     }
 
 
@@ -247,15 +277,38 @@ def print_measurements(cfg: DictConfig, rows: list[Measurement], spec: ModelSpec
 
     sizes = list(rows[0].latency_ms)
     headers = ["step", "params", "MACs", "size KiB", "sparsity %", *[f"CPU ms b{b}" for b in sizes], "top-1 %"]
-    cells = [[r.step, f"{r.params:,}", f"{r.macs:,}", f"{r.size_bytes / 1024:,.1f}", f"{r.sparsity:.1f}",
-              *[f"{r.latency_ms[b]:.3f}" for b in sizes], f"{r.top1:.2f}"] for r in rows]
+    cells = [
+        [
+            r.step,
+            f"{r.params:,}",
+            f"{r.macs:,}",
+            f"{r.size_bytes / 1024:,.1f}",
+            f"{r.sparsity:.1f}",
+            *[f"{r.latency_ms[b]:.3f}" for b in sizes],
+            f"{r.top1:.2f}",
+        ]
+        for r in rows
+    ]
     first, last = rows[0], rows[-1]
-    cells.append(["ratio", f"{last.params / first.params:.2f}x", f"{last.macs / max(first.macs, 1):.2f}x",
-                  f"{last.size_bytes / first.size_bytes:.2f}x", "",
-                  *[f"{first.latency_ms[b] / last.latency_ms[b]:.2f}x speed" for b in sizes],
-                  f"{last.top1 - first.top1:+.2f}"])
-    print_table(f"compress {spec.arch} on {cfg.dataset.name} ({cfg.compression.get('name', 'custom')})",
-                [(h, "left" if h == "step" else "right") for h in headers], cells, bold_last=True,
-                width=max(Console().width, 120),  # the table is wide; logs and pipes get 120 columns
-                notes=[f"CPU latency: median of {cfg.latency_batches} batches, {torch.get_num_threads()} thread(s)",
-                       f"run directory: {run_dir}"])
+    cells.append(
+        [
+            "ratio",
+            f"{last.params / first.params:.2f}x",
+            f"{last.macs / max(first.macs, 1):.2f}x",
+            f"{last.size_bytes / first.size_bytes:.2f}x",
+            "",
+            *[f"{first.latency_ms[b] / last.latency_ms[b]:.2f}x speed" for b in sizes],
+            f"{last.top1 - first.top1:+.2f}",
+        ]
+    )
+    print_table(
+        f"compress {spec.arch} on {cfg.dataset.name} ({cfg.compression.get('name', 'custom')})",
+        [(h, "left" if h == "step" else "right") for h in headers],
+        cells,
+        bold_last=True,
+        width=max(Console().width, 120),  # the table is wide; logs and pipes get 120 columns
+        notes=[
+            f"CPU latency: median of {cfg.latency_batches} batches, {torch.get_num_threads()} thread(s)",
+            f"run directory: {run_dir}",
+        ],
+    )

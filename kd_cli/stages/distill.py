@@ -66,7 +66,9 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         per_generation.append(read_summary(run.path / f"generation-{generation}")["last_top1"])
         teacher = student.eval().requires_grad_(False)
     if generations > 1:
-        student = spec.build(initial=True)  # the first built is the checks' (and, with born-again, the first generation's)
+        student = spec.build(
+            initial=True
+        )  # the first built is the checks' (and, with born-again, the first generation's)
     result = train_and_save(cfg, run, setup, loaders, student, spec, teacher, title=f"student {spec.arch}")
     if generations > 1:
         per_generation.append(result.last_top1)
@@ -74,15 +76,25 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         teacher_top1 = topk_accuracy(*predict(first_teacher, loaders.test, setup.device, setup.eval_dtype))
     if setup.world.is_main:
         summary = finish(
-            run, cfg, result, student, started, role="student", arch=spec.arch,
+            run,
+            cfg,
+            result,
+            student,
+            started,
+            role="student",
+            arch=spec.arch,
             generations_top1=per_generation or None,
             teacher_arch=teacher_spec.arch if teacher_spec else None,
             teacher_run=str(teacher_path) if teacher_path else None,
-            teacher_top1=teacher_top1, teacher_params=teacher_params,
+            teacher_top1=teacher_top1,
+            teacher_params=teacher_params,
         )
         rows = []
         if teacher_spec is not None:
-            rows += [(f"teacher {teacher_spec.arch} test top-1", teacher_top1), ("teacher parameters", summary["teacher_params"])]
+            rows += [
+                (f"teacher {teacher_spec.arch} test top-1", teacher_top1),
+                ("teacher parameters", summary["teacher_params"]),
+            ]
         rows += [(f"generation {k} test top-1", top1) for k, top1 in enumerate(per_generation[:-1], 1)]
         rows += [*selection_rows(summary, f"student {spec.arch}"), ("student parameters", summary["params"])]
         rows += [(f"{name} {spec.arch} test top-1 (last)", top1) for name, top1 in result.peers_last_top1.items()]
@@ -103,8 +115,9 @@ def train_generation(cfg, run: RunDir, setup, loaders, spec, teacher, generation
     if is_complete(gen_run.path):
         return load_model(gen_run.path, setup.device)[0]
     student = spec.build(initial=True)
-    result = train_and_save(cfg, gen_run, setup, loaders, student, spec, teacher,
-                            title=f"student {spec.arch} generation {generation}")
+    result = train_and_save(
+        cfg, gen_run, setup, loaders, student, spec, teacher, title=f"student {spec.arch} generation {generation}"
+    )
     if setup.world.is_main:
         finish(gen_run, cfg, result, student, started, role="student", arch=spec.arch, generation=generation)
     return student

@@ -54,19 +54,28 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         check_model_fits(teacher_spec, data, Path(cfg.teacher_run), "teacher")
     split = {"test": data.test, "train": data.train, "val": data.val}[cfg.split]
     if split is None:
-        raise KdError(f"{spec.dataset} has no validation split in this model's data config; use split=test or "
-                      "split=train, or set dataset.val_fraction")
-    start_run(cfg, run, setup, device=str(setup.device), seed=cfg.seed, data_fingerprint=data.fingerprint,
-              model=str(weights))
+        raise KdError(
+            f"{spec.dataset} has no validation split in this model's data config; use split=test or "
+            "split=train, or set dataset.val_fraction"
+        )
+    start_run(
+        cfg, run, setup, device=str(setup.device), seed=cfg.seed, data_fingerprint=data.fingerprint, model=str(weights)
+    )
     loader = eval_loader(cfg, split, spec, device)
     logits, labels = predict(model, loader, device, dtype)
     if not torch.isfinite(logits).all():
-        raise KdError(f"{weights} gives non-finite outputs (NaN or inf) on {int((~torch.isfinite(logits)).any(1).sum())} "
-                      f"of {len(logits)} images; its weights are broken: retrain it")
+        raise KdError(
+            f"{weights} gives non-finite outputs (NaN or inf) on {int((~torch.isfinite(logits)).any(1).sum())} "
+            f"of {len(logits)} images; its weights are broken: retrain it"
+        )
     report = classification_report(logits, labels, spec.num_classes)
     confusion = report.pop("confusion")
     summary = {
-        "stage": "evaluate", "model": str(weights), "arch": spec.arch, "dataset": spec.dataset, "split": cfg.split,
+        "stage": "evaluate",
+        "model": str(weights),
+        "arch": spec.arch,
+        "dataset": spec.dataset,
+        "split": cfg.split,
         **report,
         "params": count_parameters(model),
         "macs": count_macs(float_twin(model, spec), spec, _device_of(model)),
@@ -80,13 +89,21 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     write_confusion(run.path, confusion, spec.class_names)
     write_per_class(run.path / "per_class.csv", spec.class_names, report["per_class_accuracy"])
     run.write_summary(COMPLETE, **summary, wall_time_s=time.time() - started)
-    print_results(f"evaluate {spec.arch} on {spec.dataset} ({cfg.split}, {report['num_samples']} images)", [
-        ("top-1 %", summary["top1"]), ("top-5 %", summary["top5"]), ("NLL", summary["nll"]),
-        ("ECE %", summary["ece"]), ("parameters", summary["params"]), ("MACs", summary["macs"]),
-        ("size on disk (bytes)", summary["size_bytes"]),
-        (f"latency ms / batch of {cfg.latency_batch_size}", summary["latency_ms"]),
-        *([("agreement with teacher %", summary["teacher_agreement"])] if cfg.teacher_run else []),
-    ], run.path)
+    print_results(
+        f"evaluate {spec.arch} on {spec.dataset} ({cfg.split}, {report['num_samples']} images)",
+        [
+            ("top-1 %", summary["top1"]),
+            ("top-5 %", summary["top5"]),
+            ("NLL", summary["nll"]),
+            ("ECE %", summary["ece"]),
+            ("parameters", summary["params"]),
+            ("MACs", summary["macs"]),
+            ("size on disk (bytes)", summary["size_bytes"]),
+            (f"latency ms / batch of {cfg.latency_batch_size}", summary["latency_ms"]),
+            *([("agreement with teacher %", summary["teacher_agreement"])] if cfg.teacher_run else []),
+        ],
+        run.path,
+    )
     return summary["top1"]
 
 

@@ -64,9 +64,11 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     weights = resolve_weights(cfg.run)
     spec = load_spec(weights)
     if cfg.format == "onnx" and is_int8(spec.extra):
-        raise KdError(f"ONNX export of int8 models is not supported ({weights} holds int8 weights); export the "
-                      f"float model instead: kd export run={weights.parent / 'float'} format=onnx "
-                      f"(or format=torchscript for the int8 model)")
+        raise KdError(
+            f"ONNX export of int8 models is not supported ({weights} holds int8 weights); export the "
+            f"float model instead: kd export run={weights.parent / 'float'} format=onnx "
+            f"(or format=torchscript for the int8 model)"
+        )
     model, spec = load_model(weights, "cpu")
     batches, source = check_batches(cfg, spec, weights)
     start_run(cfg, run, None, device="cpu", seed=cfg.seed, model=str(weights), **_versions(cfg.format))
@@ -76,28 +78,45 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     result = write_checked(model, batches, source, path, cfg, meta_text)
     atomic_write(run.path / META, lambda tmp: tmp.write_text(meta_text))
     summary = {
-        "stage": "export", "model": str(weights), "arch": spec.arch, "dataset": spec.dataset,
-        "format": cfg.format, "file": path.name, "size_bytes": path.stat().st_size,
+        "stage": "export",
+        "model": str(weights),
+        "arch": spec.arch,
+        "dataset": spec.dataset,
+        "format": cfg.format,
+        "file": path.name,
+        "size_bytes": path.stat().st_size,
         "exporter": "torch.onnx.export(dynamo=True)" if cfg.format == "onnx" else "torch.jit.trace",
         "opset": onnx_opset(path) if cfg.format == "onnx" else None,
-        "dynamic_batch": cfg.dynamic_batch, "int8": is_int8(spec.extra),
+        "dynamic_batch": cfg.dynamic_batch,
+        "int8": is_int8(spec.extra),
         "check_runtime": "onnxruntime CPUExecutionProvider" if cfg.format == "onnx" else "torch.jit.load",
-        "check_inputs": source, "check_batch_sizes": [len(b) for b in batches],
-        **result, "tolerance": cfg.tolerance,
+        "check_inputs": source,
+        "check_batch_sizes": [len(b) for b in batches],
+        **result,
+        "tolerance": cfg.tolerance,
     }
     run.write_summary(COMPLETE, **summary, wall_time_s=time.time() - started)
     kind = f"onnx (opset {summary['opset']})" if cfg.format == "onnx" else "torchscript"
-    print_results(f"export {spec.arch} ({spec.dataset}) to {cfg.format}", [
-        ("format", kind), ("file", path.name), ("size on disk (bytes)", summary["size_bytes"]),
-        ("dynamic batch", _batch_label(cfg)),
-        ("checked on", source), ("batch sizes checked", ", ".join(map(str, summary["check_batch_sizes"]))),
-        ("max abs difference", f"{result['max_abs_diff']:.2e}"), ("tolerance", f"{cfg.tolerance:.0e}"),
-    ], run.path)
+    print_results(
+        f"export {spec.arch} ({spec.dataset}) to {cfg.format}",
+        [
+            ("format", kind),
+            ("file", path.name),
+            ("size on disk (bytes)", summary["size_bytes"]),
+            ("dynamic batch", _batch_label(cfg)),
+            ("checked on", source),
+            ("batch sizes checked", ", ".join(map(str, summary["check_batch_sizes"]))),
+            ("max abs difference", f"{result['max_abs_diff']:.2e}"),
+            ("tolerance", f"{cfg.tolerance:.0e}"),
+        ],
+        run.path,
+    )
     return result["max_abs_diff"]
 
 
-def write_checked(model: nn.Module, batches: list[torch.Tensor], source: str, path: Path, cfg: DictConfig,
-                  meta_text: str) -> dict:
+def write_checked(
+    model: nn.Module, batches: list[torch.Tensor], source: str, path: Path, cfg: DictConfig, meta_text: str
+) -> dict:
     """Export to a temporary file, run it on `batches`, and rename it to `path` only if it matches."""
     with torch.no_grad():
         expected = [model(batch) for batch in batches]
@@ -111,7 +130,8 @@ def write_checked(model: nn.Module, batches: list[torch.Tensor], source: str, pa
             raise KdError(
                 f"the exported {cfg.format} file differs from PyTorch by up to {result['max_abs_diff']:.3g} "
                 f"(tolerance={cfg.tolerance:g}; outputs reach {result['max_abs_output']:.3g}) on {source}; "
-                f"nothing was kept. Raise tolerance= if that difference is acceptable")
+                f"nothing was kept. Raise tolerance= if that difference is acceptable"
+            )
 
     atomic_write(path, write_and_check)
     return result
@@ -130,18 +150,23 @@ def check_export_options(cfg: DictConfig) -> None:
     if cfg.check_inputs not in CHECK_INPUTS:
         raise unknown_choice("check_inputs", cfg.check_inputs, CHECK_INPUTS)
     if cfg.format == "onnx" and cfg.opset < MIN_OPSET:
-        raise KdError(f"opset={cfg.opset}: torch's ONNX exporter writes opset {MIN_OPSET} or newer; "
-                      f"use opset={MIN_OPSET} or higher")
+        raise KdError(
+            f"opset={cfg.opset}: torch's ONNX exporter writes opset {MIN_OPSET} or newer; "
+            f"use opset={MIN_OPSET} or higher"
+        )
     if cfg.check_batch_size < 1:
         raise KdError(f"check_batch_size={cfg.check_batch_size} must be at least 1")
     if cfg.dynamic_batch and cfg.check_batch_size < 2:
-        raise KdError(f"check_batch_size={cfg.check_batch_size}: a dynamic batch is traced from a batch of at "
-                      f"least 2 (a batch of 1 is taken as a constant); use check_batch_size=2 or more, or "
-                      f"dynamic_batch=false for a file fixed at batch 1")
+        raise KdError(
+            f"check_batch_size={cfg.check_batch_size}: a dynamic batch is traced from a batch of at "
+            f"least 2 (a batch of 1 is taken as a constant); use check_batch_size=2 or more, or "
+            f"dynamic_batch=false for a file fixed at batch 1"
+        )
     check_number("tolerance", cfg.tolerance, Range(0), hint="the largest difference from PyTorch accepted")
 
 
 # --- inputs for the check ---
+
 
 def check_batches(cfg: DictConfig, spec: ModelSpec, weights: Path) -> tuple[list[torch.Tensor], str]:
     """`check_batch_size` inputs (the export example too), then a batch of 1 when the batch is dynamic:
@@ -169,12 +194,24 @@ def data_set_images(spec: ModelSpec, weights: Path, count: int, seed: int) -> to
         options["download"] = False
     try:
         data = load_dataset(options)
-        if (data.num_classes, data.in_channels, data.input_size) != (spec.num_classes, spec.in_channels,
-                                                                      spec.input_size) or len(data.test) < count:
+        if (data.num_classes, data.in_channels, data.input_size) != (
+            spec.num_classes,
+            spec.in_channels,
+            spec.input_size,
+        ) or len(data.test) < count:
             log.info(f"export: the recorded data set does not fit {weights}; checking on random inputs")
             return None
-        loader = make_loader(data.test, batch_size=count, train=False, spec=None, mean=spec.mean, std=spec.std,
-                             device=torch.device("cpu"), seed=seed, num_workers=0)
+        loader = make_loader(
+            data.test,
+            batch_size=count,
+            train=False,
+            spec=None,
+            mean=spec.mean,
+            std=spec.std,
+            device=torch.device("cpu"),
+            seed=seed,
+            num_workers=0,
+        )
         images, _labels = next(iter(loader))  # (an unreadable image among them is a KdError too)
     except KdError as error:
         log.info(f"export: its data set is not at hand ({error}); checking on random inputs")
@@ -182,15 +219,18 @@ def data_set_images(spec: ModelSpec, weights: Path, count: int, seed: int) -> to
     return images.float()
 
 
-def compare(run: Callable[[torch.Tensor], torch.Tensor], batches: list[torch.Tensor],
-            expected: list[torch.Tensor]) -> dict:
+def compare(
+    run: Callable[[torch.Tensor], torch.Tensor], batches: list[torch.Tensor], expected: list[torch.Tensor]
+) -> dict:
     """Max |exported - PyTorch| over every batch, and the largest |output| for scale."""
     diff, scale = 0.0, 0.0
     for batch, reference in zip(batches, expected):
         got = run(batch)
         if got.shape != reference.shape:
-            raise KdError(f"the exported file returned shape {tuple(got.shape)} for a batch of {len(batch)}, "
-                          f"PyTorch {tuple(reference.shape)}")
+            raise KdError(
+                f"the exported file returned shape {tuple(got.shape)} for a batch of {len(batch)}, "
+                f"PyTorch {tuple(reference.shape)}"
+            )
         batch_diff = (got.double() - reference.double()).abs().max().item()
         diff = max(diff, math.inf if math.isnan(batch_diff) else batch_diff)  # NaN must not pass
         scale = max(scale, reference.abs().max().item())
@@ -199,26 +239,38 @@ def compare(run: Callable[[torch.Tensor], torch.Tensor], batches: list[torch.Ten
 
 # --- ONNX ---
 
+
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, cfg: DictConfig, meta_text: str) -> None:
     dynamic = ({0: torch.export.Dim("batch")},) if cfg.dynamic_batch else None
     with _exporter_output() as output:
         try:
             program = torch.onnx.export(
-                model, (example,), dynamo=True, opset_version=cfg.opset, dynamic_shapes=dynamic,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], external_data=False, verbose=False,
+                model,
+                (example,),
+                dynamo=True,
+                opset_version=cfg.opset,
+                dynamic_shapes=dynamic,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                external_data=False,
+                verbose=False,
             )
         except Exception as error:  # torch.export's report is pages long: one line here, the whole in a file
             report = path.parent / ONNX_REPORT
             report.write_text(f"{error}\n\n{output.getvalue()}")
-            raise KdError(f"ONNX export failed: {_root_cause(error)}; the exporter's report is in {report}; "
-                          f"format=torchscript may work") from error
+            raise KdError(
+                f"ONNX export failed: {_root_cause(error)}; the exporter's report is in {report}; "
+                f"format=torchscript may work"
+            ) from error
     assert program is not None  # dynamo=True returns the ONNX program
     program.model.metadata_props[METADATA_KEY] = meta_text
     program.save(str(path), external_data=False)
     written = onnx_opset(path)
     if written != cfg.opset:
-        raise KdError(f"opset={cfg.opset} was asked for but the exporter wrote opset {written} (it could not "
-                      f"convert the graph); use opset={written}")
+        raise KdError(
+            f"opset={cfg.opset} was asked for but the exporter wrote opset {written} (it could not "
+            f"convert the graph); use opset={written}"
+        )
     if output.getvalue().strip():
         sys.stderr.write(output.getvalue())  # it exported: pass on what the exporter had to say
 
@@ -228,8 +280,11 @@ def _exporter_output() -> Iterator[io.StringIO]:
     """While torch.onnx.export runs: its prints (graph dumps when torch.export fails) go to a buffer, and
     its loggers (and onnxscript's, which log every optimiser pass at INFO) say only errors."""
     buffer = io.StringIO()
-    loggers = [logger for name, logger in logging.Logger.manager.loggerDict.items()
-               if isinstance(logger, logging.Logger) and name.split(".")[0] in EXPORTER_LOGGERS]
+    loggers = [
+        logger
+        for name, logger in logging.Logger.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger) and name.split(".")[0] in EXPORTER_LOGGERS
+    ]
     loggers += [logging.getLogger(name) for name in EXPORTER_LOGGERS]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
@@ -264,6 +319,7 @@ def onnx_opset(path: Path) -> int:
 
 
 # --- TorchScript ---
+
 
 @contextmanager
 def _jit_deprecation_silenced() -> Iterator[None]:

@@ -58,20 +58,45 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     loader = eval_loader(cfg, data.test, spec, setup.device)
     logits, labels = predict(model, loader, setup.device)
     if not torch.isfinite(logits).all():
-        raise KdError(f"{source} as {spec.arch} gives non-finite outputs (NaN or inf) on the test images; "
-                      "the checkpoint is broken or belongs to another architecture")
-    start_run(cfg, run, setup, device=str(setup.device), seed=cfg.seed, data_fingerprint=data.fingerprint,
-              source=str(source.resolve()), source_sha256=_digest(source))
+        raise KdError(
+            f"{source} as {spec.arch} gives non-finite outputs (NaN or inf) on the test images; "
+            "the checkpoint is broken or belongs to another architecture"
+        )
+    start_run(
+        cfg,
+        run,
+        setup,
+        device=str(setup.device),
+        seed=cfg.seed,
+        data_fingerprint=data.fingerprint,
+        source=str(source.resolve()),
+        source_sha256=_digest(source),
+    )
     save_model(run.path, model, spec)
     _check_saved(run, setup.device, loader, logits)
     top1 = topk_accuracy(logits, labels)
-    summary = {"stage": "import", "role": "imported", "arch": spec.arch, "dataset": spec.dataset,
-               "source": str(source.resolve()), "top1": top1, "best_top1": top1, "last_top1": top1,
-               "params": count_parameters(model), "wall_time_s": time.time() - started}
+    summary = {
+        "stage": "import",
+        "role": "imported",
+        "arch": spec.arch,
+        "dataset": spec.dataset,
+        "source": str(source.resolve()),
+        "top1": top1,
+        "best_top1": top1,
+        "last_top1": top1,
+        "params": count_parameters(model),
+        "wall_time_s": time.time() - started,
+    }
     run.write_summary(COMPLETE, **summary)
-    print_results(f"import {source.name} as {spec.arch} ({spec.dataset})", [
-        ("test top-1 %", top1), ("parameters", summary["params"]), ("test images", len(labels)),
-    ], run.path)
+    print_results(
+        f"import {source.name} as {spec.arch} ({spec.dataset})",
+        [
+            ("test top-1 %", top1),
+            ("parameters", summary["params"]),
+            ("test images", len(labels)),
+        ],
+        run.path,
+    )
     return top1
 
 
@@ -86,14 +111,18 @@ def hf_config(source: Path, given: dict | None, class_names: list[str]) -> dict:
         return dict(given)
     path = source / "config.json" if source.is_dir() else source.with_name("config.json")
     if not path.is_file():
-        raise KdError(f"arch=hf reads the model's config.json from the save_pretrained folder, and {path} does not "
-                      "exist; give the folder as the source")
+        raise KdError(
+            f"arch=hf reads the model's config.json from the save_pretrained folder, and {path} does not "
+            "exist; give the folder as the source"
+        )
     config = read_json(path)
     labels = config_labels(config)
     if labels is not None and labels != list(class_names):
-        warn(f"{path} names the classes {', '.join(labels[:5])}{' ...' if len(labels) > 5 else ''} and the data set "
-             f"{', '.join(class_names[:5])}{' ...' if len(class_names) > 5 else ''}; output k is read as the data "
-             "set's k-th class")
+        warn(
+            f"{path} names the classes {', '.join(labels[:5])}{' ...' if len(labels) > 5 else ''} and the data set "
+            f"{', '.join(class_names[:5])}{' ...' if len(class_names) > 5 else ''}; output k is read as the data "
+            "set's k-th class"
+        )
     return config
 
 
@@ -103,16 +132,19 @@ def _check_saved(run: RunDir, device: torch.device, loader, expected: torch.Tens
     logits, _ = predict(reloaded, loader, device)
     difference = (logits - expected).abs().max().item()
     if difference > SAME_OUTPUTS:
-        raise KdError(f"the saved model's outputs differ from the imported module's by {difference:.2g}; the "
-                      f"architecture has state outside its state dict: report it (run directory {run.path})")
+        raise KdError(
+            f"the saved model's outputs differ from the imported module's by {difference:.2g}; the "
+            f"architecture has state outside its state dict: report it (run directory {run.path})"
+        )
 
 
 def _digest(source: Path) -> str:
     """sha256 of the checkpoint (of its weights file, for a folder), for provenance in env.json."""
     path = source
     if source.is_dir():
-        path = next((source / name for name in ("model.safetensors", "pytorch_model.bin")
-                     if (source / name).is_file()), source)
+        path = next(
+            (source / name for name in ("model.safetensors", "pytorch_model.bin") if (source / name).is_file()), source
+        )
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):

@@ -46,8 +46,17 @@ def size_on_disk(model: nn.Module) -> int:
     return len(save(tensors, metadata=metadata))
 
 
-def measure(step: str, model: nn.Module, spec: ModelSpec, *, predict_on: Callable[[nn.Module], tuple],
-            batch_sizes: list[int], batches: int, params: int | None = None, macs: int | None = None) -> Measurement:
+def measure(
+    step: str,
+    model: nn.Module,
+    spec: ModelSpec,
+    *,
+    predict_on: Callable[[nn.Module], tuple],
+    batch_sizes: list[int],
+    batches: int,
+    params: int | None = None,
+    macs: int | None = None,
+) -> Measurement:
     """`predict_on(model)` -> (logits, labels) of the test split; params/MACs may be carried over
     (an int8 model has the same weights and multiply-adds, stored and done in 8 bits)."""
     model = saved_form(model).eval()

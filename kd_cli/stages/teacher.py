@@ -34,8 +34,18 @@ from kd_cli.stages.common import check_model_fits, model_spec, options_with_defa
 log = logging.getLogger("kd")
 
 # Overrides of a distill command that also shape its auto-trained teacher.
-TEACHER_OVERRIDE_KEYS = ("dataset", "teacher", "trainer", "optim", "augmentation", "seed", "paths", "debug", "logger",
-                         "experiment")
+TEACHER_OVERRIDE_KEYS = (
+    "dataset",
+    "teacher",
+    "trainer",
+    "optim",
+    "augmentation",
+    "seed",
+    "paths",
+    "debug",
+    "logger",
+    "experiment",
+)
 
 
 @dataclass
@@ -50,8 +60,14 @@ def plan_teacher(cfg: DictConfig, data: DataSplits, run: RunDir, device: torch.d
     """Which teacher this run uses, checked against the data; nothing is trained or written yet."""
     pinned = run.previous.get("teacher_run")
     if pinned:  # a resumed run: the teacher it started with, whatever is newest now
-        return _pinned(cfg, data, Path(pinned), bool(run.previous.get("teacher_trained_for_this_run")), device,
-                       run.previous.get("teacher_weights_sha256"))
+        return _pinned(
+            cfg,
+            data,
+            Path(pinned),
+            bool(run.previous.get("teacher_trained_for_this_run")),
+            device,
+            run.previous.get("teacher_weights_sha256"),
+        )
     source = cfg.teacher.checkpoint
     if not source:
         raise KdError("distill needs a teacher: set teacher.checkpoint=RUN_DIR, a model.safetensors file, or auto")
@@ -68,18 +84,23 @@ def plan_teacher(cfg: DictConfig, data: DataSplits, run: RunDir, device: torch.d
     return _loaded(Path(source), data, device, _normalisation(cfg))
 
 
-def _pinned(cfg: DictConfig, data: DataSplits, path: Path, trained_here: bool, device: torch.device,
-            digest: str | None) -> TeacherPlan:
+def _pinned(
+    cfg: DictConfig, data: DataSplits, path: Path, trained_here: bool, device: torch.device, digest: str | None
+) -> TeacherPlan:
     if is_complete(path) or path.is_file():
         if digest and weights_digest(path) != digest:
-            raise KdError(f"the teacher this run started with ({path}) holds other weights now (sha256 "
-                          f"{weights_digest(path)}, was {digest}); a resumed run keeps its teacher: restore "
-                          f"them, or start a new run")
+            raise KdError(
+                f"the teacher this run started with ({path}) holds other weights now (sha256 "
+                f"{weights_digest(path)}, was {digest}); a resumed run keeps its teacher: restore "
+                f"them, or start a new run"
+            )
         return _loaded(path, data, device, _normalisation(cfg))
     if trained_here:  # the run was stopped while its teacher trained (or before it began): continue that
         return TeacherPlan(path, model_spec(cfg.teacher, data, cfg.dataset), train=True)
-    raise KdError(f"the teacher this run started with ({path}) is gone or unfinished; a resumed run keeps its "
-                  f"teacher: restore it, or start a new run")
+    raise KdError(
+        f"the teacher this run started with ({path}) is gone or unfinished; a resumed run keeps its "
+        f"teacher: restore it, or start a new run"
+    )
 
 
 def _loaded(path: Path, data: DataSplits, device: torch.device, normalisation: tuple) -> TeacherPlan:
@@ -94,16 +115,19 @@ def in_own_form(model: nn.Module, spec: ModelSpec, data: DataSplits, normalisati
     data_form = Form(data.in_channels, data.input_size, tuple(normalisation[0]), tuple(normalisation[1]))
     own = Form(spec.in_channels, spec.input_size, tuple(spec.mean), tuple(spec.std))
     if feed_own_form(model, data_form, own) is not None:
-        log.info(f"teacher: images converted from the data's form ({data_form.describe()}) to its own "
-                 f"({own.describe()}) on the device")
+        log.info(
+            f"teacher: images converted from the data's form ({data_form.describe()}) to its own "
+            f"({own.describe()}) on the device"
+        )
 
 
 def _normalisation(cfg: DictConfig) -> tuple:
     return list(cfg.dataset.mean), list(cfg.dataset.std)
 
 
-def obtain_teacher(plan: TeacherPlan, cfg: DictConfig, run: RunDir, data: DataSplits,
-                   device: torch.device) -> tuple[nn.Module, ModelSpec, Path]:
+def obtain_teacher(
+    plan: TeacherPlan, cfg: DictConfig, run: RunDir, data: DataSplits, device: torch.device
+) -> tuple[nn.Module, ModelSpec, Path]:
     """The teacher model, trained first when the plan says so; recorded in the run before either."""
     run.keep(teacher_run=str(plan.path), **({"teacher_trained_for_this_run": True} if plan.train else {}))
     if not plan.train:
@@ -148,8 +172,8 @@ def _reason(error: BaseException) -> str:
 
 
 def new_teacher_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.outputs) / "train-teacher" / time.strftime("%Y-%m-%d") / time.strftime(
-        f"%H-%M-%S-{os.getpid()}"
+    return (
+        Path(cfg.paths.outputs) / "train-teacher" / time.strftime("%Y-%m-%d") / time.strftime(f"%H-%M-%S-{os.getpid()}")
     )
 
 
@@ -161,8 +185,10 @@ def train_teacher(cfg: DictConfig, run_dir: Path) -> None:
         log.info(f"teacher: continuing the stopped training of this run's teacher: kd {' '.join(args)}")
     else:
         args = ["train-teacher", *_teacher_overrides(), f"hydra.run.dir={run_dir}"]
-        log.info(f"teacher: no complete {cfg.teacher.arch} teacher for this data under {cfg.paths.outputs}; "
-                 f"training one first: kd {' '.join(args)}")
+        log.info(
+            f"teacher: no complete {cfg.teacher.arch} teacher for this data under {cfg.paths.outputs}; "
+            f"training one first: kd {' '.join(args)}"
+        )
     done = run_child([sys.executable, "-m", "kd_cli", *args])
     if done.returncode != 0 or not is_complete(run_dir):
         lines = done.stderr.strip().splitlines() if done.stderr else []
@@ -176,9 +202,12 @@ def _progress_override() -> list[str]:
 
 def _teacher_overrides() -> list[str]:
     hydra = HydraConfig.get()
-    overrides = [o for o in hydra.overrides.task
-                 if o.lstrip("+~").split("=")[0].split(".")[0] in TEACHER_OVERRIDE_KEYS
-                 and not o.lstrip("+~").startswith("teacher.checkpoint")]
+    overrides = [
+        o
+        for o in hydra.overrides.task
+        if o.lstrip("+~").split("=")[0].split(".")[0] in TEACHER_OVERRIDE_KEYS
+        and not o.lstrip("+~").startswith("teacher.checkpoint")
+    ]
     user_dirs = [s.path for s in hydra.runtime.config_sources if s.provider == "command-line" and s.schema == "file"]
     # method=none last: a preset (experiment=...) may pick a distillation method for the student.
     config_dirs = [arg for d in user_dirs for arg in ("-cd", d)]
@@ -187,8 +216,7 @@ def _teacher_overrides() -> list[str]:
 
 def check_teacher_outputs(logits: torch.Tensor, path: Path) -> None:
     if not torch.isfinite(logits).all():
-        raise KdError(f"teacher {path} gives non-finite outputs (NaN or inf) on the test images; its weights are "
-                      f"broken: retrain it or give another teacher")
-
-
-
+        raise KdError(
+            f"teacher {path} gives non-finite outputs (NaN or inf) on the test images; its weights are "
+            f"broken: retrain it or give another teacher"
+        )

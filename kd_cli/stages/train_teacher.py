@@ -29,7 +29,9 @@ from kd_cli.stages.training import (
 
 def main(cfg: DictConfig, run: RunDir) -> float:
     if method_requires_teacher(cfg.method.name):
-        raise KdError(f"train-teacher trains without a teacher, so method={cfg.method.name} cannot be used; use method=none")
+        raise KdError(
+            f"train-teacher trains without a teacher, so method={cfg.method.name} cannot be used; use method=none"
+        )
     started = time.time()
     setup = setup_run(cfg)
     if setup.world.is_main:
@@ -42,6 +44,9 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     result = train_and_save(cfg, run, setup, loaders, model, spec, teacher=None, title=f"teacher {spec.arch}")
     if setup.world.is_main:
         summary = finish(run, cfg, result, model, started, role="teacher", arch=spec.arch)
-        print_results(f"teacher {spec.arch} on {cfg.dataset.name}",
-                      [*selection_rows(summary), ("parameters", summary["params"])], run.path)
+        print_results(
+            f"teacher {spec.arch} on {cfg.dataset.name}",
+            [*selection_rows(summary), ("parameters", summary["params"])],
+            run.path,
+        )
     return objective(result)

@@ -51,21 +51,51 @@ def load_data(cfg: DictConfig, setup: Setup) -> Loaders:
     check_channels(list(cfg.dataset.mean), list(cfg.dataset.std), data.in_channels)
     options = cast("dict[str, Any]", OmegaConf.to_container(cfg.augmentation, resolve=True))
     augmentation = {k: v for k, v in options.items() if k != "name"}
-    common = dict(mean=list(cfg.dataset.mean), std=list(cfg.dataset.std), device=setup.device, seed=stream_seed(cfg),
-                  rank=setup.world.rank, world_size=setup.world.size, num_workers=cfg.trainer.num_workers)
-    train = make_loader(data.train, batch_size=cfg.trainer.batch_size, train=True,
-                        spec=AugmentSpec(**augmentation), drop_last=True, **common)
-    test = make_loader(data.test, batch_size=cfg.trainer.eval_batch_size, train=False, spec=None,
-                       **{**common, "rank": 0, "world_size": 1})
-    val = None if data.val is None else make_loader(
-        data.val, batch_size=cfg.trainer.eval_batch_size, train=False, spec=None,
-        **{**common, "rank": 0, "world_size": 1})
+    common = dict(
+        mean=list(cfg.dataset.mean),
+        std=list(cfg.dataset.std),
+        device=setup.device,
+        seed=stream_seed(cfg),
+        rank=setup.world.rank,
+        world_size=setup.world.size,
+        num_workers=cfg.trainer.num_workers,
+    )
+    train = make_loader(
+        data.train,
+        batch_size=cfg.trainer.batch_size,
+        train=True,
+        spec=AugmentSpec(**augmentation),
+        drop_last=True,
+        **common,
+    )
+    test = make_loader(
+        data.test,
+        batch_size=cfg.trainer.eval_batch_size,
+        train=False,
+        spec=None,
+        **{**common, "rank": 0, "world_size": 1},
+    )
+    val = (
+        None
+        if data.val is None
+        else make_loader(
+            data.val,
+            batch_size=cfg.trainer.eval_batch_size,
+            train=False,
+            spec=None,
+            **{**common, "rank": 0, "world_size": 1},
+        )
+    )
     if len(train) == 0:  # (checked here, before the run starts, rather than when the loop begins)
-        raise KdError(f"the training split has {train.num_samples} sample(s) per process, fewer than one batch "
-                      f"(trainer.batch_size={cfg.trainer.batch_size}); lower trainer.batch_size")
+        raise KdError(
+            f"the training split has {train.num_samples} sample(s) per process, fewer than one batch "
+            f"(trainer.batch_size={cfg.trainer.batch_size}); lower trainer.batch_size"
+        )
     held_out = f" / {len(data.val)} val" if data.val is not None else ""
-    log.info(f"data: {cfg.dataset.name}  {len(data.train)} train{held_out} / {len(data.test)} test  "
-             f"{data.num_classes} classes  {data.in_channels}x{data.input_size}x{data.input_size}")
+    log.info(
+        f"data: {cfg.dataset.name}  {len(data.train)} train{held_out} / {len(data.test)} test  "
+        f"{data.num_classes} classes  {data.in_channels}x{data.input_size}x{data.input_size}"
+    )
     return Loaders(data, train, test, val)
 
 
@@ -80,13 +110,20 @@ def stream_seed(cfg: DictConfig) -> int:
 def data_env(cfg: DictConfig, setup: Setup, loaders: Loaders) -> dict[str, Any]:
     """What env.json says about the device and the data of a training run."""
     data = loaders.data
-    return dict(device=str(setup.device), seed=cfg.seed, world_size=setup.world.size, data_fingerprint=data.fingerprint,
-                train_samples=len(data.train), test_samples=len(data.test),
-                val_samples=len(data.val) if data.val is not None else 0)
+    return dict(
+        device=str(setup.device),
+        seed=cfg.seed,
+        world_size=setup.world.size,
+        data_fingerprint=data.fingerprint,
+        train_samples=len(data.train),
+        test_samples=len(data.test),
+        val_samples=len(data.val) if data.val is not None else 0,
+    )
 
 
-def dry_build(cfg: DictConfig, student: nn.Module, teacher: nn.Module | None, loaders: Loaders,
-              online: bool = True) -> None:
+def dry_build(
+    cfg: DictConfig, student: nn.Module, teacher: nn.Module | None, loaders: Loaders, online: bool = True
+) -> None:
     """Build the method once with these models and drop it: every check it makes on them (layers,
     feature shapes, sizes) fails now, before a teacher is trained or the run is written. `online`:
     the stage trains several students when the method asks (kd compress does not)."""
@@ -95,33 +132,79 @@ def dry_build(cfg: DictConfig, student: nn.Module, teacher: nn.Module | None, lo
     new_method(cfg, student, teacher, loaders, (lambda: copy.deepcopy(student)) if online else None)
 
 
-def new_method(cfg: DictConfig, student: nn.Module, teacher: nn.Module | None, loaders: Loaders,
-               new_student: Callable[[], nn.Module] | None) -> Distiller:
+def new_method(
+    cfg: DictConfig,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    loaders: Loaders,
+    new_student: Callable[[], nn.Module] | None,
+) -> Distiller:
     """cfg.method built around `student`, with what the stage gives methods: the training split's size,
     fresh students (None: this stage trains one network), the artifact loader for teachers by path."""
-    return build_method(cast("dict[str, Any]", OmegaConf.to_container(cfg.method, resolve=True)), student, teacher,
-                        num_samples=len(loaders.data.train), new_student=new_student, load_model=load_model)
+    return build_method(
+        cast("dict[str, Any]", OmegaConf.to_container(cfg.method, resolve=True)),
+        student,
+        teacher,
+        num_samples=len(loaders.data.train),
+        new_student=new_student,
+        load_model=load_model,
+    )
 
 
-def training_job(cfg: DictConfig, run: RunDir, setup: Setup, loaders: Loaders, method: Distiller, title: str,
-                 tracker: Trackers, **options: Any) -> Training:
+def training_job(
+    cfg: DictConfig,
+    run: RunDir,
+    setup: Setup,
+    loaders: Loaders,
+    method: Distiller,
+    title: str,
+    tracker: Trackers,
+    **options: Any,
+) -> Training:
     """The engine's one loop, set up from the run's config (`options`: val_loader, teacher_cache)."""
-    return Training(method=method, train_loader=loaders.train, test_loader=loaders.test, optim=cfg.optim,
-                    trainer=cfg.trainer, device=setup.device, dtype=setup.dtype, eval_dtype=setup.eval_dtype,
-                    run=run, title=title, world=setup.world, tracker=tracker,
-                    resume_from=rank_resume_dir(cfg, setup, run), **options)
+    return Training(
+        method=method,
+        train_loader=loaders.train,
+        test_loader=loaders.test,
+        optim=cfg.optim,
+        trainer=cfg.trainer,
+        device=setup.device,
+        dtype=setup.dtype,
+        eval_dtype=setup.eval_dtype,
+        run=run,
+        title=title,
+        world=setup.world,
+        tracker=tracker,
+        resume_from=rank_resume_dir(cfg, setup, run),
+        **options,
+    )
 
 
 def train_and_save(
-    cfg: DictConfig, run: RunDir, setup: Setup, loaders: Loaders, model: nn.Module, spec: ModelSpec,
-    teacher: nn.Module | None, title: str,
+    cfg: DictConfig,
+    run: RunDir,
+    setup: Setup,
+    loaders: Loaders,
+    model: nn.Module,
+    spec: ModelSpec,
+    teacher: nn.Module | None,
+    title: str,
 ) -> FitResult:
     """Train `model` with cfg.method (and the teacher, if any); save weights (and each peer's, for online
     methods, in peers/NAME); return the history."""
     method = new_method(cfg, model, teacher, loaders, lambda: spec.build(initial=True))
     tracker = open_trackers(cfg, run, setup.world.is_main)
-    job = training_job(cfg, run, setup, loaders, method, title, tracker, val_loader=loaders.val,
-                       teacher_cache=open_teacher_cache(cfg, setup, loaders, teacher))
+    job = training_job(
+        cfg,
+        run,
+        setup,
+        loaders,
+        method,
+        title,
+        tracker,
+        val_loader=loaders.val,
+        teacher_cache=open_teacher_cache(cfg, setup, loaders, teacher),
+    )
     with tracker:  # closed as FINISHED, or FAILED/KILLED when training raises
         result = fit(job)
         if setup.world.is_main:
@@ -133,7 +216,9 @@ def train_and_save(
     return result
 
 
-def open_teacher_cache(cfg: DictConfig, setup: Setup, loaders: Loaders, teacher: nn.Module | None) -> TeacherCache | None:
+def open_teacher_cache(
+    cfg: DictConfig, setup: Setup, loaders: Loaders, teacher: nn.Module | None
+) -> TeacherCache | None:
     """The teacher cache for this run's data stream (teacher_cache.enabled), keyed by all that decides
     the teacher's outputs: its weights and input conversion, the data, the stream, and how it computes."""
     settings = cfg.get("teacher_cache")
@@ -195,11 +280,15 @@ def selection_rows(summary: dict, who: str = "") -> list[tuple[str, Any]]:
     """The final table's accuracy rows, each saying which split chose the epoch it reports."""
     who = f"{who} " if who else ""
     if summary.get("selected_on") == "val":
-        return [(f"{who}test top-1 (best epoch on validation: {summary['best_epoch']})", summary["best_top1"]),
-                (f"{who}validation top-1 (best)", summary["best_val_top1"]),
-                (f"{who}test top-1 (last)", summary["last_top1"])]
-    return [(f"{who}test top-1 (last)", summary["last_top1"]),
-            (f"{who}test top-1 (best on test: literature comparison only)", summary["best_top1"])]
+        return [
+            (f"{who}test top-1 (best epoch on validation: {summary['best_epoch']})", summary["best_top1"]),
+            (f"{who}validation top-1 (best)", summary["best_val_top1"]),
+            (f"{who}test top-1 (last)", summary["last_top1"]),
+        ]
+    return [
+        (f"{who}test top-1 (last)", summary["last_top1"]),
+        (f"{who}test top-1 (best on test: literature comparison only)", summary["best_top1"]),
+    ]
 
 
 def objective(result: FitResult) -> float:
@@ -213,6 +302,8 @@ def objective(result: FitResult) -> float:
 
 def print_results(title: str, rows: list[tuple[str, Any]], run_dir: Path) -> None:
     """The final table; the run directory below it."""
-    cells = [[name, f"{value:.2f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)]
-             for name, value in rows]
+    cells = [
+        [name, f"{value:.2f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)]
+        for name, value in rows
+    ]
     print_table(title, [("", "left"), ("value", "right")], cells, notes=[f"run directory: {run_dir}"])

@@ -51,9 +51,14 @@ class Cell:
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="kd table", usage="kd table NAME|FILE.yaml [--small] [--report] [key=value...] [OVERRIDE...]",
-                    description=__doc__.split("\n\n", 1)[1], epilog=EPILOG, allow_abbrev=False,
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(
+        prog="kd table",
+        usage="kd table NAME|FILE.yaml [--small] [--report] [key=value...] [OVERRIDE...]",
+        description=__doc__.split("\n\n", 1)[1],
+        epilog=EPILOG,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("name", metavar="NAME", help=f"a built-in table ({', '.join(builtin_tables())}) or a YAML file")
     parser.add_argument("--small", action="store_true", help="the table's small grid: minutes on a CPU")
     parser.add_argument("--report", action="store_true", help="only tabulate the runs already in out=")
@@ -86,18 +91,26 @@ def main(argv: list[str]) -> int:
     own, overrides = split_arguments(argv)
     args = build_parser().parse_args(own)
     spec = choose(load_spec(args.name), args)
-    out = Path(args.out or Path("outputs") / "table" / f"{spec.name}{'-small' if args.small else ''}").expanduser().absolute()
+    out = (
+        Path(args.out or Path("outputs") / "table" / f"{spec.name}{'-small' if args.small else ''}")
+        .expanduser()
+        .absolute()
+    )
     if args.small:
         overrides = [*spec.small.get("overrides", []), *overrides]
     failures = [] if args.report else run_grid(spec, out, overrides)
     cells = collect(spec, out)
     if not any(cell.best for cell in cells):
-        raise KdError(f"no complete run in {out}; run `kd table {args.name}{' --small' if args.small else ''}` "
-                      "without --report first")
+        raise KdError(
+            f"no complete run in {out}; run `kd table {args.name}{' --small' if args.small else ''}` "
+            "without --report first"
+        )
     write_outputs(spec, cells, out)
     if failures:
-        raise KdError(f"{len(failures)} of the grid's runs failed ({'; '.join(failures[:3])}); the table shows the "
-                      f"rest; fix the cause and run the same command again to resume")
+        raise KdError(
+            f"{len(failures)} of the grid's runs failed ({'; '.join(failures[:3])}); the table shows the "
+            f"rest; fix the cause and run the same command again to resume"
+        )
     return 0
 
 
@@ -131,11 +144,19 @@ def run_grid(spec: TableSpec, out: Path, overrides: list[str]) -> list[str]:
     """Train what is not complete yet; the names of the runs that failed."""
     from kd_cli.methods import method_requires_teacher
 
-    jobs = [] if not any(map(method_requires_teacher, spec.methods)) else [
-        teacher_job(spec, arch, out / "teachers" / arch, overrides) for arch in dict.fromkeys(
-            pair.teacher for pair in spec.pairs.values())]
-    jobs += [cell_job(spec, pair, method, out, overrides, method_requires_teacher(method))
-             for pair in spec.pairs.values() for method in spec.methods]
+    jobs = (
+        []
+        if not any(map(method_requires_teacher, spec.methods))
+        else [
+            teacher_job(spec, arch, out / "teachers" / arch, overrides)
+            for arch in dict.fromkeys(pair.teacher for pair in spec.pairs.values())
+        ]
+    )
+    jobs += [
+        cell_job(spec, pair, method, out, overrides, method_requires_teacher(method))
+        for pair in spec.pairs.values()
+        for method in spec.methods
+    ]
     todo = [job for job in jobs if job is not None]
     failures = []
     for number, (name, args) in enumerate(todo, 1):
@@ -157,12 +178,18 @@ def teacher_job(spec: TableSpec, arch: str, run: Path, overrides: list[str]) -> 
         return None
     if holds_run(run):
         return f"teacher {arch}", ["train-teacher", f"resume={run}"]
-    return f"teacher {arch}", ["train-teacher", *spec.teacher_recipe, f"teacher.arch={arch}", *overrides,
-                               f"hydra.run.dir={run}"]
+    return f"teacher {arch}", [
+        "train-teacher",
+        *spec.teacher_recipe,
+        f"teacher.arch={arch}",
+        *overrides,
+        f"hydra.run.dir={run}",
+    ]
 
 
-def cell_job(spec: TableSpec, pair: Pair, method: str, out: Path, overrides: list[str],
-             needs_teacher: bool) -> tuple[str, list[str]] | None:
+def cell_job(
+    spec: TableSpec, pair: Pair, method: str, out: Path, overrides: list[str], needs_teacher: bool
+) -> tuple[str, list[str]] | None:
     """The multirun over the seeds of one cell, its resume, or None when every seed is complete."""
     from kd_cli.engine.rundir import holds_run, is_complete
 
@@ -175,13 +202,23 @@ def cell_job(spec: TableSpec, pair: Pair, method: str, out: Path, overrides: lis
     if held:
         missing = [run.name for run in runs if not holds_run(run)]
         if missing:
-            raise KdError(f"{sweep} holds a sweep without {', '.join(missing)} (seeds={spec.seeds} asks for them); "
-                          "use another out= or the seeds it was started with")
+            raise KdError(
+                f"{sweep} holds a sweep without {', '.join(missing)} (seeds={spec.seeds} asks for them); "
+                "use another out= or the seeds it was started with"
+            )
         return name, ["distill", f"resume={sweep}"]
     teacher = [f"teacher.checkpoint={out / 'teachers' / pair.teacher}"] if needs_teacher else []
     seeds = ",".join(str(seed) for seed in range(spec.seeds))
-    return name, ["distill", "-m", *recipe(spec, pair, method), f"seed={seeds}", *teacher, *overrides,
-                  f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=seed-${seed}"]
+    return name, [
+        "distill",
+        "-m",
+        *recipe(spec, pair, method),
+        f"seed={seeds}",
+        *teacher,
+        *overrides,
+        f"hydra.sweep.dir={sweep}",
+        "hydra.sweep.subdir=seed-${seed}",
+    ]
 
 
 def recipe(spec: TableSpec, pair: Pair, method: str) -> list[str]:
@@ -238,10 +275,20 @@ def mean_std(values: list[float]) -> str:
 
 
 def rows(spec: TableSpec, cells: list[Cell]) -> list[dict[str, str]]:
-    return [{"pair": c.pair, "method": c.method, "n": str(len(c.best)), "kd best": mean_std(c.best),
-             "kd last": mean_std(c.last), "published": "-" if c.published is None else f"{c.published:.2f}",
-             f"delta ({spec.compare})": "-" if c.delta is None else f"{c.delta:+.2f}", "status": c.status,
-             "source": c.source or "-"} for c in cells]
+    return [
+        {
+            "pair": c.pair,
+            "method": c.method,
+            "n": str(len(c.best)),
+            "kd best": mean_std(c.best),
+            "kd last": mean_std(c.last),
+            "published": "-" if c.published is None else f"{c.published:.2f}",
+            f"delta ({spec.compare})": "-" if c.delta is None else f"{c.delta:+.2f}",
+            "status": c.status,
+            "source": c.source or "-",
+        }
+        for c in cells
+    ]
 
 
 def write_outputs(spec: TableSpec, cells: list[Cell], out: Path) -> None:
@@ -269,10 +316,15 @@ def as_csv(table: list[dict[str, str]]) -> str:
 
 def as_markdown(spec: TableSpec, table: list[dict[str, str]]) -> str:
     header = list(table[0])
-    lines = [f"# {spec.name}: kd beside the published figures", "",
-             f"kd: mean ± std over the complete runs (n) of each cell; status compares the {spec.compare} epoch's "
-             f"mean with the published figure, within {spec.tolerance} top-1 points.", "",
-             "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines = [
+        f"# {spec.name}: kd beside the published figures",
+        "",
+        f"kd: mean ± std over the complete runs (n) of each cell; status compares the {spec.compare} epoch's "
+        f"mean with the published figure, within {spec.tolerance} top-1 points.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + " --- |" * len(header),
+    ]
     lines += ["| " + " | ".join(row[key] for key in header) + " |" for row in table]
     used = sorted({row["source"] for row in table if row["source"] != "-"})
     lines += ["", "Sources:", ""] + [f"- {key}: {spec.sources[key]}" for key in used]
@@ -282,11 +334,13 @@ def as_markdown(spec: TableSpec, table: list[dict[str, str]]) -> str:
 def print_grid(spec: TableSpec, table: list[dict[str, str]], cells: list[Cell]) -> None:
     keys = [key for key in table[0] if key != "source"]
     counts = {status: sum(c.status == status for c in cells) for status in ("reproduced", "below", "above")}
-    print_table(f"kd table {spec.name} ({spec.compare} epoch vs published, tolerance {spec.tolerance})",
-                [(key, "left" if key in ("pair", "method", "status") else "right") for key in keys],
-                [[row[key] for key in keys] for row in table],
-                notes=[", ".join(f"{n} {status}" for status, n in counts.items())],
-                width=None if sys.stdout.isatty() else 160)  # a log file gets whole rows
+    print_table(
+        f"kd table {spec.name} ({spec.compare} epoch vs published, tolerance {spec.tolerance})",
+        [(key, "left" if key in ("pair", "method", "status") else "right") for key in keys],
+        [[row[key] for key in keys] for row in table],
+        notes=[", ".join(f"{n} {status}" for status, n in counts.items())],
+        width=None if sys.stdout.isatty() else 160,
+    )  # a log file gets whole rows
 
 
 def plot(spec: TableSpec, cells: list[Cell], path: Path) -> None:
@@ -314,7 +368,9 @@ def plot(spec: TableSpec, cells: list[Cell], path: Path) -> None:
     colours = matplotlib.colormaps["RdYlGn"].copy()
     colours.set_bad("#dddddd")
     image = axes.imshow(np.ma.masked_invalid(grid), cmap=colours, vmin=-limit, vmax=limit, aspect="auto")
-    axes.set_xticks(range(len(pairs)), [f"{spec.pairs[p].teacher}\n→ {spec.pairs[p].student}" for p in pairs], fontsize=7)
+    axes.set_xticks(
+        range(len(pairs)), [f"{spec.pairs[p].teacher}\n→ {spec.pairs[p].student}" for p in pairs], fontsize=7
+    )
     axes.set_yticks(range(len(methods)), methods, fontsize=8)
     axes.set_title(f"{spec.name}: kd {spec.compare} top-1 / published (colour: difference)", fontsize=9)
     fig.colorbar(image, ax=axes, label="kd - published (top-1 points)")

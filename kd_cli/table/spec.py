@@ -52,9 +52,20 @@ class TableSpec:
         if not self.small:
             raise KdError(f"table {self.name} has no `small` section; run it whole or add one to {self.path}")
         pairs = {name: self.pairs[name] for name in self.small["pairs"]}
-        return TableSpec(self.name, self.path, self.teacher_recipe, self.method_recipes, pairs,
-                         list(self.small["methods"]), int(self.small["seeds"]), self.compare, self.tolerance,
-                         self.sources, self.published, self.small)
+        return TableSpec(
+            self.name,
+            self.path,
+            self.teacher_recipe,
+            self.method_recipes,
+            pairs,
+            list(self.small["methods"]),
+            int(self.small["seeds"]),
+            self.compare,
+            self.tolerance,
+            self.sources,
+            self.published,
+            self.small,
+        )
 
 
 def builtin_tables() -> list[str]:
@@ -88,7 +99,9 @@ def _parse(raw: dict, path: Path) -> TableSpec:
 
     pairs = {}
     for name, pair in need("pairs", dict).items():
-        if not (isinstance(pair, dict) and isinstance(pair.get("teacher"), str) and isinstance(pair.get("student"), str)):
+        if not (
+            isinstance(pair, dict) and isinstance(pair.get("teacher"), str) and isinstance(pair.get("student"), str)
+        ):
             raise KdError(f"{path}: pairs.{name} must give `teacher` and `student` architectures")
         pairs[str(name)] = Pair(str(name), pair["teacher"], pair["student"])
     sources = {str(k): str(v) for k, v in (raw.get("sources") or {}).items()}
@@ -102,10 +115,19 @@ def _parse(raw: dict, path: Path) -> TableSpec:
                 raise KdError(f"{path}: published.{method}.{pair} cites '{cell[1]}', which `sources` does not name")
             published[str(method)][str(pair)] = Published(float(cell[0]), str(cell[1]))
     spec = TableSpec(
-        name=str(raw.get("name") or path.stem), path=path, teacher_recipe=[str(o) for o in need("teacher_recipe", list)],
-        method_recipes=[[str(o) for o in recipe] for recipe in need("method_recipes", list)], pairs=pairs,
-        methods=[str(m) for m in need("methods", list)], seeds=int(need("seeds", int)), compare=str(raw.get("compare", "best")),
-        tolerance=float(raw.get("tolerance", 0.5)), sources=sources, published=published, small=raw.get("small") or {})
+        name=str(raw.get("name") or path.stem),
+        path=path,
+        teacher_recipe=[str(o) for o in need("teacher_recipe", list)],
+        method_recipes=[[str(o) for o in recipe] for recipe in need("method_recipes", list)],
+        pairs=pairs,
+        methods=[str(m) for m in need("methods", list)],
+        seeds=int(need("seeds", int)),
+        compare=str(raw.get("compare", "best")),
+        tolerance=float(raw.get("tolerance", 0.5)),
+        sources=sources,
+        published=published,
+        small=raw.get("small") or {},
+    )
     check_choices(spec)
     return spec
 
