@@ -393,3 +393,27 @@ def test_without_the_ensembles_term_one_has_no_gate_and_teaches_the_branches_mea
     branches = [logits, *(peer(images) for peer in method.peers)]
     mean = sum(branches) / 3
     assert terms["one"].item() == pytest.approx(kd_loss(logits, mean.detach(), 3.0).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["dml", "one"])
+def test_online_methods_run_on_cifar_shaped_data_and_save_every_student(method, tmp_path):
+    """The CIFAR-shaped synthetic pair: a 32x32 RGB resnet8 cohort (DML) and resnet8 branches (ONE)."""
+    synthetic = ["dataset=synthetic", "dataset.num_train=64", "dataset.num_test=32", "trainer.batch_size=16"]
+    result = kd(
+        "distill",
+        f"method={method}",
+        "student=resnet8",
+        *synthetic,
+        "trainer.epochs=1",
+        "trainer.max_steps_per_epoch=3",
+        *FAST,
+        f"paths.outputs={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    assert result.code == 0, result.stderr[-3000:]
+    done = summary(tmp_path / "run")
+    assert done["status"] == "complete" and done["peers"]
+    for peer in done["peers"].values():
+        assert (tmp_path / "run" / peer["path"] / "model.safetensors").is_file()
+        assert json.loads((tmp_path / "run" / peer["path"] / "model.json").read_text())["arch"] == "resnet8"
