@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from kdrun import FAST, assert_one_line_error, kd, summary
+from kdrun import FAST, assert_one_line_error, kd, kd_here, summary
 from torch import nn
 
 from kd_cli.errors import KdError
@@ -484,3 +484,24 @@ def test_cli_refuses_a_student_whose_stages_do_not_end_in_a_relu_in_one_line(cli
         "method.student_layers",
     )
     assert not (cli_runs / "refused" / "metrics.csv").exists()
+
+
+def test_an_initialisation_phase_that_fills_the_epochs_is_refused_before_anything_is_written(tmp_path):
+    """AB's 30 initialisation epochs against trainer.epochs=1: refused by the dry build, before a teacher is
+    trained or the run directory is written (the rule lives in Distiller.start_epoch, run there once)."""
+    result = kd_here(
+        "distill", "method=ab", "student=cnn", "trainer.epochs=1", *FAST, f"paths.outputs={tmp_path}", cwd=tmp_path
+    )
+    assert_one_line_error(result, "method.init_epochs=30 leaves none of trainer.epochs=1", "lower method.init_epochs")
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()], "a refused run wrote files"
+
+
+@pytest.mark.parametrize("name", ["ofd", "ab"])
+def test_default_stages_that_do_not_pair_up_say_to_pick_another_student(name):
+    student, teacher = create_model("mlp", 10, 1, 8), create_model("cnn", 10, 1, 8)
+    with pytest.raises(
+        KdError,
+        match=rf"^method={name} pairs the models' stages, but the student MLP has 1 and "
+        r"the teacher .* 2; pick a student with as many stages \(e.g. student=cnn",
+    ):
+        build_method(method_config(name), student, teacher)

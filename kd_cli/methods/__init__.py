@@ -67,7 +67,10 @@ def build_method(
         fixed["num_samples"] = num_samples
     if "new_student" in parameters:
         if new_student is None:
-            raise KdError(f"method={cfg['name']} trains several students at once; it runs in kd distill only")
+            raise KdError(
+                f"method={cfg['name']} trains several students at once; kd compress fine-tunes one model: "
+                f"use it in kd distill or kd train-teacher"
+            )
         fixed["new_student"] = new_student
     if "load_model" in parameters:
         if load_model is None:

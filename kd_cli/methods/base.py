@@ -159,6 +159,13 @@ class FeatureDistiller(Distiller):
         super().__init__(student, teacher)
         self.student_layers = list(student_layers or self.default_layers(student))
         self.teacher_layers = list(teacher_layers or self.default_layers(teacher))
+        if not (student_layers or teacher_layers) and len(self.student_layers) != len(self.teacher_layers):
+            raise KdError(
+                f"method={self.method_name} pairs the models' stages, but the student "
+                f"{type(student).__name__} has {len(self.student_layers)} and the teacher "
+                f"{type(teacher).__name__} {len(self.teacher_layers)}; pick a student with as many stages "
+                f"(e.g. student=cnn for the cnn teacher) or name the layers (method.student_layers / teacher_layers)"
+            )
         check_layer_counts(self.student_layers, self.teacher_layers)  # with the defaults filled in
         self.student_shapes = _shapes(student, self.student_layers)
         self.teacher_shapes = _shapes(teacher, self.teacher_layers)

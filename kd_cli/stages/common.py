@@ -123,7 +123,8 @@ def _hand_over(
         # in other processes (joblib, SLURM) learn the sweep's outcome from the jobs' summaries.
         RunDir(path).write_summary(FAILED, stage=cfg.stage, error=one_line(error), started_run=False)
     if in_multirun():
-        log.error(f"kd: error: job {path} failed: {one_line(error)}")
+        # the sweep goes on with its other jobs; its one `kd: error:` line comes when it ends
+        log.warning(f"kd: warning: job {path} failed: {one_line(error)}; the sweep goes on with its other jobs")
         error = KdError(f"a job of the sweep failed ({path}): {one_line(error)}")
     hand_over(error)
 

@@ -126,10 +126,13 @@ def dry_build(
 ) -> None:
     """Build the method once with these models and drop it: every check it makes on them (layers,
     feature shapes, sizes) fails now, before a teacher is trained or the run is written. `online`:
-    the stage trains several students when the method asks (kd compress does not)."""
+    the stage trains several students when the method asks (kd compress does not). Its first epoch is
+    started too, so a rule between the method and trainer.epochs (an initialisation phase that leaves no
+    epoch to train) is refused here as well."""
     import copy
 
-    new_method(cfg, student, teacher, loaders, (lambda: copy.deepcopy(student)) if online else None)
+    method = new_method(cfg, student, teacher, loaders, (lambda: copy.deepcopy(student)) if online else None)
+    method.start_epoch(0, int(cfg.trainer.epochs))
 
 
 def new_method(
