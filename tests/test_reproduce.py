@@ -87,3 +87,52 @@ def test_what_is_not_a_complete_run_is_one_line(project, tmp_path):
     (failed / "summary.json").write_text(json.dumps({"status": "failed", "error": "on purpose"}))
     assert_one_line_error(kd("reproduce", str(failed), cwd=tmp_path), "is failed, not complete")
     assert_one_line_error(kd("reproduce", cwd=tmp_path), "RUN_DIR")
+
+
+def test_a_student_run_does_not_depend_on_how_its_teacher_came_to_be(tmp_path):
+    """The same distill command ends the same whether its teacher was trained in that command (none
+    found) or found on disk: building, loading or training another model first draws nothing from the
+    student's random streams (its initialisation, the method's adapters, the loop's dropout)."""
+    command = [
+        "distill",
+        *TINY,
+        "student=cnn",
+        "student.kwargs.width=4",
+        "method=fitnet",
+        "seed=3",
+        "paths.outputs=outputs",
+    ]
+    kd_ok(*command, cwd=tmp_path)  # no teacher yet: trained first, in a subprocess
+    kd_ok(*command, cwd=tmp_path)  # the teacher found
+    first, second = sorted((tmp_path / "outputs" / "distill").glob("*/*/summary.json"))
+    trained_here, found = (json.loads(p.read_text()) for p in (first, second))
+    assert trained_here["teacher_run"] == found["teacher_run"]
+    for key in ("last_top1", "best_top1", "last_train_loss"):
+        assert trained_here[key] == found[key], key
+    assert (first.parent / "metrics.csv").read_text().count("\n") == 3
+    out = kd_ok("reproduce", str(first.parent), cwd=tmp_path).stdout
+    assert "reproduced: the final metrics are identical" in out
+
+
+def test_random_streams_are_isolated():
+    """A stream's draws come from (seed, name) alone and leave the global generators where they were;
+    a saved model rebuilt for loading draws nothing from them."""
+    import torch
+
+    from kd_cli.engine.artifacts import ModelSpec
+    from kd_cli.engine.device import random_stream
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    with random_stream(5, "model"):
+        a = torch.rand(3)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.rand(10)  # whatever happened before does not matter
+    with random_stream(5, "model"):
+        assert torch.equal(torch.rand(3), a)
+    with random_stream(5, "method"):
+        assert not torch.equal(torch.rand(3), a)
+    spec = ModelSpec("cnn", {}, 10, 1, 8, [0.5], [0.5], [str(i) for i in range(10)], "digits")
+    before = torch.get_rng_state()
+    spec.build()
+    assert torch.equal(torch.get_rng_state(), before)

@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kd_cli.engine.device import random_stream
 from kd_cli.engine.files import atomic_write, read_json, write_json
 from kd_cli.errors import KdError
 from kd_cli.saved_forms import decode_state, encode_state, rebuild, runs_on_cpu_only
@@ -49,9 +50,11 @@ class ModelSpec:
         from kd_cli.models import create_model
 
         options = dict(self.kwargs)
-        if not initial:
-            options = {k: v for k, v in options.items() if k not in INITIAL_WEIGHTS}
-        return create_model(self.arch, self.num_classes, self.in_channels, self.input_size, **options)
+        if initial:  # (the caller decides which random stream the initialisation draws from)
+            return create_model(self.arch, self.num_classes, self.in_channels, self.input_size, **options)
+        options = {k: v for k, v in options.items() if k not in INITIAL_WEIGHTS}
+        with random_stream(None):  # its draws are overwritten: they must not move the run's generators
+            return create_model(self.arch, self.num_classes, self.in_channels, self.input_size, **options)
 
 
 def save_model(directory: Path, model: nn.Module, spec: ModelSpec) -> Path:

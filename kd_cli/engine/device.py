@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -97,3 +99,28 @@ def seed_everything(seed: int) -> None:
 
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def derived_seed(seed: int, stream: str) -> int:
+    """A 63-bit seed for one named part of a run, from the run's seed alone."""
+    digest = hashlib.sha256(f"{seed}/{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@contextlib.contextmanager
+def random_stream(seed: int | None, stream: str = "") -> Iterator[None]:
+    """Draws made in the block (a model's initialisation, a method's adapters) come from (seed, stream)
+    alone, and the global generators are left as they were: what a part of a run draws never depends
+    on what was built, loaded or trained before it in the same process (a teacher found on disk or
+    trained first, a dry build for the checks). `seed=None` only isolates the block."""
+    import random
+
+    python_state = random.getstate()
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        if seed is not None:
+            seed_everything(derived_seed(seed, stream))
+        try:
+            yield
+        finally:
+            random.setstate(python_state)

@@ -30,7 +30,7 @@ from kd_cli.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from kd_cli.engine.device import autocast, use_channels_last
+from kd_cli.engine.device import autocast, derived_seed, seed_everything, use_channels_last
 from kd_cli.engine.distributed import World, all_reduce_sum
 from kd_cli.engine.metrics import predict, topk_accuracy
 from kd_cli.engine.optim import Schedule, build_optimizer, param_groups, set_lr
@@ -69,6 +69,9 @@ class Training:
     # The teacher's outputs stored by earlier runs of the same data stream (engine/teacher_cache.py); used
     # when the method reads the teacher's logits only.
     teacher_cache: TeacherCache | None = None
+    # The loop's own draws (dropout, a method's sampling) start from (seed, "train"), whatever the stage
+    # built or loaded before; a resumed run continues the checkpointed generator states instead.
+    seed: int = 0
 
 
 @dataclass
@@ -101,6 +104,7 @@ def fit(job: Training) -> FitResult:
     params = [p for p in method.parameters() if p.requires_grad]
     backbone = backbone_parameters(method.student)
     optimizer = build_optimizer(param_groups(params, backbone, job.optim.backbone_lr_scale), job.optim)
+    seed_everything(derived_seed(job.seed, "train"))
     state = _resume_state(job, method, optimizer)
     job.tracker.resume(state["history"])  # a resumed run: the checkpointed epochs the trackers missed
     if mode := compile_mode(job.trainer.compile):

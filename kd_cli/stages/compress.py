@@ -30,6 +30,7 @@ from kd_cli.engine.artifacts import (
     save_model,
     weights_digest,
 )
+from kd_cli.engine.device import random_stream
 from kd_cli.engine.loop import fit
 from kd_cli.engine.metrics import predict
 from kd_cli.engine.rundir import COMPLETE, CONFIG, RunDir
@@ -178,7 +179,8 @@ def finetune(
     """Recovery training in the engine's one loop; the uncompressed model teaches (cfg.method)."""
     teacher = _teacher(cfg, uncompressed)
     model = model.to(setup.device).requires_grad_(True)
-    method = new_method(cfg, model, teacher, loaders, new_student=None)
+    with random_stream(cfg.seed, "method"):
+        method = new_method(cfg, model, teacher, loaders, new_student=None)
     fit(training_job(cfg, run, setup, loaders, method, f"recovery ({cfg.method.name})", tracker))
     return model.eval()
 

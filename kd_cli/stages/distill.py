@@ -8,6 +8,7 @@ import time
 from omegaconf import DictConfig
 
 from kd_cli.engine.artifacts import load_model
+from kd_cli.engine.device import random_stream
 from kd_cli.engine.metrics import predict, topk_accuracy
 from kd_cli.engine.rundir import RunDir, is_complete, read_summary
 from kd_cli.methods import method_requires_teacher
@@ -45,7 +46,8 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     loaders = load_data(cfg, setup)
     spec = model_spec(cfg.student, loaders.data, cfg.dataset)
     plan = plan_teacher(cfg, loaders.data, run, setup.device) if method_requires_teacher(cfg.method.name) else None
-    student = spec.build(initial=True)
+    with random_stream(cfg.seed, "model"):  # the same draws whether the teacher was found or trained first
+        student = spec.build(initial=True)
     check_pretrained_form(student, cfg.dataset, "student")
     dry_build(cfg, student, _teacher_for_checks(plan), loaders)
     start_run(cfg, run, setup, **data_env(cfg, setup, loaders))
@@ -62,13 +64,9 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     generations = int(cfg.method.get("generations", 1))
     per_generation = []
     for generation in range(1, generations):  # born-again: each student teaches the next
-        student = train_generation(cfg, run, setup, loaders, spec, teacher, generation, started)
+        trained = train_generation(cfg, run, setup, loaders, spec, teacher, generation, started)
         per_generation.append(read_summary(run.path / f"generation-{generation}")["last_top1"])
-        teacher = student.eval().requires_grad_(False)
-    if generations > 1:
-        student = spec.build(
-            initial=True
-        )  # the first built is the checks' (and, with born-again, the first generation's)
+        teacher = trained.eval().requires_grad_(False)
     result = train_and_save(cfg, run, setup, loaders, student, spec, teacher, title=f"student {spec.arch}")
     if generations > 1:
         per_generation.append(result.last_top1)
@@ -114,7 +112,8 @@ def train_generation(cfg, run: RunDir, setup, loaders, spec, teacher, generation
     gen_run = RunDir(run.path / f"generation-{generation}")
     if is_complete(gen_run.path):
         return load_model(gen_run.path, setup.device)[0]
-    student = spec.build(initial=True)
+    with random_stream(cfg.seed, f"model/generation-{generation}"):
+        student = spec.build(initial=True)
     result = train_and_save(
         cfg, gen_run, setup, loaders, student, spec, teacher, title=f"student {spec.arch} generation {generation}"
     )

@@ -6,6 +6,7 @@ import time
 
 from omegaconf import DictConfig
 
+from kd_cli.engine.device import random_stream
 from kd_cli.engine.rundir import RunDir
 from kd_cli.errors import KdError
 from kd_cli.methods import method_requires_teacher
@@ -38,7 +39,8 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         print_config(cfg)
     loaders = load_data(cfg, setup)
     spec = model_spec(cfg.teacher, loaders.data, cfg.dataset)
-    model = spec.build(initial=True)  # from pretrained weights when its options ask
+    with random_stream(cfg.seed, "model"):  # from pretrained weights when its options ask
+        model = spec.build(initial=True)
     check_pretrained_form(model, cfg.dataset, "teacher")
     start_run(cfg, run, setup, **data_env(cfg, setup, loaders))
     result = train_and_save(cfg, run, setup, loaders, model, spec, teacher=None, title=f"teacher {spec.arch}")

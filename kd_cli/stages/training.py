@@ -16,7 +16,7 @@ from torch import nn
 from kd_cli.console import print_table
 from kd_cli.data import AugmentSpec, DataSplits, load_dataset, make_loader
 from kd_cli.engine.artifacts import ModelSpec, load_model, save_model
-from kd_cli.engine.device import use_channels_last
+from kd_cli.engine.device import random_stream, use_channels_last
 from kd_cli.engine.loop import FitResult, Training, fit
 from kd_cli.engine.rundir import COMPLETE, RunDir
 from kd_cli.engine.teacher_cache import TeacherCache, teacher_identity
@@ -131,8 +131,9 @@ def dry_build(
     epoch to train) is refused here as well."""
     import copy
 
-    method = new_method(cfg, student, teacher, loaders, (lambda: copy.deepcopy(student)) if online else None)
-    method.start_epoch(0, int(cfg.trainer.epochs))
+    with random_stream(None):  # built and dropped: its draws must not move the run's generators
+        method = new_method(cfg, student, teacher, loaders, (lambda: copy.deepcopy(student)) if online else None)
+        method.start_epoch(0, int(cfg.trainer.epochs))
 
 
 def new_method(
@@ -179,6 +180,7 @@ def training_job(
         world=setup.world,
         tracker=tracker,
         resume_from=rank_resume_dir(cfg, setup, run),
+        seed=int(cfg.seed),
         **options,
     )
 
@@ -195,7 +197,8 @@ def train_and_save(
 ) -> FitResult:
     """Train `model` with cfg.method (and the teacher, if any); save weights (and each peer's, for online
     methods, in peers/NAME); return the history."""
-    method = new_method(cfg, model, teacher, loaders, lambda: spec.build(initial=True))
+    with random_stream(cfg.seed, "method"):  # adapters, peers: drawn from the seed alone
+        method = new_method(cfg, model, teacher, loaders, lambda: spec.build(initial=True))
     tracker = open_trackers(cfg, run, setup.world.is_main)
     job = training_job(
         cfg,
