@@ -105,7 +105,7 @@ def _onnx(path: Path, device: str) -> Predictor:
 
 
 def preprocessing(spec: ModelSpec) -> Callable:
-    """The model's own evaluation transform: PIL image -> normalised float tensor (C, S, S)."""
+    """The model's own evaluation transform: uint8 RGB image tensor -> normalised float tensor (C, S, S)."""
     from torchvision.transforms import v2
 
     from kd_cli.data.loader import centre_crop
@@ -115,23 +115,33 @@ def preprocessing(spec: ModelSpec) -> Callable:
         frame = centre_crop(size, spec.extra.get("crop_fraction", 0.875))
     else:  # the small in-memory sets saw whole images at their own size
         frame = [v2.Resize((size, size), antialias=True)]
+    from kd_cli.data.images import grey
+
+    luma = [grey] if spec.in_channels == 1 else []
     return v2.Compose(
-        [v2.ToImage(), *frame, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec.mean), list(spec.std))]
+        [
+            v2.ToImage(),
+            *luma,
+            *frame,
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(spec.mean), list(spec.std)),
+        ]
     )
 
 
-def read_image(path: Path, channels: int, transform: Callable) -> torch.Tensor:
-    from kd_cli.data.folder import read_rgb
+def read_image(path: Path, transform: Callable) -> torch.Tensor:
+    """One input file through kd's one decoding path (the pixels training and evaluation saw), then
+    the model's transform; any failure is an UnreadableImage naming the file."""
+    from kd_cli.data.images import decode_rgb
 
-    image = read_rgb(str(path))  # plain raster formats only; any failure is an UnreadableImage
-    return transform(image.convert("L") if channels == 1 else image)
+    return transform(decode_rgb(str(path)))
 
 
 def predict_files(
     model: Predictor, files: list[Path], transform: Callable, args: argparse.Namespace
 ) -> tuple[list[dict], list[tuple[Path, str]]]:
     """Top-k rows for the readable files, and (file, problem) for the others."""
-    from kd_cli.data.folder import UnreadableImage
+    from kd_cli.data.images import UnreadableImage
 
     rows: list[dict] = []
     skipped: list[tuple[Path, str]] = []
@@ -139,9 +149,9 @@ def predict_files(
 
     def load(path: Path) -> torch.Tensor | str:
         try:
-            return read_image(path, model.spec.in_channels, transform)
+            return read_image(path, transform)
         except UnreadableImage as error:
-            return _problem(str(error))
+            return error.problem or str(error)
 
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
         for batch in _batches(files, args.batch_size):
@@ -166,12 +176,6 @@ def predict_files(
 def _batches(files: list[Path], size: int) -> Iterator[list[Path]]:
     for start in range(0, len(files), size):
         yield files[start : start + size]
-
-
-def _problem(message: str) -> str:
-    """The part of an UnreadableImage line that says what is wrong (the file is named beside it)."""
-    inside = message.split(" (", 1)[1] if " (" in message else message
-    return inside.split("); ", 1)[0]
 
 
 def _check_finite(logits: torch.Tensor, source: str) -> None:

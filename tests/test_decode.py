@@ -13,9 +13,10 @@ import torch
 from formats import digits_images, save_image, truncate
 from PIL import Image
 
-from kd_cli.data import AugmentSpec, decode, load_dataset, make_loader
-from kd_cli.data.decode import CroppedBatches, decode_rgb, header_size, random_resized_boxes, uniforms
-from kd_cli.data.folder import UnreadableImage, read_rgb
+from kd_cli.data import AugmentSpec, load_dataset, make_loader
+from kd_cli.data import images as image_files
+from kd_cli.data.decode import CroppedBatches, random_resized_boxes, uniforms
+from kd_cli.data.images import UnreadableImage, decode_rgb, header_size, read_rgb
 
 
 def photo(height: int = 40, width: int = 56, seed: int = 0) -> np.ndarray:
@@ -29,11 +30,11 @@ def as_pil_tensor(path: Path) -> torch.Tensor:
 @pytest.fixture(params=["torchcodec", "torchvision"])
 def decoder(request, monkeypatch):
     """Both decoders: TorchCodec (installed by the test extra) and torchvision.io (without it)."""
-    decode.image_decoder.cache_clear()
+    image_files.image_decoder.cache_clear()
     if request.param == "torchvision":
         monkeypatch.setitem(__import__("sys").modules, "torchcodec.decoders", None)
     yield request.param
-    decode.image_decoder.cache_clear()
+    image_files.image_decoder.cache_clear()
 
 
 def test_png_pixels_equal_pils(tmp_path, decoder):
@@ -103,7 +104,7 @@ def test_a_decompression_bomb_header_never_reaches_the_fast_decoder(tmp_path, mo
     data[16:24] = struct.pack(">II", 100_000, 100_000)
     path = tmp_path / "bomb.png"
     path.write_bytes(bytes(data))
-    monkeypatch.setattr(decode, "image_decoder", lambda: pytest.fail("the fast decoder was called"))
+    monkeypatch.setattr(image_files, "image_decoder", lambda: pytest.fail("the fast decoder was called"))
     with pytest.raises(UnreadableImage, match="bomb.png"):
         decode_rgb(str(path))
 

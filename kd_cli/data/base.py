@@ -63,7 +63,7 @@ class TensorSplit:
 class FolderSplit:
     """A split streamed from disk; the loader attaches the transforms."""
 
-    dataset: Dataset  # yields (PIL image, int label)
+    dataset: Dataset  # yields (uint8 RGB image tensor (3, H, W), int label): data/images.decode_rgb
     image_size: int = 224  # side of the square crops the loader cuts (the data set's input_size)
     crop_fraction: float = 0.875  # evaluation: resize to image_size / crop_fraction, keep the centre
 

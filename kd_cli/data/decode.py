@@ -4,7 +4,7 @@ The per-image recipe (a PIL decode, then a chain of transforms per image in the 
 each image sent back as a float tensor) spends most of its time outside the pixels: Python calls per
 image and per transform, and four bytes per pixel through the workers' shared memory. Here a worker
 gets a whole batch of indices (`__getitems__`), reads each file, decodes JPEG and PNG with TorchCodec
-(or torchvision.io without it; other formats through `read_rgb`, PIL restricted to raster formats),
+(or torchvision.io without it; other formats through Pillow, restricted to raster formats: `images.py`),
 cuts the random-resized crop, resizes it in uint8, flips half of them, and returns one uint8 batch
 (as numpy arrays: cheaper to send than tensors). The rest of the augmentation (rotation, erasing),
 the float conversion and normalisation run batched in the main process on the training device
@@ -13,102 +13,24 @@ the float conversion and normalisation run batched in the main process on the tr
 The crop boxes and flips are drawn from (seed, epoch, sample index), so a batch is the same whatever
 the number of workers, and the teacher cache can share it between runs.
 
-Safety: only files whose header says JPEG or PNG reach these decoders, and only when the header's
-width x height is within Pillow's decompression-bomb limit (as for every other format through PIL);
-anything else, and any decoder failure, goes through `read_rgb`, which names the file in one line.
+Every image is read by `images.decode_rgb`, the one decoding path of kd (its docstring gives the rules
+and the safety checks).
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import os
-import struct
-import warnings
-from collections.abc import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from kd_cli.data.folder import UnreadableImage, read_rgb
+from kd_cli.data.images import decode_rgb
 
 SCALE = (0.08, 1.0)  # RandomResizedCrop's defaults: share of the area, and aspect ratio range
 RATIO = (3 / 4, 4 / 3)
 ATTEMPTS = 10
 FLIP = 2 * ATTEMPTS  # the column of the uniforms that decides the flip (the last two place the box)
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-JPEG_MAGIC = b"\xff\xd8\xff"
-# JPEG start-of-frame markers (baseline, extended, progressive, lossless, ...): they carry the size.
-SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def header_size(data: bytes | bytearray) -> tuple[int, int] | None:
-    """(width, height) from a PNG's IHDR or a JPEG's start-of-frame; None for anything else."""
-    if data.startswith(PNG_MAGIC) and len(data) >= 24 and data[12:16] == b"IHDR":
-        return struct.unpack_from(">II", data, 16)
-    if not data.startswith(JPEG_MAGIC):
-        return None
-    position = 2
-    while position + 9 <= len(data):
-        if data[position] != 0xFF:
-            return None
-        marker = data[position + 1]
-        if marker == 0xFF:  # fill byte
-            position += 1
-            continue
-        (length,) = struct.unpack_from(">H", data, position + 2)
-        if marker in SOF_MARKERS:
-            height, width = struct.unpack_from(">HH", data, position + 5)
-            return width, height
-        position += 2 + length
-    return None
-
-
-@functools.cache
-def image_decoder() -> Callable[[torch.Tensor], torch.Tensor]:
-    """encoded bytes -> uint8 (3, H, W): TorchCodec's decoder when it is installed (`kd-cli[images]`;
-    the successor of torchvision.io's image decoders, which torchvision 0.29 deprecates), else
-    torchvision.io's, whose deprecation warning (one per decoded image) is silenced here."""
-    try:
-        from torchcodec.decoders import decode_image as codec_decode
-
-        return lambda data: codec_decode(data, mode="RGB")
-    except ImportError:
-        from torchvision.io import ImageReadMode, decode_image
-
-        warnings.filterwarnings(
-            "ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning
-        )
-        return lambda data: decode_image(data, mode=ImageReadMode.RGB)
-
-
-def decode_rgb(path: str) -> torch.Tensor:
-    """The image at `path` as uint8 (3, H, W)."""
-    try:
-        with open(path, "rb", buffering=0) as file:
-            data = bytearray(os.fstat(file.fileno()).st_size)  # read straight into a buffer torch can share
-            read = file.readinto(data)
-            data = data if read == len(data) else data[:read]
-    except OSError as error:
-        raise UnreadableImage.of(path, error.strerror or str(error)) from None
-    size = header_size(data)
-    if size is not None and 0 < size[0] * size[1] <= _max_pixels():
-        try:
-            image = image_decoder()(torch.frombuffer(data, dtype=torch.uint8))
-            if image.dtype == torch.uint16:  # a 16-bit PNG (from torchvision.io; TorchCodec scales it itself)
-                image = (image.to(torch.int32) >> 8).to(torch.uint8)
-            if image.dtype == torch.uint8 and image.dim() == 3:
-                return image
-        except Exception:  # noqa: BLE001 - PIL decides, and names the problem in one line
-            pass
-    return torch.from_numpy(np.array(read_rgb(path))).permute(2, 0, 1).contiguous()
-
-
-def _max_pixels() -> int:
-    limit = Image.MAX_IMAGE_PIXELS
-    return 2 * int(limit) if limit else 2**62
 
 
 def uniforms(seed: int, epoch: int, indices: list[int], count: int) -> np.ndarray:

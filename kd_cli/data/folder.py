@@ -4,22 +4,17 @@ Layouts accepted under `root`: `train/` plus `test/` (or `val/`), each holding o
 `train/`, `val/` and `test/` (val/ is then the validation split that chooses the best epoch); or class
 folders alone, which are split into train and test by `test_fraction` and `split_seed`.
 
-Unreadable files. Every image is read by `read_rgb`, which turns any failure to decode (a truncated
-PNG, a corrupt JPEG, a text file named .png) into `UnreadableImage`, a one-line KdError naming the file
-and pointing to `dataset.skip_unreadable`; the loader gets that line back intact from DataLoader workers
+Unreadable files. Every image is read by `images.decode_rgb` (the one decoding path of kd: training,
+evaluation and `kd predict` see the same pixels), which turns any failure to decode (a truncated PNG, a
+corrupt JPEG, a text file named .png) into `UnreadableImage`, a one-line KdError naming the file and
+pointing to `dataset.skip_unreadable`; the loader gets that line back intact from DataLoader workers
 too. With `skip_unreadable=true` every file is decoded once at load time (in parallel: `scan`), before
-the split, so the split stays deterministic and the fingerprint, which lists
-the files kept, says what was skipped; one warning gives the count and the first few names.
-
-Safety audit: Pillow only parses pixels, but it picks the decoder from the file's contents, not its
-name, and its EPS decoder runs Ghostscript on the file. `read_rgb` therefore opens only the raster
-formats ImageFolder's extensions stand for (JPEG/MPO, PNG, PPM/PGM, BMP, TIFF, WebP): anything else is an
-unreadable file. Decompression bombs (images over Pillow's MAX_IMAGE_PIXELS x 2) are unreadable files too.
+the split, so the split stays deterministic and the fingerprint, which lists the files kept, says what
+was skipped; one warning gives the count and the first few names.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -27,7 +22,6 @@ from typing import Annotated
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
 
@@ -41,59 +35,13 @@ from kd_cli.data.base import (
     register_dataset,
 )
 from kd_cli.data.files import brief
+from kd_cli.data.images import decode_rgb, problem_of
 from kd_cli.errors import KdError, warn
 from kd_cli.registry import OpenFraction, PositiveInt, Range
 
 LAYOUT = "train/ and test/ (or val/, or both) folders of class folders, or class folders alone"
-# Pillow's names of the formats behind ImageFolder's extensions (.jpg .jpeg .png .ppm .pgm .bmp .tif .tiff
-# .webp); camera JPEGs that Pillow calls MPO are opened by its JPEG entry.
-FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP")
 SKIPPED_SHOWN = 3  # unreadable files named in the warning
 PROCESS_SCAN_FROM = 4096  # files; below this, threads scan (no process start-up)
-
-
-class UnreadableImage(KdError):
-    """An image file that cannot be decoded; the message is one line naming it.
-
-    torch re-raises a DataLoader worker's exception as `type(error)(long message with the worker's
-    traceback)`: the constructor keeps only this class's own line of that message."""
-
-    def __init__(self, message: str):
-        lines = [line for line in str(message).splitlines() if line.strip()]
-        if len(lines) > 1:
-            marker = f"{type(self).__name__}: "
-            ours = [line.split(marker, 1)[1] for line in lines if marker in line]
-            message = ours[-1].strip() if ours else lines[-1].strip()
-        super().__init__(message)
-
-    @classmethod
-    def of(cls, path: str, problem: str) -> UnreadableImage:
-        return cls(
-            f"cannot read image {path} ({problem}); replace or delete it, or set "
-            "dataset.skip_unreadable=true to leave unreadable images out"
-        )
-
-
-def read_rgb(path: str) -> Image.Image:
-    """ImageFolder's loader: the image as RGB, fully decoded; any failure is an `UnreadableImage`."""
-    try:
-        with open(path, "rb") as file:
-            image = Image.open(file, formats=_formats())
-            return image.convert("RGB")  # decodes every pixel (Image.open reads the header only)
-    except Exception as error:  # noqa: BLE001 - whatever the decoder raises, the file is the problem
-        raise UnreadableImage.of(path, _problem(error)) from None
-
-
-@functools.cache
-def _formats() -> tuple[str, ...]:
-    Image.init()  # registers every plugin; a format this Pillow was built without is left out
-    return tuple(name for name in FORMATS if name in Image.OPEN)
-
-
-def _problem(error: BaseException) -> str:
-    if isinstance(error, UnidentifiedImageError):
-        return "not a JPEG, PNG, PPM/PGM, BMP, TIFF or WebP image, or its header is damaged"
-    return brief(error, limit=120)
 
 
 @register_dataset("imagefolder")
@@ -170,7 +118,7 @@ def _official_split(root: str) -> tuple[ImageFolder, ImageFolder, ImageFolder | 
 
 def _image_folder(path: str) -> ImageFolder:
     try:
-        return ImageFolder(path, loader=read_rgb)
+        return ImageFolder(path, loader=decode_rgb)
     except OSError as error:  # FileNotFoundError: no class folders, or a class folder without images
         raise KdError(f"cannot read image folder {path} ({brief(error)}); expected {LAYOUT}") from error
 
@@ -205,25 +153,15 @@ def scan(paths: list[str], root: str, processes: bool | None = None) -> list[str
         processes = cores > 1 and len(paths) >= PROCESS_SCAN_FROM
     if not processes:
         with ThreadPoolExecutor(max_workers=min(32, 2 * cores)) as pool:
-            return list(pool.map(_unreadable, paths))
+            return list(pool.map(problem_of, paths))
     try:
         with ProcessPoolExecutor(max_workers=cores) as pool:
-            return list(pool.map(_unreadable, paths, chunksize=64))
+            return list(pool.map(problem_of, paths, chunksize=64))
     except BrokenProcessPool:
         raise KdError(
             f"a file under {root} crashed the image decoder while kd checked every image "
             "(dataset.skip_unreadable=true); it is crafted or badly damaged: find it and delete it"
         ) from None
-
-
-def _unreadable(path: str) -> str | None:
-    """None when `path` decodes, else what is wrong with it."""
-    try:
-        with open(path, "rb") as file:
-            Image.open(file, formats=_formats()).convert("RGB")
-    except Exception as error:  # noqa: BLE001
-        return _problem(error)
-    return None
 
 
 def _random_split(folder: ImageFolder, test_fraction: float, seed: int) -> tuple[Subset, Subset]:
@@ -261,4 +199,4 @@ def _read(path: str) -> bytes:
         return file.read()
 
 
-imagefolder.image_channels = 3  # type: ignore[attr-defined]  # a function attribute; read_rgb makes every image RGB
+imagefolder.image_channels = 3  # type: ignore[attr-defined]  # a function attribute; decode_rgb makes every image RGB

@@ -28,7 +28,7 @@ from kd_cli.data.augment import (
     check_in_memory,
 )
 from kd_cli.data.base import FolderSplit, TensorSplit, folder_samples
-from kd_cli.data.folder import UnreadableImage
+from kd_cli.data.images import UnreadableImage
 from kd_cli.errors import KdError
 
 if TYPE_CHECKING:
