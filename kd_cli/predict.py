@@ -116,14 +116,16 @@ def main(argv: list[str]) -> int:
     model = open_model(Path(args.run), args.device)
     transform = preprocessing(model.spec)
     rows, skipped = predict_files(model, files, transform, args)
+    from kd_cli.data.files import shown_path
+
     if skipped and args.strict:
         path, problem = skipped[0]
         raise KdError(
-            f"cannot read image {path} ({problem}); {len(skipped)} unreadable in all (strict=true: "
+            f"cannot read image {shown_path(path)} ({problem}); {len(skipped)} unreadable in all (strict=true: "
             "nothing written); fix or remove them, or drop strict=true to skip them"
         )
     if skipped:
-        shown = "; ".join(f"{path} ({problem})" for path, problem in skipped[:SKIPPED_SHOWN])
+        shown = "; ".join(f"{shown_path(path)} ({problem})" for path, problem in skipped[:SKIPPED_SHOWN])
         more = f"; and {len(skipped) - SKIPPED_SHOWN} more" if len(skipped) > SKIPPED_SHOWN else ""
         warn(f"skipped {len(skipped)} unreadable image(s) of {len(files)}: {shown}{more}")
     if not rows:
@@ -141,8 +143,11 @@ def collect_images(inputs: list[str]) -> list[Path]:
     found: list[Path] = []
     for text in inputs:
         path = Path(text).expanduser()
-        if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if path.is_dir():  # symlinks followed, loops not: as the image-folder data set reads a folder
+            from kd_cli.data.files import walk_without_loops
+
+            files = (Path(folder, name) for folder, names in walk_without_loops(str(path)) for name in sorted(names))
+            found += sorted(p for p in files if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
             found += _listed(path)
         elif path.is_file():
@@ -180,13 +185,16 @@ def write_csv(path: Path, rows: list[dict], k: int) -> None:
     from kd_cli.engine.files import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    # surrogateescape: a file name that is not UTF-8 is written as its own bytes, so it names the file
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", errors="surrogateescape"))
 
 
 def print_predictions(rows: list[dict], model: Predictor, out: Path) -> None:
+    from kd_cli.data.files import shown_path
+
     cells = [
         [
-            row["file"],
+            shown_path(row["file"]),
             row["classes"][0],
             f"{row['probs'][0]:.3f}",
             ", ".join(f"{name} {prob:.2f}" for name, prob in zip(row["classes"][1:3], row["probs"][1:3])),

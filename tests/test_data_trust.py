@@ -10,6 +10,7 @@ the MNIST test set), and read through the real loaders, in-process.
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import pickletools
 from pathlib import Path
@@ -210,6 +211,42 @@ def test_an_image_folder_with_one_class_is_refused(tmp_path):
             load_dataset({"name": "imagefolder", "root": str(root), "test_fraction": 0.25})
         message = one_line(error)
         assert "1 class folder (cats)" in message and "at least 2" in message
+
+
+@pytest.mark.parametrize("target", ["root", "class folder", "above the root"])
+def test_a_directory_symlink_loop_is_named_and_not_followed(tmp_path, capsys, target):
+    """A folder symlink back into a folder it is inside is not gone round (24 images became 197, the
+    test split copies of the training split): one warning names it, each image is read once."""
+    root = tmp_path / "data"
+    write_digit_folder(root, per_class=8)
+    aim = {"root": root, "class folder": root / "one", "above the root": tmp_path}[target]
+    (root / "one" / "again").symlink_to(aim, target_is_directory=True)
+    elsewhere = tmp_path / "more"  # a symlink to a folder outside the data is followed, as before
+    write_digit_folder(elsewhere, per_class=2, offset=8)
+    (root / "four" / "extra").symlink_to(elsewhere / "four", target_is_directory=True)
+    data = load_dataset({"name": "imagefolder", "root": str(root), "test_fraction": 0.25, "image_size": 8})
+    assert len(data.train) + len(data.test) == 3 * 8 + 2
+    (warning,) = warnings_in(capsys)
+    assert f"{root / 'one' / 'again'} is a symlink to {aim}" in warning and "a loop, not followed" in warning
+
+
+def test_a_file_name_that_is_not_utf8_is_read(tmp_path):
+    """An old archive's Latin-1 `café.png` is read like any other image (and hashed into the data's
+    fingerprint by its bytes); when it cannot be decoded, the one line names it with an escape."""
+    root = tmp_path / "data"
+    first, *_ = write_digit_folder(root, per_class=8)  # one/... is written first (CLASSES is sorted)
+    latin1 = Path(os.fsdecode(bytes(root / "one") + b"/caf\xe9.png"))  # (surrogateescape: the raw byte 0xE9)
+    latin1.write_bytes(first.read_bytes())
+    data = load_dataset({"name": "imagefolder", "root": str(root), "test_fraction": 0.25, "image_size": 8})
+    assert len(data.train) + len(data.test) == 3 * 8 + 1
+    split = next(s for s in (data.train, data.test) if str(latin1) in [p for p, _ in folder_samples(s.dataset)])
+    latin1.write_text("not an image")
+    loader = make_loader(
+        split, batch_size=64, train=False, spec=None, mean=[0.5] * 3, std=[0.5] * 3, device=CPU, seed=0, num_workers=0
+    )
+    with pytest.raises(KdError) as error:
+        list(loader)
+    assert "one/caf\\xe9.png (" in one_line(error)
 
 
 def tensor_data(train_labels, test_labels, classes: int = 3) -> DataSplits:

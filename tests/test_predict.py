@@ -174,3 +174,21 @@ def test_the_evaluation_crop_follows_the_models_crop_fraction():
     assert torch.allclose(preprocessing(spec)(image), whole)
     spec.extra = {}
     assert torch.allclose(preprocessing(spec)(image), cropped)
+
+
+def test_a_latin1_name_and_a_folder_loop_are_predicted_once(trained, pngs, tmp_path):
+    """Folders are read as the image-folder data set reads them: symlinks followed, a loop named and not
+    followed; a file name that is not UTF-8 is predicted, its CSV cell holding the name's own bytes."""
+    root, _, _ = pngs
+    folder = tmp_path / "in"
+    folder.mkdir()
+    source = sorted(root.rglob("*.png"))[0]
+    latin1 = os.fsdecode(bytes(folder) + b"/caf\xe9.png")
+    Path(latin1).write_bytes(source.read_bytes())
+    (folder / "again").symlink_to(folder, target_is_directory=True)
+    out = tmp_path / "p.csv"
+    result = kd_here("predict", f"run={trained}", str(folder), f"out={out}", cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    (warning,) = [line for line in result.stderr.splitlines() if line.strip()]
+    assert warning.startswith("kd: warning: ") and "again is a symlink" in warning and "a loop, not followed" in warning
+    assert out.read_bytes().splitlines()[1].startswith(os.fsencode(latin1))

@@ -185,7 +185,8 @@ def absolute(root: str | os.PathLike) -> str:
 def fingerprint(*parts: bytes | str) -> str:
     digest = hashlib.sha256()
     for part in parts:
-        digest.update(part.encode() if isinstance(part, str) else part)
+        # (surrogateescape: a file name that is not UTF-8 hashes as its own bytes)
+        digest.update(part.encode("utf-8", "surrogateescape") if isinstance(part, str) else part)
         digest.update(b"\0")  # separator, so ("ab", "c") and ("a", "bc") differ
     return digest.hexdigest()[:16]
 

@@ -34,7 +34,7 @@ from kd_cli.data.base import (
     folder_samples,
     register_dataset,
 )
-from kd_cli.data.files import brief
+from kd_cli.data.files import brief, walk_without_loops
 from kd_cli.data.images import decode_rgb, problem_of
 from kd_cli.errors import KdError, warn
 from kd_cli.registry import OpenFraction, PositiveInt, Range
@@ -116,9 +116,33 @@ def _official_split(root: str) -> tuple[ImageFolder, ImageFolder, ImageFolder | 
     return train, test, val
 
 
+class LoopFreeImageFolder(ImageFolder):
+    """torchvision's ImageFolder, but its listing does not follow a directory symlink back into a
+    folder it is inside (a file-system loop, which os.walk(followlinks=True) goes round until the path
+    is too long: 24 images became 197): as `find -L` does, the loop is named in one warning and not
+    followed. Other symlinks, to files or to folders elsewhere, are followed as before."""
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        from torchvision.datasets.folder import has_file_allowed_extension
+
+        def valid(path: str) -> bool:
+            return is_valid_file(path) if is_valid_file is not None else has_file_allowed_extension(path, extensions)
+
+        samples = []
+        for name in sorted(class_to_idx):
+            for folder, files in walk_without_loops(os.path.join(directory, name)):
+                paths = (os.path.join(folder, file) for file in sorted(files))
+                samples += [(path, class_to_idx[name]) for path in paths if valid(path)]
+        empty = set(class_to_idx) - {os.path.relpath(path, directory).split(os.sep)[0] for path, _ in samples}
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(sorted(empty))}.")
+        return samples
+
+
 def _image_folder(path: str) -> ImageFolder:
     try:
-        return ImageFolder(path, loader=decode_rgb)
+        return LoopFreeImageFolder(path, loader=decode_rgb)
     except OSError as error:  # FileNotFoundError: no class folders, or a class folder without images
         raise KdError(f"cannot read image folder {path} ({brief(error)}); expected {LAYOUT}") from error
 

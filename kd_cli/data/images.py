@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from kd_cli.data.files import brief
+from kd_cli.data.files import brief, shown_path
 from kd_cli.errors import KdError, warn
 
 # Pillow's names of the formats behind ImageFolder's extensions (.jpg .jpeg .png .ppm .pgm .bmp .tif .tiff
@@ -66,12 +66,6 @@ class UnreadableImage(KdError):
         )
         error.problem = problem
         return error
-
-
-def shown_path(path: str | os.PathLike) -> str:
-    """A path as it can be printed: a name that is not UTF-8 (an old archive's Latin-1 `café.png`) keeps
-    its odd bytes as \\xNN escapes instead of failing to encode."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def decode_rgb(path: str) -> torch.Tensor:

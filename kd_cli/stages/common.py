@@ -156,7 +156,8 @@ class LogBuffer:
         LogBuffer.current = self
 
     def write_to(self, path: Path) -> None:
-        self.file = logging.FileHandler(path, mode="a", encoding="utf-8")
+        # (backslashreplace: a file name that is not UTF-8 is logged with \xNN escapes, not a logging error)
+        self.file = logging.FileHandler(path, mode="a", encoding="utf-8", errors="backslashreplace")
         self.file.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s"))
         self.memory.setTarget(self.file)
         self.memory.flush()
