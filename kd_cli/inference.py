@@ -19,6 +19,7 @@ from kd_cli.engine.artifacts import (
     load_model,
     load_spec,
     resolve_weights,
+    spec_from_text,
 )
 from kd_cli.errors import KdError
 
@@ -71,10 +72,6 @@ def _onnx(path: Path, device: str) -> Predictor:
         raise KdError("kd predict on an ONNX file needs onnxruntime: pip install onnxruntime") from None
     if not path.is_file():
         raise KdError(f"{path} does not exist; give a model.onnx written by kd export")
-    meta = path.with_name(META)
-    if not meta.is_file():
-        raise KdError(f"no {META} beside {path}: kd export writes one there (input size, normalisation, classes)")
-    spec = load_spec(path)  # the model.json beside it, as beside a model.safetensors
     providers = (
         ["CUDAExecutionProvider", "CPUExecutionProvider"]
         if _device(device).type == "cuda"
@@ -84,21 +81,102 @@ def _onnx(path: Path, device: str) -> Predictor:
         session = ort.InferenceSession(str(path), providers=providers)
     except Exception as error:  # noqa: BLE001 - onnxruntime raises its own classes for a bad file
         raise KdError(f"onnxruntime cannot load {path} ({str(error).splitlines()[0][:160]})") from None
+    spec = _onnx_spec(path, session.get_modelmeta().custom_metadata_map.get(META))
+    _check_onnx_shapes(path, session, spec)
     name = session.get_inputs()[0].name
     fixed = session.get_inputs()[0].shape[0]
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        try:
+            return torch.from_numpy(session.run(None, {name: batch.numpy()})[0]).float()
+        except Exception as error:  # noqa: BLE001 - onnxruntime's own classes; the file does not fit its description
+            raise KdError(
+                f"onnxruntime cannot run {path} on images of shape {list(batch.shape[1:])} as its model "
+                f"description says ({str(error).splitlines()[0][:160]})"
+            ) from None
 
     def forward(images: torch.Tensor) -> torch.Tensor:
         if isinstance(fixed, int) and fixed != len(images):  # a fixed-batch export: one batch at a time
             return torch.cat([forward_fixed(chunk) for chunk in images.split(fixed)])[: len(images)]
-        return torch.from_numpy(session.run(None, {name: images.numpy()})[0]).float()
+        return run(images)
 
     def forward_fixed(chunk: torch.Tensor) -> torch.Tensor:
         padded = (
             torch.cat([chunk, chunk[-1:].expand(fixed - len(chunk), *chunk.shape[1:])]) if len(chunk) < fixed else chunk
         )
-        return torch.from_numpy(session.run(None, {name: padded.numpy()})[0]).float()[: len(chunk)]
+        return run(padded)[: len(chunk)]
 
     return Predictor(spec, forward, str(path))
+
+
+# What decides how an image is fed and its outputs named: a model.json that differs in one of these
+# belongs to another model.
+FEEDING = ("num_classes", "class_names", "in_channels", "input_size", "mean", "std", "dataset")
+
+
+def _onnx_spec(path: Path, embedded: str | None) -> ModelSpec:
+    """The model.json `kd export` embedded in the file (the truth); one beside the file must agree with
+    it. An ONNX file without one (written elsewhere) is read with the model.json beside it."""
+    beside = path.with_name(META)
+    if embedded is None:
+        if not beside.is_file():
+            raise KdError(
+                f"{path} carries no kd model description and there is no {META} beside it: export it with "
+                "kd export, or put the model.json of the model it was exported from beside it"
+            )
+        return load_spec(path)
+    spec = spec_from_text(embedded, f"the {META} embedded in {path}")
+    if beside.is_file():
+        other = load_spec(path)
+        differ = [key for key in FEEDING if getattr(spec, key) != getattr(other, key)]
+        differ += ["crop_fraction"] * (spec.extra.get("crop_fraction") != other.extra.get("crop_fraction"))
+        if differ:
+            key = differ[0]
+            raise KdError(
+                f"{beside} disagrees with the {META} kd export embedded in {path} ({', '.join(differ)}; "
+                f"{key}: {_value(other, key)} beside, {_value(spec, key)} embedded): it belongs to another "
+                "model; remove or replace it"
+            )
+    return spec
+
+
+def _value(spec: ModelSpec, key: str) -> str:
+    value = spec.extra.get(key) if key == "crop_fraction" else getattr(spec, key)
+    text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_onnx_shapes(path: Path, session, spec: ModelSpec) -> None:
+    """The file's own input and output shapes (where fixed) against its model description."""
+    expected = {1: spec.in_channels, 2: spec.input_size, 3: spec.input_size}
+    shape = session.get_inputs()[0].shape
+    wrong = [
+        axis
+        for axis, size in expected.items()
+        if len(shape) == 4 and isinstance(shape[axis], int) and shape[axis] != size
+    ]
+    if len(shape) != 4 or wrong:
+        raise KdError(
+            f"{path} takes inputs of shape {list(shape)}, but its model description says "
+            f"{spec.in_channels}x{spec.input_size}x{spec.input_size} images: they are not of one model"
+        )
+    outputs = session.get_outputs()[0].shape
+    if len(outputs) == 2 and isinstance(outputs[1], int) and outputs[1] != spec.num_classes:
+        raise KdError(
+            f"{path} gives {outputs[1]} scores per image, but its model description lists "
+            f"{spec.num_classes} classes: they are not of one model"
+        )
+
+
+def check_outputs(logits: torch.Tensor, model: Predictor) -> None:
+    """Finite scores, one per class the model description lists."""
+    if logits.dim() != 2 or logits.shape[1] != model.spec.num_classes:
+        raise KdError(
+            f"{model.source} gives outputs of shape {list(logits.shape)} for a batch, but its model description "
+            f"lists {model.spec.num_classes} classes: they are not of one model"
+        )
+    if not torch.isfinite(logits).all():
+        raise KdError(f"{model.source} gives non-finite outputs (NaN or inf); its weights are broken: retrain it")
 
 
 # ------------------------------------------------------------------------------------------ preprocessing
@@ -164,7 +242,7 @@ def predict_files(
             if not kept:
                 continue
             logits = model.forward(torch.stack([image for _, image in kept]))
-            _check_finite(logits, model.source)
+            check_outputs(logits, model)
             top = logits.softmax(1).topk(k, dim=1)
             for (path, _), probs, classes in zip(kept, top.values.tolist(), top.indices.tolist()):
                 rows.append(
@@ -176,8 +254,3 @@ def predict_files(
 def _batches(files: list[Path], size: int) -> Iterator[list[Path]]:
     for start in range(0, len(files), size):
         yield files[start : start + size]
-
-
-def _check_finite(logits: torch.Tensor, source: str) -> None:
-    if not torch.isfinite(logits).all():
-        raise KdError(f"{source} gives non-finite outputs (NaN or inf); its weights are broken: retrain it")

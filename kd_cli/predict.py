@@ -1,7 +1,7 @@
 """`kd predict run=RUN INPUT...`: put a trained model to work on image files.
 
 RUN is a run directory, a model.safetensors or an exported model.onnx (run through onnxruntime; the
-model.json that `kd export` writes beside it says how to feed it). INPUT is an image, a folder
+model.json that `kd export` embeds in it says how to feed it, and one beside it must agree). INPUT is an image, a folder
 (searched recursively, sorted), or a text file listing one image path per line (relative to the
 list). Each image gets the model's own preprocessing: its channels, its side (resize and centre crop
 as in evaluation for models trained on image folders, a plain resize for the small in-memory data
@@ -107,8 +107,12 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(as_flags(argv))
     if not args.inputs:
         raise KdError("kd predict: give at least one INPUT (an image, a folder or a list file) after run=RUN")
-    if args.out.exists() and not args.overwrite:
+    if args.out.exists() and not args.out.is_dir() and not args.overwrite:
         raise KdError(f"{args.out} exists; choose another out=FILE or pass overwrite=true to replace it")
+    from kd_cli.engine.files import unwritable
+
+    if problem := unwritable(args.out):  # found now, not after every image is classified
+        raise KdError(f"cannot write the predictions to out={args.out} ({problem}); give another out=FILE")
     files = collect_images(args.inputs)
     # torch is imported only now: --help and a wrong argument are answered in a fraction of a second.
     from kd_cli.inference import open_model, predict_files, preprocessing

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -139,19 +140,77 @@ def test_missing_inputs_and_models_and_an_existing_csv(trained, pngs, tmp_path):
     assert existing.read_text() == "mine\n"
 
 
-def test_predict_from_the_exported_onnx_file_through_the_cli(trained, pngs, tmp_path):
-    """The real command in a subprocess: kd export, then kd predict on the .onnx through onnxruntime."""
-    export_dir = tmp_path / "export"
-    exported = kd("export", f"run={trained}", f"hydra.run.dir={export_dir}", cwd=tmp_path)
-    assert exported.code == 0, exported.stderr
-    onnx_file = next(export_dir.glob("*.onnx"))
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory) -> Path:
+    """The trained model exported to ONNX by the real command (in a subprocess)."""
+    export_dir = tmp_path_factory.mktemp("export") / "run"
+    result = kd("export", f"run={trained}", f"hydra.run.dir={export_dir}", cwd=export_dir.parent)
+    assert result.code == 0, result.stderr
+    return next(export_dir.glob("*.onnx"))
+
+
+def test_predict_from_the_exported_onnx_file_through_the_cli(trained, exported, pngs, tmp_path):
+    """The real command in a subprocess: kd predict on the .onnx through onnxruntime."""
     via_onnx, via_torch = tmp_path / "onnx.csv", tmp_path / "torch.csv"
-    result = kd("predict", f"run={onnx_file}", str(pngs[0]), f"out={via_onnx}", cwd=tmp_path)
+    result = kd("predict", f"run={exported}", str(pngs[0]), f"out={via_onnx}", cwd=tmp_path)
     assert result.code == 0, result.stderr
     assert kd_here("predict", f"run={trained}", str(pngs[0]), f"out={via_torch}", cwd=tmp_path).code == 0
     a, b = rows_of(via_onnx), rows_of(via_torch)
     assert [r["class1"] for r in a] == [r["class1"] for r in b]
     assert np.allclose([float(r["prob1"]) for r in a], [float(r["prob1"]) for r in b], atol=1e-4)
+
+
+def test_an_onnx_file_is_fed_and_named_by_the_description_it_carries(trained, exported, pngs, tmp_path):
+    """kd export embeds model.json in the file: it is used without the copy beside it; a model.json beside
+    it that disagrees (another model's classes) is one line, never a silent relabelling; a file without
+    one whose outputs do not fit the model.json beside it is one line, not an index error."""
+    import json
+
+    import onnx
+
+    alone = tmp_path / "alone" / "model.onnx"
+    alone.parent.mkdir()
+    shutil.copy(exported, alone)
+    out = tmp_path / "alone.csv"
+    assert kd_here("predict", f"run={alone}", str(pngs[0]), f"out={out}", cwd=tmp_path).code == 0
+    assert len(rows_of(out)) == 20
+
+    meta = json.loads(exported.with_name("model.json").read_text())
+    foreign = {**meta, "class_names": list(reversed(meta["class_names"]))}
+    alone.with_name("model.json").write_text(json.dumps(foreign))
+    line = assert_one_line_error(
+        kd_here("predict", f"run={alone}", str(pngs[0]), f"out={tmp_path / 'x.csv'}", cwd=tmp_path),
+        "disagrees with the model.json kd export embedded",
+        "class_names",
+    )
+    assert "remove or replace it" in line and not (tmp_path / "x.csv").exists()
+
+    bare = tmp_path / "bare" / "model.onnx"  # an ONNX file from elsewhere: no description inside
+    bare.parent.mkdir()
+    program = onnx.load(str(exported))
+    del program.metadata_props[:]
+    onnx.save(program, str(bare))
+    fewer = {**meta, "num_classes": 4, "class_names": meta["class_names"][:4]}
+    bare.with_name("model.json").write_text(json.dumps(fewer))
+    assert_one_line_error(
+        kd_here("predict", f"run={bare}", str(pngs[0]), f"out={tmp_path / 'y.csv'}", cwd=tmp_path),
+        "gives 10 scores per image",
+        "lists 4 classes",
+    )
+    bare.with_name("model.json").unlink()
+    assert_one_line_error(
+        kd_here("predict", f"run={bare}", str(pngs[0]), f"out={tmp_path / 'y.csv'}", cwd=tmp_path),
+        "carries no kd model description",
+    )
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(trained, pngs, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for out, fragment in ((tmp_path, "it is a folder"), (tmp_path / "afile" / "p.csv", "is a file, not a folder")):
+        line = assert_one_line_error(
+            kd_here("predict", f"run={trained}", str(pngs[0]), f"out={out}", cwd=tmp_path), fragment
+        )
+        assert "give another out=FILE" in line and "hydra" not in line
 
 
 def test_the_evaluation_crop_follows_the_models_crop_fraction():

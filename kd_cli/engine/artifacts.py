@@ -7,6 +7,7 @@ weights are loaded from safetensors, and every mismatch is a one-line error.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kd_cli.engine.device import random_stream
-from kd_cli.engine.files import atomic_write, read_json, write_json
+from kd_cli.engine.files import atomic_write, write_json
 from kd_cli.errors import KdError
 from kd_cli.saved_forms import decode_state, encode_state, rebuild, runs_on_cpu_only
 
@@ -117,11 +118,23 @@ def load_spec(weights: Path) -> ModelSpec:
     if not meta_path.exists():
         raise KdError(f"no {META} beside {weights}: kd needs it to rebuild the network (arch, classes, input)")
     try:
-        meta = read_json(meta_path)
+        return spec_from_text(meta_path.read_text(), str(meta_path))
+    except OSError as error:
+        raise KdError(f"cannot read {meta_path} ({error.strerror or error})") from None
+
+
+def spec_from_text(text: str, where: str) -> ModelSpec:
+    """A model.json's content (from its file, or embedded in an exported model) as a ModelSpec."""
+    try:
+        meta = json.loads(text)
         meta.pop("format", None)
         return ModelSpec(**meta)
-    except (ValueError, TypeError) as error:
-        raise KdError(f"{meta_path} is not a valid kd model description ({error})") from None
+    except (ValueError, TypeError, AttributeError) as error:
+        raise KdError(f"{where} is not a valid kd model description ({brief_reason(error)})") from None
+
+
+def brief_reason(error: BaseException) -> str:
+    return str(error).splitlines()[0][:120] if str(error) else type(error).__name__
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelSpec]:

@@ -35,6 +35,26 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         raise
 
 
+def unwritable(path: Path) -> str | None:
+    """Why a file could not be written at `path` (None: it can), found before any work is done: it is
+    a folder, a file stands where its folder should be, or its folder (or the nearest one that exists)
+    takes no new files (permissions, a read-only file system; tried with a temporary file)."""
+    path = Path(path)
+    if path.is_dir():
+        return "it is a folder"
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        return f"{folder} takes no new files: {error.strerror or error}"
+    return None
+
+
 def new_file_mode() -> int:
     """0666 less the process's umask: what `open(path, "w")` would give a new file."""
     return 0o666 & ~current_umask()
