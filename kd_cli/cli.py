@@ -147,6 +147,47 @@ def open_swept_method_options(overrides: list[str]) -> list[str]:
     return [f"++{o}" if o.startswith("method.") else o for o in overrides]
 
 
+def quote_plain_values(overrides: list[str]) -> list[str]:
+    """`key=VALUE` whose plain value Hydra's grammar cannot read unquoted (a path with letters outside
+    ASCII, `données/modèle.pth`, or other characters it reserves) is passed quoted, as the user would
+    have had to type it: `key='VALUE'`. Values with structure (a sweep's commas, a list, an
+    interpolation, a function call) are left to Hydra, whose error then says what it could not read."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    out = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and value and _plain(value) and not _parses(parser, override):
+            quoted = _quoted(value)
+            if _parses(parser, f"{key}={quoted}"):
+                override = f"{key}={quoted}"
+        out.append(override)
+    return out
+
+
+def _plain(value: str) -> bool:
+    import re
+
+    return not (set(value) & set(",[]{}") or "${" in value or re.match(r"^\w+\(", value) or value[0] in "'\"")
+
+
+def _quoted(value: str) -> str:
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _parses(parser, override: str) -> bool:
+    try:
+        parser.parse_overrides([override])
+    except Exception:  # noqa: BLE001 - Hydra's OverrideParseException (and ANTLR's) mean: not as it stands
+        return False
+    return True
+
+
 def import_shorthand(args: list[str]) -> list[str]:
     """`kd import PATH arch=NAME` -> `source=PATH model.arch=NAME` (the first word without `=` that is
     not a flag is the checkpoint)."""
@@ -180,7 +221,8 @@ def run_hydra_stage(stage: str, args: list[str]) -> None:
     from kd_cli.stages import run
 
     register_configs()
-    sys.argv = [sys.argv[0], *open_swept_method_options(open_model_options(reorder_hydra_flags(args)))]
+    overrides = open_swept_method_options(open_model_options(reorder_hydra_flags(args)))
+    sys.argv = [sys.argv[0], *quote_plain_values(overrides)]
     main_fn: Callable = hydra.main(
         version_base="1.3", config_path="pkg://kd_cli.configs", config_name=STAGES[stage].config
     )(run)

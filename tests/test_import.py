@@ -178,7 +178,11 @@ def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path, capfd):
 @pytest.mark.parametrize(
     "content, fragments",
     [
-        (b"garbage", ["corrupt or not a PyTorch weights file"]),
+        (b"garbage", ["bad.pt is not a checkpoint"]),
+        (b"epoch 1 loss 0.5\nhello\n", ["bad.pt is not a checkpoint"]),
+        (bytes(4096), ["bad.pt is not a checkpoint"]),
+        (b"PK\x03\x04" + bytes(60), ["bad.pt is a corrupt PyTorch checkpoint"]),
+        (b"\x80\x02" + b"}q\x00(X", ["bad.pt is a corrupt PyTorch checkpoint"]),
         ({"epoch": 3, "lr": 0.1}, ["holds no state dict", "nested=KEY"]),
         ([1, 2, 3], ["holds a list, not a state dict"]),
     ],
@@ -296,3 +300,133 @@ def test_without_transformers_the_error_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(KdError, match=r"pip install 'kd-cli\[hf\]'"):
         create_model("hf", 10, 1, 8, config={"model_type": "vit"})
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64, torch.bool])
+def test_weights_of_a_kind_the_model_cannot_hold_are_refused(original, tmp_path, dtype):
+    """Complex (torch would drop the imaginary parts with a warning), integer or boolean values for float
+    parameters: one line naming a tensor and the two kinds of number; nothing written."""
+    model, _ = original
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save(state, tmp_path / "odd.pth")
+    result = kd_here(
+        "import", str(tmp_path / "odd.pth"), "arch=cnn", *FAST, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path
+    )
+    name = str(dtype).removeprefix("torch.")
+    assert_one_line_error(result, "cannot take as they were trained", f"{name} for float32")
+    assert "Warning" not in result.stderr and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_weights_in_another_float_width_are_taken(original, tmp_path, dtype):
+    model, _ = original
+    torch.save(
+        {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}, tmp_path / "w.pt"
+    )
+    result = kd_here(
+        "import", str(tmp_path / "w.pt"), "arch=cnn", *FAST, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path
+    )
+    assert result.code == 0, result.stderr
+
+
+def test_a_saved_kd_model_retyped_on_disk_is_one_line(original, tmp_path):
+    """model.safetensors edited to hold complex values: kd's own loader refuses it as torch would warn."""
+    from safetensors.torch import load_file
+
+    model, _ = original
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    run = tmp_path / "r"
+    assert kd_here("import", str(tmp_path / "w.pt"), "arch=cnn", *FAST, f"hydra.run.dir={run}", cwd=tmp_path).code == 0
+    state = load_file(str(run / "model.safetensors"))
+    save_file(
+        {k: v.to(torch.complex64) if v.is_floating_point() else v for k, v in state.items()}, run / "model.safetensors"
+    )
+    result = kd_here("evaluate", f"run={run}", *FAST, f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path)
+    assert_one_line_error(result, "another kind of number", "complex64")
+
+
+def imagenet_stem_resnet18(size: int = 32) -> tuple[torch.nn.Module, torch.Tensor]:
+    """What a CIFAR script that calls torchvision.models.resnet18(num_classes=3) trains: the ImageNet stem
+    on 32-pixel images (a few steps of a plain loop on random images, so BatchNorm statistics move)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3)
+    images = torch.rand(16, 3, size, size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(model(images), torch.arange(16) % 3)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), images
+
+
+def test_a_torchvision_resnet_with_its_own_stem_on_small_images_is_imported(tmp_path):
+    """kd adapts torchvision's stem below 64 px by default; a checkpoint trained with torchvision's own
+    stem there fits stem=imagenet, which kd import picks and says; the saved model is that network."""
+    from formats import save_image
+
+    from kd_cli.data.images import decode_rgb
+
+    model, _ = imagenet_stem_resnet18()
+    torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "cifar_resnet18.pth")
+    rng = torch.Generator().manual_seed(0)
+    for name in ("a", "b", "c"):
+        for i in range(4):
+            image = torch.randint(0, 256, (32, 32, 3), generator=rng, dtype=torch.uint8).numpy()
+            save_image(tmp_path / "photos" / part_of(i) / name / f"{i}.png", image)
+    run = tmp_path / "r"
+    data = [
+        "dataset=imagefolder",
+        f"dataset.root={tmp_path / 'photos'}",
+        "dataset.image_size=32",
+        "dataset.crop_fraction=1",
+    ]
+    result = kd_here(
+        "import",
+        str(tmp_path / "cifar_resnet18.pth"),
+        "arch=resnet18",
+        *data,
+        *FAST,
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
+    assert result.code == 0, result.stderr
+    assert "fits resnet18 with stem=imagenet" in (run / "import.log").read_text()
+    assert json.loads((run / "model.json").read_text())["kwargs"]["stem"] == "imagenet"
+    saved, spec = load_model(run)
+    image = next((tmp_path / "photos" / "test" / "a").glob("*.png"))
+    x = (
+        (decode_rgb(str(image)).float() / 255 - torch.tensor(spec.mean).view(3, 1, 1))
+        / torch.tensor(spec.std).view(3, 1, 1)
+    )[None]
+    with torch.no_grad():
+        assert torch.allclose(saved(x), model(x), atol=1e-5)
+    asked = kd_here(
+        "import",
+        str(tmp_path / "cifar_resnet18.pth"),
+        "arch=resnet18",
+        "model.kwargs.stem=small",
+        *data,
+        *FAST,
+        f"hydra.run.dir={tmp_path / 'r2'}",
+        cwd=tmp_path,
+    )
+    assert_one_line_error(asked, "conv1.weight [64, 3, 7, 7] vs [64, 3, 3, 3]")
+
+
+def part_of(index: int) -> str:
+    return "train" if index < 2 else "test"
+
+
+def test_paths_with_letters_outside_ascii(original, tmp_path):
+    """The real command: `kd import données/modèle.pth` and a run folder under ü/ (Hydra's grammar reads
+    such values only quoted: kd quotes a plain value for the user)."""
+    model, _ = original
+    (tmp_path / "données").mkdir()
+    torch.save(model.state_dict(), tmp_path / "données" / "modèle.pth")
+    run = tmp_path / "ü" / "run"
+    result = kd("import", "données/modèle.pth", "arch=cnn", *FAST, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    assert summary(run)["status"] == "complete" and summary(run)["source"].endswith("données/modèle.pth")

@@ -167,8 +167,14 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> N
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and _shape(own[k]) != _shape(state[k])]
-    if missing or unexpected or wrong:
+    retyped = [k for k in own if k in state and k not in wrong and _loses(state[k], own[k])]
+    if missing or unexpected or wrong or retyped:
         details = []
+        if retyped:
+            k = retyped[0]
+            details.append(
+                f"{len(retyped)} of another kind of number, e.g. {k}: saved {state[k].dtype} vs {own[k].dtype}"
+            )
         if wrong:
             k = wrong[0]
             details.append(
@@ -184,6 +190,12 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> N
     state = OrderedDict(state)
     state._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]
     model.load_state_dict(state)
+
+
+def _loses(value: Any, target: Any) -> bool:
+    from kd_cli.models.checkpoints import cast_loses
+
+    return isinstance(value, torch.Tensor) and isinstance(target, torch.Tensor) and cast_loses(value, target)
 
 
 def _shape(value: Any) -> Any:

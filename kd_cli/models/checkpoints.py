@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pickle
 import warnings
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -67,7 +66,8 @@ def _hf_weights(folder: Path) -> Path:
 
 
 def _load(path: Path) -> Any:
-    if path.suffix == ".safetensors":
+    kind = file_kind(path)
+    if kind == "safetensors" or (kind is None and path.suffix == ".safetensors"):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -75,26 +75,48 @@ def _load(path: Path) -> Any:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as error:
             raise KdError(f"{path} is corrupt or not a safetensors file ({brief_error(error)})") from None
+    if kind is None:
+        raise KdError(
+            f"{path} is not a checkpoint (neither torch.save's zip or pickle format nor safetensors); "
+            "give the weights file your training code saved"
+        )
+    if kind == "tar":
+        raise KdError(
+            f"{path} is in the tar format of PyTorch before 1.6, which cannot be read without running its "
+            "code; load it with that PyTorch and save model.state_dict() again"
+        )
     try:
         with warnings.catch_warnings():  # torch explains refusals in warnings too; kd says it in one line
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        if not _is_pickle(path):  # bytes that are no pickle at all
-            raise KdError(f"{path} is corrupt or not a PyTorch weights file (not a pickle or zip archive)") from None
+    except pickle.UnpicklingError as error:
+        if "weights_only" not in str(error):  # the pickle itself is broken
+            raise KdError(f"{path} is a corrupt PyTorch checkpoint ({brief_error(error)})") from None
         raise KdError(
             f"{path} holds more than tensors and plain values (objects whose loading may run code); kd "
             "reads only weights (weights_only=True): save model.state_dict() instead"
         ) from None
-    except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as error:
-        raise KdError(f"{path} is corrupt or not a PyTorch weights file ({brief_error(error)})") from None
+    except Exception as error:  # noqa: BLE001 - a damaged file makes torch raise any class (IndexError, KeyError...)
+        raise KdError(f"{path} is a corrupt PyTorch checkpoint ({brief_error(error)})") from None
 
 
-def _is_pickle(path: Path) -> bool:
-    """A torch.save zip archive, or a legacy pickle (protocol 2+ starts with PROTO, 0x80)."""
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-    return head.startswith(b"PK") or head[:1] == b"\x80"
+def file_kind(path: Path) -> str | None:
+    """What a weights file is by its first bytes, not its name: "zip" (torch.save), "pickle" (torch.save's
+    legacy format), "tar" (PyTorch before 1.6), "safetensors", or None (none of them)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(512)
+    except OSError as error:
+        raise KdError(f"cannot read {path} ({error.strerror or error})") from None
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    if head[257:262] == b"ustar":
+        return "tar"
+    if len(head) > 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "safetensors"
+    return None
 
 
 def _unnest(raw: Any, path: Path, nested: str | None) -> dict[str, torch.Tensor]:
@@ -168,9 +190,40 @@ def fit_state(
             "check the architecture (arch=, its kwargs) and the number of classes"
         )
     kept = {k: v for k, v in state.items() if not (fresh(k) and v.shape != own[k].shape)}
+    _check_dtypes(kept, own, what)
     left = [k for k in own if k not in kept]
     model.load_state_dict({**own, **kept}, strict=True)
     return left
+
+
+def _check_dtypes(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], what: str) -> None:
+    """Values a model can hold as they were trained: real floats for its floating tensors (any width),
+    whole numbers for its integer ones. Complex, quantised, boolean or integer weights for a float
+    tensor would be cast with a loss torch only warns about (or none at all): refused in one line."""
+    wrong = [k for k, v in state.items() if cast_loses(v, own[k])]
+    if wrong:
+        shown = ", ".join(f"{k}: {_dtype(state[k])} for {_dtype(own[k])}" for k in wrong[:SHOWN])
+        raise KdError(
+            f"{what}: {len(wrong)} tensor(s) hold values the model cannot take as they were trained (e.g. "
+            f"{shown}); give the real-valued weights the model was trained with"
+        )
+
+
+def cast_loses(value: torch.Tensor, target: torch.Tensor) -> bool:
+    """Whether loading `value` into `target`'s dtype would change what the model computes."""
+    if value.is_quantized or target.is_quantized:
+        return value.is_quantized != target.is_quantized or value.dtype != target.dtype
+    if value.is_complex() != target.is_complex():
+        return True
+    if target.is_floating_point():
+        return not value.is_floating_point()
+    if value.is_floating_point():  # into an integer tensor (a BatchNorm's count): whole numbers only
+        return not bool(torch.isfinite(value).all() and torch.equal(value, value.round()))
+    return value.dtype == torch.bool and target.dtype != torch.bool
+
+
+def _dtype(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
 
 
 def _mismatch(missing: list[str], unexpected: list[str], shapes: list[str], state: Mapping, own: Mapping) -> str:

@@ -3,6 +3,9 @@
 Small images (under 64 px): an ImageNet stem shrinks 32x32 CIFAR to 8x8 (or 1x1 for ConvNeXt)
 before the first stage, so the stem conv becomes a 3x3 stride-1 conv with the same output channels
 and the stem max-pool, where there is one, is dropped (the usual CIFAR adaptation of these nets).
+`stem` chooses: `auto` (that rule), `small` (the 3x3 stem at any size) or `imagenet` (torchvision's own
+stem at any size: what a CIFAR script that calls `torchvision.models.resnet18(num_classes=10)` trains,
+so its checkpoints fit; `kd import` picks the one a checkpoint fits when `stem` is not given).
 `pretrained=True` loads torchvision's ImageNet weights first and adapts afterwards: the classifier
 is new whenever the class count differs, and so is an adapted stem. `weights=PATH` does the same from
 a local file in torchvision's layout (your own fine-tuned checkpoint, or ImageNet weights copied here).
@@ -13,7 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Literal, cast
 
 import torch
 import torchvision
@@ -26,6 +29,7 @@ from kd_cli.models.registry import register_model
 
 SMALL_INPUT = 64  # below this, the ImageNet stem is replaced (see module docstring)
 IMAGENET_CLASSES = 1000
+Stem = Literal["auto", "small", "imagenet"]
 
 
 @dataclass(frozen=True)
@@ -136,10 +140,16 @@ def add_embedding_module(model: nn.Module, spec: Spec) -> str:
 
 
 def build_torchvision(
-    arch: str, num_classes: int, in_channels: int, input_size: int, pretrained: bool, weights: str | None = None
+    arch: str,
+    num_classes: int,
+    in_channels: int,
+    input_size: int,
+    pretrained: bool,
+    weights: str | None = None,
+    stem: Stem = "auto",
 ) -> nn.Module:
     spec = SPECS[arch]
-    small = input_size < SMALL_INPUT
+    small = stem == "small" or (stem == "auto" and input_size < SMALL_INPUT)
     check_io(arch, num_classes, in_channels, input_size, min_size=spec.min_adapted_input if small else 1)
     if pretrained and weights:
         raise KdError("give pretrained=true or weights=PATH, not both (weights=PATH is the local file to load)")
@@ -157,14 +167,21 @@ def build_torchvision(
 
 def _builder(arch: str) -> Callable[..., nn.Module]:
     def build(
-        num_classes: int, in_channels: int, input_size: int, pretrained: bool = False, weights: str | None = None
+        num_classes: int,
+        in_channels: int,
+        input_size: int,
+        pretrained: bool = False,
+        weights: str | None = None,
+        stem: Stem = "auto",
     ) -> nn.Module:
-        return build_torchvision(arch, num_classes, in_channels, input_size, pretrained, weights)
+        return build_torchvision(arch, num_classes, in_channels, input_size, pretrained, weights, stem)
 
     build.__name__ = build.__qualname__ = arch
+    build.layout_options = {"stem": ("auto", "imagenet", "small")}  # type: ignore[attr-defined]  # kd import tries them
     build.__doc__ = (
         f"torchvision {arch}; pretrained=true loads its ImageNet weights (downloads once), "
-        "weights=PATH a local file (torchvision's layout: a state dict, nested or prefixed too)."
+        "weights=PATH a local file (torchvision's layout: a state dict, nested or prefixed too); "
+        "stem=auto|small|imagenet: the 3x3 small-input stem below 64 px (auto), always, or never."
     )
     return build
 

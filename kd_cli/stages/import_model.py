@@ -11,14 +11,16 @@ kd evaluate, kd compress, kd export, kd predict.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from kd_cli.data import load_dataset
-from kd_cli.engine.artifacts import load_model, save_model
+from kd_cli.engine.artifacts import ModelSpec, load_model, save_model
 from kd_cli.engine.files import read_json
 from kd_cli.engine.metrics import predict, topk_accuracy
 from kd_cli.engine.rundir import COMPLETE, RunDir
@@ -35,6 +37,7 @@ from kd_cli.stages.common import (
 )
 from kd_cli.stages.training import print_results
 
+log = logging.getLogger("kd")
 SAME_OUTPUTS = 1e-5  # largest |saved model - imported module| over the test logits
 
 
@@ -51,9 +54,8 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         spec.kwargs["config"] = hf_config(source, spec.kwargs.get("config"), data.class_names)
         model = hf_from_folder(source, spec.num_classes, spec.in_channels, spec.input_size)
     else:
-        model = spec.build()
         assert state is not None  # read above for every arch but hf
-        fit_state(model, state, f"{source} as {spec.arch}")
+        model, spec = fit_some_layout(state, spec, dict(cfg.model.kwargs), source)
     model = model.to(setup.device).eval()
     loader = eval_loader(cfg, data.test, spec, setup.device)
     logits, labels = predict(model, loader, setup.device)
@@ -98,6 +100,41 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         run.path,
     )
     return top1
+
+
+def fit_some_layout(state: dict, spec: ModelSpec, given: dict, source: Path) -> tuple[torch.nn.Module, ModelSpec]:
+    """The network with the checkpoint loaded, in the first layout it fits: the one asked for, then the
+    others the builder offers for each layout option not given (`layout_options`: torchvision's
+    `stem`, small-input or ImageNet's), said in one line. A checkpoint that fits none: the first refusal."""
+    from kd_cli.models import MODELS
+
+    layouts = getattr(MODELS.get(spec.arch), "layout_options", {})
+    candidates = [spec.kwargs] + [
+        {**spec.kwargs, option: value}
+        for option, values in layouts.items()
+        if option not in given
+        for value in values
+        if value != spec.kwargs.get(option)
+    ]
+    refusal = None
+    for kwargs in candidates:
+        candidate = replace(spec, kwargs=kwargs)
+        model = candidate.build()
+        try:
+            fit_state(model, state, f"{source} as {spec.arch}")
+        except KdError as error:
+            refusal = refusal or error
+            continue
+        changed = {k: v for k, v in kwargs.items() if spec.kwargs.get(k) != v}
+        if changed:
+            chosen = " ".join(f"{k}={v}" for k, v in changed.items())
+            log.info(f"import: {source.name} fits {spec.arch} with {chosen}, not the default layout; imported so")
+        return model, candidate
+    assert refusal is not None  # the loop tried at least the layout asked for
+    if len(candidates) > 1:
+        tried = ", ".join(f"{k}={v}" for kwargs in candidates[1:] for k, v in kwargs.items() if spec.kwargs[k] != v)
+        raise KdError(f"{refusal} (nor with {tried})") from None
+    raise refusal
 
 
 def hf_config(source: Path, given: dict | None, class_names: list[str]) -> dict:
