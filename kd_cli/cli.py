@@ -131,63 +131,6 @@ def reorder_hydra_flags(args: list[str]) -> list[str]:
     return flags + overrides
 
 
-def open_model_options(overrides: list[str]) -> list[str]:
-    """`student.kwargs.width=8` -> `++student.kwargs.width=8`: model options are open-ended (checked
-    against the model's own signature), so setting one must work whether or not the YAML lists it."""
-    prefixes = ("teacher.kwargs.", "student.kwargs.", "model.kwargs.")
-    return [f"++{o}" if o.startswith(prefixes) else o for o in overrides]
-
-
-def open_swept_method_options(overrides: list[str]) -> list[str]:
-    """In a sweep over methods (`-m method=at,nst method.tuned_input_size=32`) Hydra first composes the
-    default method, which may not have the option: `method.X=` becomes `++method.X=` there. Each job's
-    options are still checked against its own method's signature before any job runs."""
-    if not any(o.startswith("method=") and "," in o for o in overrides):
-        return overrides
-    return [f"++{o}" if o.startswith("method.") else o for o in overrides]
-
-
-def quote_plain_values(overrides: list[str]) -> list[str]:
-    """`key=VALUE` whose plain value Hydra's grammar cannot read unquoted (a path with letters outside
-    ASCII, `données/modèle.pth`, or other characters it reserves) is passed quoted, as the user would
-    have had to type it: `key='VALUE'`. Values with structure (a sweep's commas, a list, an
-    interpolation, a function call) are left to Hydra, whose error then says what it could not read."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parser = OverridesParser.create()
-    out = []
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        if sep and value and _plain(value) and not _parses(parser, override):
-            quoted = _quoted(value)
-            if _parses(parser, f"{key}={quoted}"):
-                override = f"{key}={quoted}"
-        out.append(override)
-    return out
-
-
-def _plain(value: str) -> bool:
-    import re
-
-    return not (set(value) & set(",[]{}") or "${" in value or re.match(r"^\w+\(", value) or value[0] in "'\"")
-
-
-def _quoted(value: str) -> str:
-    if "'" not in value:
-        return f"'{value}'"
-    if '"' not in value:
-        return f'"{value}"'
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _parses(parser, override: str) -> bool:
-    try:
-        parser.parse_overrides([override])
-    except Exception:  # noqa: BLE001 - Hydra's OverrideParseException (and ANTLR's) mean: not as it stands
-        return False
-    return True
-
-
 def import_shorthand(args: list[str]) -> list[str]:
     """`kd import PATH arch=NAME` -> `source=PATH model.arch=NAME` (the first word without `=` that is
     not a flag is the checkpoint)."""
@@ -221,8 +164,9 @@ def run_hydra_stage(stage: str, args: list[str]) -> None:
     from kd_cli.stages import run
 
     register_configs()
-    overrides = open_swept_method_options(open_model_options(reorder_hydra_flags(args)))
-    sys.argv = [sys.argv[0], *quote_plain_values(overrides)]
+    from kd_cli.overrides import prepare_overrides
+
+    sys.argv = [sys.argv[0], *prepare_overrides(reorder_hydra_flags(args))]
     main_fn: Callable = hydra.main(
         version_base="1.3", config_path="pkg://kd_cli.configs", config_name=STAGES[stage].config
     )(run)

@@ -17,6 +17,9 @@ NOISE = (
 
 
 def describe(error: BaseException) -> str:
+    unknown = _unknown_key(error)
+    if unknown:
+        return unknown
     parts = _messages(error)
     lines = [line.strip() for part in parts for line in part.splitlines()]
     lines = [
@@ -32,6 +35,24 @@ def describe(error: BaseException) -> str:
     if missing:
         text += f"; set it on the command line, e.g. {missing.group(1)}=..."
     return text or type(error).__name__
+
+
+def _unknown_key(error: BaseException | None) -> str | None:
+    """A key that a typed config node does not have (`trainer.epochz=3`): Hydra advises `+key=` to append
+    it, which that node refuses too; say which options it has instead, the closest first."""
+    while error is not None:
+        node, key, full_key = (getattr(error, name, None) for name in ("parent_node", "key", "full_key"))
+        if type(error).__name__ in ("ConfigAttributeError", "ConfigKeyError") and key and full_key and node is not None:
+            try:
+                options = [str(k) for k in node.keys()]
+            except Exception:  # noqa: BLE001 - a node of another kind: Hydra's own words then
+                return None
+            parent = str(full_key).rpartition(".")[0]
+            close = difflib.get_close_matches(str(key), options, n=3)
+            hint = f" (did you mean {', '.join(f'{parent}.{c}' if parent else c for c in close)}?)" if close else ""
+            return f"{full_key} is not an option{hint}; {parent or 'the config'} has: {', '.join(options)}"
+        error = error.__cause__ or error.__context__
+    return None
 
 
 # Hydra plugins that are optional extras of kd: the option Hydra cannot find -> the extra to install.

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,3 +108,26 @@ def kd_here(*args: str, cwd: Path) -> Result:
         errors.WARNINGS.clear()
         errors.INTERRUPTED_RUNS.clear()
     return Result(code, out.getvalue(), err.getvalue())
+
+
+def start_kd(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("KD_DEBUG", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "kd_cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def wait_for(condition, process: subprocess.Popen | None = None, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"kd ended early ({process.returncode}): {process.stderr.read()[-2000:]}")
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)

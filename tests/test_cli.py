@@ -116,7 +116,7 @@ def test_a_sweep_over_methods_takes_an_option_only_some_of_them_have():
     """Hydra composes the default method first in a multirun: `method.X=` is opened (`++`) when `method=` is
     swept, and each job's options are then checked against its own method (tested through the CLI in
     test_method_table's sweep over at,nst with tuned_input_size)."""
-    from kd_cli.cli import open_swept_method_options
+    from kd_cli.overrides import open_swept_method_options
 
     swept = ["method=at,nst", "method.tuned_input_size=32", "seed=0,1", "student.kwargs.width=4"]
     assert open_swept_method_options(swept) == [

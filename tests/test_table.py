@@ -177,3 +177,48 @@ def test_report_only_tabulates_and_says_so_when_there_is_nothing(small_table, tm
         assert {r["method"] for r in csv.DictReader(handle)} == {"teacher", "kd"}
     empty = kd("table", "cifar100", "--report", f"out={tmp_path / 'none'}", cwd=tmp_path)
     assert_one_line_error(empty, "no complete run in", "without --report first")
+
+
+def test_counts_and_tolerances_are_bounded_and_checked_first(tmp_path):
+    """A count typed with too many digits is one line at once (it used to hang --report)."""
+    for word, fragment in (
+        ("seeds=100000000000", "seeds=100000000000 must be a whole number from 1 to 1000"),
+        ("seeds=0", "from 1 to 1000"),
+        ("tolerance=nan", "tolerance=nan must be a number from 0 to 100"),
+        ("tolerance=-1", "from 0 to 100"),
+    ):
+        assert_one_line_error(kd("table", "cifar100", word, "--report", cwd=tmp_path), fragment)
+
+
+def test_a_bad_override_is_one_line_before_any_run(tmp_path):
+    """Every job of the grid is composed and checked first: the override all of them would refuse is
+    said once, and nothing is trained or written."""
+    for override, fragment in (
+        ("trainer.epochs=0", "trainer.epochs=0 must be >= 1"),
+        ("trainer.epochz=1", "trainer.epochz is not an option (did you mean trainer.epochs?)"),
+        ("method.temperature=-2", "method.temperature"),
+    ):
+        result = kd("table", "cifar100", "--small", override, cwd=tmp_path)
+        line = assert_one_line_error(result, fragment, "no run was started")
+        assert "resume" not in line and "kd table [" not in result.stdout
+    assert not (tmp_path / "outputs" / "table" / "cifar100-small" / "teachers").exists()
+
+
+def test_kill_9_of_the_table_stops_the_teacher_it_trains(tmp_path):
+    """The table's children go through the one mechanism that stops a child with its parent: after
+    kill -9 of kd table, its kd train-teacher does not train on (racing a rerun for the lock)."""
+    import signal
+    import subprocess
+
+    from kdrun import start_kd, wait_for
+
+    from kd_cli.engine.rundir import run_status
+
+    long = ["trainer.epochs=200", "trainer.max_steps_per_epoch=1", "trainer.eval_every=200", "trainer.progress=none"]
+    table = start_kd("table", "cifar100", "--small", *long, "trainer.num_workers=0", cwd=tmp_path)
+    teacher = tmp_path / "outputs" / "table" / "cifar100-small" / "teachers" / "resnet56"
+    wait_for(lambda: (teacher / "checkpoints" / "last.pt").exists(), table)
+    table.send_signal(signal.SIGKILL)
+    table.wait()
+    wait_for(lambda: subprocess.run(["pgrep", "-f", str(teacher)], capture_output=True).stdout == b"")
+    assert run_status(teacher) == "interrupted"

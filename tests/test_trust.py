@@ -17,11 +17,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from kdrun import FAST, Result, assert_one_line_error, kd, kd_here, kd_ok, summary
+from kdrun import FAST, Result, assert_one_line_error, kd, kd_here, kd_ok, start_kd, summary, wait_for
 
 SMALL = [*FAST, "trainer.max_steps_per_epoch=2", "trainer.eval_batch_size=512"]
 # A run long enough to be stopped in the middle (100 one-batch epochs, evaluated once at the end), short
@@ -41,29 +40,6 @@ def snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
 def leftovers(run: Path) -> list[str]:
     """Files a finished (or stopped) run must not keep: locks, reserves, temporary files."""
     return [str(p.relative_to(run)) for p in run.rglob(".*") if p.is_file() and p.parent.name != ".hydra"]
-
-
-def start_kd(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("KD_DEBUG", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "kd_cli", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kwargs,
-    )
-
-
-def wait_for(condition, process: subprocess.Popen | None = None, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"kd ended early ({process.returncode}): {process.stderr.read()[-2000:]}")
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def has_checkpoint(run: Path):

@@ -14,6 +14,7 @@ import yaml
 from kd_cli.errors import KdError
 
 COMPARES = ("best", "last")
+MAX_SEEDS = 1000  # runs per cell: more is a typo (a table of 1000 seeds per cell is weeks of GPU time)
 
 
 @dataclass(frozen=True)
@@ -136,10 +137,10 @@ def check_choices(spec: TableSpec) -> None:
     """The values a user may also set on the command line (pairs, methods, seeds, compare, tolerance)."""
     if spec.compare not in COMPARES:
         raise KdError(f"compare={spec.compare} is not one of {', '.join(COMPARES)}")
-    if spec.seeds < 1:
-        raise KdError(f"seeds={spec.seeds} must be at least 1")
-    if not spec.tolerance >= 0:
-        raise KdError(f"tolerance={spec.tolerance} must be a number >= 0 (top-1 points)")
+    if not 1 <= spec.seeds <= MAX_SEEDS:
+        raise KdError(f"seeds={spec.seeds} must be a whole number from 1 to {MAX_SEEDS} (runs per cell)")
+    if not 0 <= spec.tolerance <= 100:
+        raise KdError(f"tolerance={spec.tolerance} must be a number from 0 to 100 (top-1 points)")
     if not spec.methods:
         raise KdError("the table has no methods; give methods=kd,dkd,...")
     if not spec.pairs:
