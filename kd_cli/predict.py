@@ -54,13 +54,13 @@ def _bool(text: str) -> bool:
     return lowered in ("true", "1", "yes")
 
 
-def _positive(text: str) -> int:
+def _positive(text: str, most: int = 2**16) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    if not 1 <= value <= most:
+        raise argparse.ArgumentTypeError(f"{value} must be a whole number from 1 to {most}")
     return value
 
 
@@ -85,7 +85,12 @@ def build_parser() -> Parser:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (cpu)")
     parser.add_argument("--strict", type=_bool, default=False, help="true: an unreadable image stops the command")
     parser.add_argument("--overwrite", type=_bool, default=False, help="true: replace an existing CSV")
-    parser.add_argument("--workers", type=_positive, default=min(8, os.cpu_count() or 1), help="decoding threads")
+    parser.add_argument(
+        "--workers",
+        type=lambda text: _positive(text, most=256),
+        default=min(8, os.cpu_count() or 1),
+        help="decoding threads",
+    )
     return parser
 
 

@@ -58,8 +58,11 @@ Positive = Annotated[float, Range(0, low_open=True)]
 NonNegative = Annotated[float, Range(0)]
 Probability = Annotated[float, Range(0, 1)]
 OpenFraction = Annotated[float, Range(0, 1, low_open=True, high_open=True)]  # strictly between 0 and 1
-PositiveInt = Annotated[int, Range(1)]
-NonNegativeInt = Annotated[int, Range(0)]
+# Counts are bounded too: a number typed with a few digits too many is refused at once, not run out of
+# memory or time (and stays within what torch's int32 sizes take).
+MAX_COUNT = 2**31 - 1
+PositiveInt = Annotated[int, Range(1, MAX_COUNT)]
+NonNegativeInt = Annotated[int, Range(0, MAX_COUNT)]
 
 
 class Registry:

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 import pytest
 import torch
+from kdrun import assert_one_line_error, kd_here
 from omegaconf import OmegaConf
 
 from kd_cli.compress import STEPS, build_step, check_steps
@@ -490,3 +491,23 @@ def test_steps_after_lowrank_are_checked_against_the_factorised_names():
         check_steps(cnn(), [("quantize_int8", step("quantize_int8", layers=["fc.0"]))])
     with pytest.raises(KdError, match=r"^compression\.prune_structured\.ignored_layers: the model has no layer 'nope'"):
         check_steps(cnn(), [("prune_structured", step("prune_structured", ignored_layers=["nope"])), *plan])
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("trainer.epochs=100000000000", "trainer.epochs=100000000000 must be in [1, 1000000]"),
+        ("trainer.num_workers=100000", "trainer.num_workers=100000 must be in [0, 256]"),
+        ("trainer.batch_size=10000000000", "must be in [1, 1048576]"),
+        ("trainer.max_steps_per_epoch=10000000000", "must be in [1, 2147483647]"),
+        ("method=dml method.students=1000", "method.students=1000 must be a whole number in [2, 16]"),
+        ("method=born_again method.generations=100000000000", "method.generations"),
+        ("dataset=synthetic dataset.num_train=100000000", "dataset.num_train=100000000 must be a whole number"),
+        ("dataset=synthetic dataset.image_size=1000 dataset.num_train=10000", "would hold 30.7 GiB"),
+    ],
+)
+def test_every_count_has_a_bound_checked_first(tmp_path, override, fragment):
+    """A count typed with too many digits is one line before anything is loaded, not a run out of memory,
+    processes or time."""
+    assert_one_line_error(kd_here("distill", *override.split(), cwd=tmp_path), fragment)
+    assert not list(tmp_path.glob("outputs/*/*/*"))  # no run directory (date folders are left: see guarded)

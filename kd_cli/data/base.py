@@ -45,7 +45,7 @@ COMMON_TYPES: dict[str, Any] = {
 # Seeds of scikit-learn splits (its random_state must fit in 32 bits) and of torch generators.
 SplitSeed = Annotated[int, Range(0, 2**32 - 1)]
 TorchSeed = Annotated[int, Range(-(2**63), 2**64 - 1)]
-ClassCount = Annotated[int, Range(2)]  # a classifier needs two classes at least
+ClassCount = Annotated[int, Range(2, 1_000_000)]  # a classifier needs two classes at least
 
 
 @dataclass

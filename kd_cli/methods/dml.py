@@ -27,7 +27,7 @@ from kd_cli.methods.feature_utils import full_precision, tensor_sum
 from kd_cli.methods.logit_utils import kd_loss
 from kd_cli.registry import NonNegative, Positive, Range
 
-CohortSize = Annotated[int, Range(2)]  # one student alone has no one to learn from
+CohortSize = Annotated[int, Range(2, 16)]  # one student alone has no one to learn from; 16 train at once
 
 
 def mutual_loss(own: torch.Tensor, others: list[torch.Tensor], temperature: float) -> torch.Tensor:

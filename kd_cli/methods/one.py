@@ -38,7 +38,7 @@ from kd_cli.methods.feature_utils import feature_layers, full_precision, input_s
 from kd_cli.methods.logit_utils import kd_loss
 from kd_cli.registry import NonNegative, Positive, Range
 
-BranchCount = Annotated[int, Range(2)]  # one branch is no ensemble
+BranchCount = Annotated[int, Range(2, 16)]  # one branch is no ensemble; 16 run at once
 
 
 def ensemble_logits(branch_logits: list[torch.Tensor], gate: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kd_cli.engine.values import PRECISIONS, check_optim, compile_mode
 from kd_cli.errors import KdError
-from kd_cli.registry import Range, check_number
+from kd_cli.registry import MAX_COUNT, Range, check_number
 
 PROGRESS = ("auto", "bar", "plain", "none")
 
@@ -81,14 +81,14 @@ def check_known_keys(node: DictConfig, prefix: str = "") -> None:
 def check_stage_options(cfg: DictConfig) -> None:
     """The stage's own top-level values: latency runs, which model may carry a checkpoint."""
     if "latency_batches" in cfg:
-        check_number("latency_batches", cfg.latency_batches, Range(1))
+        check_number("latency_batches", cfg.latency_batches, Range(1, 100_000))
     if "latency_batch_size" in cfg:
-        check_number("latency_batch_size", cfg.latency_batch_size, Range(1))
+        check_number("latency_batch_size", cfg.latency_batch_size, Range(1, 2**16))
     if "latency_batch_sizes" in cfg:
         if not cfg.latency_batch_sizes:
             raise KdError("latency_batch_sizes is empty; give the batch sizes to time, e.g. latency_batch_sizes=[1,64]")
         for size in cfg.latency_batch_sizes:
-            check_number("latency_batch_sizes", size, Range(1), hint="each batch size")
+            check_number("latency_batch_sizes", size, Range(1, 2**16), hint="each batch size")
     student = cfg.get("student")
     if student is not None and student.get("checkpoint") is not None:
         raise KdError(
@@ -103,12 +103,22 @@ def check_stage_options(cfg: DictConfig) -> None:
         )
 
 
+# Upper bounds of the trainer's counts: beyond them a value is a typo (or a machine kd was not built for),
+# refused before anything is loaded instead of running out of memory, processes or time.
+TRAINER_COUNTS = {
+    "epochs": Range(1, 1_000_000),
+    "batch_size": Range(1, 2**20),
+    "eval_batch_size": Range(1, 2**20),
+    "eval_every": Range(1, 1_000_000),
+    "num_workers": Range(0, 256),
+}
+
+
 def check_trainer(trainer: DictConfig) -> None:
-    for key in ("epochs", "batch_size", "eval_batch_size", "eval_every"):
-        check_number(f"trainer.{key}", trainer[key], Range(1))
-    check_number("trainer.num_workers", trainer.num_workers, Range(0))
+    for key, limit in TRAINER_COUNTS.items():
+        check_number(f"trainer.{key}", trainer[key], limit)
     if trainer.max_steps_per_epoch is not None:
-        check_number("trainer.max_steps_per_epoch", trainer.max_steps_per_epoch, Range(1))
+        check_number("trainer.max_steps_per_epoch", trainer.max_steps_per_epoch, Range(1, MAX_COUNT))
     if trainer.grad_clip is not None:
         check_number(
             "trainer.grad_clip",
