@@ -120,7 +120,8 @@ class SavedRun:
     path: Path
     stage: str
     overrides: list[str]
-    config: dict[str, Any]  # config_resolved.yaml
+    config: dict[str, Any]  # config_resolved.yaml (.hydra/config.yaml, as composed, when that is missing)
+    config_resolved: bool = True  # False: config_resolved.yaml is missing, the config cannot be compared
     hydra: dict[str, Any] = field(default_factory=dict)  # .hydra/hydra.yaml's `hydra` node
     summary: dict[str, Any] = field(default_factory=dict)
     env: dict[str, Any] = field(default_factory=dict)
@@ -188,18 +189,19 @@ def _read_saved_run(given: str, path: Path) -> SavedRun:
     if stage not in CONFIG_NAMES:
         raise KdError(f"{given}: its .hydra/config.yaml names no kd stage (stage: {stage})")
     config = read_yaml(path, CONFIG, dict)
-    if config is None:
+    summary = read_json(path, SUMMARY)
+    if config is None and summary is None:
         raise KdError(f"{given}: the run stopped before it started (no config_resolved.yaml); nothing to reproduce")
     hydra = read_yaml(path, HYDRA, dict)
     node = hydra.get("hydra") if hydra is not None else {}
     if not isinstance(node, dict) or not all(isinstance(node.get(key) or {}, dict) for key in ("runtime", "job")):
         raise BrokenFile(path / HYDRA, str(HYDRA), "is not Hydra's record of the run (no hydra.runtime/job mappings)")
-    summary = read_json(path, SUMMARY)
     return SavedRun(
         path=path,
         stage=stage,
         overrides=overrides,
-        config=config,
+        config=config if config is not None else hydra_config,
+        config_resolved=config is not None,
         hydra=node,
         summary=summary or {},
         env=read_json(path, ENV) or {},
@@ -271,6 +273,22 @@ def config_differences(saved: SavedRun, now: dict[str, Any], volatile: set[str])
         for key in keys
         if then.get(key, absent) != now.get(key, absent)
     ]
+
+
+def missing_record_warnings(saved: SavedRun) -> list[str]:
+    """What the comparison cannot cover because a file of the run's record is missing."""
+    warnings = []
+    if not saved.config_resolved:
+        warnings.append(
+            f"{saved.path / CONFIG} is missing: the config recomposed today cannot be compared with the one the "
+            "run resolved (a default changed since would go unnoticed); the metrics are still compared"
+        )
+    if not saved.env:
+        warnings.append(
+            f"{saved.path / ENV} is missing: the versions, git commit, device and data fingerprint the run used "
+            "cannot be compared with today's, so a difference in the metrics cannot be traced to them"
+        )
+    return warnings
 
 
 def environment_warnings(saved: SavedRun) -> list[str]:
@@ -470,10 +488,11 @@ def main(argv: list[str]) -> int:
     saved = load_saved_run(args.run_dir)
     check_complete(saved)
     overrides = saved.replay_overrides()
-    for warning in environment_warnings(saved):
+    for warning in [*missing_record_warnings(saved), *environment_warnings(saved)]:
         warn(warning)
-    changed = config_differences(saved, *recompose(saved, overrides))
-    report_config(changed)
+    changed = config_differences(saved, *recompose(saved, overrides)) if saved.config_resolved else []
+    if saved.config_resolved:
+        report_config(changed)
     extra = [*pinned_teacher(saved, args.overrides), *args.overrides]
     # (an interrupt here, Ctrl-C, SIGTERM or SIGHUP, stops the child too: see engine/process.run_child)
     run_dir = new_run_dir(saved, args.out)  # everything that can refuse has refused: create it now

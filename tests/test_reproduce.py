@@ -89,6 +89,24 @@ def test_what_is_not_a_complete_run_is_one_line(project, tmp_path):
     assert_one_line_error(kd("reproduce", cwd=tmp_path), "RUN_DIR")
 
 
+def test_a_complete_run_missing_part_of_its_record_says_what_cannot_be_compared(project, tmp_path):
+    """config_resolved.yaml or env.json gone from a complete run: each is named in one warning that says
+    what the comparison loses; the metrics are still compared (not "the run stopped before it started")."""
+    copy = tmp_path / "copy"
+    shutil.copytree(original_run(project), copy)
+    (copy / "config_resolved.yaml").unlink()
+    (copy / "env.json").unlink()
+    result = kd("reproduce", str(copy), cwd=tmp_path)
+    assert result.code == 0, result.stderr[-2000:]
+    warnings = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(warnings) == 2 and all(line.startswith("kd: warning: ") for line in warnings), warnings
+    assert (
+        "config_resolved.yaml is missing" in warnings[0] and "a default changed since would go unnoticed" in warnings[0]
+    )
+    assert "env.json is missing" in warnings[1] and "versions, git commit" in warnings[1]
+    assert "reproduced: the final metrics are identical" in result.stdout
+
+
 def test_a_student_run_does_not_depend_on_how_its_teacher_came_to_be(tmp_path):
     """The same distill command ends the same whether its teacher was trained in that command (none
     found) or found on disk: building, loading or training another model first draws nothing from the
