@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kd_cli.errors import INTERRUPTED_RUNS, one_line, take_error, unknown_choice
+from kd_cli.errors import INTERRUPTED_RUNS, library_warnings_as_kd_lines, one_line, take_error, unknown_choice
 
 
 @dataclass(frozen=True)
@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
 
     adopt_slurm_tasks()  # one of several tasks of a SLURM step: DDP ranks as torchrun would set them
     install_interrupt_handlers()  # SIGTERM / SIGHUP stop a run as Ctrl-C does: it records `interrupted`
+    library_warnings_as_kd_lines()  # torch's, Pillow's, ... warnings: one kd line each, not their reports
     watch_parent()  # a child of another kd process stops when that process dies
     try:
         code = dispatch(args)
@@ -202,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     except BaseException as error:  # noqa: BLE001 - the CLI boundary: one line, no traceback
         if debug:
             raise
-        print(f"kd: error: {one_line(error)}", file=sys.stderr)
+        where = "hydra.run.dir=, paths.outputs=" if args and args[0] in STAGES else ""
+        print(f"kd: error: {one_line(error, where)}", file=sys.stderr)
         code = EXIT_ERROR
     ignore_stop_signals()  # the command is over: a late Ctrl-C must not interrupt the interpreter's exit
     sys.exit(code)

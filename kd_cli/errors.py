@@ -26,18 +26,54 @@ def unknown_choice(kind: str, name: str, choices: Iterable[str]) -> KdError:
     return KdError(f"unknown {kind} '{name}'{hint} (choose from: {', '.join(choices)})")
 
 
-def one_line(error: BaseException) -> str:
-    """A readable single line from any exception, Hydra's multi-line ones included."""
+def one_line(error: BaseException, where: str = "") -> str:
+    """A readable single line from any exception, Hydra's multi-line ones included. `where`: the
+    settings that choose where the command writes, for a file error (a stage's hydra.run.dir=)."""
     if isinstance(error, (KdError, Refusal)):
         return str(error)
     if isinstance(error, OSError) and error.filename:  # e.g. Hydra making a run directory where it cannot
         return (
             f"{error.strerror or type(error).__name__}: {error.filename}; check that the path is right and "
-            f"that you may write there (hydra.run.dir=, paths.outputs=)"
+            f"that you may write there{f' ({where})' if where else ''}"
         )
     from kd_cli.hydra_errors import describe
 
     return describe(error)
+
+
+# Library warnings kd knows, in its own words: (pattern of the library's message, kd's line).
+KNOWN_WARNINGS: list[tuple[str, str]] = [
+    (
+        r"This DataLoader will create (\d+) worker processes in total\. Our suggested max number of worker in "
+        r"current system is (\d+)",
+        r"trainer.num_workers=\1 is more than the \2 this machine can run at once; lower it "
+        r"(trainer.num_workers=\2), or loading may slow training down or freeze",
+    ),
+]
+_SHOWN: set[str] = set()
+
+
+def library_warnings_as_kd_lines() -> None:
+    """Every Python warning a library emits (torch's UserWarnings, Pillow's, ...) becomes one `kd: warning:`
+    line, once per message: in kd's words where kd knows it (KNOWN_WARNINGS), else the library's
+    first line and where it came from; never the library's multi-line report with its source line."""
+    import re
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = (str(message).strip().splitlines() or [category.__name__])[0]
+        for pattern, said in KNOWN_WARNINGS:
+            if re.search(pattern, text):
+                text = re.sub(f".*{pattern}.*", said, text)
+                break
+        else:
+            origin = str(filename).replace("\\", "/").split("site-packages/")[-1].split("/")[0]
+            text = f"{text} ({category.__name__} from {origin.removesuffix('.py')})"
+        if text not in _SHOWN:
+            _SHOWN.add(text)
+            warn(text)
+
+    warnings.showwarning = show
 
 
 # The first error of this process's jobs. Hydra prints its own multi-line report for an exception

@@ -59,8 +59,10 @@ def _positive(text: str, most: int = 2**16) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if not 1 <= value <= most:
-        raise argparse.ArgumentTypeError(f"{value} must be a whole number from 1 to {most}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    if value > most:
+        raise argparse.ArgumentTypeError(f"{value} must be at most {most}")
     return value
 
 

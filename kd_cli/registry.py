@@ -43,7 +43,13 @@ class Range:
             return False
         return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
 
-    def describe(self) -> str:
+    def describe(self, value: float | None = None) -> str:
+        """The range; where its upper end is only the generic bound of counts (MAX_COUNT), the side the
+        value crossed (`>= 1`, or `<= 2147483647`): that bound is not what a user means to set."""
+        if value is not None and self.low is not None and self.high is not None and self.high == MAX_COUNT:
+            if value <= self.low if self.low_open else value < self.low:
+                return Range(self.low, None, self.low_open).describe()
+            return Range(None, self.high, False, self.high_open).describe()
         if self.high is None:
             return f"{'>' if self.low_open else '>='} {_number(self.low)}"
         if self.low is None:
@@ -171,10 +177,11 @@ def value_problem(value: Any, hint: Any) -> str | None:
             return problem
         for limit in (a for a in args[1:] if isinstance(a, Range)):
             if isinstance(value, (list, tuple)):
-                if any(v not in limit for v in value if isinstance(v, (int, float))):
-                    return f"a list of values {limit.describe()}"
+                outside = [v for v in value if isinstance(v, (int, float)) and v not in limit]
+                if outside:
+                    return f"a list of values {limit.describe(outside[0])}"
             elif isinstance(value, (int, float)) and value not in limit:
-                return f"{_kind(args[0])} {limit.describe()}"
+                return f"{_kind(args[0])} {limit.describe(value)}"
         return None
     if origin in (typing.Union, types.UnionType):
         problems = [value_problem(value, member) for member in args]
@@ -247,7 +254,7 @@ def check_number(key: str, value: Any, limit: Range | None = None, hint: str = "
     if not number or not math.isfinite(value):
         raise KdError(f"{key}={_show(value)} must be a finite number{f' ({hint})' if hint else ''}")
     if limit is not None and value not in limit:
-        raise KdError(f"{key}={_show(value)} must be {limit.describe()}{f' ({hint})' if hint else ''}")
+        raise KdError(f"{key}={_show(value)} must be {limit.describe(value)}{f' ({hint})' if hint else ''}")
 
 
 def import_submodules(package: str, path: Iterable[str]) -> None:

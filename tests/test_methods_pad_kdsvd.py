@@ -232,10 +232,11 @@ def test_pad_distills_the_embeddings_through_a_regressor_only_where_the_shapes_d
     images, labels = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
     _, terms = method(images, labels)
     assert set(terms) == {"ce", "pad"} and all(torch.isfinite(v) and v.dim() == 0 for v in terms.values())
-    if not regressed:  # the term is the pure loss on the raw embeddings and the branch's log-variances
+    if not regressed:  # the pure loss on the raw embeddings, both over the teacher's scale, and the log-variances
         s, t = _tapped(student, ["pool"], images)[0], _tapped(teacher, ["pool"], images)[0]
         method.train()
-        torch.testing.assert_close(terms["pad"], pad_loss(s, t, method.variance_estimators[0](s)))
+        scale = t.pow(2).mean(1, keepdim=True).sqrt()
+        torch.testing.assert_close(terms["pad"], pad_loss(s / scale, t / scale, method.variance_estimators[0](s)))
     method.zero_grad()
     sum(terms.values()).backward()
     adapters = [n for n, p in method.named_parameters() if not n.startswith("student.")]

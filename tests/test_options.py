@@ -498,11 +498,14 @@ def test_steps_after_lowrank_are_checked_against_the_factorised_names():
     [
         ("trainer.epochs=100000000000", "trainer.epochs=100000000000 must be in [1, 1000000]"),
         ("trainer.num_workers=100000", "trainer.num_workers=100000 must be in [0, 256]"),
-        ("trainer.batch_size=10000000000", "must be in [1, 1048576]"),
-        ("trainer.max_steps_per_epoch=10000000000", "must be in [1, 2147483647]"),
+        ("trainer.batch_size=10000000000", "trainer.batch_size=10000000000 must be in [1, 1048576]"),
+        ("trainer.max_steps_per_epoch=10000000000", "must be <= 2147483647"),
         ("method=dml method.students=1000", "method.students=1000 must be a whole number in [2, 16]"),
         ("method=born_again method.generations=100000000000", "method.generations"),
-        ("dataset=synthetic dataset.num_train=100000000", "dataset.num_train=100000000 must be a whole number"),
+        (
+            "dataset=synthetic dataset.num_train=100000000",
+            "dataset.num_train=100000000 must be a whole number in [1, 10000000]",
+        ),
         ("dataset=synthetic dataset.image_size=1000 dataset.num_train=10000", "would hold 30.7 GiB"),
     ],
 )

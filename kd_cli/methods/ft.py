@@ -11,6 +11,9 @@ with BatchNorm and LeakyReLU into the factor's channels) gives the student's, an
     ft = mean |factor(student) - factor(teacher)|,   factor(f) = L2-normalised mean over channels of f^2
 
 (RepDistiller's FactorTransfer with p1=2, p2=1; the paper normalises the whole flattened factor instead),
+and the paraphraser sees the teacher's map divided by its root mean square per sample (`per_sample_rms`;
+RepDistiller feeds it raw, and an untrained or badly calibrated teacher's maps, of magnitude 10-100,
+made the auto-encoder diverge within a few SGD steps even at RepDistiller's init learning rate of 0.01),
 the larger grid average-pooled to the smaller, weighted by ft_weight beside the CE. The initialisation
 epochs are the first `init_epochs` of `trainer.epochs` (see fsp.py for RepDistiller's recipe).
 """
@@ -62,6 +65,12 @@ class Paraphraser(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(features))
+
+
+def per_sample_rms(features: torch.Tensor) -> torch.Tensor:
+    """A map divided by its root mean square per sample: O(1) values whatever the teacher's scale."""
+    features = full_precision(features)
+    return features / features.pow(2).mean((1, 2, 3), keepdim=True).sqrt().clamp_min(1e-6)
 
 
 def translator(channels: int, factor_channels: int) -> nn.Module:
@@ -127,13 +136,13 @@ class FactorTransfer(FeatureDistiller):
             with torch.no_grad():
                 logits = self.student(images)  # (for the epoch's training accuracy only)
             assert self.paraphraser is not None  # init_epochs > 0 only when ft_weight > 0
-            rebuilt = self.paraphraser(teacher[0])
-            return logits, {"paraphrase": F.mse_loss(full_precision(rebuilt), full_precision(teacher[0]))}
+            target = per_sample_rms(teacher[0])
+            return logits, {"paraphrase": F.mse_loss(full_precision(self.paraphraser(target)), target)}
         logits, student, teacher_logits, teacher = self.features(images, self.ft_weight)
         terms = self.logit_terms(logits, teacher_logits, labels)
         if self.ft_weight:
             assert self.paraphraser is not None and self.translator is not None  # built when ft_weight > 0
             with torch.no_grad():  # frozen after its phase
-                teacher_factor = self.paraphraser.encoder(teacher[0])
+                teacher_factor = self.paraphraser.encoder(per_sample_rms(teacher[0]))
             terms["ft"] = self.ft_weight * ft_loss(self.translator(student[0]), teacher_factor)
         return logits, terms

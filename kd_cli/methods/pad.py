@@ -12,7 +12,9 @@ which is twice the paper's (f_t - f_s)^2 / (2 sigma^2) + log sigma (its constant
 dropped). Elements the student cannot match get a large variance and weigh less, the prime (easy,
 confident) ones more; the log term keeps the variances from growing without bound. L may be negative.
 
-The regressor r is FitNet's (`feature_utils.Regressor`); with `regressor=auto` there is none where the
+Both features are divided by the teacher feature's root mean square per sample before the loss (see
+`pair_loss`: a reparametrisation of the variance that keeps an uncalibrated teacher's large features from
+overflowing it). The regressor r is FitNet's (`feature_utils.Regressor`); with `regressor=auto` there is none where the
 student's feature already has the teacher's shape, as in the authors' code on equal embeddings.
 """
 
@@ -48,9 +50,23 @@ def pad_loss(student: torch.Tensor, teacher: torch.Tensor, log_variance: torch.T
 
 
 def pair_loss(regress: nn.Module, estimate: nn.Module, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """pad_loss of one layer pair: the regressed pair, the log-variance estimated from the raw student feature."""
+    """pad_loss of one layer pair: the regressed pair, the log-variance estimated from the raw student feature.
+    Both features are divided by the teacher feature's root mean square per sample (detached): the
+    predicted variance is then relative to the teacher's own scale, a reparametrisation of the same
+    Gaussian (alpha' = alpha - log c^2, the same gradients for the student's feature at the same effective
+    variance) that starts the variance near the features' scale instead of 1. A trained teacher's
+    features have c near 1 (the reference's numbers); an untrained or badly calibrated teacher's reach
+    10-100, where the raw form's first SGD steps overflow exp(alpha) (tests/test_methods_at_defaults.py)."""
     regressed, target = regress(student, teacher)
-    return pad_loss(regressed, target, estimate(student))
+    scale = root_mean_square(target)
+    return pad_loss(regressed / scale, target / scale, estimate(student))
+
+
+def root_mean_square(features: torch.Tensor) -> torch.Tensor:
+    """Per sample, over every other dimension, detached and at least 1e-6, shaped to divide `features`."""
+    features = full_precision(features).detach()
+    dims = tuple(range(1, features.dim()))
+    return features.pow(2).mean(dims, keepdim=True).sqrt().clamp_min(1e-6)
 
 
 class VarianceEstimator(nn.Module):
