@@ -67,7 +67,8 @@ def library_warnings_as_kd_lines() -> None:
                 text = re.sub(f".*{pattern}.*", said, text)
                 break
         else:
-            origin = str(filename).replace("\\", "/").split("site-packages/")[-1].split("/")[0]
+            path = str(filename).replace("\\", "/")  # the library's package, else the file's module
+            origin = path.split("site-packages/")[1].split("/")[0] if "site-packages/" in path else path.rsplit("/")[-1]
             text = f"{text} ({category.__name__} from {origin.removesuffix('.py')})"
         if text not in _SHOWN:
             _SHOWN.add(text)

@@ -65,10 +65,11 @@ def test_bash_completion_of_stages_and_options(tmp_path):
 
 BAD_INPUTS = [
     (["disitl"], ["unknown stage 'disitl'", "distill"]),
-    (["distill", "trainer.epoch=3"], ["trainer.epoch"]),
+    (["distill", "trainer.epoch=3"], ["trainer.epoch is not an option (did you mean trainer.epochs?)"]),
+    (["distill", "dataset.rooot=x"], ["dataset.rooot is not an option (did you mean dataset.root?)", "dataset has:"]),
     (["distill", "trainer.epochs=abc"], ["trainer.epochs=abc"]),
     (["distill", "student=resnt18"], ["student/resnt18", "did you mean resnet18"]),
-    (["distill", "method.temprature=3"], ["temprature"]),
+    (["distill", "method.temprature=3"], ["method.temprature is not an option (did you mean method.temperature?)"]),
     (["distill", "student.kwargs.widht=3", "student=cnn"], ["widht", "width"]),
     (["distill", "trainer.device=cuda"], ["no CUDA GPU", "trainer.device=cpu"]),
     (["distill", "trainer.device=tpu"], ["trainer.device=tpu"]),
@@ -127,3 +128,29 @@ def test_a_sweep_over_methods_takes_an_option_only_some_of_them_have():
     ]
     single = ["method=at", "method.tuned_input_size=32"]
     assert open_swept_method_options(single) == single
+
+
+def test_library_warnings_are_one_kd_line_each(tmp_path, capsys):
+    """A library's warning (torch's UserWarnings, Pillow's, ...) reaches the user as one `kd: warning:` line,
+    once per message, in kd's words where kd knows it; never the library's report with its source line."""
+    import warnings
+
+    from kd_cli import errors
+
+    with warnings.catch_warnings():
+        warnings.resetwarnings()
+        errors.library_warnings_as_kd_lines()
+        for _ in range(2):
+            warnings.warn("Casting complex values to real discards the imaginary part\nmore", UserWarning, stacklevel=1)
+        warnings.warn(
+            "This DataLoader will create 8 worker processes in total. Our suggested max number of worker in current "
+            "system is 2, which is smaller than what this DataLoader is going to create.",
+            UserWarning,
+            stacklevel=1,
+        )
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == [
+        "kd: warning: Casting complex values to real discards the imaginary part (UserWarning from test_cli)",
+        "kd: warning: trainer.num_workers=8 is more than the 2 this machine can run at once; lower it "
+        "(trainer.num_workers=2), or loading may slow training down or freeze",
+    ]
