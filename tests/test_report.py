@@ -77,6 +77,22 @@ def test_csv_and_markdown_hold_the_table(sweep, tmp_path):
     assert "best top-1 %" in lines[0] and "±" in lines[2]
 
 
+def test_report_never_writes_over_a_file_or_into_a_run(sweep, tmp_path):
+    """--csv on an existing file is refused without --overwrite; nothing is written inside a run directory
+    (the run's summary.json was once replaced by the table)."""
+    run = next(p.parent for p in sweep.glob("*/summary.json"))
+    before = (run / "summary.json").read_bytes()
+    inside = kd("report", str(sweep), "--csv", str(run / "summary.json"), "--overwrite", cwd=tmp_path)
+    assert_one_line_error(inside, "is inside the run directory", "which only its run writes")
+    assert_one_line_error(kd("report", str(sweep), "--plot", str(run / "plots"), cwd=tmp_path), "inside the run")
+    assert (run / "summary.json").read_bytes() == before and not (run / "plots").exists()
+    (tmp_path / "mine.csv").write_text("keep me")
+    assert_one_line_error(kd("report", str(sweep), "--csv", "mine.csv", cwd=tmp_path), "exists", "--overwrite")
+    assert (tmp_path / "mine.csv").read_text() == "keep me"
+    kd_ok("report", str(sweep), "--csv", "mine.csv", "--overwrite", cwd=tmp_path)
+    assert (tmp_path / "mine.csv").read_text().startswith("method.temperature")
+
+
 def test_plots_are_real_pngs(sweep, tmp_path):
     out = kd_ok("report", str(sweep), "--plot", "plots", cwd=tmp_path).stdout
     plots = tmp_path / "plots"

@@ -83,11 +83,39 @@ def build_parser() -> Parser:
         help="write PNGs: the metric against each swept numeric key, and training curves",
     )
     parser.add_argument("--metric", choices=METRICS, default="best_top1", help="the metric plotted (default best_top1)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --csv / --markdown file")
     return parser
+
+
+def check_outputs(args) -> None:
+    """Where --csv, --markdown and --plot write, checked before any run is read: never over a file that
+    exists (unless --overwrite), never into a run directory (it has one writer: its run)."""
+    from kd_cli.engine.files import unwritable
+    from kd_cli.engine.rundir import enclosing, holds_run
+
+    for option, target in (("--csv", args.csv), ("--markdown", args.markdown), ("--plot", args.plot)):
+        if target is None:
+            continue
+        target = target.expanduser()
+        folder = target if option == "--plot" else target.parent
+        run = folder if holds_run(folder) else enclosing(folder, holds_run)
+        if run is not None:
+            raise KdError(
+                f"{option} {target} is inside the run directory {run}, which only its run writes; write elsewhere"
+            )
+        if option == "--plot":
+            if target.exists() and not target.is_dir():
+                raise KdError(f"--plot {target} is a file; give a folder for the plots")
+            continue
+        if target.exists() and not target.is_dir() and not args.overwrite:
+            raise KdError(f"{option} {target} exists; choose another file, or pass --overwrite to replace it")
+        if problem := unwritable(target):
+            raise KdError(f"cannot write {option} {target} ({problem}); choose another file")
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    check_outputs(args)
     conditions = [parse_where(text) for text in args.where]
     runs, reproductions, skipped = load_paths(args.paths)
     runs = filter_runs(runs, conditions)
