@@ -113,6 +113,16 @@ def test_a_finished_run_is_never_written_again(finished, tmp_path, spelling):
     assert snapshot(finished) == before
 
 
+def test_a_new_run_never_goes_into_a_folder_that_holds_other_runs(finished, tmp_path):
+    """hydra.run.dir naming the outputs folder itself (full of runs): refused in one line, nothing written
+    there (a run written into outputs/ hid every other run from kd report)."""
+    outputs = finished.parent  # the folder that holds the finished run
+    before = snapshot(outputs)
+    result = kd_here("train-teacher", *SMALL, f"hydra.run.dir={outputs}", cwd=tmp_path)
+    assert_one_line_error(result, f"{outputs} holds other runs ({finished})", "a run needs a folder of its own")
+    assert snapshot(outputs) == before
+
+
 def test_a_run_never_goes_inside_another_run_or_a_sweep(finished, tmp_path):
     sweep = tmp_path / "sweep"
     assert (

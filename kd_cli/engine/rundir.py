@@ -42,6 +42,7 @@ SWEEP_RECORD = "multirun.yaml"  # Hydra's record of a sweep, in its folder
 RUN_FILES = (SUMMARY, CONFIG, "checkpoints/last.pt", ".hydra/overrides.yaml", "model.safetensors")
 # Space set aside while a run writes, freed to record `failed` when the disk fills up.
 RESERVE = ".kd.reserve"
+REPRODUCTION = "reproduce.json"  # written by kd reproduce into the new run it makes
 RESERVE_BYTES = 256 * 1024
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from kd_cli.engine.rundir import REPRODUCTION
 from kd_cli.errors import KdError, warn
 from kd_cli.overrides import canonical, flatten, split_override
 
@@ -33,9 +34,8 @@ HYDRA = Path(".hydra") / "hydra.yaml"
 SUMMARY = "summary.json"
 CONFIG = "config_resolved.yaml"
 METRICS = "metrics.csv"
-# Written by `kd reproduce` into the run it makes: such a run repeats another one (same seed), so
-# counting it as one more sample of a setting would be wrong.
-REPRODUCTION = "reproduce.json"
+# REPRODUCTION (reproduce.json) is written by `kd reproduce` into the run it makes: such a run repeats another
+# one (same seed), so counting it as one more sample of a setting would be wrong.
 
 RUNNING, STALE, UNKNOWN = "running", "stale", "unknown"
 UNREADABLE, BROKEN = "unreadable", "broken"  # runs left out of the report (see Skipped)

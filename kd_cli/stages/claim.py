@@ -9,6 +9,7 @@ numbers (FREE_ON_RESUME) and, with `resume_extend=true`, those that train the sa
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,10 @@ def _claim(
     resumable: bool,
 ) -> Claim:
     _check_place(path, in_sweep)
-    if not holds_run(path) or _refused_before_start(path):
+    if _refused_before_start(path):
+        return Claim(lock)
+    if not holds_run(path):
+        _check_holds_no_runs(path)
         return Claim(lock)
     target = Path(resume).expanduser().resolve() if resume else None
     whole_sweep = in_sweep and target == path.resolve().parent
@@ -97,6 +101,37 @@ def _claim(
     if (path / LAST).exists():
         load_checkpoint(path / LAST)  # a corrupt checkpoint is refused before the run is touched
     return Claim(lock, previous, resuming=True, changes=changes)
+
+
+def _check_holds_no_runs(path: Path) -> None:
+    """A new run never goes into a folder that holds other runs below it (the outputs folder itself, a
+    sweep's parent): its files would mix with theirs, and kd report would see one run where there are many."""
+    inner = _a_run_below(path)
+    if inner is not None:
+        raise KdError(f"{path} holds other runs ({inner}); a run needs a folder of its own: choose a new one")
+
+
+def _a_run_below(path: Path, depth: int = 4, budget: int = 20_000) -> Path | None:
+    """A run or sweep folder under `path` (up to `depth` levels: outputs/stage/date/time), if any; at most
+    `budget` entries are looked at, so a huge data folder costs a bounded scan."""
+    level = [path]
+    for _ in range(depth):
+        below = []
+        for folder in level:
+            try:
+                entries = [entry for entry in os.scandir(folder) if entry.is_dir(follow_symlinks=False)]
+            except OSError:
+                continue
+            for entry in entries:
+                budget -= 1
+                if budget < 0:
+                    return None
+                found = Path(entry.path)
+                if holds_run(found) or holds_sweep(found):
+                    return found
+                below.append(found)
+        level = below
+    return None
 
 
 def _refused_before_start(path: Path) -> bool:
