@@ -163,6 +163,10 @@ def collect_images(inputs: list[str]) -> list[Path]:
             found += _listed(path)
         elif path.is_file():
             found.append(path)
+        elif path.exists():
+            raise KdError(
+                f"input {path} is not a regular file (a FIFO, a socket or a device); give images, folders or list files"
+            )
         else:
             raise KdError(f"input {path} does not exist; give images, folders of images or list files")
     unique = list(dict.fromkeys(found))

@@ -230,6 +230,28 @@ def test_a_directory_symlink_loop_is_named_and_not_followed(tmp_path, capsys, ta
     assert f"{root / 'one' / 'again'} is a symlink to {aim}" in warning and "a loop, not followed" in warning
 
 
+def test_hidden_entries_special_files_and_a_class_without_images(tmp_path, capsys):
+    """Hidden folders and files are neither classes nor images (`.ipynb_checkpoints/` became a class);
+    a FIFO named like an image (whose read waited for ever) and a broken symlink are left out with one
+    warning naming them; a class folder of GIFs is one line saying kd does not read them."""
+    root = tmp_path / "data"
+    write_digit_folder(root, per_class=8)
+    (root / ".ipynb_checkpoints").mkdir()
+    (root / ".ipynb_checkpoints" / "x.png").write_bytes(next((root / "one").iterdir()).read_bytes())
+    (root / "one" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    os.mkfifo(root / "one" / "pipe.png")
+    (root / "four" / "broken.png").symlink_to(tmp_path / "nowhere.png")
+    data = load_dataset({"name": "imagefolder", "root": str(root), "test_fraction": 0.25, "image_size": 8})
+    assert data.class_names == list(CLASSES) and len(data.train) + len(data.test) == 3 * 8
+    (warning,) = warnings_in(capsys)
+    assert "left out 2 entries" in warning and "one/pipe.png" in warning and "four/broken.png" in warning
+    (root / "gifs").mkdir()
+    (root / "gifs" / "a.gif").write_bytes(b"GIF89a")
+    with pytest.raises(KdError) as error:
+        load_dataset({"name": "imagefolder", "root": str(root), "test_fraction": 0.25, "image_size": 8})
+    assert "class folder" in one_line(error) and "gifs has no images (it holds .gif files" in one_line(error)
+
+
 def test_a_file_name_that_is_not_utf8_is_read(tmp_path):
     """An old archive's Latin-1 `café.png` is read like any other image (and hashed into the data's
     fingerprint by its bytes); when it cannot be decoded, the one line names it with an escape."""

@@ -430,3 +430,13 @@ def test_paths_with_letters_outside_ascii(original, tmp_path):
     result = kd("import", "données/modèle.pth", "arch=cnn", *FAST, f"hydra.run.dir={run}", cwd=tmp_path)
     assert result.code == 0, result.stderr
     assert summary(run)["status"] == "complete" and summary(run)["source"].endswith("données/modèle.pth")
+
+
+def test_a_fifo_source_is_named_not_read(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "weights.pt")
+    result = kd_here(
+        "import", str(tmp_path / "weights.pt"), "arch=cnn", *FAST, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path
+    )
+    assert_one_line_error(result, "weights.pt is not a regular file")

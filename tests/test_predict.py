@@ -253,3 +253,13 @@ def test_a_latin1_name_and_a_folder_loop_are_predicted_once(trained, pngs, tmp_p
     (warning,) = [line for line in result.stderr.splitlines() if line.strip()]
     assert warning.startswith("kd: warning: ") and "again is a symlink" in warning and "a loop, not followed" in warning
     assert out.read_bytes().splitlines()[1].startswith(os.fsencode(latin1))
+
+
+def test_a_fifo_is_named_not_read(trained, tmp_path):
+    """An input that exists but is no regular file (a FIFO would block the read for ever) is one line."""
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    assert_one_line_error(
+        kd_here("predict", f"run={trained}", str(fifo), f"out={tmp_path / 'p.csv'}", cwd=tmp_path),
+        "is not a regular file",
+    )

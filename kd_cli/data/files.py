@@ -53,7 +53,8 @@ def brief(error: BaseException, limit: int = 160) -> str:
 
 def walk_without_loops(top: str) -> list[tuple[str, list[str]]]:
     """(folder, file names) under `top` in torchvision's order, following symlinks but not a folder
-    symlink that leads back to a folder it is inside (each such loop named in a warning)."""
+    symlink that leads back to a folder it is inside (each such loop named in a warning). Hidden entries
+    (a name starting with "."): `.ipynb_checkpoints/`, `.DS_Store`, macOS's `._photo.png` are left out."""
     if not os.path.isdir(top):
         return []
     # The folders each folder is inside, by (device, inode): from the file system's root, so a link up
@@ -64,7 +65,7 @@ def walk_without_loops(top: str) -> list[tuple[str, list[str]]]:
     for folder, subfolders, files in os.walk(top, followlinks=True):
         inside = parents.pop(folder)
         kept = []
-        for name in subfolders:
+        for name in (name for name in subfolders if not name.startswith(".")):
             path = os.path.join(folder, name)
             try:
                 identity = _identity(path)
@@ -79,7 +80,7 @@ def walk_without_loops(top: str) -> list[tuple[str, list[str]]]:
             parents[path] = inside | {identity}
             kept.append(name)
         subfolders[:] = kept
-        found.append((folder, files))
+        found.append((folder, [name for name in files if not name.startswith(".")]))
     return sorted(found)
 
 

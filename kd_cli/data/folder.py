@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from kd_cli.data.base import (
     DataSplits,
@@ -34,7 +35,7 @@ from kd_cli.data.base import (
     folder_samples,
     register_dataset,
 )
-from kd_cli.data.files import brief, walk_without_loops
+from kd_cli.data.files import brief, shown_path, walk_without_loops
 from kd_cli.data.images import decode_rgb, problem_of
 from kd_cli.errors import KdError, warn
 from kd_cli.registry import OpenFraction, PositiveInt, Range
@@ -117,10 +118,20 @@ def _official_split(root: str) -> tuple[ImageFolder, ImageFolder, ImageFolder | 
 
 
 class LoopFreeImageFolder(ImageFolder):
-    """torchvision's ImageFolder, but its listing does not follow a directory symlink back into a
-    folder it is inside (a file-system loop, which os.walk(followlinks=True) goes round until the path
-    is too long: 24 images became 197): as `find -L` does, the loop is named in one warning and not
-    followed. Other symlinks, to files or to folders elsewhere, are followed as before."""
+    """torchvision's ImageFolder, read as a user means the folder:
+    - a directory symlink back into a folder it is inside (a file-system loop, which os.walk(followlinks=True)
+      goes round until the path is too long: 24 images became 197) is named in one warning and not followed,
+      as `find -L` does; other symlinks, to files or to folders elsewhere, are followed;
+    - hidden folders and files (`.ipynb_checkpoints/`, `._photo.png`) are neither classes nor images;
+    - an entry with an image's name that is not a regular file (a broken symlink, a FIFO, whose read would
+      wait for ever) is left out, named in one warning;
+    - a class folder without images is one line saying so (and that GIFs and other formats are not read)."""
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise KdError(f"{shown_path(directory)} has no class folders; expected {LAYOUT}")
+        return classes, {name: index for index, name in enumerate(classes)}
 
     @staticmethod
     def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
@@ -129,15 +140,45 @@ class LoopFreeImageFolder(ImageFolder):
         def valid(path: str) -> bool:
             return is_valid_file(path) if is_valid_file is not None else has_file_allowed_extension(path, extensions)
 
-        samples = []
+        samples, special = [], []
         for name in sorted(class_to_idx):
+            found = []
             for folder, files in walk_without_loops(os.path.join(directory, name)):
-                paths = (os.path.join(folder, file) for file in sorted(files))
-                samples += [(path, class_to_idx[name]) for path in paths if valid(path)]
-        empty = set(class_to_idx) - {os.path.relpath(path, directory).split(os.sep)[0] for path, _ in samples}
-        if empty and not allow_empty:
-            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(sorted(empty))}.")
+                paths = [os.path.join(folder, file) for file in sorted(files)]
+                found += [path for path in paths if valid(path) and os.path.isfile(path)]
+                special += [path for path in paths if valid(path) and not os.path.isfile(path)]
+            if not found and not allow_empty:
+                raise KdError(_no_images(directory, name))
+            samples += [(path, class_to_idx[name]) for path in found]
+        if special:
+            shown = ", ".join(shown_path(os.path.relpath(path, directory)) for path in special[:SKIPPED_SHOWN])
+            more = f" and {len(special) - SKIPPED_SHOWN} more" if len(special) > SKIPPED_SHOWN else ""
+            warn(
+                f"left out {len(special)} entr{'y' if len(special) == 1 else 'ies'} under {shown_path(directory)} "
+                f"named like images that are not regular files (a broken symlink, a FIFO): {shown}{more}"
+            )
         return samples
+
+
+def _no_images(directory: str, name: str) -> str:
+    """One line for a class folder with no image kd reads, naming what it does hold."""
+    suffixes = sorted(
+        {
+            os.path.splitext(file)[1].lower()
+            for _, files in walk_without_loops(os.path.join(directory, name))
+            for file in files
+        }
+        - {""}
+    )
+    held = (
+        f" (it holds {', '.join(suffixes[:5])} files, which kd does not read: convert them to PNG or JPEG)"
+        if suffixes
+        else ""
+    )
+    return (
+        f"class folder {shown_path(os.path.join(directory, name))} has no images{held}; kd reads "
+        f"{', '.join(IMG_EXTENSIONS)}: add images, or remove the folder"
+    )
 
 
 def _image_folder(path: str) -> ImageFolder:

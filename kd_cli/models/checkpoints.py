@@ -45,6 +45,8 @@ def read_state_dict(path: str | Path, nested: str | None = None) -> dict[str, to
     path = Path(path).expanduser()
     if path.is_dir():
         path = _hf_weights(path)
+    if path.exists() and not path.is_file():
+        raise KdError(f"{path} is not a regular file (a FIFO, a socket or a device); give the weights file itself")
     if not path.is_file():
         raise KdError(
             f"weights file {path} does not exist; give a .safetensors, .pt/.pth file or a save_pretrained folder"
