@@ -71,6 +71,21 @@ def test_own_keys_are_the_commands_and_every_other_override_goes_to_each_run():
     assert overrides == ["hydra/launcher=joblib", "trainer.device=cuda"]
     with pytest.raises(KdError, match="kd table sets seed itself"):
         split_arguments(["cifar100", "seed=1"])
+    for word in ("student=resnet18", "teacher=resnet18", "method=dkd", "experiment=x", "student.arch=mlp"):
+        with pytest.raises(KdError, match="sets .* itself from the table's pairs and methods"):
+            split_arguments(["cifar100", word])
+    assert split_arguments(["cifar100", "method.temperature=2", "student.kwargs.dropout=0.1"])[1] == [
+        "method.temperature=2",
+        "student.kwargs.dropout=0.1",
+    ]
+
+
+def test_methods_and_pairs_given_twice_or_empty():
+    spec = choose(load_spec("cifar100"), Namespace(**{**vars(NO_CHANGES), "methods": "kd,kd,dkd"}))
+    assert spec.methods == ["kd", "dkd"]
+    for key in ("methods", "pairs"):
+        with pytest.raises(KdError, match="empty|no methods"):
+            choose(load_spec("cifar100"), Namespace(**{**vars(NO_CHANGES), key: ""}))
 
 
 def test_a_method_takes_its_own_preset_for_the_pair_else_the_pairs_with_method_name():
@@ -163,6 +178,9 @@ def test_a_rerun_trains_nothing_and_a_stopped_cell_is_resumed(small_table):
     assert again.code == 0 and "kd table [" not in again.stdout, again.stderr[-2000:]
     stopped = out / "runs" / "wrn_40_2_wrn_16_2" / "none" / "seed-0"
     (stopped / "summary.json").write_text(json.dumps({**summary(stopped), "status": "interrupted"}))
+    other = kd("table", "cifar100", "--small", "optim.lr=0.5", cwd=work)  # would mix two settings in one table
+    assert_one_line_error(other, "holds a table run with other overrides", "optim.lr=0.5")
+    assert summary(stopped)["status"] == "interrupted"
     resumed = kd("table", "cifar100", "--small", cwd=work)
     assert resumed.code == 0, resumed.stderr[-2000:]
     assert "kd table [1/1] wrn_40_2_wrn_16_2 none: kd distill resume=" in resumed.stdout
@@ -177,6 +195,27 @@ def test_report_only_tabulates_and_says_so_when_there_is_nothing(small_table, tm
         assert {r["method"] for r in csv.DictReader(handle)} == {"teacher", "kd"}
     empty = kd("table", "cifar100", "--report", f"out={tmp_path / 'none'}", cwd=tmp_path)
     assert_one_line_error(empty, "no complete run in", "without --report first")
+    ignored = kd("table", "cifar100", "--small", "--report", f"out={out}", "optim.lr=0.5", cwd=tmp_path)
+    assert_one_line_error(ignored, "--report only tabulates", "optim.lr=0.5 would change nothing")
+
+
+def test_a_bad_override_is_refused_even_when_every_cell_is_complete(small_table):
+    """A finished table rerun with an override no run would take is still refused (it was accepted in
+    silence: nothing was left to run)."""
+    out, _ = small_table
+    result = kd("table", "cifar100", "--small", "trainer.epochs=0", cwd=out.parents[2])
+    assert_one_line_error(result, "trainer.epochs=0 must be in [1, 1000000]", "no run was started")
+
+
+def test_a_sweep_stopped_before_its_first_job_is_resumed_not_refused(tmp_path):
+    """A cell folder holding only the sweep's record (stopped before its first job began) is resumed;
+    starting it again as a new sweep was refused, and the advice looped."""
+    spec = load_spec("cifar100")
+    pair = spec.pairs["resnet56_resnet20"]
+    sweep = tmp_path / "runs" / pair.name / "kd"
+    sweep.mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    assert cell_job(spec, pair, "kd", tmp_path, [], needs_teacher=True)[1] == ["distill", f"resume={sweep}"]
 
 
 def test_counts_and_tolerances_are_bounded_and_checked_first(tmp_path):

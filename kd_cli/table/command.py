@@ -21,6 +21,9 @@ from kd_cli.errors import KdError
 from kd_cli.table.spec import Pair, TableSpec, builtin_tables, check_choices, load_spec
 
 KEYS = ("out", "methods", "pairs", "seeds", "tolerance", "compare")
+# Config groups and keys each cell's recipe sets: an override of them would change what the table compares.
+SET_BY_THE_TABLE = ("teacher", "student", "method", "experiment")
+RECORD = "table.json"  # in out=: the overrides the grid's runs were started with
 EPILOG = """\
 examples:
   kd table cifar100                                       the whole grid (a GPU and CIFAR-100 needed)
@@ -77,8 +80,16 @@ def split_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
         if sep and key in KEYS:
             own += [f"--{key}", value]
         elif sep and not word.startswith("-"):
-            if key.lstrip("+~") in ("seed", "hydra.sweep.dir", "hydra.run.dir", "resume"):
+            bare = key.lstrip("+~")
+            if bare in ("seed", "hydra.sweep.dir", "hydra.run.dir", "resume"):
                 raise KdError(f"kd table sets {key} itself for each run; use seeds=N and out=DIR")
+            if bare.split(".")[0] in SET_BY_THE_TABLE and not bare.startswith(
+                ("method.", "teacher.kwargs.", "student.kwargs.")
+            ):
+                raise KdError(
+                    f"kd table sets {bare} itself from the table's pairs and methods; choose them with "
+                    "pairs=NAME,... and methods=NAME,... (method.X= and the models' kwargs reach every run)"
+                )
             overrides.append(word)
         else:
             own.append(word)
@@ -94,6 +105,10 @@ def main(argv: list[str]) -> int:
         .expanduser()
         .absolute()
     )
+    if args.report and overrides:
+        raise KdError(
+            f"--report only tabulates the runs in {out}; {' '.join(overrides)} would change nothing: drop them"
+        )
     if args.small:
         overrides = [*spec.small.get("overrides", []), *overrides]
     failures = [] if args.report else run_grid(spec, out, overrides)
@@ -117,10 +132,12 @@ def choose(spec: TableSpec, args: argparse.Namespace) -> TableSpec:
     from kd_cli.methods import METHODS
 
     spec = spec.shrunk() if args.small else spec
-    if args.methods:
-        spec.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if args.pairs:
-        names = [p.strip() for p in args.pairs.split(",") if p.strip()]
+    if args.methods is not None:
+        spec.methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
+    if args.pairs is not None:
+        names = list(dict.fromkeys(p.strip() for p in args.pairs.split(",") if p.strip()))
+        if not names:
+            raise KdError("pairs= is empty; give pairs=NAME,... (the table's pairs, or leave pairs= out)")
         unknown = [name for name in names if name not in spec.pairs]
         if unknown:
             raise KdError(f"pairs: {', '.join(unknown)} not in the table ({', '.join(spec.pairs)})")
@@ -155,8 +172,9 @@ def run_grid(spec: TableSpec, out: Path, overrides: list[str]) -> list[str]:
         for pair in spec.pairs.values()
         for method in spec.methods
     ]
+    check_jobs(fresh_jobs(spec, out, overrides))  # every run's config, complete cells' too: a bad override is refused
+    check_same_overrides(out, overrides)
     todo = [job for job in jobs if job is not None]
-    check_jobs(todo)
     failures = []
     for number, (name, args) in enumerate(todo, 1):
         print(f"kd table [{number}/{len(todo)}] {name}: kd {' '.join(args)}", flush=True)
@@ -192,6 +210,54 @@ def check_jobs(jobs: list[tuple[str, list[str]]]) -> None:
     GlobalHydra.instance().clear()
 
 
+def fresh_jobs(spec: TableSpec, out: Path, overrides: list[str]) -> list[tuple[str, list[str]]]:
+    """Every run of the grid as it would start today, finished or not (what check_jobs composes)."""
+    from kd_cli.methods import method_requires_teacher
+
+    arches = dict.fromkeys(pair.teacher for pair in spec.pairs.values())
+    jobs = [
+        (f"teacher {arch}", ["train-teacher", *spec.teacher_recipe, f"teacher.arch={arch}", *overrides])
+        for arch in arches
+    ]
+    for pair in spec.pairs.values():
+        for method in spec.methods:
+            teacher = ["teacher.checkpoint=auto"] if method_requires_teacher(method) else []
+            jobs.append((f"{pair.name} {method}", ["distill", *recipe(spec, pair, method), *teacher, *overrides]))
+    return jobs
+
+
+def check_same_overrides(out: Path, overrides: list[str]) -> None:
+    """The grid's runs all run with the same overrides: a rerun of a table in the same out= with other ones
+    would mix two settings in one table (its finished cells are kept as they are). The first run's are
+    recorded in out/table.json."""
+    from kd_cli.engine.files import read_json, write_json
+
+    record = out / RECORD
+    try:
+        before = read_json(record).get("overrides") if record.exists() else None
+    except (OSError, ValueError, AttributeError):
+        raise KdError(f"{record} is damaged; restore it, or use another out=") from None
+    if before is not None and _what_runs(before) != _what_runs(overrides):
+        then, now = " ".join(before) or "(none)", " ".join(overrides) or "(none)"
+        raise KdError(
+            f"{out} holds a table run with other overrides ({then}; now {now}): its finished cells would be "
+            "mixed with runs of another setting; use another out=, or the same overrides"
+        )
+    if before is None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(record, {"overrides": list(overrides)})
+
+
+def _what_runs(overrides: list[str]) -> dict[str, str]:
+    """The overrides that decide what a run computes: not where or how it runs (the keys a resume may
+    change too: progress, device, workers, data folder, trackers, the teacher cache)."""
+    from kd_cli.overrides import canonical, override_map
+    from kd_cli.stages.claim import FREE_ON_RESUME
+
+    free = lambda key: any(key == k or key.startswith(k + ".") for k in FREE_ON_RESUME)  # noqa: E731
+    return {key: canonical(value) for key, value in override_map(list(overrides)).items() if not free(key)}
+
+
 def _first_seed(word: str) -> str:
     return "seed=0" if word.startswith("seed=") else word
 
@@ -224,7 +290,7 @@ def cell_job(
     spec: TableSpec, pair: Pair, method: str, out: Path, overrides: list[str], needs_teacher: bool
 ) -> tuple[str, list[str]] | None:
     """The multirun over the seeds of one cell, its resume, or None when every seed is complete."""
-    from kd_cli.engine.rundir import holds_run, is_complete
+    from kd_cli.engine.rundir import holds_run, holds_sweep, is_complete
 
     sweep = out / "runs" / pair.name / method
     runs = [sweep / f"seed-{seed}" for seed in range(spec.seeds)]
@@ -239,6 +305,7 @@ def cell_job(
                 f"{sweep} holds a sweep without {', '.join(missing)} (seeds={spec.seeds} asks for them); "
                 "use another out= or the seeds it was started with"
             )
+    if held or holds_sweep(sweep):  # (a sweep stopped before its first job began holds only its record)
         return name, ["distill", f"resume={sweep}"]
     teacher = [f"teacher.checkpoint={out / 'teachers' / pair.teacher}"] if needs_teacher else []
     seeds = ",".join(str(seed) for seed in range(spec.seeds))
