@@ -64,6 +64,9 @@ Positive = Annotated[float, Range(0, low_open=True)]
 NonNegative = Annotated[float, Range(0)]
 Probability = Annotated[float, Range(0, 1)]
 OpenFraction = Annotated[float, Range(0, 1, low_open=True, high_open=True)]  # strictly between 0 and 1
+# A softmax temperature: above 1000 every distribution is uniform to float precision, and T^2 overflows
+# long before a float does (1e308 was answered by Python's "Numerical result out of range").
+Temperature = Annotated[float, Range(0, 1000, low_open=True)]
 # Counts are bounded too: a number typed with a few digits too many is refused at once, not run out of
 # memory or time (and stays within what torch's int32 sizes take).
 MAX_COUNT = 2**31 - 1

@@ -92,6 +92,16 @@ def test_int8_file_is_small_loads_without_pickle_and_scores_the_same(teacher, tm
     assert evaluated["top1"] == pytest.approx(s["last_top1"], abs=1e-9)
     assert evaluated["macs"] == s["compressed"]["macs"] > 0
     assert (run / "float" / "model.safetensors").exists()  # the float model, for ONNX export
+    # an int8 model teaches logit methods (through the teacher cache: its identity hashes the saved form);
+    # a feature method, which reads layers the int8 graph no longer names, is one line before any work
+    student = ["student=cnn", "student.kwargs.width=4", "trainer.epochs=1", *FAST]
+    taught = kd_ok("distill", f"teacher.checkpoint={run}", *student, f"hydra.run.dir={tmp_path / 'd'}", cwd=tmp_path)
+    assert summary(tmp_path / "d")["status"] == "complete", taught.stderr
+    refused = kd(
+        "distill", f"teacher.checkpoint={run}", "method=at", *student, f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path
+    )
+    assert_one_line_error(refused, "no layers a feature method can read", "use the uncompressed model")
+    assert not (tmp_path / "e").exists()
 
 
 def test_lowrank_lowers_params_and_reloads(teacher, tmp_path):

@@ -55,6 +55,7 @@ FORMS = {
     "nested_state_dict.pth": lambda s: {"state_dict": s, "epoch": 7, "optimizer": {"lr": 0.1}},
     "nested_model.pth": lambda s: {"model": s, "args": {"arch": "cnn"}},
     "nested_ema.ckpt": lambda s: {"ema": s, "step": 100},
+    "nested_beside_a_tensor.pth": lambda s: {"state_dict": s, "best_acc1": torch.tensor(93.2)},
     "ddp_module.pth": lambda s: {f"module.{k}": v for k, v in s.items()},
     "lightning.ckpt": lambda s: {
         "state_dict": {f"model.{k}": v for k, v in s.items()},
@@ -440,3 +441,16 @@ def test_a_fifo_source_is_named_not_read(tmp_path):
         "import", str(tmp_path / "weights.pt"), "arch=cnn", *FAST, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path
     )
     assert_one_line_error(result, "weights.pt is not a regular file")
+
+
+@pytest.mark.parametrize("layout", ["sparse", "meta"])
+def test_sparse_or_meta_tensors_are_refused_in_one_line(original, tmp_path, layout):
+    model, _ = original
+    convert = (lambda v: v.to_sparse()) if layout == "sparse" else (lambda v: torch.empty(v.shape, device="meta"))
+    torch.save(
+        {k: convert(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}, tmp_path / "w.pt"
+    )
+    result = kd_here(
+        "import", str(tmp_path / "w.pt"), "arch=cnn", *FAST, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path
+    )
+    assert_one_line_error(result, "cannot take as they were trained", layout)

@@ -48,8 +48,12 @@ KEY_FILE = "key.json"
 def teacher_identity(teacher: nn.Module) -> str:
     """sha256 of what decides the teacher's outputs besides its input: class, weights and buffers
     (names, dtypes, shapes, bytes), and the forward pre-hooks (the conversion to its input form)."""
+    from kd_cli.engine.artifacts import weights_for_file
+
     digest = hashlib.sha256(type(teacher).__qualname__.encode())
-    for name, tensor in teacher.state_dict().items():
+    tensors, header = weights_for_file(teacher)  # as saved: an int8 model's packed state as plain tensors too
+    digest.update(json.dumps(header, sort_keys=True).encode())
+    for name, tensor in tensors.items():
         data = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}".encode())
         digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")

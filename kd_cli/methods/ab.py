@@ -27,7 +27,7 @@ from torch import nn
 from kd_cli.methods import register_method
 from kd_cli.methods.feature_utils import full_precision, tensor_sum
 from kd_cli.methods.ofd import PreReluDistiller, connector, stage_weights
-from kd_cli.registry import NonNegative, NonNegativeInt, Positive
+from kd_cli.registry import NonNegative, NonNegativeInt, Positive, Temperature
 
 
 def boundary_loss(student: torch.Tensor, teacher: torch.Tensor, margin: float) -> torch.Tensor:
@@ -56,7 +56,7 @@ class ActivationBoundaries(PreReluDistiller):
         teacher_layers: list[str] | None,
         ce_weight: NonNegative,
         kd_weight: NonNegative,
-        temperature: Positive,
+        temperature: Temperature,
         ab_init_weight: NonNegative,
         ab_weight: NonNegative,
         margin: Positive,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
 from kd_cli.methods.feature_utils import area_scale, full_precision, match_spatial, tensor_sum
-from kd_cli.registry import NonNegative, Positive, PositiveInt
+from kd_cli.registry import NonNegative, Positive, PositiveInt, Temperature
 
 
 def attention_map(features: torch.Tensor, p: float) -> torch.Tensor:
@@ -51,7 +51,7 @@ class AttentionTransfer(FeatureDistiller):
         teacher_layers: list[str] | None,
         ce_weight: NonNegative,
         kd_weight: NonNegative,
-        temperature: Positive,
+        temperature: Temperature,
         at_weight: NonNegative,
         p: Positive,
         form: Literal["code", "paper"],

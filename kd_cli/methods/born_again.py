@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from kd_cli.methods import register_method
 from kd_cli.methods.kd import KD
-from kd_cli.registry import NonNegative, Positive, PositiveInt
+from kd_cli.registry import NonNegative, PositiveInt, Temperature
 
 
 @register_method("born_again")
@@ -25,7 +25,7 @@ class BornAgain(KD):
         teacher,
         *,
         generations: PositiveInt,
-        temperature: Positive,
+        temperature: Temperature,
         kd_weight: NonNegative,
         ce_weight: NonNegative,
         logit_standardization: bool,

@@ -30,7 +30,7 @@ from kd_cli.methods.feature_utils import (
     sample_vectors,
     tensor_sum,
 )
-from kd_cli.registry import NonNegative, NonNegativeInt, Positive
+from kd_cli.registry import NonNegative, NonNegativeInt, Positive, Temperature
 
 
 def correlation_matrix(features: torch.Tensor, gamma: float, order: int, kernel: str = "gaussian") -> torch.Tensor:
@@ -66,7 +66,7 @@ class CorrelationCongruence(FeatureDistiller):
         teacher_layers: list[str] | None,
         ce_weight: NonNegative,
         kd_weight: NonNegative,
-        temperature: Positive,
+        temperature: Temperature,
         cc_weight: NonNegative,
         gamma: Positive,
         order: NonNegativeInt,

@@ -34,7 +34,7 @@ from torch import nn
 from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller, embedding_layers
-from kd_cli.registry import NonNegative, Positive, PositiveInt, Range
+from kd_cli.registry import NonNegative, Positive, Range, Temperature
 
 log = logging.getLogger("kd")
 
@@ -130,8 +130,8 @@ class CRD(FeatureDistiller):
         teacher,
         *,
         num_samples: int | None,
-        feat_dim: PositiveInt,
-        nce_k: PositiveInt,
+        feat_dim: Annotated[int, Range(1, 65536)],
+        nce_k: Annotated[int, Range(1, 2**20)],
         nce_t: Positive,
         nce_momentum: Momentum,
         crd_weight: NonNegative,
@@ -139,7 +139,7 @@ class CRD(FeatureDistiller):
         teacher_layers: list[str] | None,
         ce_weight: NonNegative,
         kd_weight: NonNegative,
-        temperature: Positive,
+        temperature: Temperature,
     ):
         check_num_samples(num_samples)
         assert num_samples is not None  # check_num_samples refuses None

@@ -19,7 +19,7 @@ from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import Distiller
 from kd_cli.methods.logit_utils import tempered
-from kd_cli.registry import NonNegative, Positive
+from kd_cli.registry import NonNegative, Temperature
 
 # Guards the correlation of a constant vector (e.g. a class column over identical samples): it is
 # undefined, and is taken as 0. The authors' code adds this eps to the norms' product instead of
@@ -90,7 +90,7 @@ class DIST(Distiller):
         ce_weight: NonNegative,
         beta: NonNegative,
         gamma: NonNegative,
-        temperature: Positive,
+        temperature: Temperature,
         logit_standardization: bool,
     ):
         super().__init__(student, teacher)

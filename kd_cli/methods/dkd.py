@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from kd_cli.methods import register_method
 from kd_cli.methods.base import Distiller
 from kd_cli.methods.logit_utils import tempered
-from kd_cli.registry import NonNegative, Positive
+from kd_cli.registry import NonNegative, Temperature
 
 
 def dkd_losses(
@@ -94,7 +94,7 @@ class DKD(Distiller):
         ce_weight: NonNegative,
         alpha: NonNegative,
         beta: NonNegative,
-        temperature: Positive,
+        temperature: Temperature,
         warmup: NonNegative,
         logit_standardization: bool,
     ):

@@ -25,7 +25,7 @@ from kd_cli.methods import register_method
 from kd_cli.methods.base import Distiller
 from kd_cli.methods.feature_utils import full_precision, tensor_sum
 from kd_cli.methods.logit_utils import kd_loss
-from kd_cli.registry import NonNegative, Positive, Range
+from kd_cli.registry import NonNegative, Range, Temperature
 
 CohortSize = Annotated[int, Range(2, 16)]  # one student alone has no one to learn from; 16 train at once
 
@@ -50,7 +50,7 @@ class DeepMutualLearning(Distiller):
         students: CohortSize,
         ce_weight: NonNegative,
         dml_weight: NonNegative,
-        temperature: Positive,
+        temperature: Temperature,
     ):
         super().__init__(student, None)  # a teacher, if one is around, is ignored
         self.peers = nn.ModuleList(new_student() for _ in range(students - 1))

@@ -24,7 +24,7 @@ from kd_cli.methods import register_method
 from kd_cli.methods.base import Distiller
 from kd_cli.methods.feature_utils import tensor_sum
 from kd_cli.methods.logit_utils import kd_loss
-from kd_cli.registry import NonNegative, Positive
+from kd_cli.registry import NonNegative, Temperature
 
 
 def ensemble_probabilities(logits: list[torch.Tensor], weights: list[float], temperature: float) -> torch.Tensor:
@@ -61,7 +61,7 @@ class Ensemble(Distiller):
         load_model: Callable[[str], tuple[nn.Module, Any]],
         teachers: list[str],
         weights: list[float] | None,
-        temperature: Positive,
+        temperature: Temperature,
         kd_weight: NonNegative,
         ce_weight: NonNegative,
     ):

@@ -21,12 +21,23 @@ Shape = Sequence[int]
 def feature_layers(model: nn.Module) -> list[str]:
     """The model's stage outputs, shallow to deep, as its builder recorded them (`set_feature_layers`).
     (cast: nn.Module's stubs type any other attribute as a tensor or a module.)"""
-    return cast("list[str]", model.kd_feature_layers)
+    return cast("list[str]", _recorded(model, "kd_feature_layers"))
 
 
 def embedding_layer(model: nn.Module) -> str:
     """The model's pooled embedding before the classifier, as its builder recorded it."""
-    return cast(str, model.kd_embedding_layer)
+    return cast(str, _recorded(model, "kd_embedding_layer"))
+
+
+def _recorded(model: nn.Module, attribute: str) -> object:
+    """What the model registry recorded on a network; a network rebuilt as a graph (an int8 model from kd
+    compress) has lost its layer names: one line instead of an AttributeError."""
+    if not hasattr(model, attribute):
+        raise KdError(
+            f"a {type(model).__name__} has no layers a feature method can read (an int8 model from kd compress "
+            "is a converted graph); use the uncompressed model, or a method that reads logits only (kd, dkd, dist)"
+        )
+    return getattr(model, attribute)
 
 
 def input_shape(model: nn.Module) -> tuple[int, int, int]:

@@ -16,7 +16,7 @@ from torch import nn
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
 from kd_cli.methods.feature_utils import Regressor, feature_layers, full_precision, require_same_kind, tensor_sum
-from kd_cli.registry import NonNegative, Positive
+from kd_cli.registry import NonNegative, Temperature
 
 
 def fitnet_loss(regressed_student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -37,7 +37,7 @@ class FitNet(FeatureDistiller):
         teacher_layers: list[str] | None,
         ce_weight: NonNegative,
         kd_weight: NonNegative,
-        temperature: Positive,
+        temperature: Temperature,
         fitnet_weight: NonNegative,
         regressor_relu: bool,
     ):

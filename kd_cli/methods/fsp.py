@@ -23,7 +23,7 @@ from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
 from kd_cli.methods.feature_utils import full_precision, pool_to, tensor_sum
-from kd_cli.registry import NonNegative, NonNegativeInt, Positive
+from kd_cli.registry import NonNegative, NonNegativeInt, Temperature
 
 
 def fsp_matrix(bottom: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
@@ -54,7 +54,7 @@ class FlowOfSolutionProcedure(FeatureDistiller):
         teacher_layers: list[str] | None,
         ce_weight: NonNegative,
         kd_weight: NonNegative,
-        temperature: Positive,
+        temperature: Temperature,
         fsp_weight: NonNegative,
         init_epochs: NonNegativeInt,
     ):

@@ -28,7 +28,7 @@ from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
 from kd_cli.methods.feature_utils import feature_layers, full_precision, match_spatial
-from kd_cli.registry import NonNegative, NonNegativeInt, OpenFraction, Positive
+from kd_cli.registry import NonNegative, NonNegativeInt, OpenFraction, Temperature
 
 
 def factor(features: torch.Tensor) -> torch.Tensor:
@@ -96,7 +96,7 @@ class FactorTransfer(FeatureDistiller):
         teacher_layers: list[str] | None,
         ce_weight: NonNegative,
         kd_weight: NonNegative,
-        temperature: Positive,
+        temperature: Temperature,
         ft_weight: NonNegative,
         rate: OpenFraction,
         init_epochs: NonNegativeInt,

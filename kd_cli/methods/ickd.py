@@ -17,7 +17,7 @@ from torch import nn
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
 from kd_cli.methods.feature_utils import feature_layers, full_precision, tensor_sum
-from kd_cli.registry import NonNegative, Positive
+from kd_cli.registry import NonNegative, Temperature
 
 
 def channel_correlation(features: torch.Tensor) -> torch.Tensor:
@@ -50,7 +50,7 @@ class InterChannelCorrelation(FeatureDistiller):
         teacher_layers: list[str] | None,
         ce_weight: NonNegative,
         kd_weight: NonNegative,
-        temperature: Positive,
+        temperature: Temperature,
         ickd_weight: NonNegative,
     ):
         super().__init__(

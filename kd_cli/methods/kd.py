@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from kd_cli.methods import register_method
 from kd_cli.methods.base import Distiller
 from kd_cli.methods.logit_utils import kd_loss
-from kd_cli.registry import NonNegative, Positive
+from kd_cli.registry import NonNegative, Temperature
 
 
 @register_method("kd")
@@ -26,7 +26,7 @@ class KD(Distiller):
         student,
         teacher,
         *,
-        temperature: Positive,
+        temperature: Temperature,
         kd_weight: NonNegative,
         ce_weight: NonNegative,
         logit_standardization: bool,

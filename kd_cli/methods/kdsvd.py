@@ -38,7 +38,7 @@ from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
 from kd_cli.methods.feature_utils import full_precision
-from kd_cli.registry import NonNegative, Positive, PositiveInt
+from kd_cli.registry import NonNegative, PositiveInt, Temperature
 
 RBF_DENOMINATOR = 8.0  # the reference's exp(-d^2 / 8)
 EXTRA_CANDIDATES = 3  # the student offers its top k+3 vectors to be aligned with the teacher's k
@@ -158,7 +158,7 @@ class KDSVD(FeatureDistiller):
         teacher_layers: list[str] | None,
         ce_weight: NonNegative,
         kd_weight: NonNegative,
-        temperature: Positive,
+        temperature: Temperature,
         kdsvd_weight: NonNegative,
         k: PositiveInt,
     ):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
 from kd_cli.methods.feature_utils import area_scale, full_precision, match_spatial, tensor_sum
-from kd_cli.registry import NonNegative, Positive, PositiveInt
+from kd_cli.registry import NonNegative, PositiveInt, Temperature
 
 
 def polynomial_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -49,7 +49,7 @@ class NeuronSelectivityTransfer(FeatureDistiller):
         teacher_layers: list[str] | None,
         ce_weight: NonNegative,
         kd_weight: NonNegative,
-        temperature: Positive,
+        temperature: Temperature,
         nst_weight: NonNegative,
         tuned_input_size: PositiveInt | None,
     ):

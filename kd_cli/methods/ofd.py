@@ -37,7 +37,7 @@ from kd_cli.models.features import (
     preactivation_sites,
     resolve_modules,
 )
-from kd_cli.registry import NonNegative, Positive
+from kd_cli.registry import NonNegative, Temperature
 
 # Below this probability of a negative response the conditional mean is numerically meaningless; the
 # reference takes -3 sigma instead.
@@ -150,7 +150,7 @@ class OverhaulFeatureDistillation(PreReluDistiller):
         teacher_layers: list[str] | None,
         ce_weight: NonNegative,
         kd_weight: NonNegative,
-        temperature: Positive,
+        temperature: Temperature,
         ofd_weight: NonNegative,
     ):
         super().__init__(

@@ -36,7 +36,7 @@ from kd_cli.methods import register_method
 from kd_cli.methods.base import Distiller
 from kd_cli.methods.feature_utils import feature_layers, full_precision, input_shape
 from kd_cli.methods.logit_utils import kd_loss
-from kd_cli.registry import NonNegative, Positive, Range
+from kd_cli.registry import NonNegative, Range, Temperature
 
 BranchCount = Annotated[int, Range(2, 16)]  # one branch is no ensemble; 16 run at once
 
@@ -191,7 +191,7 @@ class OnTheFlyNativeEnsemble(Distiller):
         ce_weight: NonNegative,
         ensemble_weight: NonNegative,
         one_weight: NonNegative,
-        temperature: Positive,
+        temperature: Temperature,
     ):
         super().__init__(student, None)
         head = head_modules(student)

@@ -38,7 +38,7 @@ from kd_cli.methods.feature_utils import (
     require_same_kind,
     tensor_sum,
 )
-from kd_cli.registry import NonNegative, Positive
+from kd_cli.registry import NonNegative, Temperature
 
 VARIANCE_EPS = 1e-6  # the authors' code's (torchdistill's PADL2Loss eps)
 
@@ -108,7 +108,7 @@ class PrimeAwareAdaptiveDistillation(FeatureDistiller):
         teacher_layers: list[str] | None,
         ce_weight: NonNegative,
         kd_weight: NonNegative,
-        temperature: Positive,
+        temperature: Temperature,
         pad_weight: NonNegative,
         regressor: Literal["auto", "always"],
         regressor_relu: bool,

@@ -17,7 +17,7 @@ from torch import nn
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller, embedding_layers
 from kd_cli.methods.feature_utils import check_relation_batch, sample_vectors, tensor_sum
-from kd_cli.registry import NonNegative, Positive
+from kd_cli.registry import NonNegative, Temperature
 
 EPS = 1e-7  # RepDistiller's: keeps the norm division and the log finite
 
@@ -50,7 +50,7 @@ class PKT(FeatureDistiller):
         teacher_layers: list[str] | None,
         ce_weight: NonNegative,
         kd_weight: NonNegative,
-        temperature: Positive,
+        temperature: Temperature,
         pkt_weight: NonNegative,
     ):
         super().__init__(

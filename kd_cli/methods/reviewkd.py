@@ -28,7 +28,7 @@ from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
 from kd_cli.methods.feature_utils import embedding_layer, tensor_sum
-from kd_cli.registry import NonNegative, NonNegativeInt, Positive, PositiveInt
+from kd_cli.registry import NonNegative, NonNegativeInt, PositiveInt, Temperature
 
 HCL_POOL_SIZES = (4, 2, 1)
 
@@ -143,7 +143,7 @@ class ReviewKD(FeatureDistiller):
         teacher_layers: list[str] | None,
         ce_weight: NonNegative,
         kd_weight: NonNegative,
-        temperature: Positive,
+        temperature: Temperature,
     ):
         # Default levels: as many stages of each model as the shallower one has, paired deepest first.
         given = student_layers or teacher_layers

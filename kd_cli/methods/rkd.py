@@ -19,7 +19,7 @@ from torch import nn
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller, embedding_layers
 from kd_cli.methods.feature_utils import check_relation_batch, sample_vectors, tensor_sum
-from kd_cli.registry import NonNegative, Positive
+from kd_cli.registry import NonNegative, Temperature
 
 EPS = 1e-12  # keeps sqrt differentiable at a zero distance and the mean distance non-zero
 
@@ -68,7 +68,7 @@ class RKD(FeatureDistiller):
         teacher_layers: list[str] | None,
         ce_weight: NonNegative,
         kd_weight: NonNegative,
-        temperature: Positive,
+        temperature: Temperature,
         distance_weight: NonNegative,
         angle_weight: NonNegative,
     ):

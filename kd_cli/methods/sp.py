@@ -15,7 +15,7 @@ from torch import nn
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
 from kd_cli.methods.feature_utils import check_relation_batch, feature_layers, sample_vectors, tensor_sum
-from kd_cli.registry import NonNegative, Positive
+from kd_cli.registry import NonNegative, Temperature
 
 
 def similarity_matrix(features: torch.Tensor) -> torch.Tensor:
@@ -43,7 +43,7 @@ class SimilarityPreserving(FeatureDistiller):
         teacher_layers: list[str] | None,
         ce_weight: NonNegative,
         kd_weight: NonNegative,
-        temperature: Positive,
+        temperature: Temperature,
         sp_weight: NonNegative,
     ):
         super().__init__(

@@ -26,7 +26,7 @@ from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
 from kd_cli.methods.feature_utils import feature_layers, full_precision
 from kd_cli.models.features import resolve_modules
-from kd_cli.registry import NonNegative, Positive
+from kd_cli.registry import NonNegative, Temperature
 
 
 def srd_feature_loss(connected: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,7 @@ class SoftmaxRegressionDistillation(FeatureDistiller):
         teacher_layers: list[str] | None,
         ce_weight: NonNegative,
         kd_weight: NonNegative,
-        temperature: Positive,
+        temperature: Temperature,
         feature_weight: NonNegative,
         logit_weight: NonNegative,
     ):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import Distiller
-from kd_cli.registry import NonNegative, OpenFraction, Positive
+from kd_cli.registry import NonNegative, OpenFraction, Temperature
 
 
 def virtual_teacher(
@@ -53,7 +53,7 @@ class TeacherFreeKD(Distiller):
         *,
         ce_weight: NonNegative,
         tfkd_weight: NonNegative,
-        temperature: Positive,
+        temperature: Temperature,
         correct_prob: OpenFraction,
     ):
         super().__init__(student, None)  # a teacher, if one is around, is ignored

@@ -29,7 +29,7 @@ from kd_cli.methods.feature_utils import (
     match_spatial,
     require_same_kind,
 )
-from kd_cli.registry import NonNegative, Positive
+from kd_cli.registry import NonNegative, Positive, Temperature
 
 
 def vid_loss(mean: torch.Tensor, target: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
@@ -78,7 +78,7 @@ class VID(FeatureDistiller):
         teacher_layers: list[str] | None,
         ce_weight: NonNegative,
         kd_weight: NonNegative,
-        temperature: Positive,
+        temperature: Temperature,
         vid_weight: NonNegative,
         init_variance: Positive,
         min_variance: Positive,

@@ -129,18 +129,29 @@ def _unnest(raw: Any, path: Path, nested: str | None) -> dict[str, torch.Tensor]
             keys = ", ".join(k for k, v in raw.items() if isinstance(v, Mapping)) or "none"
             raise KdError(f"{path} has no state dict under '{nested}' (keys holding one: {keys})")
         raw = raw[nested]
-    elif not _is_state(raw):
-        inner = next((key for key in NESTED_KEYS if isinstance(raw.get(key), Mapping) and _is_state(raw[key])), None)
-        if inner is None:
+    else:
+        # A training checkpoint may hold a tensor or two beside the nested state dict ({"state_dict": ...,
+        # "best_acc1": tensor(93.2)}): the mapping with the most tensors is the model's.
+        inner = max(
+            (key for key in NESTED_KEYS if isinstance(raw.get(key), Mapping) and _is_state(raw[key])),
+            key=lambda key: _tensor_count(raw[key]),
+            default=None,
+        )
+        if inner is not None and (not _is_state(raw) or _tensor_count(raw[inner]) > _tensor_count(raw)):
+            raw = raw[inner]
+        elif not _is_state(raw):
             raise KdError(
                 f"{path} holds no state dict (top-level keys: {', '.join(list(map(str, raw))[:8])}); "
                 f"name the key that holds it with nested=KEY"
             )
-        raw = raw[inner]
     state = {str(k): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
     if not state:
         raise KdError(f"{path} holds no tensors")
     return state
+
+
+def _tensor_count(mapping: Mapping) -> int:
+    return sum(isinstance(v, torch.Tensor) for v in mapping.values())
 
 
 def _is_state(mapping: Mapping) -> bool:
@@ -212,7 +223,10 @@ def _check_dtypes(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Ten
 
 
 def cast_loses(value: torch.Tensor, target: torch.Tensor) -> bool:
-    """Whether loading `value` into `target`'s dtype would change what the model computes."""
+    """Whether loading `value` into `target`'s dtype would change what the model computes (a sparse or a
+    meta tensor, which holds no values, cannot be loaded at all)."""
+    if value.layout != torch.strided or value.is_meta:
+        return True
     if value.is_quantized or target.is_quantized:
         return value.is_quantized != target.is_quantized or value.dtype != target.dtype
     if value.is_complex() != target.is_complex():
@@ -225,7 +239,8 @@ def cast_loses(value: torch.Tensor, target: torch.Tensor) -> bool:
 
 
 def _dtype(tensor: torch.Tensor) -> str:
-    return str(tensor.dtype).removeprefix("torch.")
+    kind = "meta (no values) " if tensor.is_meta else "sparse " if tensor.layout != torch.strided else ""
+    return kind + str(tensor.dtype).removeprefix("torch.")
 
 
 def _mismatch(missing: list[str], unexpected: list[str], shapes: list[str], state: Mapping, own: Mapping) -> str:

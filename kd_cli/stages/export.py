@@ -143,6 +143,15 @@ def _batch_label(cfg: DictConfig) -> str:
     return f"no (fixed at {cfg.check_batch_size})" if cfg.format == "onnx" else "not checked"
 
 
+MAX_CHECK_BATCH = 4096
+
+
+def newest_opset() -> int:
+    import onnx
+
+    return int(onnx.defs.onnx_opset_version())
+
+
 def check_export_options(cfg: DictConfig) -> None:
     """Impossible values, found before anything is read or written."""
     if cfg.format not in FILES:
@@ -154,8 +163,9 @@ def check_export_options(cfg: DictConfig) -> None:
             f"opset={cfg.opset}: torch's ONNX exporter writes opset {MIN_OPSET} or newer; "
             f"use opset={MIN_OPSET} or higher"
         )
-    if cfg.check_batch_size < 1:
-        raise KdError(f"check_batch_size={cfg.check_batch_size} must be at least 1")
+    if cfg.format == "onnx" and cfg.opset > (newest := newest_opset()):
+        raise KdError(f"opset={cfg.opset}: the installed onnx knows opsets up to {newest}; use opset={newest} or lower")
+    check_number("check_batch_size", cfg.check_batch_size, Range(1, MAX_CHECK_BATCH), hint="images per check batch")
     if cfg.dynamic_batch and cfg.check_batch_size < 2:
         raise KdError(
             f"check_batch_size={cfg.check_batch_size}: a dynamic batch is traced from a batch of at "
