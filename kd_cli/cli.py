@@ -132,15 +132,25 @@ def reorder_hydra_flags(args: list[str]) -> list[str]:
 
 
 def import_shorthand(args: list[str]) -> list[str]:
-    """`kd import PATH arch=NAME` -> `source=PATH model.arch=NAME` (the first word without `=` that is
-    not a flag is the checkpoint)."""
-    out, source_given = [], any(a.startswith("source=") for a in args)
+    """`kd import PATH arch=NAME` -> `source=PATH model.arch=NAME`. PATH is the word that names a file or
+    folder that exists, whatever its characters (Lightning's `epoch=9-step=1000.ckpt`, `-model.pt`), else
+    the first word without `=` that is not a flag; a second such word is one line."""
+    import os
+
+    from kd_cli.errors import KdError
+
+    if any(a.startswith("source=") for a in args):
+        return [f"model.{a}" if a.startswith("arch=") else a for a in args]
+    out, source = [], None
     for arg in args:
-        if arg.startswith("arch="):
-            out.append(f"model.{arg}")
-        elif not source_given and "=" not in arg and not arg.startswith("-"):
+        names_a_path = os.path.exists(os.path.expanduser(arg)) and not arg.startswith(("arch=", "-cd", "-cp", "-cn"))
+        if names_a_path or ("=" not in arg and not arg.startswith("-")):
+            if source is not None:
+                raise KdError(f"kd import takes one checkpoint; {source} and {arg} were both given")
+            source = arg
             out.append(f"source={arg}")
-            source_given = True
+        elif arg.startswith("arch="):
+            out.append(f"model.{arg}")
         else:
             out.append(arg)
     return out

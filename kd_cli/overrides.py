@@ -100,23 +100,44 @@ def open_swept_method_options(overrides: list[str]) -> list[str]:
     return [f"++{o}" if o.startswith("method.") else o for o in overrides]
 
 
+# Keys whose value is a path: a plain string whatever characters it holds (never a sweep, a list or a
+# function call), so commas, brackets and braces in a file name are quoted for the user too.
+PATH_KEYS = (
+    "source",
+    "run",
+    "hydra.run.dir",
+    "hydra.sweep.dir",
+    "paths.outputs",
+    "paths.data",
+    "dataset.root",
+    "teacher.checkpoint",
+)
+
+
 def quote_plain_values(overrides: list[str]) -> list[str]:
     """`key=VALUE` whose plain value Hydra's grammar cannot read unquoted (a path with letters outside
     ASCII, `données/modèle.pth`, or other characters it reserves) is passed quoted, as the user would
-    have had to type it: `key='VALUE'`. Values with structure (a sweep's commas, a list, an
-    interpolation, a function call) are left to Hydra, whose error then says what it could not read."""
+    have had to type it: `key='VALUE'`. So is a path (PATH_KEYS) with commas, brackets or braces. Other
+    values with structure (a sweep's commas, a list, an interpolation, a function call) are left to Hydra,
+    whose error then says what it could not read."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
     out = []
     for override in overrides:
         key, sep, value = override.partition("=")
-        if sep and value and _plain(value) and not _parses(parser, override):
+        if sep and value and _needs_quotes(parser, key.lstrip("+~"), value, override):
             quoted = _quoted(value)
             if _parses(parser, f"{key}={quoted}"):
                 override = f"{key}={quoted}"
         out.append(override)
     return out
+
+
+def _needs_quotes(parser, key: str, value: str, override: str) -> bool:
+    if key in PATH_KEYS and "${" not in value and value[0] not in "'\"":  # a path is one string, always
+        return bool(set(value) & set(",[]{}")) or not _parses(parser, override)
+    return _plain(value) and not _parses(parser, override)
 
 
 def _plain(value: str) -> bool:

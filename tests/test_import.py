@@ -454,3 +454,24 @@ def test_sparse_or_meta_tensors_are_refused_in_one_line(original, tmp_path, layo
         "import", str(tmp_path / "w.pt"), "arch=cnn", *FAST, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path
     )
     assert_one_line_error(result, "cannot take as they were trained", layout)
+
+
+@pytest.mark.parametrize("name", ["epoch=9-step=1000.ckpt", "br[ack]et.pt", "brace{a}.pt", "com,ma.pt", "-dash.pt"])
+def test_checkpoint_names_with_hydras_characters_are_taken_as_they_are(original, tmp_path, name):
+    """Lightning's `epoch=9-step=1000.ckpt`, brackets, braces, commas, a leading dash: the positional
+    path is the checkpoint, quoted for Hydra (its grammar read them as overrides, sweeps or flags)."""
+    model, _ = original
+    torch.save(model.state_dict(), tmp_path / name)
+    run = tmp_path / "run"
+    result = kd_here("import", name, "arch=cnn", *FAST, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    assert summary(run)["source"] == str(tmp_path / name)
+
+
+def test_two_checkpoints_are_one_line(original, tmp_path):
+    model, _ = original
+    for name in ("a.pt", "b.pt"):
+        torch.save(model.state_dict(), tmp_path / name)
+    assert_one_line_error(
+        kd_here("import", "a.pt", "b.pt", "arch=cnn", cwd=tmp_path), "takes one checkpoint", "a.pt", "b.pt"
+    )
