@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from kd_cli.engine.files import read_json
 from kd_cli.engine.lock import DirectoryLock
 from kd_cli.engine.rundir import COMPLETE, SUMMARY, enclosing, holds_run, holds_sweep
-from kd_cli.errors import KdError, Refusal, hand_over
+from kd_cli.errors import KdError, Refusal, hand_over, one_line
 
 
 class SweepStatus(Callback):
@@ -97,13 +97,13 @@ def check_every_job(config: DictConfig) -> None:
     jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
     loader = GlobalHydra.instance().config_loader()
     for number, job in enumerate(jobs):
-        cfg = loader.load_configuration(config.hydra.job.config_name, list(job), run_mode=RunMode.MULTIRUN)
-        with open_dict(cfg):
-            del cfg["hydra"]
         try:
+            cfg = loader.load_configuration(config.hydra.job.config_name, list(job), run_mode=RunMode.MULTIRUN)
+            with open_dict(cfg):
+                del cfg["hydra"]
             check_config(cfg)
-        except KdError as error:
-            raise KdError(f"job {number} of the sweep ({' '.join(job)}): {error}; no job was run") from None
+        except Exception as error:  # noqa: BLE001 - kd's refusals and Hydra's composition errors alike
+            raise KdError(f"job {number} of the sweep ({' '.join(job)}): {one_line(error)}; no job was run") from None
 
 
 def _holds_runs(sweep_dir: Path) -> bool:

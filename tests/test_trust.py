@@ -174,6 +174,17 @@ def test_every_job_of_a_sweep_is_checked_before_the_first_runs(finished, tmp_pat
     )
     assert_one_line_error(result, "job 1 of the sweep", "optim.lr=nan must be a finite number", "no job was run")
     assert not sweep.exists()
+    # a value Hydra cannot compose (an unknown group option, a wrong type) is refused the same way, not
+    # called a folder that cannot be created nor left to a warning from inside Hydra's callback
+    for swept, fragment in (
+        ("method=kd,kdd", "Could not find 'method/kdd'"),
+        ("seed=0,abc", "seed=abc is not accepted"),
+    ):
+        result = kd_here(
+            "distill", "-m", swept, f"teacher.checkpoint={finished}", *SMALL, f"hydra.sweep.dir={sweep}", cwd=tmp_path
+        )
+        assert_one_line_error(result, "job 1 of the sweep", fragment, "no job was run")
+        assert not sweep.exists()
 
 
 def test_a_sweep_folder_holding_runs_is_refused_unless_resumed(tmp_path):

@@ -124,8 +124,12 @@ def _hand_over(
         RunDir(path).write_summary(FAILED, stage=cfg.stage, error=one_line(error), started_run=False)
     if in_multirun():
         # the sweep goes on with its other jobs; its one `kd: error:` line comes when it ends
-        log.warning(f"kd: warning: job {path} failed: {one_line(error)}; the sweep goes on with its other jobs")
-        error = KdError(f"a job of the sweep failed ({path}): {one_line(error)}")
+        started = run is not None and run.started
+        what = "failed" if started else "was refused before it started"
+        warn(f"job {path} {what}: {one_line(error)}; the sweep goes on with its other jobs")  # (on stderr)
+        error = KdError(
+            f"a job of the sweep failed ({path}): {one_line(error)}" if started else f"{one_line(error)} (job {path})"
+        )
     hand_over(error)
 
 
