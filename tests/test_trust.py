@@ -646,3 +646,18 @@ def test_a_pickle_posing_as_a_checkpoint_is_refused_in_one_line_and_never_run(fi
     result = kd("train-teacher", f"resume={run}", cwd=tmp_path)
     assert_one_line_error(result, "corrupt or not a kd checkpoint")
     assert not marker.exists()
+
+
+def test_ctrl_c_while_a_stage_is_imported_leaves_no_folder(tmp_path, monkeypatch):
+    """Importing a stage (torch) takes seconds after Hydra made the run's folder: an interrupt then leaves
+    nothing behind (it left an empty folder that `resume=` then called no run)."""
+    import kd_cli.stages
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kd_cli.stages, "import_module", interrupted)
+    run = tmp_path / "run"
+    result = kd_here("train-teacher", *SMALL, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.code == 130 and "no run was left unfinished" in result.stderr
+    assert not run.exists()

@@ -26,10 +26,21 @@ def run(cfg: DictConfig) -> float | None:
         raise unknown_choice("stage", cfg.stage, STAGE_MODULES)
     if not plain_values_pass(cfg):
         return None
-    from kd_cli.stages.common import guarded
+    try:  # (importing a stage imports torch: seconds in which Ctrl-C must not leave Hydra's folder behind)
+        from kd_cli.stages.common import guarded
 
-    stage = import_module(STAGE_MODULES[cfg.stage])
+        stage = import_module(STAGE_MODULES[cfg.stage])
+    except KeyboardInterrupt:
+        _remove_empty_run_dir()
+        raise
     return guarded(stage.main, cfg)
+
+
+def _remove_empty_run_dir() -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    with contextlib.suppress(OSError):
+        Path(HydraConfig.get().runtime.output_dir).rmdir()  # removes only an empty directory
 
 
 def plain_values_pass(cfg: DictConfig) -> bool:
@@ -49,8 +60,7 @@ def plain_values_pass(cfg: DictConfig) -> bool:
     try:
         check_plain_values(cfg)
     except Exception as error:
-        with contextlib.suppress(OSError):
-            Path(hydra_cfg.runtime.output_dir).rmdir()  # removes only an empty directory
+        _remove_empty_run_dir()
         hand_over(error)
         return False
     return True
