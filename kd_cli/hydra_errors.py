@@ -48,6 +48,10 @@ def _unknown_key(error: BaseException | None) -> str | None:
             except Exception:  # noqa: BLE001 - a node of another kind: Hydra's own words then
                 return None
             parent = str(full_key).rpartition(".")[0]
+            if parent and not options:  # a group this stage leaves unset (kd evaluate's dataset)
+                return (
+                    f"{full_key} cannot be set while {parent} is not chosen: give {parent}=NAME first, then {full_key}="
+                )
             close = difflib.get_close_matches(str(key), options, n=3)
             hint = f" (did you mean {', '.join(f'{parent}.{c}' if parent else c for c in close)}?)" if close else ""
             return f"{full_key} is not an option{hint}; {parent or 'the config'} has: {', '.join(options)}"

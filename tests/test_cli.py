@@ -82,6 +82,8 @@ BAD_INPUTS = [
     (["train-teacher", "method=kd"], ["method=none"]),
     (["evaluate"], ["run="]),
     (["evaluate", "run=/no/such/run"], ["/no/such/run"]),
+    (["evaluate", "run="], ["run= is empty"]),
+    (["evaluate", "run=/no/such/run", "dataset.root=x"], ["dataset.root cannot be set while dataset is not chosen"]),
     (["distill", "resume=/no/such/run"], ["resume=/no/such/run"]),
 ]
 

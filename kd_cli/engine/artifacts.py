@@ -91,6 +91,10 @@ def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def resolve_weights(path: str | Path) -> Path:
     """A run directory or a .safetensors file -> the weights file, with clear errors."""
+    if not str(path).strip():
+        raise KdError(
+            "run= is empty; give a kd run directory or a model.safetensors file, e.g. run=outputs/distill/..."
+        )
     path = Path(path).expanduser()
     if path.is_dir():
         path = path / WEIGHTS

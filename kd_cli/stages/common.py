@@ -435,14 +435,31 @@ def check_model_fits(
         return
     if spec.input_size != data.input_size:
         message = f"{role} {path} was trained on {spec.input_size}px images, this data set has {data.input_size}px"
+        fix = (
+            f"dataset.image_size={spec.input_size}"
+            if "image_size" in dataset_options_of(spec)
+            else "the data set it was trained on"
+        )
         if same_size:
-            raise KdError(f"{message}; pass the data set it was trained on")
-        warn(message)
+            raise KdError(f"{message}; pass {fix}")
+        warn(f"{message}; pass {fix} to feed it as it was trained")
     if normalisation is not None and not (_close(spec.mean, normalisation[0]) and _close(spec.std, normalisation[1])):
         warn(
             f"{role} {path} was trained on images normalised with mean {spec.mean} / std {spec.std}, this run "
             f"normalises with {list(normalisation[0])} / {list(normalisation[1])}"
         )
+
+
+def dataset_options_of(spec: ModelSpec) -> set[str]:
+    """The options of the data set a saved model names (empty when it is not registered here)."""
+    import inspect
+
+    from kd_cli.data import DATASETS
+
+    try:
+        return set(inspect.signature(DATASETS.get(spec.dataset)).parameters)
+    except KdError:
+        return set()
 
 
 def check_pretrained_form(model: nn.Module, dataset_cfg: DictConfig, role: str) -> None:
