@@ -164,6 +164,8 @@ class SavedRun:
 
 def load_saved_run(given: str) -> SavedRun:
     path = Path(given).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise KdError(f"{given} is a file; give the run directory it belongs to")
     if not path.is_dir():
         raise KdError(f"{given}: no such directory")
     try:
@@ -187,6 +189,11 @@ def _read_saved_run(given: str, path: Path) -> SavedRun:
         raise BrokenFile(path / OVERRIDES, str(OVERRIDES), "holds something other than a list of overrides")
     stage = hydra_config.get("stage")
     if stage not in CONFIG_NAMES:
+        if isinstance(stage, str) and stage:
+            raise KdError(
+                f"{given} is a kd {stage} run; kd reproduce reruns {', '.join(CONFIG_NAMES)} runs and compares their "
+                "metrics (an import or export checks itself against its source when it runs)"
+            )
         raise KdError(f"{given}: its .hydra/config.yaml names no kd stage (stage: {stage})")
     config = read_yaml(path, CONFIG, dict)
     summary = read_json(path, SUMMARY)
@@ -219,9 +226,10 @@ def check_complete(saved: SavedRun) -> None:
             f"{saved.path} is {saved.status}, not complete: it has no final metrics to compare with; "
             f"finish it first (kd {saved.stage} resume={saved.path})"
         )
-    if saved.stage in TRAINING_STAGES and not (saved.path / METRICS).is_file():
+    if saved.stage in TRAINING_STAGES and not saved.metrics:
+        what = "is missing" if not (saved.path / METRICS).is_file() else "holds no epoch"
         raise KdError(
-            f"cannot reproduce {saved.path}: its {METRICS} is missing, so there is nothing to compare the "
+            f"cannot reproduce {saved.path}: its {METRICS} {what}, so there is nothing to compare the "
             f"rerun with; the run's record is damaged (nothing was started)"
         )
 
@@ -332,11 +340,13 @@ def new_run_dir(saved: SavedRun, out: Path | None) -> Path:
     """A new, empty run directory, created here: never one another run (or reproduction) uses."""
     outputs = saved.absolute(str((saved.config.get("paths") or {}).get("outputs", "outputs")))
     parent = out.expanduser().absolute() if out else outputs / "reproduce"
+    existing = next(folder for folder in (parent, *parent.parents) if folder.exists())
     while True:
         now = datetime.now()
         run_dir = parent / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S-%f")
         try:
             run_dir.mkdir(parents=True)
+            _MADE_FROM[run_dir] = existing
             return run_dir
         except FileExistsError:  # taken in the same microsecond: take the next
             continue
@@ -381,17 +391,25 @@ def run_stage(saved: SavedRun, command: list[str], run_dir: Path) -> None:
 
 
 def discard_if_unstarted(run_dir: Path) -> bool:
-    """Remove the new run directory (and its date folder, when empty) if the child wrote nothing there:
-    a reproduction that never started leaves no directory behind. Called only once the child has ended."""
+    """Remove the new run directory if the child wrote nothing there, and the folders made for it that are
+    left empty (its date folder, an --out folder that did not exist): a reproduction that never started
+    leaves no directory behind. Called only once the child has ended."""
     try:
         if {p.name for p in run_dir.iterdir()} - {REPRODUCTION}:
             return False
         (run_dir / REPRODUCTION).unlink(missing_ok=True)
         run_dir.rmdir()
-        run_dir.parent.rmdir()  # the date folder, if no other run is in it
+        existed = _MADE_FROM.get(run_dir, run_dir.parent.parent)
+        folder = run_dir.parent
+        while folder != existed and existed in folder.parents:
+            folder.rmdir()  # (only an empty one: an OSError ends the climb)
+            folder = folder.parent
     except OSError:
         pass
     return not run_dir.exists()
+
+
+_MADE_FROM: dict[Path, Path] = {}  # new run directory -> the nearest folder above it that existed before
 
 
 def quote(value: str) -> str:

@@ -87,6 +87,26 @@ def test_what_is_not_a_complete_run_is_one_line(project, tmp_path):
     (failed / "summary.json").write_text(json.dumps({"status": "failed", "error": "on purpose"}))
     assert_one_line_error(kd("reproduce", str(failed), cwd=tmp_path), "is failed, not complete")
     assert_one_line_error(kd("reproduce", cwd=tmp_path), "RUN_DIR")
+    assert_one_line_error(kd("reproduce", str(failed / "summary.json"), cwd=tmp_path), "is a file", "run directory")
+    emptied = tmp_path / "emptied"
+    shutil.copytree(original_run(project), emptied)
+    (emptied / "metrics.csv").write_text("")
+    assert_one_line_error(
+        kd("reproduce", str(emptied), cwd=tmp_path), "metrics.csv holds no epoch", "nothing was started"
+    )
+    imported = tmp_path / "imported"
+    shutil.copytree(original_run(project), imported)
+    hydra = imported / ".hydra" / "config.yaml"
+    hydra.write_text(hydra.read_text().replace("stage: distill", "stage: import"))
+    assert_one_line_error(kd("reproduce", str(imported), cwd=tmp_path), "is a kd import run", "reruns train-teacher")
+
+
+def test_a_reproduction_refused_by_its_child_leaves_no_folder(project, tmp_path):
+    """A rerun its child refuses (a bad override) removes the folders made for it, --out's included."""
+    out = tmp_path / "new" / "place"
+    result = kd("reproduce", str(original_run(project)), "--out", str(out), "trainer.epochs=0", cwd=tmp_path)
+    assert_one_line_error(result, "trainer.epochs=0")
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_complete_run_missing_part_of_its_record_says_what_cannot_be_compared(project, tmp_path):
