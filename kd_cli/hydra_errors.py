@@ -27,7 +27,10 @@ def describe(error: BaseException) -> str:
         for line in lines
         if line and not line.startswith(NOISE) and "$VALUE" not in line and "$FULL_KEY" not in line
     ]
-    text = "; ".join(_fold_option_lists(lines))
+    text = "; ".join(dict.fromkeys(_fold_option_lists(_without_repeats(lines))))
+    text = _grammar_error(text)
+    text = _interpolated_type_error(text)
+    text = _list_type_error(text)
     text = _suggest_for_missing_option(text)
     text = _install_hint_for_plugin(text)
     text = _plain_type_error(text)
@@ -69,11 +72,65 @@ PLUGIN_EXTRAS = {
 
 
 # OmegaConf's name for a schema type -> what the user should give.
-TYPE_WORDS = {"Float": "a number, e.g. 0.5", "Integer": "a whole number, e.g. 3", "bool": "true or false"}
+TYPE_WORDS = {
+    "Float": "a number, e.g. 0.5",
+    "Integer": "a whole number, e.g. 3",
+    "bool": "true or false",
+    "Boolean": "true or false",
+}
 TYPE_ERROR = re.compile(
     r"Error merging override ([\w.+~]+)=(.*?); Value '.*?' (?:of type '\w+' could not be "
     r"converted to (\w+)|is not a valid (\w+))"
 )
+
+
+def _without_repeats(lines: list[str]) -> list[str]:
+    """OmegaConf repeats a cause inside each wrapper's message: keep each line once, and drop one that is
+    only another line with a wrapper's prefix in front."""
+    kept: list[str] = []
+    for line in lines:
+        core = re.sub(r"^\w+ (?:raised )?while resolving interpolation: ", "", line)
+        if not any(core == other or core in other or other in core for other in kept):
+            kept.append(core)
+    return kept
+
+
+def _grammar_error(text: str) -> str:
+    """ANTLR's lexer and parser words -> what to check in the override."""
+    if not re.search(
+        r"LexerNoViableAltException|no viable alternative at input|mismatched input|extraneous input", text
+    ):
+        return text
+    detail = re.sub(r"^LexerNoViableAltException: ", "", text.split("; ")[0])
+    return (
+        f"Hydra cannot read the override ({detail}): check its quotes and brackets, and quote a value that "
+        "holds special characters, e.g. key='a value'"
+    )
+
+
+INTERPOLATED_TYPE = re.compile(
+    r"While dereferencing interpolation '\$\{([\w.]+)\}': Value '(.*?)' is not a valid (\w+)"
+)
+
+
+def _interpolated_type_error(text: str) -> str:
+    """A wrong type given to a key that another key interpolates (augmentation.hflip <- dataset.hflip)."""
+    match = INTERPOLATED_TYPE.search(text)
+    if not match:
+        return text
+    key, value, wanted = match.groups()
+    return f"{key}={value} is not accepted: {key} takes {TYPE_WORDS.get(wanted, 'a value of type ' + wanted)}"
+
+
+LIST_TYPE = re.compile(r"Error merging override ([\w.+~]+)=(.*?); Invalid value assigned: \w+ is not a ListConfig")
+
+
+def _list_type_error(text: str) -> str:
+    match = LIST_TYPE.match(text)
+    if not match:
+        return text
+    key, value = match.group(1).lstrip("+~"), match.group(2)
+    return f"{key}={value} is not accepted: {key} takes a list, e.g. {key}=[0.9,0.999]"
 
 
 def _plain_type_error(text: str) -> str:

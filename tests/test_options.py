@@ -266,7 +266,7 @@ def test_the_issue_examples():
     kd = method_config("kd")
     with pytest.raises(KdError, match=r"^method\.temperature='abc' must be a number \(method 'kd'\)$"):
         check_method_options({**kd, "temperature": "abc"})
-    with pytest.raises(KdError, match=r"^method\.temperature=0 must be a number > 0 \(method 'kd'\)$"):
+    with pytest.raises(KdError, match=r"^method\.temperature=0 must be a number in \(0, 1000\] \(method 'kd'\)$"):
         check_method_options({**kd, "temperature": 0})
     with pytest.raises(KdError, match=r"unknown option student\.kwargs\.widht of model 'cnn'; did you mean width"):
         check_model_options("cnn", {"widht": 3}, path="student.kwargs")

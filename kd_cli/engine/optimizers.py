@@ -18,11 +18,11 @@ register_optimizer = OPTIMIZERS.register
 @register_optimizer("sgd")
 def sgd(params: list[Any], *, lr: float, weight_decay: float, momentum: float, nesterov: bool, fused: bool | None):
     """SGD with momentum. Every parameter is decayed, biases and BN scales included, as in the KD literature's
-    recipes; Nesterov only with momentum (torch refuses it without)."""
+    recipes; Nesterov only with momentum (engine/values.py refuses it without)."""
     import torch
 
     optimizer = torch.optim.SGD(
-        params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, weight_decay=weight_decay, fused=fused
+        params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, fused=fused
     )
     if fused and momentum > 0:
         _start_momentum(optimizer)

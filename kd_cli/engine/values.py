@@ -52,3 +52,26 @@ def check_optim(cfg: Any, epochs: int) -> None:
     for milestone in cfg.milestones:
         check_number("optim.milestones", milestone, Range(0), hint="epochs at which the rate drops")
     check_number("optim.warmup_epochs", cfg.warmup_epochs, Range(0, epochs), hint=f"trainer.epochs={epochs}")
+    if cfg.name == "sgd" and cfg.nesterov and cfg.momentum == 0:
+        raise KdError("optim.nesterov=true needs optim.momentum > 0 (Nesterov's step is a momentum correction)")
+    _check_used(cfg)
+
+
+def _check_used(cfg: Any) -> None:
+    """An optimiser option set away from its file's value that the optimiser does not take (momentum for
+    AdamW, betas for SGD) would be ignored: refused, as every other ignored option is."""
+    import inspect
+    from importlib.resources import files
+
+    import yaml
+
+    takes = set(inspect.signature(OPTIMIZERS.get(cfg.name)).parameters)
+    own = files("kd_cli.configs") / "optim" / f"{cfg.name}.yaml"
+    defaults = yaml.safe_load(own.read_text()) if own.is_file() else {}
+    for key in ("momentum", "nesterov", "betas"):
+        if key in cfg and key not in takes and key in defaults and _plain(cfg[key]) != defaults[key]:
+            raise KdError(f"optim.{key}={_plain(cfg[key])} does nothing with optim={cfg.name}, which does not take it")
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if not isinstance(value, (str, bytes, int, float, bool)) and value is not None else value

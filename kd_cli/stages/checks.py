@@ -23,12 +23,12 @@ PROGRESS = ("auto", "bar", "plain", "none")
 
 def check_config(cfg: DictConfig) -> None:
     check_plain_values(cfg)
-    if "augmentation" in cfg:
-        check_augmentation(_plain(cfg.augmentation))
-    if cfg.get("dataset") is not None:
+    if cfg.get("dataset") is not None:  # (first: the augmentation's defaults are interpolated from it)
         from kd_cli.data import check_dataset_config
 
         check_dataset_config(_plain(cfg.dataset))
+    if "augmentation" in cfg:
+        check_augmentation(_plain(cfg.augmentation))
     for role in ("teacher", "student", "model"):
         if cfg.get(role) is not None and "arch" in cfg[role]:
             check_model(cfg[role], role)
