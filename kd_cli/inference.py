@@ -40,6 +40,11 @@ def open_model(path: Path, device: str) -> Predictor:
     """A kd model (run directory or safetensors) on `device`, or an ONNX file in onnxruntime."""
     if path.suffix == ".onnx":
         return _onnx(path, device)
+    if path.suffix in (".pt", ".pth", ".ts") and path.is_file():
+        raise KdError(
+            f"{path} is not a model kd predict reads (a kd run directory, its model.safetensors, or an ONNX file); "
+            "a TorchScript file from kd export runs with torch.jit.load: export with format=onnx to predict with kd"
+        )
     target = _device(device)
     model, spec = load_model(resolve_weights(path), target)
     model_device = next(iter(model.parameters()), torch.empty(0)).device

@@ -263,3 +263,12 @@ def test_a_fifo_is_named_not_read(trained, tmp_path):
         kd_here("predict", f"run={trained}", str(fifo), f"out={tmp_path / 'p.csv'}", cwd=tmp_path),
         "is not a regular file",
     )
+
+
+def test_a_torchscript_file_says_which_models_predict_reads(trained, pngs, tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"PK\x03\x04")
+    assert_one_line_error(
+        kd_here("predict", f"run={tmp_path / 'model.pt'}", str(pngs[0]), f"out={tmp_path / 'p.csv'}", cwd=tmp_path),
+        "not a model kd predict reads",
+        "format=onnx",
+    )

@@ -274,10 +274,7 @@ def _epoch_row(job, epoch, sums, correct, seen, seconds, lr) -> dict[str, Any]:
     row: dict[str, Any] = {"epoch": epoch + 1}
     row.update({f"train_{n}": v / count for n, v in zip(names, totals)})
     if not math.isfinite(row["train_loss"]):
-        raise KdError(
-            f"the training loss became {row['train_loss']} in epoch {epoch + 1}; "
-            "lower optim.lr, set trainer.grad_clip, or use trainer.precision=fp32"
-        )
+        raise KdError(f"the training loss became {row['train_loss']} in epoch {epoch + 1}; {_remedies(job)}")
     row["train_top1"] = 100.0 * totals[-2] / count
     row["lr"] = lr
     row["images_per_s"] = count / seconds
@@ -300,10 +297,20 @@ def _score(job: Training, model: torch.nn.Module, loader, split: str, epoch: int
     loss = torch.nn.functional.cross_entropy(logits, labels).item()
     if not math.isfinite(loss):  # a score from NaN outputs would be reported as a real accuracy
         raise KdError(
-            f"the {split} loss became {loss} in epoch {epoch} (the model's outputs are not finite); "
-            "lower optim.lr, set trainer.grad_clip, or use trainer.precision=fp32"
+            f"the {split} loss became {loss} in epoch {epoch} (the model's outputs are not finite); {_remedies(job)}"
         )
     return {f"{split}_top1": topk_accuracy(logits, labels, 1), f"{split}_loss": loss}
+
+
+def _remedies(job: Training) -> str:
+    """What may keep the loss finite, for the run as it is set (fp32 is no remedy when it runs in fp32)."""
+    steps = ["lower optim.lr", "set trainer.grad_clip"]
+    if job.dtype != torch.float32:
+        steps.append("use trainer.precision=fp32")
+    input_size = getattr(job.method.student, "kd_input_shape", (0, 0, 0))[-1]
+    if 0 < input_size < 8:  # a deep net's BatchNorm on 1-4 pixel maps: statistics of a handful of values
+        steps.append(f"use images larger than {input_size} px or a smaller model")
+    return ", ".join(steps[:-1]) + f", or {steps[-1]}"
 
 
 def _track_best(job: Training, state: dict, row: dict, method: Distiller) -> None:

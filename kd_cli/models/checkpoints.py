@@ -255,7 +255,15 @@ def _mismatch(missing: list[str], unexpected: list[str], shapes: list[str], stat
     return "; ".join(parts)
 
 
-def brief_error(error: BaseException) -> str:
-    """The first line of an error's message (at most 160 characters), or its class name."""
-    text = str(error).strip().splitlines()
-    return text[0][:160] if text else type(error).__name__
+def brief_error(error: BaseException, limit: int = 160) -> str:
+    """The first line of an error's message, or its class name; a long one ends at the last sentence or
+    word that fits in `limit` characters, marked "..." (never cut mid-word)."""
+    lines = str(error).strip().splitlines()
+    if not lines:
+        return type(error).__name__
+    text = lines[0]
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    end = max(cut.rfind(". "), cut.rfind("; "))
+    return (cut[: end + 1] if end > limit // 2 else cut.rsplit(" ", 1)[0].rstrip(",;:")) + " ..."
