@@ -43,8 +43,6 @@ def cache_folder(text: str) -> Path:
     root = Path(text).expanduser()
     if root.exists() and not root.is_dir():
         raise KdError(f"kd cache: {root} is a file, not a cache folder; give the distill config's teacher_cache.dir")
-    if text != str(DEFAULT_DIR) and not root.exists():
-        raise KdError(f"kd cache: {root} does not exist; give the distill config's teacher_cache.dir")
     return root
 
 

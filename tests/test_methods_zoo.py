@@ -349,7 +349,7 @@ def test_feature_methods_refuse_vectors_and_tfkd_a_virtual_teacher_that_does_not
             build_method(method_config(name, teacher_layers=["stages.1"]), mlp, cnn)
     with pytest.raises(KdError, match=r"method.correct_prob=0.1 must be above 1/10.*0.99"):
         build_method(method_config("tfkd", correct_prob=0.1), mlp, None)
-    with pytest.raises(KdError, match="method.temperature=0 must be a number in \(0, 1000\]"):
+    with pytest.raises(KdError, match=r"method.temperature=0 must be a number in \(0, 1000\]"):
         build_method(method_config("tfkd", temperature=0), mlp, None)
 
 

@@ -126,7 +126,8 @@ def _hand_over(
         # the sweep goes on with its other jobs; its one `kd: error:` line comes when it ends
         started = run is not None and run.started
         what = "failed" if started else "was refused before it started"
-        warn(f"job {path} {what}: {one_line(error)}; the sweep goes on with its other jobs")  # (on stderr)
+        # (logged, on the console's stdout: stderr keeps the sweep's one error line for its end)
+        log.warning(f"kd: warning: job {path} {what}: {one_line(error)}; the sweep goes on with its other jobs")
         error = KdError(
             f"a job of the sweep failed ({path}): {one_line(error)}" if started else f"{one_line(error)} (job {path})"
         )
