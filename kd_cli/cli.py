@@ -11,37 +11,10 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from kd_cli.commands import COMMANDS
 from kd_cli.errors import INTERRUPTED_RUNS, library_warnings_as_kd_lines, one_line, take_error, unknown_choice
-
-
-@dataclass(frozen=True)
-class Stage:
-    config: str  # primary config name under configs/ (Hydra stages), or "" for plain commands
-    summary: str
-
-
-STAGES: dict[str, Stage] = {
-    "train-teacher": Stage("train_teacher", "train a teacher network on a data set"),
-    "distill": Stage("distill", "train a student from a teacher with a distillation method"),
-    "evaluate": Stage("evaluate", "score a trained model: accuracy, calibration, size, MACs, latency"),
-    "compress": Stage("compress", "prune / low-rank / int8 a trained model, recover it with KD, measure it"),
-    "export": Stage("export", "write a model as ONNX or TorchScript, checked against PyTorch"),
-    "import": Stage("import", "turn a checkpoint you have (.pt/.pth, safetensors, HF folder) into a kd model"),
-}
-
-# Commands that are not Hydra stages: module with `main(argv: list[str]) -> int`, and a summary.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "report": ("kd_cli.report.command", "tables and plots over runs and sweeps (mean ± std over seeds)"),
-    "reproduce": ("kd_cli.reproduce", "rerun a saved run from its config and compare the final metrics"),
-    "predict": ("kd_cli.predict", "classify image files with a trained or exported model: CSV of the top k"),
-    "table": (
-        "kd_cli.table.command",
-        "run a literature table's grid (pairs x methods x seeds), set beside the published figures",
-    ),
-    "cache": ("kd_cli.cache_command", "list or clear the teacher cache (teacher outputs shared by distill runs)"),
-}
+from kd_cli.stages import STAGES
 
 # Hydra flags that take a value (the value travels with the flag when flags are moved).
 FLAGS_WITH_VALUE = {
@@ -250,7 +223,7 @@ def dispatch(args: list[str]) -> int:
         return import_module(commands[stage][0]).main(rest)
     if stage not in STAGES:
         raise unknown_choice("stage", stage, [*STAGES, *commands])
-    from kd_cli.resume import guard_run_dir, resume_arguments
+    from kd_cli.stages.resume import guard_run_dir, resume_arguments
 
     if stage == "import":
         rest = import_shorthand(rest)

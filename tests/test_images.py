@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
+from kd_cli.commands.inference import preprocessing, read_image
 from kd_cli.data import images as image_files
 from kd_cli.data import load_dataset, make_loader
 from kd_cli.data.decode import CroppedBatches
 from kd_cli.data.images import decode_rgb
 from kd_cli.engine.artifacts import ModelSpec
-from kd_cli.inference import preprocessing, read_image
 
 SIZE = 12
 CPU = torch.device("cpu")

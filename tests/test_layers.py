@@ -15,19 +15,7 @@ PACKAGE = Path(__file__).parents[1] / "kd_cli"
 # Top to bottom. A name is a top-level module or package of kd_cli; "" is the package root (its version).
 LAYERS: list[tuple[str, ...]] = [
     ("cli", "__main__"),
-    (
-        "stages",
-        "inference",
-        "predict",
-        "reproduce",
-        "resume",
-        "report",
-        "table",
-        "sweep_status",
-        "cache_command",
-        "config",
-        "model_index",
-    ),
+    ("stages", "commands", "config", "model_index"),
     ("engine",),
     ("methods", "models", "data", "compress"),
     ("registry", "errors", "hydra_errors", "saved_forms", "overrides", "console", ""),

@@ -220,9 +220,9 @@ def test_the_evaluation_crop_follows_the_models_crop_fraction():
     crop_fraction=1 (recorded in model.json) keeps the whole image, as for a model trained on whole images."""
     from PIL import Image
 
+    from kd_cli.commands.inference import preprocessing
     from kd_cli.data.loader import folder_transform
     from kd_cli.engine.artifacts import ModelSpec
-    from kd_cli.inference import preprocessing
 
     pixels = np.zeros((16, 16, 3), dtype=np.uint8)
     pixels[:2] = 255  # a white top border

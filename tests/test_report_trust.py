@@ -23,9 +23,9 @@ import yaml
 from kdrun import FAST
 
 from kd_cli import cli
+from kd_cli.commands.report import discover
 from kd_cli.engine.lock import DirectoryLock
 from kd_cli.errors import KdError
-from kd_cli.report import discover
 
 HYDRA_CHOICES = {"method": "kd", "dataset": "digits", "student": "default", "teacher": "default"}
 METRICS_CSV = "epoch,train_loss,test_top1\n1,0.9,70.0\n2,0.5,80.0\n"
@@ -302,7 +302,7 @@ def test_reproduce_of_a_training_run_without_its_metrics_is_one_line(tmp_path, c
 
 
 def test_reproduce_reads_a_run_without_its_optional_files(tmp_path):
-    from kd_cli.reproduce import load_saved_run
+    from kd_cli.commands.reproduce import load_saved_run
 
     run = write_run(tmp_path / "run")
     for name in ("env.json", ".hydra/hydra.yaml", "metrics.csv"):

@@ -15,9 +15,9 @@ import pytest
 import yaml
 from kdrun import assert_one_line_error, kd, summary
 
+from kd_cli.commands.table.command import cell_job, choose, make_cell, recipe, split_arguments
+from kd_cli.commands.table.spec import load_spec
 from kd_cli.errors import KdError
-from kd_cli.table.command import cell_job, choose, make_cell, recipe, split_arguments
-from kd_cli.table.spec import load_spec
 
 NO_CHANGES = Namespace(small=False, methods=None, pairs=None, seeds=None, tolerance=None, compare=None)
 

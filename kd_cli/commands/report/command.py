@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kd_cli.errors import KdError
-from kd_cli.overrides import canonical
-from kd_cli.report.discover import (
+from kd_cli.commands.report.discover import (
     Run,
     Skipped,
     all_skipped_error,
@@ -16,13 +14,15 @@ from kd_cli.report.discover import (
     load_or_skip,
     no_runs_error,
 )
-from kd_cli.report.table import (
+from kd_cli.commands.report.table import (
     METRICS,
     build_report,
     print_report,
     write_csv,
     write_markdown,
 )
+from kd_cli.errors import KdError
+from kd_cli.overrides import canonical
 
 DESCRIPTION = """\
 One row per setting: runs that differ only in `seed` are one setting, shown as mean ± std over
@@ -185,7 +185,7 @@ def write_outputs(report, args) -> None:
         write_markdown(report, args.markdown)
         print(f"table written to {display_path(args.markdown)}")
     if args.plot:
-        from kd_cli.report.plots import write_plots
+        from kd_cli.commands.report.plots import write_plots
 
         try:
             written = write_plots(report, args.metric, args.plot.expanduser())

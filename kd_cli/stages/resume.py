@@ -20,6 +20,7 @@ from kd_cli.engine.lock import holder
 from kd_cli.engine.rundir import COMPLETE, holds_run, read_summary
 from kd_cli.errors import KdError
 from kd_cli.overrides import split_override
+from kd_cli.stages import STAGES
 
 RUN_DIR_KEY = "hydra.run.dir"
 SWEEP_DIR_KEY = "hydra.sweep.dir"
@@ -97,9 +98,6 @@ def _sweep_arguments(stage: str, sweep: Path, args: list[str]) -> list[str]:
     return ["-m", *merge(saved, fresh), f"resume={sweep}", f"{SWEEP_DIR_KEY}={sweep}"]
 
 
-RESUMABLE = ("train-teacher", "distill", "compress")  # the stages whose config has `resume`
-
-
 def guard_run_dir(stage: str, args: list[str]) -> None:
     """Refuse `hydra.run.dir=DIR` when DIR holds a run and this is not `resume=DIR` (early: the run's
     claim checks it again once the directory is locked); refuse an empty folder setting before Hydra
@@ -119,7 +117,7 @@ def guard_run_dir(stage: str, args: list[str]) -> None:
             f"or choose another directory"
         )
     if holds_run(run):
-        hint = f"continue it with resume={run}, or " if stage in RESUMABLE else ""
+        hint = f"continue it with resume={run}, or " if STAGES[stage].resumes else ""
         raise KdError(f"{run} already holds a run; {hint}choose another directory")
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from kd_cli.report.discover import as_number
-from kd_cli.report.table import COMPLETE, HEADERS, Report, Row
+from kd_cli.commands.report.discover import as_number
+from kd_cli.commands.report.table import COMPLETE, HEADERS, Report, Row
 
 CURVES = {"test_top1": "test top-1 %", "train_loss": "train loss"}
 

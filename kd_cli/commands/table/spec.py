@@ -70,7 +70,7 @@ class TableSpec:
 
 
 def builtin_tables() -> list[str]:
-    return sorted(p.name[:-5] for p in files("kd_cli.table").iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[:-5] for p in files("kd_cli.commands.table").iterdir() if p.name.endswith(".yaml"))
 
 
 def load_spec(name: str) -> TableSpec:
@@ -82,7 +82,7 @@ def load_spec(name: str) -> TableSpec:
     else:
         if name not in builtin_tables():
             raise KdError(f"unknown table '{name}' (built in: {', '.join(builtin_tables())}; or give a .yaml file)")
-        path = Path(str(files("kd_cli.table") / f"{name}.yaml"))
+        path = Path(str(files("kd_cli.commands.table") / f"{name}.yaml"))
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as error:

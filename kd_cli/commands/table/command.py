@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
+from kd_cli.commands.table.spec import Pair, TableSpec, builtin_tables, check_choices, load_spec
 from kd_cli.console import print_table
 from kd_cli.errors import KdError
-from kd_cli.table.spec import Pair, TableSpec, builtin_tables, check_choices, load_spec
 
 KEYS = ("out", "methods", "pairs", "seeds", "tolerance", "compare")
 # Config groups and keys each cell's recipe sets: an override of them would change what the table compares.

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kd_cli.commands.report.discover import STALE, Run, as_number, display_path
 from kd_cli.console import print_table
 from kd_cli.errors import KdError, unknown_choice
-from kd_cli.report.discover import STALE, Run, as_number, display_path
 
 EXCLUDED_KEYS = {"seed", "resume"}
 EXCLUDED_PREFIXES = ("hydra.", "paths.")

@@ -26,8 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from kd_cli.errors import KdError, warn
-from kd_cli.report.discover import (
+from kd_cli.commands.report.discover import (
     CONFIG,
     HYDRA,
     METRICS,
@@ -40,9 +39,11 @@ from kd_cli.report.discover import (
     read_yaml,
     run_status,
 )
+from kd_cli.errors import KdError, warn
+from kd_cli.stages import STAGES
 
-CONFIG_NAMES = {"train-teacher": "train_teacher", "distill": "distill", "evaluate": "evaluate"}
 PACKAGE_CONFIGS = "kd_cli.configs"
+REPRODUCIBLE = [name for name, stage in STAGES.items() if stage.reproducible]
 # Overrides that say where the original run lived, not what it computed: the reproduction is a new
 # run in a new directory, never a continuation of the old one.
 DROPPED_OVERRIDES = ("resume=", "hydra.")
@@ -140,7 +141,7 @@ class SavedRun:
 
     @property
     def config_name(self) -> str:
-        return (self.hydra.get("job") or {}).get("config_name") or CONFIG_NAMES[self.stage]
+        return (self.hydra.get("job") or {}).get("config_name") or STAGES[self.stage].config
 
     @property
     def user_config_dirs(self) -> list[str]:
@@ -188,10 +189,10 @@ def _read_saved_run(given: str, path: Path) -> SavedRun:
     if not all(isinstance(o, str) for o in overrides):
         raise BrokenFile(path / OVERRIDES, str(OVERRIDES), "holds something other than a list of overrides")
     stage = hydra_config.get("stage")
-    if stage not in CONFIG_NAMES:
+    if stage not in STAGES or not STAGES[stage].reproducible:
         if isinstance(stage, str) and stage:
             raise KdError(
-                f"{given} is a kd {stage} run; kd reproduce reruns {', '.join(CONFIG_NAMES)} runs and compares their "
+                f"{given} is a kd {stage} run; kd reproduce reruns {', '.join(REPRODUCIBLE)} runs and compares their "
                 "metrics (an import or export checks itself against its source when it runs)"
             )
         raise KdError(f"{given}: its .hydra/config.yaml names no kd stage (stage: {stage})")
@@ -217,16 +218,13 @@ def _read_saved_run(given: str, path: Path) -> SavedRun:
     )
 
 
-TRAINING_STAGES = ("train-teacher", "distill")  # their metrics.csv is compared epoch by epoch
-
-
 def check_complete(saved: SavedRun) -> None:
     if saved.status != "complete":
         raise KdError(
             f"{saved.path} is {saved.status}, not complete: it has no final metrics to compare with; "
             f"finish it first (kd {saved.stage} resume={saved.path})"
         )
-    if saved.stage in TRAINING_STAGES and not saved.metrics:
+    if STAGES[saved.stage].trains and not saved.metrics:
         what = "is missing" if not (saved.path / METRICS).is_file() else "holds no epoch"
         raise KdError(
             f"cannot reproduce {saved.path}: its {METRICS} {what}, so there is nothing to compare the "
@@ -359,7 +357,7 @@ def new_run_dir(saved: SavedRun, out: Path | None) -> Path:
 
 def reproduction_command(saved: SavedRun, overrides: list[str], run_dir: Path) -> list[str]:
     flags = [arg for d in saved.user_config_dirs for arg in ("-cd", d)]
-    if saved.config_name != CONFIG_NAMES[saved.stage]:
+    if saved.config_name != STAGES[saved.stage].config:
         flags += ["-cn", saved.config_name]
     return [sys.executable, "-m", "kd_cli", saved.stage, *flags, *overrides, f"hydra.run.dir={quote(str(run_dir))}"]
 

@@ -25,7 +25,7 @@ from kd_cli.console import print_table
 from kd_cli.errors import KdError, warn
 
 if TYPE_CHECKING:
-    from kd_cli.inference import Predictor
+    from kd_cli.commands.inference import Predictor
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 LIST_SUFFIXES = (".txt", ".lst")
@@ -122,7 +122,7 @@ def main(argv: list[str]) -> int:
         raise KdError(f"cannot write the predictions to out={args.out} ({problem}); give another out=FILE")
     files = collect_images(args.inputs)
     # torch is imported only now: --help and a wrong argument are answered in a fraction of a second.
-    from kd_cli.inference import open_model, predict_files, preprocessing
+    from kd_cli.commands.inference import open_model, predict_files, preprocessing
 
     model = open_model(Path(args.run), args.device)
     transform = preprocessing(model.spec)
