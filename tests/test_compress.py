@@ -17,7 +17,7 @@ from kd_cli.compress.context import StepContext
 from kd_cli.compress.lowrank import factorise
 from kd_cli.compress.qstate import decode, encode
 from kd_cli.engine.artifacts import ModelSpec, load_model, save_model
-from kd_cli.stages.common import count_parameters
+from kd_cli.stages.models import count_parameters
 
 PRUNE = dict(
     ratio=0.5,

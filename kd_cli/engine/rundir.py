@@ -43,6 +43,7 @@ RUN_FILES = (SUMMARY, CONFIG, "checkpoints/last.pt", ".hydra/overrides.yaml", "m
 # Space set aside while a run writes, freed to record `failed` when the disk fills up.
 RESERVE = ".kd.reserve"
 REPRODUCTION = "reproduce.json"  # written by kd reproduce into the new run it makes
+PEERS = "peers"  # online distillation: each of the student's peers is a model of its own in RUN/peers/NAME
 RESERVE_BYTES = 256 * 1024
 
 

@@ -49,7 +49,7 @@ def run(cfg: DictConfig) -> float | None:
     if not plain_values_pass(cfg):
         return None
     try:  # (importing a stage imports torch: seconds in which Ctrl-C must not leave Hydra's folder behind)
-        from kd_cli.stages.common import guarded
+        from kd_cli.stages.lifecycle import guarded
 
         stage = import_module(f"kd_cli.stages.{STAGES[cfg.stage].module}")
     except KeyboardInterrupt:

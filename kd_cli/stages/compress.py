@@ -37,24 +37,12 @@ from kd_cli.engine.rundir import COMPLETE, CONFIG, RunDir
 from kd_cli.engine.trackers import Trackers, open_trackers
 from kd_cli.errors import KdError
 from kd_cli.methods import method_requires_teacher
-from kd_cli.stages.common import (
-    Setup,
-    check_model_fits,
-    eval_loader,
-    print_config,
-    saved_dataset,
-    setup_run,
-    start_run,
-)
+from kd_cli.stages.data import Loaders, data_env, eval_loader, load_data, saved_dataset
+from kd_cli.stages.lifecycle import start_run
 from kd_cli.stages.measure import Measurement, measure
-from kd_cli.stages.training import (
-    Loaders,
-    data_env,
-    dry_build,
-    load_data,
-    new_method,
-    training_job,
-)
+from kd_cli.stages.models import check_model_fits
+from kd_cli.stages.setup import Setup, print_config, setup_run
+from kd_cli.stages.training import dry_build, new_method, training_job
 
 log = logging.getLogger("kd")
 TABLE = "compression.csv"

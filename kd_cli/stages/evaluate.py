@@ -22,15 +22,11 @@ from kd_cli.engine.metrics import classification_report, predict
 from kd_cli.engine.rundir import COMPLETE, CONFIG, RunDir
 from kd_cli.errors import KdError
 from kd_cli.saved_forms import rebuild
-from kd_cli.stages.common import (
-    check_model_fits,
-    count_parameters,
-    eval_loader,
-    saved_dataset,
-    setup_run,
-    start_run,
-)
-from kd_cli.stages.training import print_results
+from kd_cli.stages.data import eval_loader, saved_dataset
+from kd_cli.stages.lifecycle import start_run
+from kd_cli.stages.models import check_model_fits, count_parameters
+from kd_cli.stages.results import print_results
+from kd_cli.stages.setup import setup_run
 
 log = logging.getLogger("kd")
 SPLITS = ("test", "train", "val")

@@ -43,8 +43,9 @@ from kd_cli.engine.files import atomic_write
 from kd_cli.engine.rundir import COMPLETE, RunDir
 from kd_cli.errors import KdError, unknown_choice
 from kd_cli.registry import Range, check_number
-from kd_cli.stages.common import saved_dataset, start_run
-from kd_cli.stages.training import print_results
+from kd_cli.stages.data import saved_dataset
+from kd_cli.stages.lifecycle import start_run
+from kd_cli.stages.results import print_results
 
 log = logging.getLogger("kd")
 

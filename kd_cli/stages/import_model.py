@@ -27,15 +27,11 @@ from kd_cli.engine.rundir import COMPLETE, RunDir
 from kd_cli.errors import KdError, warn
 from kd_cli.models.checkpoints import fit_state, read_state_dict
 from kd_cli.models.hf_models import hf_from_folder
-from kd_cli.stages.common import (
-    count_parameters,
-    dataset_options,
-    eval_loader,
-    model_spec,
-    setup_run,
-    start_run,
-)
-from kd_cli.stages.training import print_results
+from kd_cli.stages.data import dataset_options, eval_loader
+from kd_cli.stages.lifecycle import start_run
+from kd_cli.stages.models import count_parameters, model_spec
+from kd_cli.stages.results import print_results
+from kd_cli.stages.setup import setup_run
 
 log = logging.getLogger("kd")
 SAME_OUTPUTS = 1e-5  # largest |saved model - imported module| over the test logits

@@ -29,7 +29,9 @@ from kd_cli.engine.process import run_child
 from kd_cli.engine.rundir import ENV, SUMMARY, RunDir, holds_run, is_complete
 from kd_cli.errors import KdError, warn
 from kd_cli.models.input_form import Form, feed_own_form
-from kd_cli.stages.common import check_model_fits, model_spec, options_with_defaults
+from kd_cli.stages.data import Loaders
+from kd_cli.stages.models import check_model_fits, model_spec, options_with_defaults
+from kd_cli.stages.setup import Setup
 
 log = logging.getLogger("kd")
 
@@ -140,6 +142,37 @@ def obtain_teacher(
     in_own_form(model, spec, data, _normalisation(cfg))
     run.keep(teacher_weights_sha256=weights_digest(plan.path))
     return model, spec, plan.path
+
+
+@dataclass
+class Teacher:
+    """The teacher a distill run uses, and what its table reports of it."""
+
+    model: nn.Module
+    spec: ModelSpec
+    path: Path
+    top1: float  # on the validation split while training (the test split is read after training)
+    params: int
+
+
+def ready_teacher(plan: TeacherPlan, cfg: DictConfig, run: RunDir, loaders: Loaders, setup: Setup) -> Teacher:
+    """The planned teacher obtained (trained first if need be), its outputs checked finite and scored on
+    the validation split when there is one (the test split waits for the end of training)."""
+    from kd_cli.engine.metrics import predict, topk_accuracy
+    from kd_cli.stages.models import count_parameters
+
+    model, spec, path = obtain_teacher(plan, cfg, run, loaders.data, setup.device)
+    logits, labels = predict(model, loaders.val or loaders.test, setup.device, setup.eval_dtype)
+    check_teacher_outputs(logits, path)
+    return Teacher(model, spec, path, topk_accuracy(logits, labels), count_parameters(model))
+
+
+def for_checks(plan: TeacherPlan | None) -> nn.Module | None:
+    """The teacher for the dry build's checks: the one found, or a network of its architecture when it
+    is still to be trained."""
+    if plan is None:
+        return None
+    return plan.model if plan.model is not None else plan.spec.build()
 
 
 def teacher_runs(cfg: DictConfig, data: DataSplits) -> list[Path]:

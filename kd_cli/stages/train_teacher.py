@@ -10,22 +10,12 @@ from kd_cli.engine.device import random_stream
 from kd_cli.engine.rundir import RunDir
 from kd_cli.errors import KdError
 from kd_cli.methods import method_requires_teacher
-from kd_cli.stages.common import (
-    check_pretrained_form,
-    model_spec,
-    print_config,
-    setup_run,
-    start_run,
-)
-from kd_cli.stages.training import (
-    data_env,
-    finish,
-    load_data,
-    objective,
-    print_results,
-    selection_rows,
-    train_and_save,
-)
+from kd_cli.stages.data import data_env, load_data
+from kd_cli.stages.lifecycle import start_run
+from kd_cli.stages.models import check_pretrained_form, model_spec
+from kd_cli.stages.results import finish, objective, print_results, selection_rows
+from kd_cli.stages.setup import print_config, setup_run
+from kd_cli.stages.training import train_and_save
 
 
 def main(cfg: DictConfig, run: RunDir) -> float:

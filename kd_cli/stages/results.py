@@ -1,0 +1,78 @@
+"""The end of a training run: summary.json with `status: complete` (written last), the rows and table it
+prints, and the value a sweeper optimises."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+from torch import nn
+
+from kd_cli.console import print_table
+from kd_cli.engine.loop import FitResult
+from kd_cli.engine.rundir import COMPLETE, PEERS, RunDir
+from kd_cli.stages.models import count_parameters
+
+
+def finish(run: RunDir, cfg: DictConfig, result: FitResult, model: nn.Module, started: float, **extra: Any) -> dict:
+    """Write summary.json with status complete (last, so its presence means the run is whole)."""
+    last = result.last
+    summary = {
+        "stage": cfg.stage,
+        "dataset": cfg.dataset.name,
+        "method": cfg.method.name,
+        "seed": cfg.seed,
+        "epochs": last.get("epoch", 0),
+        "best_top1": result.best_top1,
+        "best_epoch": result.best_epoch,
+        "selected_on": result.selected_on,
+        "best_val_top1": result.best_val_top1,
+        "last_top1": result.last_top1,
+        "last_train_loss": last.get("train_loss"),
+        "params": count_parameters(model),
+        "images_per_s": last.get("images_per_s"),
+        "resumed_from_epoch": result.resumed_from,
+        "wall_time_s": time.time() - started,
+        "teacher_cache": result.teacher_cache,
+        # online distillation: each peer's test top-1 (last weights) and where it is saved
+        "peers": {name: {"last_top1": top1, "path": f"{PEERS}/{name}"} for name, top1 in result.peers_last_top1.items()}
+        or None,
+        **extra,
+    }
+    run.write_summary(COMPLETE, **summary)
+    return summary
+
+
+def selection_rows(summary: dict, who: str = "") -> list[tuple[str, Any]]:
+    """The final table's accuracy rows, each saying which split chose the epoch it reports."""
+    who = f"{who} " if who else ""
+    if summary.get("selected_on") == "val":
+        return [
+            (f"{who}test top-1 (best epoch on validation: {summary['best_epoch']})", summary["best_top1"]),
+            (f"{who}validation top-1 (best)", summary["best_val_top1"]),
+            (f"{who}test top-1 (last)", summary["last_top1"]),
+        ]
+    return [
+        (f"{who}test top-1 (last)", summary["last_top1"]),
+        (f"{who}test top-1 (best on test: literature comparison only)", summary["best_top1"]),
+    ]
+
+
+def objective(result: FitResult) -> float:
+    """What a sweeper optimises: validation top-1 when there is a validation split (never the test set's
+    when it can be avoided), else the test-set best."""
+    if result.selected_on == "val":
+        assert result.best_val_top1 is not None  # set whenever a validation split chose the epoch
+        return result.best_val_top1
+    return result.best_top1
+
+
+def print_results(title: str, rows: list[tuple[str, Any]], run_dir: Path) -> None:
+    """The final table; the run directory below it."""
+    cells = [
+        [name, f"{value:.2f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)]
+        for name, value in rows
+    ]
+    print_table(title, [("", "left"), ("value", "right")], cells, notes=[f"run directory: {run_dir}"])
