@@ -144,9 +144,8 @@ def check_options(
     value of the wrong type or out of range. `path` is where the options sit in the config
     (`method`, `student.kwargs`), for messages that name the key as the user would type it."""
     exclude = set(exclude)
-    params = inspect.signature(fn).parameters
-    open_ended = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    accepted = [n for n, p in params.items() if n not in exclude and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    params, open_ended = entry_parameters(fn)
+    accepted = [n for n in params if n not in exclude]
     prefix = f"{path}." if path else ""
     if not open_ended:
         for key in options:
@@ -159,7 +158,7 @@ def check_options(
         missing = [n for n in accepted if params[n].default is inspect.Parameter.empty and n not in options]
         if missing:
             raise KdError(f"{what} needs option(s) {', '.join(missing)}; set them in its YAML or as overrides")
-    hints = _hints(fn)
+    hints = option_hints(fn)
     for key, value in options.items():
         if key in hints:
             problem = value_problem(value, hints[key])
@@ -235,12 +234,43 @@ def _kind(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-def _hints(fn: Callable) -> dict[str, Any]:
-    target = fn.__init__ if inspect.isclass(fn) else fn
-    try:
-        return typing.get_type_hints(target, include_extras=True)
-    except Exception:  # noqa: BLE001 - an annotation that cannot be evaluated is simply not checked
-        return {}
+def entry_parameters(fn: Callable) -> tuple[dict[str, inspect.Parameter], bool]:
+    """(an entry's options by name, whether it takes any other keyword too). A class whose `__init__`
+    passes `**options` on to its base has the base's options as well, declared once there: a feature
+    method declares only its own, FeatureDistiller the layers, CE and KD options they all share."""
+    if not inspect.isclass(fn):
+        return _keyword_options(inspect.signature(fn))
+    params: dict[str, inspect.Parameter] = {}
+    for cls in fn.__mro__:
+        if "__init__" not in vars(cls) or cls is object:
+            continue
+        own, passes_on = _keyword_options(inspect.signature(vars(cls)["__init__"]))
+        params.update({name: p for name, p in own.items() if name != "self" and name not in params})
+        if not passes_on:
+            return params, False
+    return params, True
+
+
+def _keyword_options(signature: inspect.Signature) -> tuple[dict[str, inspect.Parameter], bool]:
+    kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    named = {name: p for name, p in signature.parameters.items() if p.kind not in kinds}
+    return named, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+
+
+def option_hints(fn: Callable) -> dict[str, Any]:
+    """The annotations of an entry's options, inherited ones too (see entry_parameters)."""
+    targets = (
+        [vars(c)["__init__"] for c in reversed(fn.__mro__) if "__init__" in vars(c) and c is not object]
+        if inspect.isclass(fn)
+        else [fn]
+    )
+    hints: dict[str, Any] = {}
+    for target in targets:  # base first: a subclass's own annotation of an option wins
+        try:
+            hints.update(typing.get_type_hints(target, include_extras=True))
+        except Exception:  # noqa: BLE001 - an annotation that cannot be evaluated is simply not checked
+            continue
+    return hints
 
 
 def _number(value: float | None) -> str:

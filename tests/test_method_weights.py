@@ -8,7 +8,6 @@ In-process, on tiny CNNs."""
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +18,7 @@ from omegaconf import OmegaConf
 from kd_cli.errors import KdError
 from kd_cli.methods import FIXED, METHODS, build_method, check_method_options
 from kd_cli.models import create_model
+from kd_cli.registry import entry_parameters
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "method"
 # Options the shipped YAML cannot hold a value for: the user must give them.
@@ -35,7 +35,7 @@ def loss_weights(name: str) -> tuple[str, ...]:
     against its options: every `*_weight` option is one of them."""
     cls = METHODS.get(name)
     assert "loss_weights" in vars(cls) and cls.loss_weights, f"method {name} declares no loss_weights"
-    params = inspect.signature(cls).parameters
+    params, _ = entry_parameters(cls)
     options = {n for n, p in params.items() if n not in FIXED and p.kind is p.KEYWORD_ONLY}
     assert set(cls.loss_weights) <= options, name
     assert {o for o in options if o.endswith("_weight")} <= set(cls.loss_weights), name

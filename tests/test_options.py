@@ -30,7 +30,7 @@ from kd_cli.methods.base import Distiller, FeatureDistiller
 from kd_cli.model_index import model_options
 from kd_cli.models import MODELS, check_model_options, create_model
 from kd_cli.models.registry import FIXED as MODEL_FIXED
-from kd_cli.registry import Range
+from kd_cli.registry import Range, entry_parameters, option_hints
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Options the shipped YAML cannot hold a value for: the user must give them.
@@ -96,13 +96,12 @@ def check(kind: str, name: str, options: dict[str, Any]) -> None:
 
 
 def hints(kind: str, name: str) -> dict[str, Any]:
-    entry = registry(kind).get(name)
-    return typing.get_type_hints(entry.__init__ if inspect.isclass(entry) else entry, include_extras=True)
+    return option_hints(registry(kind).get(name))
 
 
 def option_names(kind: str, name: str) -> list[str]:
-    params = inspect.signature(registry(kind).get(name)).parameters
-    return [n for n, p in params.items() if n not in fixed(kind) and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    params, _ = entry_parameters(registry(kind).get(name))
+    return [n for n in params if n not in fixed(kind)]
 
 
 # ---------------------------------------------------------------- what the annotations say

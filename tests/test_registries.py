@@ -19,18 +19,16 @@ from kd_cli.methods import METHODS
 from kd_cli.model_index import model_options
 from kd_cli.models import MODELS
 from kd_cli.models.registry import FIXED as MODEL_FIXED
-from kd_cli.registry import Registry
+from kd_cli.registry import Registry, entry_parameters
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 PACKAGES = Path(__file__).parents[1] / "kd_cli"
 
 
 def keyword_options(entry, fixed=()) -> dict[str, inspect.Parameter]:
-    return {
-        name: p
-        for name, p in inspect.signature(entry).parameters.items()
-        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and name not in fixed and name != "params"
-    }
+    """The entry's options as the registry reads them (a feature method's inherited ones too)."""
+    params, _ = entry_parameters(entry)
+    return {name: p for name, p in params.items() if name not in fixed and name != "params"}
 
 
 def load(path: Path) -> dict:

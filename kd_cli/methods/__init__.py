@@ -17,7 +17,6 @@ term whose weight is 0 (no column of zeros in metrics.csv, no time spent on it).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
@@ -25,7 +24,7 @@ from torch import nn
 
 from kd_cli.errors import KdError
 from kd_cli.methods.base import Distiller
-from kd_cli.registry import Registry, import_submodules
+from kd_cli.registry import Registry, entry_parameters, import_submodules
 
 # the registered name is kept as `method_name`, for messages (`method=kd: ...`), also in a subclass's rules
 METHODS = Registry("method", name_attribute="method_name")
@@ -62,7 +61,7 @@ def build_method(
     train several students (DML's cohort, ONE's branches), and `load_model` (a saved model's path ->
     (network, spec), the stage's artifact loader) to those that load their own teachers (ensemble)."""
     fixed: dict[str, Any] = {"student": student, "teacher": teacher}
-    parameters = inspect.signature(METHODS.get(cfg["name"])).parameters
+    parameters, _ = entry_parameters(METHODS.get(cfg["name"]))
     if "num_samples" in parameters:
         fixed["num_samples"] = num_samples
     if "new_student" in parameters:

@@ -21,13 +21,15 @@ initialisation epochs are the first `init_epochs` of `trainer.epochs` (see fsp.p
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from kd_cli.methods import register_method
 from kd_cli.methods.feature_utils import full_precision, tensor_sum
 from kd_cli.methods.ofd import PreReluDistiller, connector, stage_weights
-from kd_cli.registry import NonNegative, NonNegativeInt, Positive, Temperature
+from kd_cli.registry import NonNegative, NonNegativeInt, Positive
 
 
 def boundary_loss(student: torch.Tensor, teacher: torch.Tensor, margin: float) -> torch.Tensor:
@@ -52,25 +54,13 @@ class ActivationBoundaries(PreReluDistiller):
         student,
         teacher,
         *,
-        student_layers: list[str] | None,
-        teacher_layers: list[str] | None,
-        ce_weight: NonNegative,
-        kd_weight: NonNegative,
-        temperature: Temperature,
         ab_init_weight: NonNegative,
         ab_weight: NonNegative,
         margin: Positive,
         init_epochs: NonNegativeInt,
+        **common: Any,
     ):
-        super().__init__(
-            student,
-            teacher,
-            student_layers=student_layers,
-            teacher_layers=teacher_layers,
-            ce_weight=ce_weight,
-            kd_weight=kd_weight,
-            temperature=temperature,
-        )
+        super().__init__(student, teacher, **common)
         self.ab_init_weight, self.ab_weight, self.margin = ab_init_weight, ab_weight, margin
         self.init_epochs = init_epochs if ab_init_weight else 0  # a phase with its only term left out is no phase
         # no connectors when no AB term is computed (DDP: every parameter needs a gradient in some step)

@@ -12,7 +12,7 @@ average-pooling the larger feature map to the smaller grid before the attention 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
 from kd_cli.methods.feature_utils import area_scale, full_precision, match_spatial, tensor_sum
-from kd_cli.registry import NonNegative, Positive, PositiveInt, Temperature
+from kd_cli.registry import NonNegative, Positive, PositiveInt
 
 
 def attention_map(features: torch.Tensor, p: float) -> torch.Tensor:
@@ -47,25 +47,13 @@ class AttentionTransfer(FeatureDistiller):
         student,
         teacher,
         *,
-        student_layers: list[str] | None,
-        teacher_layers: list[str] | None,
-        ce_weight: NonNegative,
-        kd_weight: NonNegative,
-        temperature: Temperature,
         at_weight: NonNegative,
         p: Positive,
         form: Literal["code", "paper"],
         tuned_input_size: PositiveInt | None,
+        **common: Any,
     ):
-        super().__init__(
-            student,
-            teacher,
-            student_layers=student_layers,
-            teacher_layers=teacher_layers,
-            ce_weight=ce_weight,
-            kd_weight=kd_weight,
-            temperature=temperature,
-        )
+        super().__init__(student, teacher, **common)
         self.require_maps()
         self.at_weight, self.p, self.form = at_weight * area_scale(student, tuned_input_size), p, form
 

@@ -23,6 +23,7 @@ from kd_cli.errors import KdError
 from kd_cli.methods.feature_utils import embedding_layer, feature_layers, require_maps
 from kd_cli.methods.logit_utils import kd_loss
 from kd_cli.models.features import FeatureTap, feature_shapes
+from kd_cli.registry import NonNegative, Temperature
 
 
 class TeacherOutputs(Protocol):
@@ -135,9 +136,11 @@ class FeatureDistiller(Distiller):
     automatically. Every feature method can add the cross-entropy term and Hinton's KD term
     (`ce_weight`, `kd_weight`, `temperature`), as the literature does for FitNet, CRD and others.
 
-    Option values are checked by the method registry from each subclass's annotations
-    (`temperature: Positive`, ...) and `validate_options`, before the models are built; `__init__`
-    checks only what needs the models (layer names, feature shapes).
+    These five options are declared here, once: a subclass declares its own and passes `**common` on
+    (`def __init__(self, student, teacher, *, at_weight: NonNegative, **common: Any)`), and the method
+    registry reads both (`registry.entry_parameters`). Option values are checked by the registry from the
+    annotations (`temperature: Temperature`, ...) and `validate_options`, before the models are built;
+    `__init__` checks only what needs the models (layer names, feature shapes).
     """
 
     # True for methods that compare one layer of each model (CRD's embeddings, SRD's last stage): a layer
@@ -152,9 +155,9 @@ class FeatureDistiller(Distiller):
         *,
         student_layers: list[str] | None,
         teacher_layers: list[str] | None,
-        ce_weight: float,
-        kd_weight: float,
-        temperature: float,
+        ce_weight: NonNegative,
+        kd_weight: NonNegative,
+        temperature: Temperature,
     ):
         super().__init__(student, teacher)
         self.student_layers = list(student_layers or self.default_layers(student))

@@ -15,7 +15,7 @@ A batch of one has no relations: KdError.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ from kd_cli.methods.feature_utils import (
     sample_vectors,
     tensor_sum,
 )
-from kd_cli.registry import NonNegative, NonNegativeInt, Positive, Temperature
+from kd_cli.registry import NonNegative, NonNegativeInt, Positive
 
 
 def correlation_matrix(features: torch.Tensor, gamma: float, order: int, kernel: str = "gaussian") -> torch.Tensor:
@@ -62,25 +62,13 @@ class CorrelationCongruence(FeatureDistiller):
         student,
         teacher,
         *,
-        student_layers: list[str] | None,
-        teacher_layers: list[str] | None,
-        ce_weight: NonNegative,
-        kd_weight: NonNegative,
-        temperature: Temperature,
         cc_weight: NonNegative,
         gamma: Positive,
         order: NonNegativeInt,
         kernel: Literal["gaussian", "bilinear"],
+        **common: Any,
     ):
-        super().__init__(
-            student,
-            teacher,
-            student_layers=student_layers,
-            teacher_layers=teacher_layers,
-            ce_weight=ce_weight,
-            kd_weight=kd_weight,
-            temperature=temperature,
-        )
+        super().__init__(student, teacher, **common)
         # no adapter for a term left out (DDP: every parameter must get a gradient)
         # (None entries are real: ModuleList keeps them, for pairs that need no embedding; its stub allows modules only)
         pairs = zip(self.student_layers, self.student_shapes, self.teacher_layers, self.teacher_shapes)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import torch.distributed as dist
@@ -34,7 +34,7 @@ from torch import nn
 from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller, embedding_layers
-from kd_cli.registry import NonNegative, Positive, Range, Temperature
+from kd_cli.registry import NonNegative, Positive, Range
 
 log = logging.getLogger("kd")
 
@@ -135,23 +135,11 @@ class CRD(FeatureDistiller):
         nce_t: Positive,
         nce_momentum: Momentum,
         crd_weight: NonNegative,
-        student_layers: list[str] | None,
-        teacher_layers: list[str] | None,
-        ce_weight: NonNegative,
-        kd_weight: NonNegative,
-        temperature: Temperature,
+        **common: Any,
     ):
         check_num_samples(num_samples)
         assert num_samples is not None  # check_num_samples refuses None
-        super().__init__(
-            student,
-            teacher,
-            student_layers=student_layers,
-            teacher_layers=teacher_layers,
-            ce_weight=ce_weight,
-            kd_weight=kd_weight,
-            temperature=temperature,
-        )
+        super().__init__(student, teacher, **common)
         self.num_samples, self.nce_t, self.nce_momentum = num_samples, nce_t, nce_momentum
         self.crd_weight = crd_weight
         if not crd_weight:  # the heads and memories serve the CRD term only, which is left out

@@ -9,6 +9,8 @@ average-pooling the larger map to the smaller grid, linear (+ ReLU) for vectors.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,7 +18,7 @@ from torch import nn
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
 from kd_cli.methods.feature_utils import Regressor, feature_layers, full_precision, require_same_kind, tensor_sum
-from kd_cli.registry import NonNegative, Temperature
+from kd_cli.registry import NonNegative
 
 
 def fitnet_loss(regressed_student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -33,23 +35,11 @@ class FitNet(FeatureDistiller):
         student,
         teacher,
         *,
-        student_layers: list[str] | None,
-        teacher_layers: list[str] | None,
-        ce_weight: NonNegative,
-        kd_weight: NonNegative,
-        temperature: Temperature,
         fitnet_weight: NonNegative,
         regressor_relu: bool,
+        **common: Any,
     ):
-        super().__init__(
-            student,
-            teacher,
-            student_layers=student_layers,
-            teacher_layers=teacher_layers,
-            ce_weight=ce_weight,
-            kd_weight=kd_weight,
-            temperature=temperature,
-        )
+        super().__init__(student, teacher, **common)
         pairs = zip(self.student_layers, self.student_shapes, self.teacher_layers, self.teacher_shapes)
         regressors = []
         for s_layer, s_shape, t_layer, t_shape in pairs:

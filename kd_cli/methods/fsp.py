@@ -17,13 +17,15 @@ the epochs and shift the milestones (trainer.epochs=270 optim.milestones=[180,21
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
 from kd_cli.methods.feature_utils import full_precision, pool_to, tensor_sum
-from kd_cli.registry import NonNegative, NonNegativeInt, Temperature
+from kd_cli.registry import NonNegative, NonNegativeInt
 
 
 def fsp_matrix(bottom: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
@@ -50,23 +52,11 @@ class FlowOfSolutionProcedure(FeatureDistiller):
         student,
         teacher,
         *,
-        student_layers: list[str] | None,
-        teacher_layers: list[str] | None,
-        ce_weight: NonNegative,
-        kd_weight: NonNegative,
-        temperature: Temperature,
         fsp_weight: NonNegative,
         init_epochs: NonNegativeInt,
+        **common: Any,
     ):
-        super().__init__(
-            student,
-            teacher,
-            student_layers=student_layers,
-            teacher_layers=teacher_layers,
-            ce_weight=ce_weight,
-            kd_weight=kd_weight,
-            temperature=temperature,
-        )
+        super().__init__(student, teacher, **common)
         if len(self.student_layers) < 2:
             raise KdError(
                 "method=fsp compares consecutive layers and needs at least 2 of each model; "

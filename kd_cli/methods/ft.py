@@ -20,6 +20,8 @@ epochs are the first `init_epochs` of `trainer.epochs` (see fsp.py for RepDistil
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,7 +30,7 @@ from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
 from kd_cli.methods.feature_utils import feature_layers, full_precision, match_spatial
-from kd_cli.registry import NonNegative, NonNegativeInt, OpenFraction, Temperature
+from kd_cli.registry import NonNegative, NonNegativeInt, OpenFraction
 
 
 def factor(features: torch.Tensor) -> torch.Tensor:
@@ -92,24 +94,12 @@ class FactorTransfer(FeatureDistiller):
         student,
         teacher,
         *,
-        student_layers: list[str] | None,
-        teacher_layers: list[str] | None,
-        ce_weight: NonNegative,
-        kd_weight: NonNegative,
-        temperature: Temperature,
         ft_weight: NonNegative,
         rate: OpenFraction,
         init_epochs: NonNegativeInt,
+        **common: Any,
     ):
-        super().__init__(
-            student,
-            teacher,
-            student_layers=student_layers,
-            teacher_layers=teacher_layers,
-            ce_weight=ce_weight,
-            kd_weight=kd_weight,
-            temperature=temperature,
-        )
+        super().__init__(student, teacher, **common)
         self.require_maps()
         teacher_channels = self.teacher_shapes[0][0]
         factor_channels = max(1, int(teacher_channels * rate))

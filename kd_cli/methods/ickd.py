@@ -10,6 +10,8 @@ code). Grids may differ: G is C x C whatever the map's size.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,7 +19,7 @@ from torch import nn
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
 from kd_cli.methods.feature_utils import feature_layers, full_precision, tensor_sum
-from kd_cli.registry import NonNegative, Temperature
+from kd_cli.registry import NonNegative
 
 
 def channel_correlation(features: torch.Tensor) -> torch.Tensor:
@@ -46,22 +48,10 @@ class InterChannelCorrelation(FeatureDistiller):
         student,
         teacher,
         *,
-        student_layers: list[str] | None,
-        teacher_layers: list[str] | None,
-        ce_weight: NonNegative,
-        kd_weight: NonNegative,
-        temperature: Temperature,
         ickd_weight: NonNegative,
+        **common: Any,
     ):
-        super().__init__(
-            student,
-            teacher,
-            student_layers=student_layers,
-            teacher_layers=teacher_layers,
-            ce_weight=ce_weight,
-            kd_weight=kd_weight,
-            temperature=temperature,
-        )
+        super().__init__(student, teacher, **common)
         self.require_maps()
         # no adapter for a term left out (DDP: every parameter must get a gradient)
         self.embeds = nn.ModuleList(

@@ -30,6 +30,8 @@ Beyond the reference, for determinism and finite gradients:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,7 +40,7 @@ from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
 from kd_cli.methods.feature_utils import full_precision
-from kd_cli.registry import NonNegative, PositiveInt, Temperature
+from kd_cli.registry import NonNegative, PositiveInt
 
 RBF_DENOMINATOR = 8.0  # the reference's exp(-d^2 / 8)
 EXTRA_CANDIDATES = 3  # the student offers its top k+3 vectors to be aligned with the teacher's k
@@ -154,23 +156,11 @@ class KDSVD(FeatureDistiller):
         student,
         teacher,
         *,
-        student_layers: list[str] | None,
-        teacher_layers: list[str] | None,
-        ce_weight: NonNegative,
-        kd_weight: NonNegative,
-        temperature: Temperature,
         kdsvd_weight: NonNegative,
         k: PositiveInt,
+        **common: Any,
     ):
-        super().__init__(
-            student,
-            teacher,
-            student_layers=student_layers,
-            teacher_layers=teacher_layers,
-            ce_weight=ce_weight,
-            kd_weight=kd_weight,
-            temperature=temperature,
-        )
+        super().__init__(student, teacher, **common)
         if len(self.student_layers) < 2:
             raise KdError(
                 f"method=kdsvd relates consecutive layers and needs at least 2 maps of each model, got 1 "

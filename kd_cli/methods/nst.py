@@ -14,13 +14,15 @@ grids are matched by average-pooling the larger map to the smaller grid, as RepD
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
 from kd_cli.methods.feature_utils import area_scale, full_precision, match_spatial, tensor_sum
-from kd_cli.registry import NonNegative, PositiveInt, Temperature
+from kd_cli.registry import NonNegative, PositiveInt
 
 
 def polynomial_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -45,23 +47,11 @@ class NeuronSelectivityTransfer(FeatureDistiller):
         student,
         teacher,
         *,
-        student_layers: list[str] | None,
-        teacher_layers: list[str] | None,
-        ce_weight: NonNegative,
-        kd_weight: NonNegative,
-        temperature: Temperature,
         nst_weight: NonNegative,
         tuned_input_size: PositiveInt | None,
+        **common: Any,
     ):
-        super().__init__(
-            student,
-            teacher,
-            student_layers=student_layers,
-            teacher_layers=teacher_layers,
-            ce_weight=ce_weight,
-            kd_weight=kd_weight,
-            temperature=temperature,
-        )
+        super().__init__(student, teacher, **common)
         self.require_maps()
         self.nst_weight = nst_weight * area_scale(student, tuned_input_size)
 

@@ -21,7 +21,7 @@ beside the cross-entropy. Unequal grids: the larger map is average-pooled to the
 from __future__ import annotations
 
 import math
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ from kd_cli.models.features import (
     preactivation_sites,
     resolve_modules,
 )
-from kd_cli.registry import NonNegative, Temperature
+from kd_cli.registry import NonNegative
 
 # Below this probability of a negative response the conditional mean is numerically meaningless; the
 # reference takes -3 sigma instead.
@@ -91,16 +91,8 @@ class PreReluDistiller(FeatureDistiller):
     taps instead of the stage outputs. Feature maps only; the teacher cache does not serve it (it stores
     stage outputs, not pre-activations)."""
 
-    def __init__(self, student, teacher, *, student_layers, teacher_layers, ce_weight, kd_weight, temperature):
-        super().__init__(
-            student,
-            teacher,
-            student_layers=student_layers,
-            teacher_layers=teacher_layers,
-            ce_weight=ce_weight,
-            kd_weight=kd_weight,
-            temperature=temperature,
-        )
+    def __init__(self, student, teacher, **common: Any):
+        super().__init__(student, teacher, **common)
         self.require_maps()
         self.student_sites = self._sites(student, self.student_layers, "student")
         self.teacher_sites = self._sites(teacher, self.teacher_layers, "teacher")
@@ -146,22 +138,10 @@ class OverhaulFeatureDistillation(PreReluDistiller):
         student,
         teacher,
         *,
-        student_layers: list[str] | None,
-        teacher_layers: list[str] | None,
-        ce_weight: NonNegative,
-        kd_weight: NonNegative,
-        temperature: Temperature,
         ofd_weight: NonNegative,
+        **common: Any,
     ):
-        super().__init__(
-            student,
-            teacher,
-            student_layers=student_layers,
-            teacher_layers=teacher_layers,
-            ce_weight=ce_weight,
-            kd_weight=kd_weight,
-            temperature=temperature,
-        )
+        super().__init__(student, teacher, **common)
         self.ofd_weight = ofd_weight
         self.connectors = None
         if not ofd_weight:  # no connectors or margins for a term left out (DDP: every parameter needs a gradient)

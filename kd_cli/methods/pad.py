@@ -20,7 +20,7 @@ student's feature already has the teacher's shape, as in the authors' code on eq
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ from kd_cli.methods.feature_utils import (
     require_same_kind,
     tensor_sum,
 )
-from kd_cli.registry import NonNegative, Temperature
+from kd_cli.registry import NonNegative
 
 VARIANCE_EPS = 1e-6  # the authors' code's (torchdistill's PADL2Loss eps)
 
@@ -104,24 +104,12 @@ class PrimeAwareAdaptiveDistillation(FeatureDistiller):
         student,
         teacher,
         *,
-        student_layers: list[str] | None,
-        teacher_layers: list[str] | None,
-        ce_weight: NonNegative,
-        kd_weight: NonNegative,
-        temperature: Temperature,
         pad_weight: NonNegative,
         regressor: Literal["auto", "always"],
         regressor_relu: bool,
+        **common: Any,
     ):
-        super().__init__(
-            student,
-            teacher,
-            student_layers=student_layers,
-            teacher_layers=teacher_layers,
-            ce_weight=ce_weight,
-            kd_weight=kd_weight,
-            temperature=temperature,
-        )
+        super().__init__(student, teacher, **common)
         regressors, estimators = [], []
         for s_layer, s_shape, t_layer, t_shape in zip(
             self.student_layers, self.student_shapes, self.teacher_layers, self.teacher_shapes

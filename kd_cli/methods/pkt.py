@@ -11,13 +11,15 @@ A batch of one has no relations: KdError.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller, embedding_layers
 from kd_cli.methods.feature_utils import check_relation_batch, sample_vectors, tensor_sum
-from kd_cli.registry import NonNegative, Temperature
+from kd_cli.registry import NonNegative
 
 EPS = 1e-7  # RepDistiller's: keeps the norm division and the log finite
 
@@ -46,22 +48,10 @@ class PKT(FeatureDistiller):
         student,
         teacher,
         *,
-        student_layers: list[str] | None,
-        teacher_layers: list[str] | None,
-        ce_weight: NonNegative,
-        kd_weight: NonNegative,
-        temperature: Temperature,
         pkt_weight: NonNegative,
+        **common: Any,
     ):
-        super().__init__(
-            student,
-            teacher,
-            student_layers=student_layers,
-            teacher_layers=teacher_layers,
-            ce_weight=ce_weight,
-            kd_weight=kd_weight,
-            temperature=temperature,
-        )
+        super().__init__(student, teacher, **common)
         self.pkt_weight = pkt_weight
 
     def default_layers(self, model: nn.Module) -> list[str]:

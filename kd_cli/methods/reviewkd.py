@@ -18,7 +18,7 @@ The term is weighted by min((epoch + 1) / warmup, 1): mdistiller's linear warm-u
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from kd_cli.errors import KdError
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
 from kd_cli.methods.feature_utils import embedding_layer, tensor_sum
-from kd_cli.registry import NonNegative, NonNegativeInt, PositiveInt, Temperature
+from kd_cli.registry import NonNegative, NonNegativeInt, PositiveInt
 
 HCL_POOL_SIZES = (4, 2, 1)
 
@@ -141,9 +141,7 @@ class ReviewKD(FeatureDistiller):
         max_mid_channels: PositiveInt,
         student_layers: list[str] | None,
         teacher_layers: list[str] | None,
-        ce_weight: NonNegative,
-        kd_weight: NonNegative,
-        temperature: Temperature,
+        **common: Any,
     ):
         # Default levels: as many stages of each model as the shallower one has, paired deepest first.
         given = student_layers or teacher_layers
@@ -153,9 +151,7 @@ class ReviewKD(FeatureDistiller):
             teacher,
             student_layers=student_layers or review_levels(student, stages),
             teacher_layers=teacher_layers or review_levels(teacher, stages),
-            ce_weight=ce_weight,
-            kd_weight=kd_weight,
-            temperature=temperature,
+            **common,
         )
         self.reviewkd_weight, self.warmup = reviewkd_weight, warmup
         student_maps = map_shapes(student, self.student_layers, self.student_shapes, "student")

@@ -12,6 +12,8 @@ A batch of one has no relations: KdError.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,7 +21,7 @@ from torch import nn
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller, embedding_layers
 from kd_cli.methods.feature_utils import check_relation_batch, sample_vectors, tensor_sum
-from kd_cli.registry import NonNegative, Temperature
+from kd_cli.registry import NonNegative
 
 EPS = 1e-12  # keeps sqrt differentiable at a zero distance and the mean distance non-zero
 
@@ -64,23 +66,11 @@ class RKD(FeatureDistiller):
         student,
         teacher,
         *,
-        student_layers: list[str] | None,
-        teacher_layers: list[str] | None,
-        ce_weight: NonNegative,
-        kd_weight: NonNegative,
-        temperature: Temperature,
         distance_weight: NonNegative,
         angle_weight: NonNegative,
+        **common: Any,
     ):
-        super().__init__(
-            student,
-            teacher,
-            student_layers=student_layers,
-            teacher_layers=teacher_layers,
-            ce_weight=ce_weight,
-            kd_weight=kd_weight,
-            temperature=temperature,
-        )
+        super().__init__(student, teacher, **common)
         self.distance_weight, self.angle_weight = distance_weight, angle_weight
 
     def default_layers(self, model: nn.Module) -> list[str]:

@@ -8,6 +8,8 @@ compared. A batch of one has no relations (G would be the constant 1): KdError.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,7 +17,7 @@ from torch import nn
 from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
 from kd_cli.methods.feature_utils import check_relation_batch, feature_layers, sample_vectors, tensor_sum
-from kd_cli.registry import NonNegative, Temperature
+from kd_cli.registry import NonNegative
 
 
 def similarity_matrix(features: torch.Tensor) -> torch.Tensor:
@@ -39,22 +41,10 @@ class SimilarityPreserving(FeatureDistiller):
         student,
         teacher,
         *,
-        student_layers: list[str] | None,
-        teacher_layers: list[str] | None,
-        ce_weight: NonNegative,
-        kd_weight: NonNegative,
-        temperature: Temperature,
         sp_weight: NonNegative,
+        **common: Any,
     ):
-        super().__init__(
-            student,
-            teacher,
-            student_layers=student_layers,
-            teacher_layers=teacher_layers,
-            ce_weight=ce_weight,
-            kd_weight=kd_weight,
-            temperature=temperature,
-        )
+        super().__init__(student, teacher, **common)
         self.sp_weight = sp_weight
 
     def default_layers(self, model: nn.Module) -> list[str]:

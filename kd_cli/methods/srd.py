@@ -18,6 +18,8 @@ A connected map on another grid than the teacher's is average-pooled (or repeate
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,7 +28,7 @@ from kd_cli.methods import register_method
 from kd_cli.methods.base import FeatureDistiller
 from kd_cli.methods.feature_utils import feature_layers, full_precision
 from kd_cli.models.features import resolve_modules
-from kd_cli.registry import NonNegative, Temperature
+from kd_cli.registry import NonNegative
 
 
 def srd_feature_loss(connected: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -56,23 +58,11 @@ class SoftmaxRegressionDistillation(FeatureDistiller):
         student,
         teacher,
         *,
-        student_layers: list[str] | None,
-        teacher_layers: list[str] | None,
-        ce_weight: NonNegative,
-        kd_weight: NonNegative,
-        temperature: Temperature,
         feature_weight: NonNegative,
         logit_weight: NonNegative,
+        **common: Any,
     ):
-        super().__init__(
-            student,
-            teacher,
-            student_layers=student_layers,
-            teacher_layers=teacher_layers,
-            ce_weight=ce_weight,
-            kd_weight=kd_weight,
-            temperature=temperature,
-        )
+        super().__init__(student, teacher, **common)
         self.require_maps()
         self.feature_weight, self.logit_weight = feature_weight, logit_weight
         used = feature_weight or logit_weight  # no adapter for terms left out (DDP: every parameter gets a gradient)

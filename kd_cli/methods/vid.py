@@ -29,7 +29,7 @@ from kd_cli.methods.feature_utils import (
     match_spatial,
     require_same_kind,
 )
-from kd_cli.registry import NonNegative, Positive, Temperature
+from kd_cli.registry import NonNegative, Positive
 
 
 def vid_loss(mean: torch.Tensor, target: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
@@ -74,24 +74,12 @@ class VID(FeatureDistiller):
         student,
         teacher,
         *,
-        student_layers: list[str] | None,
-        teacher_layers: list[str] | None,
-        ce_weight: NonNegative,
-        kd_weight: NonNegative,
-        temperature: Temperature,
         vid_weight: NonNegative,
         init_variance: Positive,
         min_variance: Positive,
+        **common: Any,
     ):
-        super().__init__(
-            student,
-            teacher,
-            student_layers=student_layers,
-            teacher_layers=teacher_layers,
-            ce_weight=ce_weight,
-            kd_weight=kd_weight,
-            temperature=temperature,
-        )
+        super().__init__(student, teacher, **common)
         heads = []
         for s_layer, s_shape, t_layer, t_shape in zip(
             self.student_layers, self.student_shapes, self.teacher_layers, self.teacher_shapes
