@@ -62,6 +62,8 @@ def write_kinds(folder: Path) -> dict[str, tuple[int, int, int]]:
     expected["cmyk.jpg"] = tuple(Image.open(folder / "cmyk.jpg").convert("RGB").getpixel((0, 0)))
     flat("L", 90).save(folder / "grey.bmp")
     expected["grey.bmp"] = (90,) * 3
+    Image.fromarray(np.full((SIZE, SIZE), 0.5, np.float32)).save(folder / "float.tif")  # 0..1 floats
+    expected["float.tif"] = (128,) * 3
     return expected
 
 

@@ -475,3 +475,47 @@ def test_two_checkpoints_are_one_line(original, tmp_path):
     assert_one_line_error(
         kd_here("import", "a.pt", "b.pt", "arch=cnn", cwd=tmp_path), "takes one checkpoint", "a.pt", "b.pt"
     )
+
+
+def torchvision_checkpoint(arch: str, path: Path, **changes) -> torch.nn.Module:
+    """A plain torchvision classifier for 3 classes saved by a script (no kd), in eval mode."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, num_classes=3).eval()
+    state = {k: v for k, v in model.state_dict().items() if not (changes.get("drop_counters") and "num_batches" in k)}
+    torch.save(state, path)
+    return model
+
+
+SYNTHETIC_32 = ["dataset=synthetic", "dataset.num_classes=3", "dataset.num_train=30", "dataset.num_test=9"]
+
+
+def test_a_stem_the_weights_cannot_tell_apart_is_asked_for_not_guessed(tmp_path):
+    """mobilenet_v3_small's stem is a 3x3 conv in both layouts (stride 2 in torchvision's, 1 in kd's small
+    one): the weights fit both, so kd import asks which, instead of importing a network that computes
+    otherwise (it did, in silence); with the stem given, the outputs are torchvision's own."""
+    original = torchvision_checkpoint("mobilenet_v3_small", tmp_path / "m.pth")
+    args = ["m.pth", "arch=mobilenet_v3_small", *SYNTHETIC_32, *FAST]
+    asked = kd_here("import", *args, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert_one_line_error(asked, "layouts that compute differently", "model.kwargs.stem=imagenet")
+    run = tmp_path / "r2"
+    assert kd_here("import", *args, "model.kwargs.stem=imagenet", f"hydra.run.dir={run}", cwd=tmp_path).code == 0
+    saved, _ = load_model(run)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(saved(x), original(x), atol=1e-5)
+
+
+def test_torchvision_head_names_and_absent_step_counters_fit(tmp_path):
+    """torchvision's mobilenet_v2 names its head `classifier.1` (kd's adapted network `classifier.head.1`), and
+    older checkpoints have no BatchNorm step counters: both import, as torch's own loading takes them."""
+    original = torchvision_checkpoint("mobilenet_v2", tmp_path / "m.pth", drop_counters=True)
+    run = tmp_path / "r"
+    args = ["m.pth", "arch=mobilenet_v2", "model.kwargs.stem=imagenet", *SYNTHETIC_32, *FAST]
+    result = kd_here("import", *args, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    saved, _ = load_model(run)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(saved(x), original(x), atol=1e-5)

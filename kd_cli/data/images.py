@@ -6,7 +6,8 @@ installed, else torchvision.io); every other raster format, and anything those d
 Pillow (`read_rgb`). Where the decoders would disagree, one rule is applied:
 - 16-bit samples (PNG, TIFF, PGM) keep their high byte (`>> 8`, as libpng's strip-16 and Pillow's own
   16-bit RGB reading do): a 16-bit PNG always goes through torchvision.io, which returns the 16-bit
-  values, and Pillow's 16-bit grey modes are shifted instead of clipped to white;
+  values, and Pillow's 16-bit grey modes are shifted instead of clipped to white; float samples (a float
+  TIFF) in [0, 1] are scaled to 0..255 (Pillow truncated them to black), others taken as 0..255;
 - palette images take their palette's colours, grey + alpha and RGBA drop the alpha, CMYK JPEGs are
   converted to RGB (all three decoders agree on these; tests/test_images.py holds them to it).
 
@@ -114,9 +115,20 @@ def read_rgb(path: str) -> Image.Image:
             _warn_if_large(path, image.width * image.height)
             if image.mode in SIXTEEN_BIT_MODES:  # Pillow's convert would clip them to 255
                 image = Image.fromarray(_high_byte(np.array(image)), "L")
+            elif image.mode == "F":  # float samples: Pillow would truncate 0..1 values to black
+                image = Image.fromarray(_float_to_byte(np.array(image)), "L")
             return image.convert("RGB")  # decodes every pixel (Image.open reads the header only)
     except Exception as error:  # noqa: BLE001 - whatever the decoder raises, the file is the problem
         raise UnreadableImage.of(path, _problem(error)) from None
+
+
+def _float_to_byte(values: np.ndarray) -> np.ndarray:
+    """Float samples (a float TIFF): the 0..1 convention scaled to 0..255 when every value is in [0, 1],
+    else taken as 0..255 values; NaN as 0, rounded and clipped."""
+    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+    if values.size and values.min() >= 0 and values.max() <= 1:
+        values = values * 255
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
 def _high_byte(values: np.ndarray) -> np.ndarray:

@@ -192,9 +192,10 @@ def fit_state(
     `replaceable` (e.g. the classifier, when the classes differ) may be missing or of another shape:
     they keep the model's fresh values. Returns the keys left fresh; any other mismatch is one line."""
     own = model.state_dict()
-    state = strip_wrappers(state, set(own))
+    state = _renamed_as_built(strip_wrappers(state, set(own)), set(own), getattr(model, "kd_foreign_key_map", {}))
     fresh = lambda key: any(key == r or key.startswith(r + ".") for r in replaceable)  # noqa: E731
-    missing = [k for k in own if k not in state and not fresh(k)]
+    # BatchNorm's step counter, absent from older checkpoints, starts at 0 as torch's own loading leaves it
+    missing = [k for k in own if k not in state and not fresh(k) and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     shapes = [k for k in own if k in state and state[k].shape != own[k].shape and not fresh(k)]
     if missing or unexpected or shapes:
@@ -241,6 +242,18 @@ def cast_loses(value: torch.Tensor, target: torch.Tensor) -> bool:
 def _dtype(tensor: torch.Tensor) -> str:
     kind = "meta (no values) " if tensor.is_meta else "sparse " if tensor.layout != torch.strided else ""
     return kind + str(tensor.dtype).removeprefix("torch.")
+
+
+def _renamed_as_built(
+    state: dict[str, torch.Tensor], wanted: set[str], renames: dict[str, str]
+) -> dict[str, torch.Tensor]:
+    """Keys a builder renamed when it adapted a network (`kd_foreign_key_map`: torchvision's `classifier.` is
+    kd's `classifier.head.`), renamed the same way where that makes more keys match."""
+    for old, new in renames.items():
+        renamed = {(new + k[len(old) :] if k.startswith(old) else k): v for k, v in state.items()}
+        if len(wanted & renamed.keys()) > len(wanted & state.keys()):
+            state = renamed
+    return state
 
 
 def _mismatch(missing: list[str], unexpected: list[str], shapes: list[str], state: Mapping, own: Mapping) -> str:

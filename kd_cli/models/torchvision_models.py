@@ -134,6 +134,8 @@ def add_embedding_module(model: nn.Module, spec: Spec) -> str:
     if spec.head:
         head = model.get_submodule(spec.head)
         replace_module(model, spec.head, nn.Sequential(OrderedDict(embedding=nn.Identity(), head=head)))
+        # torchvision's own checkpoints name the head as it was: `kd import` and weights= map them here
+        model.kd_foreign_key_map = {f"{spec.head}.": f"{spec.head}.head."}  # type: ignore[assignment]
         return f"{spec.head}.embedding"
     assert spec.embedding, "a Spec needs pool, head or embedding"
     return spec.embedding

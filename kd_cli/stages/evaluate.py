@@ -138,16 +138,24 @@ def count_macs(model: nn.Module, spec: ModelSpec, device: torch.device) -> int:
 
 @torch.no_grad()
 def measure_latency(model: nn.Module, spec: ModelSpec, device: torch.device, batch: int, batches: int) -> float:
-    """Median milliseconds per batch, after warm-up batches (which absorb one-off allocation costs)."""
+    """Median milliseconds per batch, after warm-up batches (which absorb one-off allocation costs). On the
+    CPU with one thread: with several, a busy machine's other work decides the figure (a 2-thread
+    measurement on a loaded machine gave one model 3.4 and 185 ms), and before/after ratios mean nothing."""
     images = torch.randn(batch, spec.in_channels, spec.input_size, spec.input_size, device=device)
-    times = []
-    for i in range(batches + 3):
-        _sync(device)
-        start = time.perf_counter()
-        model(images)
-        _sync(device)
-        if i >= 3:
-            times.append(1000 * (time.perf_counter() - start))
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        times = []
+        for i in range(batches + 3):
+            _sync(device)
+            start = time.perf_counter()
+            model(images)
+            _sync(device)
+            if i >= 3:
+                times.append(1000 * (time.perf_counter() - start))
+    finally:
+        torch.set_num_threads(threads)
     return statistics.median(times)
 
 

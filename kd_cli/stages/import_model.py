@@ -99,20 +99,22 @@ def main(cfg: DictConfig, run: RunDir) -> float:
 
 
 def fit_some_layout(state: dict, spec: ModelSpec, given: dict, source: Path) -> tuple[torch.nn.Module, ModelSpec]:
-    """The network with the checkpoint loaded, in the first layout it fits: the one asked for, then the
-    others the builder offers for each layout option not given (`layout_options`: torchvision's
-    `stem`, small-input or ImageNet's), said in one line. A checkpoint that fits none: the first refusal."""
+    """The network with the checkpoint loaded, in the layout it fits: the one asked for, else the others the
+    builder offers for each layout option not given (`layout_options`: torchvision's `stem`, small-input or
+    ImageNet's), said in one line. Where several fit (a stem that is a 3x3 conv either way, only its stride
+    differs), the weights cannot tell which was trained: one line asks for the option, never a guess. A
+    checkpoint that fits none: the first refusal."""
     from kd_cli.models import MODELS
 
     layouts = getattr(MODELS.get(spec.arch), "layout_options", {})
+    open_options = {option: values for option, values in layouts.items() if option not in given}
     candidates = [spec.kwargs] + [
         {**spec.kwargs, option: value}
-        for option, values in layouts.items()
-        if option not in given
+        for option, values in open_options.items()
         for value in values
         if value != spec.kwargs.get(option)
     ]
-    refusal = None
+    fits, refusal = [], None
     for kwargs in candidates:
         candidate = replace(spec, kwargs=kwargs)
         model = candidate.build()
@@ -121,16 +123,34 @@ def fit_some_layout(state: dict, spec: ModelSpec, given: dict, source: Path) -> 
         except KdError as error:
             refusal = refusal or error
             continue
-        changed = {k: v for k, v in kwargs.items() if spec.kwargs.get(k) != v}
-        if changed:
-            chosen = " ".join(f"{k}={v}" for k, v in changed.items())
-            log.info(f"import: {source.name} fits {spec.arch} with {chosen}, not the default layout; imported so")
-        return model, candidate
-    assert refusal is not None  # the loop tried at least the layout asked for
-    if len(candidates) > 1:
-        tried = ", ".join(f"{k}={v}" for kwargs in candidates[1:] for k, v in kwargs.items() if spec.kwargs[k] != v)
-        raise KdError(f"{refusal} (nor with {tried})") from None
-    raise refusal
+        fits.append((model, candidate))
+    if not fits:
+        assert refusal is not None  # the loop tried at least the layout asked for
+        if len(candidates) > 1:
+            tried = ", ".join(f"{k}={v}" for kw in candidates[1:] for k, v in kw.items() if spec.kwargs[k] != v)
+            raise KdError(f"{refusal} (nor with {tried})") from None
+        raise refusal
+    if len({_function(model) for model, _ in fits}) > 1:
+        options = " or ".join(
+            " ".join(f"model.kwargs.{k}={v}" for k, v in c.kwargs.items() if k in open_options) for _, c in fits
+        )
+        raise KdError(
+            f"{source.name} fits {spec.arch} in {len(fits)} layouts that compute differently (the same weight "
+            f"shapes, another stride); say which it was trained with: {options}"
+        )
+    model, chosen = fits[0]
+    changed = {k: v for k, v in chosen.kwargs.items() if spec.kwargs.get(k) != v}
+    if changed:
+        log.info(
+            f"import: {source.name} fits {spec.arch} with {' '.join(f'{k}={v}' for k, v in changed.items())}, "
+            "not the default layout; imported so"
+        )
+    return model, chosen
+
+
+def _function(model: torch.nn.Module) -> str:
+    """What a layout computes beyond its weights: each module's repr (kernel, stride, padding, ...)."""
+    return repr(model)
 
 
 def hf_config(source: Path, given: dict | None, class_names: list[str]) -> dict:
