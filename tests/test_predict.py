@@ -207,12 +207,27 @@ def test_an_onnx_file_is_fed_and_named_by_the_description_it_carries(trained, ex
 
 
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(trained, pngs, tmp_path):
+    """out= a folder, under a file, a device, the model's own run directory or one of the images: one line
+    before any image is classified (the CSV once replaced the model and an input image); a symlink to a
+    file is written through, not replaced."""
     (tmp_path / "afile").write_text("x")
-    for out, fragment in ((tmp_path, "it is a folder"), (tmp_path / "afile" / "p.csv", "is a file, not a folder")):
+    image = sorted(pngs[0].rglob("*.png"))[0]
+    for out, fragment in (
+        (tmp_path, "is a folder"),
+        (tmp_path / "afile" / "p.csv", "is a file, not a folder"),
+        (Path("/dev/null"), "is not a regular file"),
+        (trained / "p.csv", "inside the run directory"),
+        (image, "one of the files this command reads"),
+    ):
         line = assert_one_line_error(
-            kd_here("predict", f"run={trained}", str(pngs[0]), f"out={out}", cwd=tmp_path), fragment
+            kd_here("predict", f"run={trained}", str(pngs[0]), f"out={out}", "overwrite=true", cwd=tmp_path), fragment
         )
-        assert "give another out=FILE" in line and "hydra" not in line
+        assert "hydra" not in line
+    target, link = tmp_path / "target.csv", tmp_path / "link.csv"
+    target.write_text("old")
+    link.symlink_to(target)
+    assert kd_here("predict", f"run={trained}", str(image), f"out={link}", "overwrite=true", cwd=tmp_path).code == 0
+    assert link.is_symlink() and target.read_text().startswith("file,class1")
 
 
 def test_the_evaluation_crop_follows_the_models_crop_fraction():

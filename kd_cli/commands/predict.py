@@ -114,13 +114,11 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(as_flags(argv))
     if not args.inputs:
         raise KdError("kd predict: give at least one INPUT (an image, a folder or a list file) after run=RUN")
-    if args.out.exists() and not args.out.is_dir() and not args.overwrite:
-        raise KdError(f"{args.out} exists; choose another out=FILE or pass overwrite=true to replace it")
-    from kd_cli.engine.files import unwritable
-
-    if problem := unwritable(args.out):  # found now, not after every image is classified
-        raise KdError(f"cannot write the predictions to out={args.out} ({problem}); give another out=FILE")
     files = collect_images(args.inputs)
+    from kd_cli.engine.rundir import output_file
+
+    # found now, not after every image is classified; the model and the images are never written over
+    out = output_file(args.out, "out", args.overwrite, "overwrite=true", reads=[*files, Path(args.run)])
     # torch is imported only now: --help and a wrong argument are answered in a fraction of a second.
     from kd_cli.commands.inference import open_model, predict_files, preprocessing
 
@@ -141,7 +139,7 @@ def main(argv: list[str]) -> int:
         warn(f"skipped {len(skipped)} unreadable image(s) of {len(files)}: {shown}{more}")
     if not rows:
         raise KdError(f"none of the {len(files)} image(s) could be read; nothing written")
-    write_csv(args.out, rows, min(args.top_k, model.spec.num_classes))
+    write_csv(out, rows, min(args.top_k, model.spec.num_classes))
     print_predictions(rows, model, args.out)
     return 0
 

@@ -29,7 +29,7 @@ from kd_cli.engine.files import (
     write_json,
 )
 from kd_cli.engine.lock import holder
-from kd_cli.errors import WARNINGS
+from kd_cli.errors import WARNINGS, KdError
 
 SUMMARY = "summary.json"
 METRICS = "metrics.csv"
@@ -206,3 +206,29 @@ def git_sha() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def output_file(path: Path, option: str, overwrite: bool, replace_with: str, reads: Iterable[Path] = ()) -> Path:
+    """Where a command writes a file of its own (kd predict's CSV, kd report's tables), checked before any
+    work: never a device or FIFO, a folder, a file inside a run directory (it has one writer), one of the
+    files the command reads, or an existing file without `overwrite` (`replace_with`: how the user asks
+    for it, e.g. `overwrite=true`). Returns the path to write: a
+    symlink's target (written through, not replaced by a file)."""
+    from kd_cli.engine.files import unwritable
+
+    path = Path(path).expanduser()
+    target = path.resolve() if path.is_symlink() else path.absolute()
+    if target.exists() and not target.is_file() and not target.is_dir():
+        raise KdError(f"{option}={path} is not a regular file (a device, a FIFO); give a file path")
+    if target.is_dir():
+        raise KdError(f"{option}={path} is a folder; give a file path inside it")
+    run = target.parent if holds_run(target.parent) else enclosing(target.parent, holds_run)
+    if run is not None:
+        raise KdError(f"{option}={path} is inside the run directory {run}, which only its run writes; write elsewhere")
+    if any(target == Path(read).expanduser().resolve() for read in reads):
+        raise KdError(f"{option}={path} is one of the files this command reads; write elsewhere")
+    if target.exists() and not overwrite:
+        raise KdError(f"{option}={path} exists; choose another file, or pass {replace_with} to replace it")
+    if problem := unwritable(target):
+        raise KdError(f"cannot write {option}={path} ({problem}); choose another file")
+    return target

@@ -90,27 +90,20 @@ def build_parser() -> Parser:
 def check_outputs(args) -> None:
     """Where --csv, --markdown and --plot write, checked before any run is read: never over a file that
     exists (unless --overwrite), never into a run directory (it has one writer: its run)."""
-    from kd_cli.engine.files import unwritable
-    from kd_cli.engine.rundir import enclosing, holds_run
+    from kd_cli.engine.rundir import enclosing, holds_run, output_file
 
-    for option, target in (("--csv", args.csv), ("--markdown", args.markdown), ("--plot", args.plot)):
-        if target is None:
-            continue
-        target = target.expanduser()
-        folder = target if option == "--plot" else target.parent
-        run = folder if holds_run(folder) else enclosing(folder, holds_run)
+    for option in ("csv", "markdown"):
+        if getattr(args, option) is not None:
+            setattr(args, option, output_file(getattr(args, option), f"--{option}", args.overwrite, "--overwrite"))
+    if args.plot is not None:
+        target = args.plot.expanduser()
+        run = target if holds_run(target) else enclosing(target, holds_run)
         if run is not None:
             raise KdError(
-                f"{option} {target} is inside the run directory {run}, which only its run writes; write elsewhere"
+                f"--plot {target} is inside the run directory {run}, which only its run writes; write elsewhere"
             )
-        if option == "--plot":
-            if target.exists() and not target.is_dir():
-                raise KdError(f"--plot {target} is a file; give a folder for the plots")
-            continue
-        if target.exists() and not target.is_dir() and not args.overwrite:
-            raise KdError(f"{option} {target} exists; choose another file, or pass --overwrite to replace it")
-        if problem := unwritable(target):
-            raise KdError(f"cannot write {option} {target} ({problem}); choose another file")
+        if target.exists() and not target.is_dir():
+            raise KdError(f"--plot {target} is a file; give a folder for the plots")
 
 
 def main(argv: list[str]) -> int:
