@@ -13,7 +13,14 @@ import sys
 from collections.abc import Callable
 
 from kd_cli.commands import COMMANDS
-from kd_cli.errors import INTERRUPTED_RUNS, library_warnings_as_kd_lines, one_line, take_error, unknown_choice
+from kd_cli.errors import (
+    INTERRUPTED_RUNS,
+    INTERRUPTION_NOTES,
+    library_warnings_as_kd_lines,
+    one_line,
+    take_error,
+    unknown_choice,
+)
 from kd_cli.stages import STAGES
 
 # Hydra flags that take a value (the value travels with the flag when flags are moved).
@@ -195,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def interrupted_message() -> str:
     """Which runs the interrupt left unfinished (and how to continue them), or that it left none."""
+    if INTERRUPTION_NOTES:
+        return INTERRUPTION_NOTES[-1]
     if not INTERRUPTED_RUNS:
         return "interrupted; no run was left unfinished"
     run = INTERRUPTED_RUNS[-1]

@@ -83,6 +83,12 @@ def library_warnings_as_kd_lines() -> None:
 _JOB_ERRORS: list[BaseException] = []
 # Runs this process recorded as `interrupted` (for the CLI's message).
 INTERRUPTED_RUNS: list[str] = []
+# What a command says of its own interruption, when it knows better than the runs it records (kd table).
+INTERRUPTION_NOTES: list[str] = []
+
+
+def note_interruption(message: str) -> None:
+    INTERRUPTION_NOTES.append(message)
 
 
 def hand_over(error: BaseException) -> None:

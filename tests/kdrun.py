@@ -107,6 +107,7 @@ def kd_here(*args: str, cwd: Path) -> Result:
         GlobalHydra.instance().clear()
         errors.WARNINGS.clear()
         errors.INTERRUPTED_RUNS.clear()
+        errors.INTERRUPTION_NOTES.clear()
     return Result(code, out.getvalue(), err.getvalue())
 
 

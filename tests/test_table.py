@@ -261,3 +261,53 @@ def test_kill_9_of_the_table_stops_the_teacher_it_trains(tmp_path):
     table.wait()
     wait_for(lambda: subprocess.run(["pgrep", "-f", str(teacher)], capture_output=True).stdout == b"")
     assert run_status(teacher) == "interrupted"
+
+
+def test_out_is_a_folder_of_the_tables_own(small_table, tmp_path):
+    """out= a run directory, or a folder of other files (a data set's class folders took runs/ and teachers/
+    as two more classes): one line before anything is written."""
+    out, _ = small_table
+    run = out / "teachers" / "resnet56"
+    (tmp_path / "photos" / "cats").mkdir(parents=True)
+    for target, fragment in (
+        (run, "is inside the run or sweep folder"),
+        (tmp_path / "photos", "holds other files (cats)"),
+    ):
+        before = sorted(p.name for p in target.iterdir())
+        result = kd("table", "cifar100", "--small", f"out={target}", cwd=tmp_path)
+        assert_one_line_error(result, fragment)
+        assert sorted(p.name for p in target.iterdir()) == before
+
+
+def test_the_grid_says_each_warning_once_and_names_a_failed_runs_reason(small_table, tmp_path):
+    out, result = small_table
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("kd: warning: ")]
+    assert len(warnings) == len(set(warnings))
+    failing = kd(  # the real grid without its data: every run fails as it loads it
+        "table",
+        "cifar100",
+        "pairs=resnet56_resnet20",
+        "methods=kd",
+        "seeds=1",
+        f"out={tmp_path / 't'}",
+        f"paths.data={tmp_path / 'nothing'}",
+        cwd=tmp_path,
+    )
+    line = assert_one_line_error(failing, "of the grid's runs failed", "CIFAR-100 not found")
+    assert "without --report" not in line
+
+
+def test_ctrl_c_of_the_table_is_one_line_saying_how_to_resume(tmp_path):
+    import signal
+
+    from kdrun import start_kd, wait_for
+
+    long = ["trainer.epochs=200", "trainer.max_steps_per_epoch=1", "trainer.eval_every=200", "trainer.progress=none"]
+    table = start_kd("table", "cifar100", "--small", *long, "trainer.num_workers=0", cwd=tmp_path)
+    teacher = tmp_path / "outputs" / "table" / "cifar100-small" / "teachers" / "resnet56"
+    wait_for(lambda: (teacher / "checkpoints" / "last.pt").exists(), table)
+    table.send_signal(signal.SIGINT)
+    _, stderr = table.communicate(timeout=120)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert table.returncode == 130 and len(lines) == 1, lines
+    assert "interrupted while teacher resnet56 ran" in lines[0] and "same kd table command again" in lines[0]

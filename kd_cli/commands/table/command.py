@@ -18,7 +18,7 @@ from pathlib import Path
 
 from kd_cli.commands.table.spec import Pair, TableSpec, builtin_tables, check_choices, load_spec
 from kd_cli.console import print_table
-from kd_cli.errors import KdError
+from kd_cli.errors import KdError, note_interruption
 
 KEYS = ("out", "methods", "pairs", "seeds", "tolerance", "compare")
 # Config groups and keys each cell's recipe sets: an override of them would change what the table compares.
@@ -109,22 +109,46 @@ def main(argv: list[str]) -> int:
         raise KdError(
             f"--report only tabulates the runs in {out}; {' '.join(overrides)} would change nothing: drop them"
         )
+    check_out(out)
     if args.small:
         overrides = [*spec.small.get("overrides", []), *overrides]
     failures = [] if args.report else run_grid(spec, out, overrides)
     cells = collect(spec, out)
+    failed = (
+        f"{len(failures)} of the grid's runs failed ({'; '.join(failures[:3])}); fix the cause and run the same "
+        "command again to resume"
+    )
     if not any(cell.best for cell in cells):
+        if failures:
+            raise KdError(failed)
         raise KdError(
             f"no complete run in {out}; run `kd table {args.name}{' --small' if args.small else ''}` "
             "without --report first"
         )
     write_outputs(spec, cells, out)
     if failures:
-        raise KdError(
-            f"{len(failures)} of the grid's runs failed ({'; '.join(failures[:3])}); the table shows the "
-            f"rest; fix the cause and run the same command again to resume"
-        )
+        raise KdError(f"{failed} (the table shows the rest)")
     return 0
+
+
+def check_out(out: Path) -> None:
+    """out= is a table's own folder: new, empty, or one a kd table wrote (its record, teachers/, runs/ and
+    the table files). Never a run directory or inside one, never a folder of other files (a data set's
+    class folders took runs/ and teachers/ as two more classes)."""
+    from kd_cli.engine.rundir import holds_run, holds_sweep
+
+    inside = next((p for p in (out, *out.parents) if holds_run(p) or holds_sweep(p)), None)
+    if inside is not None:
+        raise KdError(f"out={out} is inside the run or sweep folder {inside}; give a folder of its own to the table")
+    if out.is_file():
+        raise KdError(f"out={out} is a file; give a folder for the table")
+    own = {RECORD, "teachers", "runs", "table.csv", "table.md", "table.png"}
+    others = sorted(p.name for p in out.iterdir() if p.name not in own) if out.is_dir() else []
+    if others:
+        raise KdError(
+            f"out={out} holds other files ({', '.join(others[:3])}{' ...' if len(others) > 3 else ''}); give a new "
+            "folder, or the one a kd table wrote"
+        )
 
 
 def choose(spec: TableSpec, args: argparse.Namespace) -> TableSpec:
@@ -175,11 +199,17 @@ def run_grid(spec: TableSpec, out: Path, overrides: list[str]) -> list[str]:
     check_jobs(fresh_jobs(spec, out, overrides))  # every run's config, complete cells' too: a bad override is refused
     check_same_overrides(out, overrides)
     todo = [job for job in jobs if job is not None]
-    failures = []
+    failures: list[str] = []
+    seen: set[str] = set()  # warnings said once for the grid, not once per run (14 times, the same line)
     for number, (name, args) in enumerate(todo, 1):
         print(f"kd table [{number}/{len(todo)}] {name}: kd {' '.join(args)}", flush=True)
-        if run_kd(args) != 0:
-            failures.append(name)
+        try:
+            error = run_kd(args, seen)
+        except KeyboardInterrupt:
+            note_interruption(f"interrupted while {name} ran; run the same kd table command again to resume the grid")
+            raise
+        if error is not None:
+            failures.append(f"{name}: {error}")
     return failures
 
 
@@ -262,12 +292,22 @@ def _first_seed(word: str) -> str:
     return "seed=0" if word.startswith("seed=") else word
 
 
-def run_kd(args: list[str]) -> int:
-    """One kd command in its own process, its output shown as it comes; stopped with this one (an
-    interrupt is passed on, and kill -9 of this process stops it too: engine/process.run_child)."""
+def run_kd(args: list[str], seen: set[str]) -> str | None:
+    """One kd command in its own process, its progress shown as it comes; stopped with this one (an interrupt
+    is passed on, and kill -9 of this process stops it too: engine/process.run_child). Its warnings are passed
+    on once each (`seen`); its error line, if it failed, is returned for the table's own one line."""
     from kd_cli.engine.process import run_child
 
-    return run_child([sys.executable, "-m", "kd_cli", *args], capture_stderr=False).returncode
+    done = run_child([sys.executable, "-m", "kd_cli", *args])
+    lines = [line for line in (done.stderr or "").splitlines() if line.strip()]
+    for line in lines:
+        if not line.startswith("kd: error: ") and line not in seen:
+            seen.add(line)
+            print(line, file=sys.stderr, flush=True)
+    if done.returncode == 0:
+        return None
+    errors = [line.removeprefix("kd: error: ") for line in lines if line.startswith("kd: error: ")]
+    return errors[-1] if errors else f"exit status {done.returncode}"
 
 
 def teacher_job(spec: TableSpec, arch: str, run: Path, overrides: list[str]) -> tuple[str, list[str]] | None:

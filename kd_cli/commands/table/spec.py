@@ -130,6 +130,9 @@ def _parse(raw: dict, path: Path) -> TableSpec:
         small=raw.get("small") or {},
     )
     check_choices(spec)
+    unknown = [p for p in spec.small.get("pairs", []) if p not in spec.pairs]  # (the file's own pairs)
+    if unknown:
+        raise KdError(f"{spec.path}: small.pairs names {', '.join(unknown)}, not in `pairs`")
     return spec
 
 
@@ -145,7 +148,3 @@ def check_choices(spec: TableSpec) -> None:
         raise KdError("the table has no methods; give methods=kd,dkd,...")
     if not spec.pairs:
         raise KdError("the table has no pairs")
-    if spec.small:
-        unknown = [p for p in spec.small.get("pairs", []) if p not in spec.pairs]
-        if unknown:
-            raise KdError(f"{spec.path}: small.pairs names {', '.join(unknown)}, not in `pairs`")
