@@ -127,7 +127,7 @@ def quote_plain_values(overrides: list[str]) -> list[str]:
     for override in overrides:
         key, sep, value = override.partition("=")
         if sep and value and _needs_quotes(parser, key.lstrip("+~"), value, override):
-            quoted = _quoted(value)
+            quoted = _quoted(value.replace("${", "\\${") if _existing(value) else value)
             if _parses(parser, f"{key}={quoted}"):
                 override = f"{key}={quoted}"
         out.append(override)
@@ -135,9 +135,17 @@ def quote_plain_values(overrides: list[str]) -> list[str]:
 
 
 def _needs_quotes(parser, key: str, value: str, override: str) -> bool:
-    if key in PATH_KEYS and "${" not in value and value[0] not in "'\"":  # a path is one string, always
-        return bool(set(value) & set(",[]{}")) or not _parses(parser, override)
+    if key in PATH_KEYS and value[0] not in "'\"" and ("${" not in value or _existing(value)):
+        # a path is one string, always; a file that exists named `${oc.env:HOME}.pth` is that file, not
+        # an interpolation (it imported another file in silence)
+        return bool(set(value) & set(",[]{}$")) or not _parses(parser, override)
     return _plain(value) and not _parses(parser, override)
+
+
+def _existing(path: str) -> bool:
+    import os
+
+    return os.path.exists(os.path.expanduser(path))
 
 
 def _plain(value: str) -> bool:

@@ -456,7 +456,9 @@ def test_sparse_or_meta_tensors_are_refused_in_one_line(original, tmp_path, layo
     assert_one_line_error(result, "cannot take as they were trained", layout)
 
 
-@pytest.mark.parametrize("name", ["epoch=9-step=1000.ckpt", "br[ack]et.pt", "brace{a}.pt", "com,ma.pt", "-dash.pt"])
+@pytest.mark.parametrize(
+    "name", ["epoch=9-step=1000.ckpt", "br[ack]et.pt", "brace{a}.pt", "com,ma.pt", "-dash.pt", "${oc.env:HOME}.pt"]
+)
 def test_checkpoint_names_with_hydras_characters_are_taken_as_they_are(original, tmp_path, name):
     """Lightning's `epoch=9-step=1000.ckpt`, brackets, braces, commas, a leading dash: the positional
     path is the checkpoint, quoted for Hydra (its grammar read them as overrides, sweeps or flags)."""

@@ -55,7 +55,7 @@ def check_plain_values(cfg: DictConfig) -> None:
         check_number(
             "teacher_cache.max_gb",
             cfg.teacher_cache.max_gb,
-            Range(0, low_open=True),
+            Range(0, 2**30, low_open=True),  # (an exabyte: a bound in bytes that an int still holds)
             hint="the cache's size bound in GiB",
         )
         if not str(cfg.teacher_cache.dir).strip():
