@@ -41,6 +41,9 @@ BROKEN = [
     ("summary.json", "[1, 2]", "holds a list, not an object"),
     ("summary.json", '{"status": "complete", "best_top1": NaN}', "is not valid JSON (NaN is not JSON"),
     ("summary.json", '{"status": "complete", "wall_time_s": Infinity}', "is not valid JSON (Infinity is not JSON"),
+    ("summary.json", '{"status": "complete", "best_top1": 1e308}', "has best_top1=1e+308, not a percentage"),
+    ("summary.json", '{"status": "complete", "last_top1": -5}', "has last_top1=-5, not a percentage"),
+    ("summary.json", '{"status": "complete", "params": "many"}', "has params='many', not a count"),
     ("metrics.csv", bytes(range(256)), "is not text"),
     ("metrics.csv", "no commas here\njust text\n", "has no epoch column"),
     ("reproduce.json", "{", "is not valid JSON"),
@@ -323,7 +326,7 @@ def teacher_run(path: Path, cwd: Path) -> Path:
 @pytest.mark.parametrize("child", ["refused", "interrupted"])
 def test_a_reproduction_that_never_starts_leaves_no_directory(tmp_path, capsys, monkeypatch, child):
     """The child kd refused its arguments, or was stopped while starting: only reproduce.json is there."""
-    from kd_cli import reproduce
+    from kd_cli.commands import reproduce
     from kd_cli.engine import process
 
     def run_child(args, cwd=None, capture_stderr=True):

@@ -34,6 +34,7 @@ from kd_cli.commands.report.discover import (
     REPRODUCTION,
     SUMMARY,
     BrokenFile,
+    impossible_value,
     read_json,
     read_metrics,
     read_yaml,
@@ -198,6 +199,8 @@ def _read_saved_run(given: str, path: Path) -> SavedRun:
         raise KdError(f"{given}: its .hydra/config.yaml names no kd stage (stage: {stage})")
     config = read_yaml(path, CONFIG, dict)
     summary = read_json(path, SUMMARY)
+    if summary is not None and (problem := impossible_value(summary)):
+        raise BrokenFile(path / SUMMARY, SUMMARY, problem)
     if config is None and summary is None:
         raise KdError(f"{given}: the run stopped before it started (no config_resolved.yaml); nothing to reproduce")
     hydra = read_yaml(path, HYDRA, dict)

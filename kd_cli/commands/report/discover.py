@@ -155,6 +155,27 @@ def _walk(directory: Path) -> Iterator[Path]:
         yield from _walk(child)
 
 
+# summary.json values a run can hold: accuracies are percentages, counts whole numbers (None: not measured)
+PERCENT_KEYS = ("best_top1", "last_top1", "best_val_top1", "teacher_top1", "top1", "top5", "teacher_agreement")
+COUNT_KEYS = ("params", "teacher_params", "epochs", "best_epoch")
+
+
+def impossible_value(summary: dict) -> str | None:
+    """What makes a summary.json impossible (an accuracy outside 0-100, a count that is not a whole number):
+    such a run was edited or damaged, and averaging it would give a table of nonsense."""
+    for key in PERCENT_KEYS:
+        value = summary.get(key)
+        if value is not None and not (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 100
+        ):
+            return f"has {key}={value!r}, not a percentage"
+    for key in COUNT_KEYS:
+        value = summary.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return f"has {key}={value!r}, not a count"
+    return None
+
+
 def load_run(path: Path) -> Run:
     """A run's files, read strictly: BrokenFile when one is there but unreadable or unusable."""
     path = Path(path)
@@ -164,6 +185,8 @@ def load_run(path: Path) -> Run:
     summary = read_json(path, SUMMARY)
     if summary is not None and not isinstance(summary.get("status", ""), str):
         raise BrokenFile(path / SUMMARY, SUMMARY, "has a status that is not a word")
+    if summary is not None and (problem := impossible_value(summary)):
+        raise BrokenFile(path / SUMMARY, SUMMARY, problem)
     reproduction = read_json(path, REPRODUCTION)
     if reproduction is not None and not isinstance(reproduction.get("reproduces"), str):
         raise BrokenFile(path / REPRODUCTION, REPRODUCTION, "does not name the run it reproduces")
