@@ -287,3 +287,23 @@ def test_a_torchscript_file_says_which_models_predict_reads(trained, pngs, tmp_p
         "not a model kd predict reads",
         "format=onnx",
     )
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ({"input_size": 1e9}, "input_size must be whole numbers in range"),
+        ({"std": [0.0]}, "std must be > 0"),
+        ({"class_names": ["0", "0", "2", "3", "4", "5", "6", "7", "8", "9"]}, "class_names repeats '0'"),
+        ({"num_classes": 3}, "class_names must list 3 names"),
+    ],
+)
+def test_a_damaged_model_json_is_one_line_naming_it(trained, pngs, tmp_path, change, fragment):
+    import json
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained, run)
+    meta = json.loads((run / "model.json").read_text())
+    (run / "model.json").write_text(json.dumps({**meta, **change}))
+    result = kd_here("predict", f"run={run}", str(pngs[0]), f"out={tmp_path / 'p.csv'}", cwd=tmp_path)
+    assert_one_line_error(result, "model.json is not a valid kd model description", fragment)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -128,13 +129,53 @@ def load_spec(weights: Path) -> ModelSpec:
 
 
 def spec_from_text(text: str, where: str) -> ModelSpec:
-    """A model.json's content (from its file, or embedded in an exported model) as a ModelSpec."""
+    """A model.json's content (from its file, or embedded in an exported model) as a ModelSpec, every
+    value checked: a damaged or hand-edited file is one line naming it, not torch's words (or wrong output)
+    when the model is built or fed."""
     try:
         meta = json.loads(text)
         meta.pop("format", None)
-        return ModelSpec(**meta)
+        spec = ModelSpec(**meta)
     except (ValueError, TypeError, AttributeError) as error:
         raise KdError(f"{where} is not a valid kd model description ({brief_reason(error)})") from None
+    if problem := _spec_problem(spec):
+        raise KdError(f"{where} is not a valid kd model description ({problem}); restore it from the run that made it")
+    return spec
+
+
+def _spec_problem(spec: ModelSpec) -> str | None:
+    def whole(value: Any, low: int, high: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    def numbers(values: Any) -> bool:
+        return (
+            isinstance(values, list)
+            and bool(values)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        )
+
+    if not isinstance(spec.arch, str) or not spec.arch:
+        return "arch is not a model name"
+    if not isinstance(spec.kwargs, dict) or not isinstance(spec.extra, dict):
+        return "kwargs and extra must be mappings"
+    if (
+        not whole(spec.num_classes, 1, 10**6)
+        or not whole(spec.in_channels, 1, 64)
+        or not whole(spec.input_size, 1, 16384)
+    ):
+        return "num_classes, in_channels and input_size must be whole numbers in range"
+    names = spec.class_names
+    if not isinstance(names, list) or len(names) != spec.num_classes or not all(isinstance(n, str) for n in names):
+        return f"class_names must list {spec.num_classes} names"
+    if len(set(names)) != len(names):
+        return f"class_names repeats {next(n for n in names if names.count(n) > 1)!r}"
+    for key in ("mean", "std"):
+        values = getattr(spec, key)
+        if not numbers(values) or len(values) not in (1, spec.in_channels):
+            return f"{key} must be 1 or {spec.in_channels} finite numbers"
+    if any(v <= 0 for v in spec.std):
+        return "std must be > 0"
+    return None
 
 
 def brief_reason(error: BaseException) -> str:
