@@ -18,6 +18,7 @@ from kd_cli.errors import (
     INTERRUPTION_NOTES,
     library_warnings_as_kd_lines,
     one_line,
+    single_line,
     take_error,
     unknown_choice,
 )
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         where = "hydra.run.dir=, paths.outputs=" if args and args[0] in STAGES else ""
-        print(f"kd: error: {one_line(error, where)}", file=sys.stderr)
+        print(f"kd: error: {single_line(one_line(error, where))}", file=sys.stderr)
         code = EXIT_ERROR
     ignore_stop_signals()  # the command is over: a late Ctrl-C must not interrupt the interpreter's exit
     sys.exit(code)

@@ -109,4 +109,10 @@ def warn(message: str) -> None:
     import sys
 
     WARNINGS.append(message)
-    print(f"kd: warning: {message}", file=sys.stderr, flush=True)
+    print(f"kd: warning: {single_line(message)}", file=sys.stderr, flush=True)
+
+
+def single_line(text: str) -> str:
+    """`text` on one line whatever it quotes (a checkpoint key or a file name holding a newline): control
+    characters shown as escapes."""
+    return "".join(character if character.isprintable() else repr(character)[1:-1] for character in text)

@@ -29,6 +29,7 @@ def describe(error: BaseException) -> str:
     ]
     text = "; ".join(dict.fromkeys(_fold_option_lists(_without_repeats(lines))))
     text = _grammar_error(text)
+    text = _group_of_another_stage(text)
     text = _interpolated_type_error(text)
     text = _list_type_error(text)
     text = _suggest_for_missing_option(text)
@@ -93,6 +94,15 @@ def _without_repeats(lines: list[str]) -> list[str]:
         if not any(core == other or core in other or other in core for other in kept):
             kept.append(core)
     return kept
+
+
+def _group_of_another_stage(text: str) -> str:
+    """`kd train-teacher student=mlp`: Hydra advises `+student=mlp`, which would add a group the stage never
+    reads; say the stage has no such setting instead."""
+    match = re.match(r"Could not override '([\w/]+)'\. No match in the defaults list", text)
+    if not match:
+        return text
+    return f"{match.group(1)}= is not a setting of this stage (kd STAGE --help lists its groups)"
 
 
 def _grammar_error(text: str) -> str:

@@ -83,6 +83,7 @@ BAD_INPUTS = [
     (["distill", "trainer.epochs=[3"], ["Hydra cannot read the override"]),
     (["distill", "method.temperature=1e308"], ["method.temperature=1e+308 must be a number in (0, 1000]"]),
     (["distill", "teacher_cache.max_gb=1e308"], ["teacher_cache.max_gb=1e+308 must be in (0, 1073741824]"]),
+    (["train-teacher", "student=mlp"], ["student= is not a setting of this stage"]),
     (["distill", "trainer.batch_size=0"], ["trainer.batch_size"]),
     (["distill", "method.temperature=0", "teacher.checkpoint=x"], []),
     (["distill", "dataset=cifar100", "student=resnet18"], ["cifar-100-python", "dataset.download=true"]),

@@ -521,3 +521,12 @@ def test_torchvision_head_names_and_absent_step_counters_fit(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(saved(x), original(x), atol=1e-5)
+
+
+def test_key_names_with_newlines_stay_on_one_line(original, tmp_path):
+    model, _ = original
+    torch.save({k + "\n": v for k, v in model.state_dict().items()}, tmp_path / "w.pt")
+    result = kd_here(
+        "import", str(tmp_path / "w.pt"), "arch=cnn", *FAST, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path
+    )
+    assert_one_line_error(result, "missing", "\\n")

@@ -94,11 +94,22 @@ def test_what_is_not_a_complete_run_is_one_line(project, tmp_path):
     assert_one_line_error(
         kd("reproduce", str(emptied), cwd=tmp_path), "metrics.csv holds no epoch", "nothing was started"
     )
+    weird = tmp_path / "weird"
+    shutil.copytree(original_run(project), weird)
+    (weird / "summary.json").write_text(json.dumps({"status": "weird"}))
+    line = assert_one_line_error(kd("reproduce", str(weird), cwd=tmp_path), "'weird', which kd does not write")
+    assert "resume" not in line
     imported = tmp_path / "imported"
     shutil.copytree(original_run(project), imported)
     hydra = imported / ".hydra" / "config.yaml"
     hydra.write_text(hydra.read_text().replace("stage: distill", "stage: import"))
     assert_one_line_error(kd("reproduce", str(imported), cwd=tmp_path), "is a kd import run", "reruns train-teacher")
+
+
+def test_the_reproduction_goes_under_the_paths_outputs_given(project, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    kd_ok("reproduce", str(original_run(project)), f"paths.outputs={elsewhere}", cwd=tmp_path)
+    assert list(elsewhere.glob("reproduce/*/*/reproduce.json"))
 
 
 def test_a_reproduction_refused_by_its_child_leaves_no_folder(project, tmp_path):

@@ -661,3 +661,13 @@ def test_ctrl_c_while_a_stage_is_imported_leaves_no_folder(tmp_path, monkeypatch
     result = kd_here("train-teacher", *SMALL, f"hydra.run.dir={run}", cwd=tmp_path)
     assert result.code == 130 and "no run was left unfinished" in result.stderr
     assert not run.exists()
+
+
+def test_a_folder_with_another_tools_run_files_is_not_offered_a_resume(tmp_path):
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    (folder / "summary.json").write_text("{}")
+    line = assert_one_line_error(
+        kd_here("train-teacher", *SMALL, f"hydra.run.dir={folder}", cwd=tmp_path), "files kd did not write"
+    )
+    assert "resume" not in line

@@ -223,9 +223,15 @@ def _read_saved_run(given: str, path: Path) -> SavedRun:
 
 def check_complete(saved: SavedRun) -> None:
     if saved.status != "complete":
+        if saved.status not in ("failed", "interrupted", "stale", "running"):
+            raise KdError(
+                f"{saved.path} has the status {saved.status!r}, which kd does not write: the run's record is "
+                "damaged (nothing was started)"
+            )
+        finish = f" (kd {saved.stage} resume={saved.path})" if STAGES[saved.stage].resumes else ""
         raise KdError(
             f"{saved.path} is {saved.status}, not complete: it has no final metrics to compare with; "
-            f"finish it first (kd {saved.stage} resume={saved.path})"
+            f"finish it first{finish}"
         )
     if STAGES[saved.stage].trains and not saved.metrics:
         what = "is missing" if not (saved.path / METRICS).is_file() else "holds no epoch"
@@ -337,9 +343,17 @@ def pinned_teacher(saved: SavedRun, new_overrides: list[str]) -> list[str]:
     return [f"teacher.checkpoint={quote(str(path))}"]
 
 
-def new_run_dir(saved: SavedRun, out: Path | None) -> Path:
-    """A new, empty run directory, created here: never one another run (or reproduction) uses."""
-    outputs = saved.absolute(str((saved.config.get("paths") or {}).get("outputs", "outputs")))
+def new_run_dir(saved: SavedRun, out: Path | None, overrides: list[str]) -> Path:
+    """A new, empty run directory, created here: never one another run (or reproduction) uses. Under --out,
+    else under paths.outputs (this command's override of it, else the run's own)."""
+    from kd_cli.overrides import override_map
+
+    given = override_map(overrides).get("paths.outputs")
+    outputs = (
+        Path(given).expanduser().absolute()
+        if given
+        else saved.absolute(str((saved.config.get("paths") or {}).get("outputs", "outputs")))
+    )
     parent = out.expanduser().absolute() if out else outputs / "reproduce"
     existing = next(folder for folder in (parent, *parent.parents) if folder.exists())
     while True:
@@ -514,7 +528,7 @@ def main(argv: list[str]) -> int:
         report_config(changed)
     extra = [*pinned_teacher(saved, args.overrides), *args.overrides]
     # (an interrupt here, Ctrl-C, SIGTERM or SIGHUP, stops the child too: see engine/process.run_child)
-    run_dir = new_run_dir(saved, args.out)  # everything that can refuse has refused: create it now
+    run_dir = new_run_dir(saved, args.out, args.overrides)  # everything that can refuse has refused: create it now
     command = reproduction_command(saved, [*overrides, *extra], run_dir)
     facts = dict(reproduces=str(saved.path), command=command[3:], config_differences=changed)
     record(run_dir, **facts)  # before the child starts: it marks the run as a reproduction from the start

@@ -147,6 +147,12 @@ def holds_run(path: Path) -> bool:
     return any((Path(path) / name).exists() for name in RUN_FILES)
 
 
+def holds_kd_record(path: Path) -> bool:
+    """Whether a folder that holds run files holds kd's record of a run (one kd can resume), not another
+    tool's files of the same names."""
+    return (Path(path) / CONFIG).exists() or (Path(path) / ".hydra" / "overrides.yaml").exists()
+
+
 def holds_sweep(path: Path) -> bool:
     return (Path(path) / SWEEP_RECORD).exists()
 

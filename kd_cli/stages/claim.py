@@ -24,6 +24,7 @@ from kd_cli.engine.rundir import (
     METRICS,
     SWEEP_RECORD,
     enclosing,
+    holds_kd_record,
     holds_run,
     holds_sweep,
     read_summary,
@@ -90,6 +91,10 @@ def _claim(
     target = Path(resume).expanduser().resolve() if resume else None
     whole_sweep = in_sweep and target == path.resolve().parent
     if target != path.resolve() and not whole_sweep:
+        if not holds_kd_record(path):
+            raise KdError(
+                f"{path} holds a run's files kd did not write (a summary.json, a model); choose another directory"
+            )
         hint = f"continue it with resume={path}, or " if resumable else ""
         raise KdError(f"{path} already holds a run; {hint}choose another directory")
     changes = resume_changes(path, overrides, extend, given_as=resume or str(path))

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from kd_cli.engine.lock import holder
-from kd_cli.engine.rundir import COMPLETE, holds_run, read_summary
+from kd_cli.engine.rundir import COMPLETE, holds_kd_record, holds_run, read_summary
 from kd_cli.errors import KdError
 from kd_cli.overrides import split_override
 from kd_cli.stages import STAGES
@@ -117,6 +117,10 @@ def guard_run_dir(stage: str, args: list[str]) -> None:
             f"or choose another directory"
         )
     if holds_run(run):
+        if not holds_kd_record(run):
+            raise KdError(
+                f"{run} holds a run's files kd did not write (a summary.json, a model); choose another directory"
+            )
         hint = f"continue it with resume={run}, or " if STAGES[stage].resumes else ""
         raise KdError(f"{run} already holds a run; {hint}choose another directory")
 
