@@ -337,7 +337,7 @@ def test_a_reproduction_that_never_starts_leaves_no_directory(tmp_path, capsys, 
     monkeypatch.setattr(process, "run_child", run_child)
     saved = reproduce.load_saved_run(str(teacher_run(tmp_path / "original", cwd=tmp_path)))
     for started in (False, True):
-        run_dir = reproduce.new_run_dir(saved, None)
+        run_dir = reproduce.new_run_dir(saved, None, [])
         reproduce.record(run_dir, reproduces=str(saved.path))
         if started:
             (run_dir / "summary.json").write_text('{"status": "failed"}')

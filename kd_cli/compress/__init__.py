@@ -1,6 +1,7 @@
 """Compression steps for `kd compress`: one file each, registered by name.
 
-A step is a class whose keyword arguments are its options (configs/compression/*.yaml hold their
+A step is a CompressionStep subclass (compress/step.py: the contract, checked by mypy and at
+registration) whose keyword arguments are its options (configs/compression/*.yaml hold their
 values). `apply(model, ctx)` returns the compressed model and appends a JSON-able record to
 `ctx.transforms`; `rebuild(model, record)` redoes the *structure* of that change on a freshly
 built network, so a saved compressed model is rebuilt from model.json + safetensors alone (no
@@ -21,21 +22,23 @@ options together or depend on this machine): `build_step` checks them, before an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from torch import nn
 
 from kd_cli.compress.qstate import LAYOUT_KEY, decode, encode, needs_encoding
+from kd_cli.compress.step import CompressionStep
 from kd_cli.registry import Registry, import_submodules
 from kd_cli.saved_forms import StateCodec, register_codec, register_transform
 
 
 def _record_rebuild(name: str, step: Callable) -> None:
-    """A step's `rebuild` (the structure it leaves, redone on a fresh network when a saved model is loaded)
-    goes to kd_cli/saved_forms, which the artifact loader reads."""
-    if hasattr(step, "rebuild"):
-        register_transform(name, step.rebuild, cpu_only=getattr(step, "cpu_only", False))
+    """A step is a CompressionStep; its `rebuild` (the structure it leaves, redone on a fresh network when
+    a saved model is loaded) goes to kd_cli/saved_forms, which the artifact loader reads."""
+    if not (isinstance(step, type) and issubclass(step, CompressionStep)):
+        raise TypeError(f"compression step '{name}' must derive from kd_cli.compress.step.CompressionStep")
+    register_transform(name, step.rebuild, cpu_only=step.cpu_only)
 
 
 STEPS = Registry("compression step", name_attribute="name", on_register=_record_rebuild)
@@ -43,23 +46,21 @@ register_step = STEPS.register
 FINETUNE = "finetune"
 
 
-def build_step(name: str, options: dict[str, Any]):
+def build_step(name: str, options: dict[str, Any]) -> CompressionStep:
     """The step with its options checked by name, type and range (its annotations are its schema)."""
     return STEPS.build(name, {}, options, path=f"compression.{name}")
 
 
-def check_steps(model: nn.Module, steps: Iterable[tuple[str, Any]]) -> None:
+def check_steps(model: nn.Module, steps: Iterable[tuple[str, CompressionStep | None]]) -> None:
     """Every planned step's `check` on the loaded, uncompressed model, in order, before anything is
     written or compressed. `steps` is the stage's plan: (name, step), finetune as (name, None). A step
     that renames layers (lowrank: X becomes X.0 and X.1) tells the later ones the names they will see."""
-    layers = dict(model.named_modules())
+    layers: Mapping[str, nn.Module] = dict(model.named_modules())
     for _, step in steps:
         if step is None:
             continue
-        if hasattr(step, "check"):
-            step.check(layers)
-        if hasattr(step, "layers_after"):
-            layers = step.layers_after(layers)
+        step.check(layers)
+        layers = step.layers_after(layers)
 
 
 def is_int8(extra: dict[str, Any]) -> bool:

@@ -18,7 +18,8 @@ from torch import nn
 
 from kd_cli.compress import register_step
 from kd_cli.compress.context import StepContext
-from kd_cli.compress.layers import check_layers, layer_map, set_submodule
+from kd_cli.compress.step import CompressionStep
+from kd_cli.compress.surgery import check_layers, layer_map, set_submodule
 from kd_cli.errors import KdError
 from kd_cli.registry import OpenFraction
 
@@ -26,12 +27,10 @@ log = logging.getLogger("kd")
 
 
 @register_step("lowrank")
-class LowRank:
+class LowRank(CompressionStep):
     """rank_ratio: kept rank as a share of each layer's full rank; energy (instead, when set): the
     smallest rank whose singular values keep this share of sum(s^2); layers: all | conv | linear;
     skip: layer names left whole."""
-
-    name: str  # the registered name, set by register_step (STEPS' name_attribute)
 
     def __init__(
         self,

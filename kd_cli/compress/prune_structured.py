@@ -18,7 +18,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from kd_cli.compress import register_step
 from kd_cli.compress.context import StepContext
-from kd_cli.compress.layers import (
+from kd_cli.compress.step import CompressionStep
+from kd_cli.compress.surgery import (
     WEIGHTED,
     changed_layers,
     check_layers,
@@ -34,13 +35,11 @@ log = logging.getLogger("kd")
 
 
 @register_step("prune_structured")
-class PruneStructured:
+class PruneStructured(CompressionStep):
     """ratio: share of channels removed (per layer for `uniform`, over the whole net for `global`);
     importance: magnitude (L2 norm of a channel's weights), bn_scale (|gamma| of its BatchNorm,
     Liu et al. 2017), taylor (|weight x gradient| on training batches, Molchanov et al. 2019) or
     random; ignored_layers: names kept whole (the classifier always is)."""
-
-    name: str  # the registered name, set by register_step (STEPS' name_attribute)
 
     # ratio and max_layer_ratio below 1: no layer may lose every channel
     def __init__(

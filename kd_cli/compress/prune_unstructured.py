@@ -16,7 +16,8 @@ from torch.nn.utils import prune
 
 from kd_cli.compress import register_step
 from kd_cli.compress.context import StepContext
-from kd_cli.compress.layers import WEIGHTED, check_layers, layer_map, weight_sparsity
+from kd_cli.compress.step import CompressionStep
+from kd_cli.compress.surgery import WEIGHTED, check_layers, layer_map, weight_sparsity
 from kd_cli.errors import KdError
 from kd_cli.registry import OpenFraction
 
@@ -24,11 +25,9 @@ log = logging.getLogger("kd")
 
 
 @register_step("prune_unstructured")
-class PruneUnstructured:
+class PruneUnstructured(CompressionStep):
     """sparsity: share of the weights set to zero, chosen over all layers together (`global`: the
     smallest |w| of the whole net) or per layer (`layer`); skip: layer names left dense."""
-
-    name: str  # the registered name, set by register_step (STEPS' name_attribute)
 
     def __init__(self, sparsity: OpenFraction, scope: Literal["global", "layer"], skip: list[str]):
         self.sparsity, self.scope, self.skip = sparsity, scope, list(skip)

@@ -25,7 +25,8 @@ from torch import nn
 
 from kd_cli.compress import register_step
 from kd_cli.compress.context import StepContext
-from kd_cli.compress.layers import WEIGHTED, check_layers, layer_map
+from kd_cli.compress.step import CompressionStep
+from kd_cli.compress.surgery import WEIGHTED, check_layers, layer_map
 from kd_cli.errors import KdError
 from kd_cli.registry import PositiveInt
 
@@ -38,12 +39,10 @@ Backend = Literal["x86", "fbgemm", "qnnpack", "onednn"]
 
 
 @register_step("quantize_int8")
-class QuantizeInt8:
+class QuantizeInt8(CompressionStep):
     """mode: static | dynamic; backend: the CPU kernel family (x86 for Intel/AMD, qnnpack for ARM);
     calibration_batches: training batches observed (static); layers: only these layers (empty: every
     conv/linear); skip: layers kept in float (often the first conv and the classifier)."""
-
-    name: str  # the registered name, set by register_step (STEPS' name_attribute)
 
     cpu_only = True  # torch.ao's int8 kernels: a saved int8 model loads onto the CPU
 

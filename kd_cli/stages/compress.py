@@ -12,7 +12,7 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -21,6 +21,7 @@ from torch import nn
 from kd_cli.compress import FINETUNE, STEPS, build_step, check_steps, is_int8
 from kd_cli.compress.context import StepContext
 from kd_cli.compress.prune_unstructured import copyable, make_permanent
+from kd_cli.compress.step import CompressionStep
 from kd_cli.console import print_table
 from kd_cli.engine.artifacts import (
     ModelSpec,
@@ -47,12 +48,6 @@ from kd_cli.stages.training import dry_build, new_method, training_job
 log = logging.getLogger("kd")
 TABLE = "compression.csv"
 FLOAT_DIR = "float"  # beside an int8 result: the float model it was quantised from (for ONNX export)
-
-
-class Step(Protocol):
-    """A registered compression step (kd_cli/compress), as the stage uses it."""
-
-    def apply(self, model: nn.Module, ctx: StepContext) -> nn.Module: ...
 
 
 def main(cfg: DictConfig, run: RunDir) -> float:
@@ -119,7 +114,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     return rows[-1].top1
 
 
-def plan(compression: DictConfig) -> list[tuple[str, Step | None]]:
+def plan(compression: DictConfig) -> list[tuple[str, CompressionStep | None]]:
     """The steps with their options checked, before any data is read or model loaded."""
     names = list(compression.steps)
     if not names:
@@ -128,7 +123,7 @@ def plan(compression: DictConfig) -> list[tuple[str, Step | None]]:
         raise KdError("compression.steps: at most one finetune (the recovery training) per run")
     if "quantize_int8" in names and names.index("quantize_int8") != len(names) - 1:
         raise KdError("compression.steps: quantize_int8 must be the last step (int8 weights are not trained further)")
-    steps: list[tuple[str, Step | None]] = []
+    steps: list[tuple[str, CompressionStep | None]] = []
     for name in names:
         if name == FINETUNE:
             steps.append((name, None))
