@@ -75,7 +75,7 @@ def torchvision_loader(root: Path, args):
 
 
 def kd_loader(root: Path, args):
-    from kd_cli.data import AugmentSpec, load_dataset, make_loader
+    from kd_cli.data import Augmentation, load_dataset, make_loader
 
     data = load_dataset(
         {"name": "imagefolder", "root": str(root), "image_size": args.size, "test_fraction": 0.01, "val_fraction": 0.0}
@@ -84,7 +84,7 @@ def kd_loader(root: Path, args):
         data.train,
         batch_size=args.batch,
         train=True,
-        spec=AugmentSpec(crop_padding=4, hflip=True),
+        spec=Augmentation(crop_padding=4, hflip=True),
         mean=MEAN,
         std=STD,
         device=torch.device("cpu"),

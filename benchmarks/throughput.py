@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
 
-from kd_cli.data import AugmentSpec, TensorSplit, make_loader
+from kd_cli.data import Augmentation, TensorSplit, make_loader
 from kd_cli.data.augment import augment_batch
 from kd_cli.data.loader import epoch_seed
 from kd_cli.engine.device import resolve_precision
@@ -31,7 +31,7 @@ from kd_cli.methods.logit_utils import kd_loss
 from kd_cli.models import create_model
 
 MEAN, STD = [0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]
-SPEC = AugmentSpec(crop_padding=4, hflip=True)
+SPEC = Augmentation(crop_padding=4, hflip=True)
 
 
 def cifar_like(count: int, seed: int = 0) -> TensorSplit:

@@ -25,7 +25,7 @@ from torchvision import datasets as tv
 from kd_cli.data import (
     COMMON_KEYS,
     DATASETS,
-    AugmentSpec,
+    Augmentation,
     FolderSplit,
     TensorSplit,
     load_dataset,
@@ -78,8 +78,8 @@ def test_augmentation_yamls_build_an_augment_spec(name):
     )
     fields = OmegaConf.to_container(cfg.augmentation, resolve=True)
     assert fields.pop("name") == name
-    spec = AugmentSpec(**fields)
-    assert (spec == AugmentSpec()) == (name == "none")
+    spec = Augmentation(**fields)
+    assert (spec == Augmentation()) == (name == "none")
     assert not spec.trivial_augment  # every shipped preset must work on in-memory data
 
 
@@ -271,7 +271,7 @@ def test_imagefolder_train_test_layout_and_loader(tmp_path):
         expected = (colour - torch.tensor(mean)) / torch.tensor(std)
         assert torch.allclose(image.mean((1, 2)), expected, atol=1e-2)
 
-    spec = AugmentSpec(crop_padding=4, hflip=True, erase_prob=0.5, trivial_augment=True)
+    spec = Augmentation(crop_padding=4, hflip=True, erase_prob=0.5, trivial_augment=True)
 
     def train_batches():
         return list(
@@ -307,7 +307,7 @@ def five_sigma(p: float, n: int) -> float:
 def test_crop_offsets_cover_exactly_zero_to_two_padding_uniformly():
     n, size, pad = 9000, 16, 4
     ones = torch.full((n, 1, size, size), 255, dtype=torch.uint8)
-    out = augment_batch(ones, AugmentSpec(crop_padding=pad), torch.Generator().manual_seed(0))
+    out = augment_batch(ones, Augmentation(crop_padding=pad), torch.Generator().manual_seed(0))
     # The zero rows show the offset: dy < pad leaves pad - dy zero rows on top, dy > pad leaves them below.
     filled_rows = out[:, 0].amax(2) > 0
     top = filled_rows.int().argmax(1)
@@ -325,7 +325,7 @@ def test_flip_happens_half_the_time():
     n = 20000
     x = torch.zeros(n, 1, 6, 6, dtype=torch.uint8)
     x[..., 0] = 255  # bright left column
-    out = augment_batch(x, AugmentSpec(hflip=True), torch.Generator().manual_seed(1))
+    out = augment_batch(x, Augmentation(hflip=True), torch.Generator().manual_seed(1))
     flipped = out[:, 0, :, -1].amax(1) > 0
     assert torch.all(flipped != (out[:, 0, :, 0].amax(1) > 0))  # each image is exactly one of the two
     assert abs(flipped.float().mean().item() - 0.5) < five_sigma(0.5, n)
@@ -335,7 +335,7 @@ def test_rotation_angles_stay_within_range_and_fill_it():
     n, size, degrees = 2000, 33, 30.0
     x = torch.zeros(n, 1, size, size, dtype=torch.uint8)
     x[:, :, 15:18, 27:30] = 255  # a bright spot on the horizontal axis, 12 px right of the centre
-    out = augment_batch(x, AugmentSpec(rotate_degrees=degrees), torch.Generator().manual_seed(2))
+    out = augment_batch(x, Augmentation(rotate_degrees=degrees), torch.Generator().manual_seed(2))
     coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
     mass = out[:, 0].sum((1, 2))
     cy, cx = (out[:, 0].sum(2) * coords).sum(1) / mass, (out[:, 0].sum(1) * coords).sum(1) / mass
@@ -348,7 +348,7 @@ def test_rotation_angles_stay_within_range_and_fill_it():
 def test_erasing_rate_and_area():
     n, prob = 4000, 0.25
     x = torch.full((n, 3, 20, 20), 255, dtype=torch.uint8)
-    out = augment_batch(x, AugmentSpec(erase_prob=prob), torch.Generator().manual_seed(3))
+    out = augment_batch(x, Augmentation(erase_prob=prob), torch.Generator().manual_seed(3))
     erased = (out == 0).all(1)  # all channels zeroed together
     area = erased.float().mean((1, 2))
     hit = area > 0
@@ -359,15 +359,15 @@ def test_erasing_rate_and_area():
 
 def test_no_augmentation_is_exact_and_trivial_augment_is_refused_in_memory():
     x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
-    assert torch.equal(augment_batch(x, AugmentSpec(), torch.Generator()), x.float() / 255)
+    assert torch.equal(augment_batch(x, Augmentation(), torch.Generator()), x.float() / 255)
     with pytest.raises(KdError, match="imagefolder"):
-        augment_batch(x, AugmentSpec(trivial_augment=True), torch.Generator())
+        augment_batch(x, Augmentation(trivial_augment=True), torch.Generator())
     with pytest.raises(KdError, match="trivial_augment=false"):
         make_loader(
             TensorSplit(x, torch.arange(4)),
             batch_size=2,
             train=True,
-            spec=AugmentSpec(trivial_augment=True),
+            spec=Augmentation(trivial_augment=True),
             mean=[0.5],
             std=[0.5],
             device=CPU,
@@ -400,7 +400,7 @@ def loader(split: TensorSplit, **kwargs):
 
 
 def test_labels_stay_with_their_images_through_shuffle_and_augment():
-    spec = AugmentSpec(crop_padding=2, hflip=True, rotate_degrees=10)
+    spec = Augmentation(crop_padding=2, hflip=True, rotate_degrees=10)
     batches = list(loader(labelled_split(), spec=spec))
     labels = torch.cat([y for _, y in batches])
     assert sorted(labels.tolist()) == sorted(labelled_split().labels.tolist())
@@ -421,7 +421,7 @@ def by_sample(batches: list) -> torch.Tensor:
 
 
 def test_same_seed_and_epoch_same_batches_other_epoch_other_batches():
-    spec = AugmentSpec(crop_padding=2, hflip=True, erase_prob=0.5)
+    spec = Augmentation(crop_padding=2, hflip=True, erase_prob=0.5)
     split = TensorSplit(torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8), torch.arange(50))
     run = loader(split, spec=spec, seed=7)
     epoch0 = list(run)
@@ -444,7 +444,7 @@ def test_same_seed_and_epoch_same_batches_other_epoch_other_batches():
 
 def test_evaluation_is_sequential_and_unaugmented():
     split = labelled_split(40)
-    test = loader(split, train=False, spec=AugmentSpec(crop_padding=4, hflip=True), batch_size=16)
+    test = loader(split, train=False, spec=Augmentation(crop_padding=4, hflip=True), batch_size=16)
     batches = list(test)
     assert len(test) == 3 and [len(y) for _, y in batches] == [16, 16, 8] and test.num_samples == 40
     assert torch.cat([y for _, y in batches]).tolist() == list(range(40))

@@ -13,7 +13,7 @@ import torch
 from formats import digits_images, save_image, truncate
 from PIL import Image
 
-from kd_cli.data import AugmentSpec, load_dataset, make_loader
+from kd_cli.data import Augmentation, load_dataset, make_loader
 from kd_cli.data import images as image_files
 from kd_cli.data.decode import CroppedBatches, random_resized_boxes, uniforms
 from kd_cli.data.images import UnreadableImage, decode_rgb, header_size, read_rgb
@@ -147,7 +147,7 @@ def epochs_of(folder: Path, workers: int, epochs: int = 2, first: int = 0) -> li
         data.train,
         batch_size=32,
         train=True,
-        spec=AugmentSpec(crop_padding=4, hflip=True),
+        spec=Augmentation(crop_padding=4, hflip=True),
         mean=[0.5],
         std=[0.25],
         device=torch.device("cpu"),
@@ -181,7 +181,7 @@ def test_an_early_stop_leaves_the_next_epoch_working(folder):
         data.train,
         batch_size=32,
         train=True,
-        spec=AugmentSpec(crop_padding=4, hflip=True),
+        spec=Augmentation(crop_padding=4, hflip=True),
         mean=[0.5],
         std=[0.25],
         device=torch.device("cpu"),
@@ -201,7 +201,7 @@ def test_trivial_augment_keeps_the_per_image_path(folder):
         data.train,
         batch_size=32,
         train=True,
-        spec=AugmentSpec(crop_padding=4, trivial_augment=True),
+        spec=Augmentation(crop_padding=4, trivial_augment=True),
         mean=[0.5],
         std=[0.25],
         device=torch.device("cpu"),
@@ -224,7 +224,7 @@ def test_an_unreadable_image_in_a_worker_is_one_line(tmp_path, folder):
         data.train,
         batch_size=32,
         train=True,
-        spec=AugmentSpec(crop_padding=4, hflip=True),
+        spec=Augmentation(crop_padding=4, hflip=True),
         mean=[0.5],
         std=[0.25],
         device=torch.device("cpu"),

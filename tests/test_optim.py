@@ -7,7 +7,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from kd_cli.engine.optim import Schedule, build_optimizer, param_groups, set_lr, use_fused
+from kd_cli.engine.optimizers import build_optimizer, param_groups, use_fused
+from kd_cli.engine.schedule import Schedule, set_lr
 from kd_cli.engine.values import check_optim, compile_mode
 from kd_cli.errors import KdError
 

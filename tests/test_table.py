@@ -15,15 +15,15 @@ import pytest
 import yaml
 from kdrun import assert_one_line_error, kd, summary
 
-from kd_cli.commands.table.command import cell_job, choose, make_cell, recipe, split_arguments
-from kd_cli.commands.table.spec import load_spec
+from kd_cli.commands.table.command import cell_job, choose, make_cell, method_recipe, split_arguments
+from kd_cli.commands.table.recipe import load_recipe
 from kd_cli.errors import KdError
 
 NO_CHANGES = Namespace(small=False, methods=None, pairs=None, seeds=None, tolerance=None, compare=None)
 
 
 def test_the_cifar100_table_cites_a_source_for_every_published_figure():
-    spec = load_spec("cifar100")
+    spec = load_recipe("cifar100")
     assert len(spec.pairs) == 8 and spec.seeds == 3 and spec.compare == "best"
     assert spec.figure("kd", "resnet32x4_resnet8x4").top1 == 73.33
     assert spec.figure("dkd", "resnet32x4_resnet8x4").top1 == 76.32
@@ -44,23 +44,23 @@ def test_the_cifar100_table_cites_a_source_for_every_published_figure():
     ],
 )
 def test_a_broken_table_file_is_one_line_naming_the_key(tmp_path, change, fragment):
-    table = yaml.safe_load((Path(load_spec("cifar100").path)).read_text())
+    table = yaml.safe_load((Path(load_recipe("cifar100").path)).read_text())
     change(table)
     path = tmp_path / "mine.yaml"
     path.write_text(yaml.safe_dump(table))
     with pytest.raises(KdError, match=None) as error:
-        load_spec(str(path))
+        load_recipe(str(path))
     assert fragment in str(error.value) and "\n" not in str(error.value)
 
 
 def test_unknown_tables_methods_and_pairs_are_refused_with_the_choices():
     with pytest.raises(KdError, match="unknown table 'cifar10' .built in: cifar100"):
-        load_spec("cifar10")
-    spec = load_spec("cifar100")
+        load_recipe("cifar10")
+    spec = load_recipe("cifar100")
     with pytest.raises(KdError, match="methods: kdd unknown .choose from: .*dkd"):
         choose(spec, Namespace(**{**vars(NO_CHANGES), "methods": "kd,kdd"}))
     with pytest.raises(KdError, match="pairs: resnet8_resnet8 not in the table"):
-        choose(load_spec("cifar100"), Namespace(**{**vars(NO_CHANGES), "pairs": "resnet8_resnet8"}))
+        choose(load_recipe("cifar100"), Namespace(**{**vars(NO_CHANGES), "pairs": "resnet8_resnet8"}))
 
 
 def test_own_keys_are_the_commands_and_every_other_override_goes_to_each_run():
@@ -81,22 +81,22 @@ def test_own_keys_are_the_commands_and_every_other_override_goes_to_each_run():
 
 
 def test_methods_and_pairs_given_twice_or_empty():
-    spec = choose(load_spec("cifar100"), Namespace(**{**vars(NO_CHANGES), "methods": "kd,kd,dkd"}))
+    spec = choose(load_recipe("cifar100"), Namespace(**{**vars(NO_CHANGES), "methods": "kd,kd,dkd"}))
     assert spec.methods == ["kd", "dkd"]
     for key in ("methods", "pairs"):
         with pytest.raises(KdError, match="empty|no methods"):
-            choose(load_spec("cifar100"), Namespace(**{**vars(NO_CHANGES), key: ""}))
+            choose(load_recipe("cifar100"), Namespace(**{**vars(NO_CHANGES), key: ""}))
 
 
 def test_a_method_takes_its_own_preset_for_the_pair_else_the_pairs_with_method_name():
-    spec = load_spec("cifar100")
+    spec = load_recipe("cifar100")
     pair = spec.pairs["vgg13_mobilenetv2"]
-    assert recipe(spec, pair, "dkd") == ["experiment=cifar100/dkd/vgg13_mobilenetv2"]
-    assert recipe(spec, pair, "nst") == ["experiment=cifar100/pair/vgg13_mobilenetv2", "method=nst"]
+    assert method_recipe(spec, pair, "dkd") == ["experiment=cifar100/dkd/vgg13_mobilenetv2"]
+    assert method_recipe(spec, pair, "nst") == ["experiment=cifar100/pair/vgg13_mobilenetv2", "method=nst"]
 
 
 def test_a_cell_is_planned_fresh_resumed_or_skipped(tmp_path):
-    spec = load_spec("cifar100")
+    spec = load_recipe("cifar100")
     spec.seeds = 2
     pair = spec.pairs["resnet56_resnet20"]
     name, args = cell_job(spec, pair, "kd", tmp_path, ["trainer.epochs=1"], needs_teacher=True)
@@ -127,7 +127,7 @@ def test_a_cell_is_planned_fresh_resumed_or_skipped(tmp_path):
     ],
 )
 def test_a_cell_is_reproduced_within_the_tolerance_else_below_or_above(scores, status, delta):
-    spec = load_spec("cifar100")
+    spec = load_recipe("cifar100")
     cell = make_cell(spec, "resnet56_resnet20", "kd", [{"best_top1": s, "last_top1": s - 1} for s in scores])
     assert cell.status == status and cell.published == 70.66 and cell.source == "repdistiller"
     assert cell.delta == (None if delta is None else pytest.approx(delta))
@@ -210,7 +210,7 @@ def test_a_bad_override_is_refused_even_when_every_cell_is_complete(small_table)
 def test_a_sweep_stopped_before_its_first_job_is_resumed_not_refused(tmp_path):
     """A cell folder holding only the sweep's record (stopped before its first job began) is resumed;
     starting it again as a new sweep was refused, and the advice looped."""
-    spec = load_spec("cifar100")
+    spec = load_recipe("cifar100")
     pair = spec.pairs["resnet56_resnet20"]
     sweep = tmp_path / "runs" / pair.name / "kd"
     sweep.mkdir(parents=True)

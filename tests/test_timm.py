@@ -167,7 +167,7 @@ def test_fine_tune_from_a_weights_file_with_a_slow_backbone(tmp_path):
 
 
 def test_param_groups_split_the_classifier_from_the_backbone():
-    from kd_cli.engine.optim import param_groups
+    from kd_cli.engine.optimizers import param_groups
 
     model = create_model("timm/test_resnet", 10, 1, 8)
     head = classifier_module(model)

@@ -125,7 +125,7 @@ def main(argv: list[str]) -> int:
     model = open_model(Path(args.run), args.device)
     transform = preprocessing(model.spec)
     rows, skipped = predict_files(model, files, transform, args)
-    from kd_cli.data.files import shown_path
+    from kd_cli.data.on_disk import shown_path
 
     if skipped and args.strict:
         path, problem = skipped[0]
@@ -153,7 +153,7 @@ def collect_images(inputs: list[str]) -> list[Path]:
     for text in inputs:
         path = Path(text).expanduser()
         if path.is_dir():  # symlinks followed, loops not: as the image-folder data set reads a folder
-            from kd_cli.data.files import walk_without_loops
+            from kd_cli.data.on_disk import walk_without_loops
 
             files = (Path(folder, name) for folder, names in walk_without_loops(str(path)) for name in sorted(names))
             found += sorted(p for p in files if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -203,7 +203,7 @@ def write_csv(path: Path, rows: list[dict], k: int) -> None:
 
 
 def print_predictions(rows: list[dict], model: Predictor, out: Path) -> None:
-    from kd_cli.data.files import shown_path
+    from kd_cli.data.on_disk import shown_path
 
     cells = [
         [

@@ -5,7 +5,7 @@ Importing this package registers every data set: each module here that defines o
 `load_dataset` checks it too, loads, and checks the splits.
 """
 
-from kd_cli.data.augment import AugmentSpec
+from kd_cli.data.augment import Augmentation
 from kd_cli.data.base import (
     COMMON_KEYS,
     DATASETS,
@@ -15,8 +15,8 @@ from kd_cli.data.base import (
     check_dataset_config,
     register_dataset,
 )
-from kd_cli.data.load import load_dataset
 from kd_cli.data.loader import make_loader
+from kd_cli.data.splits import load_dataset
 from kd_cli.registry import import_submodules
 
 import_submodules(__name__, __path__)
@@ -29,7 +29,7 @@ __all__ = [
     "DataSplits",
     "TensorSplit",
     "FolderSplit",
-    "AugmentSpec",
+    "Augmentation",
     "make_loader",
     "COMMON_KEYS",
 ]

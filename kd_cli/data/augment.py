@@ -21,7 +21,7 @@ ERASE_RATIO = (0.3, 3.3)
 
 
 @dataclass
-class AugmentSpec:
+class Augmentation:
     crop_padding: int = 0  # random crop after zero padding by this many pixels (0: no crop)
     hflip: bool = False  # horizontal flip with probability 0.5
     rotate_degrees: float = 0.0  # rotation by a uniform angle in [-deg, deg]
@@ -36,7 +36,7 @@ class AugmentSpec:
             )
 
 
-def augment_batch(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, spec: Augmentation, generator: torch.Generator) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float in [0, 1], randomly cropped, flipped, rotated and erased per sample."""
     check_in_memory(spec)
     if spec.crop_padding:
@@ -51,7 +51,7 @@ def augment_batch(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator
     return x
 
 
-def check_in_memory(spec: AugmentSpec) -> None:
+def check_in_memory(spec: Augmentation) -> None:
     """Refuse what batched tensor augmentation cannot do, in one line saying what to change."""
     if spec.trivial_augment:
         raise KdError(

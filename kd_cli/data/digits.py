@@ -19,7 +19,7 @@ from kd_cli.data.base import (
     register_dataset,
     tensor_splits,
 )
-from kd_cli.data.files import brief
+from kd_cli.data.on_disk import brief
 from kd_cli.errors import KdError
 from kd_cli.registry import OpenFraction
 

@@ -35,8 +35,8 @@ from kd_cli.data.base import (
     folder_samples,
     register_dataset,
 )
-from kd_cli.data.files import brief, shown_path, walk_without_loops
 from kd_cli.data.images import decode_rgb, problem_of
+from kd_cli.data.on_disk import brief, shown_path, walk_without_loops
 from kd_cli.errors import KdError, warn
 from kd_cli.registry import OpenFraction, PositiveInt, Range
 

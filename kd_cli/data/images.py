@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from kd_cli.data.files import brief, shown_path
+from kd_cli.data.on_disk import brief, shown_path
 from kd_cli.errors import KdError, warn
 
 # Pillow's names of the formats behind ImageFolder's extensions (.jpg .jpeg .png .ppm .pgm .bmp .tif .tiff

@@ -22,7 +22,7 @@ from torch.utils.data import (
 )
 
 from kd_cli.data.augment import (
-    AugmentSpec,
+    Augmentation,
     augment_batch,
     channel_stats,
     check_in_memory,
@@ -42,7 +42,7 @@ def make_loader(
     *,
     batch_size: int,
     train: bool,
-    spec: AugmentSpec | None,
+    spec: Augmentation | None,
     mean: Sequence[float],
     std: Sequence[float],
     device: torch.device,
@@ -92,7 +92,7 @@ class TensorLoader:
         self,
         split: TensorSplit,
         batch_size: int,
-        spec: AugmentSpec | None,
+        spec: Augmentation | None,
         mean: Sequence[float],
         std: Sequence[float],
         device: torch.device,
@@ -172,7 +172,7 @@ class FolderLoader:
         self,
         split: FolderSplit,
         batch_size: int,
-        spec: AugmentSpec | None,
+        spec: Augmentation | None,
         mean: Sequence[float],
         std: Sequence[float],
         device: torch.device,
@@ -308,7 +308,7 @@ class Transformed(Dataset):
 
 
 def folder_transform(
-    spec: AugmentSpec | None, size: int, mean: Sequence[float], std: Sequence[float], crop_fraction: float = 0.875
+    spec: Augmentation | None, size: int, mean: Sequence[float], std: Sequence[float], crop_fraction: float = 0.875
 ):
     """RandomResizedCrop/flip/TrivialAugment/rotation/erasing as `spec` asks; Resize+CenterCrop otherwise.
 
@@ -317,7 +317,7 @@ def folder_transform(
     """
     from torchvision.transforms import v2
 
-    spec = spec or AugmentSpec()
+    spec = spec or Augmentation()
     steps: list = [v2.ToImage()]
     if spec.crop_padding:
         steps.append(v2.RandomResizedCrop(size, antialias=True))

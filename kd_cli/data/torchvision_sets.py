@@ -37,7 +37,7 @@ from kd_cli.data.base import (
     register_dataset,
     tensor_splits,
 )
-from kd_cli.data.files import open_or_explain
+from kd_cli.data.on_disk import open_or_explain
 from kd_cli.data.safe_pickle import reading_with
 from kd_cli.errors import KdError
 

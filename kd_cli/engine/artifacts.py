@@ -238,7 +238,7 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> N
 
 
 def _loses(value: Any, target: Any) -> bool:
-    from kd_cli.models.checkpoints import cast_loses
+    from kd_cli.models.foreign_weights import cast_loses
 
     return isinstance(value, torch.Tensor) and isinstance(target, torch.Tensor) and cast_loses(value, target)
 

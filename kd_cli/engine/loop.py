@@ -23,19 +23,20 @@ import torch
 from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
 
-from kd_cli.engine.checkpoint import (
-    LAST,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
 from kd_cli.engine.device import autocast, derived_seed, seed_everything, use_channels_last
 from kd_cli.engine.distributed import World, all_reduce_sum
 from kd_cli.engine.metrics import predict, topk_accuracy
-from kd_cli.engine.optim import Schedule, build_optimizer, param_groups, set_lr
+from kd_cli.engine.optimizers import build_optimizer, param_groups
 from kd_cli.engine.progress import make_reporter
+from kd_cli.engine.resume_state import (
+    LAST,
+    load_resume_state,
+    rng_state,
+    save_resume_state,
+    set_rng_state,
+)
 from kd_cli.engine.rundir import RunDir
+from kd_cli.engine.schedule import Schedule, set_lr
 from kd_cli.engine.teacher_cache import TeacherCache
 from kd_cli.engine.trackers import Trackers
 from kd_cli.engine.values import check_optim, compile_mode
@@ -175,7 +176,7 @@ def _save_epoch(job: Training, state: dict, checkpoint: dict) -> None:
     """metrics.csv and the resume checkpoint; a failed write (a full disk) says where and what to do."""
     try:
         job.run.write_metrics(state["history"])
-        save_checkpoint(job.run.path, checkpoint)
+        save_resume_state(job.run.path, checkpoint)
     except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
         reason = getattr(error, "strerror", None) or str(error).splitlines()[-1].strip()[:160]
         raise KdError(
@@ -338,7 +339,7 @@ def _resume_state(job: Training, method: Distiller, optimizer) -> dict:
     path = (job.resume_from or job.run.path) / LAST
     if not path.exists():
         return {"epoch": 0, "history": [], "best": {"top1": -1.0, "epoch": 0}, "resumed_from": 0}
-    saved = load_checkpoint(path)
+    saved = load_resume_state(path)
     try:
         method.load_state_dict(saved["method"])
         optimizer.load_state_dict(saved["optimizer"])

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kd_cli.data.files import brief
+from kd_cli.data.on_disk import brief
 from kd_cli.engine.files import atomic_write, write_json
 from kd_cli.errors import KdError, warn
 

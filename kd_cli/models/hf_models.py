@@ -3,7 +3,7 @@
 
 `kd import FOLDER arch=hf` reads the `save_pretrained` folder's config.json into that option (so
 model.json can rebuild the network anywhere transformers is installed, with no folder) and its weights
-through models/checkpoints.py. The network's class count is the data set's; its channels and, for
+through models/foreign_weights.py. The network's class count is the data set's; its channels and, for
 models with a fixed patch grid, its image size must be the config's (a mismatch is one line saying
 which dataset option to set). transformers is an optional extra: pip install 'kd-cli[hf]'.
 """
@@ -22,7 +22,7 @@ from kd_cli.models.features import (
     set_feature_layers,
     tap_classifier_input,
 )
-from kd_cli.models.layers import check_io
+from kd_cli.models.blocks import check_io
 from kd_cli.models.registry import register_model
 
 INSTALL = "pip install 'kd-cli[hf]'"

@@ -6,7 +6,7 @@ for the data set's classes and channels. Weights, when asked for:
   network, where there is one); a name may carry timm's weight tag (`timm/resnet50.a1_in1k`). timm
   replaces the classifier when the classes differ and adapts the first conv to the channels.
 - `weights=PATH`: a local file (safetensors, or a state dict read with weights_only=True, also nested
-  or prefixed by a wrapper: see models/checkpoints.py). The classifier is kept when it fits the
+  or prefixed by a wrapper: see models/foreign_weights.py). The classifier is kept when it fits the
   classes and replaced when it does not; a first conv for other channels is adapted as timm does.
 The stage outputs for feature methods are timm's `feature_info` modules (stride 4 and deeper); the
 embedding is the classifier's input (`features.tap_classifier_input`: the state dict keeps timm's keys).
@@ -24,9 +24,9 @@ from collections.abc import Callable
 from torch import nn
 
 from kd_cli.errors import KdError
-from kd_cli.models.checkpoints import brief_error as _brief
 from kd_cli.models.features import set_feature_layers, tap_classifier_input
-from kd_cli.models.layers import DropoutRate, check_io
+from kd_cli.models.foreign_weights import brief_error as _brief
+from kd_cli.models.blocks import DropoutRate, check_io
 from kd_cli.models.registry import MODELS
 
 log = logging.getLogger("kd")
@@ -195,7 +195,7 @@ def _reachable(host: str, timeout: float = 3.0) -> bool:
 def load_weights(model: nn.Module, path: str, in_channels: int, what: str) -> None:
     """A local weights file into `model`: the classifier replaced when its classes differ, a first conv
     for 3 channels adapted to `in_channels` (timm's adapt_input_conv)."""
-    from kd_cli.models.checkpoints import fit_state, read_state_dict, strip_wrappers
+    from kd_cli.models.foreign_weights import fit_state, read_state_dict, strip_wrappers
 
     state = strip_wrappers(read_state_dict(path), set(model.state_dict()))
     first_conv = (getattr(model, "pretrained_cfg", {}) or {}).get("first_conv")

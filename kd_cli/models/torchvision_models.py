@@ -24,7 +24,7 @@ from torch import nn
 
 from kd_cli.errors import KdError
 from kd_cli.models.features import set_feature_layers
-from kd_cli.models.layers import check_io
+from kd_cli.models.blocks import check_io
 from kd_cli.models.registry import register_model
 
 SMALL_INPUT = 64  # below this, the ImageNet stem is replaced (see module docstring)
@@ -33,7 +33,7 @@ Stem = Literal["auto", "small", "imagenet"]
 
 
 @dataclass(frozen=True)
-class Spec:
+class Parts:
     """Where a torchvision family keeps the parts the adaptation touches (dotted module names)."""
 
     stem: str  # the first conv
@@ -46,35 +46,35 @@ class Spec:
     min_adapted_input: int = 1  # smallest input the small-input layout accepts
 
 
-RESNET = Spec("conv1", "maxpool", ("layer1", "layer2", "layer3", "layer4"), "fc", pool="avgpool")
-EFFICIENTNET = Spec(
+RESNET = Parts("conv1", "maxpool", ("layer1", "layer2", "layer3", "layer4"), "fc", pool="avgpool")
+EFFICIENTNET = Parts(
     "features.0.0", None, ("features.2", "features.3", "features.5", "features.8"), "classifier.1", pool="avgpool"
 )
-SPECS: dict[str, Spec] = {
+SPECS: dict[str, Parts] = {
     "resnet18": RESNET,
     "resnet34": RESNET,
     "resnet50": RESNET,
     "resnext50_32x4d": RESNET,
     "wide_resnet50_2": RESNET,
-    "mobilenet_v2": Spec(
+    "mobilenet_v2": Parts(
         "features.0.0",
         None,
         ("features.3", "features.6", "features.13", "features.18"),
         "classifier.1",
         head="classifier",
     ),
-    "mobilenet_v3_small": Spec(
+    "mobilenet_v3_small": Parts(
         "features.0.0", None, ("features.1", "features.3", "features.8", "features.12"), "classifier.3", pool="avgpool"
     ),
-    "mobilenet_v3_large": Spec(
+    "mobilenet_v3_large": Parts(
         "features.0.0", None, ("features.3", "features.6", "features.12", "features.16"), "classifier.3", pool="avgpool"
     ),
     "efficientnet_b0": EFFICIENTNET,
     "efficientnet_b1": EFFICIENTNET,
-    "regnet_y_400mf": Spec("stem.0", None, tuple(f"trunk_output.block{i}" for i in range(1, 5)), "fc", pool="avgpool"),
-    "shufflenet_v2_x1_0": Spec("conv1.0", "maxpool", ("stage2", "stage3", "conv5"), "fc", head="fc"),
+    "regnet_y_400mf": Parts("stem.0", None, tuple(f"trunk_output.block{i}" for i in range(1, 5)), "fc", pool="avgpool"),
+    "shufflenet_v2_x1_0": Parts("conv1.0", "maxpool", ("stage2", "stage3", "conv5"), "fc", head="fc"),
     # ConvNeXt down-samples by 2x2 stride-2 convs between its four stages: 8 px leave 1 px at the end
-    "convnext_tiny": Spec(
+    "convnext_tiny": Parts(
         "features.0.0",
         None,
         ("features.1", "features.3", "features.5", "features.7"),
@@ -103,8 +103,8 @@ def download_imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
         ) from error
 
 
-def adapt_stem(model: nn.Module, spec: Spec, in_channels: int, small: bool, pretrained: bool) -> None:
-    old = cast(nn.Conv2d, model.get_submodule(spec.stem))  # every Spec's stem is a conv
+def adapt_stem(model: nn.Module, spec: Parts, in_channels: int, small: bool, pretrained: bool) -> None:
+    old = cast(nn.Conv2d, model.get_submodule(spec.stem))  # every Parts's stem is a conv
     if small:
         new = nn.Conv2d(in_channels, old.out_channels, 3, stride=1, padding=1, bias=old.bias is not None)
         replace_module(model, spec.stem, new)
@@ -126,7 +126,7 @@ def adapt_stem(model: nn.Module, spec: Spec, in_channels: int, small: bool, pret
         replace_module(model, spec.stem, new)
 
 
-def add_embedding_module(model: nn.Module, spec: Spec) -> str:
+def add_embedding_module(model: nn.Module, spec: Parts) -> str:
     """Make sure one module outputs the pooled, flattened embedding; return its name."""
     if spec.pool:
         replace_module(model, spec.pool, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()))
@@ -137,7 +137,7 @@ def add_embedding_module(model: nn.Module, spec: Spec) -> str:
         # torchvision's own checkpoints name the head as it was: `kd import` and weights= map them here
         model.kd_foreign_key_map = {f"{spec.head}.": f"{spec.head}.head."}  # type: ignore[assignment]
         return f"{spec.head}.embedding"
-    assert spec.embedding, "a Spec needs pool, head or embedding"
+    assert spec.embedding, "a Parts needs pool, head or embedding"
     return spec.embedding
 
 
@@ -157,7 +157,7 @@ def build_torchvision(
         raise KdError("give pretrained=true or weights=PATH, not both (weights=PATH is the local file to load)")
     model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     if pretrained or weights:
-        from kd_cli.models.checkpoints import fit_state, read_state_dict
+        from kd_cli.models.foreign_weights import fit_state, read_state_dict
 
         state = read_state_dict(weights) if weights else download_imagenet_state_dict(arch)  # not both (above)
         # the classifier is new when the weights were trained for other classes (ImageNet's 1000)

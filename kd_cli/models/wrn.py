@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from kd_cli.models.features import set_feature_layers
-from kd_cli.models.layers import (
+from kd_cli.models.blocks import (
     DropoutRate,
     GlobalAvgPool,
     check_io,

@@ -136,13 +136,13 @@ def check_trainer(trainer: DictConfig) -> None:
 
 
 def check_augmentation(options: dict[str, Any]) -> None:
-    from kd_cli.data import AugmentSpec
+    from kd_cli.data import Augmentation
 
     options = {k: v for k, v in options.items() if k != "name"}
     check_number("augmentation.crop_padding", options.get("crop_padding", 0), Range(0))
     check_number("augmentation.rotate_degrees", options.get("rotate_degrees", 0.0), Range(0, 180))
     check_number("augmentation.erase_prob", options.get("erase_prob", 0.0), Range(0, 1))
-    AugmentSpec(**options)
+    Augmentation(**options)
 
 
 def check_model(model_cfg: DictConfig, role: str) -> None:

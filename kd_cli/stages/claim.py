@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from kd_cli.engine.checkpoint import LAST, load_checkpoint
 from kd_cli.engine.lock import DirectoryLock
+from kd_cli.engine.resume_state import LAST, load_resume_state
 from kd_cli.engine.rundir import (
     COMPLETE,
     CONFIG,
@@ -104,7 +104,7 @@ def _claim(
             return Claim(lock, previous, finished=True)
         raise KdError(f"resume={resume}: that run is already complete; start a new run instead")
     if (path / LAST).exists():
-        load_checkpoint(path / LAST)  # a corrupt checkpoint is refused before the run is touched
+        load_resume_state(path / LAST)  # a corrupt checkpoint is refused before the run is touched
     return Claim(lock, previous, resuming=True, changes=changes)
 
 

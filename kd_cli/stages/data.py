@@ -11,7 +11,7 @@ from typing import Any, cast
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kd_cli.data import AugmentSpec, DataSplits, load_dataset, make_loader
+from kd_cli.data import Augmentation, DataSplits, load_dataset, make_loader
 from kd_cli.engine.artifacts import ModelSpec
 from kd_cli.engine.trackers import check_trackers
 from kd_cli.errors import KdError
@@ -49,7 +49,7 @@ def load_data(cfg: DictConfig, setup: Setup) -> Loaders:
         data.train,
         batch_size=cfg.trainer.batch_size,
         train=True,
-        spec=AugmentSpec(**augmentation),
+        spec=Augmentation(**augmentation),
         drop_last=True,
         **common,
     )

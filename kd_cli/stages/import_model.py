@@ -1,6 +1,6 @@
 """`kd import PATH arch=NAME dataset=...`: a checkpoint someone has -> a kd model directory.
 
-The checkpoint is read by models/checkpoints.py (weights_only, unnested, wrapper prefixes stripped),
+The checkpoint is read by models/foreign_weights.py (weights_only, unnested, wrapper prefixes stripped),
 loaded strictly into `model.arch` built for the data set's classes, channels and size (a mismatch is
 one line with counts and the first names), scored on the data set's test split (non-finite outputs
 refused), saved as model.safetensors + model.json, then reloaded from those files and required to give
@@ -25,7 +25,7 @@ from kd_cli.engine.files import read_json
 from kd_cli.engine.metrics import predict, topk_accuracy
 from kd_cli.engine.rundir import COMPLETE, RunDir
 from kd_cli.errors import KdError, warn
-from kd_cli.models.checkpoints import fit_state, read_state_dict
+from kd_cli.models.foreign_weights import fit_state, read_state_dict
 from kd_cli.models.hf_models import hf_from_folder
 from kd_cli.stages.data import dataset_options, eval_loader
 from kd_cli.stages.lifecycle import start_run

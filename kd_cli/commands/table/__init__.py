@@ -1,1 +1,1 @@
-"""`kd table`: the literature's tables as one command (command.py), described by YAML files (spec.py)."""
+"""`kd table`: the literature's tables as one command (command.py), described by YAML files (recipe.py)."""

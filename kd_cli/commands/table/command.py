@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
-from kd_cli.commands.table.spec import Pair, TableSpec, builtin_tables, check_choices, load_spec
+from kd_cli.commands.table.recipe import Pair, TableRecipe, builtin_tables, check_choices, load_recipe
 from kd_cli.console import print_table
 from kd_cli.errors import KdError, note_interruption
 
@@ -99,9 +99,9 @@ def split_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: list[str]) -> int:
     own, overrides = split_arguments(argv)
     args = build_parser().parse_args(own)
-    spec = choose(load_spec(args.name), args)
+    recipe = choose(load_recipe(args.name), args)
     out = (
-        Path(args.out or Path("outputs") / "table" / f"{spec.name}{'-small' if args.small else ''}")
+        Path(args.out or Path("outputs") / "table" / f"{recipe.name}{'-small' if args.small else ''}")
         .expanduser()
         .absolute()
     )
@@ -111,9 +111,9 @@ def main(argv: list[str]) -> int:
         )
     check_out(out)
     if args.small:
-        overrides = [*spec.small.get("overrides", []), *overrides]
-    failures = [] if args.report else run_grid(spec, out, overrides)
-    cells = collect(spec, out)
+        overrides = [*recipe.small.get("overrides", []), *overrides]
+    failures = [] if args.report else run_grid(recipe, out, overrides)
+    cells = collect(recipe, out)
     failed = (
         f"{len(failures)} of the grid's runs failed ({'; '.join(failures[:3])}); fix the cause and run the same "
         "command again to resume"
@@ -125,7 +125,7 @@ def main(argv: list[str]) -> int:
             f"no complete run in {out}; run `kd table {args.name}{' --small' if args.small else ''}` "
             "without --report first"
         )
-    write_outputs(spec, cells, out)
+    write_outputs(recipe, cells, out)
     if failures:
         raise KdError(f"{failed} (the table shows the rest)")
     return 0
@@ -151,52 +151,52 @@ def check_out(out: Path) -> None:
         )
 
 
-def choose(spec: TableSpec, args: argparse.Namespace) -> TableSpec:
+def choose(recipe: TableRecipe, args: argparse.Namespace) -> TableRecipe:
     """The table, its small grid with --small, and what the command line changes."""
     from kd_cli.methods import METHODS
 
-    spec = spec.shrunk() if args.small else spec
+    recipe = recipe.shrunk() if args.small else recipe
     if args.methods is not None:
-        spec.methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
+        recipe.methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
     if args.pairs is not None:
         names = list(dict.fromkeys(p.strip() for p in args.pairs.split(",") if p.strip()))
         if not names:
             raise KdError("pairs= is empty; give pairs=NAME,... (the table's pairs, or leave pairs= out)")
-        unknown = [name for name in names if name not in spec.pairs]
+        unknown = [name for name in names if name not in recipe.pairs]
         if unknown:
-            raise KdError(f"pairs: {', '.join(unknown)} not in the table ({', '.join(spec.pairs)})")
-        spec.pairs = {name: spec.pairs[name] for name in names}
+            raise KdError(f"pairs: {', '.join(unknown)} not in the table ({', '.join(recipe.pairs)})")
+        recipe.pairs = {name: recipe.pairs[name] for name in names}
     for key in ("seeds", "tolerance", "compare"):
         if getattr(args, key) is not None:
-            setattr(spec, key, getattr(args, key))
-    check_choices(spec)
-    unknown = [m for m in spec.methods if m not in METHODS]
+            setattr(recipe, key, getattr(args, key))
+    check_choices(recipe)
+    unknown = [m for m in recipe.methods if m not in METHODS]
     if unknown:
         raise KdError(f"methods: {', '.join(unknown)} unknown (choose from: {', '.join(METHODS.names())})")
-    return spec
+    return recipe
 
 
 # ------------------------------------------------------------------------------------------------ the grid
 
 
-def run_grid(spec: TableSpec, out: Path, overrides: list[str]) -> list[str]:
+def run_grid(recipe: TableRecipe, out: Path, overrides: list[str]) -> list[str]:
     """Train what is not complete yet; the names of the runs that failed."""
     from kd_cli.methods import method_requires_teacher
 
     jobs = (
         []
-        if not any(map(method_requires_teacher, spec.methods))
+        if not any(map(method_requires_teacher, recipe.methods))
         else [
-            teacher_job(spec, arch, out / "teachers" / arch, overrides)
-            for arch in dict.fromkeys(pair.teacher for pair in spec.pairs.values())
+            teacher_job(recipe, arch, out / "teachers" / arch, overrides)
+            for arch in dict.fromkeys(pair.teacher for pair in recipe.pairs.values())
         ]
     )
     jobs += [
-        cell_job(spec, pair, method, out, overrides, method_requires_teacher(method))
-        for pair in spec.pairs.values()
-        for method in spec.methods
+        cell_job(recipe, pair, method, out, overrides, method_requires_teacher(method))
+        for pair in recipe.pairs.values()
+        for method in recipe.methods
     ]
-    check_jobs(fresh_jobs(spec, out, overrides))  # every run's config, complete cells' too: a bad override is refused
+    check_jobs(fresh_jobs(recipe, out, overrides))  # every run's config, complete cells' too: a bad override is refused
     check_same_overrides(out, overrides)
     todo = [job for job in jobs if job is not None]
     failures: list[str] = []
@@ -240,19 +240,21 @@ def check_jobs(jobs: list[tuple[str, list[str]]]) -> None:
     GlobalHydra.instance().clear()
 
 
-def fresh_jobs(spec: TableSpec, out: Path, overrides: list[str]) -> list[tuple[str, list[str]]]:
+def fresh_jobs(recipe: TableRecipe, out: Path, overrides: list[str]) -> list[tuple[str, list[str]]]:
     """Every run of the grid as it would start today, finished or not (what check_jobs composes)."""
     from kd_cli.methods import method_requires_teacher
 
-    arches = dict.fromkeys(pair.teacher for pair in spec.pairs.values())
+    arches = dict.fromkeys(pair.teacher for pair in recipe.pairs.values())
     jobs = [
-        (f"teacher {arch}", ["train-teacher", *spec.teacher_recipe, f"teacher.arch={arch}", *overrides])
+        (f"teacher {arch}", ["train-teacher", *recipe.teacher_recipe, f"teacher.arch={arch}", *overrides])
         for arch in arches
     ]
-    for pair in spec.pairs.values():
-        for method in spec.methods:
+    for pair in recipe.pairs.values():
+        for method in recipe.methods:
             teacher = ["teacher.checkpoint=auto"] if method_requires_teacher(method) else []
-            jobs.append((f"{pair.name} {method}", ["distill", *recipe(spec, pair, method), *teacher, *overrides]))
+            jobs.append(
+                (f"{pair.name} {method}", ["distill", *method_recipe(recipe, pair, method), *teacher, *overrides])
+            )
     return jobs
 
 
@@ -310,7 +312,7 @@ def run_kd(args: list[str], seen: set[str]) -> str | None:
     return errors[-1] if errors else f"exit status {done.returncode}"
 
 
-def teacher_job(spec: TableSpec, arch: str, run: Path, overrides: list[str]) -> tuple[str, list[str]] | None:
+def teacher_job(recipe: TableRecipe, arch: str, run: Path, overrides: list[str]) -> tuple[str, list[str]] | None:
     from kd_cli.engine.rundir import holds_run, is_complete
 
     if is_complete(run):
@@ -319,7 +321,7 @@ def teacher_job(spec: TableSpec, arch: str, run: Path, overrides: list[str]) -> 
         return f"teacher {arch}", ["train-teacher", f"resume={run}"]
     return f"teacher {arch}", [
         "train-teacher",
-        *spec.teacher_recipe,
+        *recipe.teacher_recipe,
         f"teacher.arch={arch}",
         *overrides,
         f"hydra.run.dir={run}",
@@ -327,13 +329,13 @@ def teacher_job(spec: TableSpec, arch: str, run: Path, overrides: list[str]) -> 
 
 
 def cell_job(
-    spec: TableSpec, pair: Pair, method: str, out: Path, overrides: list[str], needs_teacher: bool
+    recipe: TableRecipe, pair: Pair, method: str, out: Path, overrides: list[str], needs_teacher: bool
 ) -> tuple[str, list[str]] | None:
     """The multirun over the seeds of one cell, its resume, or None when every seed is complete."""
     from kd_cli.engine.rundir import holds_run, holds_sweep, is_complete
 
     sweep = out / "runs" / pair.name / method
-    runs = [sweep / f"seed-{seed}" for seed in range(spec.seeds)]
+    runs = [sweep / f"seed-{seed}" for seed in range(recipe.seeds)]
     if all(is_complete(run) for run in runs):
         return None
     name = f"{pair.name} {method}"
@@ -342,17 +344,17 @@ def cell_job(
         missing = [run.name for run in runs if not holds_run(run)]
         if missing:
             raise KdError(
-                f"{sweep} holds a sweep without {', '.join(missing)} (seeds={spec.seeds} asks for them); "
+                f"{sweep} holds a sweep without {', '.join(missing)} (seeds={recipe.seeds} asks for them); "
                 "use another out= or the seeds it was started with"
             )
     if held or holds_sweep(sweep):  # (a sweep stopped before its first job began holds only its record)
         return name, ["distill", f"resume={sweep}"]
     teacher = [f"teacher.checkpoint={out / 'teachers' / pair.teacher}"] if needs_teacher else []
-    seeds = ",".join(str(seed) for seed in range(spec.seeds))
+    seeds = ",".join(str(seed) for seed in range(recipe.seeds))
     return name, [
         "distill",
         "-m",
-        *recipe(spec, pair, method),
+        *method_recipe(recipe, pair, method),
         f"seed={seeds}",
         *teacher,
         *overrides,
@@ -361,13 +363,13 @@ def cell_job(
     ]
 
 
-def recipe(spec: TableSpec, pair: Pair, method: str) -> list[str]:
+def method_recipe(recipe: TableRecipe, pair: Pair, method: str) -> list[str]:
     """The first of the table's method recipes whose experiment presets all exist."""
-    for candidate in spec.method_recipes:
+    for candidate in recipe.method_recipes:
         overrides = [o.replace("PAIR", pair.name).replace("METHOD", method) for o in candidate]
         if all(preset_exists(o.split("=", 1)[1]) for o in overrides if o.startswith("experiment=")):
             return overrides
-    raise KdError(f"no recipe of table {spec.name} has presets for {pair.name} with {method}")
+    raise KdError(f"no recipe of table {recipe.name} has presets for {pair.name} with {method}")
 
 
 def preset_exists(name: str) -> bool:
@@ -377,33 +379,35 @@ def preset_exists(name: str) -> bool:
 # ------------------------------------------------------------------------------------------------ the table
 
 
-def collect(spec: TableSpec, out: Path) -> list[Cell]:
+def collect(recipe: TableRecipe, out: Path) -> list[Cell]:
     """One cell per (pair, method), and the teacher of each pair, from the complete runs in `out`."""
     from kd_cli.engine.rundir import read_summary
 
     cells = []
-    for pair in spec.pairs.values():
+    for pair in recipe.pairs.values():
         teacher = read_summary(out / "teachers" / pair.teacher)
         teacher_runs = [teacher] if teacher.get("status") == "complete" else []
-        cells.append(make_cell(spec, pair.name, "teacher", teacher_runs))
-        for method in spec.methods:
-            summaries = [read_summary(out / "runs" / pair.name / method / f"seed-{seed}") for seed in range(spec.seeds)]
-            cells.append(make_cell(spec, pair.name, method, [s for s in summaries if s.get("status") == "complete"]))
+        cells.append(make_cell(recipe, pair.name, "teacher", teacher_runs))
+        for method in recipe.methods:
+            summaries = [
+                read_summary(out / "runs" / pair.name / method / f"seed-{seed}") for seed in range(recipe.seeds)
+            ]
+            cells.append(make_cell(recipe, pair.name, method, [s for s in summaries if s.get("status") == "complete"]))
     return cells
 
 
-def make_cell(spec: TableSpec, pair: str, method: str, runs: list[dict]) -> Cell:
+def make_cell(recipe: TableRecipe, pair: str, method: str, runs: list[dict]) -> Cell:
     best = [float(run["best_top1"]) for run in runs if run.get("best_top1") is not None]
     last = [float(run["last_top1"]) for run in runs if run.get("last_top1") is not None]
-    figure = spec.figure(method, pair)
-    ours = best if spec.compare == "best" else last
+    figure = recipe.figure(method, pair)
+    ours = best if recipe.compare == "best" else last
     if not ours:
         published, source = (figure.top1, figure.source) if figure is not None else (None, None)
         return Cell(pair, method, best, last, published, source, "not run", None)
     if figure is None:
         return Cell(pair, method, best, last, None, None, "not published", None)
     delta = statistics.mean(ours) - figure.top1
-    status = "reproduced" if abs(delta) <= spec.tolerance else ("below" if delta < 0 else "above")
+    status = "reproduced" if abs(delta) <= recipe.tolerance else ("below" if delta < 0 else "above")
     return Cell(pair, method, best, last, figure.top1, figure.source, status, delta)
 
 
@@ -414,7 +418,7 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {spread:.2f}"
 
 
-def rows(spec: TableSpec, cells: list[Cell]) -> list[dict[str, str]]:
+def rows(recipe: TableRecipe, cells: list[Cell]) -> list[dict[str, str]]:
     return [
         {
             "pair": c.pair,
@@ -423,7 +427,7 @@ def rows(spec: TableSpec, cells: list[Cell]) -> list[dict[str, str]]:
             "kd best": mean_std(c.best),
             "kd last": mean_std(c.last),
             "published": "-" if c.published is None else f"{c.published:.2f}",
-            f"delta ({spec.compare})": "-" if c.delta is None else f"{c.delta:+.2f}",
+            f"delta ({recipe.compare})": "-" if c.delta is None else f"{c.delta:+.2f}",
             "status": c.status,
             "source": c.source or "-",
         }
@@ -431,15 +435,15 @@ def rows(spec: TableSpec, cells: list[Cell]) -> list[dict[str, str]]:
     ]
 
 
-def write_outputs(spec: TableSpec, cells: list[Cell], out: Path) -> None:
+def write_outputs(recipe: TableRecipe, cells: list[Cell], out: Path) -> None:
     from kd_cli.engine.files import atomic_write
 
-    table = rows(spec, cells)
+    table = rows(recipe, cells)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "table.csv", lambda tmp: Path(tmp).write_text(as_csv(table)))
-    atomic_write(out / "table.md", lambda tmp: Path(tmp).write_text(as_markdown(spec, table)))
-    plot(spec, cells, out / "table.png")
-    print_grid(spec, table, cells)
+    atomic_write(out / "table.md", lambda tmp: Path(tmp).write_text(as_markdown(recipe, table)))
+    plot(recipe, cells, out / "table.png")
+    print_grid(recipe, table, cells)
     print(f"table written to {out / 'table.csv'}, {out / 'table.md'} and {out / 'table.png'}")
 
 
@@ -454,28 +458,28 @@ def as_csv(table: list[dict[str, str]]) -> str:
     return buffer.getvalue()
 
 
-def as_markdown(spec: TableSpec, table: list[dict[str, str]]) -> str:
+def as_markdown(recipe: TableRecipe, table: list[dict[str, str]]) -> str:
     header = list(table[0])
     lines = [
-        f"# {spec.name}: kd beside the published figures",
+        f"# {recipe.name}: kd beside the published figures",
         "",
-        f"kd: mean ± std over the complete runs (n) of each cell; status compares the {spec.compare} epoch's "
-        f"mean with the published figure, within {spec.tolerance} top-1 points.",
+        f"kd: mean ± std over the complete runs (n) of each cell; status compares the {recipe.compare} epoch's "
+        f"mean with the published figure, within {recipe.tolerance} top-1 points.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + " --- |" * len(header),
     ]
     lines += ["| " + " | ".join(row[key] for key in header) + " |" for row in table]
     used = sorted({row["source"] for row in table if row["source"] != "-"})
-    lines += ["", "Sources:", ""] + [f"- {key}: {spec.sources[key]}" for key in used]
+    lines += ["", "Sources:", ""] + [f"- {key}: {recipe.sources[key]}" for key in used]
     return "\n".join(lines) + "\n"
 
 
-def print_grid(spec: TableSpec, table: list[dict[str, str]], cells: list[Cell]) -> None:
+def print_grid(recipe: TableRecipe, table: list[dict[str, str]], cells: list[Cell]) -> None:
     keys = [key for key in table[0] if key != "source"]
     counts = {status: sum(c.status == status for c in cells) for status in ("reproduced", "below", "above")}
     print_table(
-        f"kd table {spec.name} ({spec.compare} epoch vs published, tolerance {spec.tolerance})",
+        f"kd table {recipe.name} ({recipe.compare} epoch vs published, tolerance {recipe.tolerance})",
         [(key, "left" if key in ("pair", "method", "status") else "right") for key in keys],
         [[row[key] for key in keys] for row in table],
         notes=[", ".join(f"{n} {status}" for status, n in counts.items())],
@@ -483,7 +487,7 @@ def print_grid(spec: TableSpec, table: list[dict[str, str]], cells: list[Cell]) 
     )  # a log file gets whole rows
 
 
-def plot(spec: TableSpec, cells: list[Cell], path: Path) -> None:
+def plot(recipe: TableRecipe, cells: list[Cell], path: Path) -> None:
     """A grid of methods x pairs: the colour is kd minus published (green above, red below), the text kd's
     mean over the published figure; grey where there is no figure or no run."""
     import matplotlib
@@ -498,7 +502,7 @@ def plot(spec: TableSpec, cells: list[Cell], path: Path) -> None:
     fig, axes = plt.subplots(figsize=(1.6 + 1.5 * len(pairs), 1.2 + 0.45 * len(methods)))
     for cell in cells:
         i, j = methods.index(cell.method), pairs.index(cell.pair)
-        ours = cell.best if spec.compare == "best" else cell.last
+        ours = cell.best if recipe.compare == "best" else cell.last
         if cell.delta is not None:
             grid[i, j] = cell.delta
         text = f"{statistics.mean(ours):.1f}" if ours else "-"
@@ -509,10 +513,10 @@ def plot(spec: TableSpec, cells: list[Cell], path: Path) -> None:
     colours.set_bad("#dddddd")
     image = axes.imshow(np.ma.masked_invalid(grid), cmap=colours, vmin=-limit, vmax=limit, aspect="auto")
     axes.set_xticks(
-        range(len(pairs)), [f"{spec.pairs[p].teacher}\n→ {spec.pairs[p].student}" for p in pairs], fontsize=7
+        range(len(pairs)), [f"{recipe.pairs[p].teacher}\n→ {recipe.pairs[p].student}" for p in pairs], fontsize=7
     )
     axes.set_yticks(range(len(methods)), methods, fontsize=8)
-    axes.set_title(f"{spec.name}: kd {spec.compare} top-1 / published (colour: difference)", fontsize=9)
+    axes.set_title(f"{recipe.name}: kd {recipe.compare} top-1 / published (colour: difference)", fontsize=9)
     fig.colorbar(image, ax=axes, label="kd - published (top-1 points)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -41,11 +41,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
+def save_resume_state(run_dir: Path, state: dict[str, Any]) -> None:
     atomic_write(Path(run_dir) / LAST, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_resume_state(path: Path) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():  # torch warns about what it refuses: kd says it in its own one line
             warnings.simplefilter("ignore")

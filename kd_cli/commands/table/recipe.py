@@ -27,11 +27,11 @@ class Pair:
 @dataclass(frozen=True)
 class Published:
     top1: float
-    source: str  # a key of TableSpec.sources
+    source: str  # a key of TableRecipe.sources
 
 
 @dataclass
-class TableSpec:
+class TableRecipe:
     name: str
     path: Path
     teacher_recipe: list[str]
@@ -48,12 +48,12 @@ class TableSpec:
     def figure(self, method: str, pair: str) -> Published | None:
         return self.published.get(method, {}).get(pair)
 
-    def shrunk(self) -> TableSpec:
+    def shrunk(self) -> TableRecipe:
         """The --small grid: its pairs, methods and seeds, the rest as it is."""
         if not self.small:
             raise KdError(f"table {self.name} has no `small` section; run it whole or add one to {self.path}")
         pairs = {name: self.pairs[name] for name in self.small["pairs"]}
-        return TableSpec(
+        return TableRecipe(
             self.name,
             self.path,
             self.teacher_recipe,
@@ -73,7 +73,7 @@ def builtin_tables() -> list[str]:
     return sorted(p.name[:-5] for p in files("kd_cli.commands.table").iterdir() if p.name.endswith(".yaml"))
 
 
-def load_spec(name: str) -> TableSpec:
+def load_recipe(name: str) -> TableRecipe:
     """A built-in table by name (`cifar100`) or a YAML file of the same shape."""
     if name.endswith((".yaml", ".yml")):
         path = Path(name).expanduser()
@@ -92,7 +92,7 @@ def load_spec(name: str) -> TableSpec:
     return _parse(raw, path)
 
 
-def _parse(raw: dict, path: Path) -> TableSpec:
+def _parse(raw: dict, path: Path) -> TableRecipe:
     def need(key: str, kind: type) -> Any:
         if not isinstance(raw.get(key), kind):
             raise KdError(f"{path}: `{key}` must be a {kind.__name__}")
@@ -115,7 +115,7 @@ def _parse(raw: dict, path: Path) -> TableSpec:
             if cell[1] not in sources:
                 raise KdError(f"{path}: published.{method}.{pair} cites '{cell[1]}', which `sources` does not name")
             published[str(method)][str(pair)] = Published(float(cell[0]), str(cell[1]))
-    spec = TableSpec(
+    recipe = TableRecipe(
         name=str(raw.get("name") or path.stem),
         path=path,
         teacher_recipe=[str(o) for o in need("teacher_recipe", list)],
@@ -129,22 +129,22 @@ def _parse(raw: dict, path: Path) -> TableSpec:
         published=published,
         small=raw.get("small") or {},
     )
-    check_choices(spec)
-    unknown = [p for p in spec.small.get("pairs", []) if p not in spec.pairs]  # (the file's own pairs)
+    check_choices(recipe)
+    unknown = [p for p in recipe.small.get("pairs", []) if p not in recipe.pairs]  # (the file's own pairs)
     if unknown:
-        raise KdError(f"{spec.path}: small.pairs names {', '.join(unknown)}, not in `pairs`")
-    return spec
+        raise KdError(f"{recipe.path}: small.pairs names {', '.join(unknown)}, not in `pairs`")
+    return recipe
 
 
-def check_choices(spec: TableSpec) -> None:
+def check_choices(recipe: TableRecipe) -> None:
     """The values a user may also set on the command line (pairs, methods, seeds, compare, tolerance)."""
-    if spec.compare not in COMPARES:
-        raise KdError(f"compare={spec.compare} is not one of {', '.join(COMPARES)}")
-    if not 1 <= spec.seeds <= MAX_SEEDS:
-        raise KdError(f"seeds={spec.seeds} must be a whole number from 1 to {MAX_SEEDS} (runs per cell)")
-    if not 0 <= spec.tolerance <= 100:
-        raise KdError(f"tolerance={spec.tolerance} must be a number from 0 to 100 (top-1 points)")
-    if not spec.methods:
+    if recipe.compare not in COMPARES:
+        raise KdError(f"compare={recipe.compare} is not one of {', '.join(COMPARES)}")
+    if not 1 <= recipe.seeds <= MAX_SEEDS:
+        raise KdError(f"seeds={recipe.seeds} must be a whole number from 1 to {MAX_SEEDS} (runs per cell)")
+    if not 0 <= recipe.tolerance <= 100:
+        raise KdError(f"tolerance={recipe.tolerance} must be a number from 0 to 100 (top-1 points)")
+    if not recipe.methods:
         raise KdError("the table has no methods; give methods=kd,dkd,...")
-    if not spec.pairs:
+    if not recipe.pairs:
         raise KdError("the table has no pairs")
