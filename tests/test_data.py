@@ -9,7 +9,6 @@ verify integrity and parse the files themselves.
 
 from __future__ import annotations
 
-import inspect
 import math
 from pathlib import Path
 from urllib.error import URLError
@@ -23,7 +22,6 @@ from PIL import Image
 from torchvision import datasets as tv
 
 from kd_cli.data import (
-    COMMON_KEYS,
     DATASETS,
     Augmentation,
     FolderSplit,
@@ -33,7 +31,6 @@ from kd_cli.data import (
 )
 from kd_cli.data.augment import augment_batch, normalize
 from kd_cli.errors import KdError
-from kd_cli.registry import check_options
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -53,21 +50,6 @@ DATASET_YAMLS = sorted(p.stem for p in (REPO / "configs/dataset").glob("*.yaml")
 
 def test_every_registered_data_set_has_a_yaml():
     assert DATASET_YAMLS == DATASETS.names()
-
-
-@pytest.mark.parametrize("name", DATASET_YAMLS)
-def test_dataset_yaml_matches_its_loader(name):
-    node = dataset_node(name)
-    assert node["name"] == name and COMMON_KEYS <= node.keys()
-    assert len(node["mean"]) == len(node["std"]) and node["download"] is False
-    options = {k: v for k, v in node.items() if k not in COMMON_KEYS}
-    loader = DATASETS.get(name)
-    check_options(name, loader, options)
-    # No defaults in code that differ from the YAML.
-    defaults = {k: p.default for k, p in inspect.signature(loader).parameters.items()}
-    if name in ("digits", "synthetic"):
-        options.pop("root")  # unused by these two; their code default is None
-    assert {k: defaults[k] for k in options} == options
 
 
 @pytest.mark.parametrize("name", ["none", "standard", "rotate", "strong"])

@@ -28,8 +28,8 @@ from kd_cli.errors import KdError
 from kd_cli.methods import build_method
 from kd_cli.methods.ab import ab_loss, boundary_loss
 from kd_cli.methods.ofd import ofd_loss, ofd_margin, partial_l2
-from kd_cli.models.features import FeatureTap, PreActivationTap, preactivation_sites, set_feature_layers
 from kd_cli.models.blocks import GlobalAvgPool
+from kd_cli.models.features import FeatureTap, PreActivationTap, preactivation_sites, set_feature_layers
 from kd_cli.models.registry import create_model
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "method"
