@@ -9,3 +9,34 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests' shared helpers (formats.py, kdrun.py)
+
+import fcntl  # noqa: E402
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+from kdrun import SHORT, SYNTHETIC, kd  # noqa: E402
+
+# The teachers most CLI tests of methods distil from: a few steps on the embedded digits (kd's default
+# cnn teacher) and resnet20 on CIFAR-shaped synthetic data. Trained once per test session.
+SHORT_TEACHERS = {"digits": [], "cifar": [*SYNTHETIC, "teacher=resnet20"]}
+
+
+@pytest.fixture(scope="session")
+def short_teachers(tmp_path_factory) -> dict[str, Path]:
+    """{"digits": run, "cifar": run}: finished `kd train-teacher` runs (SHORT settings) to pass as
+    `teacher.checkpoint=`, trained once for the whole session. The pytest-xdist workers share them through
+    the session's base folder: the first to get the lock trains them, the others wait and read. Tests
+    read them only (a distill never writes into its teacher's run); copy one before changing it."""
+    root = tmp_path_factory.getbasetemp()
+    shared = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    folder = shared / "short-teachers"
+    with open(shared / "short-teachers.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "done").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            for name, extra in SHORT_TEACHERS.items():
+                result = kd("train-teacher", *SHORT, *extra, f"hydra.run.dir={folder / name}", cwd=folder)
+                assert result.code == 0, result.stderr[-3000:]
+            (folder / "done").touch()
+    return {name: folder / name for name in SHORT_TEACHERS}

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FAST = ["trainer.progress=plain", "trainer.num_workers=0"]
+# A few steps of training, and CIFAR-shaped random data: what most CLI tests of methods run on.
+SHORT = ["trainer.epochs=1", "trainer.max_steps_per_epoch=3", *FAST]
+SYNTHETIC = ["dataset=synthetic", "dataset.num_train=64", "dataset.num_test=32", "trainer.batch_size=16"]
 
 
 @dataclass

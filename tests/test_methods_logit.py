@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from kdrun import FAST, assert_one_line_error, kd, summary
+from kdrun import SHORT, SYNTHETIC, assert_one_line_error, kd, summary
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -319,8 +319,7 @@ def test_impossible_options_are_one_line_errors(name, option, value):
 
 # ---------------------------------------------------------------- end to end through the CLI
 
-ONE_STEP = ["trainer.epochs=1", "trainer.max_steps_per_epoch=3", *FAST]
-SYNTHETIC = ["dataset=synthetic", "dataset.num_train=64", "dataset.num_test=32", "trainer.batch_size=16"]
+ONE_STEP = SHORT
 METHOD_NAMES = ["kd", "dkd", "dist"]
 # Each data set runs the three methods as one Hydra sweep (`-m method=kd,dkd,dist`): one process, so
 # torch is imported once per data set, not once per method; every method still gets its own run
@@ -334,6 +333,7 @@ TERMS = {
     "dkd": ["train_ce", "train_tckd", "train_nckd"],
     "dist": ["train_ce", "train_inter", "train_intra"],
 }
+DATA = {"digits": "digits", "synthetic": "cifar"}  # the sweep -> the session's short teacher it distils from
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the runs go side by side; one thread each avoids oversubscription
 
 
@@ -349,28 +349,7 @@ def outputs(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def teachers(outputs) -> dict[str, Path]:
-    """A tiny teacher per data set: cnn on digits, resnet20 on synthetic CIFAR-shaped data."""
-    teacher_args = {"digits": [], "synthetic": [*SYNTHETIC, "teacher=resnet20"]}
-    jobs = {
-        data: [
-            "train-teacher",
-            *args,
-            *ONE_STEP,
-            f"paths.outputs={outputs}",
-            f"hydra.run.dir={outputs / 'teachers' / data}",
-        ]
-        for data, args in teacher_args.items()
-    }
-    for data, result in run_side_by_side(jobs, outputs).items():
-        assert result.code == 0, f"{data} teacher failed:\n{result.stderr[-3000:]}"
-    return {
-        data: outputs / "teachers" / data for data in teacher_args
-    }  # not in the sweep folders: a sweep owns its folder
-
-
-@pytest.fixture(scope="module")
-def distilled(outputs, teachers) -> dict:
+def distilled(outputs, short_teachers) -> dict:
     """The two method sweeps and DIST on a batch of one, started together to save wall time."""
     common = [*ONE_STEP, f"paths.outputs={outputs}"]
     jobs = {
@@ -379,7 +358,7 @@ def distilled(outputs, teachers) -> dict:
             "-m",
             f"method={','.join(METHOD_NAMES)}",
             *extra,
-            f"teacher.checkpoint={teachers[data]}",
+            f"teacher.checkpoint={short_teachers[DATA[data]]}",
             *common,
             f"hydra.sweep.dir={outputs / data}",
             "hydra.sweep.subdir=${method.name}",
@@ -390,7 +369,7 @@ def distilled(outputs, teachers) -> dict:
         "distill",
         "method=dist",
         "trainer.batch_size=1",
-        f"teacher.checkpoint={teachers['digits']}",
+        f"teacher.checkpoint={short_teachers['digits']}",
         *common,
         f"hydra.run.dir={outputs / 'dist_batch_of_one'}",
     ]

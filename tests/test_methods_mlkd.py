@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from kdrun import FAST, assert_one_line_error, kd, kd_here, summary
+from kdrun import SHORT, SYNTHETIC, assert_one_line_error, kd, kd_here, summary
 
 from kd_cli.engine.teacher_cache import TeacherCache
 from kd_cli.errors import KdError
@@ -385,22 +385,18 @@ def test_the_teacher_cache_serves_the_weak_view_and_the_teacher_runs_on_the_stro
 
 # ---------------------------------------------------------------- the real CLI
 
-SHORT = ["trainer.epochs=1", "trainer.max_steps_per_epoch=3", *FAST]
-SYNTHETIC = ["dataset=synthetic", "dataset.num_train=64", "dataset.num_test=32", "trainer.batch_size=16"]
 STATS = ["method.mean=${dataset.mean}", "method.std=${dataset.std}"]
 
 
 @pytest.fixture(scope="module")
-def cli_runs(tmp_path_factory) -> Path:
+def cli_runs(tmp_path_factory, short_teachers) -> Path:
     out = tmp_path_factory.mktemp("mlkd_cli")
     common = [*SHORT, f"paths.outputs={out}"]
-    for name, extra in {"digits": [], "cifar": [*SYNTHETIC, "teacher=resnet20"]}.items():
-        result = kd("train-teacher", *common, *extra, f"hydra.run.dir={out / f'{name}-teacher'}", cwd=out)
-        assert result.code == 0, result.stderr[-3000:]
+    digits, cifar = (f"teacher.checkpoint={short_teachers[data]}" for data in ("digits", "cifar"))
     runs = {
-        "digits": [f"teacher.checkpoint={out / 'digits-teacher'}"],
-        "digits-cached": [f"teacher.checkpoint={out / 'digits-teacher'}"],  # the same stream: reads the first one's
-        "cifar": [f"teacher.checkpoint={out / 'cifar-teacher'}", "student=resnet8", *SYNTHETIC, *STATS],
+        "digits": [digits],
+        "digits-cached": [digits],  # the same stream: reads the first one's
+        "cifar": [cifar, "student=resnet8", *SYNTHETIC, *STATS],
     }
     for name, extra in runs.items():
         result = kd("distill", "method=mlkd", *common, *extra, f"hydra.run.dir={out / name}", cwd=out)
@@ -438,14 +434,14 @@ def test_cli_a_run_reading_the_teacher_cache_trains_as_the_run_that_filled_it(cl
     assert filled_rows == read_rows
 
 
-def test_cli_a_batch_of_one_stops_before_training_in_one_line(cli_runs, tmp_path):
+def test_cli_a_batch_of_one_stops_before_training_in_one_line(short_teachers, tmp_path):
     result = kd_here(
         "distill",
         "method=mlkd",
         *SHORT,
         "trainer.batch_size=1",
         f"paths.outputs={tmp_path}",
-        f"teacher.checkpoint={cli_runs / 'digits-teacher'}",
+        f"teacher.checkpoint={short_teachers['digits']}",
         f"hydra.run.dir={tmp_path / 'one'}",
         cwd=tmp_path,
     )

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from kdrun import FAST, Result, summary
+from kdrun import SHORT, SYNTHETIC, Result, summary
 
 from kd_cli.errors import KdError
 from kd_cli.methods import build_method
@@ -285,17 +285,14 @@ def test_reviewkd_rejects_students_without_feature_maps():
 
 
 # ---------------------------------------------------------------- the CLI, end to end
-# Every `kd` process spends seconds importing before it works, so the runs are started together:
-# the two teachers, then the four students, one thread each.
+# Every `kd` process spends seconds importing before it works, so the four students are started
+# together, one thread each, from the session's two short teachers.
 
-SYNTHETIC = ["dataset=synthetic", "dataset.num_train=64", "dataset.num_test=32", "trainer.batch_size=16"]
-SHORT = ["trainer.epochs=1", "trainer.max_steps_per_epoch=3", *FAST]
-TEACHERS = {"digits": [], "synthetic": [*SYNTHETIC, "teacher=resnet20"]}
 STUDENTS = {
     "crd-digits": ("digits", ["method=crd"]),
     "reviewkd-digits": ("digits", ["method=reviewkd", "student=cnn", "student.kwargs.width=8"]),
-    "crd-synthetic": ("synthetic", ["method=crd", *SYNTHETIC, "teacher=resnet20", "student=resnet8"]),
-    "reviewkd-synthetic": ("synthetic", ["method=reviewkd", *SYNTHETIC, "teacher=resnet20", "student=resnet8"]),
+    "crd-synthetic": ("cifar", ["method=crd", *SYNTHETIC, "teacher=resnet20", "student=resnet8"]),
+    "reviewkd-synthetic": ("cifar", ["method=reviewkd", *SYNTHETIC, "teacher=resnet20", "student=resnet8"]),
 }
 
 
@@ -321,22 +318,16 @@ def kd_together(commands: dict[str, list[str]], cwd) -> dict[str, Result]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """name -> (run directory, Result) of each student run; the teachers are trained first."""
+def runs(tmp_path_factory, short_teachers):
+    """name -> (run directory, Result) of each student run."""
     outputs = tmp_path_factory.mktemp("crd_reviewkd")
     common = [*SHORT, f"paths.outputs={outputs}"]
-    teachers = kd_together(
-        {name: ["train-teacher", *args, *common, f"hydra.run.dir={outputs / name}"] for name, args in TEACHERS.items()},
-        outputs,
-    )
-    for name, result in teachers.items():
-        assert result.code == 0, f"teacher {name}: {result.stderr[-3000:]}"
     students = kd_together(
         {
             name: [
                 "distill",
                 *args,
-                f"teacher.checkpoint={outputs / teacher}",
+                f"teacher.checkpoint={short_teachers[teacher]}",
                 *common,
                 f"hydra.run.dir={outputs / name}",
             ]

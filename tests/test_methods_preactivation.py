@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from kdrun import FAST, assert_one_line_error, kd, kd_here, summary
+from kdrun import FAST, SHORT, SYNTHETIC, assert_one_line_error, kd, kd_here, summary
 from torch import nn
 
 from kd_cli.errors import KdError
@@ -399,19 +399,14 @@ def test_ab_connectors_only_where_channels_differ_its_main_phase_term_and_no_pha
 
 # ---------------------------------------------------------------- the real CLI
 
-SHORT = ["trainer.epochs=1", "trainer.max_steps_per_epoch=3", *FAST]
-SYNTHETIC = ["dataset=synthetic", "dataset.num_train=64", "dataset.num_test=32", "trainer.batch_size=16"]
 STUDENTS = {"digits": ["student=cnn", "student.kwargs.width=8"], "cifar": [*SYNTHETIC, "student=resnet8"]}
 PHASES = ["method.init_epochs=1", "trainer.epochs=2"]
 
 
 @pytest.fixture(scope="module")
-def cli_runs(tmp_path_factory) -> Path:
+def cli_runs(tmp_path_factory, short_teachers) -> Path:
     out = tmp_path_factory.mktemp("ofd_ab_cli")
     common = [*SHORT, f"paths.outputs={out}"]
-    for data, extra in {"digits": [], "cifar": [*SYNTHETIC, "teacher=resnet20"]}.items():
-        result = kd("train-teacher", *common, *extra, f"hydra.run.dir={out / data}", cwd=out)
-        assert result.code == 0, result.stderr[-3000:]
     for data in ("digits", "cifar"):
         for method, extra in {"ofd": [], "ab": PHASES}.items():
             result = kd(
@@ -420,7 +415,7 @@ def cli_runs(tmp_path_factory) -> Path:
                 *common,
                 *extra,
                 *STUDENTS[data],
-                f"teacher.checkpoint={out / data}",
+                f"teacher.checkpoint={short_teachers[data]}",
                 f"hydra.run.dir={out / f'{data}-{method}'}",
                 cwd=out,
             )
@@ -465,15 +460,15 @@ def test_an_ofd_run_resumes_longer_with_its_connectors_and_margins(cli_runs, tmp
     assert [row["epoch"] for row in rows(run)] == ["1", "2"] and float(rows(run)[1]["train_ofd"]) > 0
 
 
-def test_cli_refuses_a_student_whose_stages_do_not_end_in_a_relu_in_one_line(cli_runs):
-    result = kd(
+def test_cli_refuses_a_student_whose_stages_do_not_end_in_a_relu_in_one_line(cli_runs, short_teachers):
+    result = kd_here(
         "distill",
         "method=ofd",
         *SHORT,
         *SYNTHETIC,
         "student=shufflenetv2",
         f"paths.outputs={cli_runs}",
-        f"teacher.checkpoint={cli_runs / 'cifar'}",
+        f"teacher.checkpoint={short_teachers['cifar']}",
         f"hydra.run.dir={cli_runs / 'refused'}",
         cwd=cli_runs,
     )

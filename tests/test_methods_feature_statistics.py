@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from kdrun import FAST, kd, summary
+from kdrun import SHORT, SYNTHETIC, kd, summary
 
 from kd_cli.errors import KdError
 from kd_cli.methods import build_method
@@ -323,21 +323,15 @@ def test_kdsvd_refuses_what_it_cannot_compare_in_one_line():
 
 # ---------------------------------------------------------------- the real CLI
 
-SHORT = ["trainer.epochs=1", "trainer.max_steps_per_epoch=3", *FAST]
-SYNTHETIC = ["dataset=synthetic", "dataset.num_train=64", "dataset.num_test=32", "trainer.batch_size=16"]
-
 
 @pytest.fixture(scope="module")
-def cli_runs(tmp_path_factory) -> Path:
+def cli_runs(tmp_path_factory, short_teachers) -> Path:
     out = tmp_path_factory.mktemp("pad_kdsvd_cli")
     common = [*SHORT, f"paths.outputs={out}"]
-    for name, extra in {"digits": [], "cifar": [*SYNTHETIC, "teacher=resnet20"]}.items():
-        result = kd("train-teacher", *common, *extra, f"hydra.run.dir={out / name}", cwd=out)
-        assert result.code == 0, result.stderr[-3000:]
     sweep = ["distill", "-m", "method=pad,kdsvd", *common, "hydra.sweep.subdir=${method.name}"]
     jobs = {  # digits: cnn width 8 under the width-32 teacher (regressor, connectors); cifar: resnet8 under resnet20
-        "digits": [*sweep, f"teacher.checkpoint={out / 'digits'}", "student=cnn", "student.kwargs.width=8"],
-        "cifar": [*sweep, f"teacher.checkpoint={out / 'cifar'}", "student=resnet8", *SYNTHETIC],
+        "digits": [*sweep, f"teacher.checkpoint={short_teachers['digits']}", "student=cnn", "student.kwargs.width=8"],
+        "cifar": [*sweep, f"teacher.checkpoint={short_teachers['cifar']}", "student=resnet8", *SYNTHETIC],
     }
     for data, args in jobs.items():
         result = kd(*args, f"hydra.sweep.dir={out / f'{data}-sweep'}", cwd=out)
