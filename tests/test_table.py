@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kdrun import assert_one_line_error, kd, summary
+from kdrun import assert_one_line_error, kd, kd_here, summary
 
 from kd_cli.commands.table.command import cell_job, choose, make_cell, method_recipe, split_arguments
 from kd_cli.commands.table.recipe import load_recipe
@@ -178,7 +178,7 @@ def test_a_rerun_trains_nothing_and_a_stopped_cell_is_resumed(small_table):
     assert again.code == 0 and "kd table [" not in again.stdout, again.stderr[-2000:]
     stopped = out / "runs" / "wrn_40_2_wrn_16_2" / "none" / "seed-0"
     (stopped / "summary.json").write_text(json.dumps({**summary(stopped), "status": "interrupted"}))
-    other = kd("table", "cifar100", "--small", "optim.lr=0.5", cwd=work)  # would mix two settings in one table
+    other = kd_here("table", "cifar100", "--small", "optim.lr=0.5", cwd=work)  # would mix two settings in one table
     assert_one_line_error(other, "holds a table run with other overrides", "optim.lr=0.5")
     assert summary(stopped)["status"] == "interrupted"
     resumed = kd("table", "cifar100", "--small", cwd=work)
@@ -189,13 +189,13 @@ def test_a_rerun_trains_nothing_and_a_stopped_cell_is_resumed(small_table):
 
 def test_report_only_tabulates_and_says_so_when_there_is_nothing(small_table, tmp_path):
     out, _ = small_table
-    report = kd("table", "cifar100", "--small", "--report", f"out={out}", "methods=kd", cwd=tmp_path)
+    report = kd_here("table", "cifar100", "--small", "--report", f"out={out}", "methods=kd", cwd=tmp_path)
     assert report.code == 0 and "kd table [" not in report.stdout
     with open(out / "table.csv") as handle:
         assert {r["method"] for r in csv.DictReader(handle)} == {"teacher", "kd"}
-    empty = kd("table", "cifar100", "--report", f"out={tmp_path / 'none'}", cwd=tmp_path)
+    empty = kd_here("table", "cifar100", "--report", f"out={tmp_path / 'none'}", cwd=tmp_path)
     assert_one_line_error(empty, "no complete run in", "without --report first")
-    ignored = kd("table", "cifar100", "--small", "--report", f"out={out}", "optim.lr=0.5", cwd=tmp_path)
+    ignored = kd_here("table", "cifar100", "--small", "--report", f"out={out}", "optim.lr=0.5", cwd=tmp_path)
     assert_one_line_error(ignored, "--report only tabulates", "optim.lr=0.5 would change nothing")
 
 
@@ -203,7 +203,7 @@ def test_a_bad_override_is_refused_even_when_every_cell_is_complete(small_table)
     """A finished table rerun with an override no run would take is still refused (it was accepted in
     silence: nothing was left to run)."""
     out, _ = small_table
-    result = kd("table", "cifar100", "--small", "trainer.epochs=0", cwd=out.parents[2])
+    result = kd_here("table", "cifar100", "--small", "trainer.epochs=0", cwd=out.parents[2])
     assert_one_line_error(result, "trainer.epochs=0 must be in [1, 1000000]", "no run was started")
 
 
@@ -226,7 +226,7 @@ def test_counts_and_tolerances_are_bounded_and_checked_first(tmp_path):
         ("tolerance=nan", "tolerance=nan must be a number from 0 to 100"),
         ("tolerance=-1", "from 0 to 100"),
     ):
-        assert_one_line_error(kd("table", "cifar100", word, "--report", cwd=tmp_path), fragment)
+        assert_one_line_error(kd_here("table", "cifar100", word, "--report", cwd=tmp_path), fragment)
 
 
 def test_a_bad_override_is_one_line_before_any_run(tmp_path):
@@ -237,7 +237,7 @@ def test_a_bad_override_is_one_line_before_any_run(tmp_path):
         ("trainer.epochz=1", "trainer.epochz is not an option (did you mean trainer.epochs?)"),
         ("method.temperature=-2", "method.temperature"),
     ):
-        result = kd("table", "cifar100", "--small", override, cwd=tmp_path)
+        result = kd_here("table", "cifar100", "--small", override, cwd=tmp_path)
         line = assert_one_line_error(result, fragment, "no run was started")
         assert "resume" not in line and "kd table [" not in result.stdout
     assert not (tmp_path / "outputs" / "table" / "cifar100-small" / "teachers").exists()
@@ -274,7 +274,7 @@ def test_out_is_a_folder_of_the_tables_own(small_table, tmp_path):
         (tmp_path / "photos", "holds other files (cats)"),
     ):
         before = sorted(p.name for p in target.iterdir())
-        result = kd("table", "cifar100", "--small", f"out={target}", cwd=tmp_path)
+        result = kd_here("table", "cifar100", "--small", f"out={target}", cwd=tmp_path)
         assert_one_line_error(result, fragment)
         assert sorted(p.name for p in target.iterdir()) == before
 
