@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kdrun import FAST, assert_one_line_error, kd, kd_here, kd_ok, summary
+from kdrun import FAST, assert_one_line_error, kd_here, kd_ok, summary
 from safetensors import safe_open
 
 from kd_cli.compress import build_step
@@ -59,7 +59,9 @@ def compress(teacher: Path, tmp_path: Path, *overrides: str) -> tuple[Path, dict
 
 def evaluate_top1(run: Path, tmp_path: Path) -> dict:
     out = tmp_path / "evaluated"
-    kd_ok("evaluate", f"run={run}", "latency_batches=2", "trainer.num_workers=0", f"hydra.run.dir={out}", cwd=tmp_path)
+    args = ["evaluate", f"run={run}", "latency_batches=2", "trainer.num_workers=0", f"hydra.run.dir={out}"]
+    result = kd_here(*args, cwd=tmp_path)  # in this process: the compress runs are the subprocesses here
+    assert result.code == 0, result.stderr[-3000:]
     return summary(out)
 
 
@@ -97,7 +99,7 @@ def test_int8_file_is_small_loads_without_pickle_and_scores_the_same(teacher, tm
     student = ["student=cnn", "student.kwargs.width=4", "trainer.epochs=1", *FAST]
     taught = kd_ok("distill", f"teacher.checkpoint={run}", *student, f"hydra.run.dir={tmp_path / 'd'}", cwd=tmp_path)
     assert summary(tmp_path / "d")["status"] == "complete", taught.stderr
-    refused = kd(
+    refused = kd_here(
         "distill", f"teacher.checkpoint={run}", "method=at", *student, f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path
     )
     assert_one_line_error(refused, "no layers a feature method can read", "use the uncompressed model")
@@ -135,7 +137,7 @@ def test_prune_then_quantize_lists_every_step(teacher, tmp_path):
     assert float_spec.extra["transforms"][0]["kind"] == "prune_structured"
     assert count_parameters(float_model) < 0.5 * s["original"]["params"]
     exported = tmp_path / "onnx"
-    kd_ok("export", f"run={run / 'float'}", "format=onnx", f"hydra.run.dir={exported}", cwd=tmp_path)
+    assert kd_here("export", f"run={run / 'float'}", "format=onnx", f"hydra.run.dir={exported}", cwd=tmp_path).code == 0
     assert summary(exported)["check_inputs"] == "digits test images" and summary(exported)["max_abs_diff"] <= 1e-4
 
 
@@ -262,7 +264,7 @@ def test_interrupted_recovery_resumes_to_the_uninterrupted_result(teacher, tmp_p
 
     args = ["compress", f"run={teacher}", "trainer.epochs=12", "latency_batches=2", *FAST]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    kd_ok(*args, f"hydra.run.dir={whole}", cwd=tmp_path)
+    assert kd_here(*args, f"hydra.run.dir={whole}", cwd=tmp_path).code == 0  # in this process: the same numbers
     process = subprocess.Popen(
         [sys.executable, "-m", "kd_cli", *args, f"hydra.run.dir={broken}"],
         cwd=tmp_path,
@@ -276,7 +278,8 @@ def test_interrupted_recovery_resumes_to_the_uninterrupted_result(teacher, tmp_p
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and "resume=" in stderr and "Traceback" not in stderr
     assert summary(broken)["status"] == "interrupted" and not (broken / "model.safetensors").exists()
-    kd_ok("compress", f"resume={broken}", cwd=tmp_path)  # prunes again (deterministic), then resumes recovery
+    resumed = kd_here("compress", f"resume={broken}", cwd=tmp_path)  # prunes again (deterministic), resumes recovery
+    assert resumed.code == 0, resumed.stderr[-3000:]
     assert summary(broken)["last_top1"] == summary(whole)["last_top1"]
     assert (broken / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
 
@@ -286,7 +289,7 @@ def test_a_tampered_compressed_model_json_is_a_one_line_error(teacher, tmp_path)
     meta = json.loads((run / "model.json").read_text())
     meta["extra"]["transforms"][0]["ranks"] = {"no.such.layer": 3}
     (run / "model.json").write_text(json.dumps(meta))
-    assert_one_line_error(kd("evaluate", f"run={run}", cwd=tmp_path), "model.json")
+    assert_one_line_error(kd_here("evaluate", f"run={run}", cwd=tmp_path), "model.json")
 
 
 def test_recovery_epochs_and_the_compressed_model_reach_the_tracker(teacher, tmp_path):
