@@ -40,3 +40,20 @@ def short_teachers(tmp_path_factory) -> dict[str, Path]:
                 assert result.code == 0, result.stderr[-3000:]
             (folder / "done").touch()
     return {name: folder / name for name in SHORT_TEACHERS}
+
+
+@pytest.fixture(scope="session")
+def compose_config():
+    """compose_config(config, *overrides) -> the stage's config composed in this process, as the CLI
+    composes it before running (Hydra's Compose API, kd's structured configs registered): for tests of
+    composition and of the checks made on a config, without a process or a run directory."""
+    from hydra import compose, initialize_config_module
+
+    from kd_cli.config import register_configs
+
+    def composed(config: str, *overrides: str, hydra_config: bool = False):
+        register_configs()
+        with initialize_config_module(config_module="kd_cli.configs", version_base="1.3"):
+            return compose(config, overrides=list(overrides), return_hydra_config=hydra_config)
+
+    return composed

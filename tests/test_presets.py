@@ -6,12 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from kd_cli.config import register_configs
 from kd_cli.methods import METHODS
 from kd_cli.registry import check_options
+from kd_cli.stages.checks import check_config
 
 PRESETS = sorted(
     str(p.relative_to(Path(__file__).parents[1] / "configs" / "experiment").with_suffix(""))
@@ -29,15 +28,10 @@ DKD_BETA = {
 }
 
 
-def compose_distill(preset: str):
-    register_configs()
-    with initialize_config_module(config_module="kd_cli.configs", version_base="1.3"):
-        return compose("distill", overrides=[f"experiment={preset}"])
-
-
 @pytest.mark.parametrize("preset", PRESETS)
-def test_every_preset_composes_with_valid_method_options(preset):
-    cfg = compose_distill(preset)
+def test_every_preset_composes_with_valid_method_options(preset, compose_config):
+    cfg = compose_config("distill", f"experiment={preset}")
+    check_config(cfg)  # every check the CLI makes before any work
     OmegaConf.resolve(cfg)
     method = dict(cfg.method)
     check_options(
@@ -56,8 +50,8 @@ def test_cifar100_table_presets_cover_the_pairs_and_methods():
 
 
 @pytest.mark.parametrize("pair", sorted(DKD_BETA))
-def test_per_pair_settings(pair):
-    cfg = compose_distill(f"cifar100/dkd/{pair}")
+def test_per_pair_settings(pair, compose_config):
+    cfg = compose_config("distill", f"experiment=cifar100/dkd/{pair}")
     assert cfg.method.beta == DKD_BETA[pair]
     small_student = cfg.student.arch in ("mobilenetv2", "shufflenetv2")
     assert cfg.optim.lr == (0.01 if small_student else 0.05)
@@ -83,13 +77,11 @@ def test_every_method_with_weights_to_tune_has_a_search_preset():
 
 
 @pytest.mark.parametrize("search", SEARCHES)
-def test_a_search_preset_picks_its_method_and_searches_its_options_around_the_defaults(search):
+def test_a_search_preset_picks_its_method_and_searches_its_options_around_the_defaults(search, compose_config):
     import yaml
 
     method = search[: -len("_optuna")]
-    register_configs()
-    with initialize_config_module(config_module="kd_cli.configs", version_base="1.3"):
-        cfg = compose("distill", overrides=[f"hparams_search={search}"], return_hydra_config=True)
+    cfg = compose_config("distill", f"hparams_search={search}", hydra_config=True)
     assert cfg.method.name == method and cfg.hydra.mode.name == "MULTIRUN"
     assert cfg.hydra.sweeper.direction == "maximize"
     params = dict(cfg.hydra.sweeper.params)
@@ -100,3 +92,11 @@ def test_a_search_preset_picks_its_method_and_searches_its_options_around_the_de
         assert key.startswith("method.") and option in defaults, key
         low, high = interval_of(expression)
         assert low < high and low <= defaults[option] <= high, (key, defaults[option], expression)
+
+
+def test_the_checks_run_on_a_composed_config_refuse_what_the_cli_refuses(compose_config):
+    """The in-process composition is the CLI's: the same checks refuse the same value."""
+    from kd_cli.errors import KdError
+
+    with pytest.raises(KdError, match=r"trainer.epochs=0 must be in \[1, 1000000\]"):
+        check_config(compose_config("distill", "experiment=cifar100/kd/resnet56_resnet20", "trainer.epochs=0"))
