@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from kdrun import assert_one_line_error, kd, kd_ok, summary
+from kdrun import assert_one_line_error, kd_here, kd_ok, summary
 from omegaconf import OmegaConf
 
 from kd_cli.engine.artifacts import ModelSpec, load_model, save_model
@@ -178,7 +178,7 @@ def test_int8_model_exports_to_torchscript_but_not_onnx(tmp_path):
     with torch.no_grad():
         assert torch.allclose(loaded(images), reloaded(images), atol=TOLERANCE)
 
-    result = kd("export", f"run={tmp_path / 'int8'}", f"hydra.run.dir={tmp_path / 'refused'}", cwd=tmp_path)
+    result = kd_here("export", f"run={tmp_path / 'int8'}", f"hydra.run.dir={tmp_path / 'refused'}", cwd=tmp_path)
     assert_one_line_error(result, "ONNX export of int8 models is not supported", f"run={tmp_path / 'int8' / 'float'}")
     assert not (tmp_path / "refused").exists()  # refused before the run started: no run directory at all
 
@@ -278,7 +278,7 @@ def test_bad_input_is_one_line_error(case, overrides, fragments, digits_run, tmp
         "corrupt": corrupt(tmp_path, digits_run) if case == "corrupt" else "",
     }
     out = tmp_path / "out"
-    result = kd("export", *(o.format(**paths) for o in overrides), f"hydra.run.dir={out}", cwd=tmp_path)
+    result = kd_here("export", *(o.format(**paths) for o in overrides), f"hydra.run.dir={out}", cwd=tmp_path)
     assert_one_line_error(result, *fragments)
     assert not out.exists()  # refused before the run started: no run directory to clutter kd report
 

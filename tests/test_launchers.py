@@ -156,11 +156,11 @@ def test_a_method_search_preset_samples_its_log_scale_space(outputs):
 
 
 def test_a_failed_joblib_job_makes_the_sweep_exit_non_zero(outputs, teacher):
-    from kdrun import assert_one_line_error, kd
+    from kdrun import assert_one_line_error, kd, kd_here
 
     root = outputs / "joblib-failing"
     # A bad value is refused before any job runs, whatever the launcher...
-    refused = kd(
+    refused = kd_here(
         "distill",
         "-m",
         "hydra/launcher=joblib",
@@ -193,9 +193,9 @@ def test_a_failed_joblib_job_makes_the_sweep_exit_non_zero(outputs, teacher):
 def test_a_missing_launcher_plugin_is_one_line_with_the_install_command(tmp_path):
     """Without hydra-submitit-launcher, Hydra finds no `hydra/launcher/submitit_*` option; an option of
     that family that does not exist gives the same Hydra error here, through the real CLI."""
-    from kdrun import assert_one_line_error, kd
+    from kdrun import assert_one_line_error, kd_here
 
-    result = kd(
+    result = kd_here(
         "distill", "-m", "hydra/launcher=submitit_pbs", "seed=0,1", *TINY, f"paths.outputs={tmp_path}", cwd=tmp_path
     )
     assert_one_line_error(result, "hydra/launcher/submitit_pbs", "pip install 'kd-cli[slurm]'")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from kdrun import FAST, assert_one_line_error, kd, summary
+from kdrun import FAST, assert_one_line_error, kd, kd_here, summary
 
 from kd_cli.errors import KdError
 from kd_cli.methods import build_method
@@ -138,7 +138,7 @@ def test_a_stopped_cohort_resumes_every_student(cohort, tmp_path):
 
 
 def test_kd_compress_refuses_a_cohort_in_one_line_before_writing(cohort, tmp_path):
-    result = kd(
+    result = kd_here(
         "compress",
         f"run={cohort}",
         "method=dml",
@@ -399,7 +399,7 @@ def test_without_the_ensembles_term_one_has_no_gate_and_teaches_the_branches_mea
 def test_online_methods_run_on_cifar_shaped_data_and_save_every_student(method, tmp_path):
     """The CIFAR-shaped synthetic pair: a 32x32 RGB resnet8 cohort (DML) and resnet8 branches (ONE)."""
     synthetic = ["dataset=synthetic", "dataset.num_train=64", "dataset.num_test=32", "trainer.batch_size=16"]
-    result = kd(
+    result = kd_here(
         "distill",
         f"method={method}",
         "student=resnet8",

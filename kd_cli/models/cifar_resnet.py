@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from kd_cli.models.features import set_feature_layers
 from kd_cli.models.blocks import GlobalAvgPool, check_io, conv1x1, conv3x3, kaiming_init
+from kd_cli.models.features import set_feature_layers
 from kd_cli.models.registry import register_model
 
 

@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from kd_cli.errors import KdError
+from kd_cli.models.blocks import check_io
 from kd_cli.models.features import (
     classifier_module,
     set_feature_layers,
     tap_classifier_input,
 )
-from kd_cli.models.blocks import check_io
 from kd_cli.models.registry import register_model
 
 INSTALL = "pip install 'kd-cli[hf]'"

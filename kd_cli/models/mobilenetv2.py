@@ -13,8 +13,8 @@ from typing import Annotated
 import torch
 from torch import nn
 
-from kd_cli.models.features import set_feature_layers
 from kd_cli.models.blocks import GlobalAvgPool, check_io, conv_bn_relu
+from kd_cli.models.features import set_feature_layers
 from kd_cli.models.registry import register_model
 from kd_cli.registry import PositiveInt, Range
 

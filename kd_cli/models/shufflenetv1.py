@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kd_cli.models.features import set_feature_layers
 from kd_cli.models.blocks import GlobalAvgPool, check_io
+from kd_cli.models.features import set_feature_layers
 from kd_cli.models.registry import register_model
 
 STEM_CHANNELS = 24

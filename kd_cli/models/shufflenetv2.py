@@ -14,8 +14,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from kd_cli.models.features import set_feature_layers
 from kd_cli.models.blocks import GlobalAvgPool, check_io
+from kd_cli.models.features import set_feature_layers
 from kd_cli.models.registry import register_model
 from kd_cli.models.shufflenetv1 import channel_shuffle
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from kd_cli.errors import KdError
-from kd_cli.models.features import set_feature_layers
 from kd_cli.models.blocks import DropoutRate, GlobalAvgPool, check_io, conv_bn_relu
+from kd_cli.models.features import set_feature_layers
 from kd_cli.models.registry import register_model
 from kd_cli.registry import PositiveInt
 

@@ -24,9 +24,9 @@ from collections.abc import Callable
 from torch import nn
 
 from kd_cli.errors import KdError
+from kd_cli.models.blocks import DropoutRate, check_io
 from kd_cli.models.features import set_feature_layers, tap_classifier_input
 from kd_cli.models.foreign_weights import brief_error as _brief
-from kd_cli.models.blocks import DropoutRate, check_io
 from kd_cli.models.registry import MODELS
 
 log = logging.getLogger("kd")

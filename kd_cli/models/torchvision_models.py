@@ -23,8 +23,8 @@ import torchvision
 from torch import nn
 
 from kd_cli.errors import KdError
-from kd_cli.models.features import set_feature_layers
 from kd_cli.models.blocks import check_io
+from kd_cli.models.features import set_feature_layers
 from kd_cli.models.registry import register_model
 
 SMALL_INPUT = 64  # below this, the ImageNet stem is replaced (see module docstring)

@@ -13,7 +13,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from kd_cli.models.features import set_feature_layers
 from kd_cli.models.blocks import (
     DropoutRate,
     GlobalAvgPool,
@@ -22,6 +21,7 @@ from kd_cli.models.blocks import (
     conv3x3,
     kaiming_init,
 )
+from kd_cli.models.features import set_feature_layers
 from kd_cli.models.registry import register_model
 
 
