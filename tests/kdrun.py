@@ -114,6 +114,14 @@ def kd_here(*args: str, cwd: Path) -> Result:
     return Result(code, out.getvalue(), err.getvalue())
 
 
+def kd_here_ok(*args: str, cwd: Path) -> Result:
+    result = kd_here(*args, cwd=cwd)
+    assert result.code == 0, (
+        f"kd {' '.join(args)} failed ({result.code}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
+    return result
+
+
 def start_kd(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("KD_DEBUG", None)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kdrun import FAST, assert_one_line_error, kd, kd_ok
+from kdrun import FAST, assert_one_line_error, kd_here, kd_here_ok, kd_ok
 
 TINY = [*FAST, "trainer.epochs=2"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -54,20 +54,20 @@ def test_sweep_writes_one_complete_run_per_job(sweep):
 
 
 def test_one_row_per_setting_with_mean_and_std_over_seeds(sweep, tmp_path):
-    rows = table_rows(kd_ok("report", str(sweep), cwd=tmp_path).stdout)
+    rows = table_rows(kd_here_ok("report", str(sweep), cwd=tmp_path).stdout)
     assert [row[0] for row in rows] == ["1", "4", "8"]  # the one varying key, in numeric order
     runs = jobs(sweep)
     for row in rows:
         values = [best(runs[(row[0], seed)]) for seed in ("0", "1")]
         assert row[1] == f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
         assert row[3] == "2" and row[-1] == "2 complete"
-    by_best = table_rows(kd_ok("report", str(sweep), "--sort=-best_top1", cwd=tmp_path).stdout)
+    by_best = table_rows(kd_here_ok("report", str(sweep), "--sort=-best_top1", cwd=tmp_path).stdout)
     means = [float(row[1].split(" ± ")[0]) for row in by_best]
     assert means == sorted(means, reverse=True)
 
 
 def test_csv_and_markdown_hold_the_table(sweep, tmp_path):
-    kd_ok("report", str(sweep), "--csv", "out/table.csv", "--markdown", "table.md", cwd=tmp_path)
+    kd_here_ok("report", str(sweep), "--csv", "out/table.csv", "--markdown", "table.md", cwd=tmp_path)
     with open(tmp_path / "out" / "table.csv") as handle:
         records = list(csv.DictReader(handle))
     assert [r["method.temperature"] for r in records] == ["1", "4", "8"]
@@ -82,19 +82,19 @@ def test_report_never_writes_over_a_file_or_into_a_run(sweep, tmp_path):
     (the run's summary.json was once replaced by the table)."""
     run = next(p.parent for p in sweep.glob("*/summary.json"))
     before = (run / "summary.json").read_bytes()
-    inside = kd("report", str(sweep), "--csv", str(run / "summary.json"), "--overwrite", cwd=tmp_path)
+    inside = kd_here("report", str(sweep), "--csv", str(run / "summary.json"), "--overwrite", cwd=tmp_path)
     assert_one_line_error(inside, "is inside the run directory", "which only its run writes")
-    assert_one_line_error(kd("report", str(sweep), "--plot", str(run / "plots"), cwd=tmp_path), "inside the run")
+    assert_one_line_error(kd_here("report", str(sweep), "--plot", str(run / "plots"), cwd=tmp_path), "inside the run")
     assert (run / "summary.json").read_bytes() == before and not (run / "plots").exists()
     (tmp_path / "mine.csv").write_text("keep me")
-    assert_one_line_error(kd("report", str(sweep), "--csv", "mine.csv", cwd=tmp_path), "exists", "--overwrite")
+    assert_one_line_error(kd_here("report", str(sweep), "--csv", "mine.csv", cwd=tmp_path), "exists", "--overwrite")
     assert (tmp_path / "mine.csv").read_text() == "keep me"
-    kd_ok("report", str(sweep), "--csv", "mine.csv", "--overwrite", cwd=tmp_path)
+    kd_here_ok("report", str(sweep), "--csv", "mine.csv", "--overwrite", cwd=tmp_path)
     assert (tmp_path / "mine.csv").read_text().startswith("method.temperature")
 
 
 def test_plots_are_real_pngs(sweep, tmp_path):
-    out = kd_ok("report", str(sweep), "--plot", "plots", cwd=tmp_path).stdout
+    out = kd_here_ok("report", str(sweep), "--plot", "plots", cwd=tmp_path).stdout
     plots = tmp_path / "plots"
     for name in ("best_top1_vs_method.temperature.png", "curves_test_top1.png", "curves_train_loss.png"):
         data = (plots / name).read_bytes()
@@ -105,11 +105,11 @@ def test_plots_are_real_pngs(sweep, tmp_path):
 
 
 def test_where_filters_on_overrides_and_saved_config(sweep, tmp_path):
-    rows = table_rows(kd_ok("report", str(sweep), "--where", "method.temperature=4", cwd=tmp_path).stdout)
+    rows = table_rows(kd_here_ok("report", str(sweep), "--where", "method.temperature=4", cwd=tmp_path).stdout)
     assert len(rows) == 1 and rows[0][-1] == "2 complete"
-    assert len(table_rows(kd_ok("report", str(sweep), "--where", "method.name=kd", cwd=tmp_path).stdout)) == 3
+    assert len(table_rows(kd_here_ok("report", str(sweep), "--where", "method.name=kd", cwd=tmp_path).stdout)) == 3
     line = assert_one_line_error(
-        kd("report", str(sweep), "--where", "method.temperature=5", cwd=tmp_path), "method.temperature=5"
+        kd_here("report", str(sweep), "--where", "method.temperature=5", cwd=tmp_path), "method.temperature=5"
     )
     assert "1, 4, 8" in line
 
@@ -122,7 +122,7 @@ def test_unfinished_runs_are_shown_and_not_averaged(sweep, tmp_path):
         summary = json.loads((copy / "summary.json").read_text())
         summary.update(status=status, best_top1=0.0, last_top1=0.0, error=f"{status} on purpose")
         (copy / "summary.json").write_text(json.dumps(summary))
-    out = kd_ok("report", str(sweep), str(tmp_path / "more"), cwd=tmp_path).stdout
+    out = kd_here_ok("report", str(sweep), str(tmp_path / "more"), cwd=tmp_path).stdout
     row = next(row for row in table_rows(out) if row[0] == "4")
     values = [best(runs[("4", seed)]) for seed in ("0", "1")]
     assert row[1].startswith(f"{statistics.fmean(values):.2f} ± ")  # the zeros are not in the mean
@@ -131,8 +131,8 @@ def test_unfinished_runs_are_shown_and_not_averaged(sweep, tmp_path):
 
 
 def test_bad_input_is_one_line(tmp_path):
-    assert_one_line_error(kd("report", "/no/such/dir", cwd=tmp_path), "/no/such/dir")
+    assert_one_line_error(kd_here("report", "/no/such/dir", cwd=tmp_path), "/no/such/dir")
     (tmp_path / "empty" / "sub").mkdir(parents=True)
-    assert_one_line_error(kd("report", "empty", cwd=tmp_path), "no kd runs")
-    assert_one_line_error(kd("report", cwd=tmp_path), "PATH")
-    assert_one_line_error(kd("report", "empty", "--metric", "top9", cwd=tmp_path), "--metric")
+    assert_one_line_error(kd_here("report", "empty", cwd=tmp_path), "no kd runs")
+    assert_one_line_error(kd_here("report", cwd=tmp_path), "PATH")
+    assert_one_line_error(kd_here("report", "empty", "--metric", "top9", cwd=tmp_path), "--metric")

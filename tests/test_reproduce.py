@@ -11,7 +11,7 @@ from importlib.resources import files
 from pathlib import Path
 
 import pytest
-from kdrun import FAST, assert_one_line_error, kd, kd_ok
+from kdrun import FAST, assert_one_line_error, kd_here, kd_here_ok, kd_ok
 
 TINY = [*FAST, "trainer.epochs=2"]
 
@@ -49,7 +49,7 @@ def reproductions(project: Path) -> list[Path]:
 
 def test_unchanged_run_reproduces_identically(project, tmp_path):
     run = original_run(project)
-    out = kd_ok("reproduce", str(run), cwd=tmp_path).stdout  # elsewhere: relative paths follow the run
+    out = kd_here_ok("reproduce", str(run), cwd=tmp_path).stdout  # elsewhere: relative paths follow the run
     assert "equals the saved config_resolved.yaml" in out
     assert "teacher: pinned to the original run's teacher" in out
     assert "reproduced: the final metrics are identical" in out
@@ -57,7 +57,7 @@ def test_unchanged_run_reproduces_identically(project, tmp_path):
     assert json.loads((new / "summary.json").read_text())["status"] == "complete"
     assert json.loads((new / "reproduce.json").read_text())["reproduces"] == str(run)
     # `kd report` keeps the reproduction out of the averages: it repeats seed 1.
-    report = kd_ok("report", str(project / "outputs"), cwd=tmp_path).stdout
+    report = kd_here_ok("report", str(project / "outputs"), cwd=tmp_path).stdout
     assert "1 run(s) made by `kd reproduce` not counted" in report
 
 
@@ -66,7 +66,7 @@ def test_changed_default_is_listed_and_metrics_differ(project, tmp_path):
     saved = config.read_text()
     config.write_text(saved.replace("test_fraction: 0.3", "test_fraction: 0.5"))
     try:
-        result = kd("reproduce", str(original_run(project)), cwd=tmp_path)
+        result = kd_here("reproduce", str(original_run(project)), cwd=tmp_path)
     finally:
         config.write_text(saved)
     assert result.code == 1, result.stderr[-2000:]
@@ -78,44 +78,48 @@ def test_changed_default_is_listed_and_metrics_differ(project, tmp_path):
 
 
 def test_what_is_not_a_complete_run_is_one_line(project, tmp_path):
-    assert_one_line_error(kd("reproduce", str(tmp_path), cwd=tmp_path), "not a kd run directory")
-    assert_one_line_error(kd("reproduce", "/no/such/run", cwd=tmp_path), "no such directory")
+    assert_one_line_error(kd_here("reproduce", str(tmp_path), cwd=tmp_path), "not a kd run directory")
+    assert_one_line_error(kd_here("reproduce", "/no/such/run", cwd=tmp_path), "no such directory")
     sweep = original_run(project).parent
-    assert_one_line_error(kd("reproduce", str(sweep), cwd=tmp_path), "sweep folder")
+    assert_one_line_error(kd_here("reproduce", str(sweep), cwd=tmp_path), "sweep folder")
     failed = tmp_path / "failed"
     shutil.copytree(original_run(project), failed)
     (failed / "summary.json").write_text(json.dumps({"status": "failed", "error": "on purpose"}))
-    assert_one_line_error(kd("reproduce", str(failed), cwd=tmp_path), "is failed, not complete")
-    assert_one_line_error(kd("reproduce", cwd=tmp_path), "RUN_DIR")
-    assert_one_line_error(kd("reproduce", str(failed / "summary.json"), cwd=tmp_path), "is a file", "run directory")
+    assert_one_line_error(kd_here("reproduce", str(failed), cwd=tmp_path), "is failed, not complete")
+    assert_one_line_error(kd_here("reproduce", cwd=tmp_path), "RUN_DIR")
+    assert_one_line_error(
+        kd_here("reproduce", str(failed / "summary.json"), cwd=tmp_path), "is a file", "run directory"
+    )
     emptied = tmp_path / "emptied"
     shutil.copytree(original_run(project), emptied)
     (emptied / "metrics.csv").write_text("")
     assert_one_line_error(
-        kd("reproduce", str(emptied), cwd=tmp_path), "metrics.csv holds no epoch", "nothing was started"
+        kd_here("reproduce", str(emptied), cwd=tmp_path), "metrics.csv holds no epoch", "nothing was started"
     )
     weird = tmp_path / "weird"
     shutil.copytree(original_run(project), weird)
     (weird / "summary.json").write_text(json.dumps({"status": "weird"}))
-    line = assert_one_line_error(kd("reproduce", str(weird), cwd=tmp_path), "'weird', which kd does not write")
+    line = assert_one_line_error(kd_here("reproduce", str(weird), cwd=tmp_path), "'weird', which kd does not write")
     assert "resume" not in line
     imported = tmp_path / "imported"
     shutil.copytree(original_run(project), imported)
     hydra = imported / ".hydra" / "config.yaml"
     hydra.write_text(hydra.read_text().replace("stage: distill", "stage: import"))
-    assert_one_line_error(kd("reproduce", str(imported), cwd=tmp_path), "is a kd import run", "reruns train-teacher")
+    assert_one_line_error(
+        kd_here("reproduce", str(imported), cwd=tmp_path), "is a kd import run", "reruns train-teacher"
+    )
 
 
 def test_the_reproduction_goes_under_the_paths_outputs_given(project, tmp_path):
     elsewhere = tmp_path / "elsewhere"
-    kd_ok("reproduce", str(original_run(project)), f"paths.outputs={elsewhere}", cwd=tmp_path)
+    kd_here_ok("reproduce", str(original_run(project)), f"paths.outputs={elsewhere}", cwd=tmp_path)
     assert list(elsewhere.glob("reproduce/*/*/reproduce.json"))
 
 
 def test_a_reproduction_refused_by_its_child_leaves_no_folder(project, tmp_path):
     """A rerun its child refuses (a bad override) removes the folders made for it, --out's included."""
     out = tmp_path / "new" / "place"
-    result = kd("reproduce", str(original_run(project)), "--out", str(out), "trainer.epochs=0", cwd=tmp_path)
+    result = kd_here("reproduce", str(original_run(project)), "--out", str(out), "trainer.epochs=0", cwd=tmp_path)
     assert_one_line_error(result, "trainer.epochs=0")
     assert not (tmp_path / "new").exists()
 
@@ -127,7 +131,7 @@ def test_a_complete_run_missing_part_of_its_record_says_what_cannot_be_compared(
     shutil.copytree(original_run(project), copy)
     (copy / "config_resolved.yaml").unlink()
     (copy / "env.json").unlink()
-    result = kd("reproduce", str(copy), cwd=tmp_path)
+    result = kd_here("reproduce", str(copy), cwd=tmp_path)
     assert result.code == 0, result.stderr[-2000:]
     warnings = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(warnings) == 2 and all(line.startswith("kd: warning: ") for line in warnings), warnings
@@ -159,7 +163,7 @@ def test_a_student_run_does_not_depend_on_how_its_teacher_came_to_be(tmp_path):
     for key in ("last_top1", "best_top1", "last_train_loss"):
         assert trained_here[key] == found[key], key
     assert (first.parent / "metrics.csv").read_text().count("\n") == 3
-    out = kd_ok("reproduce", str(first.parent), cwd=tmp_path).stdout
+    out = kd_here_ok("reproduce", str(first.parent), cwd=tmp_path).stdout
     assert "reproduced: the final metrics are identical" in out
 
 
