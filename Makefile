@@ -27,9 +27,10 @@ run: $(STAMP)
 	$(BIN)/kd distill
 
 # The suite without the `slow` accuracy bars (a few minutes on 2 cores); CI runs both. One worker per core;
-# --dist loadfile keeps a test file on one worker, so its module fixtures (trained teachers) are built once.
+# --dist loadfile keeps a test file on one worker, so its module fixtures (trained teachers) are built once;
+# --no-loadscope-reorder hands out the files in conftest's order (the longest first), not by test count.
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder -m "not slow"
 
 # ruff (pyflakes, pycodestyle, import order, bugbear, pyupgrade; and the format) and mypy on kd_cli.
 lint: $(TEST_STAMP)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from kdrun import FAST, assert_one_line_error, kd, kd_ok, summary
+from kdrun import FAST, assert_one_line_error, kd_here, kd_ok, summary
 
 from kd_cli.errors import KdError
 from kd_cli.methods.ensemble import ensemble_probabilities, normalised_weights
@@ -83,4 +83,4 @@ def test_two_teachers_teach_better_than_the_weaker_alone(tmp_path):
 
 
 def test_ensemble_needs_teachers(tmp_path):
-    assert_one_line_error(kd("distill", "method=ensemble", *FAST, cwd=tmp_path), "method.teachers")
+    assert_one_line_error(kd_here("distill", "method=ensemble", *FAST, cwd=tmp_path), "method.teachers")

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from kdrun import SHORT, SYNTHETIC, kd, summary
+from kdrun import SHORT, SYNTHETIC, kd, kd_here, summary
 
 from kd_cli.errors import KdError
 from kd_cli.methods import build_method
@@ -362,7 +362,7 @@ def test_a_pad_run_resumes_longer_with_its_variance_branch(cli_runs, tmp_path):
     assert any(k.startswith("variance_estimators.0.net.1.running_var") for k in state)
     assert any(k.startswith("regressors.0.") for k in state)
     (run / "summary.json").write_text(json.dumps({**summary(run), "status": "interrupted"}))
-    result = kd("distill", f"resume={run}", "trainer.epochs=2", "resume_extend=true", cwd=cli_runs)
+    result = kd_here("distill", f"resume={run}", "trainer.epochs=2", "resume_extend=true", cwd=cli_runs)
     assert result.code == 0, result.stderr[-3000:]
     done = summary(run)
     assert (

@@ -452,7 +452,7 @@ def test_cli_an_mlkd_run_resumes_longer(cli_runs, tmp_path):
     run = tmp_path / "mlkd"
     shutil.copytree(cli_runs / "digits", run)
     (run / "summary.json").write_text(json.dumps({**summary(run), "status": "interrupted"}))
-    result = kd("distill", f"resume={run}", "trainer.epochs=2", "resume_extend=true", cwd=cli_runs)
+    result = kd_here("distill", f"resume={run}", "trainer.epochs=2", "resume_extend=true", cwd=cli_runs)
     assert result.code == 0, result.stderr[-3000:]
     done = summary(run)
     assert (

@@ -452,7 +452,7 @@ def test_an_ofd_run_resumes_longer_with_its_connectors_and_margins(cli_runs, tmp
     run = tmp_path / "ofd"
     shutil.copytree(cli_runs / "cifar-ofd", run)
     (run / "summary.json").write_text(json.dumps({**summary(run), "status": "interrupted"}))
-    result = kd("distill", f"resume={run}", "trainer.epochs=2", "resume_extend=true", cwd=cli_runs)
+    result = kd_here("distill", f"resume={run}", "trainer.epochs=2", "resume_extend=true", cwd=cli_runs)
     assert result.code == 0, result.stderr[-3000:]
     done = summary(run)
     assert done["status"] == "complete" and done["epochs"] == 2

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from kdrun import SHORT, SYNTHETIC, kd_ok, summary
+from kdrun import SHORT, SYNTHETIC, kd_here_ok, kd_ok, summary
 
 from kd_cli.errors import KdError
 from kd_cli.methods import METHODS, build_method
@@ -424,7 +424,7 @@ def test_an_ickd_run_resumes_longer_with_its_embedding(cli_runs, tmp_path):
     run = tmp_path / "ickd"
     shutil.copytree(cli_runs / "digits-sweep" / "ickd", run)
     (run / "summary.json").write_text(json.dumps({**summary(run), "status": "interrupted"}))
-    kd_ok("distill", f"resume={run}", "trainer.epochs=2", "resume_extend=true", cwd=cli_runs)
+    kd_here_ok("distill", f"resume={run}", "trainer.epochs=2", "resume_extend=true", cwd=cli_runs)
     done = summary(run)
     assert (
         done["status"] == "complete" and done["epochs"] == 2 and done["resumes"][-1]["changes"] == ["trainer.epochs=2"]

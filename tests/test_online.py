@@ -114,7 +114,7 @@ def test_every_student_is_scored_logged_and_saved(cohort):
 
 
 def test_kd_evaluate_scores_a_peer_as_its_own_model(cohort, tmp_path):
-    result = kd(
+    result = kd_here(
         "evaluate",
         f"run={cohort / 'peers' / 'peer2'}",
         f"paths.outputs={tmp_path}",
@@ -129,7 +129,7 @@ def test_a_stopped_cohort_resumes_every_student(cohort, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(cohort, run)
     (run / "summary.json").write_text(json.dumps({**summary(run), "status": "interrupted"}))
-    result = kd("distill", f"resume={run}", "trainer.epochs=3", "resume_extend=true", cwd=tmp_path)
+    result = kd_here("distill", f"resume={run}", "trainer.epochs=3", "resume_extend=true", cwd=tmp_path)
     assert result.code == 0, result.stderr[-3000:]
     with open(run / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -359,7 +359,7 @@ def test_one_logs_every_branch_saves_each_and_evaluates_one(one_run, tmp_path):
         rows = list(csv.DictReader(handle))
     for column in ("train_ce", "train_one", "train_ensemble_ce", "train_branch3_one", "branch2_test_top1"):
         assert all(math.isfinite(float(row[column])) for row in rows), column
-    result = kd(
+    result = kd_here(
         "evaluate",
         f"run={one_run / 'peers' / 'branch3'}",
         f"paths.outputs={tmp_path}",
@@ -374,7 +374,7 @@ def test_a_stopped_one_run_resumes_with_its_shared_trunk(one_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(one_run, run)
     (run / "summary.json").write_text(json.dumps({**summary(run), "status": "interrupted"}))
-    result = kd("distill", f"resume={run}", "trainer.epochs=3", "resume_extend=true", cwd=tmp_path)
+    result = kd_here("distill", f"resume={run}", "trainer.epochs=3", "resume_extend=true", cwd=tmp_path)
     assert result.code == 0, result.stderr[-3000:]
     with open(run / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))

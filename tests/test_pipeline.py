@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from formats import MNIST_T10K, load_mnist_t10k, write_mnist_raw, write_pickle
-from kdrun import FAST, assert_one_line_error, kd, kd_here, kd_ok, run_dirs, summary
+from kdrun import FAST, assert_one_line_error, kd_here, kd_here_ok, kd_ok, run_dirs, summary
 
 TIMING = {"seconds", "images_per_s"}  # the only columns allowed to differ between identical runs
 
@@ -86,7 +86,7 @@ def test_distill_then_evaluate_agree(teacher_run, outputs):
     assert "train_kd" in metrics(student)[0] and "train_ce" in metrics(student)[0]
     assert "teacher cnn test top-1" in out and "student mlp test top-1" in out
     evaluation = outputs / "evaluation"
-    kd_ok(
+    kd_here_ok(  # in this process: the distill above is the real one
         "evaluate",
         f"run={student}",
         f"teacher_run={teacher_run}",
@@ -250,7 +250,9 @@ def write_cifar100(root: Path, train: int, test: int) -> None:
 
 
 def test_cifar100_format_runs_the_readme_command(tmp_path):
-    missing = kd("distill", "dataset=cifar100", "student=resnet18", f"paths.data={tmp_path / 'data'}", cwd=tmp_path)
+    missing = kd_here(
+        "distill", "dataset=cifar100", "student=resnet18", f"paths.data={tmp_path / 'data'}", cwd=tmp_path
+    )
     assert_one_line_error(missing, str(tmp_path / "data"), "dataset.download")
     write_cifar100(tmp_path / "data", train=200, test=100)
     kd_ok(

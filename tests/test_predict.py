@@ -146,7 +146,7 @@ def test_missing_inputs_and_models_and_an_existing_csv(trained, pngs, tmp_path):
 def exported(trained, tmp_path_factory) -> Path:
     """The trained model exported to ONNX by the real command (in a subprocess)."""
     export_dir = tmp_path_factory.mktemp("export") / "run"
-    result = kd("export", f"run={trained}", f"hydra.run.dir={export_dir}", cwd=export_dir.parent)
+    result = kd_here("export", f"run={trained}", f"hydra.run.dir={export_dir}", cwd=export_dir.parent)
     assert result.code == 0, result.stderr
     return next(export_dir.glob("*.onnx"))
 
