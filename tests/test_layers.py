@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("cli", "__main__"),
     ("stages", "commands", "config", "model_index"),
     ("engine",),
-    ("methods", "models", "data", "compress"),
+    ("methods", "models", "data", "compress", "tasks"),
     ("registry", "errors", "hydra_errors", "saved_forms", "overrides", "console", ""),
 ]
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}

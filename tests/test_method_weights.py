@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from kd_cli.errors import KdError
-from kd_cli.methods import FIXED, METHODS, build_method, check_method_options
+from kd_cli.methods import FIXED, METHODS, build_method, check_method_options, method_tasks
 from kd_cli.models import create_model
 from kd_cli.registry import entry_parameters
 
@@ -86,8 +86,15 @@ def test_the_issue_example():
 # ---------------------------------------------------------------- forward leaves the term out
 
 
+def segmentation_only(name: str) -> bool:
+    return "classification" not in method_tasks(name)
+
+
 def method(name: str, monkeypatch, **options):
     torch.manual_seed(0)
+    if segmentation_only(name):  # per-pixel methods: a small segmenter pair
+        student, teacher = create_model("segcnn_tiny", 10, 1, 8), create_model("segcnn", 10, 1, 8, width=8)
+        return build_method(config(name, **options), student, teacher, task="segmentation")
     student = create_model("cnn", 10, 1, 8, width=4)
     teacher = create_model("cnn", 10, 1, 8, width=4 if name == "fsp" else 8)  # FSP pairs equal widths
     # ensemble's teachers come from run directories: here a loader that gives the teacher above for each
@@ -105,6 +112,8 @@ def terms_of(built, seed: int = 1) -> dict[str, torch.Tensor]:
     """The terms of the first epoch and of a late one (FSP's initialisation phase has terms of its own)."""
     torch.manual_seed(seed)
     images, labels = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    if built.task.name == "segmentation":
+        labels = torch.randint(0, 10, (4, 8, 8))
     extra = (torch.arange(4),) if built.needs_index else ()
     torch.manual_seed(seed)  # the same random draws in the method (CRD's negatives) for every build
     terms = {}

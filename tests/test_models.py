@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 from kd_cli.errors import KdError
-from kd_cli.models import create_model, list_models
+from kd_cli.models import create_model, list_models, model_task
 from kd_cli.models.features import FeatureTap, feature_shapes, set_feature_layers
 from kd_cli.models.torchvision_models import SPECS as TORCHVISION_SPECS
 
@@ -107,7 +107,8 @@ def test_every_family_is_registered():
 
 
 # Built from options alone; `hf` needs the config of the model it holds (tests/test_import.py covers it).
-SELF_CONTAINED = [name for name in list_models() if name != "hf"]
+# the classifiers (segmentation models are tested in test_segmentation.py)
+SELF_CONTAINED = [name for name in list_models() if name != "hf" and model_task(name) == "classification"]
 
 
 @pytest.mark.parametrize("name", SELF_CONTAINED)

@@ -13,6 +13,7 @@ from kd_cli.data.base import (
     FolderSplit,
     TensorSplit,
     check_dataset_config,
+    dataset_task,
     register_dataset,
 )
 from kd_cli.data.loader import make_loader
@@ -26,6 +27,7 @@ __all__ = [
     "register_dataset",
     "load_dataset",
     "check_dataset_config",
+    "dataset_task",
     "DataSplits",
     "TensorSplit",
     "FolderSplit",

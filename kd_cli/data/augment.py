@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kd_cli.errors import KdError
+from kd_cli.tasks.segmentation import IGNORE_INDEX
 
 # Random erasing draws the erased area and aspect ratio from the ranges torchvision's RandomErasing uses.
 ERASE_AREA = (0.02, 0.33)
@@ -79,12 +80,50 @@ def channel_stats(
     return mean_t, std_t
 
 
-def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Zero-pad by `padding`, then take an H x W window at offsets uniform in [0, 2 * padding]."""
-    b, c, h, w = x.shape
-    padded = F.pad(x, (padding, padding, padding, padding))
+def augment_pair(
+    x: torch.Tensor, masks: torch.Tensor, spec: Augmentation, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segmentation: uint8 images (B, C, H, W) and masks (B, H, W) moved together (the same crop, flip and
+    rotation per sample; the mask by nearest neighbour, what comes in from outside the image ignored);
+    erasing is photometric, so it touches the image only. Returns float images in [0, 1] and the masks."""
+    check_in_memory(spec)
+    if spec.crop_padding:
+        dy, dx = crop_offsets(x, spec.crop_padding, generator)
+        x = crop_window(x, dy, dx, spec.crop_padding, fill=0)
+        masks = crop_window(masks[:, None], dy, dx, spec.crop_padding, fill=IGNORE_INDEX)[:, 0]
+    x = x.float().div_(255.0)
+    if spec.hflip:
+        flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        masks = torch.where(flip[:, None, None], masks.flip(-1), masks)
+    if spec.rotate_degrees:
+        theta = rotation(x, spec.rotate_degrees, generator)
+        x = rotate(x, theta, "bilinear")
+        # shifted by one so that the zeros grid_sample brings in from outside become -1, then ignored
+        moved = rotate(masks[:, None].float() + 1, theta, "nearest")[:, 0] - 1
+        masks = torch.where(moved < 0, IGNORE_INDEX, moved).to(masks.dtype)
+    if spec.erase_prob:
+        x = random_erase(x, spec.erase_prob, generator)
+    return x, masks
+
+
+def crop_offsets(x: torch.Tensor, padding: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    b = x.shape[0]
     dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=x.device)
     dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=x.device)
+    return dy, dx
+
+
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Zero-pad by `padding`, then take an H x W window at offsets uniform in [0, 2 * padding]."""
+    dy, dx = crop_offsets(x, padding, generator)
+    return crop_window(x, dy, dx, padding, fill=0)
+
+
+def crop_window(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, padding: int, fill: int) -> torch.Tensor:
+    """Each sample's H x W window at (dy, dx) of `x` padded by `padding` with `fill`."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding), value=fill)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
     batch = torch.arange(b, device=x.device)[:, None, None, None]
@@ -99,14 +138,21 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def random_rotate(x: torch.Tensor, degrees: float, generator: torch.Generator) -> torch.Tensor:
     """Rotate about the centre by a uniform angle in [-degrees, degrees]; bilinear, corners filled with 0."""
-    b = x.shape[0]
-    angle = (torch.rand(b, generator=generator, device=x.device) * 2 - 1) * math.radians(degrees)
+    return rotate(x, rotation(x, degrees, generator), "bilinear")
+
+
+def rotation(x: torch.Tensor, degrees: float, generator: torch.Generator) -> torch.Tensor:
+    """A (B, 2, 3) rotation per sample by a uniform angle in [-degrees, degrees]."""
+    angle = (torch.rand(x.shape[0], generator=generator, device=x.device) * 2 - 1) * math.radians(degrees)
     cos, sin = torch.cos(angle), torch.sin(angle)
     zero = torch.zeros_like(angle)
     # affine_grid works in normalised [-1, 1] coordinates, which is a true rotation for square images.
-    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    return torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+
+
+def rotate(x: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor:
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
 def random_erase(x: torch.Tensor, prob: float, generator: torch.Generator) -> torch.Tensor:

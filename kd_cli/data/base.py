@@ -53,7 +53,7 @@ class TensorSplit:
     """A split that fits in memory: kept as uint8 so a whole data set sits on the GPU cheaply."""
 
     images: torch.Tensor  # uint8, (N, C, H, W)
-    labels: torch.Tensor  # int64, (N,)
+    labels: torch.Tensor  # int64 (N,) class indices; segmentation: uint8 (N, H, W) masks (255: ignored)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -83,6 +83,13 @@ class DataSplits:
     # Held out from training to choose the best epoch (dataset.val_fraction, or the data set's own
     # validation folder); None: no validation split, the loop then reports the test-set best.
     val: TensorSplit | FolderSplit | None = None
+    task: str = "classification"  # what a label is and how a model is scored (kd_cli/tasks)
+
+
+def dataset_task(name: str) -> str:
+    """The task of a registered data set (its loader's `task` attribute; classification when unset),
+    known before anything is loaded, so a model or method of another task is refused first."""
+    return getattr(DATASETS.get(name), "task", "classification")
 
 
 def check_dataset_config(cfg: Mapping[str, Any]) -> None:
@@ -198,7 +205,9 @@ def tensor_split_digest(split: TensorSplit, samples: int = 256) -> list[bytes | 
     return [str(tuple(split.images.shape)), split.labels.numpy().tobytes(), sample.numpy().tobytes()]
 
 
-def tensor_splits(train: TensorSplit, test: TensorSplit, class_names: list[str], *extra: str) -> DataSplits:
+def tensor_splits(
+    train: TensorSplit, test: TensorSplit, class_names: list[str], *extra: str, task: str = "classification"
+) -> DataSplits:
     """DataSplits for in-memory data, with channels, size and fingerprint read off the tensors."""
     for split in (train, test):
         _check_tensor_split(split)
@@ -210,6 +219,7 @@ def tensor_splits(train: TensorSplit, test: TensorSplit, class_names: list[str],
         in_channels=train.images.shape[1],
         input_size=train.images.shape[-1],
         fingerprint=fingerprint(*tensor_split_digest(train), *tensor_split_digest(test), *class_names, *extra),
+        task=task,
     )
 
 
@@ -217,4 +227,7 @@ def _check_tensor_split(split: TensorSplit) -> None:
     # Catch loader bugs here, where they are cheap to find, not as a shape error deep in training.
     images, labels = split.images, split.labels
     assert images.dtype == torch.uint8 and images.dim() == 4, (images.dtype, images.shape)
+    if labels.dim() == 3:  # segmentation masks, one per image, of its size
+        assert labels.dtype == torch.uint8 and labels.shape == (images.shape[0], *images.shape[2:]), labels.shape
+        return
     assert labels.dtype == torch.int64 and labels.shape == (images.shape[0],), (labels.dtype, labels.shape)

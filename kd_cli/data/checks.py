@@ -39,6 +39,7 @@ from kd_cli.data.base import (
     split_labels,
 )
 from kd_cli.errors import KdError, warn
+from kd_cli.tasks.segmentation import IGNORE_INDEX as IGNORE
 
 SHOWN = 5  # class names listed in a message before "..."
 BLOCK = 4096  # images hashed per block (bounds the temporary copy for unaligned image sizes)
@@ -60,6 +61,9 @@ def check_splits(data: DataSplits, name: str) -> None:
             f"{what} has {_count(data.num_classes, 'class')} ({', '.join(names)}); a classifier needs at "
             "least 2: add images of another class (an image folder needs one sub-folder per class)"
         )
+    if data.task == "segmentation":
+        check_masks(data, what)
+        return
     train, test = split_labels(data.train), split_labels(data.test)
     val = split_labels(data.val) if data.val is not None else torch.zeros(0, dtype=torch.int64)
     if train is None or test is None or val is None:
@@ -101,6 +105,38 @@ def check_splits(data: DataSplits, name: str) -> None:
             f"({_names(names, untested)}); their accuracy is not measured"
         )
     _warn_duplicates(data, what, train, test)
+
+
+def check_masks(data: DataSplits, what: str) -> None:
+    """Segmentation: every mask value a class or the ignore index; the training masks hold two classes at
+    least; a class the test masks have but no training mask has is refused (it could never be predicted)."""
+    names = list(data.class_names)
+    counts = {}
+    splits = [("training", data.train), ("test", data.test)] + ([("validation", data.val)] if data.val else [])
+    for title, split in splits:
+        labels = split_labels(split)
+        if labels is None:
+            return  # masks read from files: checked as they are read (data/masks.py)
+        values = torch.bincount(labels.flatten().long(), minlength=256)
+        outside = [v for v in torch.nonzero(values).flatten().tolist() if v >= data.num_classes and v != IGNORE]
+        if outside:
+            raise KdError(
+                f"{what}: the {title} masks hold value {outside[0]}, neither one of the {data.num_classes} "
+                f"classes (0..{data.num_classes - 1}) nor {IGNORE} (ignored); fix the masks or the class list"
+            )
+        counts[title] = values[: data.num_classes]
+    present = torch.nonzero(counts["training"]).flatten().tolist()
+    if len(present) < 2:
+        raise KdError(
+            f"{what}: the training masks hold {_names(names, present) if present else 'no class'} only; "
+            "segmentation needs at least 2 classes: add masks with another class"
+        )
+    unlearnable = torch.nonzero((counts["training"] == 0) & (counts["test"] > 0)).flatten().tolist()
+    if unlearnable:
+        raise KdError(
+            f"{what}: the test masks have class {_names(names, unlearnable)}, which no training mask has; the "
+            "model could never predict it: add training images of it"
+        )
 
 
 def _count(number: int, noun: str) -> str:

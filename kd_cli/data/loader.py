@@ -24,6 +24,7 @@ from torch.utils.data import (
 from kd_cli.data.augment import (
     Augmentation,
     augment_batch,
+    augment_pair,
     channel_stats,
     check_in_memory,
 )
@@ -143,13 +144,17 @@ class TensorLoader:
         generator.manual_seed(epoch_seed(self.seed, self.epoch, f"augment/rank{self.rank}"))
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]
-            images = self.images[index]
-            if self.spec is not None:
+            images, labels = self.images[index], self.labels[index]
+            if self.spec is not None and labels.dim() == 3:  # segmentation: the masks move with the images
+                images, labels = augment_pair(images, labels, self.spec, generator)
+            elif self.spec is not None:
                 images = augment_batch(images, self.spec, generator)
             else:
                 images = images.float().div_(255.0)
             images = images.sub_(self.mean).div_(self.std)
-            yield (images, self.labels[index], index) if self.with_index else (images, self.labels[index])
+            if labels.dim() == 3:
+                labels = labels.long()  # masks are stored as uint8 (4x smaller on the device)
+            yield (images, labels, index) if self.with_index else (images, labels)
 
     def _order(self) -> torch.Tensor:
         count = len(self.labels)

@@ -48,7 +48,8 @@ def hold_out_validation(data: DataSplits, fraction: float, seed: int, name: str)
     The fingerprint changes with it: a teacher found by fingerprint was trained on the same, smaller,
     training split, so it has never seen a validation image either."""
     known = split_labels(data.train)
-    labels = np.zeros(len(data.train), dtype=np.int64) if known is None else known.numpy()
+    # (images without one label, segmentation's, are held out as one group)
+    labels = np.zeros(len(data.train), dtype=np.int64) if known is None or known.dim() > 1 else known.numpy()
     rng = np.random.default_rng(seed)
     held: list[np.ndarray] = []
     for label in np.unique(labels):

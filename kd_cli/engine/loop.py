@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kd_cli.engine.device import autocast, derived_seed, seed_everything, use_channels_last
 from kd_cli.engine.distributed import World, all_reduce_sum
-from kd_cli.engine.metrics import predict, topk_accuracy
+from kd_cli.engine.metrics import score
 from kd_cli.engine.optimizers import build_optimizer, param_groups
 from kd_cli.engine.progress import make_reporter
 from kd_cli.engine.resume_state import (
@@ -43,6 +43,7 @@ from kd_cli.engine.values import check_optim, compile_mode
 from kd_cli.errors import KdError
 from kd_cli.methods.base import Distiller
 from kd_cli.models.features import backbone_parameters
+from kd_cli.tasks import Classification, Task
 
 log = logging.getLogger("kd")
 
@@ -73,19 +74,27 @@ class Training:
     # The loop's own draws (dropout, a method's sampling) start from (seed, "train"), whatever the stage
     # built or loaded before; a resumed run continues the checkpointed generator states instead.
     seed: int = 0
+    # What the data set's task is (its loss is the method's; its score chooses the best epoch) and how
+    # many classes the score counts.
+    task: Task = field(default_factory=Classification)
+    num_classes: int = 0
 
 
 @dataclass
 class FitResult:
+    """The run's scores in the task's headline metric (`metric`: top1, miou)."""
+
     history: list[dict[str, Any]]
-    best_top1: float  # test top-1 of the chosen epoch (the test-set best when chosen on test)
+    best_score: float  # test score of the chosen epoch (the test-set best when chosen on test)
     best_epoch: int
     resumed_from: int
-    last_top1: float | None = None  # test top-1 after the last epoch
+    last_score: float | None = None  # test score after the last epoch
     selected_on: str = "test"  # "val" or "test": the split that chose best_epoch
-    best_val_top1: float | None = None
+    best_val_score: float | None = None
     teacher_cache: dict[str, Any] | None = None  # what the teacher cache served (TeacherCache.summary)
-    peers_last_top1: dict[str, float | None] = field(default_factory=dict)  # test top-1 of each peer's last weights
+    peers_last_score: dict[str, float | None] = field(default_factory=dict)  # test score of each peer's last weights
+    metric: str = "top1"
+    task: str = "classification"
 
     @property
     def last(self) -> dict[str, Any]:
@@ -131,13 +140,16 @@ def fit(job: Training) -> FitResult:
     else:
         best = state["best"]
         last_row = state["history"][-1] if state["history"] else {}
+        key = f"test_{job.task.metric}"
         result = FitResult(
             state["history"],
-            best["top1"],
+            best["score"],
             best["epoch"],
             state["resumed_from"],
-            last_top1=last_row.get("test_top1"),
-            peers_last_top1={name: last_row.get(f"{name}_test_top1") for name in method.peer_models()},
+            last_score=last_row.get(key),
+            peers_last_score={name: last_row.get(f"{name}_{key}") for name in method.peer_models()},
+            metric=job.task.metric,
+            task=job.task.name,
         )
     result.teacher_cache = cache.summary() if cache else None
     return result
@@ -146,18 +158,19 @@ def fit(job: Training) -> FitResult:
 def _test_chosen(job: Training, method: Distiller, state: dict) -> FitResult:
     """The test split's first reading: the last weights, then the chosen epoch's, which stay loaded."""
     epochs_done = len(state["history"])
-    last = _score(job, method.student, job.test_loader, "test", epochs_done)["test_top1"]
+    key = f"test_{job.task.metric}"
+    last = _score(job, method.student, job.test_loader, "test", epochs_done)[key]
     best = state["best"]
     chosen = last
     if best["epoch"] != epochs_done:
         method.student.load_state_dict(state["best_state"])
-        chosen = _score(job, method.student, job.test_loader, "test", best["epoch"])["test_top1"]
+        chosen = _score(job, method.student, job.test_loader, "test", best["epoch"])[key]
     log.info(
-        f"best epoch {best['epoch']} on validation ({best['top1']:.2f}): test top-1 {chosen:.2f} "
-        f"(last epoch {last:.2f})"
+        f"best epoch {best['epoch']} on validation ({best['score']:.2f}): test {job.task.metric_label} "
+        f"{chosen:.2f} (last epoch {last:.2f})"
     )
     peers: dict[str, float | None] = {
-        name: _score(job, peer, job.test_loader, "test", epochs_done)["test_top1"]
+        name: _score(job, peer, job.test_loader, "test", epochs_done)[key]
         for name, peer in method.peer_models().items()
     }
     return FitResult(
@@ -165,10 +178,12 @@ def _test_chosen(job: Training, method: Distiller, state: dict) -> FitResult:
         chosen,
         best["epoch"],
         state["resumed_from"],
-        last_top1=last,
+        last_score=last,
         selected_on="val",
-        best_val_top1=best["top1"],
-        peers_last_top1=peers,
+        best_val_score=best["score"],
+        peers_last_score=peers,
+        metric=job.task.metric,
+        task=job.task.name,
     )
 
 
@@ -226,7 +241,8 @@ def _train_epoch(job, method, forward, optimizer, scaler, epoch, steps, bar) -> 
     job.train_loader.set_epoch(epoch)
     bar.start_epoch(epoch)
     sums: dict[str, torch.Tensor] = {}
-    correct = torch.zeros((), device=job.device)
+    hits = torch.zeros((), device=job.device)  # what the task counts as right (images, pixels), and of how many
+    counted = torch.zeros((), device=job.device)
     seen = 0
     channels_last = use_channels_last(job.trainer.channels_last, job.device, job.dtype)
     schedule = Schedule.from_config(job.optim, job.trainer.epochs)
@@ -253,11 +269,13 @@ def _train_epoch(job, method, forward, optimizer, scaler, epoch, steps, bar) -> 
         scaler.step(optimizer)
         scaler.update()
         _accumulate(sums, terms, loss, len(labels))
-        correct += (logits.detach().argmax(1) == labels).sum()
+        right, units = job.task.hits(logits.detach(), labels)
+        hits += right
+        counted += units
         seen += len(labels)
         bar.step(loss.detach)
     seconds = time.perf_counter() - start
-    return _epoch_row(job, epoch, sums, correct, seen, seconds, lr)
+    return _epoch_row(job, epoch, sums, (hits, counted), seen, seconds, lr)
 
 
 def _accumulate(sums: dict, terms: dict, loss: torch.Tensor, batch: int) -> None:
@@ -267,16 +285,17 @@ def _accumulate(sums: dict, terms: dict, loss: torch.Tensor, batch: int) -> None
         sums[name] = sums[name] + value if name in sums else value
 
 
-def _epoch_row(job, epoch, sums, correct, seen, seconds, lr) -> dict[str, Any]:
+def _epoch_row(job, epoch, sums, hits, seen, seconds, lr) -> dict[str, Any]:
     names = list(sums)
-    stacked = torch.stack([sums[n] for n in names] + [correct, torch.tensor(float(seen), device=job.device)])
+    seen_t = torch.tensor(float(seen), device=job.device)
+    stacked = torch.stack([sums[n] for n in names] + [h.float() for h in hits] + [seen_t])
     totals = all_reduce_sum(stacked, job.world).tolist()
     count = totals[-1]
     row: dict[str, Any] = {"epoch": epoch + 1}
     row.update({f"train_{n}": v / count for n, v in zip(names, totals)})
     if not math.isfinite(row["train_loss"]):
         raise KdError(f"the training loss became {row['train_loss']} in epoch {epoch + 1}; {_remedies(job)}")
-    row["train_top1"] = 100.0 * totals[-2] / count
+    row[f"train_{job.task.train_metric}"] = 100.0 * totals[-3] / max(totals[-2], 1.0)
     row["lr"] = lr
     row["images_per_s"] = count / seconds
     row["seconds"] = seconds
@@ -284,8 +303,8 @@ def _epoch_row(job, epoch, sums, correct, seen, seconds, lr) -> dict[str, Any]:
 
 
 def _evaluate(job: Training, method: Distiller, epoch: int) -> dict[str, float]:
-    """The epoch's scores, the student's and its peers' (`NAME_val_top1`, ...): on the validation split when
-    there is one (the test split waits for the end)."""
+    """The epoch's scores, the student's and its peers' (`NAME_val_top1`, `NAME_val_miou`, ...): on the
+    validation split when there is one (the test split waits for the end)."""
     split, loader = ("val", job.val_loader) if job.val_loader is not None else ("test", job.test_loader)
     row = _score(job, method.student, loader, split, epoch + 1)
     for name, peer in method.peer_models().items():
@@ -294,13 +313,14 @@ def _evaluate(job: Training, method: Distiller, epoch: int) -> dict[str, float]:
 
 
 def _score(job: Training, model: torch.nn.Module, loader, split: str, epoch: int) -> dict[str, float]:
-    logits, labels = predict(model, loader, job.device, job.eval_dtype or job.dtype)
-    loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    """`<split>_<metric>` and `<split>_loss`, plus the task's other scalars (segmentation: pixel accuracy)."""
+    scores = score(model, loader, job.device, job.eval_dtype or job.dtype, job.task.new_score(job.num_classes)).result()
+    loss = scores["loss"]
     if not math.isfinite(loss):  # a score from NaN outputs would be reported as a real accuracy
         raise KdError(
             f"the {split} loss became {loss} in epoch {epoch} (the model's outputs are not finite); {_remedies(job)}"
         )
-    return {f"{split}_top1": topk_accuracy(logits, labels, 1), f"{split}_loss": loss}
+    return {f"{split}_{name}": value for name, value in scores.items()}
 
 
 def _remedies(job: Training) -> str:
@@ -315,9 +335,9 @@ def _remedies(job: Training) -> str:
 
 
 def _track_best(job: Training, state: dict, row: dict, method: Distiller) -> None:
-    key = "val_top1" if job.val_loader is not None else "test_top1"
-    if key in row and row[key] > state["best"]["top1"]:
-        state["best"] = {"top1": row[key], "epoch": row["epoch"]}
+    key = f"{'val' if job.val_loader is not None else 'test'}_{job.task.metric}"
+    if key in row and row[key] > state["best"]["score"]:
+        state["best"] = {"score": row[key], "epoch": row["epoch"]}
         if job.val_loader is not None:  # the chosen weights, kept to be tested (and saved) at the end
             state["best_state"] = {k: v.detach().clone() for k, v in method.student.state_dict().items()}
 
@@ -338,7 +358,7 @@ def _resume_state(job: Training, method: Distiller, optimizer) -> dict:
     """Fresh state, or the state of checkpoints/last.pt when the run directory has one."""
     path = (job.resume_from or job.run.path) / LAST
     if not path.exists():
-        return {"epoch": 0, "history": [], "best": {"top1": -1.0, "epoch": 0}, "resumed_from": 0}
+        return {"epoch": 0, "history": [], "best": {"score": -1.0, "epoch": 0}, "resumed_from": 0}
     saved = load_resume_state(path)
     try:
         method.load_state_dict(saved["method"])
@@ -349,5 +369,7 @@ def _resume_state(job: Training, method: Distiller, optimizer) -> dict:
             f"{path} does not match this run's model/method ({reason}); resume with the same config or start a new run"
         ) from None
     set_rng_state(saved["rng"])
+    if "top1" in saved["best"]:  # a checkpoint of kd before tasks named the best score by its metric
+        saved["best"] = {"score": saved["best"]["top1"], "epoch": saved["best"]["epoch"]}
     log.info(f"resuming {job.title} from {path} after epoch {saved['epoch']}")
     return {**saved, "resumed_from": saved["epoch"]}

@@ -3,7 +3,7 @@
 `logger=` picks them; a list picks several (`logger=[tensorboard,mlflow]`: each option fills its own
 key under `cfg.logger`). Every tracker receives the same three things: the resolved config (as
 hyper-parameters) when the run opens, each metrics.csv row after its epoch (step = epoch), and the
-saved model (model.safetensors + model.json) with best_top1 at the end. Only rank 0 tracks.
+saved model (model.safetensors + model.json) with the best score (best_top1, best_miou) at the end. Only rank 0 tracks.
 
 Each backend is an optional extra of the package. `check_trackers` imports the selected ones before
 any data is read, so a missing one is a one-line error with its install command, not a failure
@@ -19,7 +19,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -109,11 +109,11 @@ class Trackers:
                 backend.log_metrics(*_metrics(row))
             self._save(int(row["epoch"]))
 
-    def log_model(self, run_dir: Path, best_top1: float, best_epoch: int) -> None:
+    def log_model(self, run_dir: Path, best: float, best_epoch: int, metric: str = "top1") -> None:
         """The saved model files and the best test top-1, at the end of training."""
         with _held_interrupts():
             for backend in self.backends:
-                backend.log_model(Path(run_dir), best_top1, best_epoch)
+                backend.log_model(Path(run_dir), best, best_epoch, metric)
 
     def close(self, status: str = FINISHED) -> None:
         backends, self.backends = self.backends, []
@@ -260,7 +260,8 @@ class TensorBoardTracker(Backend):
         self.writer = SummaryWriter(log_dir=str(_resolve(context.path, options.dir)))
         context.state.setdefault(self.key, {})
         params = {k: v for k, v in flatten(context.config).items() if not k.startswith("logger.")}
-        experiment, self._start, self._end = hparams(params, {"best_top1": 0.0, "test_top1": 0.0})
+        metric = _metric_of(context.config)
+        experiment, self._start, self._end = hparams(params, {f"best_{metric}": 0.0, f"test_{metric}": 0.0})
         events = _file_writer(self.writer)
         events.add_summary(experiment)
         events.add_summary(self._start)
@@ -273,8 +274,8 @@ class TensorBoardTracker(Backend):
         self.step = step
         self.writer.flush()
 
-    def log_model(self, run_dir: Path, best_top1: float, best_epoch: int) -> None:
-        self.writer.add_scalar("best_top1", best_top1, self.step)
+    def log_model(self, run_dir: Path, best: float, best_epoch: int, metric: str = "top1") -> None:
+        self.writer.add_scalar(f"best_{metric}", best, self.step)
         meta = (run_dir / META).read_text()
         self.writer.add_text("model", f"weights: `{(run_dir / WEIGHTS).resolve()}`\n\n```\n{meta}\n```", self.step)
 
@@ -352,8 +353,8 @@ class MlflowTracker(Backend):
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
         self.step = step
 
-    def log_model(self, run_dir: Path, best_top1: float, best_epoch: int) -> None:
-        self.client.log_metric(self.run_id, "best_top1", best_top1, step=self.step)
+    def log_model(self, run_dir: Path, best: float, best_epoch: int, metric: str = "top1") -> None:
+        self.client.log_metric(self.run_id, f"best_{metric}", best, step=self.step)
         self.client.set_tag(self.run_id, "kd.best_epoch", str(best_epoch))
         for name in (WEIGHTS, META):
             self.client.log_artifact(self.run_id, str(run_dir / name), artifact_path="model")
@@ -428,10 +429,10 @@ class WandbTracker(Backend):
         self.run.log({**values, "epoch": step}, step=step)
         self.step = step
 
-    def log_model(self, run_dir: Path, best_top1: float, best_epoch: int) -> None:
+    def log_model(self, run_dir: Path, best: float, best_epoch: int, metric: str = "top1") -> None:
         import wandb
 
-        self.run.summary.update({"best_top1": best_top1, "best_epoch": best_epoch})
+        self.run.summary.update({f"best_{metric}": best, "best_epoch": best_epoch})
         if self.mode == "disabled":
             return
         meta = read_json(run_dir / META)
@@ -446,3 +447,12 @@ class WandbTracker(Backend):
 
     def close(self, status: str) -> None:
         self.run.finish(exit_code=0 if status == FINISHED else 1)
+
+
+def _metric_of(config: Mapping[str, Any]) -> str:
+    """The run's headline metric (top1, miou): its data set's task's."""
+    from kd_cli.data import dataset_task
+    from kd_cli.tasks import get_task
+
+    dataset = config.get("dataset")
+    return get_task(dataset_task(str(dataset["name"])) if dataset is not None else "classification").metric

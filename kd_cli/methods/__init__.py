@@ -25,6 +25,7 @@ from torch import nn
 from kd_cli.errors import KdError
 from kd_cli.methods.base import Distiller
 from kd_cli.registry import Registry, entry_parameters, import_submodules
+from kd_cli.tasks import get_task
 
 # the registered name is kept as `method_name`, for messages (`method=kd: ...`), also in a subclass's rules
 METHODS = Registry("method", name_attribute="method_name")
@@ -55,11 +56,13 @@ def build_method(
     num_samples: int | None = None,
     new_student: Callable[[], nn.Module] | None = None,
     load_model: Callable[[str], tuple[nn.Module, Any]] | None = None,
+    task: str = "classification",
 ) -> Distiller:
     """`num_samples` (the training split's size) is passed to methods that take it (CRD's memory),
     `new_student` (a fresh, newly initialised network of the student's architecture) to those that
     train several students (DML's cohort, ONE's branches), and `load_model` (a saved model's path ->
     (network, spec), the stage's artifact loader) to those that load their own teachers (ensemble)."""
+    check_method_task(cfg["name"], task)
     fixed: dict[str, Any] = {"student": student, "teacher": teacher}
     parameters, _ = entry_parameters(METHODS.get(cfg["name"]))
     if "num_samples" in parameters:
@@ -75,7 +78,23 @@ def build_method(
         if load_model is None:
             raise KdError(f"method={cfg['name']} loads its own teachers; the stage must give it a model loader")
         fixed["load_model"] = load_model
-    return METHODS.build(cfg["name"], fixed, _options(cfg), path=PATH)
+    method = cast("Distiller", METHODS.build(cfg["name"], fixed, _options(cfg), path=PATH))
+    method.__dict__["task"] = get_task(task)  # a plain attribute (Distiller.__init__ declares it)
+    return method
+
+
+def method_tasks(name: str) -> tuple[str, ...]:
+    return cast("type[Distiller]", METHODS.get(name)).tasks
+
+
+def check_method_task(name: str, task: str) -> None:
+    """A method written for another task than the data set's: one line naming those that apply."""
+    if task not in method_tasks(name):
+        fitting = [other for other in METHODS.names() if task in method_tasks(other)]
+        raise KdError(
+            f"method={name} distils {' and '.join(method_tasks(name))} models, but this data set is {task}; "
+            f"the methods for {task} are: {', '.join(fitting)}"
+        )
 
 
 def _options(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -88,4 +107,13 @@ def method_requires_teacher(name: str) -> bool:
 
 import_submodules(__name__, __path__)
 
-__all__ = ["METHODS", "Distiller", "build_method", "check_method_options", "method_requires_teacher", "register_method"]
+__all__ = [
+    "METHODS",
+    "Distiller",
+    "build_method",
+    "check_method_options",
+    "check_method_task",
+    "method_requires_teacher",
+    "method_tasks",
+    "register_method",
+]

@@ -24,6 +24,7 @@ from kd_cli.methods.feature_utils import embedding_layer, feature_layers, requir
 from kd_cli.methods.logit_utils import kd_loss
 from kd_cli.models.features import FeatureTap, feature_shapes
 from kd_cli.registry import NonNegative, Temperature
+from kd_cli.tasks import Task, get_task
 
 
 class TeacherOutputs(Protocol):
@@ -57,6 +58,10 @@ class Distiller(nn.Module, metaclass=ABCMeta):
     # True for methods that read the teacher only through `teacher_logits`: its outputs may then come
     # from the teacher cache (engine/teacher_cache.py) instead of running it (see teacher_cache_outputs).
     reads_teacher_logits_only = False
+    # The tasks (kd_cli/tasks) the method's losses are written for: a method is refused, before any work,
+    # on a data set of another task. `task` is the run's, set by build_method (its loss is the `ce` term).
+    tasks: tuple[str, ...] = ("classification",)
+    task: Task
     # Plain attributes set through __dict__ in __init__ (not submodules); declared here so that they are
     # not typed through nn.Module.__getattr__. The loop attaches the teacher cache.
     teacher: nn.Module | None
@@ -75,6 +80,7 @@ class Distiller(nn.Module, metaclass=ABCMeta):
         self.epoch, self.epochs = 0, 1
         self.__dict__["teacher"] = teacher  # plain attribute: not a submodule (see module docstring)
         self.__dict__["teacher_outputs"] = None  # the teacher cache, when the loop attaches one
+        self.__dict__["task"] = get_task("classification")  # the run's task: build_method sets it
         if teacher is not None:
             teacher.eval().requires_grad_(False)
 

@@ -1,11 +1,11 @@
-"""`method=none`: the student trained alone with cross-entropy (teacher training, and the baseline)."""
+"""`method=none`: the student trained alone with its task loss, cross-entropy (per pixel for segmentation,
+ignored pixels left out): teacher training, and the baseline."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 import torch
-import torch.nn.functional as F
 
 from kd_cli.methods import register_method
 from kd_cli.methods.base import Distiller
@@ -19,6 +19,7 @@ Smoothing = Annotated[float, Range(0, 1, high_open=True)]
 class NoDistillation(Distiller):
     requires_teacher = False
     loss_weights = ("ce_weight",)
+    tasks = ("classification", "segmentation")
 
     def __init__(self, student, teacher=None, *, ce_weight: NonNegative, label_smoothing: Smoothing):
         super().__init__(student, None)  # a teacher, if one is around, is ignored
@@ -27,5 +28,5 @@ class NoDistillation(Distiller):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         logits = self.student(images)
-        ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        ce = self.task.loss(logits, labels, label_smoothing=self.label_smoothing)
         return logits, {"ce": self.ce_weight * ce}

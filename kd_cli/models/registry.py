@@ -49,3 +49,8 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, input_size: 
     model.kd_input_shape = (in_channels, input_size, input_size)  # for dry runs that size adapters
     model.kd_num_classes = num_classes
     return model
+
+
+def model_task(name: str) -> str:
+    """The task a registered model serves (its builder's `task` attribute; classification when unset)."""
+    return getattr(MODELS.get(name), "task", "classification")

@@ -36,6 +36,35 @@ def check_config(cfg: DictConfig) -> None:
         from kd_cli.methods import check_method_options
 
         check_method_options(cfg.method)
+    if cfg.get("dataset") is not None:
+        check_task_fit(cfg)
+
+
+# The stages that serve classification models only, for now (their segmentation side is issue 21's next part).
+CLASSIFICATION_ONLY_STAGES = ("compress", "export", "import")
+
+
+def check_task_fit(cfg: DictConfig) -> None:
+    """The models and the method serve the data set's task (a segmentation data set takes segmentation
+    models and methods): one line naming those that do, before any data is read."""
+    from kd_cli.data import dataset_task
+    from kd_cli.methods import check_method_task
+    from kd_cli.models import list_models, model_task
+
+    task = dataset_task(cfg.dataset.name)
+    if task != "classification" and cfg.stage in CLASSIFICATION_ONLY_STAGES:
+        raise KdError(f"kd {cfg.stage} serves classification models only for now; dataset={cfg.dataset.name} is {task}")
+    for role in ("teacher", "student", "model"):
+        node = cfg.get(role)
+        if node is None or "arch" not in node or model_task(str(node.arch)) == task:
+            continue
+        fitting = [name for name in list_models() if model_task(name) == task]
+        raise KdError(
+            f"{role}.arch={node.arch} is a {model_task(str(node.arch))} model, but dataset={cfg.dataset.name} is "
+            f"{task}; choose one of: {', '.join(fitting)}"
+        )
+    if "method" in cfg:
+        check_method_task(str(cfg.method.name), task)
 
 
 def check_plain_values(cfg: DictConfig) -> None:

@@ -208,7 +208,7 @@ def _scorer(cfg: DictConfig, loaders: Loaders, spec: ModelSpec, setup: Setup):
 
 def check_reload(path: Path, final: Measurement, score) -> float:
     """Load the saved files back (as `kd evaluate` will) and insist on the same top-1."""
-    from kd_cli.engine.metrics import topk_accuracy
+    from kd_cli.tasks.classification import topk_accuracy
 
     model, _ = load_model(path, "cpu")
     reloaded = topk_accuracy(*score(model))

@@ -12,7 +12,6 @@ from torch import nn
 from kd_cli.engine.artifacts import ModelSpec
 from kd_cli.engine.device import random_stream
 from kd_cli.engine.loop import FitResult
-from kd_cli.engine.metrics import predict, topk_accuracy
 from kd_cli.engine.rundir import RunDir
 from kd_cli.methods import method_requires_teacher
 from kd_cli.stages.data import Loaders, data_env, load_data
@@ -21,8 +20,9 @@ from kd_cli.stages.lifecycle import start_run
 from kd_cli.stages.models import check_pretrained_form, model_spec
 from kd_cli.stages.results import finish, objective, print_results, selection_rows
 from kd_cli.stages.setup import print_config, setup_run
-from kd_cli.stages.teacher import Teacher, for_checks, plan_teacher, ready_teacher
+from kd_cli.stages.teacher import Teacher, for_checks, plan_teacher, ready_teacher, teacher_score
 from kd_cli.stages.training import dry_build, train_and_save
+from kd_cli.tasks import get_task
 
 
 def main(cfg: DictConfig, run: RunDir) -> float:
@@ -41,7 +41,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     )
     result = train_and_save(cfg, run, setup, loaders, student, spec, last_teacher, title=f"student {spec.arch}")
     if teacher is not None and loaders.val is not None:  # training is over: the teacher's test score
-        teacher.top1 = topk_accuracy(*predict(teacher.model, loaders.test, setup.device, setup.eval_dtype))
+        teacher.score = teacher_score(teacher.model, teacher.path, loaders.test, loaders, setup)
     if setup.world.is_main:
         report(cfg, run, result, student, spec, teacher, generations_top1, started)
     return objective(result)
@@ -68,7 +68,8 @@ def report(
     started: float,
 ) -> None:
     """summary.json (complete, written last) and the final table."""
-    per_generation = [*generations_top1, result.last_top1] if generations_top1 else None
+    per_generation = [*generations_top1, result.last_score] if generations_top1 else None
+    task = get_task(result.task)
     summary = finish(
         run,
         cfg,
@@ -80,13 +81,19 @@ def report(
         generations_top1=per_generation,
         teacher_arch=teacher.spec.arch if teacher else None,
         teacher_run=str(teacher.path) if teacher else None,
-        teacher_top1=teacher.top1 if teacher else None,
+        **{f"teacher_{task.metric}": teacher.score if teacher else None},
         teacher_params=teacher.params if teacher else None,
     )
     rows: list[tuple[str, Any]] = []
     if teacher is not None:
-        rows += [(f"teacher {teacher.spec.arch} test top-1", teacher.top1), ("teacher parameters", teacher.params)]
+        rows += [
+            (f"teacher {teacher.spec.arch} test {task.metric_label}", teacher.score),
+            ("teacher parameters", teacher.params),
+        ]
     rows += [(f"generation {k} test top-1", top1) for k, top1 in enumerate(generations_top1, 1)]
     rows += [*selection_rows(summary, f"student {spec.arch}"), ("student parameters", summary["params"])]
-    rows += [(f"{name} {spec.arch} test top-1 (last)", top1) for name, top1 in result.peers_last_top1.items()]
+    rows += [
+        (f"{name} {spec.arch} test {task.metric_label} (last)", value)
+        for name, value in result.peers_last_score.items()
+    ]
     print_results(f"distill ({cfg.method.name}) on {cfg.dataset.name}", rows, run.path)

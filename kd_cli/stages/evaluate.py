@@ -1,6 +1,7 @@
-"""`kd evaluate`: score any saved model (run directory or model.safetensors) on a split:
-top-1/top-5, NLL, ECE, per-class accuracy, confusion matrix, parameters, MACs, size, latency,
-and agreement with a teacher when one is given."""
+"""`kd evaluate`: score any saved model (run directory or model.safetensors) on a split: for a
+classifier top-1/top-5, NLL, ECE, per-class accuracy, confusion matrix and agreement with a teacher when
+one is given; for a segmenter mIoU, pixel and mean class accuracy, per-class IoU and the pixel confusion
+matrix; for both parameters, MACs, size and latency."""
 
 from __future__ import annotations
 
@@ -18,15 +19,18 @@ from torch import nn
 from kd_cli.compress import is_int8
 from kd_cli.data import load_dataset
 from kd_cli.engine.artifacts import ModelSpec, load_model, load_spec, resolve_weights
-from kd_cli.engine.metrics import classification_report, predict
+from kd_cli.engine.metrics import predict, score
 from kd_cli.engine.rundir import COMPLETE, CONFIG, RunDir
 from kd_cli.errors import KdError
+from kd_cli.models import model_task
 from kd_cli.saved_forms import rebuild
 from kd_cli.stages.data import eval_loader, saved_dataset
 from kd_cli.stages.lifecycle import start_run
 from kd_cli.stages.models import check_model_fits, count_parameters
 from kd_cli.stages.results import print_results
 from kd_cli.stages.setup import setup_run
+from kd_cli.tasks import get_task
+from kd_cli.tasks.classification import classification_report
 
 log = logging.getLogger("kd")
 SPLITS = ("test", "train", "val")
@@ -58,6 +62,8 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         cfg, run, setup, device=str(setup.device), seed=cfg.seed, data_fingerprint=data.fingerprint, model=str(weights)
     )
     loader = eval_loader(cfg, split, spec, device)
+    if data.task != "classification":
+        return evaluate_dense(cfg, run, model, spec, weights, loader, (device, dtype), started)
     logits, labels = predict(model, loader, device, dtype)
     if not torch.isfinite(logits).all():
         raise KdError(
@@ -73,12 +79,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         "dataset": spec.dataset,
         "split": cfg.split,
         **report,
-        "params": count_parameters(model),
-        "macs": count_macs(float_twin(model, spec), spec, _device_of(model)),
-        "size_bytes": weights.stat().st_size,
-        "latency_ms": measure_latency(model, spec, device, cfg.latency_batch_size, cfg.latency_batches),
-        "latency_batch_size": cfg.latency_batch_size,
-        "device": str(device),
+        **model_figures(cfg, model, spec, weights, device),
     }
     if cfg.teacher_run:
         summary["teacher_agreement"] = teacher_agreement(cfg.teacher_run, loader, logits, device, dtype)
@@ -101,6 +102,61 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         run.path,
     )
     return summary["top1"]
+
+
+def evaluate_dense(
+    cfg: DictConfig, run: RunDir, model: nn.Module, spec: ModelSpec, weights: Path, loader, where, started: float
+) -> float:
+    """A segmentation model scored over the split in one pass: mIoU, pixel and mean class accuracy,
+    per-class IoU (per_class.csv), the pixel confusion matrix, and the same size and speed figures."""
+    device, dtype = where
+    if cfg.teacher_run:
+        raise KdError("teacher_run= (top-1 agreement with a teacher) is for classifiers; remove it")
+    task = get_task(model_task(spec.arch))
+    scores = score(model, loader, device, dtype, task.new_score(spec.num_classes))
+    if not scores.all_finite:
+        raise KdError(f"{weights} gives non-finite outputs (NaN or inf); its weights are broken: retrain it")
+    report = scores.report()
+    confusion = report.pop("confusion")
+    summary = {
+        "stage": "evaluate",
+        "model": str(weights),
+        "arch": spec.arch,
+        "dataset": spec.dataset,
+        "task": task.name,
+        "split": cfg.split,
+        **report,
+        **model_figures(cfg, model, spec, weights, device),
+    }
+    write_confusion(run.path, confusion, spec.class_names)
+    write_per_class(run.path / "per_class.csv", spec.class_names, report["per_class_iou"], "iou")
+    run.write_summary(COMPLETE, **summary, wall_time_s=time.time() - started)
+    print_results(
+        f"evaluate {spec.arch} on {spec.dataset} ({cfg.split}, {report['num_pixels']:,} pixels)",
+        [
+            ("mIoU %", summary["miou"]),
+            ("pixel accuracy %", summary["pixel_acc"]),
+            ("mean class accuracy %", summary["mean_class_acc"]),
+            ("parameters", summary["params"]),
+            ("MACs", summary["macs"]),
+            ("size on disk (bytes)", summary["size_bytes"]),
+            (f"latency ms / batch of {cfg.latency_batch_size}", summary["latency_ms"]),
+        ],
+        run.path,
+    )
+    return summary["miou"]
+
+
+def model_figures(cfg: DictConfig, model: nn.Module, spec: ModelSpec, weights: Path, device) -> dict[str, Any]:
+    """Parameters, multiply-adds, size on disk and latency: what every task's evaluation reports."""
+    return {
+        "params": count_parameters(model),
+        "macs": count_macs(float_twin(model, spec), spec, _device_of(model)),
+        "size_bytes": weights.stat().st_size,
+        "latency_ms": measure_latency(model, spec, device, cfg.latency_batch_size, cfg.latency_batches),
+        "latency_batch_size": cfg.latency_batch_size,
+        "device": str(device),
+    }
 
 
 def _dataset_config(cfg: DictConfig, weights: Path) -> dict:
@@ -195,8 +251,8 @@ def write_confusion(directory: Path, confusion: torch.Tensor, class_names: list[
     plt.close(fig)
 
 
-def write_per_class(path: Path, class_names: list[str], accuracy: list[float]) -> None:
+def write_per_class(path: Path, class_names: list[str], accuracy: list[float], column: str = "top1") -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["class", "top1"])
+        writer.writerow(["class", column])
         writer.writerows(zip(class_names, accuracy))

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from kd_cli.data import load_dataset
 from kd_cli.engine.artifacts import ModelSpec, load_model, save_model
 from kd_cli.engine.files import read_json
-from kd_cli.engine.metrics import predict, topk_accuracy
+from kd_cli.engine.metrics import predict
 from kd_cli.engine.rundir import COMPLETE, RunDir
 from kd_cli.errors import KdError, warn
 from kd_cli.models.foreign_weights import fit_state, read_state_dict
@@ -32,6 +32,7 @@ from kd_cli.stages.lifecycle import start_run
 from kd_cli.stages.models import count_parameters, model_spec
 from kd_cli.stages.results import print_results
 from kd_cli.stages.setup import setup_run
+from kd_cli.tasks.classification import topk_accuracy
 
 log = logging.getLogger("kd")
 SAME_OUTPUTS = 1e-5  # largest |saved model - imported module| over the test logits

@@ -14,9 +14,9 @@ from torch import nn
 from kd_cli.compress.prune_unstructured import copyable, make_permanent
 from kd_cli.compress.surgery import weight_sparsity
 from kd_cli.engine.artifacts import ModelSpec, weights_for_file
-from kd_cli.engine.metrics import topk_accuracy
 from kd_cli.stages.evaluate import count_macs, measure_latency
 from kd_cli.stages.models import count_parameters
+from kd_cli.tasks.classification import topk_accuracy
 
 
 @dataclass

@@ -77,8 +77,14 @@ def check_model_fits(
     this run's (mean, std)). `converted`: the model gets the images in its own form (a teacher, see
     models/input_form.py), so another size or normalisation is only noted, and grey data may feed an
     RGB model."""
+    from kd_cli.models import model_task
     from kd_cli.models.input_form import can_convert
 
+    if model_task(spec.arch) != data.task:
+        raise KdError(
+            f"{role} {path} is a {model_task(spec.arch)} model ({spec.arch}) but this data set is {data.task}; "
+            f"give a {data.task} {role}, or a {model_task(spec.arch)} data set"
+        )
     channels_fit = (
         can_convert(data.in_channels, spec.in_channels) if converted else spec.in_channels == data.in_channels
     )

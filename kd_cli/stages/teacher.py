@@ -151,20 +151,38 @@ class Teacher:
     model: nn.Module
     spec: ModelSpec
     path: Path
-    top1: float  # on the validation split while training (the test split is read after training)
+    score: float  # the task's metric (top-1, mIoU) on the validation split while training (test: after it)
     params: int
 
 
 def ready_teacher(plan: TeacherPlan, cfg: DictConfig, run: RunDir, loaders: Loaders, setup: Setup) -> Teacher:
     """The planned teacher obtained (trained first if need be), its outputs checked finite and scored on
     the validation split when there is one (the test split waits for the end of training)."""
-    from kd_cli.engine.metrics import predict, topk_accuracy
     from kd_cli.stages.models import count_parameters
 
     model, spec, path = obtain_teacher(plan, cfg, run, loaders.data, setup.device)
-    logits, labels = predict(model, loaders.val or loaders.test, setup.device, setup.eval_dtype)
-    check_teacher_outputs(logits, path)
-    return Teacher(model, spec, path, topk_accuracy(logits, labels), count_parameters(model))
+    return Teacher(
+        model,
+        spec,
+        path,
+        teacher_score(model, path, loaders.val or loaders.test, loaders, setup),
+        count_parameters(model),
+    )
+
+
+def teacher_score(model: nn.Module, path: Path, loader, loaders: Loaders, setup: Setup) -> float:
+    """The teacher's score in the task's metric on `loader`; its outputs checked finite on the way."""
+    from kd_cli.engine.metrics import score
+    from kd_cli.tasks import get_task
+
+    task = get_task(loaders.data.task)
+    scores = score(model, loader, setup.device, setup.eval_dtype, task.new_score(loaders.data.num_classes))
+    if not scores.all_finite:
+        raise KdError(
+            f"teacher {path} gives non-finite outputs (NaN or inf) on the test images; its weights are "
+            f"broken: retrain it or give another teacher"
+        )
+    return scores.result()[task.metric]
 
 
 def for_checks(plan: TeacherPlan | None) -> nn.Module | None:
@@ -245,11 +263,3 @@ def _teacher_overrides() -> list[str]:
     # method=none last: a preset (experiment=...) may pick a distillation method for the student.
     config_dirs = [arg for d in user_dirs for arg in ("-cd", d)]
     return [*config_dirs, *overrides, "method=none"]
-
-
-def check_teacher_outputs(logits: torch.Tensor, path: Path) -> None:
-    if not torch.isfinite(logits).all():
-        raise KdError(
-            f"teacher {path} gives non-finite outputs (NaN or inf) on the test images; its weights are "
-            f"broken: retrain it or give another teacher"
-        )

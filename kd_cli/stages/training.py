@@ -24,6 +24,7 @@ from kd_cli.methods.base import Distiller
 from kd_cli.stages.data import Loaders
 from kd_cli.stages.lifecycle import output_dir
 from kd_cli.stages.setup import Setup
+from kd_cli.tasks import get_task
 
 log = logging.getLogger("kd")
 
@@ -59,6 +60,7 @@ def new_method(
         num_samples=len(loaders.data.train),
         new_student=new_student,
         load_model=load_model,
+        task=loaders.data.task,
     )
 
 
@@ -88,6 +90,8 @@ def training_job(
         tracker=tracker,
         resume_from=rank_resume_dir(cfg, setup, run),
         seed=int(cfg.seed),
+        task=get_task(loaders.data.task),
+        num_classes=loaders.data.num_classes,
         **options,
     )
 
@@ -125,7 +129,7 @@ def train_and_save(
             for name, peer in method.peer_models().items():
                 (run.path / PEERS / name).mkdir(parents=True, exist_ok=True)
                 save_model(run.path / PEERS / name, peer, spec)
-            tracker.log_model(run.path, result.best_top1, result.best_epoch)
+            tracker.log_model(run.path, result.best_score, result.best_epoch, result.metric)
     return result
 
 

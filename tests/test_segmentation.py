@@ -1,0 +1,291 @@
+"""Semantic segmentation on the task axis: the digit scenes, joint augmentation of image and mask, mIoU
+against torchmetrics, the pixel-wise KD and CWD losses against float64 references written from the
+authors' code (CIRKD's CriterionKD, mmrazor's ChannelWiseDivergence), refusals of another task's models
+and methods, and kd distill / evaluate end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kdrun import FAST, assert_one_line_error, kd_here, kd_here_ok, run_dirs, summary
+
+from kd_cli.data import load_dataset
+from kd_cli.data.augment import Augmentation, augment_pair
+from kd_cli.data.base import DataSplits, TensorSplit
+from kd_cli.data.checks import check_splits
+from kd_cli.data.scenes import INK, compose_scenes
+from kd_cli.errors import KdError
+from kd_cli.methods.cwd import cwd_loss
+from kd_cli.methods.pixel_kd import pixel_kd_loss
+from kd_cli.models import list_models, model_task
+from kd_cli.tasks import IGNORE_INDEX, get_task
+
+# Small scenes: what the CLI tests train on (a few seconds each).
+SCENES = [
+    "dataset=digit_scenes",
+    "dataset.train_scenes=64",
+    "dataset.test_scenes=32",
+    "dataset.canvas=24",
+    "dataset.digits_per_scene=2",
+    "trainer.batch_size=16",
+    "trainer.epochs=1",
+    *FAST,
+]
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+
+def test_scene_masks_label_each_digits_ink_and_nothing_else():
+    digits = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
+    digits[0, 0, 1:3, 1:3] = 200  # a 2x2 blob of ink
+    digits[1, 0, 0, :] = 255
+    digits[1, 0, 1, :] = INK - 1  # too faint to be the digit's: background
+    images, masks = compose_scenes(digits, torch.tensor([3, 7]), count=50, canvas=12, per_scene=2, seed=1)
+    assert images.shape == (50, 1, 12, 12) and masks.shape == (50, 12, 12) and masks.dtype == torch.uint8
+    assert set(masks.unique().tolist()) <= {0, 4, 8}  # digit d is class d + 1
+    assert ((masks > 0) <= (images[:, 0] >= INK)).all()  # a labelled pixel has ink
+    assert (masks == 8).any() and (images[:, 0][masks == 0] == INK - 1).any()  # a faint row stays background
+    again = compose_scenes(digits, torch.tensor([3, 7]), count=50, canvas=12, per_scene=2, seed=1)
+    assert torch.equal(again[0], images) and torch.equal(again[1], masks)
+    other = compose_scenes(digits, torch.tensor([3, 7]), count=50, canvas=12, per_scene=2, seed=2)
+    assert not torch.equal(other[1], masks)
+
+
+def test_digit_scenes_is_a_segmentation_set_of_real_digits():
+    data = load_dataset({"name": "digit_scenes", "train_scenes": 40, "test_scenes": 20})
+    assert data.task == "segmentation" and data.num_classes == 11 and data.class_names[0] == "background"
+    assert data.train.images.shape == (40, 1, 48, 48) and data.train.labels.shape == (40, 48, 48)
+    assert data.train.labels.max() <= 10 and len(data.train.labels.unique()) > 5
+    again = load_dataset({"name": "digit_scenes", "train_scenes": 40, "test_scenes": 20})
+    assert again.fingerprint == data.fingerprint
+    other = load_dataset({"name": "digit_scenes", "train_scenes": 40, "test_scenes": 20, "scene_seed": 1})
+    assert other.fingerprint != data.fingerprint
+
+
+def test_joint_augmentation_moves_the_mask_with_the_image():
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.randint(0, 10, (16, 12, 12), dtype=torch.uint8)
+    images = (masks * 20 + 10)[:, None]  # each pixel's value names its label
+    out, moved = augment_pair(images, masks, Augmentation(crop_padding=3, hflip=True), generator)
+    inside = moved != IGNORE_INDEX
+    assert torch.allclose(out[:, 0][inside] * 255, (moved[inside].float() * 20 + 10), atol=1e-3)
+    assert (out[:, 0][~inside] == 0).all()  # what the crop brought in is black in the image, ignored in the mask
+    assert (~inside).any() and inside.float().mean() > 0.5
+    flipped = not torch.equal(moved[inside], masks[inside])
+    assert flipped
+
+
+def test_rotation_ignores_the_corners_it_brings_in():
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.ones(4, 16, 16, dtype=torch.uint8)
+    _, moved = augment_pair(masks[:, None] * 100, masks, Augmentation(rotate_degrees=45), generator)
+    assert set(moved.unique().tolist()) <= {1, IGNORE_INDEX} and (moved == IGNORE_INDEX).any()
+
+
+def test_a_mask_value_outside_the_classes_is_one_line():
+    images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    masks = torch.zeros(4, 8, 8, dtype=torch.uint8)
+    masks[:, :4] = 1
+    good = TensorSplit(images, masks)
+    bad = TensorSplit(images, masks.clone())
+    bad.labels[0, 0, 0] = 7
+    data = DataSplits(good, bad, 3, ["bg", "a", "b"], 1, 8, "x", task="segmentation")
+    try:
+        check_splits(data, "mine")
+        raise AssertionError("accepted a mask value of 7 with 3 classes")
+    except KdError as error:
+        assert "test masks hold value 7" in str(error) and "255 (ignored)" in str(error)
+    one_class = DataSplits(TensorSplit(images, torch.zeros_like(masks)), good, 3, ["bg", "a", "b"], 1, 8, "x")
+    one_class.task = "segmentation"
+    try:
+        check_splits(one_class, "mine")
+        raise AssertionError("accepted training masks of one class")
+    except KdError as error:
+        assert "at least 2 classes" in str(error)
+
+
+# --- metric -------------------------------------------------------------------------------------------
+
+
+def test_miou_equals_torchmetrics_over_a_split_with_ignored_pixels():
+    from torchmetrics.classification import MulticlassJaccardIndex
+
+    generator = torch.Generator().manual_seed(0)
+    classes = 6
+    score = get_task("segmentation").new_score(classes)
+    reference = MulticlassJaccardIndex(num_classes=classes, average="macro", ignore_index=IGNORE_INDEX)
+    for _ in range(5):
+        masks = torch.randint(0, classes - 1, (3, 10, 10), generator=generator)  # class 5 never in the labels
+        masks[:, 0] = IGNORE_INDEX
+        logits = torch.randn(3, classes, 10, 10, generator=generator)
+        logits[:, 5] -= 10  # ... nor (almost) in the predictions
+        score.update(logits, masks)
+        reference.update(logits.argmax(1), masks)
+    result = score.result()
+    assert abs(result["miou"] - 100 * reference.compute().item()) < 1e-4
+    assert 0 < result["pixel_acc"] < 100
+
+
+def test_miou_at_the_labels_resolution_and_absent_classes_left_out():
+    score = get_task("segmentation").new_score(4)
+    masks = torch.zeros(1, 8, 8, dtype=torch.long)
+    masks[0, :, 4:] = 1
+    logits = torch.zeros(1, 4, 4, 4)  # half the label's size: resized before scoring
+    logits[0, 0, :, :2] = 5
+    logits[0, 1, :, 2:] = 5
+    report = score.update(logits, masks) or score.report()
+    assert report["miou"] == 100.0 and report["pixel_acc"] == 100.0
+    assert report["per_class_iou"][:2] == [100.0, 100.0] and all(v != v for v in report["per_class_iou"][2:])
+
+
+# --- losses against the authors' formulas, in float64 ----------------------------------------------------
+
+
+def cirkd_criterion_kd(pred: torch.Tensor, soft: torch.Tensor, temperature: float) -> torch.Tensor:
+    """CIRKD's CriterionKD (losses/kd.py): every pixel a row, KL with batchmean, times T^2."""
+    b, c, h, w = soft.size()
+    scale_pred = pred.permute(0, 2, 3, 1).contiguous().view(-1, c)
+    scale_soft = soft.permute(0, 2, 3, 1).contiguous().view(-1, c)
+    p_s = F.log_softmax(scale_pred / temperature, dim=1)
+    p_t = F.softmax(scale_soft / temperature, dim=1)
+    return F.kl_div(p_s, p_t, reduction="batchmean") * temperature**2
+
+
+def mmrazor_channel_wise_divergence(preds_s: torch.Tensor, preds_t: torch.Tensor, tau: float) -> torch.Tensor:
+    """mmrazor's ChannelWiseDivergence.forward (loss_weight 1), as its authors wrote it."""
+    n, c, h, w = preds_s.shape
+    softmax_pred_t = F.softmax(preds_t.reshape(-1, w * h) / tau, dim=1)
+    logsoftmax = torch.nn.LogSoftmax(dim=1)
+    loss = torch.sum(
+        softmax_pred_t * logsoftmax(preds_t.reshape(-1, w * h) / tau)
+        - softmax_pred_t * logsoftmax(preds_s.reshape(-1, w * h) / tau)
+    ) * (tau**2)
+    return loss / (c * n)
+
+
+def _pair(seed: int, shape=(2, 5, 6, 7)) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return (3 * torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(2))  # type: ignore[return-value]
+
+
+def _grad(fn, student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    student = student.clone().requires_grad_(True)
+    value = fn(student)
+    value.backward()
+    return value.detach(), student.grad
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_pixel_kd_equals_cirkd_values_and_gradients(temperature):
+    student, teacher = _pair(int(temperature))
+    ours, ours_grad = _grad(lambda s: pixel_kd_loss(s, teacher, temperature), student)
+    ref, ref_grad = _grad(lambda s: cirkd_criterion_kd(s, teacher, temperature), student)
+    assert torch.allclose(ours, ref, rtol=1e-12) and torch.allclose(ours_grad, ref_grad, rtol=1e-10, atol=1e-14)
+
+
+def test_pixel_kd_averages_over_the_pixels_that_are_not_ignored():
+    student, teacher = _pair(3)
+    valid = torch.ones(2, 6, 7, dtype=torch.bool)
+    valid[0, :3] = False
+    rows = valid.flatten()
+    s_rows = student.permute(0, 2, 3, 1).reshape(-1, 5)[rows][:, :, None, None]
+    t_rows = teacher.permute(0, 2, 3, 1).reshape(-1, 5)[rows][:, :, None, None]
+    ours, ours_grad = _grad(lambda s: pixel_kd_loss(s, teacher, 2.0, valid), student)
+    assert torch.allclose(ours, cirkd_criterion_kd(s_rows, t_rows, 2.0), rtol=1e-12)
+    assert (ours_grad[0, :, :3] == 0).all() and (ours_grad[1] != 0).any()
+    none_valid = pixel_kd_loss(student, teacher, 2.0, torch.zeros_like(valid))
+    assert none_valid.item() == 0.0
+
+
+@pytest.mark.parametrize("tau", [1.0, 4.0])
+def test_cwd_equals_mmrazor_values_and_gradients(tau):
+    student, teacher = _pair(10 + int(tau))
+    ours, ours_grad = _grad(lambda s: cwd_loss(s, teacher, tau), student)
+    ref, ref_grad = _grad(lambda s: mmrazor_channel_wise_divergence(s, teacher, tau), student)
+    assert torch.allclose(ours, ref, rtol=1e-12) and torch.allclose(ours_grad, ref_grad, rtol=1e-10, atol=1e-14)
+    same = cwd_loss(student, student, 2.0)
+    assert abs(same.item()) < 1e-12
+
+
+# --- the CLI --------------------------------------------------------------------------------------------
+
+
+def test_another_tasks_method_or_model_is_refused_before_any_work(tmp_path):
+    result = kd_here("distill", *SCENES, "method=crd", cwd=tmp_path)
+    assert_one_line_error(result, "method=crd", "segmentation", "pixel_kd", "cwd")
+    result = kd_here("distill", *SCENES, "student=default", "student.arch=mlp", cwd=tmp_path)
+    assert_one_line_error(result, "student.arch=mlp is a classification model", "segcnn")
+    result = kd_here("distill", "dataset=digits", "method=pixel_kd", *FAST, cwd=tmp_path)
+    assert_one_line_error(result, "method=pixel_kd distils segmentation models", "classification")
+    result = kd_here("train-teacher", "dataset=digits", "teacher.arch=segcnn", *FAST, cwd=tmp_path)
+    assert_one_line_error(result, "teacher.arch=segcnn is a segmentation model")
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("summary.json"))
+
+
+def test_distill_and_evaluate_a_segmenter(tmp_path):
+    kd_here_ok("distill", *SCENES, "method=cwd", cwd=tmp_path)
+    (run,) = run_dirs(tmp_path / "outputs", "distill")
+    result = summary(run)
+    assert result["status"] == "complete" and result["task"] == "segmentation"
+    for key in ("last_miou", "best_miou", "teacher_miou", "pixel_acc"):
+        assert 0 <= result[key] <= 100, (key, result)
+    assert "last_top1" not in result
+    header = (run / "metrics.csv").read_text().splitlines()[0]
+    assert "train_cwd" in header and "test_miou" in header and "train_pixel_acc" in header
+    out = kd_here_ok("evaluate", f"run={run}", "latency_batches=1", *FAST, cwd=tmp_path)
+    assert "mIoU %" in out.stdout
+    (evaluation,) = run_dirs(tmp_path / "outputs", "evaluate")
+    scores = summary(evaluation)
+    assert abs(scores["miou"] - result["last_miou"]) < 1e-6
+    assert (evaluation / "per_class.csv").read_text().startswith("class,iou")
+
+
+# --- torchvision's segmentation models ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", [name for name in list_models() if model_task(name) == "segmentation"])
+def test_every_segmenter_gives_logits_at_the_input_size_and_its_features(arch):
+    from kd_cli.models import create_model
+    from kd_cli.models.features import FeatureTap
+
+    model = create_model(arch, num_classes=11, in_channels=1, input_size=40).eval()
+    assert model_task(arch) == "segmentation"
+    with FeatureTap(model, [*model.kd_feature_layers, model.kd_embedding_layer]) as tap, torch.no_grad():
+        logits = model(torch.randn(2, 1, 40, 40))
+        features = tap.outputs
+    assert logits.shape == (2, 11, 40, 40)
+    stages = [features[name] for name in model.kd_feature_layers]
+    assert len(features) == len(stages) + 1 and all(f.dim() == 4 for f in features.values())
+    assert [f.shape[-1] for f in stages] == sorted((f.shape[-1] for f in stages), reverse=True)  # shallow to deep
+
+
+def test_an_offline_pretrained_backbone_is_one_line(monkeypatch):
+    import urllib.error
+
+    from kd_cli.models import create_model
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(KdError, match="could not load the ImageNet backbone weights of lraspp_mobilenet_v3_large"):
+        create_model("lraspp_mobilenet_v3_large", 11, 1, 48, pretrained_backbone=True)
+
+
+def test_distill_deeplabv3_into_lraspp(tmp_path):
+    kd_here_ok(
+        "distill",
+        *SCENES,
+        "dataset.canvas=32",
+        "dataset.train_scenes=16",
+        "trainer.batch_size=8",
+        "trainer.max_steps_per_epoch=1",
+        "teacher.arch=deeplabv3_mobilenet_v3_large",
+        "student.arch=lraspp_mobilenet_v3_large",
+        "method=pixel_kd",
+        cwd=tmp_path,
+    )
+    (run,) = run_dirs(tmp_path / "outputs", "distill")
+    assert summary(run)["status"] == "complete" and summary(run)["arch"] == "lraspp_mobilenet_v3_large"
