@@ -240,6 +240,19 @@ def test_distill_and_evaluate_a_segmenter(tmp_path):
     scores = summary(evaluation)
     assert abs(scores["miou"] - result["last_miou"]) < 1e-6
     assert (evaluation / "per_class.csv").read_text().startswith("class,iou")
+    report = kd_here_ok("report", str(tmp_path / "outputs"), "--csv", str(tmp_path / "t.csv"), cwd=tmp_path).stdout
+    assert "mIoU" in report and "top-1" not in report
+    columns = (tmp_path / "t.csv").read_text().splitlines()[0].split(",")
+    assert {"best_miou", "last_miou", "teacher_miou"} <= set(columns) and "best_top1" not in columns
+
+
+def test_a_report_over_two_tasks_is_one_line(tmp_path, short_teachers):
+    import shutil
+
+    kd_here_ok("train-teacher", *SCENES, "trainer.max_steps_per_epoch=1", cwd=tmp_path)
+    shutil.copytree(short_teachers["digits"], tmp_path / "outputs" / "digits-teacher")
+    result = kd_here("report", str(tmp_path / "outputs"), cwd=tmp_path)
+    assert_one_line_error(result, "2 metrics (miou, top1", "report them apart")
 
 
 # --- torchvision's segmentation models ----------------------------------------------------------------------

@@ -124,6 +124,7 @@ def evaluate_dense(
         "arch": spec.arch,
         "dataset": spec.dataset,
         "task": task.name,
+        "metric": task.metric,
         "split": cfg.split,
         **report,
         **model_figures(cfg, model, spec, weights, device),

@@ -28,6 +28,7 @@ def finish(run: RunDir, cfg: DictConfig, result: FitResult, model: nn.Module, st
         "seed": cfg.seed,
         "epochs": last.get("epoch", 0),
         "task": result.task,
+        "metric": metric,  # the headline score's name: best_<metric>, last_<metric>, teacher_<metric>
         f"best_{metric}": result.best_score,
         "best_epoch": result.best_epoch,
         "selected_on": result.selected_on,

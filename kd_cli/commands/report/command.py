@@ -29,8 +29,8 @@ One row per setting: runs that differ only in `seed` are one setting, shown as m
 seeds of the complete runs (n = how many). Failed, interrupted, running and stale (killed: its summary
 says running but no process holds the run) runs are counted in the status column and listed under
 the table, never averaged in. A run with an unreadable or broken file is left out with a warning.
-Columns: the keys that vary between settings, then best and last test top-1, teacher top-1,
-parameters, wall time, status."""
+Columns: the keys that vary between settings, then best and last test score (top-1 for classifiers,
+mIoU for segmenters: one report holds runs of one task), the teacher's, parameters, wall time, status."""
 
 EPILOG = """\
 examples:
@@ -71,8 +71,8 @@ def build_parser() -> Parser:
     parser.add_argument(
         "--sort",
         metavar="COLUMN",
-        help="sort rows by a column: a varying key, best_top1, last_top1, n, teacher_top1, params, "
-        "wall_time_s or status; --sort=-COLUMN for descending",
+        help="sort rows by a column: a varying key, best_top1, last_top1, n, teacher_top1 (best_miou, ... for "
+        "segmentation), params, wall_time_s or status; --sort=-COLUMN for descending",
     )
     parser.add_argument("--csv", type=Path, metavar="FILE", help="also write the table as CSV (mean and std apart)")
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table as Markdown")
@@ -82,7 +82,9 @@ def build_parser() -> Parser:
         metavar="DIR",
         help="write PNGs: the metric against each swept numeric key, and training curves",
     )
-    parser.add_argument("--metric", choices=METRICS, default="best_top1", help="the metric plotted (default best_top1)")
+    parser.add_argument(
+        "--metric", choices=METRICS, help="the metric plotted (default best_top1, or best_miou for segmentation)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --csv / --markdown file")
     return parser
 
@@ -180,11 +182,16 @@ def write_outputs(report, args) -> None:
     if args.plot:
         from kd_cli.commands.report.plots import write_plots
 
+        metric = args.metric or f"best_{report.metric}"
+        if not metric.endswith(f"_{report.metric}"):
+            raise KdError(
+                f"--metric={metric} does not score these runs; use best_{report.metric} or last_{report.metric}"
+            )
         try:
-            written = write_plots(report, args.metric, args.plot.expanduser())
+            written = write_plots(report, metric, args.plot.expanduser())
         except OSError as error:
             raise KdError(f"cannot write plots to {args.plot}: {error.strerror or error}") from None
         for path in written:
             print(f"plot written to {display_path(path)}")
-        if not any(path.name.startswith(args.metric) for path in written):
-            print(f"no {args.metric} plot: no swept key with numeric values varies between the settings")
+        if not any(path.name.startswith(metric) for path in written):
+            print(f"no {metric} plot: no swept key with numeric values varies between the settings")

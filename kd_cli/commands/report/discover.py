@@ -156,7 +156,10 @@ def _walk(directory: Path) -> Iterator[Path]:
 
 
 # summary.json values a run can hold: accuracies are percentages, counts whole numbers (None: not measured)
-PERCENT_KEYS = ("best_top1", "last_top1", "best_val_top1", "teacher_top1", "top1", "top5", "teacher_agreement")
+PERCENT_KEYS = (
+    *("best_top1", "last_top1", "best_val_top1", "teacher_top1", "top1", "top5", "teacher_agreement"),
+    *("best_miou", "last_miou", "best_val_miou", "teacher_miou", "miou", "pixel_acc", "mean_class_acc"),
+)
 COUNT_KEYS = ("params", "teacher_params", "epochs", "best_epoch")
 
 

@@ -7,9 +7,12 @@ import re
 from pathlib import Path
 
 from kd_cli.commands.report.discover import as_number
-from kd_cli.commands.report.table import COMPLETE, HEADERS, Report, Row
+from kd_cli.commands.report.table import COMPLETE, LABELS, Report, Row, header
 
-CURVES = {"test_top1": "test top-1 %", "train_loss": "train loss"}
+
+def curves(report: Report) -> dict[str, str]:
+    """The metrics.csv columns drawn per run: the test score of the runs' task, and the training loss."""
+    return {f"test_{report.metric}": f"test {LABELS[report.metric]} %", "train_loss": "train loss"}
 
 
 def write_plots(report: Report, metric: str, directory: Path) -> list[Path]:
@@ -18,7 +21,7 @@ def write_plots(report: Report, metric: str, directory: Path) -> list[Path]:
     matplotlib.use("Agg")  # files only: no display needed, none opened
     directory.mkdir(parents=True, exist_ok=True)
     written = [plot_metric_against(report, key, metric, directory) for key in numeric_keys(report)]
-    written += [plot_curves(report, column, directory) for column in CURVES]
+    written += [plot_curves(report, column, title, directory) for column, title in curves(report).items()]
     return [path for path in written if path is not None]
 
 
@@ -53,7 +56,7 @@ def plot_metric_against(report: Report, x_key: str, metric: str, directory: Path
         xs, means, stds = zip(*sorted(points))
         ax.errorbar(xs, means, yerr=stds, marker="o", capsize=4, label=label or None)
     ax.set_xlabel(x_key)
-    ax.set_ylabel(f"{HEADERS[metric]} (mean ± std over seeds)")
+    ax.set_ylabel(f"{header(metric)} (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     if any(label for label in lines):
         ax.legend(fontsize=8)
@@ -62,7 +65,7 @@ def plot_metric_against(report: Report, x_key: str, metric: str, directory: Path
     return path
 
 
-def plot_curves(report: Report, column: str, directory: Path) -> Path | None:
+def plot_curves(report: Report, column: str, title: str, directory: Path) -> Path | None:
     """One line per run, one colour per setting; unfinished runs dashed."""
     import matplotlib.pyplot as plt
 
@@ -95,7 +98,7 @@ def plot_curves(report: Report, column: str, directory: Path) -> Path | None:
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_xlabel("epoch")
-    ax.set_ylabel(CURVES[column])
+    ax.set_ylabel(title)
     ax.grid(alpha=0.3)
     if report.keys:
         ax.legend(fontsize=8)

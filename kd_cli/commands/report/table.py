@@ -27,19 +27,31 @@ EXCLUDED_KEYS = {"seed", "resume"}
 EXCLUDED_PREFIXES = ("hydra.", "paths.")
 STAGE = "stage"
 COMPLETE = "complete"
-METRICS = ("best_top1", "last_top1")
-# Evaluate runs have one accuracy (`top1`): it stands for both best and last.
-METRIC_FALLBACK = {"best_top1": "top1", "last_top1": "top1"}
-SUMMARY_COLUMNS = ("best_top1", "last_top1", "n", "teacher_top1", "params", "wall_time_s", "status")
-HEADERS = {
-    "best_top1": "best top-1 %",
-    "last_top1": "last top-1 %",
-    "n": "n",
-    "teacher_top1": "teacher top-1 %",
-    "params": "params",
-    "wall_time_s": "wall time",
-    "status": "status",
-}
+# Each task's headline metric (top1, miou) names the score columns: best_top1, last_miou, teacher_top1, ...
+# (one report holds runs of one task). Evaluate runs have one score (`top1`, `miou`): it stands for both
+# best and last.
+METRICS = ("best_top1", "last_top1", "best_miou", "last_miou")
+LABELS = {"top1": "top-1", "miou": "mIoU"}
+HEADERS = {"n": "n", "params": "params", "wall_time_s": "wall time", "status": "status"}
+
+
+def header(column: str) -> str:
+    """A column's title: `best_miou` -> "best mIoU %", a setting key as it is."""
+    role, _, metric = column.partition("_")
+    if metric in LABELS and role in ("best", "last", "teacher"):
+        return f"{role} {LABELS[metric]} %"
+    return HEADERS.get(column, column)
+
+
+def score_columns(metric: str) -> tuple[str, str]:
+    return f"best_{metric}", f"last_{metric}"
+
+
+def fallback(column: str) -> str | None:
+    role, _, metric = column.partition("_")
+    return metric if role in ("best", "last") and metric in LABELS else None
+
+
 MISSING = "—"
 
 
@@ -78,7 +90,7 @@ class Row:
         return [run for run in self.runs if run.status == COMPLETE]
 
     def stat(self, metric: str) -> Stat:
-        return Stat(_summary_numbers(self.complete, metric, METRIC_FALLBACK.get(metric)))
+        return Stat(_summary_numbers(self.complete, metric, fallback(metric)))
 
     def mean_of(self, key: str) -> float | None:
         return Stat(_summary_numbers(self.complete, key)).mean
@@ -105,10 +117,19 @@ class Report:
     keys: list[str]  # setting keys whose value differs between rows: the table's first columns
     fixed: dict[str, str | None]  # setting keys with one value for every row
     rows: list[Row]
+    metric: str = "top1"  # the runs' task's headline metric
 
     @property
     def columns(self) -> list[str]:
-        return [*self.keys, *SUMMARY_COLUMNS]
+        return [
+            *self.keys,
+            *score_columns(self.metric),
+            "n",
+            f"teacher_{self.metric}",
+            "params",
+            "wall_time_s",
+            "status",
+        ]
 
     @property
     def runs(self) -> list[Run]:
@@ -120,9 +141,21 @@ def build_report(runs: list[Run], sort: str | None = None) -> Report:
     rows = group_runs(runs, keys)
     varying = [key for key in keys if len({row.values[key] for row in rows}) > 1]
     fixed = {key: rows[0].values[key] for key in keys if key not in varying}
-    report = Report(varying, fixed, rows)
+    report = Report(varying, fixed, rows, runs_metric(runs))
     report.rows = sort_rows(report, sort)
     return report
+
+
+def runs_metric(runs: list[Run]) -> str:
+    """The headline metric the runs' summaries name (`metric`; top1 before kd had tasks); runs of two
+    tasks do not share a table."""
+    metrics = sorted({str(run.summary.get("metric") or "top1") for run in runs})
+    if len(metrics) > 1:
+        raise KdError(
+            f"these runs are scored by {len(metrics)} metrics ({', '.join(metrics)}: different tasks); report "
+            "them apart, e.g. with --where dataset.name=NAME or a folder per task"
+        )
+    return metrics[0] if metrics and metrics[0] in LABELS else "top1"
 
 
 def setting_keys(runs: list[Run]) -> list[str]:
@@ -183,11 +216,12 @@ def display_cells(report: Report, row: Row) -> list[str]:
     """One row's cells as shown in the terminal and in Markdown."""
     values = [row.values[key] for key in report.keys]
     cells = [value if value is not None else MISSING for value in values]
-    teacher, wall = row.mean_of("teacher_top1"), row.mean_of("wall_time_s")
+    teacher, wall = row.mean_of(f"teacher_{report.metric}"), row.mean_of("wall_time_s")
+    best, last = score_columns(report.metric)
     return [
         *cells,
-        row.stat("best_top1").text(),
-        row.stat("last_top1").text(),
+        row.stat(best).text(),
+        row.stat(last).text(),
         str(len(row.complete)),
         f"{teacher:.2f}" if teacher is not None else MISSING,
         f"{row.params:,}" if row.params is not None else MISSING,
@@ -199,12 +233,12 @@ def display_cells(report: Report, row: Row) -> list[str]:
 def record(report: Report, row: Row) -> dict[str, Any]:
     """One row for CSV: mean and std in columns of their own, numbers unformatted."""
     fields: dict[str, Any] = {key: row.values[key] for key in report.keys}
-    for metric in METRICS:
+    for metric in score_columns(report.metric):
         stat = row.stat(metric)
         fields[metric], fields[f"{metric}_std"] = stat.mean, stat.std
     fields.update(
         n=len(row.complete),
-        teacher_top1=row.mean_of("teacher_top1"),
+        **{f"teacher_{report.metric}": row.mean_of(f"teacher_{report.metric}")},
         params=row.params,
         wall_time_s=row.mean_of("wall_time_s"),
         status=row.status,
@@ -225,7 +259,8 @@ def format_duration(seconds: float) -> str:
 def notes(report: Report) -> list[str]:
     """Lines under the table: what is fixed, how numbers are aggregated, which runs did not complete."""
     lines = [
-        f"{_count(len(report.runs), 'run')} in {_count(len(report.rows), 'setting')}; top-1 is mean ± std "
+        f"{_count(len(report.runs), 'run')} in {_count(len(report.rows), 'setting')}; "
+        f"{LABELS[report.metric]} is mean ± std "
         f"over seeds of complete runs only (n = how many)"
     ]
     if report.fixed:
@@ -248,7 +283,7 @@ def _count(number: int, noun: str) -> str:
 
 
 def print_report(report: Report, extra_notes: list[str]) -> None:
-    columns = [(HEADERS.get(c, c), "left" if c in report.keys or c == "status" else "right") for c in report.columns]
+    columns = [(header(c), "left" if c in report.keys or c == "status" else "right") for c in report.columns]
     # Not a terminal (a pipe, a file): wide enough that "mean ± std" cells never wrap.
     print_table(
         "kd report",
@@ -270,9 +305,9 @@ def write_csv(report: Report, path: Path) -> None:
 
 def write_markdown(report: Report, path: Path) -> None:
     def write(handle) -> None:
-        header = [HEADERS.get(column, column) for column in report.columns]
+        titles = [header(column) for column in report.columns]
         align = ["---" if column in report.keys or column == "status" else "---:" for column in report.columns]
-        for cells in [header, align, *(display_cells(report, row) for row in report.rows)]:
+        for cells in [titles, align, *(display_cells(report, row) for row in report.rows)]:
             handle.write("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |\n")
 
     _write(path, write)
