@@ -240,6 +240,17 @@ def test_distill_and_evaluate_a_segmenter(tmp_path):
     scores = summary(evaluation)
     assert abs(scores["miou"] - result["last_miou"]) < 1e-6
     assert (evaluation / "per_class.csv").read_text().startswith("class,iou")
+    check_predicted_masks(run, tmp_path)
+    kd_here_ok("export", f"run={run}", "format=onnx", cwd=tmp_path)
+    (exported,) = run_dirs(tmp_path / "outputs", "export")
+    assert (
+        summary(exported)["argmax_agreement"] >= 99.9
+        and summary(exported)["check_inputs"] == "digit_scenes test images"
+    )
+    onnx_masks = kd_here_ok(
+        "predict", f"run={exported / 'model.onnx'}", str(tmp_path / "scenes"), f"out={tmp_path / 'o.csv'}", cwd=tmp_path
+    )
+    assert "segmented" in onnx_masks.stdout
     report = kd_here_ok("report", str(tmp_path / "outputs"), "--csv", str(tmp_path / "t.csv"), cwd=tmp_path).stdout
     assert "mIoU" in report and "top-1" not in report
     columns = (tmp_path / "t.csv").read_text().splitlines()[0].split(",")
@@ -302,3 +313,43 @@ def test_distill_deeplabv3_into_lraspp(tmp_path):
     )
     (run,) = run_dirs(tmp_path / "outputs", "distill")
     assert summary(run)["status"] == "complete" and summary(run)["arch"] == "lraspp_mobilenet_v3_large"
+
+
+def check_predicted_masks(run, tmp_path):
+    """kd predict with a segmenter: a palette PNG per image at the image's own size, equal to the model's
+    argmax where the image is at the model's size; a CSV of class shares that sum to 100 %."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from kd_cli.engine.artifacts import load_model
+
+    data = load_dataset(
+        {"name": "digit_scenes", "train_scenes": 64, "test_scenes": 32, "canvas": 24, "digits_per_scene": 2}
+    )
+    images = tmp_path / "scenes"
+    images.mkdir()
+    Image.fromarray(data.test.images[0, 0].numpy()).save(images / "a.png")
+    Image.fromarray(data.test.images[1, 0].numpy()).resize((40, 40)).save(images / "b.png")
+    out = kd_here_ok("predict", f"run={run}", str(images), f"out={tmp_path / 'p.csv'}", cwd=tmp_path).stdout
+    assert "segmented" in out
+    masks = tmp_path / "p_masks"
+    first, second = Image.open(masks / "a.png"), Image.open(masks / "b.png")
+    assert first.mode == "P" and first.size == (24, 24) and second.size == (40, 40)
+    model, spec = load_model(run / "model.safetensors", torch.device("cpu"))
+    x = (data.test.images[:1].float() / 255 - spec.mean[0]) / spec.std[0]
+    with torch.no_grad():
+        expected = model.eval()(x).argmax(1)[0].numpy()
+    assert (np.asarray(first) == expected).all()
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert [r["mask"].endswith(".png") for r in rows] == [True, True]
+    shares = [float(v) for k, v in rows[0].items() if k.endswith(" %")]
+    assert len(shares) == 11 and abs(sum(shares) - 100) < 1e-2
+    again = kd_here("predict", f"run={run}", str(images), f"out={tmp_path / 'q.csv'}", cwd=tmp_path)
+    assert again.code == 0
+    kept = kd_here("predict", f"run={run}", str(images), f"out={tmp_path / 'p2.csv'}", cwd=tmp_path)
+    assert kept.code == 0
+    (tmp_path / "p2.csv").unlink()
+    refused = kd_here("predict", f"run={run}", str(images), f"out={tmp_path / 'p2.csv'}", cwd=tmp_path)
+    assert_one_line_error(refused, "p2_masks", "holds files", "overwrite=true")

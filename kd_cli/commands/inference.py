@@ -173,9 +173,10 @@ def _check_onnx_shapes(path: Path, session, spec: ModelSpec) -> None:
         )
 
 
-def check_outputs(logits: torch.Tensor, model: Predictor) -> None:
-    """Finite scores, one per class the model description lists."""
-    if logits.dim() != 2 or logits.shape[1] != model.spec.num_classes:
+def check_outputs(logits: torch.Tensor, model: Predictor, dims: int = 2) -> None:
+    """Finite scores, one per class the model description lists (`dims`: 2 for a classifier's (B, classes),
+    4 for a segmenter's (B, classes, H, W))."""
+    if logits.dim() != dims or logits.shape[1] != model.spec.num_classes:
         raise KdError(
             f"{model.source} gives outputs of shape {list(logits.shape)} for a batch, but its model description "
             f"lists {model.spec.num_classes} classes: they are not of one model"

@@ -7,7 +7,9 @@ list). Each image gets the model's own preprocessing: its channels, its side (re
 as in evaluation for models trained on image folders, a plain resize for the small in-memory data
 sets), its mean and std. Images go through in batches, on the CPU or the GPU.
 
-Writes a CSV (file, then class and probability for each of the top k) and prints the first rows.
+Writes a CSV (file, then class and probability for each of the top k) and prints the first rows. A
+segmentation model writes a palette PNG mask per image instead (in OUT's folder + `_masks/`, at the
+image's size) and a CSV of the share of pixels each class takes.
 An unreadable image is named in one warning and left out (exit 0); `strict=true` stops instead,
 before anything is written. An existing CSV is never overwritten unless `overwrite=true`.
 """
@@ -124,7 +126,16 @@ def main(argv: list[str]) -> int:
 
     model = open_model(Path(args.run), args.device)
     transform = preprocessing(model.spec)
-    rows, skipped = predict_files(model, files, transform, args)
+    from kd_cli.models import model_task
+
+    segmenter = model_task(model.spec.arch) == "segmentation"
+    if segmenter:  # a mask per image (commands/predict_masks.py)
+        from kd_cli.commands.predict_masks import masks_folder, predict_masks
+
+        folder = masks_folder(out, args.overwrite)
+        rows, skipped = predict_masks(model, files, transform, args, folder)
+    else:
+        rows, skipped = predict_files(model, files, transform, args)
     from kd_cli.data.on_disk import shown_path
 
     if skipped and args.strict:
@@ -139,6 +150,10 @@ def main(argv: list[str]) -> int:
         warn(f"skipped {len(skipped)} unreadable image(s) of {len(files)}: {shown}{more}")
     if not rows:
         raise KdError(f"none of the {len(files)} image(s) could be read; nothing written")
+    if segmenter:
+        write_shares(out, rows, model.spec.class_names)
+        print_masks(rows, model, args.out)
+        return 0
     write_csv(out, rows, min(args.top_k, model.spec.num_classes))
     print_predictions(rows, model, args.out)
     return 0
@@ -186,14 +201,25 @@ def _listed(path: Path) -> list[Path]:
 
 def write_csv(path: Path, rows: list[dict], k: int) -> None:
     header = ["file"] + [f"{what}{i}" for i in range(1, k + 1) for what in ("class", "prob")]
+    cells = []
+    for row in rows:
+        cells.append([row["file"]])
+        for name, prob in zip(row["classes"], row["probs"]):
+            cells[-1] += [name, f"{prob:.6f}"]
+    _write_rows(path, header, cells)
+
+
+def write_shares(path: Path, rows: list[dict], class_names: list[str]) -> None:
+    """A segmenter's CSV: the file, its mask, and the % of the image's pixels each class takes."""
+    header = ["file", "mask", *(f"{name} %" for name in class_names)]
+    _write_rows(path, header, [[row["file"], row["mask"], *(f"{v:.3f}" for v in row["shares"])] for row in rows])
+
+
+def _write_rows(path: Path, header: list[str], rows: list[list[str]]) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(header)
-    for row in rows:
-        cells = [row["file"]]
-        for name, prob in zip(row["classes"], row["probs"]):
-            cells += [name, f"{prob:.6f}"]
-        writer.writerow(cells)
+    writer.writerows(rows)
     text = buffer.getvalue()
     from kd_cli.engine.files import atomic_write
 
@@ -220,4 +246,23 @@ def print_predictions(rows: list[dict], model: Predictor, out: Path) -> None:
         [("file", "left"), ("top-1", "left"), ("p", "right"), ("next", "left")],
         cells,
         notes=[*more, f"predictions: {out}"],
+    )
+
+
+def print_masks(rows: list[dict], model: Predictor, out: Path) -> None:
+    from kd_cli.data.on_disk import shown_path
+
+    names = model.spec.class_names
+
+    def largest(shares: list[float]) -> str:  # the classes covering most of the image, background included
+        top = sorted(range(len(shares)), key=lambda c: -shares[c])[:3]
+        return ", ".join(f"{names[c]} {shares[c]:.1f}%" for c in top if shares[c] > 0)
+
+    cells = [[shown_path(row["file"]), shown_path(row["mask"]), largest(row["shares"])] for row in rows[:SHOWN_ROWS]]
+    more = [f"... and {len(rows) - SHOWN_ROWS} more"] if len(rows) > SHOWN_ROWS else []
+    print_table(
+        f"kd predict: {len(rows)} image(s) segmented, {model.spec.arch} ({model.source})",
+        [("file", "left"), ("mask", "left"), ("largest classes", "left")],
+        cells,
+        notes=[*more, f"class shares: {out}"],
     )

@@ -108,6 +108,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
             ("checked on", source),
             ("batch sizes checked", ", ".join(map(str, summary["check_batch_sizes"]))),
             ("max abs difference", f"{result['max_abs_diff']:.2e}"),
+            ("same class (argmax) %", result["argmax_agreement"]),
             ("tolerance", f"{cfg.tolerance:.0e}"),
         ],
         run.path,
@@ -233,8 +234,9 @@ def data_set_images(spec: ModelSpec, weights: Path, count: int, seed: int) -> to
 def compare(
     run: Callable[[torch.Tensor], torch.Tensor], batches: list[torch.Tensor], expected: list[torch.Tensor]
 ) -> dict:
-    """Max |exported - PyTorch| over every batch, and the largest |output| for scale."""
-    diff, scale = 0.0, 0.0
+    """Max |exported - PyTorch| over every batch, the largest |output| for scale, and the % of predictions
+    (images; pixels for a segmenter) whose class (argmax) is the same."""
+    diff, scale, same, total = 0.0, 0.0, 0, 0
     for batch, reference in zip(batches, expected):
         got = run(batch)
         if got.shape != reference.shape:
@@ -245,7 +247,9 @@ def compare(
         batch_diff = (got.double() - reference.double()).abs().max().item()
         diff = max(diff, math.inf if math.isnan(batch_diff) else batch_diff)  # NaN must not pass
         scale = max(scale, reference.abs().max().item())
-    return {"max_abs_diff": diff, "max_abs_output": scale}
+        same += int((got.argmax(1) == reference.argmax(1)).sum())
+        total += reference.argmax(1).numel()
+    return {"max_abs_diff": diff, "max_abs_output": scale, "argmax_agreement": 100.0 * same / max(total, 1)}
 
 
 # --- ONNX ---

@@ -146,10 +146,17 @@ def build_report(runs: list[Run], sort: str | None = None) -> Report:
     return report
 
 
+def _metric_of(summary: dict) -> str | None:
+    """A summary's headline metric; None for a run that scores nothing (an export)."""
+    if summary.get("metric"):
+        return str(summary["metric"])
+    return "top1" if any(key in summary for key in ("best_top1", "last_top1", "top1")) else None
+
+
 def runs_metric(runs: list[Run]) -> str:
     """The headline metric the runs' summaries name (`metric`; top1 before kd had tasks); runs of two
     tasks do not share a table."""
-    metrics = sorted({str(run.summary.get("metric") or "top1") for run in runs})
+    metrics = sorted({metric for run in runs if (metric := _metric_of(run.summary))})
     if len(metrics) > 1:
         raise KdError(
             f"these runs are scored by {len(metrics)} metrics ({', '.join(metrics)}: different tasks); report "
