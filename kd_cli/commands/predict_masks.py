@@ -54,7 +54,7 @@ def predict_masks(
     from kd_cli.data.images import UnreadableImage, decode_rgb
 
     folder.mkdir(parents=True, exist_ok=True)
-    palette, used = voc_palette(), set()
+    palette, used = voc_palette(), set[str]()
     rows: list[dict] = []
     skipped: list[tuple[Path, str]] = []
     for path in files:
