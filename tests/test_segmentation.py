@@ -241,6 +241,8 @@ def test_distill_and_evaluate_a_segmenter(tmp_path):
     assert abs(scores["miou"] - result["last_miou"]) < 1e-6
     assert (evaluation / "per_class.csv").read_text().startswith("class,iou")
     check_predicted_masks(run, tmp_path)
+    refused = kd_here("compress", f"run={run}", *FAST, cwd=tmp_path)
+    assert_one_line_error(refused, "kd compress serves classification models only for now", "segmentation")
     kd_here_ok("export", f"run={run}", "format=onnx", cwd=tmp_path)
     (exported,) = run_dirs(tmp_path / "outputs", "export")
     assert (
@@ -353,3 +355,120 @@ def check_predicted_masks(run, tmp_path):
     (tmp_path / "p2.csv").unlink()
     refused = kd_here("predict", f"run={run}", str(images), f"out={tmp_path / 'p2.csv'}", cwd=tmp_path)
     assert_one_line_error(refused, "p2_masks", "holds files", "overwrite=true")
+
+
+# --- segmentation data in its real formats ---------------------------------------------------------------
+
+
+def _scene_files(count: int, side: int = 20, seed: int = 0):
+    """(RGB image, mask) arrays: a coloured square of class 1 + (i % 2) on a dark ground, its border ignored."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        image = rng.integers(0, 40, (side, side, 3), dtype=np.uint8)
+        mask = np.zeros((side, side), dtype=np.uint8)
+        top, left = rng.integers(2, side // 2, 2)
+        mask[top : top + 6, left : left + 6] = 1 + i % 2
+        image[mask > 0] = (200, 60, 60) if i % 2 == 0 else (60, 200, 60)
+        mask[top - 1, left : left + 6] = IGNORE_INDEX  # VOC's border band
+        yield image, mask
+
+
+def _save_mask(path, mask):
+    from PIL import Image
+
+    from kd_cli.commands.predict_masks import voc_palette
+
+    picture = Image.fromarray(mask, mode="P")
+    picture.putpalette(voc_palette())
+    picture.save(path)
+
+
+def write_voc(root, train: int = 6, val: int = 3):
+    """VOCdevkit/VOC2012 as torchvision's VOCSegmentation reads it: JPEGs, palette PNG masks, the lists."""
+    from PIL import Image
+
+    base = root / "VOCdevkit" / "VOC2012"
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (base / folder).mkdir(parents=True)
+    names = []
+    for i, (image, mask) in enumerate(_scene_files(train + val)):
+        name = f"2007_{i:06d}"
+        Image.fromarray(image).save(base / "JPEGImages" / f"{name}.jpg", quality=95)
+        _save_mask(base / "SegmentationClass" / f"{name}.png", mask)
+        names.append(name)
+    (base / "ImageSets/Segmentation/train.txt").write_text("\n".join(names[:train]) + "\n")
+    (base / "ImageSets/Segmentation/val.txt").write_text("\n".join(names[train:]) + "\n")
+    return base
+
+
+def test_voc_is_read_by_torchvisions_reader_with_its_palette_masks(tmp_path):
+    write_voc(tmp_path)
+    data = load_dataset({"name": "voc_segmentation", "root": str(tmp_path), "image_size": 32})
+    assert data.task == "segmentation" and data.num_classes == 21 and data.class_names[1] == "aeroplane"
+    assert data.train.images.shape == (6, 3, 32, 32) and data.test.labels.shape == (3, 32, 32)
+    assert set(data.train.labels.unique().tolist()) == {0, 1, 2, IGNORE_INDEX}  # borders stay ignored
+    red = data.train.images[0][:, data.train.labels[0] == 1].float().mean(1)
+    assert red[0] > 150 and red[1] < 100  # the mask lines up with its image after the resize
+
+
+def test_missing_voc_is_one_line_naming_the_folder(tmp_path):
+    result = kd_here("train-teacher", "dataset=voc_segmentation", f"paths.data={tmp_path}", *FAST, cwd=tmp_path)
+    assert_one_line_error(result, "VOC2012 segmentation not found under", "dataset.download=true")
+
+
+def write_folder_pair(root, count: int = 8):
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i, (image, mask) in enumerate(_scene_files(count, seed=1)):
+        Image.fromarray(image).save(root / "images" / f"tile{i}.png")
+        Image.fromarray(mask).save(root / "masks" / f"tile{i}.png")  # a greyscale mask
+    (root / "classes.txt").write_text("ground\nred\ngreen\n")
+
+
+def test_a_folder_pair_with_a_class_list(tmp_path):
+    write_folder_pair(tmp_path / "mine")
+    data = load_dataset({"name": "seg_folder", "root": str(tmp_path / "mine"), "image_size": 16})
+    assert data.class_names == ["ground", "red", "green"] and len(data.train) + len(data.test) == 8
+    assert data.train.images.shape[1:] == (3, 16, 16) and data.train.labels.max() == IGNORE_INDEX
+    kd_here_ok(
+        "train-teacher",
+        "dataset=seg_folder",
+        f"dataset.root={tmp_path / 'mine'}",
+        "dataset.image_size=32",
+        "teacher.arch=segcnn",
+        "trainer.epochs=1",
+        "trainer.batch_size=4",
+        *FAST,
+        cwd=tmp_path,
+    )
+
+
+def test_bad_masks_are_one_line_naming_the_file_or_left_out_with_a_count(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "mine"
+    write_folder_pair(root)
+    options = {"name": "seg_folder", "root": str(root), "image_size": 16}
+    Image.fromarray(np.full((20, 20), 7, dtype=np.uint8)).save(root / "masks" / "tile3.png")
+    with pytest.raises(KdError, match=r"mask .*tile3.png holds value 7, neither one of the 3 classes"):
+        load_dataset(options)
+    Image.fromarray(np.zeros((10, 20), dtype=np.uint8)).save(root / "masks" / "tile3.png")
+    with pytest.raises(KdError, match=r"tile3.png is 20x10 but its image is 20x20"):
+        load_dataset(options)
+    Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(root / "masks" / "tile3.png")
+    with pytest.raises(KdError, match=r"tile3.png is a RGB image; a mask holds one class index per pixel"):
+        load_dataset(options)
+    (root / "masks" / "tile3.png").unlink()
+    with pytest.raises(KdError, match=r"tile3.png has no mask .*skip_bad_masks=true"):
+        load_dataset(options)
+    from kd_cli import errors
+
+    errors.WARNINGS.clear()
+    data = load_dataset({**options, "skip_bad_masks": True})
+    assert len(data.train) + len(data.test) == 7
+    assert any("left out 1 image(s) with a bad mask" in line for line in errors.WARNINGS)
