@@ -44,7 +44,7 @@ format: $(TEST_STAMP)
 
 # The accuracy bars on real data (digits, MNIST): several minutes of training.
 test-slow: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q -n auto --dist loadfile -m slow
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder -m slow
 
 bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/throughput.py

@@ -63,6 +63,7 @@ def compose_config():
 # hands a file (--dist loadfile) to whichever worker is free, in collection order, so a long file left
 # to the end keeps one worker busy while the other waits. Longest first keeps both busy to the end.
 LONGEST_FIRST = [
+    "test_segmentation_bars.py",  # (slow only: the longest of `make test-slow`)
     "test_run_directories.py",
     "test_pipeline.py",
     "test_table.py",
@@ -80,6 +81,7 @@ LONGEST_FIRST = [
     "test_methods_preactivation.py",
     "test_methods_mlkd.py",
     "test_teacher_cache.py",
+    "test_segmentation.py",
 ]
 
 

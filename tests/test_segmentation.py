@@ -240,6 +240,8 @@ def test_distill_and_evaluate_a_segmenter(tmp_path):
     scores = summary(evaluation)
     assert abs(scores["miou"] - result["last_miou"]) < 1e-6
     assert (evaluation / "per_class.csv").read_text().startswith("class,iou")
+    reproduced = kd_here_ok("reproduce", str(run), cwd=tmp_path).stdout
+    assert "reproduced: the final metrics are identical" in reproduced
     check_predicted_masks(run, tmp_path)
     refused = kd_here("compress", f"run={run}", *FAST, cwd=tmp_path)
     assert_one_line_error(refused, "kd compress serves classification models only for now", "segmentation")

@@ -75,6 +75,8 @@ SUMMARY_KEYS = (
     "nll",
     "ece",
     "teacher_agreement",
+    # segmentation's scores
+    *("best_miou", "best_val_miou", "last_miou", "teacher_miou", "pixel_acc", "miou", "mean_class_acc"),
 )
 TIMING_COLUMNS = {"seconds", "images_per_s"}  # wall-clock facts: never the same twice
 SHOWN_DIFFERENCES = 20
