@@ -30,6 +30,7 @@ TINY = {
     "teacher_cache.py": ["--teacher", "resnet8", "--student", "resnet8", "--samples", "128", "--epochs", "2"],
     "startup.py": ["--repeats", "1"],
     "image_folder.py": ["--images", "1024", "--epochs", "1"],
+    "segmentation.py": ["--scenes", "128", "--epochs", "2", "--repeats", "1"],
 }
 
 PRINTS = {
@@ -38,6 +39,7 @@ PRINTS = {
     "teacher_cache.py": "metrics with cache == without: True",
     "startup.py": "kd distill --cfg job",
     "image_folder.py": "ratio kd / torchvision",
+    "segmentation.py": "kd engine",
 }
 
 
