@@ -93,10 +93,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
             ("top-5 %", summary["top5"]),
             ("NLL", summary["nll"]),
             ("ECE %", summary["ece"]),
-            ("parameters", summary["params"]),
-            ("MACs", summary["macs"]),
-            ("size on disk (bytes)", summary["size_bytes"]),
-            (f"latency ms / batch of {cfg.latency_batch_size}", summary["latency_ms"]),
+            *figure_rows(cfg, summary),
             *([("agreement with teacher %", summary["teacher_agreement"])] if cfg.teacher_run else []),
         ],
         run.path,
@@ -138,10 +135,7 @@ def evaluate_dense(
             ("mIoU %", summary["miou"]),
             ("pixel accuracy %", summary["pixel_acc"]),
             ("mean class accuracy %", summary["mean_class_acc"]),
-            ("parameters", summary["params"]),
-            ("MACs", summary["macs"]),
-            ("size on disk (bytes)", summary["size_bytes"]),
-            (f"latency ms / batch of {cfg.latency_batch_size}", summary["latency_ms"]),
+            *figure_rows(cfg, summary),
         ],
         run.path,
     )
@@ -158,6 +152,16 @@ def model_figures(cfg: DictConfig, model: nn.Module, spec: ModelSpec, weights: P
         "latency_batch_size": cfg.latency_batch_size,
         "device": str(device),
     }
+
+
+def figure_rows(cfg: DictConfig, summary: dict) -> list[tuple[str, Any]]:
+    """The printed rows of `model_figures`."""
+    return [
+        ("parameters", summary["params"]),
+        ("MACs", summary["macs"]),
+        ("size on disk (bytes)", summary["size_bytes"]),
+        (f"latency ms / batch of {cfg.latency_batch_size}", summary["latency_ms"]),
+    ]
 
 
 def _dataset_config(cfg: DictConfig, weights: Path) -> dict:
