@@ -474,3 +474,11 @@ def test_bad_masks_are_one_line_naming_the_file_or_left_out_with_a_count(tmp_pat
     data = load_dataset({**options, "skip_bad_masks": True})
     assert len(data.train) + len(data.test) == 7
     assert any("left out 1 image(s) with a bad mask" in line for line in errors.WARNINGS)
+
+
+def test_the_progress_bar_shows_the_tasks_score_on_its_split():
+    from kd_cli.engine.progress import score_text
+
+    assert score_text({"test_miou": 12.345, "images_per_s": 3}) == "test mIoU 12.35"
+    assert score_text({"val_top1": 90.0, "val_loss": 0.1}) == "val top-1 90.00"
+    assert score_text({"train_loss": 1.0}) == "not scored this epoch"

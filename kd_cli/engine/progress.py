@@ -96,7 +96,7 @@ class BarReporter(PlainReporter):
             self.progress.update(self.batch_task, advance=1)
 
     def end_epoch(self, row: dict[str, Any]) -> None:
-        info = f"test top-1 {row.get('test_top1', float('nan')):.2f}  {row.get('images_per_s', 0):.0f} img/s"
+        info = f"{score_text(row)}  {row.get('images_per_s', 0):.0f} img/s"
         self.progress.update(self.epoch_task, completed=row["epoch"], info=info)
         line = f"[{self.title}] epoch {row['epoch']}/{self.epochs}  {format_row(row)}"
         self.progress.console.print(line, highlight=False, markup=False)
@@ -109,3 +109,12 @@ def log_to_files_only(message: str) -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
+
+
+# The epoch's score as the bar shows it: the split it was read on (validation when there is one) and the
+# task's metric.
+SCORES = (("val_top1", "val top-1"), ("test_top1", "test top-1"), ("val_miou", "val mIoU"), ("test_miou", "test mIoU"))
+
+
+def score_text(row: dict[str, Any]) -> str:
+    return next((f"{label} {row[key]:.2f}" for key, label in SCORES if key in row), "not scored this epoch")
