@@ -186,7 +186,7 @@ def compressed_and_reloaded(arch: str, step: str, options: dict, tmp_path: Path)
     spec = zoo_spec(arch)
     model = spec.build().eval()
     data = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))] * 2
-    ctx = StepContext(torch.zeros(1, 3, 32, 32), data)
+    ctx = StepContext(torch.zeros(1, 3, 32, 32), data, torch.nn.functional.cross_entropy)
     compressed = build_step(step, options).apply(copy.deepcopy(model), ctx).eval()
     save_model(tmp_path, compressed, ModelSpec(**{**spec.__dict__, "extra": {"transforms": ctx.transforms}}))
     return model, compressed, load_model(tmp_path)[0]

@@ -159,7 +159,7 @@ def test_int8_model_exports_to_torchscript_but_not_onnx(tmp_path):
     run = saved_model(tmp_path / "float", "cnn", {"width": 8, "depth": 2, "dropout": 0.0}, 1, 8)
     model, spec = load_model(run)
     data = [(torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long))] * 2
-    ctx = StepContext(torch.zeros(1, 1, 8, 8), data)
+    ctx = StepContext(torch.zeros(1, 1, 8, 8), data, torch.nn.functional.cross_entropy)
     options = dict(mode="static", backend="x86", calibration_batches=2, layers=[], skip=[])
     int8 = build_step("quantize_int8", options).apply(model, ctx)
     int8_spec = ModelSpec(**{**spec.__dict__, "extra": {"transforms": ctx.transforms}})

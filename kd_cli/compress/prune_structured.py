@@ -12,7 +12,6 @@ import logging
 from collections.abc import Mapping
 from typing import Literal
 
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -129,8 +128,8 @@ class PruneStructured(CompressionStep):
     def _accumulate_gradients(self, model: nn.Module, ctx: StepContext) -> None:
         """Gradients of the training loss (eval mode: BatchNorm statistics stay as trained)."""
         model.zero_grad(set_to_none=True)
-        for images, labels in ctx.batches(self.taylor_batches):
-            F.cross_entropy(model(images), labels).backward()
+        for images, targets in ctx.batches(self.taylor_batches):
+            ctx.loss(model(images), targets).backward()
 
     @staticmethod
     def _check_widths(model: nn.Module) -> None:

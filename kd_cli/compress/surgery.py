@@ -102,7 +102,8 @@ def resize_layers(model: nn.Module, layers: dict[str, dict[str, Any]]) -> nn.Mod
 
 
 def classifier_name(model: nn.Module, example: torch.Tensor) -> str | None:
-    """The layer whose output is the model's output (the classifier), found by running the model."""
+    """The layer whose output is the model's output (the classifier), found by running the model; for a
+    model that resizes its logits, the last layer with the output's channel count."""
     outputs: list[tuple[torch.Tensor, str]] = []  # references kept: ids of freed tensors are reused
 
     def remember(name: str):
@@ -118,7 +119,13 @@ def classifier_name(model: nn.Module, example: torch.Tensor) -> str | None:
     finally:
         for hook in hooks:
             hook.remove()
-    return next((name for output, name in reversed(outputs) if output is result), None)
+    exact = next((name for output, name in reversed(outputs) if output is result), None)
+    if exact is not None or not isinstance(result, torch.Tensor) or result.dim() < 2:
+        return exact
+    # A segmenter resizes its classifier's logits to the input's size after the layer: the classifier is
+    # then the last layer that gives as many channels as the model's output has classes.
+    classes = result.shape[1]
+    return next((name for output, name in reversed(outputs) if output.dim() >= 2 and output.shape[1] == classes), None)
 
 
 def weight_sparsity(model: nn.Module) -> float:

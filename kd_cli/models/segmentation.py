@@ -48,17 +48,13 @@ class SegCNN(nn.Module):
         self.classifier = nn.Conv2d(width, num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = x.shape[-2:]
+        # The first stage keeps the input's size and the decoder returns to it: logits come out at the
+        # input's size with no resize (and no branch on shapes, so torch.fx traces it for int8).
         features = []
         for stage in self.stages:
             x = stage(x)
             features.append(x)
-        logits = self.classifier(self.decoder(features))
-        return (
-            F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-            if logits.shape[-2:] != size
-            else logits
-        )
+        return self.classifier(self.decoder(features))
 
 
 def _segcnn(arch: str, num_classes: int, in_channels: int, input_size: int, width: int, depth: int) -> nn.Module:

@@ -40,8 +40,8 @@ def check_config(cfg: DictConfig) -> None:
         check_task_fit(cfg)
 
 
-# The stages that serve classification models only, for now (their segmentation side is issue 21's next part).
-CLASSIFICATION_ONLY_STAGES = ("compress", "export", "import")
+# The stages that serve classification models only, for now (`kd import` reads classifier checkpoints).
+CLASSIFICATION_ONLY_STAGES = ("import",)
 
 
 def check_task_fit(cfg: DictConfig) -> None:

@@ -1,7 +1,7 @@
 """`kd compress`: make a trained model smaller and faster (structured/unstructured pruning, low rank,
 int8), recover its accuracy with distillation from the uncompressed model through the same training
 loop as `kd distill`, and measure every step: parameters, MACs, size on disk, sparsity, CPU latency
-and top-1, before and after."""
+and the task's score (top-1 for a classifier, mIoU for a segmenter), before and after."""
 
 from __future__ import annotations
 
@@ -33,17 +33,19 @@ from kd_cli.engine.artifacts import (
 )
 from kd_cli.engine.device import random_stream
 from kd_cli.engine.loop import fit
-from kd_cli.engine.metrics import predict
+from kd_cli.engine.metrics import score as score_split
 from kd_cli.engine.rundir import COMPLETE, CONFIG, RunDir
 from kd_cli.engine.trackers import Trackers, open_trackers
 from kd_cli.errors import KdError
-from kd_cli.methods import method_requires_teacher
+from kd_cli.methods import method_requires_teacher, method_tasks
+from kd_cli.models import model_task
 from kd_cli.stages.data import Loaders, data_env, eval_loader, load_data, saved_dataset
 from kd_cli.stages.lifecycle import start_run
 from kd_cli.stages.measure import Measurement, measure
 from kd_cli.stages.models import check_model_fits
 from kd_cli.stages.setup import Setup, print_config, setup_run
 from kd_cli.stages.training import dry_build, new_method, training_job
+from kd_cli.tasks import Task, get_task
 
 log = logging.getLogger("kd")
 TABLE = "compression.csv"
@@ -65,6 +67,8 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         )
     run.keep(model_weights_sha256=digest)
     use_saved_dataset(cfg, weights)
+    task = get_task(model_task(load_spec(weights).arch))
+    use_task_recovery_method(cfg, task)
     setup = setup_run(cfg)
     print_config(cfg)
     original, spec = load_model(weights, setup.device)
@@ -77,11 +81,14 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     ctx = StepContext(
         example=_example(spec, setup.device),
         calibration_data=_calibration_loader(cfg, loaders, spec, setup.device),
+        loss=task.loss,
         transforms=list(spec.extra.get("transforms", [])),
     )
-    score = _scorer(cfg, loaders, spec, setup)
-    figures = dict(batch_sizes=list(cfg.latency_batch_sizes), batches=cfg.latency_batches)
-    rows = [measure("original", original, spec, predict_on=score, **figures)]
+    score = _scorer(cfg, loaders, spec, setup, task)
+    figures = dict(
+        score_of=score, metric=task.metric, batch_sizes=list(cfg.latency_batch_sizes), batches=cfg.latency_batches
+    )
+    rows = [measure("original", original, spec, **figures)]
     model, float_model = copy.deepcopy(original), None
     with open_trackers(cfg, run, setup.world.is_main) as tracker:  # logger=: recovery epochs + the model
         for name, step in steps:
@@ -95,9 +102,9 @@ def main(cfg: DictConfig, run: RunDir) -> float:
                 carried: dict[str, Any] = {}  # int8 has the float model's params and MACs (see measure)
                 if name == "quantize_int8":
                     carried = dict(params=before.params, macs=before.macs)
-                rows.append(measure(name, model, spec, predict_on=score, **figures, **carried))
+                rows.append(measure(name, model, spec, **figures, **carried))
                 continue
-            rows.append(measure(f"+ {FINETUNE} ({cfg.method.name})", model, spec, predict_on=score, **figures))
+            rows.append(measure(f"+ {FINETUNE} ({cfg.method.name})", model, spec, **figures))
         make_permanent(model)
         saved = replace(spec, extra={**spec.extra, "transforms": ctx.transforms, "compressed_from": str(weights)})
         if float_model is not None:
@@ -105,13 +112,13 @@ def main(cfg: DictConfig, run: RunDir) -> float:
             save_model(run.path / FLOAT_DIR, make_permanent(float_model), float_spec)
             shutil.copyfile(run.path / CONFIG, run.path / FLOAT_DIR / CONFIG)  # its data set, for export's check
         save_model(run.path, model, saved)
-        reload_top1 = check_reload(run.path, rows[-1], score)
-        tracker.log_model(run.path, rows[-1].top1, len(steps))
-    summary = summarise(cfg, rows, reload_top1, started, spec)
+        reloaded = check_reload(run.path, rows[-1], score, task)
+        tracker.log_model(run.path, rows[-1].score, len(steps))
+    summary = summarise(cfg, rows, reloaded, started, spec, task)
     write_table(run.path / TABLE, rows)
     run.write_summary(COMPLETE, **summary)
-    print_measurements(cfg, rows, spec, run.path)
-    return rows[-1].top1
+    print_measurements(cfg, rows, spec, run.path, task)
+    return rows[-1].score
 
 
 def plan(compression: DictConfig) -> list[tuple[str, CompressionStep | None]]:
@@ -150,6 +157,23 @@ def use_saved_dataset(cfg: DictConfig, weights: Path) -> None:
         cfg.dataset = OmegaConf.create(saved)
 
 
+def use_task_recovery_method(cfg: DictConfig, task: Task) -> None:
+    """The recovery method's default (`kd`) distils classifiers; another task's model recovers with its
+    task's logit method (pixel_kd for a segmenter) unless the command line chooses a method."""
+    from importlib.resources import files
+
+    import yaml
+    from hydra.core.hydra_config import HydraConfig
+
+    chosen = any(o.lstrip("+~").startswith("method") for o in HydraConfig.get().overrides.task)
+    if chosen or task.name in method_tasks(cfg.method.name):
+        return
+    options = yaml.safe_load((files("kd_cli.configs") / "method" / f"{task.logit_method}.yaml").read_text())
+    log.info(f"recovery: method={task.logit_method} (the {task.name} counterpart of method={cfg.method.name})")
+    with open_dict(cfg):
+        cfg.method = OmegaConf.create(options)
+
+
 def finetune(
     cfg: DictConfig,
     run: RunDir,
@@ -183,48 +207,53 @@ def _calibration_loader(cfg: DictConfig, loaders: Loaders, spec: ModelSpec, devi
     return eval_loader(cfg, loaders.data.train, spec, device, batch_size=cfg.trainer.batch_size)
 
 
-def _scorer(cfg: DictConfig, loaders: Loaders, spec: ModelSpec, setup: Setup):
-    """(logits, labels) of the test split: on the run's device, or the CPU for int8 models."""
+def _scorer(cfg: DictConfig, loaders: Loaders, spec: ModelSpec, setup: Setup, task: Task):
+    """The task's headline score on the test split: on the run's device, or the CPU for int8 models
+    (streamed batch by batch: a segmentation split's logits never sit in memory)."""
     cpu_loader = None
 
-    def score(model: nn.Module):
+    def score(model: nn.Module) -> float:
         nonlocal cpu_loader
         on_cpu = all(t.device.type == "cpu" for t in model.state_dict().values() if isinstance(t, torch.Tensor))
         if not on_cpu or setup.device.type == "cpu":
-            logits, labels = predict(model, loaders.test, setup.device, setup.eval_dtype)
+            passed = score_split(model, loaders.test, setup.device, setup.eval_dtype, task.new_score(spec.num_classes))
         else:
             if cpu_loader is None:
                 cpu_loader = eval_loader(cfg, loaders.data.test, spec, torch.device("cpu"))
-            logits, labels = predict(model, cpu_loader, torch.device("cpu"), torch.float32)
-        if not torch.isfinite(logits).all():
+            passed = score_split(
+                model, cpu_loader, torch.device("cpu"), torch.float32, task.new_score(spec.num_classes)
+            )
+        if not passed.all_finite:
             raise KdError(
                 "the model gives non-finite outputs (NaN or inf) on the test images at this step; "
                 "nothing is reported for it (lower optim.lr for the recovery, or change the step's settings)"
             )
-        return logits, labels
+        return passed.result()[task.metric]
 
     return score
 
 
-def check_reload(path: Path, final: Measurement, score) -> float:
-    """Load the saved files back (as `kd evaluate` will) and insist on the same top-1."""
-    from kd_cli.tasks.classification import topk_accuracy
-
+def check_reload(path: Path, final: Measurement, score, task: Task) -> float:
+    """Load the saved files back (as `kd evaluate` will) and insist on the same score."""
     model, _ = load_model(path, "cpu")
-    reloaded = topk_accuracy(*score(model))
-    if abs(reloaded - final.top1) > 1e-9:
+    reloaded = score(model)
+    if abs(reloaded - final.score) > 1e-9:
         raise KdError(
-            f"the saved model scores {reloaded:.2f}% after reloading but {final.top1:.2f}% before saving; "
-            f"this architecture does not survive this compression's save/load (please report it)"
+            f"the saved model scores {reloaded:.2f}% {task.metric_label} after reloading but {final.score:.2f}% "
+            f"before saving; this architecture does not survive this compression's save/load (please report it)"
         )
     return reloaded
 
 
-def summarise(cfg: DictConfig, rows: list[Measurement], reload_top1: float, started: float, spec: ModelSpec) -> dict:
-    first, last = rows[0], rows[-1]
+def summarise(
+    cfg: DictConfig, rows: list[Measurement], reloaded: float, started: float, spec: ModelSpec, task: Task
+) -> dict:
+    first, last, metric = rows[0], rows[-1], task.metric
     ratio = lambda a, b: a / b if b else None  # noqa: E731
     return {
         "stage": "compress",
+        "task": task.name,
+        "metric": metric,
         "compression": cfg.compression.get("name", "custom"),
         "steps": list(cfg.compression.steps),
         "method": cfg.method.name,
@@ -240,11 +269,11 @@ def summarise(cfg: DictConfig, rows: list[Measurement], reload_top1: float, star
         "macs_ratio": ratio(last.macs, first.macs),
         "size_ratio": ratio(last.size_bytes, first.size_bytes),
         **{f"speedup_b{b}": ratio(first.latency_ms[b], last.latency_ms[b]) for b in first.latency_ms},
-        "top1_original": first.top1,
-        "last_top1": last.top1,
-        "best_top1": last.top1,
-        "top1_drop": first.top1 - last.top1,
-        "reload_top1": reload_top1,
+        f"{metric}_original": first.score,
+        f"last_{metric}": last.score,
+        f"best_{metric}": last.score,
+        f"{metric}_drop": first.score - last.score,
+        f"reload_{metric}": reloaded,
         "latency_threads": torch.get_num_threads(),
         "wall_time_s": time.time() - started,
     }
@@ -257,11 +286,19 @@ def write_table(path: Path, rows: list[Measurement]) -> None:
         writer.writerows(r.row() for r in rows)
 
 
-def print_measurements(cfg: DictConfig, rows: list[Measurement], spec: ModelSpec, run_dir: Path) -> None:
+def print_measurements(cfg: DictConfig, rows: list[Measurement], spec: ModelSpec, run_dir: Path, task: Task) -> None:
     from rich.console import Console
 
     sizes = list(rows[0].latency_ms)
-    headers = ["step", "params", "MACs", "size KiB", "sparsity %", *[f"CPU ms b{b}" for b in sizes], "top-1 %"]
+    headers = [
+        "step",
+        "params",
+        "MACs",
+        "size KiB",
+        "sparsity %",
+        *[f"CPU ms b{b}" for b in sizes],
+        f"{task.metric_label} %",
+    ]
     cells = [
         [
             r.step,
@@ -270,7 +307,7 @@ def print_measurements(cfg: DictConfig, rows: list[Measurement], spec: ModelSpec
             f"{r.size_bytes / 1024:,.1f}",
             f"{r.sparsity:.1f}",
             *[f"{r.latency_ms[b]:.3f}" for b in sizes],
-            f"{r.top1:.2f}",
+            f"{r.score:.2f}",
         ]
         for r in rows
     ]
@@ -283,7 +320,7 @@ def print_measurements(cfg: DictConfig, rows: list[Measurement], spec: ModelSpec
             f"{last.size_bytes / first.size_bytes:.2f}x",
             "",
             *[f"{first.latency_ms[b] / last.latency_ms[b]:.2f}x speed" for b in sizes],
-            f"{last.top1 - first.top1:+.2f}",
+            f"{last.score - first.score:+.2f}",
         ]
     )
     print_table(

@@ -1,4 +1,5 @@
-"""The before/after figures of `kd compress`: parameters, MACs, size on disk, sparsity, CPU latency, top-1."""
+"""The before/after figures of `kd compress`: parameters, MACs, size on disk, sparsity, CPU latency, and
+the task's headline score (top-1, mIoU)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from kd_cli.compress.surgery import weight_sparsity
 from kd_cli.engine.artifacts import ModelSpec, weights_for_file
 from kd_cli.stages.evaluate import count_macs, measure_latency
 from kd_cli.stages.models import count_parameters
-from kd_cli.tasks.classification import topk_accuracy
 
 
 @dataclass
@@ -27,10 +27,12 @@ class Measurement:
     size_bytes: int
     sparsity: float
     latency_ms: dict[int, float]  # CPU, median ms per batch, by batch size
-    top1: float
+    score: float  # the task's headline metric on the test split (top-1 %, mIoU %)
+    metric: str = "top1"  # its name: the row's column ("top1", "miou")
 
     def row(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k != "latency_ms"}
+        out = {k: v for k, v in asdict(self).items() if k not in ("latency_ms", "score", "metric")}
+        out[self.metric] = self.score
         out.update({f"latency_b{b}_ms": ms for b, ms in self.latency_ms.items()})
         return out
 
@@ -51,17 +53,18 @@ def measure(
     model: nn.Module,
     spec: ModelSpec,
     *,
-    predict_on: Callable[[nn.Module], tuple],
+    score_of: Callable[[nn.Module], float],
+    metric: str,
     batch_sizes: list[int],
     batches: int,
     params: int | None = None,
     macs: int | None = None,
 ) -> Measurement:
-    """`predict_on(model)` -> (logits, labels) of the test split; params/MACs may be carried over
+    """`score_of(model)` -> the headline metric on the test split; params/MACs may be carried over
     (an int8 model has the same weights and multiply-adds, stored and done in 8 bits)."""
     model = saved_form(model).eval()
     device = next((t.device for t in model.state_dict().values() if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    logits, labels = predict_on(model)
+    score = score_of(model)
     on_cpu = model if device.type == "cpu" else copy.deepcopy(model).cpu()
     return Measurement(
         step=step,
@@ -70,5 +73,6 @@ def measure(
         size_bytes=size_on_disk(model),
         sparsity=weight_sparsity(model),
         latency_ms={b: measure_latency(on_cpu, spec, torch.device("cpu"), b, batches) for b in batch_sizes},
-        top1=topk_accuracy(logits, labels),
+        score=score,
+        metric=metric,
     )

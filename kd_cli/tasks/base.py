@@ -43,6 +43,7 @@ class Task(ABC):
     metric_label: str = "?"  # as printed: "top-1", "mIoU"
     train_metric: str = "?"  # what a training batch's hits measure: `train_<train_metric>` in metrics.csv
     target_form: str = "?"  # what a label is, for messages: "a class index", "a mask"
+    logit_method: str = "?"  # the task's logit distillation: `kd compress` recovers with it by default
 
     @abstractmethod
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:

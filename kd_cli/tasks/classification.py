@@ -81,6 +81,7 @@ class Classification(Task):
     metric_label = "top-1"
     train_metric = "top1"
     target_form = "a class index"
+    logit_method = "kd"
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
         return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)

@@ -93,6 +93,7 @@ class Segmentation(Task):
     metric_label = "mIoU"
     train_metric = "pixel_acc"
     target_form = "a mask"
+    logit_method = "pixel_kd"
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
         logits = to_label_size(logits, targets)
