@@ -13,6 +13,7 @@ the file, or, with `skip_bad_masks=true`, the pair is left out and counted in on
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -56,25 +57,37 @@ def read_mask(path: str) -> np.ndarray:
         raise BadMask(f"cannot read mask {shown_path(path)} ({error})") from None
 
 
-def read_pair(image_path: str, mask_path: str, classes: int, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_file(path: str) -> np.ndarray:
+    """A mask stored as class indices (255 ignored), the file named if it is missing."""
+    if not os.path.isfile(path):
+        raise BadMask(f"no mask {shown_path(path)} for its image")
+    return read_mask(path)
+
+
+# A split's pair: (image file, mask key); a data set's `load_mask(key)` gives the class index of every
+# pixel (a file read as stored, a file whose values are mapped, or a mask drawn from annotations).
+MaskLoader = Callable[[str], np.ndarray]
+
+
+def read_pair(
+    image_path: str, mask_key: str, classes: int, side: int, load_mask: MaskLoader = mask_file
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One (image, mask) checked and resized: uint8 (3, side, side) and uint8 (side, side)."""
-    if not os.path.isfile(mask_path):
-        raise BadMask(f"image {shown_path(image_path)} has no mask (expected {shown_path(mask_path)})")
+    mask = load_mask(mask_key)
     try:
         image = decode_rgb(image_path)
     except UnreadableImage as error:
         raise BadMask(str(error)) from None
-    mask = read_mask(mask_path)
     if tuple(mask.shape) != tuple(image.shape[-2:]):
         raise BadMask(
-            f"mask {shown_path(mask_path)} is {mask.shape[1]}x{mask.shape[0]} but its image is "
+            f"mask {shown_path(mask_key)} is {mask.shape[1]}x{mask.shape[0]} but its image is "
             f"{image.shape[-1]}x{image.shape[-2]}; a mask labels its image's pixels one for one"
         )
     values = np.unique(mask)
     outside = values[(values >= classes) & (values != IGNORE_INDEX)]
     if len(outside):
         raise BadMask(
-            f"mask {shown_path(mask_path)} holds value {int(outside[0])}, neither one of the {classes} classes "
+            f"mask {shown_path(mask_key)} holds value {int(outside[0])}, neither one of the {classes} classes "
             f"(0..{classes - 1}) nor {IGNORE_INDEX} (ignored)"
         )
     resized = F.interpolate(
@@ -84,11 +97,13 @@ def read_pair(image_path: str, mask_path: str, classes: int, side: int) -> tuple
     return resized[0].round().clamp(0, 255).to(torch.uint8), label[0, 0].to(torch.uint8)
 
 
-def read_split(pairs: list[tuple[str, str]], classes: int, side: int, skip: bool, title: str) -> TensorSplit:
+def read_split(
+    pairs: list[tuple[str, str]], classes: int, side: int, skip: bool, title: str, load_mask: MaskLoader = mask_file
+) -> TensorSplit:
     images, masks, bad = [], [], []
-    for image_path, mask_path in pairs:
+    for image_path, mask_key in pairs:
         try:
-            image, mask = read_pair(image_path, mask_path, classes, side)
+            image, mask = read_pair(image_path, mask_key, classes, side, load_mask)
         except BadMask as error:
             if not skip:
                 raise KdError(
