@@ -40,6 +40,7 @@ def at_loss(student: torch.Tensor, teacher: torch.Tensor, p: float, form: str = 
 
 @register_method("at")
 class AttentionTransfer(FeatureDistiller):
+    tasks = ("classification", "segmentation")  # on a segmenter: its backbone stages, KD pixel-wise
     loss_weights = ("at_weight", "ce_weight", "kd_weight")
 
     def __init__(

@@ -16,12 +16,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kd_cli.errors import KdError
 from kd_cli.methods.feature_utils import embedding_layer, feature_layers, require_maps
 from kd_cli.methods.logit_utils import kd_loss
+from kd_cli.methods.seg_logits import align_to, pixel_kd_loss, valid_pixels
 from kd_cli.models.features import FeatureTap, feature_shapes
 from kd_cli.registry import NonNegative, Temperature
 from kd_cli.tasks import Task, get_task
@@ -249,12 +249,21 @@ class FeatureDistiller(Distiller):
     def logit_terms(
         self, logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor
     ) -> dict[str, torch.Tensor]:
+        """The task loss and Hinton's KD term; on a segmenter's per-pixel logits, KD is pixel-wise (pixel_kd's
+        loss over the labelled pixels, the teacher's map resized to the student's)."""
         terms = {}
         if self.ce_weight:
-            terms["ce"] = self.ce_weight * F.cross_entropy(logits, labels)
+            terms["ce"] = self.ce_weight * self.task.loss(logits, labels)
         if self.kd_weight:
             assert teacher_logits is not None  # `features` runs the teacher whenever kd_weight > 0
-            terms["kd"] = self.kd_weight * kd_loss(logits.float(), teacher_logits.float(), self.temperature)
+            if logits.dim() == 4:
+                teacher_logits = align_to(teacher_logits, logits)
+                soft = pixel_kd_loss(
+                    logits.float(), teacher_logits.float(), self.temperature, valid_pixels(labels, logits)
+                )
+            else:
+                soft = kd_loss(logits.float(), teacher_logits.float(), self.temperature)
+            terms["kd"] = self.kd_weight * soft
         return terms
 
 

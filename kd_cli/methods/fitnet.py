@@ -28,6 +28,7 @@ def fitnet_loss(regressed_student: torch.Tensor, teacher: torch.Tensor) -> torch
 
 @register_method("fitnet")
 class FitNet(FeatureDistiller):
+    tasks = ("classification", "segmentation")  # on a segmenter: its backbone stages, KD pixel-wise
     loss_weights = ("fitnet_weight", "ce_weight", "kd_weight")
 
     def __init__(

@@ -11,29 +11,13 @@ ignored the two agree.) A teacher whose logits have another size is resized to t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from kd_cli.methods import register_method
 from kd_cli.methods.base import Distiller
-from kd_cli.methods.seg_logits import align_to, valid_pixels
+from kd_cli.methods.seg_logits import align_to, pixel_kd_loss, valid_pixels
 from kd_cli.registry import NonNegative, Temperature
 
-
-def pixel_kd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    temperature: float,
-    valid: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """T^2 * mean over `valid` pixels (all when None) of KL(p_t^T || p_s^T); logits (B, C, H, W)."""
-    log_s = F.log_softmax(student_logits / temperature, dim=1)
-    log_t = F.log_softmax(teacher_logits / temperature, dim=1)
-    kl = (log_t.exp() * (log_t - log_s)).sum(dim=1)  # (B, H, W)
-    if valid is not None:
-        kl = kl[valid]
-    if kl.numel() == 0:
-        return student_logits.sum() * 0.0  # every pixel ignored: no signal, and no NaN
-    return kl.mean() * temperature**2
+__all__ = ["PixelKD", "pixel_kd_loss"]
 
 
 @register_method("pixel_kd")

@@ -1,0 +1,171 @@
+"""The segmentation methods beyond pixel_kd and cwd: DIST on pixels, SKD's pair-wise term and IFVD, each
+against a float64 reference written from the authors' code (values and gradients), and the feature methods
+(FitNet, AT) on a segmenter's backbone stages with pixel-wise KD; then each one trained through the CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kdrun import FAST, kd_here_ok, run_dirs
+
+from kd_cli.errors import KdError
+from kd_cli.methods.ifvd import ifvd_loss
+from kd_cli.methods.pixel_dist import pixel_dist_losses
+from kd_cli.methods.seg_logits import pixel_kd_loss
+from kd_cli.methods.skd import skd_pairwise_loss
+from kd_cli.tasks import IGNORE_INDEX
+
+# --- float64 references, written from the authors' code ------------------------------------------------
+
+
+def dist_kd_segmentation(y_s: torch.Tensor, y_t: torch.Tensor) -> torch.Tensor:
+    """hunto/DIST_KD segmentation/losses/dist_kd.py, DIST(beta=1, gamma=1) on 4-d logits: pixels to rows
+    (their transpose(1, 3) order), softmax, 1 - mean Pearson over rows + 1 - mean Pearson over columns,
+    the Pearson as they write it (eps added to the product of the norms)."""
+
+    def pearson(x, y, eps=1e-8):
+        x, y = x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
+        return (x * y).sum(1) / (x.norm(dim=1) * y.norm(dim=1) + eps)
+
+    classes = y_s.shape[1]
+    p_s = y_s.transpose(1, 3).reshape(-1, classes).softmax(dim=1)
+    p_t = y_t.transpose(1, 3).reshape(-1, classes).softmax(dim=1)
+    return (1 - pearson(p_s, p_t).mean()) + (1 - pearson(p_s.T, p_t.T).mean())
+
+
+def cirkd_structural_kd(feat_s: torch.Tensor, feat_t: torch.Tensor) -> torch.Tensor:
+    """CIRKD losses/skd.py, CriterionStructuralKD: 2x2 max-pool (ceil mode), L2-normalise over channels,
+    bmm(f^T, f) per image, mean squared difference."""
+    pool = torch.nn.MaxPool2d(kernel_size=(2, 2), stride=(2, 2), padding=0, ceil_mode=True)
+
+    def similarity(feat):
+        feat = F.normalize(pool(feat), p=2, dim=1)
+        flat = feat.reshape(feat.shape[0], feat.shape[1], -1)
+        return torch.bmm(flat.transpose(1, 2), flat)
+
+    return ((similarity(feat_s) - similarity(feat_t)) ** 2).mean()
+
+
+def cirkd_ifv(feat_s: torch.Tensor, feat_t: torch.Tensor, target: torch.Tensor, classes: int) -> torch.Tensor:
+    """CIRKD losses/ifvd.py, CriterionIFV: the target resized (nearest) to the feature size, each class's
+    mean feature replacing its pixels' centre one class at a time, cosine to the centre, MSE."""
+    size = feat_s.shape[2:]
+    tar = F.interpolate(target.unsqueeze(1).float(), size=size, mode="nearest")
+    tar_s, tar_t = tar.expand(feat_s.size()), tar.expand(feat_t.size())
+    centre_s, centre_t = feat_s.clone(), feat_t.clone()
+    for i in range(classes):
+        mask_s, mask_t = (tar_s == i).double(), (tar_t == i).double()
+        mean_s = (mask_s * feat_s).sum(-1).sum(-1) / (mask_s.sum(-1).sum(-1) + 1e-6)
+        mean_t = (mask_t * feat_t).sum(-1).sum(-1) / (mask_t.sum(-1).sum(-1) + 1e-6)
+        centre_s = (1 - mask_s) * centre_s + mask_s * mean_s[..., None, None]
+        centre_t = (1 - mask_t) * centre_t + mask_t * mean_t[..., None, None]
+    cos = torch.nn.CosineSimilarity(dim=1)
+    return torch.nn.MSELoss()(cos(feat_s, centre_s), cos(feat_t, centre_t))
+
+
+def _grad(loss_of, student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    student = student.clone().requires_grad_(True)
+    value = loss_of(student)
+    value.backward()
+    return value.detach(), student.grad
+
+
+def _maps(seed: int, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=generator, dtype=torch.float64) * 2 for _ in range(2))
+
+
+def test_pixel_dist_equals_the_authors_segmentation_dist():
+    student, teacher = _maps(0, (2, 5, 6, 7))
+    ours = _grad(lambda s: sum(pixel_dist_losses(s, teacher, 1.0)), student)
+    theirs = _grad(lambda s: dist_kd_segmentation(s, teacher), student)
+    assert torch.allclose(ours[0], theirs[0], atol=1e-7) and torch.allclose(ours[1], theirs[1], atol=1e-7)
+    inter, intra = pixel_dist_losses(teacher, teacher, 1.0)
+    assert abs(float(inter)) < 1e-12 and abs(float(intra)) < 1e-12
+
+
+@pytest.mark.parametrize("size", [(8, 8), (7, 5)])  # an odd map: ceil-mode pooling's partial cells
+def test_skd_pairwise_equals_cirkd(size):
+    student, teacher = _maps(1, (2, 6, *size))
+    teacher = teacher[:, :4]  # another channel count: an affinity has none
+    ours = _grad(lambda s: skd_pairwise_loss(s, teacher, patch=2), student)
+    theirs = _grad(lambda s: cirkd_structural_kd(s, teacher), student)
+    assert torch.allclose(ours[0], theirs[0], atol=1e-12) and torch.allclose(ours[1], theirs[1], atol=1e-12)
+
+
+def test_ifvd_equals_cirkd_with_ignored_and_absent_classes():
+    student, teacher = _maps(2, (2, 6, 6, 8))
+    generator = torch.Generator().manual_seed(3)
+    target = torch.randint(0, 4, (2, 12, 16), generator=generator)  # classes 4 and 5 absent
+    target[0, :4] = IGNORE_INDEX
+    ours = _grad(lambda s: ifvd_loss(s, teacher, target, 6), student)
+    theirs = _grad(lambda s: cirkd_ifv(s, teacher, target, 6), student)
+    assert torch.allclose(ours[0], theirs[0], atol=1e-12) and torch.allclose(ours[1], theirs[1], atol=1e-12)
+    assert float(ours[0]) > 0 and float(ifvd_loss(teacher, teacher, target, 6)) == 0
+
+
+def test_a_teacher_map_of_another_size_is_resized_to_the_students():
+    student, teacher = _maps(4, (1, 3, 8, 8))
+    coarse = F.avg_pool2d(teacher, 2)
+    resized = F.interpolate(coarse, size=(8, 8), mode="bilinear", align_corners=False)
+    assert torch.equal(skd_pairwise_loss(student, coarse), skd_pairwise_loss(student, resized))
+    target = torch.randint(0, 3, (1, 8, 8))
+    assert torch.equal(ifvd_loss(student, coarse, target, 3), ifvd_loss(student, resized, target, 3))
+
+
+def test_feature_methods_distil_a_segmenter_pixel_wise():
+    """FitNet's kd term on per-pixel logits is pixel_kd's loss over the labelled pixels, its ce the task's."""
+    from kd_cli.methods import build_method
+    from kd_cli.models import create_model
+
+    student = create_model("segcnn_tiny", num_classes=4, in_channels=1, input_size=16)
+    teacher = create_model("segcnn", num_classes=4, in_channels=1, input_size=16).eval()
+    options = {
+        "name": "fitnet",
+        "student_layers": None,
+        "teacher_layers": None,
+        "fitnet_weight": 1.0,
+        "regressor_relu": True,
+        "ce_weight": 1.0,
+        "kd_weight": 1.0,
+        "temperature": 2.0,
+    }
+    method = build_method(options, student, teacher, task="segmentation")
+    images, masks = torch.randn(2, 1, 16, 16), torch.randint(0, 4, (2, 16, 16))
+    masks[0, 0] = IGNORE_INDEX
+    logits, terms = method(images, masks)
+    with torch.no_grad():
+        expected = pixel_kd_loss(logits, teacher(images), 2.0, masks != IGNORE_INDEX)
+    assert torch.allclose(terms["kd"], expected)
+    assert torch.allclose(terms["ce"], F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX))
+
+
+def test_an_affinity_too_large_for_memory_is_refused_with_the_patch_that_fits():
+    from kd_cli.methods import build_method
+    from kd_cli.models import create_model
+
+    student = create_model("segcnn_tiny", num_classes=3, in_channels=1, input_size=160)
+    teacher = create_model("segcnn_tiny", num_classes=3, in_channels=1, input_size=160)
+    options = {
+        "name": "skd",
+        "student_layers": None,
+        "teacher_layers": None,
+        "skd_weight": 1.0,
+        "patch": 2,
+        "ce_weight": 1.0,
+        "kd_weight": 0.0,
+        "temperature": 1.0,
+    }
+    with pytest.raises(KdError, match=r"160x160; in 2x2 cells that is 6400 cells.*set method.patch=3"):
+        build_method(options, student, teacher, task="segmentation")
+
+
+@pytest.mark.parametrize("method", ["pixel_dist", "skd", "ifvd", "fitnet", "at"])
+def test_each_segmentation_method_trains_through_the_cli(method, tmp_path):
+    scenes = ["dataset=digit_scenes", "dataset.train_scenes=32", "dataset.test_scenes=16", "dataset.canvas=24"]
+    kd_here_ok("distill", *scenes, f"method={method}", "trainer.epochs=1", "trainer.batch_size=16", *FAST, cwd=tmp_path)
+    (run,) = run_dirs(tmp_path / "outputs", "distill")
+    header = (run / "metrics.csv").read_text().splitlines()[0]
+    own = {"pixel_dist": "train_inter", "skd": "train_skd", "ifvd": "train_ifvd", "fitnet": "train_fitnet"}
+    assert own.get(method, "train_at") in header and "test_miou" in header
