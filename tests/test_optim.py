@@ -35,6 +35,12 @@ def test_multistep_multiplies_by_gamma_at_each_milestone_passed():
     assert [schedule.at(e) for e in (0, 149.9, 150, 180, 239)] == pytest.approx([0.05, 0.05, 5e-3, 5e-4, 5e-5])
 
 
+def test_poly_decays_as_one_minus_progress_to_the_power_0_9():
+    schedule = Schedule.from_config(optim(lr=0.02, schedule="poly"), epochs=30)
+    assert schedule.at(0) == 0.02 and schedule.at(30) == 0.0 and schedule.at(31) == 0.0
+    assert schedule.at(15) == pytest.approx(0.02 * 0.5**0.9)  # torchvision's reference: (1 - it / its) ** 0.9
+
+
 def test_constant_is_lr_everywhere():
     schedule = Schedule.from_config(optim(lr=0.3, schedule="constant"), epochs=5)
     assert {schedule.at(e / 3) for e in range(15)} == {0.3}

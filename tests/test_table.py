@@ -25,19 +25,36 @@ NO_CHANGES = Namespace(small=False, methods=None, pairs=None, seeds=None, tolera
 def test_the_cifar100_table_cites_a_source_for_every_published_figure():
     spec = load_recipe("cifar100")
     assert len(spec.pairs) == 8 and spec.seeds == 3 and spec.compare == "best"
-    assert spec.figure("kd", "resnet32x4_resnet8x4").top1 == 73.33
-    assert spec.figure("dkd", "resnet32x4_resnet8x4").top1 == 76.32
+    assert spec.figure("kd", "resnet32x4_resnet8x4").score == 73.33
+    assert spec.figure("dkd", "resnet32x4_resnet8x4").score == 76.32
     assert spec.figure("reviewkd", "resnet56_resnet20") is None  # not in the sources read: no figure, not a guess
     cited = {figure.source for cells in spec.published.values() for figure in cells.values()}
     assert cited == {"repdistiller", "mdistiller"} and cited <= set(spec.sources)
     assert all(pair in spec.pairs for cells in spec.published.values() for pair in cells)
 
 
+def test_the_segmentation_table_compares_miou_on_torchvisions_recipe(compose_config):
+    spec = load_recipe("coco_voc_segmentation")
+    assert spec.metric == "miou" and spec.metric_label == "mIoU" and spec.compare == "last"
+    cited = {figure.source for cells in spec.published.values() for figure in cells.values()}
+    assert cited == {"torchvision", "torchdistill"} and cited <= set(spec.sources)
+    cell = make_cell(spec, "deeplabv3_resnet50_lraspp", "pixel_kd", [{"best_miou": 59.0, "last_miou": 58.5}])
+    assert cell.status == "reproduced" and cell.delta == pytest.approx(0.3) and cell.published == 58.2
+    assert make_cell(spec, "deeplabv3_resnet50_lraspp", "none", [{"last_top1": 90.0}]).status == "not run"
+    pair = spec.pairs["deeplabv3_resnet50_lraspp"]
+    overrides = method_recipe(spec, pair, "pixel_kd")
+    cfg = compose_config("distill", *overrides)
+    assert cfg.dataset.name == "coco_segmentation" and len(cfg.dataset.categories) == 20
+    assert (cfg.teacher.arch, cfg.student.arch) == ("deeplabv3_resnet50", "lraspp_mobilenet_v3_large")
+    assert cfg.optim.schedule == "poly" and cfg.optim.weight_decay == 1e-6 and cfg.method.name == "pixel_kd"
+
+
 @pytest.mark.parametrize(
     "change, fragment",
     [
         (lambda t: t["published"]["kd"].update({"resnet56_resnet20": [70.66, "a blog"]}), "cites 'a blog'"),
-        (lambda t: t["published"]["kd"].update({"resnet56_resnet20": "70.66"}), "must be [top-1, source]"),
+        (lambda t: t["published"]["kd"].update({"resnet56_resnet20": "70.66"}), "must be [score, source]"),
+        (lambda t: t.update(metric="map"), "metric=map is not one of top1, miou"),
         (lambda t: t["pairs"].update({"odd": {"teacher": "resnet56"}}), "pairs.odd must give `teacher` and `student`"),
         (lambda t: t.update(compare="median"), "compare=median is not one of best, last"),
         (lambda t: t["small"].update(pairs=["nope"]), "small.pairs names nope"),

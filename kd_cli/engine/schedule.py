@@ -15,6 +15,8 @@ from omegaconf import DictConfig
 if TYPE_CHECKING:
     import torch
 
+POLY_POWER = 0.9  # the power every segmentation recipe kd follows uses (DeepLab, torchvision, CIRKD)
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -48,6 +50,9 @@ class Schedule:
         if self.kind == "cosine":
             t = (progress - self.warmup_epochs) / max(self.epochs - self.warmup_epochs, 1e-8)
             return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+        if self.kind == "poly":  # DeepLab's (and torchvision's segmentation reference): (1 - t)^0.9
+            t = (progress - self.warmup_epochs) / max(self.epochs - self.warmup_epochs, 1e-8)
+            return self.min_lr + (self.lr - self.min_lr) * (1 - min(t, 1.0)) ** POLY_POWER
         if self.kind == "multistep":
             return self.lr * self.gamma ** sum(1 for m in self.milestones if progress >= m)
         return self.lr

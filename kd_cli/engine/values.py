@@ -9,7 +9,7 @@ from kd_cli.engine.optimizers import OPTIMIZERS
 from kd_cli.errors import KdError
 from kd_cli.registry import Range, check_number
 
-SCHEDULES = ("cosine", "multistep", "constant")
+SCHEDULES = ("cosine", "multistep", "poly", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # trainer.compile: false, true (torch.compile's default mode) or one of its modes; reduce-overhead adds CUDA graphs.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

@@ -67,7 +67,9 @@ def build_parser() -> Parser:
     parser.add_argument("--methods", help="comma-separated methods (the table's list)")
     parser.add_argument("--pairs", help="comma-separated pairs (the table's list)")
     parser.add_argument("--seeds", type=int, help="runs per cell (the table's count)")
-    parser.add_argument("--tolerance", type=float, help="top-1 points within which a cell is reproduced")
+    parser.add_argument(
+        "--tolerance", type=float, help="points (of the table's metric) within which a cell is reproduced"
+    )
     parser.add_argument("--compare", help="best | last: the epoch compared with the published figure")
     return parser
 
@@ -397,18 +399,19 @@ def collect(recipe: TableRecipe, out: Path) -> list[Cell]:
 
 
 def make_cell(recipe: TableRecipe, pair: str, method: str, runs: list[dict]) -> Cell:
-    best = [float(run["best_top1"]) for run in runs if run.get("best_top1") is not None]
-    last = [float(run["last_top1"]) for run in runs if run.get("last_top1") is not None]
+    best_key, last_key = f"best_{recipe.metric}", f"last_{recipe.metric}"
+    best = [float(run[best_key]) for run in runs if run.get(best_key) is not None]
+    last = [float(run[last_key]) for run in runs if run.get(last_key) is not None]
     figure = recipe.figure(method, pair)
     ours = best if recipe.compare == "best" else last
     if not ours:
-        published, source = (figure.top1, figure.source) if figure is not None else (None, None)
+        published, source = (figure.score, figure.source) if figure is not None else (None, None)
         return Cell(pair, method, best, last, published, source, "not run", None)
     if figure is None:
         return Cell(pair, method, best, last, None, None, "not published", None)
-    delta = statistics.mean(ours) - figure.top1
+    delta = statistics.mean(ours) - figure.score
     status = "reproduced" if abs(delta) <= recipe.tolerance else ("below" if delta < 0 else "above")
-    return Cell(pair, method, best, last, figure.top1, figure.source, status, delta)
+    return Cell(pair, method, best, last, figure.score, figure.source, status, delta)
 
 
 def mean_std(values: list[float]) -> str:
@@ -464,7 +467,7 @@ def as_markdown(recipe: TableRecipe, table: list[dict[str, str]]) -> str:
         f"# {recipe.name}: kd beside the published figures",
         "",
         f"kd: mean ± std over the complete runs (n) of each cell; status compares the {recipe.compare} epoch's "
-        f"mean with the published figure, within {recipe.tolerance} top-1 points.",
+        f"mean with the published figure, within {recipe.tolerance} {recipe.metric_label} points.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + " --- |" * len(header),
@@ -516,8 +519,10 @@ def plot(recipe: TableRecipe, cells: list[Cell], path: Path) -> None:
         range(len(pairs)), [f"{recipe.pairs[p].teacher}\n→ {recipe.pairs[p].student}" for p in pairs], fontsize=7
     )
     axes.set_yticks(range(len(methods)), methods, fontsize=8)
-    axes.set_title(f"{recipe.name}: kd {recipe.compare} top-1 / published (colour: difference)", fontsize=9)
-    fig.colorbar(image, ax=axes, label="kd - published (top-1 points)")
+    axes.set_title(
+        f"{recipe.name}: kd {recipe.compare} {recipe.metric_label} / published (colour: difference)", fontsize=9
+    )
+    fig.colorbar(image, ax=axes, label=f"kd - published ({recipe.metric_label} points)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -26,8 +26,13 @@ class Pair:
 
 @dataclass(frozen=True)
 class Published:
-    top1: float
+    score: float  # in the table's metric (top-1 %, mIoU %)
     source: str  # a key of TableRecipe.sources
+
+
+# The scores a table compares: a summary's `best_<metric>` / `last_<metric>`, and how the metric is printed.
+# (Here, not read from kd_cli.tasks: a table file is read and checked without importing torch.)
+METRIC_LABELS = {"top1": "top-1", "miou": "mIoU"}
 
 
 @dataclass
@@ -44,6 +49,11 @@ class TableRecipe:
     sources: dict[str, str]
     published: dict[str, dict[str, Published]]  # method (or "teacher") -> pair -> figure
     small: dict[str, Any] = field(default_factory=dict)
+    metric: str = "top1"
+
+    @property
+    def metric_label(self) -> str:
+        return METRIC_LABELS[self.metric]
 
     def figure(self, method: str, pair: str) -> Published | None:
         return self.published.get(method, {}).get(pair)
@@ -66,6 +76,7 @@ class TableRecipe:
             self.sources,
             self.published,
             self.small,
+            self.metric,
         )
 
 
@@ -111,7 +122,7 @@ def _parse(raw: dict, path: Path) -> TableRecipe:
         published[str(method)] = {}
         for pair, cell in (cells or {}).items():
             if not (isinstance(cell, list) and len(cell) == 2 and isinstance(cell[0], (int, float))):
-                raise KdError(f"{path}: published.{method}.{pair} must be [top-1, source], e.g. [73.33, repdistiller]")
+                raise KdError(f"{path}: published.{method}.{pair} must be [score, source], e.g. [73.33, repdistiller]")
             if cell[1] not in sources:
                 raise KdError(f"{path}: published.{method}.{pair} cites '{cell[1]}', which `sources` does not name")
             published[str(method)][str(pair)] = Published(float(cell[0]), str(cell[1]))
@@ -128,7 +139,10 @@ def _parse(raw: dict, path: Path) -> TableRecipe:
         sources=sources,
         published=published,
         small=raw.get("small") or {},
+        metric=str(raw.get("metric", "top1")),
     )
+    if recipe.metric not in METRIC_LABELS:
+        raise KdError(f"{path}: metric={recipe.metric} is not one of {', '.join(METRIC_LABELS)}")
     check_choices(recipe)
     unknown = [p for p in recipe.small.get("pairs", []) if p not in recipe.pairs]  # (the file's own pairs)
     if unknown:
@@ -143,7 +157,7 @@ def check_choices(recipe: TableRecipe) -> None:
     if not 1 <= recipe.seeds <= MAX_SEEDS:
         raise KdError(f"seeds={recipe.seeds} must be a whole number from 1 to {MAX_SEEDS} (runs per cell)")
     if not 0 <= recipe.tolerance <= 100:
-        raise KdError(f"tolerance={recipe.tolerance} must be a number from 0 to 100 (top-1 points)")
+        raise KdError(f"tolerance={recipe.tolerance} must be a number from 0 to 100 (points of the table's metric)")
     if not recipe.methods:
         raise KdError("the table has no methods; give methods=kd,dkd,...")
     if not recipe.pairs:
