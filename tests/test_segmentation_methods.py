@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kdrun import FAST, kd_here_ok, run_dirs
+from kdrun import FAST, kd_here_ok, run_dirs, summary
 
 from kd_cli.errors import KdError
 from kd_cli.methods.ifvd import ifvd_loss
@@ -161,11 +161,76 @@ def test_an_affinity_too_large_for_memory_is_refused_with_the_patch_that_fits():
         build_method(options, student, teacher, task="segmentation")
 
 
-@pytest.mark.parametrize("method", ["pixel_dist", "skd", "ifvd", "fitnet", "at"])
+@pytest.mark.parametrize("method", ["pixel_dist", "skd", "ifvd", "fitnet", "at", None])
 def test_each_segmentation_method_trains_through_the_cli(method, tmp_path):
+    """None: no method on the command line, so the default `kd` becomes its segmentation counterpart."""
     scenes = ["dataset=digit_scenes", "dataset.train_scenes=32", "dataset.test_scenes=16", "dataset.canvas=24"]
-    kd_here_ok("distill", *scenes, f"method={method}", "trainer.epochs=1", "trainer.batch_size=16", *FAST, cwd=tmp_path)
+    chosen = [f"method={method}"] if method else []
+    kd_here_ok("distill", *scenes, *chosen, "trainer.epochs=1", "trainer.batch_size=16", *FAST, cwd=tmp_path)
     (run,) = run_dirs(tmp_path / "outputs", "distill")
     header = (run / "metrics.csv").read_text().splitlines()[0]
     own = {"pixel_dist": "train_inter", "skd": "train_skd", "ifvd": "train_ifvd", "fitnet": "train_fitnet"}
-    assert own.get(method, "train_at") in header and "test_miou" in header
+    expected = own.get(method, "train_at") if method else "train_kd"
+    assert expected in header and "test_miou" in header
+    assert summary(run)["method"] == (method or "pixel_kd")
+
+
+# --- segmentation-models-pytorch ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arch, encoder, stages",
+    [
+        ("smp/unet", "resnet18", ["encoder.layer1", "encoder.layer2", "encoder.layer3", "encoder.layer4"]),
+        (
+            "smp/fpn",
+            "mobilenet_v2",
+            ["encoder.features.3", "encoder.features.6", "encoder.features.13", "encoder.features.18"],
+        ),
+    ],
+)
+def test_smp_models_with_their_encoders_give_pixel_logits_and_stage_features(arch, encoder, stages):
+    pytest.importorskip("segmentation_models_pytorch")
+    from kd_cli.models import create_model, model_task
+    from kd_cli.models.features import FeatureTap
+
+    model = create_model(arch, num_classes=5, in_channels=1, input_size=64, encoder=encoder).eval()
+    assert model_task(arch) == "segmentation" and model.kd_feature_layers == stages
+    with FeatureTap(model, [*stages, model.kd_embedding_layer]) as tap, torch.no_grad():
+        logits = model(torch.randn(2, 1, 64, 64))
+    assert logits.shape == (2, 5, 64, 64)
+    assert [tap.outputs[name].shape[-1] for name in stages] == [16, 8, 4, 2]  # 1/4 down to 1/32, block outputs
+    assert tap.outputs["decoder"].dim() == 4
+
+
+def test_smp_names_and_offline_weights_are_one_line(monkeypatch):
+    pytest.importorskip("segmentation_models_pytorch")
+    from kd_cli.models import create_model, smp_models
+
+    with pytest.raises(KdError, match=r"unknown smp architecture 'unett'; did you mean smp/unet"):
+        create_model("smp/unett", 5, 1, 64)
+    with pytest.raises(KdError, match=r"unknown smp encoder 'resnet19'; did you mean resnet18"):
+        create_model("smp/unet", 5, 1, 64, encoder="resnet19")
+    monkeypatch.setattr(smp_models, "reachable", lambda host: False)
+    with pytest.raises(KdError, match=r"no ImageNet weights for smp encoder resnet18 in the local cache"):
+        create_model("smp/unet", 5, 3, 64, encoder="resnet18", pretrained_backbone=True)
+
+
+def test_distill_into_an_smp_unet(tmp_path):
+    pytest.importorskip("segmentation_models_pytorch")
+    scenes = ["dataset=digit_scenes", "dataset.train_scenes=16", "dataset.test_scenes=8", "dataset.canvas=64"]
+    kd_here_ok(
+        "distill",
+        *scenes,
+        "student.arch=smp/unet",
+        "+student.kwargs.encoder=resnet18",
+        "method=skd",
+        "method.patch=4",
+        "trainer.epochs=1",
+        "trainer.batch_size=8",
+        *FAST,
+        cwd=tmp_path,
+    )
+    (run,) = run_dirs(tmp_path / "outputs", "distill")
+    assert summary(run)["status"] == "complete" and summary(run)["arch"] == "smp/unet"
+    kd_here_ok("evaluate", f"run={run}", "latency_batches=1", *FAST, cwd=tmp_path)

@@ -14,7 +14,6 @@ embedding is the classifier's input (`features.tap_classifier_input`: the state 
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import functools
 import inspect
@@ -27,6 +26,7 @@ from kd_cli.errors import KdError
 from kd_cli.models.blocks import DropoutRate, check_io
 from kd_cli.models.features import set_feature_layers, tap_classifier_input
 from kd_cli.models.foreign_weights import brief_error as _brief
+from kd_cli.models.hub import HUB_HOST, hub_offline, hub_quiet, reachable
 from kd_cli.models.registry import MODELS
 
 log = logging.getLogger("kd")
@@ -128,10 +128,10 @@ def _create(timm, name: str, pretrained: bool, options: dict) -> nn.Module:
         except (RuntimeError, ValueError, TypeError) as error:
             raise KdError(f"timm cannot build {name} with {options} ({_brief(error)})") from None
     try:  # the local cache first: no network call, no retries
-        with _hub_offline():
+        with hub_offline():
             return timm.create_model(name, pretrained=True, **options)
     except Exception:  # noqa: BLE001 - the hub raises many kinds for "not in the cache"
-        if not _reachable(HUB_HOST):
+        if not reachable(HUB_HOST):
             raise KdError(
                 f"no pretrained weights for timm/{name} in the local cache and no network to fetch them: "
                 f'on a machine with internet run python -c "import timm; '
@@ -139,57 +139,13 @@ def _create(timm, name: str, pretrained: bool, options: dict) -> nn.Module:
                 f"weights=PATH to a local file"
             ) from None
     try:
-        with _hub_quiet():
+        with hub_quiet():
             return timm.create_model(name, pretrained=True, **options)
     except Exception as error:  # noqa: BLE001
         raise KdError(
             f"could not download the pretrained weights of timm/{name} ({_brief(error)}); pass "
             "weights=PATH to a local file, or retry"
         ) from None
-
-
-HUB_HOST = "huggingface.co"
-
-
-@contextlib.contextmanager
-def _hub_offline():
-    """huggingface_hub reads only its cache inside (it checks this flag on every call)."""
-    try:
-        from huggingface_hub import constants
-    except ImportError:
-        yield
-        return
-    saved = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
-    try:
-        with _hub_quiet():
-            yield
-    finally:
-        constants.HF_HUB_OFFLINE = saved
-
-
-@contextlib.contextmanager
-def _hub_quiet():
-    """The hub logs each retry as a warning: kd says what went wrong in one line instead."""
-    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "timm")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR + 10)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
-def _reachable(host: str, timeout: float = 3.0) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def load_weights(model: nn.Module, path: str, in_channels: int, what: str) -> None:

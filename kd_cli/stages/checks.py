@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kd_cli.engine.values import PRECISIONS, check_optim, compile_mode
 from kd_cli.errors import KdError
@@ -38,6 +38,33 @@ def check_config(cfg: DictConfig) -> None:
         check_method_options(cfg.method)
     if cfg.get("dataset") is not None:
         check_task_fit(cfg)
+
+
+def use_the_tasks_method(cfg: DictConfig, overrides: list[str]) -> None:
+    """The method group's default (`kd`) distils classifiers; on another task's data set, unless the command
+    line (`overrides`) chooses a method, the stage uses that task's logit method instead (pixel_kd for
+    segmentation), said in one line. What runs is what config_resolved.yaml then records."""
+    import logging
+    from importlib.resources import files
+
+    import yaml
+
+    from kd_cli.data import dataset_task
+    from kd_cli.methods import METHODS, method_tasks
+    from kd_cli.tasks import get_task
+
+    if cfg.get("dataset") is None or "method" not in cfg or str(cfg.method.name) not in METHODS:
+        return
+    task = get_task(dataset_task(cfg.dataset.name))
+    chosen = any(o.lstrip("+~").split("=")[0].split(".")[0] == "method" for o in overrides)
+    if chosen or task.name in method_tasks(str(cfg.method.name)):
+        return
+    options = yaml.safe_load((files("kd_cli.configs") / "method" / f"{task.logit_method}.yaml").read_text())
+    logging.getLogger("kd").info(
+        f"method={task.logit_method}: the {task.name} counterpart of the default method={cfg.method.name}"
+    )
+    with open_dict(cfg):
+        cfg.method = OmegaConf.create(options)
 
 
 # The stages that serve classification models only, for now (`kd import` reads classifier checkpoints).

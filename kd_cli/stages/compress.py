@@ -37,7 +37,7 @@ from kd_cli.engine.metrics import score as score_split
 from kd_cli.engine.rundir import COMPLETE, CONFIG, RunDir
 from kd_cli.engine.trackers import Trackers, open_trackers
 from kd_cli.errors import KdError
-from kd_cli.methods import method_requires_teacher, method_tasks
+from kd_cli.methods import method_requires_teacher
 from kd_cli.models import model_task
 from kd_cli.stages.data import Loaders, data_env, eval_loader, load_data, saved_dataset
 from kd_cli.stages.lifecycle import start_run
@@ -67,9 +67,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         )
     run.keep(model_weights_sha256=digest)
     use_saved_dataset(cfg, weights)
-    task = get_task(model_task(load_spec(weights).arch))
-    use_task_recovery_method(cfg, task)
-    setup = setup_run(cfg)
+    setup = setup_run(cfg)  # (a segmenter's recovery method: the task's, see checks.use_the_tasks_method)
     print_config(cfg)
     original, spec = load_model(weights, setup.device)
     check_steps(original, steps)  # layer names and kinds, each step on the names the ones before leave
@@ -78,6 +76,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     if FINETUNE in cfg.compression.steps:  # the recovery method's own checks, before anything is written
         dry_build(cfg, copy.deepcopy(original), _teacher(cfg, original), loaders, online=False)
     start_run(cfg, run, setup, **data_env(cfg, setup, loaders), model=str(weights))
+    task = get_task(model_task(spec.arch))
     ctx = StepContext(
         example=_example(spec, setup.device),
         calibration_data=_calibration_loader(cfg, loaders, spec, setup.device),
@@ -155,23 +154,6 @@ def use_saved_dataset(cfg: DictConfig, weights: Path) -> None:
         raise KdError(f"no {CONFIG} beside {weights} to tell its data set; pass dataset=NAME (and its options)")
     with open_dict(cfg):
         cfg.dataset = OmegaConf.create(saved)
-
-
-def use_task_recovery_method(cfg: DictConfig, task: Task) -> None:
-    """The recovery method's default (`kd`) distils classifiers; another task's model recovers with its
-    task's logit method (pixel_kd for a segmenter) unless the command line chooses a method."""
-    from importlib.resources import files
-
-    import yaml
-    from hydra.core.hydra_config import HydraConfig
-
-    chosen = any(o.lstrip("+~").startswith("method") for o in HydraConfig.get().overrides.task)
-    if chosen or task.name in method_tasks(cfg.method.name):
-        return
-    options = yaml.safe_load((files("kd_cli.configs") / "method" / f"{task.logit_method}.yaml").read_text())
-    log.info(f"recovery: method={task.logit_method} (the {task.name} counterpart of method={cfg.method.name})")
-    with open_dict(cfg):
-        cfg.method = OmegaConf.create(options)
 
 
 def finetune(

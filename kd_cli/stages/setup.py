@@ -28,8 +28,11 @@ class Setup:
 
 def setup_run(cfg: DictConfig) -> Setup:
     """Every value checked, then seed, device, precision, process group. Writes nothing."""
-    from kd_cli.stages.checks import check_config
+    from hydra.core.hydra_config import HydraConfig
 
+    from kd_cli.stages.checks import check_config, use_the_tasks_method
+
+    use_the_tasks_method(cfg, list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [])
     check_config(cfg)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.trainer.device)
