@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from kdrun import FAST, assert_one_line_error, kd_here
+from kdrun import FAST, assert_one_line_error, kd_here, kd_here_ok, run_dirs, summary
 
 from kd_cli.data import load_dataset
 from kd_cli.data.ade20k import ADE20K_CLASSES
@@ -213,3 +213,101 @@ def test_coco_bad_files_are_one_line(tmp_path, scenes):
     path.write_text('{"images": [')
     result = kd_here("train-teacher", "dataset=coco_segmentation", f"dataset.root={tmp_path}", *FAST, cwd=tmp_path)
     assert_one_line_error(result, "instances_train2017.json cannot be read", "COCO JSON")
+
+
+# --- streamed from disk (dataset.stream=true) -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def more_scenes():
+    """40 scenes of real digits as RGB arrays and masks: enough that every digit is in the training part."""
+    data = load_dataset({"name": "digit_scenes", "train_scenes": 40, "test_scenes": 2, "canvas": SIDE})
+    grey = data.train.images[:, 0].numpy()
+    return np.stack([grey, 255 - grey, grey], axis=-1).astype(np.uint8), data.train.labels.numpy().astype(np.int64)
+
+
+def write_scene_folder(root, images, masks, widths=(32, 48, 40)):
+    """seg_folder's layout with images of different widths (scenes padded on the right with background)."""
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i, (image, mask) in enumerate(zip(images, masks)):
+        width = widths[i % len(widths)]
+        wide_image = np.zeros((SIDE, width, 3), dtype=np.uint8)
+        wide_mask = np.zeros((SIDE, width), dtype=np.uint8)
+        wide_image[:, :SIDE], wide_mask[:, :SIDE] = image, mask
+        Image.fromarray(wide_image).save(root / "images" / f"scene{i}.png")
+        save_png(root / "masks" / f"scene{i}.png", wide_mask)
+    (root / "classes.txt").write_text("\n".join(["background", *(f"digit {d}" for d in range(10))]) + "\n")
+
+
+def test_a_streamed_split_crops_for_training_and_scores_whole_images(tmp_path, more_scenes):
+    from kd_cli.data.augment import Augmentation
+    from kd_cli.data.base import FolderSplit
+    from kd_cli.data.loader import make_loader
+
+    images, masks = more_scenes
+    write_scene_folder(tmp_path / "mine", images, masks)
+    options = {"name": "seg_folder", "root": str(tmp_path / "mine"), "test_fraction": 0.25, "stream": True}
+    data = load_dataset({**options, "image_size": 24})
+    assert isinstance(data.train, FolderSplit) and data.task == "segmentation" and data.input_size == 24
+    common = dict(mean=[0.5] * 3, std=[0.5] * 3, device=torch.device("cpu"), seed=0, num_workers=0)
+    spec = Augmentation(crop_padding=4, hflip=True)
+    train = make_loader(data.train, batch_size=3, train=True, spec=spec, **common)
+    crops, crop_masks = next(iter(train))
+    assert crops.shape == (3, 3, 24, 24) and crops.dtype == torch.float32 and crop_masks.shape == (3, 24, 24)
+    assert crop_masks.dtype == torch.int64 and set(crop_masks.unique().tolist()) <= {*range(11), IGNORE_INDEX}
+    test = make_loader(data.test, batch_size=8, train=False, spec=None, **common)
+    shapes = [(tuple(image.shape), tuple(mask.shape)) for image, mask in test]
+    assert len(shapes) == len(data.test)  # one image per batch, whole
+    stored = {(SIDE, width) for width in (32, 48, 40)}
+    assert all(image[2:] == mask[1:] and mask[1:] in stored for image, mask in shapes)
+
+
+def test_a_streamed_segmenter_is_scored_at_each_masks_full_resolution(tmp_path, more_scenes):
+    """kd evaluate's mIoU on a streamed test split equals torchmetrics' over the stored masks, each image
+    run whole through the model."""
+    torchmetrics = pytest.importorskip("torchmetrics")
+    from PIL import Image
+
+    from kd_cli.engine.artifacts import load_model
+
+    images, masks = more_scenes
+    write_scene_folder(tmp_path / "mine", images, masks)
+    setting = [
+        "dataset=seg_folder",
+        f"dataset.root={tmp_path / 'mine'}",
+        "dataset.stream=true",
+        "dataset.image_size=24",
+        "dataset.test_fraction=0.25",
+        "teacher.arch=segcnn_tiny",
+        "trainer.epochs=1",
+        "trainer.batch_size=4",
+        *FAST,
+    ]
+    kd_here_ok("train-teacher", *setting, cwd=tmp_path)
+    (run,) = run_dirs(tmp_path / "outputs", "train-teacher")
+    kd_here_ok("evaluate", f"run={run}", "latency_batches=1", *FAST, cwd=tmp_path)
+    (evaluation,) = run_dirs(tmp_path / "outputs", "evaluate")
+    model, spec = load_model(run)
+    metric = torchmetrics.classification.MulticlassJaccardIndex(11, ignore_index=IGNORE_INDEX, average="macro")
+    data = load_dataset({"name": "seg_folder", "root": str(tmp_path / "mine"), "test_fraction": 0.25, "stream": True})
+    for image_path, mask_path in data.test.dataset.pairs:
+        pixels = torch.from_numpy(np.array(Image.open(image_path))).permute(2, 0, 1).float() / 255
+        pixels = (pixels - torch.tensor(spec.mean)[:, None, None]) / torch.tensor(spec.std)[:, None, None]
+        with torch.no_grad():
+            prediction = model.eval()(pixels[None]).argmax(1)
+        metric.update(prediction, torch.from_numpy(np.array(Image.open(mask_path))).long()[None])
+    assert summary(evaluation)["miou"] == pytest.approx(100 * float(metric.compute()), abs=1e-3)
+
+
+def test_a_bad_mask_is_found_before_streaming_starts(tmp_path, more_scenes):
+    images, masks = more_scenes
+    write_scene_folder(tmp_path / "mine", images, masks)
+    save_png(tmp_path / "mine" / "masks" / "scene2.png", np.zeros((SIDE, 33)))
+    options = {"name": "seg_folder", "root": str(tmp_path / "mine"), "stream": True, "image_size": 24}
+    with pytest.raises(KdError, match=r"scene2.png is 33x32 but its image is 40x32.*skip_bad_masks=true"):
+        load_dataset(options)
+    kept = load_dataset({**options, "skip_bad_masks": True})
+    assert len(kept.train) + len(kept.test) == len(images) - 1

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_cli.data.base import DataSplits, absolute, register_dataset, tensor_splits
-from kd_cli.data.masks import BadMask, ImageSide, read_mask, read_split
+from kd_cli.data.base import DataSplits, absolute, register_dataset
+from kd_cli.data.masks import BadMask, ImageSide, read_mask, segmentation_splits
 from kd_cli.data.on_disk import brief, shown_path
 from kd_cli.errors import KdError
 from kd_cli.tasks import IGNORE_INDEX
@@ -62,12 +62,13 @@ def ade20k(
     download: bool = False,
     image_size: ImageSide = 512,
     skip_bad_masks: bool = False,
+    stream: bool = False,
 ) -> DataSplits:
     """`training` to train, `validation` to test, at `image_size` x `image_size`."""
     top = Path(absolute(root)) / FOLDER
     if not (top / "images").is_dir():
         _fetch_or_explain(top, download)
-    splits = []
+    titled = []
     for split in ("training", "validation"):
         images = top / "images" / split
         if not images.is_dir():
@@ -76,8 +77,9 @@ def ade20k(
         if not found:
             raise KdError(f"ADE20K: {images} holds no images")
         pairs = [(str(p), str(top / "annotations" / split / f"{p.stem}.png")) for p in found]
-        splits.append(read_split(pairs, len(ADE20K_CLASSES), image_size, skip_bad_masks, f"ADE20K {split}", ade_mask))
-    return tensor_splits(splits[0], splits[1], ADE20K_CLASSES, "ade20k", str(image_size), task="segmentation")
+        titled.append((f"ADE20K {split}", pairs))
+    extra = ("ade20k", str(image_size))
+    return segmentation_splits(titled, ADE20K_CLASSES, image_size, skip_bad_masks, stream, *extra, load_mask=ade_mask)
 
 
 def _fetch_or_explain(top: Path, download: bool) -> None:

@@ -66,6 +66,7 @@ class FolderSplit:
     dataset: Dataset  # yields (uint8 RGB image tensor (3, H, W), int label): data/images.decode_rgb
     image_size: int = 224  # side of the square crops the loader cuts (the data set's input_size)
     crop_fraction: float = 0.875  # evaluation: resize to image_size / crop_fraction, keep the centre
+    task: str = "classification"  # segmentation: (image, mask) pairs, streamed by data/mask_stream.py
 
     def __len__(self) -> int:
         return len(cast(Sized, self.dataset))  # map-style: an ImageFolder, or a Subset of one

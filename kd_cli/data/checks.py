@@ -114,10 +114,9 @@ def check_masks(data: DataSplits, what: str) -> None:
     counts = {}
     splits = [("training", data.train), ("test", data.test)] + ([("validation", data.val)] if data.val else [])
     for title, split in splits:
-        labels = split_labels(split)
-        if labels is None:
-            return  # masks read from files: checked as they are read (data/masks.py)
-        values = torch.bincount(labels.flatten().long(), minlength=256)
+        values = _mask_values(split)
+        if values is None:
+            return
         outside = [v for v in torch.nonzero(values).flatten().tolist() if v >= data.num_classes and v != IGNORE]
         if outside:
             raise KdError(
@@ -137,6 +136,15 @@ def check_masks(data: DataSplits, what: str) -> None:
             f"{what}: the test masks have class {_names(names, unlearnable)}, which no training mask has; the "
             "model could never predict it: add training images of it"
         )
+
+
+def _mask_values(split: TensorSplit | FolderSplit) -> torch.Tensor | None:
+    """Pixels per mask value 0..255: counted here for masks in memory, by the scan for streamed ones."""
+    if isinstance(split, FolderSplit):
+        from kd_cli.data.mask_stream import class_pixels
+
+        return class_pixels(split)
+    return torch.bincount(split.labels.flatten().long(), minlength=256)
 
 
 def _count(number: int, noun: str) -> str:

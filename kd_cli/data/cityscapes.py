@@ -16,8 +16,8 @@ from typing import Literal
 
 import numpy as np
 
-from kd_cli.data.base import DataSplits, absolute, register_dataset, tensor_splits
-from kd_cli.data.masks import BadMask, ImageSide, read_mask, read_split
+from kd_cli.data.base import DataSplits, absolute, register_dataset
+from kd_cli.data.masks import BadMask, ImageSide, read_mask, segmentation_splits
 from kd_cli.data.on_disk import shown_path
 from kd_cli.errors import KdError
 from kd_cli.tasks import IGNORE_INDEX
@@ -60,6 +60,7 @@ def cityscapes(
     mode: Literal["fine", "coarse"] = "fine",
     image_size: ImageSide = 512,
     skip_bad_masks: bool = False,
+    stream: bool = False,
 ) -> DataSplits:
     """`train` to train, `val` to test, at `image_size` x `image_size`; mode=fine (gtFine) or coarse (gtCoarse)."""
     import torchvision.datasets as tv
@@ -72,7 +73,7 @@ def cityscapes(
         )
     table, names = train_id_table()
     folder = absolute(root)
-    splits = []
+    titled = []
     for split in ("train", "val"):
         try:
             listing = tv.Cityscapes(folder, split=split, mode=mode, target_type="semantic")
@@ -81,12 +82,11 @@ def cityscapes(
                 f"Cityscapes {split} not found under {folder} (expected leftImg8bit/{split}/ and "
                 f"gt{mode.capitalize()}/{split}/, or the two zips; {str(error).splitlines()[0][:80]})"
             ) from None
-        pairs = sorted((image, targets[0]) for image, targets in zip(listing.images, listing.targets))
-        splits.append(
-            read_split(pairs, len(names), image_size, skip_bad_masks, f"Cityscapes {split}", labels_as_train_ids(table))
-        )
-    listing_names = [str(image_size), mode]
-    return tensor_splits(splits[0], splits[1], names, "cityscapes", *listing_names, task="segmentation")
+        titled.append((f"Cityscapes {split}", sorted(zip(listing.images, (t[0] for t in listing.targets)))))
+    extra = ("cityscapes", str(image_size), mode)
+    return segmentation_splits(
+        titled, names, image_size, skip_bad_masks, stream, *extra, load_mask=labels_as_train_ids(table)
+    )
 
 
 cityscapes.task = "segmentation"  # type: ignore[attr-defined]  # data.base.dataset_task

@@ -15,11 +15,12 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from kd_cli.data.base import DataSplits, absolute, register_dataset, tensor_splits
-from kd_cli.data.masks import BadMask, ImageSide, read_split
+from kd_cli.data.base import DataSplits, absolute, register_dataset
+from kd_cli.data.masks import BadMask, ImageSide, segmentation_splits
 from kd_cli.data.on_disk import brief, shown_path
 from kd_cli.errors import KdError
 from kd_cli.registry import PositiveInt
@@ -102,6 +103,7 @@ def coco_segmentation(
     max_images: PositiveInt | None = None,
     image_size: ImageSide = 256,
     skip_bad_masks: bool = False,
+    stream: bool = False,
 ) -> DataSplits:
     """`train<year>` to train, `val<year>` to test; `max_images` caps each split (first by image id);
     `annotated_only`: leave out training images with no object of the chosen categories."""
@@ -112,8 +114,9 @@ def coco_segmentation(
             f"annotations_trainval2017.zip from https://cocodataset.org, unpack them in {top}, and run without "
             "dataset.download"
         )
-    splits: list = []
+    titled: list[tuple[str, list[tuple[str, str]]]] = []
     names: list[str] = []
+    drawn = AnnotatedMasks()
     for split in ("train", "val"):
         path = top / "annotations" / f"instances_{split}{year}.json"
         coco = open_annotations(path)
@@ -124,14 +127,27 @@ def coco_segmentation(
         ids = ids[:max_images] if max_images else ids
         if not ids:
             raise KdError(f"{path.name} lists no images{' with the chosen categories' if annotated_only else ''}")
-        images = {f"{path.name} (image id {i})": i for i in ids}
+        keys = [drawn.add(f"{path.name} (image id {i})", coco, i, label_of) for i in ids]
+        pairs = [(os.path.join(top, f"{split}{year}", coco.imgs[i]["file_name"]), k) for i, k in zip(ids, keys)]
+        titled.append((f"COCO {split}{year}", pairs))
+    extra = ("coco", year, str(image_size))
+    return segmentation_splits(titled, names, image_size, skip_bad_masks, stream, *extra, load_mask=drawn)
 
-        def load(key: str, coco=coco, label_of=label_of, images=images) -> np.ndarray:
-            return semantic_mask(coco, images[key], label_of, key)
 
-        pairs = [(os.path.join(top, f"{split}{year}", coco.imgs[i]["file_name"]), key) for key, i in images.items()]
-        splits.append(read_split(pairs, len(names), image_size, skip_bad_masks, f"COCO {split}{year}", load))
-    return tensor_splits(splits[0], splits[1], names, "coco", year, str(image_size), task="segmentation")
+class AnnotatedMasks:
+    """`load_mask` of the COCO splits: a mask key (the file and image id, as messages name it) -> its mask,
+    drawn from that image's annotations when asked."""
+
+    def __init__(self) -> None:
+        self.images: dict[str, tuple[Any, int, dict[int, int]]] = {}
+
+    def add(self, key: str, coco, image_id: int, label_of: dict[int, int]) -> str:
+        self.images[key] = (coco, image_id, label_of)
+        return key
+
+    def __call__(self, key: str) -> np.ndarray:
+        coco, image_id, label_of = self.images[key]
+        return semantic_mask(coco, image_id, label_of, key)
 
 
 coco_segmentation.task = "segmentation"  # type: ignore[attr-defined]  # data.base.dataset_task

@@ -34,6 +34,7 @@ from kd_cli.errors import KdError
 
 if TYPE_CHECKING:
     from kd_cli.data.decode import CroppedBatches
+    from kd_cli.data.mask_stream import PairTransformed
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -191,8 +192,16 @@ class FolderLoader:
         samples = folder_samples(split.dataset)
         self.batched = spec is not None and spec.crop_padding > 0 and not spec.trivial_augment and samples is not None
         collate = None
-        dataset: CroppedBatches | Transformed
-        if self.batched:
+        dataset: CroppedBatches | Transformed | PairTransformed
+        if split.task == "segmentation":  # streamed (image, mask) pairs: data/mask_stream.py
+            from kd_cli.data.mask_stream import PairTransformed, SegmentationPairs
+
+            pair_transform = SegmentationPairs(spec, split.image_size, mean, std)
+            dataset = PairTransformed(split.dataset, pair_transform)
+            transform = f"segmentation pairs: {'training crops' if spec else 'whole images'} of {split.image_size}"
+            if spec is None:
+                batch_size = 1  # each test image whole, at its stored size: scored at full resolution
+        elif self.batched:
             from kd_cli.data.decode import CroppedBatches, keep_batch
 
             assert spec is not None and samples is not None  # as self.batched says
@@ -368,7 +377,7 @@ class EpochPermutation(Sampler):
 
 
 def _sampler(
-    dataset: CroppedBatches | Transformed,
+    dataset: CroppedBatches | Transformed | PairTransformed,
     shuffle: bool,
     seed: int,
     rank: int,

@@ -69,19 +69,12 @@ def mask_file(path: str) -> np.ndarray:
 MaskLoader = Callable[[str], np.ndarray]
 
 
-def read_pair(
-    image_path: str, mask_key: str, classes: int, side: int, load_mask: MaskLoader = mask_file
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One (image, mask) checked and resized: uint8 (3, side, side) and uint8 (side, side)."""
-    mask = load_mask(mask_key)
-    try:
-        image = decode_rgb(image_path)
-    except UnreadableImage as error:
-        raise BadMask(str(error)) from None
-    if tuple(mask.shape) != tuple(image.shape[-2:]):
+def check_mask(mask: np.ndarray, image_size: tuple[int, int], mask_key: str, classes: int) -> None:
+    """A mask of its image's (height, width), holding classes and the ignore index only."""
+    if tuple(mask.shape) != tuple(image_size):
         raise BadMask(
             f"mask {shown_path(mask_key)} is {mask.shape[1]}x{mask.shape[0]} but its image is "
-            f"{image.shape[-1]}x{image.shape[-2]}; a mask labels its image's pixels one for one"
+            f"{image_size[1]}x{image_size[0]}; a mask labels its image's pixels one for one"
         )
     values = np.unique(mask)
     outside = values[(values >= classes) & (values != IGNORE_INDEX)]
@@ -90,6 +83,24 @@ def read_pair(
             f"mask {shown_path(mask_key)} holds value {int(outside[0])}, neither one of the {classes} classes "
             f"(0..{classes - 1}) nor {IGNORE_INDEX} (ignored)"
         )
+
+
+def read_full_pair(image_path: str, mask_key: str, load_mask: MaskLoader) -> tuple[torch.Tensor, np.ndarray]:
+    """An image (uint8 (3, H, W)) and its mask as stored, a decoding failure named as a bad pair."""
+    mask = load_mask(mask_key)
+    try:
+        image = decode_rgb(image_path)
+    except UnreadableImage as error:
+        raise BadMask(str(error)) from None
+    return image, mask
+
+
+def read_pair(
+    image_path: str, mask_key: str, classes: int, side: int, load_mask: MaskLoader = mask_file
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One (image, mask) checked and resized: uint8 (3, side, side) and uint8 (side, side)."""
+    image, mask = read_full_pair(image_path, mask_key, load_mask)
+    check_mask(mask, (image.shape[-2], image.shape[-1]), mask_key, classes)
     resized = F.interpolate(
         image[None].float(), size=(side, side), mode="bilinear", antialias=True, align_corners=False
     )
@@ -120,6 +131,27 @@ def read_split(
     return TensorSplit(torch.stack(images), torch.stack(masks))
 
 
+def segmentation_splits(
+    titled_pairs: list[tuple[str, list[tuple[str, str]]]],
+    class_names: list[str],
+    side: int,
+    skip: bool,
+    stream: bool,
+    *extra: str,
+    load_mask: MaskLoader = mask_file,
+) -> DataSplits:
+    """The (train, test) splits of (title, pairs): read into memory at side x side, or, with `stream`, scanned
+    and streamed from disk (data/mask_stream.py). `extra`: what else names the data (its fingerprint)."""
+    classes = len(class_names)
+    if stream:
+        from kd_cli.data.mask_stream import scan_split, streamed_splits
+
+        train, test = (scan_split(pairs, classes, side, skip, title, load_mask) for title, pairs in titled_pairs)
+        return streamed_splits(train, test, class_names, *extra)
+    train_t, test_t = (read_split(pairs, classes, side, skip, title, load_mask) for title, pairs in titled_pairs)
+    return tensor_splits(train_t, test_t, class_names, *extra, task="segmentation")
+
+
 @register_dataset("voc_segmentation")
 def voc_segmentation(
     root: str = "data",
@@ -127,6 +159,7 @@ def voc_segmentation(
     year: str = "2012",
     image_size: ImageSide = 256,
     skip_bad_masks: bool = False,
+    stream: bool = False,
 ) -> DataSplits:
     """Pascal VOC's segmentation split (`train` to train, `val` to test) from `root/VOCdevkit/VOC<year>/`,
     listed by torchvision's VOCSegmentation (which also downloads it)."""
@@ -142,11 +175,8 @@ def voc_segmentation(
         download,
         lambda: tuple(tv.VOCSegmentation(absolute(root), year, split, download=download) for split in ("train", "val")),
     )
-    splits = [
-        read_split(list(zip(ds.images, ds.masks)), len(VOC_CLASSES), image_size, skip_bad_masks, f"VOC{year} {name}")
-        for ds, name in ((train, "train"), (val, "val"))
-    ]
-    return tensor_splits(splits[0], splits[1], VOC_CLASSES, f"voc{year}", str(image_size), task="segmentation")
+    titled = [(f"VOC{year} {name}", list(zip(ds.images, ds.masks))) for ds, name in ((train, "train"), (val, "val"))]
+    return segmentation_splits(titled, VOC_CLASSES, image_size, skip_bad_masks, stream, f"voc{year}", str(image_size))
 
 
 @register_dataset("seg_folder")
@@ -158,6 +188,7 @@ def seg_folder(
     test_fraction: OpenFraction = 0.2,
     split_seed: SplitSeed = 0,
     skip_bad_masks: bool = False,
+    stream: bool = False,
 ) -> DataSplits:
     """`root/images/` + `root/masks/` (a mask per image, same stem, PNG), split by `test_fraction`; or
     `root/train/` and `root/test/` each holding such a pair. The class names: `classes`, else the lines
@@ -175,12 +206,9 @@ def seg_folder(
         if cut >= len(pairs):
             raise KdError(f"dataset=seg_folder: {len(pairs)} image(s) leave none to train on; add images")
         test_pairs, train_pairs = [pairs[i] for i in sorted(order[:cut])], [pairs[i] for i in sorted(order[cut:])]
-    splits = [
-        read_split(pairs, len(names), image_size, skip_bad_masks, f"seg_folder {title}")
-        for pairs, title in ((train_pairs, "train"), (test_pairs, "test"))
-    ]
+    titled = [("seg_folder train", train_pairs), ("seg_folder test", test_pairs)]
     listing = [path for pair in train_pairs + test_pairs for path in pair]
-    return tensor_splits(splits[0], splits[1], names, *listing, str(image_size), task="segmentation")
+    return segmentation_splits(titled, names, image_size, skip_bad_masks, stream, *listing, str(image_size))
 
 
 def _class_file(top: Path) -> list[str]:

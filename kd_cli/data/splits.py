@@ -77,4 +77,4 @@ def subset(split: TensorSplit | FolderSplit, indices: list[int]) -> TensorSplit 
     if isinstance(split, TensorSplit):
         index = torch.as_tensor(indices, dtype=torch.int64)
         return TensorSplit(split.images[index], split.labels[index])
-    return FolderSplit(Subset(split.dataset, indices), split.image_size, split.crop_fraction)
+    return FolderSplit(Subset(split.dataset, indices), split.image_size, split.crop_fraction, split.task)
