@@ -161,7 +161,7 @@ def test_an_affinity_too_large_for_memory_is_refused_with_the_patch_that_fits():
         build_method(options, student, teacher, task="segmentation")
 
 
-@pytest.mark.parametrize("method", ["pixel_dist", "skd", "ifvd", "fitnet", "at", None])
+@pytest.mark.parametrize("method", ["pixel_dist", "skd", "ifvd", "cirkd", "fitnet", "at", None])
 def test_each_segmentation_method_trains_through_the_cli(method, tmp_path):
     """None: no method on the command line, so the default `kd` becomes its segmentation counterpart."""
     scenes = ["dataset=digit_scenes", "dataset.train_scenes=32", "dataset.test_scenes=16", "dataset.canvas=24"]
@@ -170,6 +170,7 @@ def test_each_segmentation_method_trains_through_the_cli(method, tmp_path):
     (run,) = run_dirs(tmp_path / "outputs", "distill")
     header = (run / "metrics.csv").read_text().splitlines()[0]
     own = {"pixel_dist": "train_inter", "skd": "train_skd", "ifvd": "train_ifvd", "fitnet": "train_fitnet"}
+    own["cirkd"] = "train_memory_region"
     expected = own.get(method, "train_at") if method else "train_kd"
     assert expected in header and "test_miou" in header
     assert summary(run)["method"] == (method or "pixel_kd")
@@ -234,3 +235,111 @@ def test_distill_into_an_smp_unet(tmp_path):
     (run,) = run_dirs(tmp_path / "outputs", "distill")
     assert summary(run)["status"] == "complete" and summary(run)["arch"] == "smp/unet"
     kd_here_ok("evaluate", f"run={run}", "latency_batches=1", *FAST, cwd=tmp_path)
+
+
+# --- CIRKD ----------------------------------------------------------------------------------------------
+
+
+def cirkd_minibatch(feat_s: torch.Tensor, feat_t: torch.Tensor, temperature: float) -> torch.Tensor:
+    """CIRKD losses/cirkd_mini_batch.py, CriterionMiniBatchCrossImagePair (no pooling): every ordered image
+    pair's pixel-by-pixel similarity, KL(softmax_t || log_softmax_s) with reduction batchmean, over B^2."""
+    batch = feat_s.shape[0]
+    feat_s, feat_t = F.normalize(feat_s, p=2, dim=1), F.normalize(feat_t, p=2, dim=1)
+    total = torch.zeros((), dtype=feat_s.dtype)
+    for i in range(batch):
+        for j in range(batch):
+            s = torch.mm(feat_s[i].reshape(feat_s.shape[1], -1).T, feat_s[j].reshape(feat_s.shape[1], -1))
+            t = torch.mm(feat_t[i].reshape(feat_t.shape[1], -1).T, feat_t[j].reshape(feat_t.shape[1], -1))
+            total = total + F.kl_div(
+                F.log_softmax(s / temperature, 1), F.softmax(t / temperature, 1), reduction="batchmean"
+            )
+    return total / batch**2
+
+
+def cirkd_memory(s_proj, t_feats, labels, queues, pixel_size, region_size, t_c, t_kd):
+    """CIRKD losses/cirkd_memory.py, StudentSegContrast.forward after its projection head (given s_proj),
+    on copies of the queues; its pixel enqueue indexes the class's own pixels (see ClassQueues.push)."""
+    pixel_q, pixel_ptr = queues.pixel_queue.clone(), queues.pixel_ptr.clone()
+    region_q, region_ptr = queues.region_queue.clone(), queues.region_ptr.clone()
+    t_feats, s_feats = F.normalize(t_feats, p=2, dim=1), F.normalize(s_proj, p=2, dim=1)
+    labels = F.interpolate(labels[:, None].float(), s_feats.shape[2:], mode="nearest")[:, 0].long()
+    for bs in range(t_feats.shape[0]):
+        feat, label = t_feats[bs].reshape(t_feats.shape[1], -1), labels[bs].reshape(-1)
+        for lb in [x for x in torch.unique(label) if x != IGNORE_INDEX]:
+            idxs = (label == lb).nonzero()
+            region_q[lb, int(region_ptr[lb])] = F.normalize(feat[:, idxs].mean(dim=1).squeeze(1), p=2, dim=0)
+            region_ptr[lb] = (region_ptr[lb] + 1) % region_q.shape[1]
+            perm = torch.randperm(idxs.shape[0])
+            k = min(idxs.shape[0], 16)
+            chosen = F.normalize(feat[:, idxs[perm[:k], 0]].T, p=2, dim=1)
+            ptr = int(pixel_ptr[lb])
+            if ptr + k >= pixel_q.shape[1]:
+                pixel_q[lb, -k:], pixel_ptr[lb] = chosen, 0
+            else:
+                pixel_q[lb, ptr : ptr + k], pixel_ptr[lb] = chosen, (ptr + k) % pixel_q.shape[1]
+    keep = labels.reshape(-1) != IGNORE_INDEX
+    s_rows = s_feats.permute(0, 2, 3, 1).reshape(-1, s_feats.shape[1])[keep]
+    t_rows = t_feats.permute(0, 2, 3, 1).reshape(-1, t_feats.shape[1])[keep]
+
+    def kd(s_logits, t_logits):
+        return (
+            F.kl_div(F.log_softmax(s_logits / t_kd, 1), F.softmax(t_logits / t_kd, 1), reduction="batchmean") * t_kd**2
+        )
+
+    out = []
+    for queue, size in ((pixel_q, pixel_size), (region_q, region_size)):
+        index = torch.randperm(queue.shape[1])[:size]
+        contrast = queue[:, index, :].reshape(-1, queue.shape[2])
+        out.append(kd(s_rows @ contrast.T / t_c, t_rows @ contrast.T / t_c))
+    return out, (pixel_q, region_q)
+
+
+def test_cirkd_minibatch_term_equals_the_authors():
+    from kd_cli.methods.cirkd import minibatch_pair_loss
+
+    student, teacher = _maps(5, (3, 4, 5, 6))
+    teacher = teacher[:, :3]
+    ours = _grad(lambda s: minibatch_pair_loss(s, teacher, 0.1), student)
+    theirs = _grad(lambda s: cirkd_minibatch(s, teacher, 0.1), student)
+    assert torch.allclose(ours[0], theirs[0], atol=1e-10) and torch.allclose(ours[1], theirs[1], atol=1e-10)
+
+
+def test_cirkd_memory_terms_equal_the_authors_with_the_same_draws():
+    from kd_cli.methods import build_method
+    from kd_cli.models import create_model
+
+    torch.manual_seed(0)
+    student = create_model("segcnn_tiny", num_classes=4, in_channels=1, input_size=12).double()
+    teacher = create_model("segcnn", num_classes=4, in_channels=1, input_size=12).double().eval()
+    options = {
+        "name": "cirkd",
+        "student_layers": None,
+        "teacher_layers": None,
+        "minibatch_weight": 0.0,
+        "memory_pixel_weight": 1.0,
+        "memory_region_weight": 1.0,
+        "contrast_temperature": 0.1,
+        "contrast_kd_temperature": 2.0,
+        "pixel_memory": 50,
+        "region_memory": 7,
+        "pixel_contrast": 12,
+        "region_contrast": 8,
+        "ce_weight": 0.0,
+        "kd_weight": 0.0,
+        "temperature": 1.0,
+    }
+    method = build_method(options, student, teacher, task="segmentation").double()
+    s_map, t_map = _maps(6, (2, 8, 12, 12))
+    t_map = t_map.repeat(1, 4, 1, 1)  # the teacher is 4x as wide
+    labels = torch.randint(0, 4, (2, 12, 12), generator=torch.Generator().manual_seed(7))
+    labels[0, :3] = IGNORE_INDEX
+    s_proj = method.project(s_map)
+    torch.manual_seed(1)
+    (pixel_ref, region_ref), (pixel_q, region_q) = cirkd_memory(
+        s_proj, t_map, labels, method.queues, 12 // 4 + 1, 8 // 4 + 1, 0.1, 2.0
+    )
+    torch.manual_seed(1)
+    pixel, region = method.memory_terms(s_map, t_map, labels)
+    assert torch.allclose(pixel, pixel_ref, atol=1e-10) and torch.allclose(region, region_ref, atol=1e-10)
+    assert torch.equal(method.queues.pixel_queue, pixel_q) and torch.equal(method.queues.region_queue, region_q)
+    assert float(pixel.detach()) > 0 and float(region.detach()) > 0
