@@ -356,6 +356,12 @@ def check_predicted_masks(run, tmp_path):
     (tmp_path / "p2.csv").unlink()
     refused = kd_here("predict", f"run={run}", str(images), f"out={tmp_path / 'p2.csv'}", cwd=tmp_path)
     assert_one_line_error(refused, "p2_masks", "holds files", "overwrite=true")
+    kd_here_ok("predict", f"run={run}", str(images), f"out={tmp_path / 'o3.csv'}", "overlay=true", cwd=tmp_path)
+    drawn = np.asarray(Image.open(tmp_path / "o3_overlays" / "a.png"))
+    grey = data.test.images[0, 0].numpy()
+    assert drawn.shape == (24, 24, 3) and (drawn[expected == 0] == grey[expected == 0][:, None]).all()
+    coloured = np.asarray(first.convert("RGB"))[expected > 0].astype(float)
+    assert np.allclose(drawn[expected > 0], (grey[expected > 0][:, None] + coloured) / 2, atol=1)
 
 
 # --- segmentation data in its real formats ---------------------------------------------------------------
@@ -512,3 +518,15 @@ def test_the_classifier_of_a_segmenter_that_resizes_its_logits_is_found():
             return F.interpolate(self.head(self.body(x)), size=x.shape[-2:], mode="bilinear")
 
     assert classifier_name(Resizing(), torch.zeros(1, 3, 16, 16)) == "head"
+
+
+def test_an_overlay_of_a_classifiers_predictions_is_refused(short_teachers, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "digit.png")
+    result = kd_here(
+        "predict", f"run={short_teachers['digits']}", str(tmp_path / "digit.png"), "overlay=true", cwd=tmp_path
+    )
+    assert_one_line_error(result, "overlay=true draws a segmenter's masks", "classifier")
+    assert not (tmp_path / "predictions.csv").exists()

@@ -34,7 +34,7 @@ LIST_SUFFIXES = (".txt", ".lst")
 SHOWN_ROWS = 10  # rows of the printed table (the CSV has all)
 SKIPPED_SHOWN = 3
 # The keys `kd predict` takes as key=value, Hydra style (also as --key VALUE).
-KEYS = ("run", "top_k", "out", "batch_size", "device", "strict", "overwrite", "workers")
+KEYS = ("run", "top_k", "out", "batch_size", "device", "strict", "overwrite", "workers", "overlay")
 
 EPILOG = """\
 examples:
@@ -90,6 +90,9 @@ def build_parser() -> Parser:
     parser.add_argument("--strict", type=_bool, default=False, help="true: an unreadable image stops the command")
     parser.add_argument("--overwrite", type=_bool, default=False, help="true: replace an existing CSV")
     parser.add_argument(
+        "--overlay", type=_bool, default=False, help="segmentation: also the image with its mask's colours over it"
+    )
+    parser.add_argument(
         "--workers",
         type=lambda text: _positive(text, most=256),
         default=min(8, os.cpu_count() or 1),
@@ -133,8 +136,11 @@ def main(argv: list[str]) -> int:
         from kd_cli.commands.predict_masks import masks_folder, predict_masks
 
         folder = masks_folder(out, args.overwrite)
-        rows, skipped = predict_masks(model, files, transform, args, folder)
+        overlays = masks_folder(out, args.overwrite, "overlays") if args.overlay else None
+        rows, skipped = predict_masks(model, files, transform, args, folder, overlays)
     else:
+        if args.overlay:
+            raise KdError("kd predict: overlay=true draws a segmenter's masks; this model is a classifier")
         rows, skipped = predict_files(model, files, transform, args)
     from kd_cli.data.on_disk import shown_path
 

@@ -1,6 +1,7 @@
 """`kd predict` with a segmentation model: one palette PNG mask per image, at the image's own size, in a
 folder beside the CSV (`predictions.csv` -> `predictions_masks/`), and a CSV row per image with the share
-of its pixels each class takes.
+of its pixels each class takes; with `overlay=true`, the image with its mask's colours over it
+(`predictions_overlays/`).
 
 The image is resized to the model's input size (its own preprocessing), the logits resized back to the
 image's size (bilinear) before the argmax, so the mask lines up with the image pixel for pixel. The
@@ -19,15 +20,26 @@ import torch.nn.functional as F
 from kd_cli.commands.inference import Predictor, check_outputs
 from kd_cli.errors import KdError
 
+OVERLAY_ALPHA = 0.5  # the mask's colour over the image, background (class 0) left as it is
 
-def masks_folder(out: Path, overwrite: bool) -> Path:
-    """Where the masks go, checked before any work: a folder that holds files is kept unless `overwrite`."""
-    folder = out.with_name(f"{out.stem}_masks")
+
+def masks_folder(out: Path, overwrite: bool, kind: str = "masks") -> Path:
+    """Where the masks (or overlays) go, checked before any work: a folder that holds files is kept unless
+    `overwrite`."""
+    folder = out.with_name(f"{out.stem}_{kind}")
     if folder.exists() and not folder.is_dir():
-        raise KdError(f"{folder} (where the masks go, beside out={out}) is a file; choose another out=")
+        raise KdError(f"{folder} (where the {kind} go, beside out={out}) is a file; choose another out=")
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise KdError(f"{folder} (where the masks go) holds files; choose another out=, or pass overwrite=true")
+        raise KdError(f"{folder} (where the {kind} go) holds files; choose another out=, or pass overwrite=true")
     return folder
+
+
+def overlay(image: torch.Tensor, mask: torch.Tensor, palette: list[int]) -> torch.Tensor:
+    """uint8 (H, W, 3): the image with each non-background pixel blended half with its class's colour."""
+    colours = torch.tensor(palette, dtype=torch.float32).reshape(-1, 3)[mask.long()]  # (H, W, 3)
+    picture = image.permute(1, 2, 0).float()
+    blended = torch.where((mask > 0)[..., None], (1 - OVERLAY_ALPHA) * picture + OVERLAY_ALPHA * colours, picture)
+    return blended.round().clamp(0, 255).to(torch.uint8)
 
 
 def voc_palette() -> list[int]:
@@ -46,14 +58,22 @@ def voc_palette() -> list[int]:
 
 
 def predict_masks(
-    model: Predictor, files: list[Path], transform: Callable, args: argparse.Namespace, folder: Path
+    model: Predictor,
+    files: list[Path],
+    transform: Callable,
+    args: argparse.Namespace,
+    folder: Path,
+    overlays: Path | None = None,
 ) -> tuple[list[dict], list[tuple[Path, str]]]:
-    """Masks written for the readable files (rows: file, mask, class shares), and (file, problem) for the others."""
+    """Masks written for the readable files (rows: file, mask, class shares), and (file, problem) for the
+    others; with `overlays`, each image with its mask's colours over it, there, as PNG."""
     from PIL import Image
 
     from kd_cli.data.images import UnreadableImage, decode_rgb
 
     folder.mkdir(parents=True, exist_ok=True)
+    if overlays is not None:
+        overlays.mkdir(parents=True, exist_ok=True)
     palette, used = voc_palette(), set[str]()
     rows: list[dict] = []
     skipped: list[tuple[Path, str]] = []
@@ -73,6 +93,8 @@ def predict_masks(
         picture.putpalette(palette)
         name = _unique(path.stem, used)
         picture.save(folder / f"{name}.png")
+        if overlays is not None:
+            Image.fromarray(overlay(image, mask, palette).numpy()).save(overlays / f"{name}.png")
         shares = torch.bincount(mask.flatten().long(), minlength=model.spec.num_classes).double()
         rows.append(
             {"file": str(path), "mask": str(folder / f"{name}.png"), "shares": (100 * shares / shares.sum()).tolist()}
