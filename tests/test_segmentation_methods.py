@@ -4,6 +4,8 @@ against a float64 reference written from the authors' code (values and gradients
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -343,3 +345,49 @@ def test_cirkd_memory_terms_equal_the_authors_with_the_same_draws():
     assert torch.allclose(pixel, pixel_ref, atol=1e-10) and torch.allclose(region, region_ref, atol=1e-10)
     assert torch.equal(method.queues.pixel_queue, pixel_q) and torch.equal(method.queues.region_queue, region_q)
     assert float(pixel.detach()) > 0 and float(region.detach()) > 0
+
+
+# --- torchvision's auxiliary heads --------------------------------------------------------------------------
+
+
+def test_an_aux_head_runs_in_training_only_and_leaves_the_main_logits_unchanged():
+    from kd_cli.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("deeplabv3_mobilenet_v3_large", num_classes=4, in_channels=3, input_size=32, aux_loss=True)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), model.net(x)["out"], atol=1e-6)  # torchvision's own forward
+    assert "kd_aux_logits" not in model.__dict__
+    model.train()
+    model(x)
+    aux = model.__dict__["kd_aux_logits"]
+    assert aux.shape == (2, 4, 32, 32) and aux.requires_grad
+    with pytest.raises(KdError, match="unknown option.*aux_loss"):
+        create_model("lraspp_mobilenet_v3_large", 4, 3, 32, aux_loss=True)
+
+
+def test_a_student_with_an_aux_head_trains_it_beside_any_method(tmp_path):
+    scenes = ["dataset=digit_scenes", "dataset.train_scenes=16", "dataset.test_scenes=8", "dataset.canvas=32"]
+    kd_here_ok(
+        "distill",
+        *scenes,
+        "teacher.arch=segcnn_tiny",
+        "student.arch=deeplabv3_mobilenet_v3_large",
+        "student.kwargs.aux_loss=true",
+        "method=cwd",
+        "trainer.epochs=1",
+        "trainer.batch_size=8",
+        *FAST,
+        cwd=tmp_path,
+    )
+    (run,) = run_dirs(tmp_path / "outputs", "distill")
+    header = (run / "metrics.csv").read_text().splitlines()[0]
+    assert "train_aux" in header and "train_cwd" in header
+    kd_here_ok("evaluate", f"run={run}", "latency_batches=1", *FAST, cwd=tmp_path)
+    shrink = ["compression=prune_structured", "trainer.epochs=1", "trainer.batch_size=8", "latency_batches=1"]
+    kd_here_ok("compress", f"run={run}", *shrink, *FAST, cwd=tmp_path)  # pruned without its aux head
+    (compressed,) = run_dirs(tmp_path / "outputs", "compress")
+    assert summary(compressed)["params_ratio"] < 1
+    assert json.loads((compressed / "model.json").read_text())["kwargs"]["aux_loss"] is False

@@ -258,6 +258,7 @@ def _train_epoch(job, method, forward, optimizer, scaler, epoch, steps, bar) -> 
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(job.device, job.dtype):
             logits, terms = forward(images, labels, *index)
+            terms.update(method.auxiliary_terms(labels))
         if not terms:
             raise KdError("the method returned no loss terms (every weight is 0?); give at least one a weight > 0")
         loss = sum(terms.values())

@@ -122,6 +122,16 @@ class Distiller(nn.Module, metaclass=ABCMeta):
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The student's logits and the named, weighted loss terms for one batch."""
 
+    def auxiliary_terms(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The task loss of a student's auxiliary head on this batch (`aux`), whatever the method: a segmenter
+        built with aux_loss=true leaves its auxiliary logits on the forward pass (models/torchvision_segmentation)."""
+        aux = self.student.__dict__.pop("kd_aux_logits", None)
+        if aux is None:
+            return {}
+        from kd_cli.models.torchvision_segmentation import AUX_WEIGHT
+
+        return {"aux": AUX_WEIGHT * self.task.loss(aux, labels)}
+
     def peer_models(self) -> dict[str, nn.Module]:
         """Networks trained beside `student` (online distillation, e.g. DML's cohort): name -> network.
         The loop scores each every evaluation epoch (`NAME_test_top1`, ...) and on the test split at the

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -51,19 +52,45 @@ PARTS: dict[str, SegParts] = {
 }
 
 
+AUX_WEIGHT = 0.5  # the auxiliary head's share of the training loss: torchvision's segmentation reference
+
+
 class LogitsOnly(nn.Module):
-    """A torchvision segmenter returning its `out` logits (B, classes, H, W) instead of a dict."""
+    """A torchvision segmenter returning its `out` logits (B, classes, H, W) instead of a dict.
+
+    With an auxiliary head (FCN and DeepLabV3 built with `aux_loss=true`), the head runs in training only:
+    its logits, at the input's size, are left for the training loss (`kd_aux_logits`, read once by
+    methods.base.Distiller.auxiliary_terms), and evaluation, export and compression see the main head alone."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)["out"]
+        aux_head = getattr(self.net, "aux_classifier", None)
+        if aux_head is None:
+            return self.net(x)["out"]
+        net = cast(Any, self.net)  # torchvision's _SimpleSegmentationModel: backbone, classifier, aux_classifier
+        features = net.backbone(x)
+        out = F.interpolate(net.classifier(features["out"]), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        if self.training:
+            aux = F.interpolate(aux_head(features["aux"]), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            self.__dict__["kd_aux_logits"] = aux  # (a plain attribute: not a buffer, never saved)
+        return out
+
+
+def without_training_heads(model: nn.Module, kwargs: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """The model and its options without an auxiliary head (a training aid, never used to predict): what
+    `kd compress` shrinks, so that pruning, which traces the inference graph, sees every layer it changes."""
+    net = getattr(model, "net", None)
+    if not isinstance(model, LogitsOnly) or getattr(net, "aux_classifier", None) is None:
+        return model, kwargs
+    cast(Any, net).aux_classifier = None
+    return model, {**kwargs, "aux_loss": False}
 
 
 def build_segmenter(
-    arch: str, num_classes: int, in_channels: int, input_size: int, pretrained_backbone: bool
+    arch: str, num_classes: int, in_channels: int, input_size: int, pretrained_backbone: bool, aux_loss: bool = False
 ) -> nn.Module:
     parts = PARTS[arch]
     # ResNet and MobileNetV3 backbones divide the input by 32 (8 with DeepLab's dilation): below 32 px the
@@ -72,7 +99,7 @@ def build_segmenter(
     weights_backbone = torchvision.models.get_weight(parts.backbone) if pretrained_backbone else None
     try:
         net = torchvision.models.get_model(
-            arch, weights=None, weights_backbone=weights_backbone, num_classes=num_classes, aux_loss=False
+            arch, weights=None, weights_backbone=weights_backbone, num_classes=num_classes, aux_loss=aux_loss
         )
     except (OSError, RuntimeError, ValueError) as error:  # no network, a bad download, a full disk
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -100,13 +127,32 @@ def adapt_first_conv(model: nn.Module, name: str, in_channels: int, pretrained: 
 
 
 def _builder(arch: str) -> Callable[..., nn.Module]:
-    def build(num_classes: int, in_channels: int, input_size: int, pretrained_backbone: bool = False) -> nn.Module:
-        return build_segmenter(arch, num_classes, in_channels, input_size, pretrained_backbone)
+    if arch.startswith("lraspp"):  # LR-ASPP has no auxiliary head
+
+        def build(num_classes: int, in_channels: int, input_size: int, pretrained_backbone: bool = False) -> nn.Module:
+            return build_segmenter(arch, num_classes, in_channels, input_size, pretrained_backbone)
+
+    else:
+
+        def build(  # type: ignore[misc]  # (the other signature, for the heads that have an auxiliary one)
+            num_classes: int,
+            in_channels: int,
+            input_size: int,
+            pretrained_backbone: bool = False,
+            aux_loss: bool = False,
+        ) -> nn.Module:
+            return build_segmenter(arch, num_classes, in_channels, input_size, pretrained_backbone, aux_loss)
 
     build.__name__ = build.__qualname__ = arch
     build.__doc__ = (
-        f"torchvision {arch} (segmentation; the `out` logits, no aux head); pretrained_backbone=true loads "
-        "its backbone's ImageNet weights (downloads once)."
+        f"torchvision {arch} (segmentation; the `out` logits); pretrained_backbone=true loads its backbone's "
+        "ImageNet weights (downloads once)"
+        + (
+            ""
+            if arch.startswith("lraspp")
+            else f"; aux_loss=true trains an auxiliary head too ({AUX_WEIGHT} x its loss)"
+        )
+        + "."
     )
     build.task = "segmentation"  # type: ignore[attr-defined]  # models.registry.model_task
     return build

@@ -39,6 +39,7 @@ from kd_cli.engine.trackers import Trackers, open_trackers
 from kd_cli.errors import KdError
 from kd_cli.methods import method_requires_teacher
 from kd_cli.models import model_task
+from kd_cli.models.torchvision_segmentation import without_training_heads
 from kd_cli.stages.data import Loaders, data_env, eval_loader, load_data, saved_dataset
 from kd_cli.stages.lifecycle import start_run
 from kd_cli.stages.measure import Measurement, measure
@@ -70,6 +71,8 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     setup = setup_run(cfg)  # (a segmenter's recovery method: the task's, see checks.use_the_tasks_method)
     print_config(cfg)
     original, spec = load_model(weights, setup.device)
+    original, kwargs = without_training_heads(original, spec.kwargs)  # (an aux head is not deployed)
+    spec = replace(spec, kwargs=kwargs)
     check_steps(original, steps)  # layer names and kinds, each step on the names the ones before leave
     loaders = load_data(cfg, setup)
     check_model_fits(spec, loaders.data, weights, "model", same_size=True)
