@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from kd_cli.data.base import DataSplits, absolute, register_dataset
-from kd_cli.data.masks import BadMask, ImageSide, read_mask, segmentation_splits
+from kd_cli.data.mask_stream import segmentation_splits
+from kd_cli.data.masks import BadMask, ImageSide, read_mask
 from kd_cli.data.on_disk import brief, shown_path
 from kd_cli.errors import KdError
 from kd_cli.tasks import IGNORE_INDEX

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from kd_cli.data.base import DataSplits, absolute, register_dataset
-from kd_cli.data.masks import BadMask, ImageSide, segmentation_splits
+from kd_cli.data.mask_stream import segmentation_splits
+from kd_cli.data.masks import BadMask, ImageSide
 from kd_cli.data.on_disk import brief, shown_path
 from kd_cli.errors import KdError
 from kd_cli.registry import PositiveInt

@@ -11,6 +11,7 @@ with 255):
   mmsegmentation train), a random image_size x image_size crop (padded where the scaled image is smaller:
   black image, ignored mask), the flip and rotation the augmentation asks for;
 - evaluation: the image whole, at its stored size, one per batch, scored against its mask as stored.
+`segmentation_splits` is what every segmentation data set on disk calls: into memory, or streamed.
 """
 
 from __future__ import annotations
@@ -24,13 +25,32 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from kd_cli.data.augment import Augmentation
-from kd_cli.data.base import DataSplits, FolderSplit, fingerprint
-from kd_cli.data.masks import SHOWN, BadMask, MaskLoader, check_mask, mask_file, read_full_pair
+from kd_cli.data.base import DataSplits, FolderSplit, fingerprint, tensor_splits
+from kd_cli.data.masks import SHOWN, BadMask, MaskLoader, check_mask, mask_file, read_full_pair, read_split
 from kd_cli.data.on_disk import shown_path
 from kd_cli.errors import KdError, warn
 from kd_cli.tasks import IGNORE_INDEX
 
 SCALES = (0.5, 2.0)  # training's random rescaling of the stored image, with crop augmentation on
+
+
+def segmentation_splits(
+    titled_pairs: list[tuple[str, list[tuple[str, str]]]],
+    class_names: list[str],
+    side: int,
+    skip: bool,
+    stream: bool,
+    *extra: str,
+    load_mask: MaskLoader = mask_file,
+) -> DataSplits:
+    """The (train, test) splits of (title, pairs): read into memory at side x side, or, with `stream`, scanned
+    and streamed from disk (data/mask_stream.py). `extra`: what else names the data (its fingerprint)."""
+    classes = len(class_names)
+    if stream:
+        train, test = (scan_split(pairs, classes, side, skip, title, load_mask) for title, pairs in titled_pairs)
+        return streamed_splits(train, test, class_names, *extra)
+    train_t, test_t = (read_split(pairs, classes, side, skip, title, load_mask) for title, pairs in titled_pairs)
+    return tensor_splits(train_t, test_t, class_names, *extra, task="segmentation")
 
 
 class MaskPairs(Dataset):

@@ -1,38 +1,29 @@
-"""Segmentation data on disk, in the formats people have: Pascal VOC (read by torchvision's
-`VOCSegmentation`: JPEG images, palette PNG masks, 255 on object borders = ignored) and a folder pair
-(`images/` + `masks/`, a mask per image by file stem, with a class list).
-
-Images and masks are read whole, checked, and resized to `image_size` x `image_size` (images bilinear,
-masks nearest: a label is never blended), then held in memory as uint8 like the other in-memory sets; a
-split is therefore scored at `image_size`, not at each label's own resolution (a streamed loader that
-scores at full resolution is the next step). Every mask is checked before anything trains: another size
-than its image, a value that is neither a class nor 255, a missing or unreadable file is one line naming
-the file, or, with `skip_bad_masks=true`, the pair is left out and counted in one warning.
+"""Reading segmentation masks, what every segmentation data set on disk shares: a mask file as class indices
+(a palette PNG's indices, a grey PNG's values; never RGB colours), each mask checked against its image
+(the same size, classes and 255 = ignored only; a missing or unreadable file named) as `BadMask`, and a
+split read into memory, images and masks resized to `image_size` x `image_size` (images bilinear, masks
+nearest: a label is never blended) and held as uint8, where it is scored at that size. A pair that is
+not usable is one line naming the file, or, with `skip_bad_masks=true`, left out and counted in one warning.
+(Streaming from disk, scored at full resolution: data/mask_stream.py.)
 """
-
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kd_cli.data.base import DataSplits, SplitSeed, TensorSplit, absolute, register_dataset, tensor_splits
+from kd_cli.data.base import TensorSplit
 from kd_cli.data.images import UnreadableImage, decode_rgb
-from kd_cli.data.on_disk import open_or_explain, shown_path
+from kd_cli.data.on_disk import shown_path
 from kd_cli.errors import KdError, warn
-from kd_cli.registry import OpenFraction, Range
+from kd_cli.registry import Range
 from kd_cli.tasks import IGNORE_INDEX
 
 ImageSide = Annotated[int, Range(8, 4096)]
-VOC_CLASSES = [
-    *("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow"),
-    *("diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"),
-]
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 SHOWN = 3
 
@@ -129,113 +120,3 @@ def read_split(
     if not images:
         raise KdError(f"{title}: no image with a usable mask; check the files and the class list")
     return TensorSplit(torch.stack(images), torch.stack(masks))
-
-
-def segmentation_splits(
-    titled_pairs: list[tuple[str, list[tuple[str, str]]]],
-    class_names: list[str],
-    side: int,
-    skip: bool,
-    stream: bool,
-    *extra: str,
-    load_mask: MaskLoader = mask_file,
-) -> DataSplits:
-    """The (train, test) splits of (title, pairs): read into memory at side x side, or, with `stream`, scanned
-    and streamed from disk (data/mask_stream.py). `extra`: what else names the data (its fingerprint)."""
-    classes = len(class_names)
-    if stream:
-        from kd_cli.data.mask_stream import scan_split, streamed_splits
-
-        train, test = (scan_split(pairs, classes, side, skip, title, load_mask) for title, pairs in titled_pairs)
-        return streamed_splits(train, test, class_names, *extra)
-    train_t, test_t = (read_split(pairs, classes, side, skip, title, load_mask) for title, pairs in titled_pairs)
-    return tensor_splits(train_t, test_t, class_names, *extra, task="segmentation")
-
-
-@register_dataset("voc_segmentation")
-def voc_segmentation(
-    root: str = "data",
-    download: bool = False,
-    year: str = "2012",
-    image_size: ImageSide = 256,
-    skip_bad_masks: bool = False,
-    stream: bool = False,
-) -> DataSplits:
-    """Pascal VOC's segmentation split (`train` to train, `val` to test) from `root/VOCdevkit/VOC<year>/`,
-    listed by torchvision's VOCSegmentation (which also downloads it)."""
-    import torchvision.datasets as tv
-
-    folder = os.path.join(absolute(root), "VOCdevkit", f"VOC{year}")
-    lists = [os.path.join(folder, "ImageSets", "Segmentation", f"{split}.txt") for split in ("train", "val")]
-    train, val = open_or_explain(
-        f"VOC{year} segmentation",
-        folder,
-        "JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/train.txt, val.txt",
-        lists,
-        download,
-        lambda: tuple(tv.VOCSegmentation(absolute(root), year, split, download=download) for split in ("train", "val")),
-    )
-    titled = [(f"VOC{year} {name}", list(zip(ds.images, ds.masks))) for ds, name in ((train, "train"), (val, "val"))]
-    return segmentation_splits(titled, VOC_CLASSES, image_size, skip_bad_masks, stream, f"voc{year}", str(image_size))
-
-
-@register_dataset("seg_folder")
-def seg_folder(
-    root: str = "data/seg_folder",
-    download: bool = False,
-    classes: list[str] | None = None,
-    image_size: ImageSide = 256,
-    test_fraction: OpenFraction = 0.2,
-    split_seed: SplitSeed = 0,
-    skip_bad_masks: bool = False,
-    stream: bool = False,
-) -> DataSplits:
-    """`root/images/` + `root/masks/` (a mask per image, same stem, PNG), split by `test_fraction`; or
-    `root/train/` and `root/test/` each holding such a pair. The class names: `classes`, else the lines
-    of `root/classes.txt` (class i on line i + 1; mask value i)."""
-    top = Path(absolute(root))
-    names = list(classes) if classes else _class_file(top)
-    if len(names) < 2:
-        raise KdError(f"dataset=seg_folder: {len(names)} class name(s); give at least 2 (background counts)")
-    if (top / "train").is_dir() and (top / "test").is_dir():
-        train_pairs, test_pairs = _pairs(top / "train"), _pairs(top / "test")
-    else:
-        pairs = _pairs(top)
-        order = np.random.default_rng(split_seed).permutation(len(pairs))
-        cut = max(1, round(len(pairs) * test_fraction))
-        if cut >= len(pairs):
-            raise KdError(f"dataset=seg_folder: {len(pairs)} image(s) leave none to train on; add images")
-        test_pairs, train_pairs = [pairs[i] for i in sorted(order[:cut])], [pairs[i] for i in sorted(order[cut:])]
-    titled = [("seg_folder train", train_pairs), ("seg_folder test", test_pairs)]
-    listing = [path for pair in train_pairs + test_pairs for path in pair]
-    return segmentation_splits(titled, names, image_size, skip_bad_masks, stream, *listing, str(image_size))
-
-
-def _class_file(top: Path) -> list[str]:
-    path = top / "classes.txt"
-    if not path.is_file():
-        raise KdError(
-            f"dataset=seg_folder: no class list; give dataset.classes=[background,...] or write {path} "
-            "(one name per line, line i + 1 for mask value i)"
-        )
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
-def _pairs(folder: Path) -> list[tuple[str, str]]:
-    """(image, mask) paths under folder/images and folder/masks, matched by file stem, sorted."""
-    images, masks = folder / "images", folder / "masks"
-    if not images.is_dir() or not masks.is_dir():
-        raise KdError(
-            f"dataset=seg_folder: {folder} has no images/ and masks/ folders (expected images/NAME.jpg with "
-            "masks/NAME.png, or train/ and test/ each holding both)"
-        )
-    by_stem = {path.stem: path for path in masks.iterdir() if path.suffix.lower() in MASK_SUFFIXES}
-    found = sorted(p for p in images.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not found:
-        raise KdError(f"dataset=seg_folder: {images} holds no images")
-    return [(str(path), str(by_stem.get(path.stem, masks / f"{path.stem}.png"))) for path in found]
-
-
-for _loader in (voc_segmentation, seg_folder):
-    _loader.task = "segmentation"  # type: ignore[attr-defined]  # data.base.dataset_task
-    _loader.image_channels = 3  # type: ignore[attr-defined]  # base.expected_channels

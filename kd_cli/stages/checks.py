@@ -21,7 +21,9 @@ from kd_cli.registry import MAX_COUNT, Range, check_number
 PROGRESS = ("auto", "bar", "plain", "none")
 
 
-def check_config(cfg: DictConfig) -> None:
+def check_config(cfg: DictConfig, overrides: list[str] | None = None) -> None:
+    """Every value checked (raising one line for the first wrong one). With the command line's `overrides`,
+    also the one default that depends on the data set: the task's own method (`use_the_tasks_method`)."""
     check_plain_values(cfg)
     if cfg.get("dataset") is not None:  # (first: the augmentation's defaults are interpolated from it)
         from kd_cli.data import check_dataset_config
@@ -32,6 +34,8 @@ def check_config(cfg: DictConfig) -> None:
     for role in ("teacher", "student", "model"):
         if cfg.get(role) is not None and "arch" in cfg[role]:
             check_model(cfg[role], role)
+    if overrides is not None:
+        use_the_tasks_method(cfg, overrides)
     if "method" in cfg:
         from kd_cli.methods import check_method_options
 

@@ -30,10 +30,9 @@ def setup_run(cfg: DictConfig) -> Setup:
     """Every value checked, then seed, device, precision, process group. Writes nothing."""
     from hydra.core.hydra_config import HydraConfig
 
-    from kd_cli.stages.checks import check_config, use_the_tasks_method
+    from kd_cli.stages.checks import check_config
 
-    use_the_tasks_method(cfg, list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [])
-    check_config(cfg)
+    check_config(cfg, list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [])
     seed_everything(cfg.seed)
     device = resolve_device(cfg.trainer.device)
     dtype = resolve_precision(cfg.trainer.precision, device)

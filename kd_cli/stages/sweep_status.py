@@ -89,7 +89,7 @@ def check_every_job(config: DictConfig) -> None:
     from hydra.types import RunMode
     from omegaconf import open_dict
 
-    from kd_cli.stages.checks import check_config, use_the_tasks_method
+    from kd_cli.stages.checks import check_config
 
     if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
         return
@@ -101,8 +101,7 @@ def check_every_job(config: DictConfig) -> None:
             cfg = loader.load_configuration(config.hydra.job.config_name, list(job), run_mode=RunMode.MULTIRUN)
             with open_dict(cfg):
                 del cfg["hydra"]
-            use_the_tasks_method(cfg, list(job))
-            check_config(cfg)
+            check_config(cfg, list(job))
         except Exception as error:  # noqa: BLE001 - kd's refusals and Hydra's composition errors alike
             raise KdError(f"job {number} of the sweep ({' '.join(job)}): {one_line(error)}; no job was run") from None
 

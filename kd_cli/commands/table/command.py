@@ -236,7 +236,7 @@ def check_jobs(jobs: list[tuple[str, list[str]]]) -> None:
             left_out = ("hydra.", "teacher.checkpoint=")
             job = [_first_seed(w) for w in words if w != "-m" and not w.lstrip("+~").startswith(left_out)]
             try:
-                check_config(compose(stage.replace("-", "_"), overrides=prepare_overrides(job)))
+                check_config(compose(stage.replace("-", "_"), overrides=prepare_overrides(job)), list(job))
             except Exception as error:  # noqa: BLE001 - Hydra's and kd's refusals alike: the job cannot run
                 raise KdError(f"{name}: {one_line(error)}; no run was started") from None
     GlobalHydra.instance().clear()
