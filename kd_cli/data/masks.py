@@ -6,6 +6,7 @@ nearest: a label is never blended) and held as uint8, where it is scored at that
 not usable is one line naming the file, or, with `skip_bad_masks=true`, left out and counted in one warning.
 (Streaming from disk, scored at full resolution: data/mask_stream.py.)
 """
+
 from __future__ import annotations
 
 import os
