@@ -163,12 +163,25 @@ def test_an_affinity_too_large_for_memory_is_refused_with_the_patch_that_fits():
         build_method(options, student, teacher, task="segmentation")
 
 
+# The CLI runs below share scenes and one teacher (trained once, in this process).
+SCENES = ["dataset=digit_scenes", "dataset.train_scenes=32", "dataset.test_scenes=16", "dataset.canvas=32"]
+
+
+@pytest.fixture(scope="module")
+def scene_teacher(tmp_path_factory):
+    work = tmp_path_factory.mktemp("scene_teacher")
+    teacher = ["teacher.arch=segcnn_tiny", "trainer.epochs=1", "trainer.batch_size=16"]
+    kd_here_ok("train-teacher", *SCENES, *teacher, f"hydra.run.dir={work / 'teacher'}", *FAST, cwd=work)
+    return [*SCENES, f"teacher.checkpoint={work / 'teacher'}"]
+
+
 @pytest.mark.parametrize("method", ["pixel_dist", "skd", "ifvd", "cirkd", "fitnet", "at", None])
-def test_each_segmentation_method_trains_through_the_cli(method, tmp_path):
+def test_each_segmentation_method_trains_through_the_cli(method, scene_teacher, tmp_path):
     """None: no method on the command line, so the default `kd` becomes its segmentation counterpart."""
-    scenes = ["dataset=digit_scenes", "dataset.train_scenes=32", "dataset.test_scenes=16", "dataset.canvas=24"]
     chosen = [f"method={method}"] if method else []
-    kd_here_ok("distill", *scenes, *chosen, "trainer.epochs=1", "trainer.batch_size=16", *FAST, cwd=tmp_path)
+    if method == "cirkd":  # (its pixel pairs grow with the batch squared: a small one shows every term)
+        chosen += ["trainer.max_steps_per_epoch=1", "trainer.batch_size=4"]
+    kd_here_ok("distill", *scene_teacher, "trainer.epochs=1", "trainer.batch_size=16", *chosen, *FAST, cwd=tmp_path)
     (run,) = run_dirs(tmp_path / "outputs", "distill")
     header = (run / "metrics.csv").read_text().splitlines()[0]
     own = {"pixel_dist": "train_inter", "skd": "train_skd", "ifvd": "train_ifvd", "fitnet": "train_fitnet"}
@@ -219,12 +232,11 @@ def test_smp_names_and_offline_weights_are_one_line(monkeypatch):
         create_model("smp/unet", 5, 3, 64, encoder="resnet18", pretrained_backbone=True)
 
 
-def test_distill_into_an_smp_unet(tmp_path):
+def test_distill_into_an_smp_unet(scene_teacher, tmp_path):
     pytest.importorskip("segmentation_models_pytorch")
-    scenes = ["dataset=digit_scenes", "dataset.train_scenes=16", "dataset.test_scenes=8", "dataset.canvas=64"]
     kd_here_ok(
         "distill",
-        *scenes,
+        *scene_teacher,
         "student.arch=smp/unet",
         "+student.kwargs.encoder=resnet18",
         "method=skd",
@@ -368,12 +380,10 @@ def test_an_aux_head_runs_in_training_only_and_leaves_the_main_logits_unchanged(
         create_model("lraspp_mobilenet_v3_large", 4, 3, 32, aux_loss=True)
 
 
-def test_a_student_with_an_aux_head_trains_it_beside_any_method(tmp_path):
-    scenes = ["dataset=digit_scenes", "dataset.train_scenes=16", "dataset.test_scenes=8", "dataset.canvas=32"]
+def test_a_student_with_an_aux_head_trains_it_beside_any_method(scene_teacher, tmp_path):
     kd_here_ok(
         "distill",
-        *scenes,
-        "teacher.arch=segcnn_tiny",
+        *scene_teacher,
         "student.arch=deeplabv3_mobilenet_v3_large",
         "student.kwargs.aux_loss=true",
         "method=cwd",
