@@ -26,9 +26,9 @@ from torch.utils.data import Dataset, Subset
 
 from kd_cli.data.augment import Augmentation
 from kd_cli.data.base import DataSplits, FolderSplit, fingerprint, tensor_splits
-from kd_cli.data.masks import SHOWN, BadMask, MaskLoader, check_mask, mask_file, read_full_pair, read_split
+from kd_cli.data.masks import BadMask, MaskLoader, check_mask, mask_file, read_full_pair, read_split, usable_pairs
 from kd_cli.data.on_disk import shown_path
-from kd_cli.errors import KdError, warn
+from kd_cli.errors import KdError
 from kd_cli.tasks import IGNORE_INDEX
 
 SCALES = (0.5, 2.0)  # training's random rescaling of the stored image, with crop augmentation on
@@ -76,25 +76,15 @@ def scan_split(
     pairs: list[tuple[str, str]], classes: int, side: int, skip: bool, title: str, load_mask: MaskLoader = mask_file
 ) -> FolderSplit:
     """Every mask read and checked against its image's size; the split to stream."""
-    kept, bad = [], []
-    pixels = torch.zeros(256, dtype=torch.int64)
-    for image_path, mask_key in pairs:
-        try:
-            mask = load_mask(mask_key)
-            check_mask(mask, _stored_size(image_path), mask_key, classes)
-        except BadMask as error:
-            if not skip:
-                raise KdError(
-                    f"{error}; fix or remove it, or pass dataset.skip_bad_masks=true to leave such pairs out"
-                ) from None
-            bad.append(str(error))
-            continue
-        pixels += torch.bincount(torch.from_numpy(mask.astype(np.int64)).flatten(), minlength=256)[:256]
-        kept.append((image_path, mask_key))
-    if bad:
-        warn(f"{title}: left out {len(bad)} image(s) with a bad mask: " + "; ".join(bad[:SHOWN]))
-    if not kept:
-        raise KdError(f"{title}: no image with a usable mask; check the files and the class list")
+
+    def pixels_per_value(image_path: str, mask_key: str) -> torch.Tensor:  # (not the mask: thousands may pass)
+        mask = load_mask(mask_key)
+        check_mask(mask, _stored_size(image_path), mask_key, classes)
+        return torch.bincount(torch.from_numpy(mask.astype(np.int64)).flatten(), minlength=256)[:256]
+
+    usable = usable_pairs(pairs, skip, title, pixels_per_value)
+    kept = [pair for pair, _ in usable]
+    pixels = torch.stack([counts for _, counts in usable]).sum(dim=0)
     return FolderSplit(MaskPairs(kept, load_mask, pixels), image_size=side, task="segmentation")
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from kd_cli.registry import Range
 from kd_cli.tasks import IGNORE_INDEX
 
 ImageSide = Annotated[int, Range(8, 4096)]
+T = TypeVar("T")
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 SHOWN = 3
 
@@ -100,24 +101,32 @@ def read_pair(
     return resized[0].round().clamp(0, 255).to(torch.uint8), label[0, 0].to(torch.uint8)
 
 
-def read_split(
-    pairs: list[tuple[str, str]], classes: int, side: int, skip: bool, title: str, load_mask: MaskLoader = mask_file
-) -> TensorSplit:
-    images, masks, bad = [], [], []
+def usable_pairs(
+    pairs: list[tuple[str, str]], skip: bool, title: str, read: Callable[[str, str], T]
+) -> list[tuple[tuple[str, str], T]]:
+    """`read(image_path, mask_key)` of each pair, in order. A bad pair (`BadMask`) stops everything with one
+    line, or, with `skip`, is left out and counted in one warning; no usable pair at all is one line too."""
+    done: list[tuple[tuple[str, str], T]] = []
+    bad: list[str] = []
     for image_path, mask_key in pairs:
         try:
-            image, mask = read_pair(image_path, mask_key, classes, side, load_mask)
+            done.append(((image_path, mask_key), read(image_path, mask_key)))
         except BadMask as error:
             if not skip:
                 raise KdError(
                     f"{error}; fix or remove it, or pass dataset.skip_bad_masks=true to leave such pairs out"
                 ) from None
             bad.append(str(error))
-            continue
-        images.append(image)
-        masks.append(mask)
     if bad:
         warn(f"{title}: left out {len(bad)} image(s) with a bad mask: " + "; ".join(bad[:SHOWN]))
-    if not images:
+    if not done:
         raise KdError(f"{title}: no image with a usable mask; check the files and the class list")
-    return TensorSplit(torch.stack(images), torch.stack(masks))
+    return done
+
+
+def read_split(
+    pairs: list[tuple[str, str]], classes: int, side: int, skip: bool, title: str, load_mask: MaskLoader = mask_file
+) -> TensorSplit:
+    """The usable pairs read into memory at side x side."""
+    read = usable_pairs(pairs, skip, title, lambda image, mask: read_pair(image, mask, classes, side, load_mask))
+    return TensorSplit(torch.stack([image for _, (image, _) in read]), torch.stack([mask for _, (_, mask) in read]))

@@ -277,6 +277,22 @@ class FeatureDistiller(Distiller):
         return terms
 
 
+class HeadMapDistiller(FeatureDistiller):
+    """Base of the segmentation methods on one map of each model, by default the head's last hidden map
+    (before its classifier, CIRKD's features[-1]): SKD, IFVD, CIRKD. A subclass declares its own options and
+    passes `**common` on, as every feature method does."""
+
+    tasks = ("segmentation",)
+    single_layer = True
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, **common: Any):
+        super().__init__(student, teacher, **common)
+        self.require_maps()
+
+    def default_layers(self, model: nn.Module) -> list[str]:
+        return [embedding_layer(model)]
+
+
 def require_a_loss_term(method: str, weights: Sequence[str], options: Mapping[str, Any]) -> None:
     """A one-line KdError when every option in `weights` is 0: the loss would be 0 whatever the student
     does, so training would "complete" having learned nothing."""

@@ -28,8 +28,8 @@ from torch import nn
 
 from kd_cli.errors import KdError
 from kd_cli.methods import register_method
-from kd_cli.methods.base import FeatureDistiller
-from kd_cli.methods.feature_utils import embedding_layer, full_precision
+from kd_cli.methods.base import HeadMapDistiller
+from kd_cli.methods.feature_utils import full_precision
 from kd_cli.methods.seg_logits import align_to
 from kd_cli.registry import NonNegative, PositiveInt, Temperature
 from kd_cli.tasks import IGNORE_INDEX
@@ -104,10 +104,8 @@ class ClassQueues(nn.Module):
 
 
 @register_method("cirkd")
-class CIRKD(FeatureDistiller):
-    tasks = ("segmentation",)
+class CIRKD(HeadMapDistiller):
     loss_weights = ("minibatch_weight", "memory_pixel_weight", "memory_region_weight", "ce_weight", "kd_weight")
-    single_layer = True
     queues: ClassQueues
     project: nn.Sequential
 
@@ -128,7 +126,6 @@ class CIRKD(FeatureDistiller):
         **common: Any,
     ):
         super().__init__(student, teacher, **common)
-        self.require_maps()
         (s_channels, height, width), t_channels = self.student_shapes[0], self.teacher_shapes[0][0]
         if minibatch_weight and height * width > MAX_PIXELS:
             raise KdError(
@@ -151,9 +148,6 @@ class CIRKD(FeatureDistiller):
                 nn.Conv2d(t_channels, t_channels, 1, bias=False),
             )
             self.queues = ClassQueues(classes, t_channels, pixel_memory, region_memory)
-
-    def default_layers(self, model: nn.Module) -> list[str]:
-        return [embedding_layer(model)]  # the head's last hidden map, as CIRKD's outputs[-1]
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         own = self.minibatch_weight or self.memory_pixel_weight or self.memory_region_weight

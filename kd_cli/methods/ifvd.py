@@ -16,11 +16,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from kd_cli.methods import register_method
-from kd_cli.methods.base import FeatureDistiller
-from kd_cli.methods.feature_utils import embedding_layer, full_precision
+from kd_cli.methods.base import HeadMapDistiller
+from kd_cli.methods.feature_utils import full_precision
 from kd_cli.methods.seg_logits import align_to
 from kd_cli.registry import NonNegative
 
@@ -47,18 +46,12 @@ def ifvd_loss(student: torch.Tensor, teacher: torch.Tensor, masks: torch.Tensor,
 
 
 @register_method("ifvd")
-class IFVD(FeatureDistiller):
-    tasks = ("segmentation",)
+class IFVD(HeadMapDistiller):
     loss_weights = ("ifvd_weight", "ce_weight", "kd_weight")
-    single_layer = True
 
     def __init__(self, student, teacher, *, ifvd_weight: NonNegative, **common: Any):
         super().__init__(student, teacher, **common)
-        self.require_maps()
         self.ifvd_weight = ifvd_weight
-
-    def default_layers(self, model: nn.Module) -> list[str]:
-        return [embedding_layer(model)]  # the head's last hidden map, as CIRKD's features[-1]
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         logits, student, teacher_logits, teacher = self.features(images, self.ifvd_weight)

@@ -17,12 +17,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from kd_cli.errors import KdError
 from kd_cli.methods import register_method
-from kd_cli.methods.base import FeatureDistiller
-from kd_cli.methods.feature_utils import embedding_layer, full_precision
+from kd_cli.methods.base import HeadMapDistiller
+from kd_cli.methods.feature_utils import full_precision
 from kd_cli.methods.seg_logits import align_to
 from kd_cli.registry import NonNegative, PositiveInt
 
@@ -45,14 +44,11 @@ def skd_pairwise_loss(student: torch.Tensor, teacher: torch.Tensor, patch: int =
 
 
 @register_method("skd")
-class StructuredKD(FeatureDistiller):
-    tasks = ("segmentation",)
+class StructuredKD(HeadMapDistiller):
     loss_weights = ("skd_weight", "ce_weight", "kd_weight")
-    single_layer = True
 
     def __init__(self, student, teacher, *, skd_weight: NonNegative, patch: PositiveInt, **common: Any):
         super().__init__(student, teacher, **common)
-        self.require_maps()
         self.skd_weight, self.patch = skd_weight, patch
         height, width = self.student_shapes[0][-2:]
         cells = math.ceil(height / patch) * math.ceil(width / patch)
@@ -67,9 +63,6 @@ class StructuredKD(FeatureDistiller):
                 f"{cells} cells, an affinity of {cells}x{cells} per image (at most {MAX_CELLS} cells); set "
                 f"method.patch={fitting} or tap a coarser layer (method.student_layers, method.teacher_layers)"
             )
-
-    def default_layers(self, model: nn.Module) -> list[str]:
-        return [embedding_layer(model)]  # the head's last hidden map, as CIRKD's features[-1]
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         logits, student, teacher_logits, teacher = self.features(images, self.skd_weight)
