@@ -78,10 +78,11 @@ def cityscapes(
     for split in ("train", "val"):
         try:
             listing = tv.Cityscapes(folder, split=split, mode=mode, target_type="semantic")
-        except (RuntimeError, OSError) as error:
+        except (RuntimeError, OSError):
+            gt = f"gt{mode.capitalize()}"
             raise KdError(
                 f"Cityscapes {split} not found under {folder} (expected leftImg8bit/{split}/ and "
-                f"gt{mode.capitalize()}/{split}/, or the two zips; {str(error).splitlines()[0][:80]})"
+                f"{gt}/{split}/, or leftImg8bit_trainvaltest.zip and {gt}_trainvaltest.zip from cityscapes-dataset.com)"
             ) from None
         titled.append((f"Cityscapes {split}", sorted(zip(listing.images, (t[0] for t in listing.targets)))))
     extra = ("cityscapes", str(image_size), mode)
