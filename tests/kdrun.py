@@ -71,7 +71,10 @@ def run_dirs(outputs: Path, stage: str) -> list[Path]:
 
 def kd_here(*args: str, cwd: Path) -> Result:
     """`kd ARGS` in this process (what a subprocess would print and return, without paying for a new
-    interpreter and its imports): for the many checks of bad input that stop before any work."""
+    interpreter and its imports, seconds a command): for checks of bad input that stop before any work
+    and for runs whose subject is what they write, not the process (signals, exit of a child). The
+    process-wide state a run sets (signal handlers, logging, environment, torch's random and
+    deterministic settings, threads) is put back afterwards."""
     import contextlib
     import io
     import logging
@@ -89,6 +92,7 @@ def kd_here(*args: str, cwd: Path) -> Result:
         {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)},
         logging.getLogger().handlers[:],
         dict(os.environ),
+        torch_state(),
     )
     code = 0
     try:
@@ -100,7 +104,8 @@ def kd_here(*args: str, cwd: Path) -> Result:
             except SystemExit as exit_:
                 code = exit_.code if isinstance(exit_.code, int) else 1
     finally:
-        sys.argv[:], cwd_before, handlers, root_handlers, environment = saved
+        sys.argv[:], cwd_before, handlers, root_handlers, environment, torch_before = saved
+        restore_torch_state(torch_before)
         os.chdir(cwd_before)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -112,6 +117,42 @@ def kd_here(*args: str, cwd: Path) -> Result:
         errors.INTERRUPTED_RUNS.clear()
         errors.INTERRUPTION_NOTES.clear()
     return Result(code, out.getvalue(), err.getvalue())
+
+
+def kd_here_each(jobs: dict[str, list[str]], cwd: Path) -> dict[str, Result]:
+    """{name: Result} of each job's `kd ARGS`, run one after another in this process: several runs for
+    the price of no start-up (running them as processes side by side cost more on two cores)."""
+    return {name: kd_here(*args, cwd=cwd) for name, args in jobs.items()}
+
+
+def torch_state() -> tuple:
+    import random
+
+    import numpy as np
+    import torch
+
+    return (
+        torch.get_rng_state(),
+        np.random.get_state(),
+        random.getstate(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.get_num_threads(),
+    )
+
+
+def restore_torch_state(state: tuple) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    rng, np_rng, py_rng, deterministic, warn_only, threads = state
+    torch.set_rng_state(rng)
+    np.random.set_state(np_rng)
+    random.setstate(py_rng)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.set_num_threads(threads)
 
 
 def kd_here_ok(*args: str, cwd: Path) -> Result:

@@ -10,6 +10,8 @@ verify integrity and parse the files themselves.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 from urllib.error import URLError
 
@@ -88,6 +90,29 @@ def test_digits_real_data_stratified_deterministic_split():
     assert torch.equal(again.test.images, test.images) and again.fingerprint == data.fingerprint
     assert not torch.equal(other.test.labels, test.labels) and other.fingerprint != data.fingerprint
     assert len(load_dataset({"name": "digits", "test_fraction": 0.5}).test) == 899
+
+
+def test_the_stored_default_digits_split_is_scikit_learns_draw_and_the_pixels_are_its_digits():
+    """kd reads the digits and their default split without importing scikit-learn (a faster start-up):
+    both must stay exactly what scikit-learn's `load_digits` and stratified `train_test_split` give."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from kd_cli.data.digits import digits_arrays, stratified_split
+
+    bunch = load_digits()
+    pixels, labels = digits_arrays()
+    assert np.array_equal(pixels, bunch.data) and np.array_equal(labels, bunch.target)
+    drawn = train_test_split(np.arange(len(labels)), test_size=0.3, stratify=labels, random_state=0)
+    stored = stratified_split(labels, 0.3, 0)
+    assert all(np.array_equal(a, b) for a, b in zip(stored, drawn, strict=True))
+
+
+def test_the_default_digits_start_without_scikit_learn():
+    code = "import sys; "
+    code += "from kd_cli.data import load_dataset; load_dataset({'name': 'digits'}); print('sklearn' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
 
 
 def test_synthetic_shapes_and_seed():

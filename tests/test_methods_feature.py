@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from kdrun import SHORT, SYNTHETIC, kd, summary
+from kdrun import SHORT, SYNTHETIC, kd_here, kd_here_each, summary
 
 from kd_cli.errors import KdError
 from kd_cli.methods import build_method
@@ -388,20 +386,12 @@ def test_impossible_options_are_kd_errors():
 SMALL_CNN = ["student=cnn", "student.kwargs.width=8"]  # digits' default student is an MLP: no maps
 
 
-def _run_all(jobs: dict[str, list[str]], cwd: Path) -> dict:
-    """Run kd commands side by side, one torch thread each: start-up dominates and is single-threaded."""
-    env = {"OMP_NUM_THREADS": "1"}
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        futures = {name: pool.submit(kd, *args, cwd=cwd, env=env) for name, args in jobs.items()}
-        return {name: future.result() for name, future in futures.items()}
-
-
 @pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory, short_teachers) -> dict[str, tuple[Path, object]]:
     out = tmp_path_factory.mktemp("feature_cli")
     common = [*SHORT, f"paths.outputs={out}"]
     wide = ["train-teacher", *common, *SYNTHETIC, "teacher=resnet32x4", "trainer.max_steps_per_epoch=1"]
-    result = kd(*wide, f"hydra.run.dir={out / 'wide'}", cwd=out)
+    result = kd_here(*wide, f"hydra.run.dir={out / 'wide'}", cwd=out)
     assert result.code == 0, f"teacher wide: {result.stderr[-3000:]}"
     # One sweep per data set (one process runs every method in turn; each job its own run directory).
     # On digits every method gets the small CNN student: the map methods need maps, the others don't mind.
@@ -433,7 +423,7 @@ def cli_runs(tmp_path_factory, short_teachers) -> dict[str, tuple[Path, object]]
             f"hydra.run.dir={out / 'wide-vid'}",
         ],
     }
-    results = _run_all(jobs, out)
+    results = kd_here_each(jobs, out)
     runs = {
         f"{data}-{method}": (out / f"{data}-sweep" / method, results[data])
         for data in ("digits", "cifar")

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from kdrun import SHORT, SYNTHETIC, kd, kd_here, summary
+from kdrun import SHORT, SYNTHETIC, kd_here, summary
 
 from kd_cli.errors import KdError
 from kd_cli.methods import build_method
@@ -334,7 +334,7 @@ def cli_runs(tmp_path_factory, short_teachers) -> Path:
         "cifar": [*sweep, f"teacher.checkpoint={short_teachers['cifar']}", "student=resnet8", *SYNTHETIC],
     }
     for data, args in jobs.items():
-        result = kd(*args, f"hydra.sweep.dir={out / f'{data}-sweep'}", cwd=out)
+        result = kd_here(*args, f"hydra.sweep.dir={out / f'{data}-sweep'}", cwd=out)
         assert result.code == 0, result.stderr[-3000:]
     return out
 

@@ -5,13 +5,12 @@ cases, and each method end to end through the real CLI on digits and on CIFAR-sh
 from __future__ import annotations
 
 import csv
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from kdrun import SHORT, SYNTHETIC, assert_one_line_error, kd, summary
+from kdrun import SHORT, SYNTHETIC, assert_one_line_error, kd_here_each, summary
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -334,13 +333,6 @@ TERMS = {
     "dist": ["train_ce", "train_inter", "train_intra"],
 }
 DATA = {"digits": "digits", "synthetic": "cifar"}  # the sweep -> the session's short teacher it distils from
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the runs go side by side; one thread each avoids oversubscription
-
-
-def run_side_by_side(jobs: dict, cwd: Path) -> dict:
-    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        futures = {key: pool.submit(kd, *args, cwd=cwd, env=ONE_THREAD) for key, args in jobs.items()}
-        return {key: future.result() for key, future in futures.items()}
 
 
 @pytest.fixture(scope="module")
@@ -350,7 +342,7 @@ def outputs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def distilled(outputs, short_teachers) -> dict:
-    """The two method sweeps and DIST on a batch of one, started together to save wall time."""
+    """The two method sweeps and DIST on a batch of one, run by the CLI in this process."""
     common = [*ONE_STEP, f"paths.outputs={outputs}"]
     jobs = {
         data: [
@@ -373,7 +365,7 @@ def distilled(outputs, short_teachers) -> dict:
         *common,
         f"hydra.run.dir={outputs / 'dist_batch_of_one'}",
     ]
-    return run_side_by_side(jobs, outputs)
+    return kd_here_each(jobs, outputs)
 
 
 @pytest.mark.parametrize("data", list(SWEEPS))

@@ -7,14 +7,11 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from kdrun import SHORT, SYNTHETIC, Result, summary
+from kdrun import SHORT, SYNTHETIC, Result, kd_here_each, summary
 
 from kd_cli.errors import KdError
 from kd_cli.methods import build_method
@@ -285,8 +282,7 @@ def test_reviewkd_rejects_students_without_feature_maps():
 
 
 # ---------------------------------------------------------------- the CLI, end to end
-# Every `kd` process spends seconds importing before it works, so the four students are started
-# together, one thread each, from the session's two short teachers.
+# The four students, from the session's two short teachers, run by the CLI in this process.
 
 STUDENTS = {
     "crd-digits": ("digits", ["method=crd"]),
@@ -296,33 +292,12 @@ STUDENTS = {
 }
 
 
-def kd_together(commands: dict[str, list[str]], cwd) -> dict[str, Result]:
-    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    environment.pop("KD_DEBUG", None)
-    processes = {
-        name: subprocess.Popen(
-            [sys.executable, "-m", "kd_cli", *args],
-            cwd=cwd,
-            env=environment,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name, args in commands.items()
-    }
-    results = {}
-    for name, process in processes.items():
-        stdout, stderr = process.communicate(timeout=600)
-        results[name] = Result(process.returncode, stdout, stderr)
-    return results
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, short_teachers):
     """name -> (run directory, Result) of each student run."""
     outputs = tmp_path_factory.mktemp("crd_reviewkd")
     common = [*SHORT, f"paths.outputs={outputs}"]
-    students = kd_together(
+    students = kd_here_each(
         {
             name: [
                 "distill",

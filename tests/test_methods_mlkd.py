@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from kdrun import SHORT, SYNTHETIC, assert_one_line_error, kd, kd_here, summary
+from kdrun import SHORT, SYNTHETIC, assert_one_line_error, kd_here, summary
 
 from kd_cli.engine.teacher_cache import TeacherCache
 from kd_cli.errors import KdError
@@ -399,7 +399,7 @@ def cli_runs(tmp_path_factory, short_teachers) -> Path:
         "cifar": [cifar, "student=resnet8", *SYNTHETIC, *STATS],
     }
     for name, extra in runs.items():
-        result = kd("distill", "method=mlkd", *common, *extra, f"hydra.run.dir={out / name}", cwd=out)
+        result = kd_here("distill", "method=mlkd", *common, *extra, f"hydra.run.dir={out / name}", cwd=out)
         assert result.code == 0, result.stderr[-3000:]
     return out
 

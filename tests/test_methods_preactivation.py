@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from kdrun import FAST, SHORT, SYNTHETIC, assert_one_line_error, kd, kd_here, summary
+from kdrun import FAST, SHORT, SYNTHETIC, assert_one_line_error, kd_here, summary
 from torch import nn
 
 from kd_cli.errors import KdError
@@ -409,7 +409,7 @@ def cli_runs(tmp_path_factory, short_teachers) -> Path:
     common = [*SHORT, f"paths.outputs={out}"]
     for data in ("digits", "cifar"):
         for method, extra in {"ofd": [], "ab": PHASES}.items():
-            result = kd(
+            result = kd_here(
                 "distill",
                 f"method={method}",
                 *common,

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from kdrun import SHORT, SYNTHETIC, kd_here_ok, kd_ok, summary
+from kdrun import SHORT, SYNTHETIC, kd_here_ok, summary
 
 from kd_cli.errors import KdError
 from kd_cli.methods import METHODS, build_method
@@ -381,9 +381,9 @@ def cli_runs(tmp_path_factory, short_teachers) -> Path:
             args = ["distill", *sweep, *common, "hydra.sweep.subdir=${method.name}", *students.get(data, cifar)]
             epochs = ["trainer.epochs=2"] if name == "phased" else []
             teacher = f"teacher.checkpoint={short_teachers[data]}"
-            kd_ok(*args, *epochs, teacher, f"hydra.sweep.dir={out / f'{data}-{name}'}", cwd=out)
+            kd_here_ok(*args, *epochs, teacher, f"hydra.sweep.dir={out / f'{data}-{name}'}", cwd=out)
     for data, extra in {"digits": [], "cifar": [*SYNTHETIC, "student=resnet8"]}.items():
-        kd_ok("distill", "method=tfkd", *common, *extra, f"hydra.run.dir={out / f'{data}-tfkd'}", cwd=out)
+        kd_here_ok("distill", "method=tfkd", *common, *extra, f"hydra.run.dir={out / f'{data}-tfkd'}", cwd=out)
     return out
 
 
