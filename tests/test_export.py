@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from kdrun import assert_one_line_error, kd_here, kd_ok, summary
+from kdrun import assert_one_line_error, kd_here, kd_here_ok, kd_ok, summary
 from omegaconf import OmegaConf
 
 from kd_cli.engine.artifacts import ModelSpec, load_model, save_model
@@ -70,7 +70,7 @@ def pytorch_outputs(run: Path, images: torch.Tensor) -> np.ndarray:
 
 
 def export(run: Path, out: Path, *overrides: str) -> dict:
-    kd_ok("export", f"run={run}", *overrides, f"hydra.run.dir={out}", cwd=out.parent)
+    kd_here_ok("export", f"run={run}", *overrides, f"hydra.run.dir={out}", cwd=out.parent)
     return summary(out)
 
 

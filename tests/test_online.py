@@ -81,7 +81,7 @@ def test_a_cohort_of_one_and_a_stage_without_students_to_spare_are_refused():
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dml")
-    result = kd(
+    result = kd_here(
         "distill",
         "method=dml",
         "method.students=3",
@@ -336,7 +336,7 @@ def test_one_gate_takes_a_batch_of_one_and_bad_students_are_refused():
 @pytest.fixture(scope="module")
 def one_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one")
-    result = kd(
+    result = kd_here(
         "distill",
         "method=one",
         "student=cnn",

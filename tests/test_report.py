@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kdrun import FAST, assert_one_line_error, kd_here, kd_here_ok, kd_ok
+from kdrun import FAST, assert_one_line_error, kd_here, kd_here_ok
 
 TINY = [*FAST, "trainer.epochs=2"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -23,8 +23,8 @@ def sweep(tmp_path_factory) -> Path:
     """One teacher, then `kd distill -m method.temperature=1,4,8 seed=0,1`: the sweep folder."""
     root = tmp_path_factory.mktemp("report")
     outputs = f"paths.outputs={root / 'outputs'}"
-    kd_ok("train-teacher", *TINY, outputs, cwd=root)
-    kd_ok("distill", "-m", "method.temperature=1,4,8", "seed=0,1", *TINY, outputs, cwd=root)
+    kd_here_ok("train-teacher", *TINY, outputs, cwd=root)
+    kd_here_ok("distill", "-m", "method.temperature=1,4,8", "seed=0,1", *TINY, outputs, cwd=root)
     (folder,) = (root / "outputs" / "multirun").glob("*/*")
     return folder
 
