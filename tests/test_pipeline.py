@@ -71,7 +71,7 @@ def test_train_teacher_writes_the_whole_run_directory(teacher_run):
 
 def test_distill_then_evaluate_agree(teacher_run, outputs):
     student = outputs / "student"
-    out = kd_ok(
+    out = kd_here_ok(
         "distill",
         f"teacher.checkpoint={teacher_run}",
         "trainer.epochs=2",
@@ -108,7 +108,7 @@ def test_distill_then_evaluate_agree(teacher_run, outputs):
 def test_distill_auto_finds_the_matching_teacher(teacher_run, outputs):
     # teacher=cnn spells out the options that teacher=default (the one trained) left implicit
     run = outputs / "auto"
-    kd_ok(
+    kd_here_ok(
         "distill",
         "teacher=cnn",
         "trainer.epochs=1",
@@ -130,8 +130,8 @@ def test_distill_trains_a_teacher_first_when_none_exists(tmp_path):
 
 def test_same_seed_gives_identical_metrics_and_weights(tmp_path):
     runs = [tmp_path / name for name in ("a", "b")]
-    for run in runs:
-        kd_ok("train-teacher", "trainer.epochs=2", "seed=3", *FAST, f"hydra.run.dir={run}", cwd=tmp_path)
+    for run, kd_run in zip(runs, (kd_here_ok, kd_ok), strict=True):  # one in this process, one in its own
+        kd_run("train-teacher", "trainer.epochs=2", "seed=3", *FAST, f"hydra.run.dir={run}", cwd=tmp_path)
     assert metrics(runs[0]) == metrics(runs[1])
     assert (runs[0] / "model.safetensors").read_bytes() == (runs[1] / "model.safetensors").read_bytes()
 
@@ -155,7 +155,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert summary(broken)["status"] == "interrupted"
     done_before = len(metrics(broken))
     assert 1 <= done_before < 12
-    kd_ok("train-teacher", f"resume={broken}", cwd=tmp_path)
+    kd_here_ok("train-teacher", f"resume={broken}", cwd=tmp_path)
     assert summary(broken)["status"] == "complete" and summary(broken)["resumed_from_epoch"] >= 1
     assert metrics(broken) == metrics(whole)
     assert (broken / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
@@ -214,7 +214,7 @@ def test_mnist_real_images_through_the_cli(tmp_path):
     images, labels = load_mnist_t10k()
     write_mnist_raw(tmp_path / "data", images, labels, n_train=8000)
     run = tmp_path / "run"
-    kd_ok(
+    kd_here_ok(
         "train-teacher",
         "dataset=mnist",
         f"paths.data={tmp_path / 'data'}",
@@ -274,7 +274,9 @@ def test_cifar100_format_runs_the_readme_command(tmp_path):
 
 
 def test_sweep_with_the_flag_after_overrides(teacher_run, outputs):
-    kd_ok("distill", "trainer.epochs=1", "-m", "method.temperature=2,8", *FAST, f"paths.outputs={outputs}", cwd=outputs)
+    kd_here_ok(
+        "distill", "trainer.epochs=1", "-m", "method.temperature=2,8", *FAST, f"paths.outputs={outputs}", cwd=outputs
+    )
     sweep = sorted((outputs / "multirun").glob("*/*"))[-1]
     assert (sweep / "multirun.yaml").exists()
     temperatures = sorted(
@@ -364,7 +366,7 @@ def test_progress_bars_and_plain_lines(tmp_path):
 
 def test_born_again_generations_each_teach_the_next(teacher_run, tmp_path):
     run = tmp_path / "ban"
-    out = kd_ok(
+    out = kd_here_ok(
         "distill",
         "method=born_again",
         "method.generations=2",
