@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kdrun import FAST, kd_ok, summary
+from kdrun import FAST, kd_here_ok, kd_ok, summary
 
 TINY = [*FAST, "trainer.epochs=2"]
 TIMING = {"seconds", "images_per_s"}  # the only columns allowed to differ between identical runs
@@ -23,14 +23,14 @@ def outputs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def teacher(outputs) -> Path:
     run = outputs / "teacher"
-    kd_ok("train-teacher", *TINY, f"paths.outputs={outputs}", f"hydra.run.dir={run}", cwd=outputs)
+    kd_here_ok("train-teacher", *TINY, f"paths.outputs={outputs}", f"hydra.run.dir={run}", cwd=outputs)
     return run
 
 
 def sweep(outputs: Path, teacher: Path, name: str, *args: str) -> Path:
     """Run `kd distill -m ...` into outputs/<name>; return its sweep folder."""
     root = outputs / name
-    kd_ok("distill", "-m", *args, f"teacher.checkpoint={teacher}", *TINY, f"paths.outputs={root}", cwd=outputs)
+    kd_here_ok("distill", "-m", *args, f"teacher.checkpoint={teacher}", *TINY, f"paths.outputs={root}", cwd=outputs)
     (folder,) = (root / "multirun").glob("*/*")
     return folder
 
@@ -114,7 +114,7 @@ def test_slurm_preset_composes_the_submitit_slurm_launcher(tmp_path):
 
 def test_optuna_preset_maximises_best_top1(outputs, teacher):
     root = outputs / "optuna"
-    kd_ok(
+    kd_here_ok(
         "distill",
         "hparams_search=kd_optuna",
         "hydra.sweeper.n_trials=3",
@@ -143,7 +143,7 @@ def test_optuna_preset_maximises_best_top1(outputs, teacher):
 def test_a_method_search_preset_samples_its_log_scale_space(outputs):
     """hparams_search=tfkd_optuna: the method picked by the preset, its weight drawn on a log scale."""
     root = outputs / "optuna-tfkd"
-    kd_ok(
+    kd_here_ok(
         "distill", "hparams_search=tfkd_optuna", "hydra.sweeper.n_trials=2", *TINY, f"paths.outputs={root}", cwd=outputs
     )
     (folder,) = (root / "multirun").glob("*/*")

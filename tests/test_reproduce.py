@@ -23,8 +23,8 @@ def project(tmp_path_factory) -> Path:
     (root / "userconf" / "dataset").mkdir(parents=True)
     digits = files("kd_cli.configs").joinpath("dataset", "digits.yaml").read_text()
     (root / "userconf" / "dataset" / "mydigits.yaml").write_text(digits)
-    kd_ok("train-teacher", *TINY, "paths.outputs=outputs", cwd=root)
-    kd_ok(
+    kd_here_ok("train-teacher", *TINY, "paths.outputs=outputs", cwd=root)
+    kd_here_ok(
         "distill",
         "-m",
         "-cd",
@@ -156,7 +156,7 @@ def test_a_student_run_does_not_depend_on_how_its_teacher_came_to_be(tmp_path):
         "paths.outputs=outputs",
     ]
     kd_ok(*command, cwd=tmp_path)  # no teacher yet: trained first, in a subprocess
-    kd_ok(*command, cwd=tmp_path)  # the teacher found
+    kd_here_ok(*command, cwd=tmp_path)  # the teacher found (in this process: nor does the process matter)
     first, second = sorted((tmp_path / "outputs" / "distill").glob("*/*/summary.json"))
     trained_here, found = (json.loads(p.read_text()) for p in (first, second))
     assert trained_here["teacher_run"] == found["teacher_run"]
