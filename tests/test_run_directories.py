@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from kdrun import FAST, Result, assert_one_line_error, kd, kd_here, kd_ok, start_kd, summary, wait_for
+from kdrun import FAST, Result, assert_one_line_error, kd, kd_here, kd_here_ok, start_kd, summary, wait_for
 
 SMALL = [*FAST, "trainer.max_steps_per_epoch=2", "trainer.eval_batch_size=512"]
 # A run long enough to be stopped in the middle (100 one-batch epochs, evaluated once at the end), short
@@ -51,7 +51,7 @@ def finished(tmp_path_factory) -> Path:
     """A complete teacher run on the real digits data (2 short epochs)."""
     home = tmp_path_factory.mktemp("finished")
     run = home / "teacher"
-    kd_ok("train-teacher", "trainer.epochs=2", *SMALL, f"hydra.run.dir={run}", cwd=home)
+    kd_here_ok("train-teacher", "trainer.epochs=2", *SMALL, f"hydra.run.dir={run}", cwd=home)
     return run
 
 
@@ -379,7 +379,7 @@ def test_stopping_distill_while_it_trains_its_teacher_stops_both_and_resume_keep
     assert run_status(run) == ("interrupted" if sig == signal.SIGTERM else "stale"), stderr
     assert summary(run)["teacher_run"] == str(teacher)
     wait_for(lambda: subprocess.run(["pgrep", "-f", str(teacher)], capture_output=True).stdout == b"")  # no orphan
-    kd_ok("distill", f"resume={run}", cwd=tmp_path)
+    kd_here_ok("distill", f"resume={run}", cwd=tmp_path)
     assert [p.parent for p in (outputs / "train-teacher").glob("*/*/summary.json")] == [teacher]  # no second one
     assert summary(teacher)["status"] == "complete" and summary(teacher)["resumes"]
     assert summary(run)["status"] == "complete" and summary(run)["teacher_run"] == str(teacher)
