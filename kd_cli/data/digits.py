@@ -26,7 +26,6 @@ from kd_cli.data.on_disk import brief
 from kd_cli.errors import KdError
 from kd_cli.registry import OpenFraction
 
-
 # The default split (test_fraction=0.3, split_seed=0), as scikit-learn's stratified `train_test_split`
 # draws it, stored beside this file: every `kd` command on the default data then starts without importing
 # scikit-learn and SciPy (a second of a two-second start-up). tests/test_data.py checks it equals the draw.
