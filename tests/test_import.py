@@ -171,7 +171,7 @@ def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path, capfd):
     source = tmp_path / "evil.pth"
     with open(source, "wb") as handle:
         pickle.dump({"state_dict": Payload()}, handle)
-    result = kd("import", str(source), "arch=cnn", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    result = kd_here("import", str(source), "arch=cnn", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
     assert_one_line_error(result, "weights_only=True", "save model.state_dict()")
     assert "pwned" not in result.stdout + result.stderr and not (tmp_path / "r").exists()
 

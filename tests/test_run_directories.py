@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from kdrun import FAST, Result, assert_one_line_error, kd, kd_here, kd_here_ok, start_kd, summary, wait_for
+from kdrun import FAST, Result, assert_one_line_error, kd_here, kd_here_ok, start_kd, summary, wait_for
 
 SMALL = [*FAST, "trainer.max_steps_per_epoch=2", "trainer.eval_batch_size=512"]
 # A run long enough to be stopped in the middle (100 one-batch epochs, evaluated once at the end), short
@@ -76,9 +76,9 @@ def test_a_second_writer_is_refused_while_the_first_runs_and_the_first_finishes_
     wait_for(lambda: (run / "summary.json").exists(), first)
     first.send_signal(signal.SIGSTOP)  # frozen while it holds the directory: the others must not get in
     try:
-        second = kd("train-teacher", "trainer.epochs=3", "seed=1", *SMALL, f"hydra.run.dir={run}", cwd=tmp_path)
+        second = kd_here("train-teacher", "trainer.epochs=3", "seed=1", *SMALL, f"hydra.run.dir={run}", cwd=tmp_path)
         assert_one_line_error(second, "being written by another kd process", f"pid {first.pid}")
-        third = kd("train-teacher", f"resume={run}", cwd=tmp_path)
+        third = kd_here("train-teacher", f"resume={run}", cwd=tmp_path)
         assert_one_line_error(third, "still being written", f"pid {first.pid}")
     finally:
         first.send_signal(signal.SIGCONT)
@@ -643,7 +643,7 @@ def test_a_pickle_posing_as_a_checkpoint_is_refused_in_one_line_and_never_run(fi
     (run / "summary.json").write_text(json.dumps({"status": "interrupted"}))
     marker = tmp_path / "executed"
     (run / "checkpoints" / "last.pt").write_bytes(pickle.dumps({"epoch": Payload(marker)}))
-    result = kd("train-teacher", f"resume={run}", cwd=tmp_path)
+    result = kd_here("train-teacher", f"resume={run}", cwd=tmp_path)  # were it unpickled, the marker would appear
     assert_one_line_error(result, "corrupt or not a kd checkpoint")
     assert not marker.exists()
 
