@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kdrun import FAST, assert_one_line_error, kd, kd_here, summary
+from kdrun import FAST, assert_one_line_error, kd, kd_here, kd_here_ok, summary
 from safetensors.torch import save_file
 
 from kd_cli.data import load_dataset, make_loader
@@ -530,3 +530,59 @@ def test_key_names_with_newlines_stay_on_one_line(original, tmp_path):
         "import", str(tmp_path / "w.pt"), "arch=cnn", *FAST, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path
     )
     assert_one_line_error(result, "missing", "\\n")
+
+
+# ---------------------------------------------------------------- segmenters
+
+SCENES = ["dataset=digit_scenes", "dataset.train_scenes=40", "dataset.test_scenes=20", *FAST]
+
+
+def trained_segmenter(steps: int = 20) -> torch.nn.Module:
+    """kd's segcnn_tiny trained a few steps on digit scenes by a plain PyTorch loop (someone else's code)."""
+    torch.manual_seed(0)
+    model = create_model("segcnn_tiny", 11, 1, 48)
+    data = load_dataset({"name": "digit_scenes", "train_scenes": 40, "test_scenes": 20})
+    x = data.train.images.float() / 255
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for step in range(steps):
+        index = torch.arange(step * 8, step * 8 + 8) % len(x)
+        loss = torch.nn.functional.cross_entropy(model(x[index]), data.train.labels[index].long())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def test_a_segmenter_is_imported_scored_by_miou_and_kd_evaluate_agrees(tmp_path):
+    torch.save(trained_segmenter().state_dict(), tmp_path / "segmenter.pth")
+    run = tmp_path / "imported"
+    kd_here_ok("import", "segmenter.pth", "arch=segcnn_tiny", *SCENES, f"hydra.run.dir={run}", cwd=tmp_path)
+    done = summary(run)
+    assert done["task"] == "segmentation" and done["metric"] == "miou" and "top1" not in done
+    assert done["best_miou"] == done["last_miou"] == done["miou"] > 0
+    evaluated = tmp_path / "evaluated"
+    kd_here_ok("evaluate", f"run={run}", "latency_batches=1", *FAST, f"hydra.run.dir={evaluated}", cwd=tmp_path)
+    assert summary(evaluated)["miou"] == pytest.approx(done["miou"], abs=1e-6)
+
+
+@pytest.mark.parametrize("aux_loss", [True, False])
+def test_a_torchvision_segmenter_is_imported_with_or_without_its_aux_head_as_saved(tmp_path, aux_loss):
+    """torchvision's own keys (no kd wrapper); the aux head's weights present or not: the layout that fits."""
+    torch.manual_seed(0)
+    model = create_model("deeplabv3_mobilenet_v3_large", 11, 1, 48, aux_loss=aux_loss)
+    torch.save(model.net.state_dict(), tmp_path / "deeplab.pth")
+    run = tmp_path / "imported"
+    arch = "arch=deeplabv3_mobilenet_v3_large"
+    kd_here_ok("import", "deeplab.pth", arch, *SCENES, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert json.loads((run / "model.json").read_text())["kwargs"]["aux_loss"] is aux_loss
+    imported, _ = load_model(run)
+    x = torch.randn(2, 1, 48, 48)
+    with torch.no_grad():
+        assert torch.allclose(imported.eval()(x), model.eval()(x), atol=1e-5)
+
+
+def test_a_classifier_checkpoint_on_a_segmentation_set_is_one_line(tmp_path):
+    torch.save(trained_cnn(steps=1).state_dict(), tmp_path / "cnn.pth")
+    result = kd_here("import", "cnn.pth", "arch=cnn", *SCENES, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert_one_line_error(result, "model.arch=cnn is a classification model", "segmentation")
+    assert not (tmp_path / "r").exists()

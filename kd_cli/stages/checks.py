@@ -71,10 +71,6 @@ def use_the_tasks_method(cfg: DictConfig, overrides: list[str]) -> None:
         cfg.method = OmegaConf.create(options)
 
 
-# The stages that serve classification models only, for now (`kd import` reads classifier checkpoints).
-CLASSIFICATION_ONLY_STAGES = ("import",)
-
-
 def check_task_fit(cfg: DictConfig) -> None:
     """The models and the method serve the data set's task (a segmentation data set takes segmentation
     models and methods): one line naming those that do, before any data is read."""
@@ -83,8 +79,6 @@ def check_task_fit(cfg: DictConfig) -> None:
     from kd_cli.models import list_models, model_task
 
     task = dataset_task(cfg.dataset.name)
-    if task != "classification" and cfg.stage in CLASSIFICATION_ONLY_STAGES:
-        raise KdError(f"kd {cfg.stage} serves classification models only for now; dataset={cfg.dataset.name} is {task}")
     for role in ("teacher", "student", "model"):
         node = cfg.get(role)
         if node is None or "arch" not in node or model_task(str(node.arch)) == task:

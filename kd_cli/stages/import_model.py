@@ -2,10 +2,11 @@
 
 The checkpoint is read by models/foreign_weights.py (weights_only, unnested, wrapper prefixes stripped),
 loaded strictly into `model.arch` built for the data set's classes, channels and size (a mismatch is
-one line with counts and the first names), scored on the data set's test split (non-finite outputs
-refused), saved as model.safetensors + model.json, then reloaded from those files and required to give
-the same outputs. The run directory then works everywhere a kd model does: teacher.checkpoint=,
-kd evaluate, kd compress, kd export, kd predict.
+one line with counts and the first names), scored on the data set's test split by the data set's task
+(top-1 for a classifier, mIoU for a segmenter; non-finite outputs refused), saved as model.safetensors +
+model.json, then reloaded from those files and required to give the same outputs. The run directory
+then works everywhere a kd model does: teacher.checkpoint=, kd evaluate, kd compress, kd export,
+kd predict.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from omegaconf import DictConfig
 from kd_cli.data import load_dataset
 from kd_cli.engine.artifacts import ModelSpec, load_model, save_model
 from kd_cli.engine.files import read_json
-from kd_cli.engine.metrics import predict
+from kd_cli.engine.metrics import score
 from kd_cli.engine.rundir import COMPLETE, RunDir
 from kd_cli.errors import KdError, warn
 from kd_cli.models.foreign_weights import fit_state, read_state_dict
@@ -32,7 +33,7 @@ from kd_cli.stages.lifecycle import start_run
 from kd_cli.stages.models import count_parameters, model_spec
 from kd_cli.stages.results import print_results
 from kd_cli.stages.setup import setup_run
-from kd_cli.tasks.classification import topk_accuracy
+from kd_cli.tasks import get_task
 
 log = logging.getLogger("kd")
 SAME_OUTPUTS = 1e-5  # largest |saved model - imported module| over the test logits
@@ -55,8 +56,9 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         model, spec = fit_some_layout(state, spec, dict(cfg.model.kwargs), source)
     model = model.to(setup.device).eval()
     loader = eval_loader(cfg, data.test, spec, setup.device)
-    logits, labels = predict(model, loader, setup.device)
-    if not torch.isfinite(logits).all():
+    task = get_task(data.task)
+    scores = score(model, loader, setup.device, torch.float32, task.new_score(spec.num_classes))
+    if not scores.all_finite:
         raise KdError(
             f"{source} as {spec.arch} gives non-finite outputs (NaN or inf) on the test images; "
             "the checkpoint is broken or belongs to another architecture"
@@ -72,17 +74,19 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         source_sha256=_digest(source),
     )
     save_model(run.path, model, spec)
-    _check_saved(run, setup.device, loader, logits)
-    top1 = topk_accuracy(logits, labels)
+    _check_saved(run, setup.device, loader, model)
+    value = scores.result()[task.metric]
     summary = {
         "stage": "import",
         "role": "imported",
         "arch": spec.arch,
         "dataset": spec.dataset,
+        "task": task.name,
+        "metric": task.metric,
         "source": str(source.resolve()),
-        "top1": top1,
-        "best_top1": top1,
-        "last_top1": top1,
+        task.metric: value,
+        f"best_{task.metric}": value,
+        f"last_{task.metric}": value,
         "params": count_parameters(model),
         "wall_time_s": time.time() - started,
     }
@@ -90,13 +94,13 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     print_results(
         f"import {source.name} as {spec.arch} ({spec.dataset})",
         [
-            ("test top-1 %", top1),
+            (f"test {task.metric_label} %", value),
             ("parameters", summary["params"]),
-            ("test images", len(labels)),
+            ("test images", len(data.test)),
         ],
         run.path,
     )
-    return top1
+    return value
 
 
 def fit_some_layout(state: dict, spec: ModelSpec, given: dict, source: Path) -> tuple[torch.nn.Module, ModelSpec]:
@@ -180,11 +184,15 @@ def hf_config(source: Path, given: dict | None, class_names: list[str]) -> dict:
     return config
 
 
-def _check_saved(run: RunDir, device: torch.device, loader, expected: torch.Tensor) -> None:
-    """What was written reloads to the same network: its outputs equal the imported module's."""
+@torch.no_grad()
+def _check_saved(run: RunDir, device: torch.device, loader, imported: torch.nn.Module) -> None:
+    """What was written reloads to the same network: batch by batch (a segmenter's outputs for a whole
+    split need not fit in memory), its outputs equal the imported module's."""
     reloaded, _ = load_model(run.path, device)
-    logits, _ = predict(reloaded, loader, device)
-    difference = (logits - expected).abs().max().item()
+    reloaded.eval()
+    difference = 0.0
+    for images, _ in loader:
+        difference = max(difference, (reloaded(images).float() - imported(images).float()).abs().max().item())
     if difference > SAME_OUTPUTS:
         raise KdError(
             f"the saved model's outputs differ from the imported module's by {difference:.2g}; the "
