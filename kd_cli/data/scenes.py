@@ -9,6 +9,7 @@ test digits only, so no test digit was ever seen in training. Scenes are determi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 import numpy as np
@@ -28,6 +29,25 @@ INK = 64  # a digit pixel at least this bright (of 255) is labelled with the dig
 CLASS_NAMES = ["background", *(str(d) for d in range(10))]
 
 
+@dataclass(frozen=True)
+class Placements:
+    """Where a set of scenes puts its digits: for scene s and slot k, digit `chosen[s, k]` of the source
+    with its top-left corner at (`tops[s, k]`, `lefts[s, k]`)."""
+
+    chosen: np.ndarray
+    tops: np.ndarray
+    lefts: np.ndarray
+
+
+def place_digits(available: int, count: int, canvas: int, side: int, per_scene: int, seed: int) -> Placements:
+    """`count` scenes of `per_scene` digits drawn (with replacement) from `available`, deterministic in `seed`."""
+    rng = np.random.default_rng(seed)
+    chosen = rng.integers(0, available, size=(count, per_scene))
+    tops = rng.integers(0, canvas - side + 1, size=(count, per_scene))
+    lefts = rng.integers(0, canvas - side + 1, size=(count, per_scene))
+    return Placements(chosen, tops, lefts)
+
+
 def compose_scenes(
     digit_images: torch.Tensor,
     digit_labels: torch.Tensor,
@@ -40,20 +60,54 @@ def compose_scenes(
     with labels (N,): uint8 images (count, 1, canvas, canvas) and masks (count, canvas, canvas). A digit
     pasted over another shows the brighter ink of the two and takes the pixels its own ink covers."""
     side = digit_images.shape[-1]
-    rng = np.random.default_rng(seed)
-    chosen = rng.integers(0, len(digit_labels), size=(count, per_scene))
-    tops = rng.integers(0, canvas - side + 1, size=(count, per_scene))
-    lefts = rng.integers(0, canvas - side + 1, size=(count, per_scene))
+    placed = place_digits(len(digit_labels), count, canvas, side, per_scene, seed)
     digits_np, labels_np = digit_images[:, 0].numpy(), digit_labels.numpy()
     images = np.zeros((count, canvas, canvas), dtype=np.uint8)
     masks = np.zeros((count, canvas, canvas), dtype=np.uint8)
     for scene in range(count):
         for k in range(per_scene):
-            digit = digits_np[chosen[scene, k]]
-            window = np.s_[scene, tops[scene, k] : tops[scene, k] + side, lefts[scene, k] : lefts[scene, k] + side]
+            top, left, index = placed.tops[scene, k], placed.lefts[scene, k], placed.chosen[scene, k]
+            digit = digits_np[index]
+            window = np.s_[scene, top : top + side, left : left + side]
             images[window] = np.maximum(images[window], digit)
-            masks[window] = np.where(digit >= INK, labels_np[chosen[scene, k]] + 1, masks[window])
+            masks[window] = np.where(digit >= INK, labels_np[index] + 1, masks[window])
     return torch.from_numpy(images[:, None]), torch.from_numpy(masks)
+
+
+def scene_boxes(
+    digit_images: torch.Tensor, digit_labels: torch.Tensor, count: int, canvas: int, per_scene: int, seed: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The boxes of the scenes `compose_scenes` makes from the same arguments: per scene, (k, 4) float
+    boxes x1 y1 x2 y2 in canvas pixels around each pasted digit's ink (pixels >= INK; x2, y2 one past the
+    last inked column and row, so width = x2 - x1) and their classes (digit d is class d + 1). A digit
+    partly hidden by one pasted later keeps its whole box, as a person would draw it; a digit without
+    ink at that threshold has no box."""
+    side = digit_images.shape[-1]
+    placed = place_digits(len(digit_labels), count, canvas, side, per_scene, seed)
+    extents = [_ink_extent(digit) for digit in (digit_images[:, 0] >= INK).numpy()]
+    scenes = []
+    for scene in range(count):
+        boxes, labels = [], []
+        for k in range(per_scene):
+            index = placed.chosen[scene, k]
+            if extents[index] is None:
+                continue
+            y1, y2, x1, x2 = extents[index]
+            top, left = placed.tops[scene, k], placed.lefts[scene, k]
+            boxes.append([left + x1, top + y1, left + x2, top + y2])
+            labels.append(int(digit_labels[index]) + 1)
+        scenes.append(
+            (torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.tensor(labels, dtype=torch.int64))
+        )
+    return scenes
+
+
+def _ink_extent(ink: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(first row, last row + 1, first column, last column + 1) of a boolean ink map; None if it has none."""
+    rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+    if rows.size == 0:
+        return None
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
 def scale_digits(images: torch.Tensor, scale: float) -> torch.Tensor:
