@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 
 from kd_cli.data import load_dataset
+from kd_cli.data.boxes import coco_boxes, yolo_boxes
 from kd_cli.data.scenes import compose_scenes, scale_digits, scene_boxes
+from kd_cli.errors import KdError
 
 
 def scaled_digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,7 +27,7 @@ def test_one_digit_per_scene_has_the_box_of_its_mask():
     for mask, (boxes, classes) in zip(masks, scene_boxes(digits, labels, 40, 48, 1, 3), strict=True):
         rows, cols = torch.nonzero(mask.any(1)).flatten(), torch.nonzero(mask.any(0)).flatten()
         assert boxes.tolist() == [[cols[0].item(), rows[0].item(), cols[-1].item() + 1, rows[-1].item() + 1]]
-        assert classes.tolist() == [int(mask.max())]
+        assert classes.tolist() == [int(mask.max()) - 1]  # mask class d + 1 is digit d
 
 
 def test_every_labelled_pixel_of_a_crowded_scene_lies_in_a_box_of_its_class():
@@ -34,4 +42,151 @@ def test_every_labelled_pixel_of_a_crowded_scene_lies_in_a_box_of_its_class():
         for y, x in torch.nonzero(mask):
             c = int(mask[y, x])
             inside = (boxes[:, 0] <= x) & (x < boxes[:, 2]) & (boxes[:, 1] <= y) & (y < boxes[:, 3])
-            assert (inside & (classes == c)).any(), (int(y), int(x), c)
+            assert (inside & (classes == c - 1)).any(), (int(y), int(x), c)
+
+
+# ---------------------------------------------------------------- the readers, on files in the real layouts
+
+
+def write_scene_images(folder: Path, count: int, seed: int = 0) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """`count` digit scenes (48 px, 3 digits) saved as PNGs in `folder`: (file name, boxes, labels)."""
+    digits, labels = scaled_digits()
+    images, _ = compose_scenes(digits, labels, count=count, canvas=48, per_scene=3, seed=seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for k, (image, (boxes, classes)) in enumerate(zip(images, scene_boxes(digits, labels, count, 48, 3, seed))):
+        name = f"scene_{k:03d}.png"
+        Image.fromarray(image[0].numpy()).save(folder / name)
+        written.append((name, boxes, classes))
+    return written
+
+
+GAPPY = [1, 2, 3, 5, 8, 13, 21, 34, 55, 89]  # a COCO file's category ids: not 0..C-1
+
+
+def coco_file(root: Path, scenes, ids=GAPPY, extra_annotation: dict | None = None) -> Path:
+    """instances.json for `scenes`, category id ids[d] for digit d (gaps, as COCO's), the image ids 100+k."""
+    annotations = [
+        {
+            "id": len(scenes) * 10 + k * 5 + j,
+            "image_id": 100 + k,
+            "category_id": ids[int(label)],
+            "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+            "area": float((box[2] - box[0]) * (box[3] - box[1])),
+            "iscrowd": 0,
+        }
+        for k, (_, boxes, labels) in enumerate(scenes)
+        for j, (box, label) in enumerate(zip(boxes.tolist(), labels.tolist()))
+    ]
+    if extra_annotation:
+        annotations.append(extra_annotation)
+    document = {
+        "images": [
+            {"id": 100 + k, "file_name": name, "width": 48, "height": 48} for k, (name, _, _) in enumerate(scenes)
+        ]
+        + [{"id": 999, "file_name": "empty.png", "width": 48, "height": 48}],
+        "annotations": annotations,
+        "categories": [{"id": ids[d], "name": f"digit {d}"} for d in range(10)],
+    }
+    Image.fromarray(np.zeros((48, 48), dtype=np.uint8)).save(root / "images" / "empty.png")  # no boxes: kept
+    path = root / "instances.json"
+    path.write_text(json.dumps(document))
+    return path
+
+
+def test_coco_json_is_read_as_written_ids_with_gaps_and_images_without_boxes(tmp_path):
+    scenes = write_scene_images(tmp_path / "images", 6)
+    read = coco_boxes(coco_file(tmp_path, scenes), tmp_path / "images")
+    assert read.class_names == [f"digit {d}" for d in range(10)] and read.category_ids == GAPPY
+    by_id = {r.image_id: r for r in read.records}
+    assert sorted(by_id) == [100, 101, 102, 103, 104, 105, 999] and len(by_id[999].boxes) == 0
+    for k, (name, boxes, labels) in enumerate(scenes):
+        record = by_id[100 + k]
+        assert record.image.endswith(name) and (record.width, record.height) == (48, 48)
+        assert torch.allclose(record.boxes, boxes) and torch.equal(record.labels, labels)
+
+
+@pytest.mark.parametrize(
+    "bad, fragment",
+    [
+        ({"bbox": [40, 40, 20, 20]}, "lies outside the 48x48 image"),
+        ({"bbox": [10, 10, 0, 5]}, "has no area"),
+        ({"bbox": [10, 10, -3, 5]}, "has no area"),
+        ({"category_id": 4}, "category_id 4 is not in 'categories'"),
+        ({"bbox": "wide"}, "'bbox' must be [x, y, width, height]"),
+    ],
+)
+def test_a_bad_coco_annotation_is_one_line_naming_it_or_skipped_and_counted(tmp_path, bad, fragment):
+    scenes = write_scene_images(tmp_path / "images", 3)
+    annotation = {"id": 777, "image_id": 101, "category_id": 1, "bbox": [1, 1, 5, 5], "iscrowd": 0, **bad}
+    path = coco_file(tmp_path, scenes, extra_annotation=annotation)
+    with pytest.raises(KdError) as refused:
+        coco_boxes(path, tmp_path / "images")
+    message = str(refused.value)
+    assert "instances.json (image id 101), annotation 777" in message and fragment in message
+    assert "skip_bad_boxes=true" in message and "\n" not in message
+    read = coco_boxes(path, tmp_path / "images", skip_bad=True)
+    assert [r.image_id for r in read.records] == [100, 102, 999] and len(read.skipped) == 1
+
+
+def test_a_missing_image_and_a_broken_json_are_one_line(tmp_path):
+    scenes = write_scene_images(tmp_path / "images", 2)
+    path = coco_file(tmp_path, scenes)
+    (tmp_path / "images" / scenes[1][0]).unlink()
+    with pytest.raises(KdError, match=r"image id 101\): image .*scene_001.png not found"):
+        coco_boxes(path, tmp_path / "images")
+    path.write_text('{"images": [')
+    with pytest.raises(KdError, match="cannot be read"):
+        coco_boxes(path, tmp_path / "images")
+
+
+def yolo_folder(root: Path, scenes, split: str = "train") -> None:
+    """The Ultralytics layout: images/<split>/ and labels/<split>/NAME.txt of `class cx cy w h` fractions."""
+    (root / "labels" / split).mkdir(parents=True)
+    for name, boxes, labels in scenes[:-1]:  # the last image has no label file: no boxes
+        rows = [
+            f"{label} {(b[0] + b[2]) / 96:.6f} {(b[1] + b[3]) / 96:.6f} "
+            f"{(b[2] - b[0]) / 48:.6f} {(b[3] - b[1]) / 48:.6f}"
+            for b, label in zip(boxes.tolist(), labels.tolist())
+        ]
+        (root / "labels" / split / name.replace(".png", ".txt")).write_text("\n".join(rows) + "\n")
+
+
+def test_a_yolo_folder_is_read_as_written(tmp_path):
+    scenes = write_scene_images(tmp_path / "images" / "train", 5)
+    yolo_folder(tmp_path, scenes)
+    read = yolo_boxes(tmp_path, "train", [str(d) for d in range(10)])
+    assert read.category_ids == list(range(10)) and len(read.records) == 5
+    for record, (name, boxes, labels) in zip(read.records, scenes, strict=True):
+        assert record.image.endswith(name)
+        if name == scenes[-1][0]:
+            assert len(record.boxes) == 0
+        else:
+            assert torch.allclose(record.boxes, boxes, atol=1e-3) and torch.equal(record.labels, labels)
+
+
+@pytest.mark.parametrize(
+    "row, fragment",
+    [
+        ("12 0.5 0.5 0.2 0.2", "class 12 is not one of the 10 class names"),
+        ("1 0.95 0.5 0.3 0.2", "lies outside the 48x48 image"),
+        ("1 0.5 0.5 0 0.2", "has no area"),
+        ("1 0.5 0.5 0.2", "is not `class cx cy w h`"),
+        ("one 0.5 0.5 0.2 0.2", "(numbers)"),
+    ],
+)
+def test_a_bad_yolo_row_is_one_line_naming_the_file_and_line_or_skipped(tmp_path, row, fragment):
+    scenes = write_scene_images(tmp_path / "images" / "train", 3)
+    yolo_folder(tmp_path, scenes)
+    labels = tmp_path / "labels" / "train" / "scene_001.txt"
+    labels.write_text(labels.read_text() + row + "\n")
+    with pytest.raises(KdError) as refused:
+        yolo_boxes(tmp_path, "train", [str(d) for d in range(10)])
+    assert "scene_001.txt:4" in str(refused.value) and fragment in str(refused.value)
+    read = yolo_boxes(tmp_path, "train", [str(d) for d in range(10)], skip_bad=True)
+    assert len(read.records) == 2 and len(read.skipped) == 1
+
+
+def test_a_yolo_folder_without_its_images_says_where_they_go(tmp_path):
+    with pytest.raises(KdError, match="expected images/val/ beside labels/val/"):
+        yolo_boxes(tmp_path, "val", ["a"])

@@ -30,12 +30,12 @@ from kd_cli.tasks import IGNORE_INDEX
 INSTALL = "pip install 'kd-cli[coco]'"
 
 
-def open_annotations(path: Path):
+def open_annotations(path: Path, task: str = "segmentation"):
     """pycocotools' COCO index of one annotation file, or one line saying why it cannot be read."""
     try:
         from pycocotools.coco import COCO
     except ImportError:
-        raise KdError(f"dataset=coco_segmentation reads COCO annotations with pycocotools: {INSTALL}") from None
+        raise KdError(f"COCO {task} data is read with pycocotools: {INSTALL}") from None
     if not path.is_file():
         raise KdError(f"COCO annotations {path} not found (expected annotations/instances_<split><year>.json)")
     import contextlib

@@ -79,7 +79,8 @@ def scene_boxes(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The boxes of the scenes `compose_scenes` makes from the same arguments: per scene, (k, 4) float
     boxes x1 y1 x2 y2 in canvas pixels around each pasted digit's ink (pixels >= INK; x2, y2 one past the
-    last inked column and row, so width = x2 - x1) and their classes (digit d is class d + 1). A digit
+    last inked column and row, so width = x2 - x1) and their labels (digit d is label d: detection has
+    no background class, and coco_map numbers labels from 0). A digit
     partly hidden by one pasted later keeps its whole box, as a person would draw it; a digit without
     ink at that threshold has no box."""
     side = digit_images.shape[-1]
@@ -95,7 +96,7 @@ def scene_boxes(
             y1, y2, x1, x2 = extents[index]
             top, left = placed.tops[scene, k], placed.lefts[scene, k]
             boxes.append([left + x1, top + y1, left + x2, top + y2])
-            labels.append(int(digit_labels[index]) + 1)
+            labels.append(int(digit_labels[index]))
         scenes.append(
             (torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.tensor(labels, dtype=torch.int64))
         )
