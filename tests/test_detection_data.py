@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from kd_cli.data import load_dataset
-from kd_cli.data.boxes import coco_boxes, yolo_boxes
+from kd_cli.data.boxes import coco_boxes, voc_boxes, yolo_boxes
 from kd_cli.data.scenes import compose_scenes, scale_digits, scene_boxes
 from kd_cli.errors import KdError
 
@@ -190,3 +190,65 @@ def test_a_bad_yolo_row_is_one_line_naming_the_file_and_line_or_skipped(tmp_path
 def test_a_yolo_folder_without_its_images_says_where_they_go(tmp_path):
     with pytest.raises(KdError, match="expected images/val/ beside labels/val/"):
         yolo_boxes(tmp_path, "val", ["a"])
+
+
+VOC_NAMES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow"]
+
+
+def voc_tree(root: Path, scenes, year: str = "2007", image_set: str = "trainval") -> Path:
+    """VOCdevkit/VOC<year>/: JPEGImages/, Annotations/NAME.xml (1-based inclusive corners, digit d as VOC's
+    d-th class, the first box of each image `difficult`), ImageSets/Main/<image_set>.txt."""
+    folder = root / "VOCdevkit" / f"VOC{year}"
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    stems = []
+    for name, boxes, labels in scenes:
+        stem = Path(name).stem
+        Image.open(root / "scenes" / name).convert("RGB").save(folder / "JPEGImages" / f"{stem}.jpg")
+        objects = "".join(
+            f"<object><name>{VOC_NAMES[label]}</name><difficult>{int(k == 0)}</difficult><bndbox>"
+            f"<xmin>{b[0] + 1:g}</xmin><ymin>{b[1] + 1:g}</ymin><xmax>{b[2]:g}</xmax><ymax>{b[3]:g}</ymax>"
+            "</bndbox></object>"
+            for k, (b, label) in enumerate(zip(boxes.tolist(), labels.tolist()))
+        )
+        xml = f"<annotation><filename>{stem}.jpg</filename><size><width>48</width><height>48</height>"
+        (folder / "Annotations" / f"{stem}.xml").write_text(xml + f"<depth>3</depth></size>{objects}</annotation>")
+        stems.append(stem)
+    (folder / "ImageSets" / "Main" / f"{image_set}.txt").write_text("\n".join(stems) + "\n")
+    return folder
+
+
+def test_voc_xml_is_read_through_torchvisions_listing_corners_and_difficult_as_written(tmp_path):
+    scenes = write_scene_images(tmp_path / "scenes", 4)
+    voc_tree(tmp_path, scenes)
+    read = voc_boxes(str(tmp_path), "2007", "trainval")
+    assert read.class_names[:3] == ["aeroplane", "bicycle", "bird"] and len(read.class_names) == 20
+    for record, (name, boxes, labels) in zip(read.records, scenes, strict=True):
+        assert record.image.endswith(Path(name).stem + ".jpg") and (record.width, record.height) == (48, 48)
+        assert torch.allclose(record.boxes, boxes) and torch.equal(record.labels, labels)
+        assert record.crowd.tolist() == [True] + [False] * (len(labels) - 1)
+
+
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (lambda xml: xml.replace("<name>", "<name>x", 1), "is not one of VOC's 20 classes"),
+        (lambda xml: xml.replace("<xmax>", "<xmax>9", 1), "lies outside the 48x48 image"),
+        (lambda xml: xml[:-5], "cannot be read as XML"),
+        (lambda xml: xml.replace("<width>48</width>", ""), "<size> must give <width> and <height>"),
+    ],
+)
+def test_a_bad_voc_annotation_is_one_line_naming_the_file_or_skipped(tmp_path, edit, fragment):
+    scenes = write_scene_images(tmp_path / "scenes", 3)
+    folder = voc_tree(tmp_path, scenes)
+    xml = folder / "Annotations" / "scene_001.xml"
+    xml.write_text(edit(xml.read_text()))
+    with pytest.raises(KdError) as refused:
+        voc_boxes(str(tmp_path), "2007", "trainval")
+    assert "scene_001.xml" in str(refused.value) and fragment in str(refused.value)
+    assert len(voc_boxes(str(tmp_path), "2007", "trainval", skip_bad=True).records) == 2
+
+
+def test_a_missing_voc_folder_says_what_belongs_there(tmp_path):
+    with pytest.raises(KdError, match="ImageSets/Main/trainval.txt"):
+        voc_boxes(str(tmp_path), "2007", "trainval")

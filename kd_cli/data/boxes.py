@@ -1,4 +1,5 @@
-"""Boxes as users have them on disk: COCO instance JSON (read by pycocotools) and the YOLO folder layout.
+"""Boxes as users have them on disk: COCO instance JSON (read by pycocotools), Pascal VOC's XML (listed by
+torchvision's VOCDetection) and the YOLO folder layout.
 
 Every reader gives the same records: an image file, its boxes as (x1, y1, x2, y2) pixels, labels
 0..C-1 in the order of the class list, COCO's `iscrowd` flags, and the file's own category id of each
@@ -12,13 +13,15 @@ index, a malformed line, a missing image. Each is one line naming the file and t
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from kd_cli.data.coco_masks import open_annotations
-from kd_cli.data.on_disk import shown_path
+from kd_cli.data.on_disk import open_or_explain, shown_path
+from kd_cli.data.voc import VOC_CLASSES
 from kd_cli.errors import KdError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -112,6 +115,72 @@ def _coco_record(coco, image_id: int, label_of: dict[int, int], images: Path, fi
         labels.append(label_of[annotation["category_id"]])
         crowd.append(bool(annotation.get("iscrowd", 0)))
     return _record(str(path), boxes, labels, crowd, image_id, width, height)
+
+
+# ------------------------------------------------------------------------------------------------ VOC
+
+
+def voc_boxes(root: str, year: str, image_set: str, download: bool = False, skip_bad: bool = False) -> BoxSet:
+    """Pascal VOC's detection split from `root/VOCdevkit/VOC<year>/`, listed (and downloaded) by torchvision's
+    VOCDetection; each Annotations/NAME.xml read here. VOC's corners are 1-based and inclusive: x1 = xmin - 1,
+    x2 = xmax (so a box's width is VOC's xmax - xmin + 1). `difficult` objects are marked like COCO's
+    crowds: not trained on, neither a hit nor a miss in evaluation, as VOC's own evaluation ignores them."""
+    import torchvision.datasets as tv
+
+    folder = os.path.join(root, "VOCdevkit", f"VOC{year}")
+    listing = os.path.join(folder, "ImageSets", "Main", f"{image_set}.txt")
+    dataset = open_or_explain(
+        f"VOC{year} detection",
+        folder,
+        f"JPEGImages/, Annotations/ and ImageSets/Main/{image_set}.txt",
+        [listing],
+        download,
+        lambda: tv.VOCDetection(root, year, image_set, download=download),
+    )
+    names = VOC_CLASSES[1:]  # detection has no background class
+    label_of = {name: k for k, name in enumerate(names)}
+
+    def reader(index: int, image: str, annotation: str):
+        return lambda: _voc_record(index, image, Path(annotation), label_of)
+
+    reads = [reader(i, image, xml) for i, (image, xml) in enumerate(zip(dataset.images, dataset.annotations))]
+    records, skipped = keep_good(reads, skip_bad)
+    return BoxSet(records, names, list(range(len(names))), skipped)
+
+
+def _voc_record(index: int, image: str, annotation: Path, label_of: dict[str, int]) -> BoxRecord:
+    from xml.etree.ElementTree import ParseError
+
+    from torchvision.datasets.voc import ET_parse as parse  # defusedxml's parser where it is installed
+
+    where = shown_path(annotation)
+    if not Path(image).is_file():
+        raise BadBox(f"{where}: image {shown_path(Path(image))} not found")
+    try:
+        tree = parse(annotation).getroot()
+    except (OSError, ParseError, ValueError) as error:  # (defusedxml refuses entity tricks with ValueErrors)
+        raise BadBox(f"{where} cannot be read as XML ({error})") from None
+    size = tree.find("size")
+    try:
+        width, height = int(size.findtext("width")), int(size.findtext("height"))
+    except (AttributeError, TypeError, ValueError):
+        raise BadBox(f"{where}: <size> must give <width> and <height>") from None
+    boxes, labels, difficult = [], [], []
+    for number, item in enumerate(tree.iter("object"), 1):
+        place = f"{where}, object {number}"
+        name = (item.findtext("name") or "").strip()
+        if name not in label_of:
+            raise BadBox(f"{place}: '{name}' is not one of VOC's 20 classes")
+        try:
+            xmin, ymin, xmax, ymax = (float(item.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax"))
+        except (TypeError, ValueError):
+            raise BadBox(f"{place}: <bndbox> must give xmin, ymin, xmax, ymax") from None
+        box = [xmin - 1, ymin - 1, xmax, ymax]
+        check_box(box, width, height, place)
+        boxes.append(box)
+        labels.append(label_of[name])
+        difficult.append((item.findtext("difficult") or "0").strip() == "1")
+    return _record(image, boxes, labels, difficult, index, width, height)
 
 
 # ------------------------------------------------------------------------------------------------ YOLO
