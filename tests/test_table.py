@@ -328,3 +328,29 @@ def test_ctrl_c_of_the_table_is_one_line_saying_how_to_resume(tmp_path):
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert table.returncode == 130 and len(lines) == 1, lines
     assert "interrupted while teacher resnet56 ran" in lines[0] and "same kd table command again" in lines[0]
+
+
+def test_the_cityscapes_table_sets_kd_beside_cirkds_figures_on_its_recipe(compose_config):
+    pytest.importorskip("segmentation_models_pytorch")
+    spec = load_recipe("cityscapes_segmentation")
+    assert (
+        spec.metric == "miou"
+        and spec.compare == "best"
+        and set(spec.methods) == {"none", "skd", "ifvd", "cwd", "cirkd"}
+    )
+    cited = {figure.source for cells in spec.published.values() for figure in cells.values()}
+    assert cited == {"cirkd"} and cited <= set(spec.sources)
+    assert spec.figure("cirkd", "deeplabv3_resnet101_deeplabv3_resnet18").score == 76.38
+    assert spec.figure("skd", "deeplabv3_resnet101_pspnet_resnet18") is None  # not published for that pair
+    for pair_name, student in (
+        ("deeplabv3_resnet101_deeplabv3_resnet18", "smp/deeplabv3"),
+        ("deeplabv3_resnet101_pspnet_resnet18", "smp/pspnet"),
+    ):
+        cfg = compose_config("distill", *method_recipe(spec, spec.pairs[pair_name], "cirkd"))
+        assert cfg.dataset.name == "cityscapes" and cfg.dataset.stream and cfg.trainer.epochs == 215
+        assert (cfg.teacher.arch, cfg.student.arch, cfg.student.kwargs.encoder) == (
+            "deeplabv3_resnet101",
+            student,
+            "resnet18",
+        )
+        assert cfg.optim.schedule == "poly" and cfg.optim.lr == 0.02 and cfg.method.name == "cirkd"
