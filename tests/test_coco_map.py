@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
 
+from kd_cli.errors import KdError
 from kd_cli.tasks.coco_map import ImageBoxes, coco_evaluate, coco_map, ground_truth, results
 
 pytest.importorskip("pycocotools")
@@ -106,3 +108,26 @@ def test_equal_to_cocoeval_on_the_files_written_to_disk_and_ids_round_trip(tmp_p
     ours = coco_evaluate(truth, detections).stats
     assert list(ours.values()) == pytest.approx(list(evaluation.stats), abs=1e-4)
     assert 0 < ours["map"] < 1 and not math.isnan(ours["map50"])
+
+
+@pytest.mark.parametrize(
+    "guess, fragment",
+    [
+        (image(10, [[float("nan"), 10, 50, 50]], [0], [0.9]), "not finite"),
+        (image(10, [[10, 10, 50, 50]], [0], [float("nan")]), "scores must be 1 finite numbers"),
+        (image(10, [[10, 10, 50, 50]], [-1], [0.9]), "labels must be whole numbers in 0..2"),
+        (image(10, [[10, 10, 50, 50]], [3], [0.9]), "labels must be whole numbers in 0..2"),
+        (image(99, [[10, 10, 50, 50]], [0], [0.9]), "image id 99, which the ground truth does not list"),
+        (ImageBoxes(10, torch.zeros(1, 4), torch.tensor([0, 0]), torch.ones(2)), "boxes of shape (1, 4) for 2 labels"),
+    ],
+)
+def test_predictions_that_cocoeval_would_misscore_are_refused(guess, fragment):
+    with pytest.raises(KdError, match=re.escape(fragment)):
+        coco_map(TRUTH, [guess], GAPPY_IDS, NAMES)
+
+
+def test_no_predictions_score_as_cocoeval_scores_misses():
+    """-1 where there is nothing to score (no large objects here), as with predictions present."""
+    empty = coco_map(TRUTH, [], GAPPY_IDS, NAMES).stats
+    some = coco_map(TRUTH, [image(11, [[5, 5, 40, 30]], [1], [0.9])], GAPPY_IDS, NAMES).stats
+    assert empty["map"] == 0.0 and empty["map_large"] == some["map_large"] == -1.0

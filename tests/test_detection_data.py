@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -251,4 +253,103 @@ def test_a_bad_voc_annotation_is_one_line_naming_the_file_or_skipped(tmp_path, e
 
 def test_a_missing_voc_folder_says_what_belongs_there(tmp_path):
     with pytest.raises(KdError, match="ImageSets/Main/trainval.txt"):
+        voc_boxes(str(tmp_path), "2007", "trainval")
+
+
+# ---------------------------------------------------------------- what a fuzzer found (each was a raw exception
+# or a silent misreading)
+
+
+def test_yolo_label_files_in_other_encodings_and_unreadable_images(tmp_path):
+    scenes = write_scene_images(tmp_path / "images" / "train", 3)
+    yolo_folder(tmp_path, scenes)
+    names = [str(d) for d in range(10)]
+    first = tmp_path / "labels" / "train" / "scene_000.txt"
+    first.write_bytes(b"\xef\xbb\xbf" + first.read_bytes())  # a byte-order mark: read, not refused
+    assert torch.equal(yolo_boxes(tmp_path, "train", names).records[0].labels, scenes[0][2])
+    first.write_bytes(b"0 0.5 0.5 0.2 0.2 # caf\xe9\n")
+    with pytest.raises(KdError, match="scene_000.txt is not UTF-8 text"):
+        yolo_boxes(str(tmp_path), "train", names)  # (a str root as well as a Path)
+    first.write_text("0 0.5 0.5 0.2 1_0\n")
+    with pytest.raises(KdError, match="is not `class cx cy w h` .numbers."):
+        yolo_boxes(tmp_path, "train", names)
+    first.unlink()
+    (tmp_path / "images" / "train" / "scene_000.png").write_bytes(b"not an image")
+    with pytest.raises(KdError, match="scene_000.png cannot be read as an image"):
+        yolo_boxes(tmp_path, "train", names)
+    assert len(yolo_boxes(tmp_path, "train", names, skip_bad=True).records) == 2
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        (lambda root: (root / "labels" / "train" / "ghost.txt").write_text("0 0.5 0.5 0.2 0.2\n"), "ghost.txt"),
+        (lambda root: shutil.rmtree(root / "labels"), "YOLO labels"),
+        (lambda root: Image.new("L", (48, 48)).save(root / "images" / "train" / "scene_000.jpg"), "share the label"),
+    ],
+)
+def test_a_yolo_folder_whose_labels_do_not_pair_with_its_images_is_refused(tmp_path, change, fragment):
+    scenes = write_scene_images(tmp_path / "images" / "train", 2)
+    yolo_folder(tmp_path, scenes)
+    change(tmp_path)
+    with pytest.raises(KdError, match=re.escape(fragment)):
+        yolo_boxes(tmp_path, "train", ["a"] * 10)
+    with pytest.raises(KdError, match="needs its class names"):
+        yolo_boxes(tmp_path, "train", [])
+
+
+def edit_coco(document: dict, change: str) -> None:
+    image, annotation, category = document["images"][1], document["annotations"][0], document["categories"][0]
+    if change == "no size":
+        del image["width"]
+    elif change == "size lies":
+        image["width"] = 480
+    elif change == "crowd as text":
+        annotation["iscrowd"] = "false"
+    elif change == "category twice":
+        document["categories"].append({**category, "name": "again"})
+    elif change == "image twice":
+        document["images"].append(dict(image))
+    elif change == "stray annotation":
+        document["annotations"].append({**annotation, "id": 4242, "image_id": 77})
+    elif change == "category without name":
+        del category["name"]
+    elif change == "category id as text":
+        category["id"] = str(category["id"])
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ("no size", "'width' and 'height' must be whole numbers"),
+        ("size lies", "the file lists 480x48 but"),
+        ("crowd as text", "'iscrowd' must be 0 or 1"),
+        ("category twice", "category id 1 is listed 2 times"),
+        ("image twice", "image id 101 is listed 2 times"),
+        ("stray annotation", "annotation 4242 names an image_id not in 'images'"),
+        ("category without name", "has no 'name'"),
+        ("category id as text", "needs an integer 'id'"),
+    ],
+)
+def test_a_coco_file_pycocotools_would_misread_is_one_line(tmp_path, change, fragment):
+    scenes = write_scene_images(tmp_path / "images", 3)
+    path = coco_file(tmp_path, scenes)
+    document = json.loads(path.read_text())
+    edit_coco(document, change)
+    path.write_text(json.dumps(document))
+    with pytest.raises(KdError) as refused:
+        coco_boxes(path, tmp_path / "images")
+    assert fragment in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_voc_sizes_written_as_decimals_and_difficult_as_true(tmp_path):
+    scenes = write_scene_images(tmp_path / "scenes", 2)
+    folder = voc_tree(tmp_path, scenes)
+    xml = folder / "Annotations" / "scene_000.xml"
+    text = xml.read_text().replace("<width>48</width>", "<width>48.0</width>")
+    xml.write_text(text.replace("<difficult>0</difficult>", "<difficult>true</difficult>"))
+    record = voc_boxes(str(tmp_path), "2007", "trainval").records[0]
+    assert record.width == 48 and record.crowd.all()
+    xml.write_text(text.replace("<width>48.0</width>", "<width>0</width>"))
+    with pytest.raises(KdError, match="<size> 0x48 is not a size in whole pixels"):
         voc_boxes(str(tmp_path), "2007", "trainval")

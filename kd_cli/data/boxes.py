@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from kd_cli.data.coco_masks import open_annotations
-from kd_cli.data.on_disk import open_or_explain, shown_path
+from kd_cli.data.on_disk import brief, open_or_explain, shown_path
 from kd_cli.data.voc import VOC_CLASSES
 from kd_cli.errors import KdError
 
@@ -82,9 +82,7 @@ def coco_boxes(annotations: Path, images: Path, skip_bad: bool = False) -> BoxSe
     """The images of one COCO instance file (images without boxes kept), by image id; category ids in
     id order become labels 0..C-1."""
     coco = open_annotations(annotations, "detection")
-    categories = sorted(coco.loadCats(coco.getCatIds()), key=lambda c: c["id"])
-    if not categories:
-        raise KdError(f"{annotations.name} lists no categories; a COCO annotation file names them under 'categories'")
+    categories = _check_coco_document(coco.dataset, annotations.name)
     label_of = {c["id"]: k for k, c in enumerate(categories)}
 
     def reader(image_id: int):
@@ -94,13 +92,47 @@ def coco_boxes(annotations: Path, images: Path, skip_bad: bool = False) -> BoxSe
     return BoxSet(records, [c["name"] for c in categories], [c["id"] for c in categories], skipped)
 
 
+def _check_coco_document(document: dict, file: str) -> list[dict]:
+    """What pycocotools' index would silently merge or drop: duplicate category or image ids, categories
+    without an integer id or a name, annotations of images the file does not list. The categories, by id."""
+    categories = document.get("categories") or []
+    if not categories:
+        raise KdError(f"{file} lists no categories; a COCO annotation file names them under 'categories'")
+    for category in categories:
+        if not isinstance(category.get("id"), int) or isinstance(category.get("id"), bool):
+            raise KdError(f"{file}: category {category.get('id')!r} needs an integer 'id'")
+        if not isinstance(category.get("name"), str):
+            raise KdError(f"{file}: category id {category['id']} has no 'name'")
+    for kind, items in (("category", categories), ("image", document.get("images") or [])):
+        ids = [item.get("id") for item in items]
+        twice = sorted({i for i in ids if ids.count(i) > 1}, key=str)
+        if twice:
+            raise KdError(f"{file}: {kind} id {twice[0]} is listed {ids.count(twice[0])} times; ids must be unique")
+    listed = {image.get("id") for image in document.get("images") or []}
+    strays = [a.get("id") for a in document.get("annotations") or [] if a.get("image_id") not in listed]
+    if strays:
+        raise KdError(f"{file}: annotation {strays[0]} names an image_id not in 'images' ({len(strays)} such)")
+    return sorted(categories, key=lambda c: c["id"])
+
+
 def _coco_record(coco, image_id: int, label_of: dict[int, int], images: Path, file: str) -> BoxRecord:
+    from PIL import Image, UnidentifiedImageError
+
     info = coco.imgs[image_id]
     where = f"{file} (image id {image_id})"
     path = images / str(info.get("file_name", ""))
     if not path.is_file():
         raise BadBox(f"{where}: image {shown_path(path)} not found")
-    width, height = int(info.get("width", 0)), int(info.get("height", 0))
+    width, height = info.get("width"), info.get("height")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (width, height)):
+        raise BadBox(f"{where}: 'width' and 'height' must be whole numbers of pixels (they are {width!r}, {height!r})")
+    try:
+        with Image.open(path) as opened:  # the header only: the size the boxes are checked against
+            actual = opened.size
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        raise BadBox(f"{where}: {shown_path(path)} cannot be read as an image ({brief(error)})") from None
+    if actual != (width, height):
+        raise BadBox(f"{where}: the file lists {width}x{height} but {shown_path(path)} is {actual[0]}x{actual[1]}")
     boxes, labels, crowd = [], [], []
     for annotation in coco.imgToAnns.get(image_id, []):
         place = f"{where}, annotation {annotation.get('id')}"
@@ -113,7 +145,10 @@ def _coco_record(coco, image_id: int, label_of: dict[int, int], images: Path, fi
         check_box([x, y, x + w, y + h], width, height, place)
         boxes.append([x, y, x + w, y + h])
         labels.append(label_of[annotation["category_id"]])
-        crowd.append(bool(annotation.get("iscrowd", 0)))
+        is_crowd = annotation.get("iscrowd", 0)
+        if is_crowd not in (0, 1):  # (True and False are 1 and 0); "false" would be a crowd to bool()
+            raise BadBox(f"{place}: 'iscrowd' must be 0 or 1, not {is_crowd!r}")
+        crowd.append(bool(is_crowd))
     return _record(str(path), boxes, labels, crowd, image_id, width, height)
 
 
@@ -161,10 +196,13 @@ def _voc_record(index: int, image: str, annotation: Path, label_of: dict[str, in
     except (OSError, ParseError, ValueError) as error:  # (defusedxml refuses entity tricks with ValueErrors)
         raise BadBox(f"{where} cannot be read as XML ({error})") from None
     size = tree.find("size")
-    try:
-        width, height = int(size.findtext("width")), int(size.findtext("height"))
+    try:  # (some tools write 500.0)
+        width, height = (float(size.findtext(k)) for k in ("width", "height"))
     except (AttributeError, TypeError, ValueError):
         raise BadBox(f"{where}: <size> must give <width> and <height>") from None
+    if not (width.is_integer() and height.is_integer() and width > 0 and height > 0):
+        raise BadBox(f"{where}: <size> {width:g}x{height:g} is not a size in whole pixels")
+    width, height = int(width), int(height)
     boxes, labels, difficult = [], [], []
     for number, item in enumerate(tree.iter("object"), 1):
         place = f"{where}, object {number}"
@@ -179,45 +217,80 @@ def _voc_record(index: int, image: str, annotation: Path, label_of: dict[str, in
         check_box(box, width, height, place)
         boxes.append(box)
         labels.append(label_of[name])
-        difficult.append((item.findtext("difficult") or "0").strip() == "1")
+        difficult.append((item.findtext("difficult") or "0").strip().lower() in ("1", "true"))
     return _record(image, boxes, labels, difficult, index, width, height)
 
 
 # ------------------------------------------------------------------------------------------------ YOLO
 
 
-def yolo_boxes(root: Path, split: str, class_names: list[str], skip_bad: bool = False) -> BoxSet:
+def yolo_boxes(root: Path | str, split: str, class_names: list[str], skip_bad: bool = False) -> BoxSet:
     """`root/images/<split>/NAME.jpg` with `root/labels/<split>/NAME.txt` (the layout Ultralytics reads):
     one `class cx cy w h` line per box, all four fractions of the image's width and height. An image
-    without a label file has no boxes; `class_names` come from the data set's data.yaml or the user."""
-    from PIL import Image
-
-    images = root / "images" / split
+    without a label file has no boxes; a label file without its image, or two images sharing one label
+    file (a.jpg and a.png), is refused. `class_names` come from the data set's data.yaml or the user."""
+    root = Path(root)
+    if not class_names:
+        raise KdError("a YOLO folder needs its class names (data.yaml's `names`), in the order of the class indices")
+    images, labels = root / "images" / split, root / "labels" / split
     if not images.is_dir():
         raise KdError(f"YOLO images {shown_path(images)} not found (expected images/{split}/ beside labels/{split}/)")
+    if not labels.is_dir():
+        raise KdError(
+            f"YOLO labels {shown_path(labels)} not found (expected labels/{split}/NAME.txt beside images/{split}/)"
+        )
     files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise KdError(f"{shown_path(images)} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    _check_stems(files, labels)
 
     def reader(index: int, image: Path):
-        def read() -> BoxRecord:
-            with Image.open(image) as opened:  # the header only: the size
-                width, height = opened.size
-            labels_file = root / "labels" / split / (image.stem + ".txt")
-            rows = labels_file.read_text().splitlines() if labels_file.is_file() else []
-            boxes, labels = [], []
-            for number, row in enumerate(rows, 1):
-                if not row.strip():
-                    continue
-                box, label = _yolo_row(row, width, height, len(class_names), f"{shown_path(labels_file)}:{number}")
-                boxes.append(box)
-                labels.append(label)
-            return _record(str(image), boxes, labels, [False] * len(labels), index, width, height)
-
-        return read
+        return lambda: _yolo_record(index, image, labels / (image.stem + ".txt"), len(class_names))
 
     records, skipped = keep_good([reader(i, f) for i, f in enumerate(files)], skip_bad)
     return BoxSet(records, list(class_names), list(range(len(class_names))), skipped)
+
+
+def _check_stems(files: list[Path], labels: Path) -> None:
+    """Each label file belongs to exactly one image: none without its image, none shared by two."""
+    stems: dict[str, Path] = {}
+    for image in files:
+        if image.stem in stems:
+            raise KdError(
+                f"{shown_path(stems[image.stem])} and {image.name} would share the label file {image.stem}.txt; "
+                "rename one of them"
+            )
+        stems[image.stem] = image
+    orphans = sorted(p.name for p in labels.glob("*.txt") if p.stem not in stems)
+    if orphans:
+        raise KdError(
+            f"{shown_path(labels)} has label files without an image in images/: {', '.join(orphans[:3])}"
+            f"{' ...' if len(orphans) > 3 else ''} ({len(orphans)}); move their images there or remove them"
+        )
+
+
+def _yolo_record(index: int, image: Path, labels_file: Path, classes: int) -> BoxRecord:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image) as opened:  # the header only: the size
+            width, height = opened.size
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        raise BadBox(f"{shown_path(image)} cannot be read as an image ({brief(error)})") from None
+    rows: list[str] = []
+    if labels_file.is_file():
+        try:  # utf-8-sig: a byte-order mark some editors write is not part of the first row
+            rows = labels_file.read_bytes().decode("utf-8-sig").splitlines()
+        except UnicodeDecodeError:
+            raise BadBox(f"{shown_path(labels_file)} is not UTF-8 text (rows of `class cx cy w h`)") from None
+    boxes, labels = [], []
+    for number, row in enumerate(rows, 1):
+        if not row.strip():
+            continue
+        box, label = _yolo_row(row, width, height, classes, f"{shown_path(labels_file)}:{number}")
+        boxes.append(box)
+        labels.append(label)
+    return _record(str(image), boxes, labels, [False] * len(labels), index, width, height)
 
 
 def _yolo_row(row: str, width: int, height: int, classes: int, where: str) -> tuple[list[float], int]:
@@ -225,6 +298,8 @@ def _yolo_row(row: str, width: int, height: int, classes: int, where: str) -> tu
     if len(words) != 5:  # (a segment's polygon has more: not a box file)
         raise BadBox(f"{where}: '{row.strip()[:60]}' is not `class cx cy w h`")
     try:
+        if any("_" in word for word in words):  # Python's float() reads 1_0 as 10; no annotation tool writes it
+            raise ValueError
         label, cx, cy, w, h = int(words[0]), *(float(v) for v in words[1:])
     except ValueError:
         raise BadBox(f"{where}: '{row.strip()[:60]}' is not `class cx cy w h` (numbers)") from None

@@ -75,6 +75,7 @@ def check_task_fit(cfg: DictConfig) -> None:
     """The models and the method serve the data set's task (a segmentation data set takes segmentation
     models and methods): one line naming those that do, before any data is read."""
     from kd_cli.data import dataset_task
+    from kd_cli.data.base import DATASETS
     from kd_cli.methods import check_method_task
     from kd_cli.models import list_models, model_task
 
@@ -84,9 +85,11 @@ def check_task_fit(cfg: DictConfig) -> None:
         if node is None or "arch" not in node or model_task(str(node.arch)) == task:
             continue
         fitting = [name for name in list_models() if model_task(name) == task]
+        its_task = model_task(str(node.arch))
+        its_data = [name for name in DATASETS.names() if dataset_task(name) == its_task]
         raise KdError(
-            f"{role}.arch={node.arch} is a {model_task(str(node.arch))} model, but dataset={cfg.dataset.name} is "
-            f"{task}; choose one of: {', '.join(fitting)}"
+            f"{role}.arch={node.arch} is a {its_task} model, but dataset={cfg.dataset.name} is {task}; choose one "
+            f"of: {', '.join(fitting)}; or a {its_task} data set ({', '.join(its_data[:6])})"
         )
     if "method" in cfg:
         check_method_task(str(cfg.method.name), task)

@@ -111,9 +111,12 @@ def coco_evaluate(truth: dict[str, Any], detections: list[dict[str, Any]]) -> Co
         gt = COCO()
         gt.dataset = truth
         gt.createIndex()
-        if not detections:  # loadRes refuses an empty list: nothing predicted scores 0 everywhere
-            return CocoScores({name: 0.0 for name in STAT_NAMES}, [0.0] * len(truth["categories"]))
-        dt = gt.loadRes(detections)
+        if detections:
+            dt = gt.loadRes(detections)
+        else:  # loadRes refuses an empty list: an index of no detections scores as COCOeval scores misses
+            dt = COCO()
+            dt.dataset = {"images": truth["images"], "categories": truth["categories"], "annotations": []}
+            dt.createIndex()
         evaluation = COCOeval(gt, dt, "bbox")
         evaluation.evaluate()
         evaluation.accumulate()
@@ -142,4 +145,29 @@ def coco_map(
     """COCO AP of `predictions` against `truth` (the same image ids), labels mapped to the file's ids."""
     if len(category_ids) != len(names):
         raise KdError(f"{len(category_ids)} category ids for {len(names)} class names")
+    ids = [image.image_id for image in truth]
+    if len(set(ids)) != len(ids):
+        raise KdError("the ground truth lists an image id twice; image ids must be unique")
+    for image in [*truth, *predictions]:
+        _check_image_boxes(image, len(names))
+    strays = sorted({p.image_id for p in predictions} - set(ids))
+    if strays:
+        raise KdError(f"predictions for image id {strays[0]}, which the ground truth does not list")
     return coco_evaluate(ground_truth(truth, category_ids, names), results(predictions, category_ids))
+
+
+def _check_image_boxes(image: ImageBoxes, classes: int) -> None:
+    """Boxes (N, 4) and N labels (and scores) that are finite, labels in 0..classes-1: NaN would score as
+    a perfect hit in COCOeval, and a label of -1 as the last class."""
+    n = len(image.labels)
+    where = f"image id {image.image_id}"
+    if image.boxes.ndim != 2 or image.boxes.shape[1] != 4 or len(image.boxes) != n:
+        raise KdError(f"{where}: boxes of shape {tuple(image.boxes.shape)} for {n} labels (expected ({n}, 4))")
+    if image.labels.is_floating_point() or (
+        n and not 0 <= int(image.labels.min()) <= int(image.labels.max()) < classes
+    ):
+        raise KdError(f"{where}: labels must be whole numbers in 0..{classes - 1}")
+    if not torch.isfinite(image.boxes).all():
+        raise KdError(f"{where}: a box is not finite (NaN or inf)")
+    if image.scores is not None and (len(image.scores) != n or not torch.isfinite(image.scores).all()):
+        raise KdError(f"{where}: scores must be {n} finite numbers, one per box")
