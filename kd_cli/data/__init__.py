@@ -9,6 +9,7 @@ from kd_cli.data.augment import Augmentation
 from kd_cli.data.base import (
     COMMON_KEYS,
     DATASETS,
+    BoxSplit,
     DataSplits,
     FolderSplit,
     TensorSplit,
@@ -30,6 +31,7 @@ __all__ = [
     "dataset_task",
     "DataSplits",
     "TensorSplit",
+    "BoxSplit",
     "FolderSplit",
     "Augmentation",
     "make_loader",

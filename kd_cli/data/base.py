@@ -60,6 +60,28 @@ class TensorSplit:
 
 
 @dataclass
+class BoxSplit:
+    """A detection split in memory: uint8 images (N, C, H, W), all of one size (the size the model sees),
+    and per image its boxes (k, 4) float32 x1 y1 x2 y2 pixels and labels (k,) int64 in 0..C-1 (k may be 0:
+    an image without objects is kept, it teaches the detector what background is). `image_ids` are the
+    data's own ids (a COCO file's), written into results files; `scales` the factor each image was
+    resized by (model pixels per original pixel), to write boxes back in the data's own pixels."""
+
+    images: torch.Tensor
+    boxes: list[torch.Tensor]
+    labels: list[torch.Tensor]
+    image_ids: list[int]
+    scales: list[float] | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def box_labels(self) -> torch.Tensor:
+        """Every box's label, image after image (what the class checks count)."""
+        return torch.cat([torch.zeros(0, dtype=torch.int64), *self.labels])
+
+
+@dataclass
 class FolderSplit:
     """A split streamed from disk; the loader attaches the transforms."""
 
@@ -74,8 +96,8 @@ class FolderSplit:
 
 @dataclass
 class DataSplits:
-    train: TensorSplit | FolderSplit
-    test: TensorSplit | FolderSplit
+    train: TensorSplit | FolderSplit | BoxSplit
+    test: TensorSplit | FolderSplit | BoxSplit
     num_classes: int
     class_names: list[str]
     in_channels: int
@@ -83,7 +105,7 @@ class DataSplits:
     fingerprint: str  # short sha256 identifying the data, recorded in env.json
     # Held out from training to choose the best epoch (dataset.val_fraction, or the data set's own
     # validation folder); None: no validation split, the loop then reports the test-set best.
-    val: TensorSplit | FolderSplit | None = None
+    val: TensorSplit | FolderSplit | BoxSplit | None = None
     task: str = "classification"  # what a label is and how a model is scored (kd_cli/tasks)
 
 
@@ -177,10 +199,13 @@ def folder_samples(dataset: Dataset) -> list[tuple[str, int]] | None:
     return None if samples is None else [(path, int(label)) for path, label in samples]
 
 
-def split_labels(split: TensorSplit | FolderSplit) -> torch.Tensor | None:
-    """Every label of a split, without reading images; None when they cannot be known that way."""
+def split_labels(split: TensorSplit | FolderSplit | BoxSplit) -> torch.Tensor | None:
+    """Every label of a split, without reading images (a detection split's: every box's); None when
+    they cannot be known that way."""
     if isinstance(split, TensorSplit):
         return split.labels
+    if isinstance(split, BoxSplit):
+        return split.box_labels()
     samples = folder_samples(split.dataset)
     return None if samples is None else torch.tensor([label for _, label in samples], dtype=torch.int64)
 
@@ -199,15 +224,27 @@ def fingerprint(*parts: bytes | str) -> str:
     return digest.hexdigest()[:16]
 
 
-def tensor_split_digest(split: TensorSplit, samples: int = 256) -> list[bytes | str]:
+def tensor_split_digest(split: TensorSplit | BoxSplit, samples: int = 256) -> list[bytes | str]:
     """Shape, every label, and the bytes of evenly spaced images: cheap, yet changes with the data."""
     step = max(1, len(split) // samples)
     sample = split.images[::step].contiguous()
+    if isinstance(split, BoxSplit):
+        boxes = torch.cat([torch.zeros(0, 4), *split.boxes])
+        labels: list[bytes | str] = [
+            split.box_labels().numpy().tobytes(),
+            boxes.numpy().tobytes(),
+            str(split.image_ids),
+        ]
+        return [str(tuple(split.images.shape)), *labels, sample.numpy().tobytes()]
     return [str(tuple(split.images.shape)), split.labels.numpy().tobytes(), sample.numpy().tobytes()]
 
 
 def tensor_splits(
-    train: TensorSplit, test: TensorSplit, class_names: list[str], *extra: str, task: str = "classification"
+    train: TensorSplit | BoxSplit,
+    test: TensorSplit | BoxSplit,
+    class_names: list[str],
+    *extra: str,
+    task: str = "classification",
 ) -> DataSplits:
     """DataSplits for in-memory data, with channels, size and fingerprint read off the tensors."""
     for split in (train, test):
@@ -224,10 +261,17 @@ def tensor_splits(
     )
 
 
-def _check_tensor_split(split: TensorSplit) -> None:
+def _check_tensor_split(split: TensorSplit | BoxSplit) -> None:
     # Catch loader bugs here, where they are cheap to find, not as a shape error deep in training.
-    images, labels = split.images, split.labels
+    images = split.images
     assert images.dtype == torch.uint8 and images.dim() == 4, (images.dtype, images.shape)
+    if isinstance(split, BoxSplit):
+        assert len(split.boxes) == len(split.labels) == len(split.image_ids) == len(images)
+        for boxes, labels in zip(split.boxes, split.labels):
+            assert boxes.dtype == torch.float32 and boxes.shape == (len(labels), 4), boxes.shape
+            assert labels.dtype == torch.int64, labels.dtype
+        return
+    labels = split.labels
     if labels.dim() == 3:  # segmentation masks, one per image, of its size
         assert labels.dtype == torch.uint8 and labels.shape == (images.shape[0], *images.shape[2:]), labels.shape
         return

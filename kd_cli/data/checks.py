@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from kd_cli.data.base import (
+    BoxSplit,
     DataSplits,
     FolderSplit,
     TensorSplit,
@@ -56,6 +57,9 @@ def check_splits(data: DataSplits, name: str) -> None:
                 "change dataset.test_fraction)"
             )
     names = list(data.class_names)
+    if data.task == "detection":  # (one class is a detector: a box is told from the background)
+        check_box_classes(data, what)
+        return
     if data.num_classes < 2:
         raise KdError(
             f"{what} has {_count(data.num_classes, 'class')} ({', '.join(names)}); a classifier needs at "
@@ -107,6 +111,40 @@ def check_splits(data: DataSplits, name: str) -> None:
     _warn_duplicates(data, what, train, test)
 
 
+def check_box_classes(data: DataSplits, what: str) -> None:
+    """A detection data set: every box's label names a class; the training split has boxes, and of every
+    class the test or validation split has (a class never seen in training could never be detected)."""
+    names = list(data.class_names)
+    counts = {}
+    for title, split in (("training", data.train), ("test", data.test), ("validation", data.val)):
+        labels = split_labels(split) if split is not None else torch.zeros(0, dtype=torch.int64)
+        assert labels is not None  # a detection split lists its boxes
+        outside = labels[(labels < 0) | (labels >= data.num_classes)]
+        if len(outside):
+            raise KdError(
+                f"{what}: the {title} split has a box of label {int(outside[0])}, outside 0..{data.num_classes - 1} "
+                f"(the data set names {data.num_classes} classes); its annotations are inconsistent: fix them"
+            )
+        counts[title] = torch.bincount(labels, minlength=data.num_classes)
+    if int(counts["training"].sum()) == 0:
+        raise KdError(
+            f"{what}: the training split has no boxes at all; a detector learns from boxes: annotate its images"
+        )
+    for title in ("test", "validation"):
+        unlearnable = torch.nonzero((counts["training"] == 0) & (counts[title] > 0)).flatten().tolist()
+        if unlearnable:
+            raise KdError(
+                f"{what}: the training split has no boxes of class {_names(names, unlearnable)}, which the {title} "
+                f"split has; the detector could never find it: annotate training images of it, or remove it"
+            )
+    untested = torch.nonzero(counts["test"] == 0).flatten().tolist()
+    if untested:
+        warn(
+            f"{what}: the test split has no boxes of {len(untested)} of the {data.num_classes} classes "
+            f"({_names(names, untested)}); their AP is not measured"
+        )
+
+
 def check_masks(data: DataSplits, what: str) -> None:
     """Segmentation: every mask value a class or the ignore index; the training masks hold two classes at
     least; a class the test masks have but no training mask has is refused (it could never be predicted)."""
@@ -138,12 +176,13 @@ def check_masks(data: DataSplits, what: str) -> None:
         )
 
 
-def _mask_values(split: TensorSplit | FolderSplit) -> torch.Tensor | None:
+def _mask_values(split: TensorSplit | FolderSplit | BoxSplit) -> torch.Tensor | None:
     """Pixels per mask value 0..255: counted here for masks in memory, by the scan for streamed ones."""
     if isinstance(split, FolderSplit):
         from kd_cli.data.mask_stream import class_pixels
 
         return class_pixels(split)
+    assert isinstance(split, TensorSplit)  # (a mask data set has no box splits)
     return torch.bincount(split.labels.flatten().long(), minlength=256)
 
 

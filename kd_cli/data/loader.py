@@ -7,7 +7,6 @@ resumed at epoch k sees exactly the batches an uninterrupted run would have seen
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence, Sized
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any, cast
@@ -28,11 +27,13 @@ from kd_cli.data.augment import (
     channel_stats,
     check_in_memory,
 )
-from kd_cli.data.base import FolderSplit, TensorSplit, folder_samples
+from kd_cli.data.base import BoxSplit, FolderSplit, TensorSplit, folder_samples
 from kd_cli.data.images import UnreadableImage
+from kd_cli.data.order import epoch_seed, shard
 from kd_cli.errors import KdError
 
 if TYPE_CHECKING:
+    from kd_cli.data.box_loader import BoxLoader
     from kd_cli.data.decode import CroppedBatches
     from kd_cli.data.mask_stream import PairTransformed
 
@@ -40,7 +41,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def make_loader(
-    split: TensorSplit | FolderSplit,
+    split: TensorSplit | FolderSplit | BoxSplit,
     *,
     batch_size: int,
     train: bool,
@@ -53,7 +54,7 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 2,
-) -> TensorLoader | FolderLoader:
+) -> TensorLoader | FolderLoader | BoxLoader:
     """A loader with `set_epoch`, `__iter__` -> (images, labels) on `device`, `__len__` and `num_samples`.
 
     With `world_size` > 1 each rank gets its own shard: for training, disjoint and of equal size (the
@@ -67,24 +68,15 @@ def make_loader(
         raise ValueError(f"rank {rank} outside world of size {world_size}")
     spec = spec if train else None  # evaluation never augments
     device = torch.device(device)
+    if isinstance(split, BoxSplit):  # detection: images with their box lists (data/box_loader.py)
+        from kd_cli.data.box_loader import BoxLoader
+
+        return BoxLoader(split, batch_size, spec, mean, std, device, seed, drop_last, rank, world_size, train)
     if isinstance(split, TensorSplit):
         return TensorLoader(split, batch_size, spec, mean, std, device, seed, drop_last, rank, world_size, train)
     return FolderLoader(
         split, batch_size, spec, mean, std, device, seed, drop_last, rank, world_size, train, num_workers
     )
-
-
-def epoch_seed(seed: int, epoch: int, stream: str) -> int:
-    """A 63-bit seed from (seed, epoch, stream): independent streams that never collide across epochs."""
-    digest = hashlib.sha256(f"{seed}/{epoch}/{stream}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def shard(order: torch.Tensor, rank: int, world_size: int, equal: bool) -> torch.Tensor:
-    """This rank's disjoint share of `order`; `equal` trims the tail so all shares have one length."""
-    if equal:
-        order = order[: len(order) - len(order) % world_size]
-    return order[rank::world_size]
 
 
 class TensorLoader:

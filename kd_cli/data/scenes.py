@@ -1,10 +1,12 @@
-"""Digit scenes: segmentation data composed of real handwritten digits, for offline runs and the bars.
+"""Digit scenes: segmentation and detection data composed of real handwritten digits, for offline runs
+and the bars.
 
 A scene is a dark canvas with a few digits pasted at random places; each pixel's label is the class of
 the digit whose ink covers it (digit d is class d + 1) or background (class 0). `digit_scenes` composes
 scikit-learn's 1,797 digits (shipped with it: works offline), `mnist_scenes` the MNIST digits read by
 torchvision's MNIST class. The training scenes use the training digits only and the test scenes the
 test digits only, so no test digit was ever seen in training. Scenes are deterministic in `scene_seed`.
+`digit_detection` and `mnist_detection` are the same scenes labelled with a box around each digit's ink.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kd_cli.data.base import DataSplits, SplitSeed, TensorSplit, register_dataset, tensor_splits
+from kd_cli.data.base import BoxSplit, DataSplits, SplitSeed, TensorSplit, register_dataset, tensor_splits
 from kd_cli.data.digits import digits
 from kd_cli.errors import KdError
 from kd_cli.registry import OpenFraction, Range
@@ -27,6 +29,7 @@ DigitScale = Annotated[float, Range(0.25, 16)]
 DigitsPerScene = Annotated[int, Range(1, 64)]
 INK = 64  # a digit pixel at least this bright (of 255) is labelled with the digit; fainter ones are background
 CLASS_NAMES = ["background", *(str(d) for d in range(10))]
+DIGIT_NAMES = [str(d) for d in range(10)]  # detection has no background class
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,31 @@ def scene_splits(
     return tensor_splits(splits[0], splits[1], CLASS_NAMES, title, source.fingerprint, task="segmentation")
 
 
+def box_scene_splits(
+    source: DataSplits,
+    title: str,
+    train_scenes: int,
+    test_scenes: int,
+    canvas: int,
+    digits_per_scene: int,
+    digit_scale: float,
+    scene_seed: int,
+) -> DataSplits:
+    """`scene_splits`' scenes (the same pixels) with each digit's box instead of the masks."""
+    scenes = scene_splits(source, title, train_scenes, test_scenes, canvas, digits_per_scene, digit_scale, scene_seed)
+    assert isinstance(source.train, TensorSplit) and isinstance(source.test, TensorSplit)
+    splits = []
+    for split, scene_split, stream in ((source.train, scenes.train, 0), (source.test, scenes.test, 1)):
+        assert isinstance(scene_split, TensorSplit)
+        count = len(scene_split)
+        digits = scale_digits(split.images, digit_scale)
+        boxed = scene_boxes(digits, split.labels, count, canvas, digits_per_scene, scene_seed * 2 + stream)
+        splits.append(
+            BoxSplit(scene_split.images, [b for b, _ in boxed], [lab for _, lab in boxed], list(range(count)))
+        )
+    return tensor_splits(splits[0], splits[1], DIGIT_NAMES, title, source.fingerprint, task="detection")
+
+
 @register_dataset("digit_scenes")
 def digit_scenes(
     root: str | None = None,
@@ -204,3 +232,54 @@ def mnist_scenes(
 for _scenes in (digit_scenes, mnist_scenes):
     _scenes.task = "segmentation"  # type: ignore[attr-defined]  # read by data.base.dataset_task
     _scenes.image_channels = 1  # type: ignore[attr-defined]  # read by base.expected_channels
+
+
+@register_dataset("digit_detection")
+def digit_detection(
+    root: str | None = None,
+    download: bool = False,
+    train_scenes: SceneCount = 1000,
+    test_scenes: SceneCount = 300,
+    canvas: CanvasSide = 48,
+    digits_per_scene: DigitsPerScene = 3,
+    digit_scale: DigitScale = 2.0,
+    scene_seed: SplitSeed = 0,
+    test_fraction: OpenFraction = 0.3,
+    split_seed: SplitSeed = 0,
+) -> DataSplits:
+    """dataset=digit_scenes' scenes with a box per digit (labels 0..9). `root` and `download` are unused."""
+    source = digits(root, download, test_fraction, split_seed)
+    return box_scene_splits(
+        source, "digit_detection", train_scenes, test_scenes, canvas, digits_per_scene, digit_scale, scene_seed
+    )
+
+
+@register_dataset("mnist_detection")
+def mnist_detection(
+    root: str = "data",
+    download: bool = False,
+    train_scenes: SceneCount = 10000,
+    test_scenes: SceneCount = 2000,
+    canvas: CanvasSide = 64,
+    digits_per_scene: DigitsPerScene = 3,
+    digit_scale: DigitScale = 1.0,
+    scene_seed: SplitSeed = 0,
+) -> DataSplits:
+    """dataset=mnist_scenes' scenes with a box per digit (labels 0..9)."""
+    from kd_cli.data.torchvision_sets import mnist
+
+    return box_scene_splits(
+        mnist(root, download),
+        "mnist_detection",
+        train_scenes,
+        test_scenes,
+        canvas,
+        digits_per_scene,
+        digit_scale,
+        scene_seed,
+    )
+
+
+for _boxed in (digit_detection, mnist_detection):
+    _boxed.task = "detection"  # type: ignore[attr-defined]
+    _boxed.image_channels = 1  # type: ignore[attr-defined]

@@ -13,6 +13,7 @@ from torch.utils.data import Subset
 
 from kd_cli.data.base import (
     DATASETS,
+    BoxSplit,
     DataSplits,
     FolderSplit,
     TensorSplit,
@@ -48,8 +49,11 @@ def hold_out_validation(data: DataSplits, fraction: float, seed: int, name: str)
     The fingerprint changes with it: a teacher found by fingerprint was trained on the same, smaller,
     training split, so it has never seen a validation image either."""
     known = split_labels(data.train)
-    # (images without one label, segmentation's, are held out as one group)
-    labels = np.zeros(len(data.train), dtype=np.int64) if known is None or known.dim() > 1 else known.numpy()
+    # (images without one label, segmentation's masks and detection's boxes, are held out as one group)
+    if known is not None and known.dim() == 1 and len(known) == len(data.train):
+        labels = known.numpy()
+    else:
+        labels = np.zeros(len(data.train), dtype=np.int64)
     rng = np.random.default_rng(seed)
     held: list[np.ndarray] = []
     for label in np.unique(labels):
@@ -72,8 +76,17 @@ def hold_out_validation(data: DataSplits, fraction: float, seed: int, name: str)
     )
 
 
-def subset(split: TensorSplit | FolderSplit, indices: list[int]) -> TensorSplit | FolderSplit:
+def subset(split: TensorSplit | FolderSplit | BoxSplit, indices: list[int]) -> TensorSplit | FolderSplit | BoxSplit:
     """The samples of `split` at `indices`, of the same kind."""
+    if isinstance(split, BoxSplit):
+        scales = None if split.scales is None else [split.scales[i] for i in indices]
+        return BoxSplit(
+            split.images[torch.as_tensor(indices, dtype=torch.int64)],
+            [split.boxes[i] for i in indices],
+            [split.labels[i] for i in indices],
+            [split.image_ids[i] for i in indices],
+            scales,
+        )
     if isinstance(split, TensorSplit):
         index = torch.as_tensor(indices, dtype=torch.int64)
         return TensorSplit(split.images[index], split.labels[index])

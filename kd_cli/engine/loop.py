@@ -270,7 +270,7 @@ def _train_epoch(job, method, forward, optimizer, scaler, epoch, steps, bar) -> 
         scaler.step(optimizer)
         scaler.update()
         _accumulate(sums, terms, loss, len(labels))
-        right, units = job.task.hits(logits.detach(), labels)
+        right, units = job.task.hits(logits, labels)
         hits += right
         counted += units
         seen += len(labels)
@@ -296,7 +296,8 @@ def _epoch_row(job, epoch, sums, hits, seen, seconds, lr) -> dict[str, Any]:
     row.update({f"train_{n}": v / count for n, v in zip(names, totals)})
     if not math.isfinite(row["train_loss"]):
         raise KdError(f"the training loss became {row['train_loss']} in epoch {epoch + 1}; {_remedies(job)}")
-    row[f"train_{job.task.train_metric}"] = 100.0 * totals[-3] / max(totals[-2], 1.0)
+    if job.task.train_metric:  # (detection counts nothing right in training: its pass gives losses)
+        row[f"train_{job.task.train_metric}"] = 100.0 * totals[-3] / max(totals[-2], 1.0)
     row["lr"] = lr
     row["images_per_s"] = count / seconds
     row["seconds"] = seconds
@@ -314,9 +315,12 @@ def _evaluate(job: Training, method: Distiller, epoch: int) -> dict[str, float]:
 
 
 def _score(job: Training, model: torch.nn.Module, loader, split: str, epoch: int) -> dict[str, float]:
-    """`<split>_<metric>` and `<split>_loss`, plus the task's other scalars (segmentation: pixel accuracy)."""
-    scores = score(model, loader, job.device, job.eval_dtype or job.dtype, job.task.new_score(job.num_classes)).result()
-    loss = scores["loss"]
+    """`<split>_<metric>` and `<split>_loss` (none for detection), plus the task's other scalars
+    (segmentation: pixel accuracy; detection: mAP50, mAP75, AR100)."""
+    scored = score(model, loader, job.device, job.eval_dtype or job.dtype, job.task.new_score(job.num_classes))
+    scores = scored.result()
+    # (a detector's evaluation gives boxes and no loss: then whether every output was finite decides)
+    loss = scores.get("loss", 0.0 if scored.all_finite else math.nan)
     if not math.isfinite(loss):  # a score from NaN outputs would be reported as a real accuracy
         raise KdError(
             f"the {split} loss became {loss} in epoch {epoch} (the model's outputs are not finite); {_remedies(job)}"

@@ -31,12 +31,12 @@ def predict(
 
 @torch.no_grad()
 def score(model: nn.Module, batches: Iterable, device: torch.device, dtype: torch.dtype, into: Score) -> Score:
-    """Feed every batch's float32 logits and targets to `into` (a task's Score); returns it."""
+    """Feed every batch's outputs and targets to `into` (a task's Score, which takes them in float32); returns it."""
     was_training = model.training
     model.eval()
     for images, targets in batches:
         with autocast(device, dtype):
             out = model(images)
-        into.update(out.float(), targets)
+        into.update(out, targets)
     model.train(was_training)
     return into

@@ -1,5 +1,5 @@
 """`method=none`: the student trained alone with its task loss, cross-entropy (per pixel for segmentation,
-ignored pixels left out): teacher training, and the baseline."""
+ignored pixels left out; a detector's own losses, each its own term): teacher training, and the baseline."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ Smoothing = Annotated[float, Range(0, 1, high_open=True)]
 class NoDistillation(Distiller):
     requires_teacher = False
     loss_weights = ("ce_weight",)
-    tasks = ("classification", "segmentation")
+    tasks = ("classification", "segmentation", "detection")
 
     def __init__(self, student, teacher=None, *, ce_weight: NonNegative, label_smoothing: Smoothing):
         super().__init__(student, None)  # a teacher, if one is around, is ignored
@@ -27,6 +27,5 @@ class NoDistillation(Distiller):
         self.label_smoothing = label_smoothing
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
-        logits = self.student(images)
-        ce = self.task.loss(logits, labels, label_smoothing=self.label_smoothing)
-        return logits, {"ce": self.ce_weight * ce}
+        outputs, terms = self.task.supervised(self.student, images, labels, self.label_smoothing)
+        return outputs, {name: self.ce_weight * term for name, term in terms.items()}

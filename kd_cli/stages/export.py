@@ -228,6 +228,7 @@ def data_set_images(spec: ModelSpec, weights: Path, count: int, seed: int) -> to
     except KdError as error:
         log.info(f"export: its data set is not at hand ({error}); checking on random inputs")
         return None
+    assert isinstance(images, torch.Tensor)  # (a detection split's images come as one tensor too)
     return images.float()
 
 

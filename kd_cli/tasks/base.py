@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
+from torch import nn
 
 from kd_cli.errors import KdError
 
@@ -22,6 +23,7 @@ class Score(ABC):
     all_finite = True
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        logits = logits.float()
         self.all_finite = self.all_finite and bool(torch.isfinite(logits).all())
         self.add(logits, targets)
 
@@ -48,6 +50,14 @@ class Task(ABC):
     @abstractmethod
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
         """The task loss (what `method=none` trains, and each method's `ce` term)."""
+
+    def supervised(
+        self, model: nn.Module, images: torch.Tensor, targets: Any, label_smoothing: float = 0.0
+    ) -> tuple[Any, dict[str, torch.Tensor]]:
+        """The model's outputs on a training batch and its task loss as named terms (`ce`): what
+        `method=none` trains. Detection overrides it: a detector's training pass returns its losses."""
+        logits = model(images)
+        return logits, {"ce": self.loss(logits, targets, label_smoothing=label_smoothing)}
 
     @abstractmethod
     def hits(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
