@@ -20,7 +20,7 @@ from kd_cli.stages.lifecycle import start_run
 from kd_cli.stages.models import check_pretrained_form, model_spec
 from kd_cli.stages.results import finish, objective, print_results, selection_rows
 from kd_cli.stages.setup import print_config, setup_run
-from kd_cli.stages.teacher import Teacher, for_checks, plan_teacher, ready_teacher, teacher_score
+from kd_cli.stages.teacher import Teacher, for_checks, plan_teacher, ready_teacher, score_found_teacher, teacher_score
 from kd_cli.stages.training import dry_build, train_and_save
 from kd_cli.tasks import get_task
 
@@ -34,6 +34,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     spec, student = build_student(cfg, loaders)
     plan = plan_teacher(cfg, loaders.data, run, setup.device) if method_requires_teacher(cfg.method.name) else None
     dry_build(cfg, student, for_checks(plan), loaders)  # every check the method makes, before any work
+    score_found_teacher(plan, loaders, setup)  # (detection: an unloaded or untrained teacher, refused now)
     start_run(cfg, run, setup, **data_env(cfg, setup, loaders))
     teacher = ready_teacher(plan, cfg, run, loaders, setup) if plan is not None else None
     last_teacher, generations_top1 = train_generations(

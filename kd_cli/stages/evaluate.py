@@ -6,6 +6,7 @@ matrix; for both parameters, MACs, size and latency."""
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import statistics
 import time
@@ -62,6 +63,8 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         cfg, run, setup, device=str(setup.device), seed=cfg.seed, data_fingerprint=data.fingerprint, model=str(weights)
     )
     loader = eval_loader(cfg, split, spec, device)
+    if data.task == "detection":
+        return evaluate_boxes(cfg, run, model, spec, weights, loader, (device, dtype), started)
     if data.task != "classification":
         return evaluate_dense(cfg, run, model, spec, weights, loader, (device, dtype), started)
     logits, labels = predict(model, loader, device, dtype)
@@ -99,6 +102,52 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         run.path,
     )
     return summary["top1"]
+
+
+def evaluate_boxes(
+    cfg: DictConfig, run: RunDir, model: nn.Module, spec: ModelSpec, weights: Path, loader, where, started: float
+) -> float:
+    """A detector scored over the split by COCOeval: AP, AP50, AP75, AP and AR by object size, per-class AP
+    (per_class.csv), the detections as a COCO results file (detections.json), size and speed figures."""
+    from kd_cli.engine.files import atomic_write
+    from kd_cli.tasks.coco_map import results
+
+    device, dtype = where
+    if cfg.teacher_run:
+        raise KdError("teacher_run= (top-1 agreement with a teacher) is for classifiers; remove it")
+    task = get_task("detection")
+    scores = score(model, loader, device, dtype, task.new_score(spec.num_classes))
+    if not scores.all_finite:
+        raise KdError(f"{weights} gives non-finite boxes or scores (NaN or inf); its weights are broken: retrain it")
+    report = scores.report()
+    summary = {
+        "stage": "evaluate",
+        "model": str(weights),
+        "arch": spec.arch,
+        "dataset": spec.dataset,
+        "task": task.name,
+        "metric": task.metric,
+        "split": cfg.split,
+        **report,
+        **model_figures(cfg, model, spec, weights, device),
+    }
+    write_per_class(run.path / "per_class.csv", spec.class_names, report["per_class_ap"], "ap")
+    detections = results(cast(Any, scores).predictions, list(range(spec.num_classes)))
+    atomic_write(run.path / "detections.json", lambda path: path.write_text(json.dumps(detections)))
+    run.write_summary(COMPLETE, **summary, wall_time_s=time.time() - started)
+    print_results(
+        f"evaluate {spec.arch} on {spec.dataset} ({cfg.split}, {report['num_images']} images, "
+        f"{report['num_boxes']} boxes)",
+        [
+            ("mAP@[.5:.95] %", summary["map"]),
+            ("AP50 %", summary["map50"]),
+            ("AP75 %", summary["map75"]),
+            ("AR@100 %", summary["mar100"]),
+            *figure_rows(cfg, summary),
+        ],
+        run.path,
+    )
+    return summary["map"]
 
 
 def evaluate_dense(

@@ -56,6 +56,7 @@ class TeacherPlan:
     spec: ModelSpec  # what it is: its model.json, or the architecture to train
     train: bool = False  # no such teacher yet: `kd train-teacher` into `path` once the run has started
     model: nn.Module | None = None  # already loaded (a found or given teacher)
+    score: float | None = None  # its score on the validation (else test) split, once `score_found_teacher` ran
 
 
 def plan_teacher(cfg: DictConfig, data: DataSplits, run: RunDir, device: torch.device) -> TeacherPlan:
@@ -161,13 +162,21 @@ def ready_teacher(plan: TeacherPlan, cfg: DictConfig, run: RunDir, loaders: Load
     from kd_cli.stages.models import count_parameters
 
     model, spec, path = obtain_teacher(plan, cfg, run, loaders.data, setup.device)
-    return Teacher(
-        model,
-        spec,
-        path,
-        teacher_score(model, path, loaders.val or loaders.test, loaders, setup),
-        count_parameters(model),
-    )
+    score = plan.score if plan.score is not None and plan.model is model else None
+    if score is None:
+        score = teacher_score(model, path, loaders.val or loaders.test, loaders, setup)
+    return Teacher(model, spec, path, score, count_parameters(model))
+
+
+def score_found_teacher(plan: TeacherPlan | None, loaders: Loaders, setup: Setup) -> None:
+    """A teacher already at hand, scored before the run directory is written where its task sets a floor
+    (detection): one that fails it is refused with nothing written. A teacher still to be trained is scored
+    once trained (`ready_teacher`)."""
+    from kd_cli.tasks import get_task
+
+    if plan is None or plan.model is None or get_task(loaders.data.task).teacher_floor is None:
+        return
+    plan.score = teacher_score(plan.model, plan.path, loaders.val or loaders.test, loaders, setup)
 
 
 def teacher_score(model: nn.Module, path: Path, loader, loaders: Loaders, setup: Setup) -> float:
@@ -182,7 +191,15 @@ def teacher_score(model: nn.Module, path: Path, loader, loaders: Loaders, setup:
             f"teacher {path} gives non-finite outputs (NaN or inf) on the test images; its weights are "
             f"broken: retrain it or give another teacher"
         )
-    return scores.result()[task.metric]
+    value = scores.result()[task.metric]
+    if task.teacher_floor is not None and not value >= task.teacher_floor:
+        raise KdError(
+            f"teacher {path} scores {value:.2f} {task.metric_label} on the "
+            f"{'validation' if loaders.val is not None else 'test'} images, no better than an untrained model "
+            f"(below {task.teacher_floor:g}): it was not trained, or trained on other images or classes; "
+            "give a trained teacher (or train one: teacher.checkpoint=auto)"
+        )
+    return value
 
 
 def for_checks(plan: TeacherPlan | None) -> nn.Module | None:

@@ -46,6 +46,9 @@ class Task(ABC):
     train_metric: str = "?"  # what a training batch's hits measure: `train_<train_metric>` in metrics.csv
     target_form: str = "?"  # what a label is, for messages: "a class index", "a mask"
     logit_method: str = "?"  # the task's logit distillation: `kd compress` recovers with it by default
+    # The least headline score of a teacher worth distilling from, where an untrained model's is known and
+    # a failed load is common and silent (detection: an untrained detector scores about 0 mAP); None: no floor.
+    teacher_floor: float | None = None
 
     @abstractmethod
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:

@@ -92,7 +92,8 @@ class Detection(Task):
     metric_label = "mAP"
     train_metric = ""  # a detector's training pass gives losses, not predictions: nothing to count
     target_form = "boxes"
-    logit_method = "det_kd"
+    logit_method = "pkd"
+    teacher_floor = 1.0  # mAP in %: random boxes score ~0; a teacher below it was not trained, loaded or matched
 
     def loss(self, logits: Any, targets: Any, label_smoothing: float = 0.0) -> torch.Tensor:
         """The sum of a detector's losses (`logits` is the loss dict its training pass returns)."""

@@ -1,0 +1,425 @@
+"""Detection on the task axis: the digit-scene boxes, the box loader, kd's detectors, the score (COCOeval),
+the FPN methods against float64 references written from the authors' code, and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kdrun import FAST, assert_one_line_error, kd_here, kd_here_ok, summary
+
+from kd_cli.data import Augmentation, load_dataset, make_loader
+from kd_cli.data.base import BoxSplit, DataSplits
+from kd_cli.data.box_loader import augment_boxes
+from kd_cli.data.checks import check_splits
+from kd_cli.data.scenes import INK
+from kd_cli.errors import KdError
+from kd_cli.methods import build_method
+from kd_cli.methods.fpn_base import check_same_input, level_shapes
+from kd_cli.methods.mgd import generation_block, mgd_loss, random_keep
+from kd_cli.methods.pkd import pkd_loss
+from kd_cli.models import create_model, model_task
+from kd_cli.tasks import get_task
+from kd_cli.tasks.coco_map import ImageBoxes, coco_map
+
+SMALL = ["dataset.train_scenes=24", "dataset.test_scenes=16", "trainer.batch_size=8"]
+# The teacher recipe of the CLI tests: enough steps for a few mAP points (the floor a teacher must pass is 1).
+TEACHER = [
+    "dataset=digit_detection",
+    "dataset.train_scenes=256",
+    "dataset.test_scenes=64",
+    "teacher.arch=kd_fcos",
+    "teacher.kwargs.width=16",
+    "trainer.epochs=6",
+    "trainer.batch_size=16",
+    "optim.lr=0.01",
+    "optim.weight_decay=1e-4",
+    "trainer.grad_clip=10",
+    "trainer.precision=fp32",
+    *FAST,
+]
+
+
+def config(name: str, **options) -> dict:
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.to_container(OmegaConf.load(f"configs/method/{name}.yaml"))
+    assert isinstance(base, dict)
+    return {**base, **options}
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+
+def test_each_box_holds_its_digits_ink_and_the_splits_are_detection():
+    data = load_dataset({"name": "digit_detection", **dict(o.split("=") for o in [])})
+    assert data.task == "detection" and data.class_names == [str(d) for d in range(10)]
+    assert isinstance(data.train, BoxSplit) and len(data.train) == 1000 and len(data.test) == 300
+    scenes = load_dataset({"name": "digit_scenes"})  # the same pixels, labelled by masks
+    assert torch.equal(scenes.train.images, data.train.images)
+    for i in range(20):
+        mask = scenes.train.labels[i]
+        for box, label in zip(data.train.boxes[i], data.train.labels[i]):
+            x1, y1, x2, y2 = box.long().tolist()
+            inside = mask[y1:y2, x1:x2]
+            # the digit's own ink lies within its box (a later digit may cover part of it)
+            assert x1 < x2 and y1 < y2 and (inside == label + 1).any()
+        ink = data.train.images[i, 0] >= INK
+        covered = torch.zeros_like(ink)
+        for x1, y1, x2, y2 in data.train.boxes[i].long().tolist():
+            covered[y1:y2, x1:x2] = True
+        assert not (ink & ~covered).any()  # no ink outside every box
+
+
+def test_a_detection_data_set_is_checked_for_unlearnable_classes_and_empty_training():
+    data = load_dataset({"name": "digit_detection", "train_scenes": 20, "test_scenes": 10})
+    no_nines = [labels[labels != 9] for labels in data.train.labels]
+    boxes = [b[lab != 9] for b, lab in zip(data.train.boxes, data.train.labels)]
+    train = BoxSplit(data.train.images, boxes, no_nines, data.train.image_ids)
+    with pytest.raises(KdError, match="no boxes of class 9"):
+        check_splits(DataSplits(**{**vars(data), "train": train}), "digit_detection")
+    empty = BoxSplit(data.train.images, [b[:0] for b in boxes], [lab[:0] for lab in no_nines], data.train.image_ids)
+    with pytest.raises(KdError, match="no boxes at all"):
+        check_splits(DataSplits(**{**vars(data), "train": empty}), "digit_detection")
+
+
+def test_validation_is_held_out_of_the_training_scenes():
+    data = load_dataset({"name": "digit_detection", "train_scenes": 40, "test_scenes": 10, "val_fraction": 0.25})
+    assert isinstance(data.val, BoxSplit) and len(data.val) == 10 and len(data.train) == 30
+    assert not set(data.val.image_ids) & set(data.train.image_ids)
+
+
+def test_shift_and_flip_move_the_boxes_with_the_pixels():
+    images = torch.zeros(6, 1, 32, 32, dtype=torch.uint8)
+    boxes = []
+    for i in range(6):  # a bright block exactly inside each box; one box touches the border
+        x1, y1 = 2 * i, 30 - 5 * i if i else 27
+        images[i, 0, y1 : y1 + 5, x1 : x1 + 7] = 255
+        boxes.append(torch.tensor([[x1, y1, x1 + 7, y1 + 5]], dtype=torch.float32))
+    generator = torch.Generator().manual_seed(3)
+    moved, moved_boxes = augment_boxes(images, boxes, Augmentation(crop_padding=4, hflip=True), generator)
+    for image, box in zip(moved, moved_boxes):
+        bright = (image[0] > 0.5).nonzero()
+        if len(box) == 0:
+            continue
+        x1, y1, x2, y2 = box[0, :4].tolist()
+        assert bright[:, 1].min() == x1 and bright[:, 1].max() + 1 == x2
+        assert bright[:, 0].min() == y1 and bright[:, 0].max() + 1 == y2
+
+
+def test_the_box_loader_gives_targets_as_torchvision_takes_them_and_repeats_its_epochs():
+    data = load_dataset({"name": "digit_detection", "train_scenes": 40, "test_scenes": 10})
+    loader = make_loader(
+        data.train,
+        batch_size=8,
+        train=True,
+        spec=Augmentation(crop_padding=4),
+        mean=[0.1],
+        std=[0.2],
+        device=torch.device("cpu"),
+        seed=5,
+    )
+    assert len(loader) == 5
+    first = [(images.clone(), targets) for images, targets in loader]
+    again = list(loader)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again))
+    images, targets = first[0]
+    assert images.shape == (8, 1, 48, 48) and len(targets) == 8
+    assert set(targets[0]) == {"boxes", "labels", "image_id", "size", "scale"}
+    assert targets[0]["boxes"].shape[1] == 4 and targets[0]["labels"].dtype == torch.int64
+    loader.set_epoch(1)
+    assert not torch.equal(next(iter(loader))[0], images)
+
+
+def test_rotation_is_refused_for_detection():
+    data = load_dataset({"name": "digit_detection", "train_scenes": 8, "test_scenes": 4})
+    with pytest.raises(KdError, match="rotate_degrees=10.*axis-aligned"):
+        make_loader(
+            data.train,
+            batch_size=4,
+            train=True,
+            spec=Augmentation(rotate_degrees=10),
+            mean=[0],
+            std=[1],
+            device=torch.device("cpu"),
+            seed=0,
+        )
+
+
+# --- models -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["kd_fcos_tiny", "fasterrcnn_mobilenet_v3_large_fpn", "retinanet_resnet50_fpn"])
+def test_detectors_train_on_kd_batches_and_give_labels_0_to_c_minus_1(arch):
+    torch.manual_seed(0)
+    model = create_model(arch, 3, 1, 64, score_thresh=0.0)
+    assert model_task(arch) == "detection"
+    targets = [{"boxes": torch.tensor([[4.0, 5.0, 30.0, 40.0]]), "labels": torch.tensor([2])}] * 2
+    model.train()
+    losses = model(torch.randn(2, 1, 64, 64), targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    with torch.no_grad():
+        detections = model(torch.randn(2, 1, 64, 64))
+    labels = torch.cat([d["labels"] for d in detections])
+    assert len(labels) and labels.min() >= 0 and labels.max() <= 2  # Faster R-CNN's background is not a label
+
+
+def test_kd_fcos_needs_fpn_channels_in_groups_of_32():
+    with pytest.raises(KdError, match="fpn_channels=48.*multiple of 32"):
+        create_model("kd_fcos", 10, 1, 48, fpn_channels=48)
+
+
+# --- score ------------------------------------------------------------------------------------------
+
+
+def test_the_score_is_cocoevals_and_ground_truth_scores_100():
+    task = get_task("detection")
+    score = task.new_score(3)
+    truth = [
+        {
+            "boxes": torch.tensor([[1.0, 1.0, 11.0, 11.0], [20.0, 20.0, 30.0, 35.0]]),
+            "labels": torch.tensor([0, 2]),
+            "image_id": 7,
+            "size": (40, 40),
+            "scale": 1.0,
+        },
+        {
+            "boxes": torch.tensor([[5.0, 5.0, 15.0, 25.0]]),
+            "labels": torch.tensor([1]),
+            "image_id": 9,
+            "size": (40, 40),
+            "scale": 1.0,
+        },
+    ]
+    perfect = [{"boxes": t["boxes"], "labels": t["labels"], "scores": torch.ones(len(t["labels"]))} for t in truth]
+    score.update(perfect, truth)
+    assert score.result()["map"] == pytest.approx(100.0)
+    shifted = [
+        {**p, "boxes": p["boxes"] + 2.0, "scores": torch.tensor([0.9, 0.4][: len(p["labels"])])} for p in perfect
+    ]
+    score = task.new_score(3)
+    score.update(shifted, truth)
+    expected = coco_map(
+        [ImageBoxes(t["image_id"], t["boxes"], t["labels"], width=40, height=40) for t in truth],
+        [ImageBoxes(t["image_id"], p["boxes"], p["labels"], p["scores"]) for t, p in zip(truth, shifted)],
+        [0, 1, 2],
+        ["0", "1", "2"],
+    ).stats
+    result = score.result()
+    assert result["map"] == pytest.approx(100 * expected["map"], abs=1e-4)
+    assert result["map50"] == pytest.approx(100 * expected["map50"], abs=1e-4)
+    assert 0 < result["map"] < 100
+
+
+def test_non_finite_boxes_are_not_scored_as_hits():
+    task = get_task("detection")
+    score = task.new_score(2)
+    truth = [
+        {
+            "boxes": torch.tensor([[1.0, 1.0, 9.0, 9.0]]),
+            "labels": torch.tensor([0]),
+            "image_id": 1,
+            "size": (10, 10),
+            "scale": 1.0,
+        }
+    ]
+    score.update(
+        [{"boxes": torch.full((1, 4), float("nan")), "labels": torch.tensor([0]), "scores": torch.ones(1)}], truth
+    )
+    assert not score.all_finite and score.result()["map"] == 0.0
+
+
+# --- methods: float64 references written from the authors' code ----------------------------------------
+
+
+def pkd_reference(preds_s: torch.Tensor, preds_t: torch.Tensor) -> torch.Tensor:
+    """mmrazor's PKDLoss (configs/distill/mmdet/pkd), loss_weight 1, written out in float64."""
+
+    def norm(feat):
+        n, c, h, w = feat.shape
+        feat = feat.permute(1, 0, 2, 3).reshape(c, -1)
+        mean = feat.mean(dim=-1, keepdim=True)
+        std = feat.std(dim=-1, keepdim=True)
+        feat = (feat - mean) / (std + 1e-6)
+        return feat.reshape(c, n, h, w).permute(1, 0, 2, 3)
+
+    return F.mse_loss(norm(preds_s), norm(preds_t)) / 2
+
+
+def mgd_reference(preds_s, preds_t, generation, mat) -> torch.Tensor:
+    """The authors' FeatureLoss.get_dis_loss (yzd-v/MGD, det/mmdet/distillation/losses/mgd.py), its random
+    draw `mat` given: masked where mat > 1 - lambda, MSELoss(reduction='sum') / N."""
+    n = preds_t.shape[0]
+    masked = torch.mul(preds_s, mat)
+    new = generation(masked)
+    return torch.nn.MSELoss(reduction="sum")(new, preds_t) / n
+
+
+def test_pkd_loss_equals_mmrazors_in_values_and_gradients():
+    torch.manual_seed(0)
+    s = (torch.randn(3, 8, 5, 6, dtype=torch.float64) * 3 + 1).requires_grad_()
+    t = torch.randn(3, 8, 5, 6, dtype=torch.float64) * 0.5 - 2
+    ours, ref = pkd_loss(s, t), pkd_reference(s, t)
+    assert torch.allclose(ours, ref, rtol=1e-12, atol=1e-14)
+    (g_ours,) = torch.autograd.grad(ours, s)
+    s2 = s.detach().clone().requires_grad_()
+    (g_ref,) = torch.autograd.grad(pkd_reference(s2, t), s2)
+    assert torch.allclose(g_ours, g_ref, rtol=1e-10, atol=1e-14)
+    assert pkd_loss(t, t) < 1e-10  # identical maps: r = 1
+    assert torch.allclose(pkd_loss(2 * t + 5, t), torch.zeros((), dtype=torch.float64), atol=1e-10)  # scale-free
+
+
+def test_mgd_loss_equals_the_authors_in_values_and_gradients():
+    torch.manual_seed(0)
+    s = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    generation = generation_block(4).double()
+    draw = torch.rand(2, 1, 6, 6, dtype=torch.float64)
+    lambda_mgd = 0.65
+    mat = torch.where(draw > 1 - lambda_mgd, 0, 1).double()
+    keep = (draw <= 1 - lambda_mgd).double()
+    ours, ref = mgd_loss(s, t, generation, keep), mgd_reference(s, t, generation, mat)
+    assert torch.allclose(ours, ref, rtol=1e-12)
+    grads = torch.autograd.grad(ours, [s, *generation.parameters()])
+    refs = torch.autograd.grad(mgd_reference(s, t, generation, mat), [s, *generation.parameters()])
+    assert all(torch.allclose(a, b, rtol=1e-10) for a, b in zip(grads, refs))
+    masked = random_keep(torch.zeros(64, 4, 30, 30), lambda_mgd)
+    assert masked.shape == (64, 1, 30, 30) and abs(1 - float(masked.mean()) - lambda_mgd) < 0.02
+
+
+@pytest.mark.parametrize(("name", "term"), [("pkd", "pkd"), ("mgd", "mgd"), ("fpn_fitnet", "hint")])
+def test_fpn_methods_keep_the_detectors_losses_and_every_parameter_learns(name, term):
+    torch.manual_seed(0)
+    student, teacher = create_model("kd_fcos_tiny", 4, 1, 32), create_model("kd_fcos", 4, 1, 32, width=8)
+    method = build_method(config(name), student, teacher, task="detection")
+    method.train()
+    targets = [{"boxes": torch.tensor([[2.0, 3.0, 20.0, 25.0]]), "labels": torch.tensor([1])}] * 2
+    outputs, terms = method(torch.randn(2, 1, 32, 32), targets)
+    assert outputs is None
+    assert set(terms) == {"det_classification", "det_bbox_regression", "det_bbox_ctrness", term}
+    sum(terms.values()).backward()
+    assert [n for n, p in method.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_the_teacher_sees_the_students_backbone_input():
+    torch.manual_seed(0)
+    student, teacher = create_model("kd_fcos_tiny", 4, 1, 32), create_model("kd_fcos", 4, 1, 32, width=8)
+    method = build_method(config("pkd"), student, teacher, task="detection")
+    seen = {}
+    teacher.detector.backbone.register_forward_hook(lambda m, args, out: seen.update(teacher=args[0]))
+    student.detector.backbone.register_forward_hook(lambda m, args, out: seen.update(student=args[0]))
+    images = torch.randn(2, 1, 32, 32)
+    method.train()
+    method(images, [{"boxes": torch.tensor([[2.0, 3.0, 20.0, 25.0]]), "labels": torch.tensor([1])}] * 2)
+    assert torch.equal(seen["teacher"], seen["student"]) and torch.equal(seen["student"], images)
+
+
+def test_a_teacher_built_for_another_input_size_or_strides_is_refused():
+    student = create_model("kd_fcos_tiny", 4, 1, 32)
+    with pytest.raises(KdError, match="prepare images differently.*min_size"):
+        check_same_input(student, create_model("kd_fcos", 4, 1, 64, width=8))
+    teacher = create_model("fasterrcnn_mobilenet_v3_large_fpn", 4, 1, 32)
+    assert list(level_shapes(student)) != list(level_shapes(teacher))
+    with pytest.raises(KdError, match="(prepare images differently|FPN levels of equal size)"):
+        build_method(config("pkd"), student, teacher, task="detection")
+
+
+def test_fpn_methods_are_refused_for_classification():
+    with pytest.raises(KdError, match="method=pkd distils detection models"):
+        build_method(config("pkd"), create_model("cnn", 10, 1, 8), create_model("cnn", 10, 1, 8), task="classification")
+
+
+# --- the CLI ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def detection_teacher(tmp_path_factory):
+    """A kd_fcos teacher on small digit scenes, trained by `kd train-teacher` in this process."""
+    root = tmp_path_factory.mktemp("detection")
+    run = root / "teacher"
+    kd_here_ok("train-teacher", *TEACHER, f"hydra.run.dir={run}", cwd=root)
+    return run
+
+
+def test_train_teacher_writes_map_summaries_and_the_detector_losses(detection_teacher):
+    s = summary(detection_teacher)
+    assert s["status"] == "complete" and s["task"] == "detection" and s["metric"] == "map"
+    assert s["last_map"] >= 1.0 and s["best_map"] >= s["last_map"]
+    header = (detection_teacher / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train_det_classification", "train_det_bbox_regression", "test_map", "test_map50"} <= set(header)
+    assert "train_pixel_acc" not in header and "test_loss" not in header
+
+
+def test_distill_with_pkd_scores_the_teacher_and_the_student(detection_teacher, tmp_path):
+    run = tmp_path / "pkd"
+    kd_here_ok(
+        "distill",
+        *TEACHER[:3],
+        *FAST,
+        "method=pkd",
+        "trainer.epochs=1",
+        "trainer.batch_size=16",
+        f"teacher.checkpoint={detection_teacher}/model.safetensors",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
+    s = summary(run)
+    assert s["status"] == "complete" and s["teacher_map"] == pytest.approx(summary(detection_teacher)["last_map"])
+    assert "train_pkd" in (run / "metrics.csv").read_text().splitlines()[0]
+    resolved = (run / "config_resolved.yaml").read_text()
+    assert "name: pkd" in resolved and "arch: kd_fcos_tiny" in resolved
+
+
+def test_an_untrained_teacher_is_refused_before_distilling(tmp_path):
+    weak = tmp_path / "weak"
+    kd_here_ok(
+        "train-teacher",
+        "dataset=digit_detection",
+        *SMALL,
+        "trainer.epochs=1",
+        "teacher.kwargs.width=8",
+        *FAST,
+        f"hydra.run.dir={weak}",
+        cwd=tmp_path,
+    )
+    assert summary(weak)["last_map"] < 1.0
+    result = kd_here(
+        "distill",
+        "dataset=digit_detection",
+        *SMALL,
+        "method=pkd",
+        "trainer.epochs=1",
+        *FAST,
+        f"teacher.checkpoint={weak}/model.safetensors",
+        f"hydra.run.dir={tmp_path / 'out'}",
+        cwd=tmp_path,
+    )
+    assert_one_line_error(result, "no better than an untrained model", "give a trained teacher")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_classification_method_or_model_on_boxes_is_one_line(tmp_path):
+    result = kd_here("distill", "dataset=digit_detection", *SMALL, "method=dkd", *FAST, cwd=tmp_path)
+    assert_one_line_error(result, "method=dkd", "detection")
+    result = kd_here("train-teacher", "dataset=digit_detection", *SMALL, "teacher.arch=cnn", *FAST, cwd=tmp_path)
+    assert_one_line_error(result, "detection")
+    result = kd_here(
+        "train-teacher", "dataset=digit_detection", *SMALL, "augmentation.rotate_degrees=15", *FAST, cwd=tmp_path
+    )
+    assert_one_line_error(result, "rotate_degrees")
+
+
+def test_evaluate_reports_coco_figures_and_writes_a_results_file(detection_teacher, tmp_path):
+    run = tmp_path / "eval"
+    kd_here_ok("evaluate", f"run={detection_teacher}", *FAST, f"hydra.run.dir={run}", cwd=tmp_path)
+    s = summary(run)
+    assert s["status"] == "complete" and s["metric"] == "map"
+    assert s["map"] == pytest.approx(summary(detection_teacher)["last_map"], abs=1e-6)
+    assert {"map50", "map75", "map_small", "mar100", "per_class_ap", "latency_ms"} <= set(s)
+    detections = json.loads((run / "detections.json").read_text())
+    assert detections and set(detections[0]) == {"image_id", "category_id", "bbox", "score"}
+    assert (run / "per_class.csv").read_text().splitlines()[0] == "class,ap"
