@@ -353,3 +353,93 @@ def test_voc_sizes_written_as_decimals_and_difficult_as_true(tmp_path):
     xml.write_text(text.replace("<width>48.0</width>", "<width>0</width>"))
     with pytest.raises(KdError, match="<size> 0x48 is not a size in whole pixels"):
         voc_boxes(str(tmp_path), "2007", "trainval")
+
+
+# --- the registered data sets: each layout written here, read through kd's loader --------------------
+
+
+def test_coco_detection_letterboxes_keeps_ids_with_gaps_and_crowds_only_for_scoring(tmp_path):
+    from kd_cli.data.base import BoxSplit
+
+    for split, count in (("train", 6), ("test", 4)):
+        scenes = write_scene_images(tmp_path / split / "images", count)  # (the test scenes: the first training ones)
+        crowd = {"id": 7777, "image_id": 100, "category_id": 1, "bbox": [0, 0, 10, 10], "area": 100.0, "iscrowd": 1}
+        coco_file(tmp_path / split, scenes, extra_annotation=crowd)
+    data = load_dataset(
+        {
+            "name": "coco_detection",
+            "root": str(tmp_path),
+            "train_annotations": "train/instances.json",
+            "train_images": "train/images",
+            "test_annotations": "test/instances.json",
+            "test_images": "test/images",
+            "image_size": 64,
+        }
+    )
+    assert data.task == "detection" and data.category_ids == GAPPY and data.class_names[3] == "digit 3"
+    assert isinstance(data.train, BoxSplit) and data.train.images.shape == (7, 3, 64, 64)  # the empty image kept
+    assert data.train.image_ids == [100, 101, 102, 103, 104, 105, 999]
+    written = coco_boxes(tmp_path / "train" / "instances.json", tmp_path / "train" / "images")
+    first = written.records[0]
+    assert torch.allclose(data.train.boxes[0], first.boxes[~first.crowd] * 64 / 48)  # crowd not trained on
+    assert data.test.crowds is not None and bool(data.test.crowds[0].any())  # ... but kept for COCOeval
+    assert data.test.scales[0] == pytest.approx(64 / 48) and data.test.sizes[0] == (48, 48)
+
+
+def test_yolo_detection_reads_data_yaml_names_as_a_list_or_a_map(tmp_path):
+    for split, count in (("train", 5), ("val", 3)):
+        yolo_folder(tmp_path, write_scene_images(tmp_path / "images" / split, count), split)
+    (tmp_path / "data.yaml").write_text("names:\n" + "".join(f"  {d}: n{d}\n" for d in range(10)))
+    data = load_dataset({"name": "yolo_detection", "root": str(tmp_path), "image_size": 48})
+    assert data.class_names == [f"n{d}" for d in range(10)] and len(data.train) == 5 and len(data.test) == 3
+    read = yolo_boxes(tmp_path, "train", data.class_names)
+    assert torch.allclose(data.train.boxes[0], read.records[0].boxes, atol=1e-3)
+    (tmp_path / "data.yaml").write_text("names: {0: a, 2: b}\n")
+    with pytest.raises(KdError, match="data.yaml has no usable `names`"):
+        load_dataset({"name": "yolo_detection", "root": str(tmp_path)})
+    (tmp_path / "data.yaml").unlink()
+    with pytest.raises(KdError, match="data.yaml not found.*dataset.class_names"):
+        load_dataset({"name": "yolo_detection", "root": str(tmp_path)})
+
+
+def test_voc_detection_reads_train_and_test_lists_difficult_left_out_of_training(tmp_path):
+    scenes = write_scene_images(tmp_path / "scenes", 3)
+    voc_tree(tmp_path, scenes, year="2012", image_set="train")
+    voc_tree(tmp_path, scenes[:2], year="2012", image_set="val")
+    data = load_dataset({"name": "voc_detection", "root": str(tmp_path), "image_size": 48})
+    assert data.class_names[:10] == VOC_NAMES and len(data.train) == 3 and len(data.test) == 2
+    assert [len(b) for b in data.train.boxes] == [len(s[1]) - 1 for s in scenes]  # the difficult box left out
+    assert [int(c.sum()) for c in data.test.crowds] == [1, 1]
+
+
+def test_a_coco_layout_trains_and_its_results_file_has_the_files_own_ids(tmp_path):
+    from kdrun import FAST, kd_here_ok, summary
+
+    for split, count in (("train", 8), ("test", 4)):
+        coco_file(tmp_path / split, write_scene_images(tmp_path / split / "images", count))
+    data = [
+        "dataset=coco_detection",
+        f"dataset.root={tmp_path}",
+        "dataset.train_annotations=train/instances.json",
+        "dataset.train_images=train/images",
+        "dataset.test_annotations=test/instances.json",
+        "dataset.test_images=test/images",
+        "dataset.image_size=48",
+        *FAST,
+    ]
+    teacher = tmp_path / "teacher"
+    kd_here_ok(
+        "train-teacher",
+        *data,
+        "trainer.epochs=1",
+        "trainer.batch_size=4",
+        "teacher.kwargs.width=8",
+        "teacher.kwargs.score_thresh=0.0",
+        f"hydra.run.dir={teacher}",
+        cwd=tmp_path,
+    )
+    assert summary(teacher)["status"] == "complete"
+    kd_here_ok("evaluate", f"run={teacher}", *FAST, f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    detections = json.loads((tmp_path / "eval" / "detections.json").read_text())
+    assert detections and {d["category_id"] for d in detections} <= set(GAPPY)
+    assert {d["image_id"] for d in detections} <= {100, 101, 102, 103, 999}

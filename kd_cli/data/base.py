@@ -72,12 +72,19 @@ class BoxSplit:
     labels: list[torch.Tensor]
     image_ids: list[int]
     scales: list[float] | None = None
+    sizes: list[tuple[int, int]] | None = None  # (H, W) of each image as the data has it; None: as held
+    crowds: list[torch.Tensor] | None = None  # per box: COCO's iscrowd / VOC's difficult (test splits only)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def box_labels(self) -> torch.Tensor:
-        """Every box's label, image after image (what the class checks count)."""
+        """Every box's label, image after image (what the class checks count); crowd boxes, which are
+        neither found nor missed, left out."""
+        if self.crowds is not None:
+            return torch.cat(
+                [torch.zeros(0, dtype=torch.int64), *(lab[~c] for lab, c in zip(self.labels, self.crowds))]
+            )
         return torch.cat([torch.zeros(0, dtype=torch.int64), *self.labels])
 
 
@@ -107,6 +114,7 @@ class DataSplits:
     # validation folder); None: no validation split, the loop then reports the test-set best.
     val: TensorSplit | FolderSplit | BoxSplit | None = None
     task: str = "classification"  # what a label is and how a model is scored (kd_cli/tasks)
+    category_ids: list[int] | None = None  # detection: the file's id of each label (results files use them)
 
 
 def dataset_task(name: str) -> str:

@@ -60,6 +60,14 @@ class BoxLoader:
         self.labels = [lab.to(device) for lab in split.labels]
         self.image_ids = list(split.image_ids)
         self.scales = list(split.scales) if split.scales is not None else [1.0] * len(split)
+        side = tuple(split.images.shape[-2:])
+        self.sizes = list(split.sizes) if split.sizes is not None else [side] * len(split)
+        self.crowds = [c.to(device) for c in split.crowds] if split.crowds is not None else None
+        if shuffle and self.crowds is not None:  # training: crowd regions are not objects to learn
+            kept = [~c for c in self.crowds]
+            self.boxes = [b[k] for b, k in zip(self.boxes, kept)]
+            self.labels = [lab[k] for lab, k in zip(self.labels, kept)]
+            self.crowds = None
         self.mean, self.std = channel_stats(mean, std, split.images.shape[1], device, torch.float32)
         self.batch_size, self.spec = batch_size, spec
         self.device, self.seed, self.drop_last = device, seed, drop_last
@@ -102,19 +110,19 @@ class BoxLoader:
             yield images, [self._target(i, b) for i, b in zip(index, boxes)]
 
     def _target(self, i: int, boxes: torch.Tensor) -> dict[str, Any]:
-        height, width = self.images.shape[-2:]
-        scale = self.scales[i]
         labels = self.labels[i]
         if boxes.shape[1] == 5:  # the augmentation dropped boxes: the labels of those left
             labels = labels[boxes[:, 4].long()]
-        size = (round(height / scale), round(width / scale))
-        return {
+        target = {
             "boxes": boxes[:, :4].contiguous(),
             "labels": labels,
             "image_id": self.image_ids[i],
-            "size": size,
-            "scale": scale,
+            "size": self.sizes[i],
+            "scale": self.scales[i],
         }
+        if self.crowds is not None:
+            target["crowd"] = self.crowds[i]
+        return target
 
     def _order(self) -> torch.Tensor:
         count = len(self.images)

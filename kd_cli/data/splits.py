@@ -79,13 +79,18 @@ def hold_out_validation(data: DataSplits, fraction: float, seed: int, name: str)
 def subset(split: TensorSplit | FolderSplit | BoxSplit, indices: list[int]) -> TensorSplit | FolderSplit | BoxSplit:
     """The samples of `split` at `indices`, of the same kind."""
     if isinstance(split, BoxSplit):
-        scales = None if split.scales is None else [split.scales[i] for i in indices]
+
+        def pick(values):
+            return None if values is None else [values[i] for i in indices]
+
         return BoxSplit(
             split.images[torch.as_tensor(indices, dtype=torch.int64)],
             [split.boxes[i] for i in indices],
             [split.labels[i] for i in indices],
             [split.image_ids[i] for i in indices],
-            scales,
+            pick(split.scales),
+            pick(split.sizes),
+            pick(split.crowds),
         )
     if isinstance(split, TensorSplit):
         index = torch.as_tensor(indices, dtype=torch.int64)

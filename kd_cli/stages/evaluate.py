@@ -64,7 +64,8 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     )
     loader = eval_loader(cfg, split, spec, device)
     if data.task == "detection":
-        return evaluate_boxes(cfg, run, model, spec, weights, loader, (device, dtype), started)
+        ids = data.category_ids or list(range(spec.num_classes))
+        return evaluate_boxes(cfg, run, model, spec, weights, loader, (device, dtype), started, ids)
     if data.task != "classification":
         return evaluate_dense(cfg, run, model, spec, weights, loader, (device, dtype), started)
     logits, labels = predict(model, loader, device, dtype)
@@ -105,7 +106,15 @@ def main(cfg: DictConfig, run: RunDir) -> float:
 
 
 def evaluate_boxes(
-    cfg: DictConfig, run: RunDir, model: nn.Module, spec: ModelSpec, weights: Path, loader, where, started: float
+    cfg: DictConfig,
+    run: RunDir,
+    model: nn.Module,
+    spec: ModelSpec,
+    weights: Path,
+    loader,
+    where,
+    started: float,
+    category_ids: list[int],
 ) -> float:
     """A detector scored over the split by COCOeval: AP, AP50, AP75, AP and AR by object size, per-class AP
     (per_class.csv), the detections as a COCO results file (detections.json), size and speed figures."""
@@ -132,7 +141,7 @@ def evaluate_boxes(
         **model_figures(cfg, model, spec, weights, device),
     }
     write_per_class(run.path / "per_class.csv", spec.class_names, report["per_class_ap"], "ap")
-    detections = results(cast(Any, scores).predictions, list(range(spec.num_classes)))
+    detections = results(cast(Any, scores).predictions, category_ids)  # the data's own image and category ids
     atomic_write(run.path / "detections.json", lambda path: path.write_text(json.dumps(detections)))
     run.write_summary(COMPLETE, **summary, wall_time_s=time.time() - started)
     print_results(

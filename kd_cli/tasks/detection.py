@@ -43,12 +43,22 @@ class DetectionScore(Score):
 
     def update(self, outputs: Any, targets: Any) -> None:
         for output, target in zip(outputs, targets, strict=True):
-            boxes, scores = output["boxes"].float().cpu(), output["scores"].float().cpu()
+            # (boxes back in the data's own pixels: the loader scaled each image by `scale`)
+            scale = float(target.get("scale", 1.0))
+            boxes, scores = output["boxes"].float().cpu() / scale, output["scores"].float().cpu()
             self.all_finite = self.all_finite and bool(torch.isfinite(boxes).all() and torch.isfinite(scores).all())
             image_id = int(target["image_id"])
             height, width = (int(v) for v in target["size"])
+            crowd = target.get("crowd")
             self.truth.append(
-                ImageBoxes(image_id, target["boxes"].cpu(), target["labels"].cpu(), width=width, height=height)
+                ImageBoxes(
+                    image_id,
+                    target["boxes"].float().cpu() / scale,
+                    target["labels"].cpu(),
+                    crowd=None if crowd is None else crowd.cpu(),
+                    width=width,
+                    height=height,
+                )
             )
             if self.all_finite:
                 self.predictions.append(ImageBoxes(image_id, boxes, output["labels"].cpu(), scores))
