@@ -423,3 +423,25 @@ def test_evaluate_reports_coco_figures_and_writes_a_results_file(detection_teach
     detections = json.loads((run / "detections.json").read_text())
     assert detections and set(detections[0]) == {"image_id", "category_id", "bbox", "score"}
     assert (run / "per_class.csv").read_text().splitlines()[0] == "class,ap"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["compress", "RUN", "compression=prune_structured", *FAST],
+        ["export", "RUN", "format=onnx"],
+    ],
+)
+def test_stages_that_do_not_serve_detectors_yet_say_so_in_one_line(detection_teacher, tmp_path, args):
+    stage, _, *rest = args
+    result = kd_here(stage, f"run={detection_teacher}", *rest, f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert_one_line_error(result, f"kd {stage} does not serve detectors yet", "kd evaluate")
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_does_not_serve_detectors_yet(detection_teacher, tmp_path):
+    from PIL import Image
+
+    Image.new("L", (48, 48)).save(tmp_path / "x.png")
+    result = kd_here("predict", f"run={detection_teacher}", str(tmp_path / "x.png"), cwd=tmp_path)
+    assert_one_line_error(result, "kd predict does not serve detectors yet")

@@ -39,6 +39,7 @@ from kd_cli.engine.trackers import Trackers, open_trackers
 from kd_cli.errors import KdError
 from kd_cli.methods import method_requires_teacher
 from kd_cli.models import model_task
+from kd_cli.models.registry import check_stage_serves
 from kd_cli.models.torchvision_segmentation import without_training_heads
 from kd_cli.stages.data import Loaders, data_env, eval_loader, load_data, saved_dataset
 from kd_cli.stages.lifecycle import start_run
@@ -57,6 +58,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     started = time.time()
     steps = plan(cfg.compression)
     weights = resolve_weights(cfg.run)
+    check_stage_serves(load_spec(weights).arch, "compress")
     if is_int8(load_spec(weights).extra):
         raise KdError(f"{weights} is already int8; compress its float model instead")
     digest = weights_digest(weights)

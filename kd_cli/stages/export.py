@@ -42,6 +42,7 @@ from kd_cli.engine.device import seed_everything
 from kd_cli.engine.files import atomic_write
 from kd_cli.engine.rundir import COMPLETE, RunDir
 from kd_cli.errors import KdError, unknown_choice
+from kd_cli.models.registry import check_stage_serves
 from kd_cli.registry import Range, check_number
 from kd_cli.stages.data import saved_dataset
 from kd_cli.stages.lifecycle import start_run
@@ -64,6 +65,7 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     seed_everything(cfg.seed)
     weights = resolve_weights(cfg.run)
     spec = load_spec(weights)
+    check_stage_serves(spec.arch, "export")
     if cfg.format == "onnx" and is_int8(spec.extra):
         raise KdError(
             f"ONNX export of int8 models is not supported ({weights} holds int8 weights); export the "
