@@ -35,6 +35,7 @@ TINY = {
     "startup.py": ["--repeats", "1"],
     "image_folder.py": ["--images", "1024", "--epochs", "1"],
     "segmentation.py": ["--scenes", "128", "--epochs", "2", "--repeats", "1"],
+    "detection.py": ["--scenes", "64", "--epochs", "2", "--repeats", "1"],
 }
 
 PRINTS = {
@@ -44,6 +45,7 @@ PRINTS = {
     "startup.py": "kd distill --cfg job",
     "image_folder.py": "ratio kd / torchvision",
     "segmentation.py": "kd engine",
+    "detection.py": "kd engine",
 }
 
 
