@@ -290,7 +290,7 @@ def test_mgd_loss_equals_the_authors_in_values_and_gradients():
     assert masked.shape == (64, 1, 30, 30) and abs(1 - float(masked.mean()) - lambda_mgd) < 0.02
 
 
-@pytest.mark.parametrize(("name", "term"), [("pkd", "pkd"), ("mgd", "mgd"), ("fpn_fitnet", "hint")])
+@pytest.mark.parametrize(("name", "term"), [("pkd", "pkd"), ("mgd", "mgd"), ("fpn_fitnet", "hint"), ("fpn_cwd", "cwd")])
 def test_fpn_methods_keep_the_detectors_losses_and_every_parameter_learns(name, term):
     torch.manual_seed(0)
     student, teacher = create_model("kd_fcos_tiny", 4, 1, 32), create_model("kd_fcos", 4, 1, 32, width=8)
