@@ -114,6 +114,7 @@ class FpnDistiller(Distiller):
         finally:
             hook.remove()
         terms = {n: self.det_loss_scale * v for n, v in detector_terms(losses).items()}
+        self.backbone_input_size = tuple(captured["input"].shape[-2:])  # (H, W) the levels cover (FGD's boxes)
         teacher_levels = self.teacher_levels(captured["input"])
         student_levels = [captured["levels"][name] for name in self.level_names]
         terms.update(self.level_terms(student_levels, teacher_levels, targets))
