@@ -362,10 +362,9 @@ def test_distill_with_pkd_scores_the_teacher_and_the_student(detection_teacher, 
     kd_here_ok(
         "distill",
         *TEACHER[:3],
-        *FAST,
+        *TEACHER[6:],
         "method=pkd",
         "trainer.epochs=1",
-        "trainer.batch_size=16",
         f"teacher.checkpoint={detection_teacher}/model.safetensors",
         f"hydra.run.dir={run}",
         cwd=tmp_path,
@@ -375,6 +374,21 @@ def test_distill_with_pkd_scores_the_teacher_and_the_student(detection_teacher, 
     assert "train_pkd" in (run / "metrics.csv").read_text().splitlines()[0]
     resolved = (run / "config_resolved.yaml").read_text()
     assert "name: pkd" in resolved and "arch: kd_fcos_tiny" in resolved
+
+
+def test_an_interrupted_detection_distillation_resumes_longer(detection_teacher, tmp_path):
+    run = tmp_path / "mgd"
+    common = [*TEACHER[:3], *TEACHER[6:], "method=mgd", "method.alpha_mgd=0.002"]
+    weights = f"teacher.checkpoint={detection_teacher}/model.safetensors"
+    kd_here_ok("distill", *common, weights, "trainer.epochs=1", f"hydra.run.dir={run}", cwd=tmp_path)
+    (run / "summary.json").write_text(json.dumps({**summary(run), "status": "interrupted"}))
+    kd_here_ok("distill", f"resume={run}", "trainer.epochs=2", "resume_extend=true", cwd=tmp_path)
+    done = summary(run)
+    assert (
+        done["status"] == "complete" and done["epochs"] == 2 and done["resumes"][-1]["changes"] == ["trainer.epochs=2"]
+    )
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows[1:]] == ["1", "2"] and "train_mgd" in rows[0]
 
 
 def test_an_untrained_teacher_is_refused_before_distilling(tmp_path):
