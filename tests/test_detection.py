@@ -374,6 +374,9 @@ def test_distill_with_pkd_scores_the_teacher_and_the_student(detection_teacher, 
     assert "train_pkd" in (run / "metrics.csv").read_text().splitlines()[0]
     resolved = (run / "config_resolved.yaml").read_text()
     assert "name: pkd" in resolved and "arch: kd_fcos_tiny" in resolved
+    assert s["last_map50"] >= s["last_map"]
+    report = kd_here("report", str(run), cwd=tmp_path)
+    assert report.code == 0 and "last mAP %" in report.stdout and "teacher mAP %" in report.stdout
 
 
 def test_an_interrupted_detection_distillation_resumes_longer(detection_teacher, tmp_path):

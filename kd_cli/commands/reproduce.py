@@ -77,6 +77,8 @@ SUMMARY_KEYS = (
     "teacher_agreement",
     # segmentation's scores
     *("best_miou", "best_val_miou", "last_miou", "teacher_miou", "pixel_acc", "miou", "mean_class_acc"),
+    # detection's scores
+    *("best_map", "best_val_map", "last_map", "teacher_map", "last_map50", "map", "map50", "map75", "mar100"),
 )
 TIMING_COLUMNS = {"seconds", "images_per_s"}  # wall-clock facts: never the same twice
 SHOWN_DIFFERENCES = 20

@@ -35,6 +35,7 @@ def finish(run: RunDir, cfg: DictConfig, result: FitResult, model: nn.Module, st
         f"best_val_{metric}": result.best_val_score,
         f"last_{metric}": result.last_score,
         **({"pixel_acc": last.get("test_pixel_acc")} if metric == "miou" else {}),
+        **({"last_map50": last.get("test_map50")} if metric == "map" else {}),
         "last_train_loss": last.get("train_loss"),
         "params": count_parameters(model),
         "images_per_s": last.get("images_per_s"),

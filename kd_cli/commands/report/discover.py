@@ -159,6 +159,7 @@ def _walk(directory: Path) -> Iterator[Path]:
 PERCENT_KEYS = (
     *("best_top1", "last_top1", "best_val_top1", "teacher_top1", "top1", "top5", "teacher_agreement"),
     *("best_miou", "last_miou", "best_val_miou", "teacher_miou", "miou", "pixel_acc", "mean_class_acc"),
+    *("best_map", "last_map", "best_val_map", "teacher_map", "map", "map50", "map75", "last_map50"),
 )
 COUNT_KEYS = ("params", "teacher_params", "epochs", "best_epoch")
 

@@ -27,11 +27,11 @@ EXCLUDED_KEYS = {"seed", "resume"}
 EXCLUDED_PREFIXES = ("hydra.", "paths.")
 STAGE = "stage"
 COMPLETE = "complete"
-# Each task's headline metric (top1, miou) names the score columns: best_top1, last_miou, teacher_top1, ...
+# Each task's headline metric (top1, miou, map) names the score columns: best_top1, last_miou, teacher_top1, ...
 # (one report holds runs of one task). Evaluate runs have one score (`top1`, `miou`): it stands for both
 # best and last.
-METRICS = ("best_top1", "last_top1", "best_miou", "last_miou")
-LABELS = {"top1": "top-1", "miou": "mIoU"}
+METRICS = ("best_top1", "last_top1", "best_miou", "last_miou", "best_map", "last_map")
+LABELS = {"top1": "top-1", "miou": "mIoU", "map": "mAP"}
 HEADERS = {"n": "n", "params": "params", "wall_time_s": "wall time", "status": "status"}
 
 

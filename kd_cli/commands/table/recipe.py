@@ -32,7 +32,7 @@ class Published:
 
 # The scores a table compares: a summary's `best_<metric>` / `last_<metric>`, and how the metric is printed.
 # (Here, not read from kd_cli.tasks: a table file is read and checked without importing torch.)
-METRIC_LABELS = {"top1": "top-1", "miou": "mIoU"}
+METRIC_LABELS = {"top1": "top-1", "miou": "mIoU", "map": "mAP"}
 
 
 @dataclass
