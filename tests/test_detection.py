@@ -551,3 +551,12 @@ def test_fgd_equals_mmrazors_fgd_loss_in_values_and_gradients():
     for a, b in zip(torch.autograd.grad(ours, params), torch.autograd.grad(ref, params)):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-16)
     assert not foreground[0, :, 4].any() and not foreground[1, :3].any() and foreground[1, 3:].all()  # rows by y
+
+
+def test_without_pycocotools_a_detection_run_asks_for_it_in_one_line(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pycocotools" else real(name, *a))
+    result = kd_here("train-teacher", "dataset=digit_detection", *SMALL, *FAST, cwd=tmp_path)
+    assert_one_line_error(result, "pycocotools", "pip install 'kd-cli[coco]'")

@@ -13,10 +13,16 @@ from formats import MNIST_T10K, load_mnist_t10k, write_mnist_raw
 from kdrun import FAST, kd_ok, summary
 
 SEEDS = (0, 1, 2)
+# experiment=digit_detection's recipe (20 epochs, batch 32, SGD lr 0.01, weight decay 1e-4, clip 10) on 1,000
+# training scenes, scored once, after the last epoch. (Shorter runs do not show the gain: with 600 scenes and
+# 12 epochs at batch 16 the student alone reached 17.8 mAP and PKD 11.3, MGD 12.9 on seed 0: the feature terms
+# slow the first epochs down before they pay.)
 RECIPE = [
-    "dataset.train_scenes=600",
+    "dataset.train_scenes=1000",
     "dataset.test_scenes=300",
     "dataset.aug_seed=0",  # the seeds differ in the student's initialisation only
+    "trainer.epochs=20",
+    "trainer.eval_every=20",
     "trainer.batch_size=32",
     "optim.lr=0.01",
     "optim.weight_decay=1e-4",
@@ -43,7 +49,7 @@ def scenes(tmp_path) -> list[str]:
 @pytest.mark.slow
 def test_pkd_and_mgd_beat_the_detector_alone_by_one_ap_point(tmp_path):
     setting = [*scenes(tmp_path), *RECIPE, f"paths.outputs={tmp_path}"]
-    kd_ok("train-teacher", *setting, "trainer.epochs=20", f"hydra.run.dir={tmp_path / 'teacher'}", cwd=tmp_path)
+    kd_ok("train-teacher", *setting, f"hydra.run.dir={tmp_path / 'teacher'}", cwd=tmp_path)
     teacher = summary(tmp_path / "teacher")["last_map"]
     weights = f"teacher.checkpoint={tmp_path / 'teacher' / 'model.safetensors'}"
     scores: dict[str, list[float]] = {name: [] for name in ("none", *METHODS)}

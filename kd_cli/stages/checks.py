@@ -93,6 +93,19 @@ def check_task_fit(cfg: DictConfig) -> None:
         )
     if "method" in cfg:
         check_method_task(str(cfg.method.name), task)
+    if task == "detection":
+        require_coco_scoring()
+
+
+def require_coco_scoring() -> None:
+    """Detection is scored by pycocotools' COCOeval (an optional extra): missing, it is one line before any
+    work, not an ImportError after the first epoch."""
+    import importlib.util
+
+    if importlib.util.find_spec("pycocotools") is None:
+        raise KdError(
+            "detection is scored by pycocotools' COCOeval, which is not installed: pip install 'kd-cli[coco]'"
+        )
 
 
 def check_plain_values(cfg: DictConfig) -> None:
