@@ -61,7 +61,6 @@ def test_pkd_and_mgd_beat_the_detector_alone_by_one_ap_point(tmp_path):
                 *setting,
                 *options,
                 weights,
-                "trainer.epochs=10",
                 f"seed={seed}",
                 f"hydra.run.dir={run}",
                 cwd=tmp_path,
