@@ -41,7 +41,10 @@ class DetectionScore(Score):
         self.predictions: list[ImageBoxes] = []
         self._scored: Any = None
 
-    def update(self, outputs: Any, targets: Any) -> None:
+    def update(self, outputs: Any, targets: Any) -> None:  # (per-image dicts, not one logit tensor)
+        self.add(outputs, targets)
+
+    def add(self, outputs: Any, targets: Any) -> None:
         for output, target in zip(outputs, targets, strict=True):
             # (boxes back in the data's own pixels: the loader scaled each image by `scale`)
             scale = float(target.get("scale", 1.0))
@@ -63,9 +66,6 @@ class DetectionScore(Score):
             if self.all_finite:
                 self.predictions.append(ImageBoxes(image_id, boxes, output["labels"].cpu(), scores))
         self._scored = None
-
-    def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:  # (update does the work)
-        raise NotImplementedError
 
     def _coco(self):
         if self._scored is None:
