@@ -92,6 +92,9 @@ def segmentation_only(name: str) -> bool:
 
 def method(name: str, monkeypatch, **options):
     torch.manual_seed(0)
+    if "detection" in method_tasks(name):  # FPN methods: a small detector pair
+        student, teacher = create_model("kd_fcos_tiny", 4, 1, 32), create_model("kd_fcos", 4, 1, 32, width=8)
+        return build_method(config(name, **options), student, teacher, task="detection")
     if segmentation_only(name):  # per-pixel methods: a small segmenter pair
         student, teacher = create_model("segcnn_tiny", 10, 1, 8), create_model("segcnn", 10, 1, 8, width=8)
         return build_method(config(name, **options), student, teacher, task="segmentation")
@@ -114,6 +117,9 @@ def terms_of(built, seed: int = 1) -> dict[str, torch.Tensor]:
     images, labels = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
     if built.task.name == "segmentation":
         labels = torch.randint(0, 10, (4, 8, 8))
+    if built.task.name == "detection":  # 32 px scenes, a box each
+        images = torch.randn(4, 1, 32, 32)
+        labels = [{"boxes": torch.tensor([[2.0, 3.0, 20.0, 25.0]]), "labels": torch.tensor([k])} for k in range(4)]
     extra = (torch.arange(4),) if built.needs_index else ()
     torch.manual_seed(seed)  # the same random draws in the method (CRD's negatives) for every build
     terms = {}

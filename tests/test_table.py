@@ -54,7 +54,7 @@ def test_the_segmentation_table_compares_miou_on_torchvisions_recipe(compose_con
     [
         (lambda t: t["published"]["kd"].update({"resnet56_resnet20": [70.66, "a blog"]}), "cites 'a blog'"),
         (lambda t: t["published"]["kd"].update({"resnet56_resnet20": "70.66"}), "must be [score, source]"),
-        (lambda t: t.update(metric="map"), "metric=map is not one of top1, miou"),
+        (lambda t: t.update(metric="ap"), "metric=ap is not one of top1, miou, map"),
         (lambda t: t["pairs"].update({"odd": {"teacher": "resnet56"}}), "pairs.odd must give `teacher` and `student`"),
         (lambda t: t.update(compare="median"), "compare=median is not one of best, last"),
         (lambda t: t["small"].update(pairs=["nope"]), "small.pairs names nope"),
