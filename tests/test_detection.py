@@ -560,3 +560,12 @@ def test_without_pycocotools_a_detection_run_asks_for_it_in_one_line(tmp_path, m
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pycocotools" else real(name, *a))
     result = kd_here("train-teacher", "dataset=digit_detection", *SMALL, *FAST, cwd=tmp_path)
     assert_one_line_error(result, "pycocotools", "pip install 'kd-cli[coco]'")
+
+
+def test_a_teacher_trained_on_other_normalisation_is_refused_by_the_fpn_methods():
+    from kd_cli.models.input_form import Form, feed_own_form
+
+    student, teacher = create_model("kd_fcos_tiny", 4, 1, 32), create_model("kd_fcos", 4, 1, 32, width=8)
+    feed_own_form(teacher, Form(1, 32, (0.1,), (0.2,)), Form(1, 32, (0.5,), (0.5,)))
+    with pytest.raises(KdError, match="teacher was trained on images of another form.*dataset.mean"):
+        check_same_input(student, teacher)

@@ -51,7 +51,18 @@ def transform_settings(detector: Any) -> dict[str, Any]:
 
 def check_same_input(student: nn.Module, teacher: nn.Module) -> None:
     """Both detectors prepare an image alike (no resize of their own, the same padding), so the student's
-    backbone input is the teacher's too."""
+    backbone input is the teacher's too; and the teacher takes the run's batches as they are (a teacher
+    trained on images normalised otherwise is given converted batches by a pre-hook on the whole model,
+    which its backbone, fed directly here, would never see)."""
+    from kd_cli.models.input_form import ToOwnForm
+
+    converted = [h for h in teacher._forward_pre_hooks.values() if isinstance(h, ToOwnForm)]
+    if converted:
+        raise KdError(
+            f"the teacher was trained on images of another form ({converted[0]!r}); the FPN methods feed its "
+            "backbone the student's batch as it is: train the teacher with this run's dataset.mean, dataset.std "
+            "and image size"
+        )
     s, t = (transform_settings(inner_detector(m, role)) for m, role in ((student, "student"), (teacher, "teacher")))
     differ = [f"{key} {s[key]} vs {t[key]}" for key in s if s[key] != t[key]]
     if differ:
