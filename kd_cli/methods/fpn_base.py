@@ -13,6 +13,7 @@ levels, as the authors' configs do with one loss per FPN level of equal weight).
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections import OrderedDict
 from typing import Any, cast
 
@@ -140,8 +141,9 @@ class FpnDistiller(Distiller):
         levels = inner_detector(self.teacher, "teacher").backbone(backbone_input)
         return [levels[name].detach() for name in self.level_names]
 
+    @abstractmethod
     def level_terms(self, student: Levels, teacher: Levels, targets: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The method's own terms from the levels of both models (shallow to deep) and the batch's targets."""
 
 
 def connectors(student_channels: list[int], teacher_channels: list[int], always: bool = False) -> nn.ModuleList:
