@@ -188,6 +188,7 @@ class ExportConfig:
     check_batch_size: int = MISSING
     check_inputs: str = MISSING
     tolerance: float = MISSING
+    box_tolerance: float = MISSING
 
 
 def register_configs() -> None:

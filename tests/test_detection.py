@@ -445,26 +445,131 @@ def test_evaluate_reports_coco_figures_and_writes_a_results_file(detection_teach
     assert (run / "per_class.csv").read_text().splitlines()[0] == "class,ap"
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        ["compress", "RUN", "compression=prune_structured", *FAST],
-        ["export", "RUN", "format=onnx"],
-    ],
-)
-def test_stages_that_do_not_serve_detectors_yet_say_so_in_one_line(detection_teacher, tmp_path, args):
-    stage, _, *rest = args
-    result = kd_here(stage, f"run={detection_teacher}", *rest, f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)
-    assert_one_line_error(result, f"kd {stage} does not serve detectors yet", "kd evaluate")
-    assert not (tmp_path / "out").exists()
+def test_compress_does_not_serve_detectors_yet_and_says_so_in_one_line(detection_teacher, tmp_path):
+    out = tmp_path / "out"
+    result = kd_here(
+        "compress",
+        f"run={detection_teacher}",
+        "compression=prune_structured",
+        *FAST,
+        f"hydra.run.dir={out}",
+        cwd=tmp_path,
+    )
+    assert_one_line_error(result, "kd compress does not serve detectors yet", "kd evaluate")
+    assert not out.exists()
 
 
-def test_predict_does_not_serve_detectors_yet(detection_teacher, tmp_path):
+def scene_files(folder, count: int = 4, wide: bool = False) -> list:
+    """Test scenes of the digit detection set as PNG files (one twice as wide: letterboxed by predict)."""
     from PIL import Image
 
-    Image.new("L", (48, 48)).save(tmp_path / "x.png")
-    result = kd_here("predict", f"run={detection_teacher}", str(tmp_path / "x.png"), cwd=tmp_path)
-    assert_one_line_error(result, "kd predict does not serve detectors yet")
+    data = load_dataset({"name": "digit_detection", "train_scenes": 8, "test_scenes": count})
+    folder.mkdir()
+    for i, image in enumerate(data.test.images):
+        picture = Image.fromarray(image[0].numpy())
+        if wide and i == 0:
+            picture = picture.resize((2 * picture.width, picture.height))
+        picture.save(folder / f"scene{i}.png")
+    return sorted(folder.iterdir())
+
+
+def test_export_writes_an_onnx_detector_that_agrees_with_pytorch_and_predict_reads_both(detection_teacher, tmp_path):
+    export = tmp_path / "export"
+    kd_here_ok(
+        "export", f"run={detection_teacher}", "check_batch_size=4", f"hydra.run.dir={export}", cwd=tmp_path
+    )
+    s = summary(export)
+    assert s["status"] == "complete" and s["exporter"].startswith("torch.onnx.export(dynamo=False)")
+    assert s["images_checked"] == 5 and s["boxes_checked"] > 0 and s["check_batch_sizes"] == [1]
+    assert s["max_box_diff"] <= 1e-3 and s["max_abs_diff"] <= 1e-4 and s["labels_differing"] == 0
+    assert s["images_with_another_box_count"] == 0 and s["dynamic_batch"] is False
+    files = scene_files(tmp_path / "scenes")
+    low = "score_threshold=0.1"
+    kd_here_ok("predict", f"run={detection_teacher}", str(tmp_path / "scenes"), low, "out=torch.csv", cwd=tmp_path)
+    kd_here_ok("predict", f"run={export}/model.onnx", str(tmp_path / "scenes"), low, "out=onnx.csv", cwd=tmp_path)
+    rows = (tmp_path / "torch.csv").read_text().splitlines()
+    assert rows[0] == "file,image_id,class,score,x1,y1,x2,y2" and len(rows) > len(files)
+    assert {row.split(",")[0] for row in rows[1:]} == {str(f) for f in files}
+    assert [r.split(",")[:3] for r in rows] == [
+        r.split(",")[:3] for r in (tmp_path / "onnx.csv").read_text().splitlines()
+    ]
+    results = json.loads((tmp_path / "torch.json").read_text())
+    assert results and set(results[0]) == {"image_id", "category_id", "bbox", "score"}
+    assert min(r["score"] for r in results) >= 0.1 and {r["image_id"] for r in results} <= {1, 2, 3, 4}
+
+
+def test_torchscript_export_of_a_detector_is_one_line(detection_teacher, tmp_path):
+    result = kd_here(
+        "export", f"run={detection_teacher}", "format=torchscript", f"hydra.run.dir={tmp_path / 'o'}", cwd=tmp_path
+    )
+    assert_one_line_error(result, "format=torchscript", "format=onnx")
+    assert not (tmp_path / "o").exists()
+
+
+def test_predict_draws_boxes_in_each_images_own_pixels(detection_teacher, tmp_path):
+    from PIL import Image
+
+    files = scene_files(tmp_path / "scenes", wide=True)
+    out = tmp_path / "p.csv"
+    kd_here_ok(
+        "predict",
+        f"run={detection_teacher}",
+        *map(str, files),
+        f"out={out}",
+        "overlay=true",
+        "score_threshold=0",
+        cwd=tmp_path,
+    )
+    drawn = sorted((tmp_path / "p_boxes").iterdir())
+    assert [d.name for d in drawn] == [f.name for f in files]
+    assert Image.open(drawn[0]).size == Image.open(files[0]).size == (96, 48)
+    for row in out.read_text().splitlines()[1:]:
+        file, _, _, _, *box = row.split(",")
+        width, height = Image.open(file).size
+        x1, y1, x2, y2 = map(float, box)
+        assert 0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height
+    again = kd_here("predict", f"run={detection_teacher}", str(files[0]), f"out={out}", "overwrite=false", cwd=tmp_path)
+    assert_one_line_error(again, "exists", "overwrite=true")
+
+
+def test_predict_options_that_do_not_fit_the_model_are_one_line(detection_teacher, tmp_path):
+    files = scene_files(tmp_path / "scenes", count=1)
+    result = kd_here("predict", f"run={detection_teacher}", str(files[0]), f"out={tmp_path / 'p.json'}", cwd=tmp_path)
+    assert_one_line_error(result, "names the CSV")
+    result = kd_here("predict", f"run={detection_teacher}", str(files[0]), "score_threshold=1.5", cwd=tmp_path)
+    assert_one_line_error(result, "between 0 and 1")
+
+
+def test_predicted_boxes_go_back_to_the_images_pixels_and_results_use_the_files_ids():
+    from types import SimpleNamespace
+
+    from kd_cli.commands.predict_boxes import image_ids, in_image, write_results
+
+    model = SimpleNamespace(spec=SimpleNamespace(num_classes=3), source="m")
+    found = {
+        "boxes": torch.tensor([[10.0, 4.0, 30.0, 20.0], [0.0, 0.0, 64.0, 40.0], [1.0, 1.0, 2.0, 2.0]]),
+        "scores": torch.tensor([0.6, 0.9, 0.2]),
+        "labels": torch.tensor([2, 0, 1]),
+    }
+    # a 128 x 80 image letterboxed into 64 x 64: scale 0.5, padded below
+    kept = in_image(found, 0.5, torch.Size([80, 128]), 0.5, model)  # type: ignore[arg-type]
+    assert [k["label"] for k in kept] == [0, 2] and kept[0]["score"] == pytest.approx(0.9)
+    assert kept[1]["box"] == [20.0, 8.0, 60.0, 40.0] and kept[0]["box"] == [0.0, 0.0, 128.0, 80.0]
+    from pathlib import Path
+
+    assert image_ids([Path("000000397133.jpg"), Path("000000000785.jpg")]) == [397133, 785]
+    assert image_ids([Path("cat.jpg"), Path("7.jpg")]) == [1, 2]
+    rows = [{"image_id": 5, "detections": kept}]
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder, "r.json")
+        write_results(path, rows, [1, 3, 90])
+        written = json.loads(path.read_text())
+    assert written[1] == {"image_id": 5, "category_id": 90, "bbox": [20.0, 8.0, 40.0, 32.0], "score": 0.6}
+    bad = {**found, "labels": torch.tensor([2, 0, 3])}
+    with pytest.raises(KdError, match="class 3"):
+        in_image(bad, 1.0, torch.Size([64, 64]), 0.0, model)  # type: ignore[arg-type]
 
 
 def fgd_reference(preds_s, preds_t, gt_bboxes, img_shape, temp, weights, blocks):

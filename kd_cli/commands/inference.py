@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,7 +34,8 @@ log = logging.getLogger("kd")
 @dataclass
 class Predictor:
     spec: ModelSpec
-    forward: Callable[[torch.Tensor], torch.Tensor]  # normalised images (CPU) -> logits (CPU, float32)
+    # normalised images (CPU) -> logits (CPU, float32); a detector's: per image {boxes, scores, labels} (CPU)
+    forward: Callable[[torch.Tensor], Any]
     source: str
 
 
@@ -54,8 +56,11 @@ def open_model(path: Path, device: str) -> Predictor:
         log.info(f"{path} holds int8 weights; it runs on the CPU")
 
     @torch.inference_mode()
-    def forward(images: torch.Tensor) -> torch.Tensor:
-        return model(images.to(model_device, non_blocking=True)).float().cpu()
+    def forward(images: torch.Tensor) -> Any:
+        outputs = model(images.to(model_device, non_blocking=True))
+        if isinstance(outputs, list):  # a detector's boxes, scores and labels per image
+            return [{key: value.cpu() for key, value in found.items()} for found in outputs]
+        return outputs.float().cpu()
 
     return Predictor(spec, forward, str(path))
 
@@ -89,6 +94,10 @@ def _onnx(path: Path, device: str) -> Predictor:
     except Exception as error:  # noqa: BLE001 - onnxruntime raises its own classes for a bad file
         raise KdError(f"onnxruntime cannot load {path} ({str(error).splitlines()[0][:160]})") from None
     spec = _onnx_spec(path, session.get_modelmeta().custom_metadata_map.get(META))
+    from kd_cli.models import model_task
+
+    if model_task(spec.arch) == "detection":
+        return _onnx_detector(path, session, spec)
     _check_onnx_shapes(path, session, spec)
     name = session.get_inputs()[0].name
     fixed = session.get_inputs()[0].shape[0]
@@ -112,6 +121,44 @@ def _onnx(path: Path, device: str) -> Predictor:
             torch.cat([chunk, chunk[-1:].expand(fixed - len(chunk), *chunk.shape[1:])]) if len(chunk) < fixed else chunk
         )
         return run(padded)[: len(chunk)]
+
+    return Predictor(spec, forward, str(path))
+
+
+DETECTION_OUTPUTS = ("boxes", "scores", "labels")  # what kd export names a detector's outputs
+
+
+def _onnx_detector(path: Path, session, spec: ModelSpec) -> Predictor:
+    """A detector's ONNX file (kd export: one image per run, outputs boxes, scores, labels)."""
+    inputs, outputs = session.get_inputs(), [output.name for output in session.get_outputs()]
+    shape = inputs[0].shape
+    if (
+        outputs != list(DETECTION_OUTPUTS)
+        or len(shape) != 4
+        or list(shape[1:]) != [spec.in_channels, spec.input_size, spec.input_size]
+    ):
+        raise KdError(
+            f"{path} takes {list(shape)} and gives {outputs}, but its model description says a detector of "
+            f"{spec.in_channels}x{spec.input_size}x{spec.input_size} images (outputs {', '.join(DETECTION_OUTPUTS)}): "
+            "they are not of one model; export it again with kd export"
+        )
+    name = inputs[0].name
+
+    def forward(images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        found = []
+        for image in images.split(1):  # torchvision's exportable detectors take one image per run
+            try:
+                boxes, scores, labels = session.run(None, {name: image.numpy()})
+            except Exception as error:  # noqa: BLE001 - onnxruntime's own classes
+                raise KdError(f"onnxruntime cannot run {path} ({str(error).splitlines()[0][:160]})") from None
+            found.append(
+                {
+                    "boxes": torch.from_numpy(boxes).float(),
+                    "scores": torch.from_numpy(scores).float(),
+                    "labels": torch.from_numpy(labels).long(),
+                }
+            )
+        return found
 
     return Predictor(spec, forward, str(path))
 

@@ -9,7 +9,9 @@ sets), its mean and std. Images go through in batches, on the CPU or the GPU.
 
 Writes a CSV (file, then class and probability for each of the top k) and prints the first rows. A
 segmentation model writes a palette PNG mask per image instead (in OUT's folder + `_masks/`, at the
-image's size) and a CSV of the share of pixels each class takes.
+image's size) and a CSV of the share of pixels each class takes. A detector writes a CSV row per box found
+(at or above `score_threshold`, in the image's own pixels), the same boxes in the COCO results format
+(OUT's `.json` twin), and with `overlay=true` each image with its boxes drawn.
 An unreadable image is named in one warning and left out (exit 0); `strict=true` stops instead,
 before anything is written. An existing CSV is never overwritten unless `overwrite=true`.
 """
@@ -31,17 +33,19 @@ if TYPE_CHECKING:
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 LIST_SUFFIXES = (".txt", ".lst")
+DEFAULT_SCORE_THRESHOLD = 0.5  # a detector's boxes kept by kd predict unless score_threshold= says otherwise
 SHOWN_ROWS = 10  # rows of the printed table (the CSV has all)
 SKIPPED_SHOWN = 3
 # The keys `kd predict` takes as key=value, Hydra style (also as --key VALUE).
-KEYS = ("run", "top_k", "out", "batch_size", "device", "strict", "overwrite", "workers", "overlay")
+KEYS = ("run", "top_k", "out", "batch_size", "device", "strict", "overwrite", "workers", "overlay", "score_threshold")
 
 EPILOG = """\
 examples:
   kd predict run=outputs/distill/2026-11-30/10-00-00-123456 photos/
   kd predict run=RUN cat.jpg dog.png top_k=3 out=two.csv
   kd predict run=RUN/export/model.onnx list.txt device=cpu
-  kd predict run=RUN photos/ device=cuda batch_size=256 strict=true"""
+  kd predict run=RUN photos/ device=cuda batch_size=256 strict=true
+  kd predict run=DETECTOR street/ score_threshold=0.3 overlay=true"""
 
 
 class Parser(argparse.ArgumentParser):
@@ -68,10 +72,20 @@ def _positive(text: str, most: int = 2**16) -> int:
     return value
 
 
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} must be between 0 and 1 (a detection's score)")
+    return value
+
+
 def build_parser() -> Parser:
     usage = (
         "kd predict run=RUN INPUT... [top_k=5] [out=predictions.csv] [batch_size=64] [device=cpu] "
-        "[strict=false] [overwrite=false] [workers=N]   (or --key VALUE)"
+        "[strict=false] [overwrite=false] [workers=N] [overlay=false] [score_threshold=0.5]   (or --key VALUE)"
     )
     parser = Parser(
         prog="kd predict",
@@ -90,7 +104,18 @@ def build_parser() -> Parser:
     parser.add_argument("--strict", type=_bool, default=False, help="true: an unreadable image stops the command")
     parser.add_argument("--overwrite", type=_bool, default=False, help="true: replace an existing CSV")
     parser.add_argument(
-        "--overlay", type=_bool, default=False, help="segmentation: also the image with its mask's colours over it"
+        "--overlay",
+        type=_bool,
+        default=False,
+        help="segmentation: also the image with its mask's colours over it; detection: with its boxes drawn",
+    )
+    parser.add_argument(
+        "--score-threshold",
+        "--score_threshold",
+        dest="score_threshold",
+        type=_probability,
+        default=None,
+        help="detection: the least score of a box kept (0.5)",
     )
     parser.add_argument(
         "--workers",
@@ -128,20 +153,33 @@ def main(argv: list[str]) -> int:
     from kd_cli.commands.inference import open_model, predict_files, preprocessing
 
     model = open_model(Path(args.run), args.device)
-    transform = preprocessing(model.spec)
     from kd_cli.models import model_task
 
-    segmenter = model_task(model.spec.arch) == "segmentation"
-    if segmenter:  # a mask per image (commands/predict_masks.py)
+    task = model_task(model.spec.arch)
+    if args.score_threshold is not None and task != "detection":
+        raise KdError(f"kd predict: score_threshold= sets a detector's least box score; this model is a {task} model")
+    if task == "detection":  # boxes per image (commands/predict_boxes.py)
+        from kd_cli.commands.predict_boxes import predict_boxes
+        from kd_cli.commands.predict_masks import masks_folder
+
+        if out.suffix.lower() == ".json":
+            raise KdError(f"kd predict: out={args.out} names the CSV; the COCO results go beside it as its .json twin")
+        results = output_file(out.with_suffix(".json"), "out (its .json twin)", args.overwrite, "overwrite=true")
+        drawn = masks_folder(out, args.overwrite, "boxes") if args.overlay else None
+        args.score_threshold = DEFAULT_SCORE_THRESHOLD if args.score_threshold is None else args.score_threshold
+        rows, skipped = predict_boxes(model, files, args, drawn)
+    elif task == "segmentation":  # a mask per image (commands/predict_masks.py)
         from kd_cli.commands.predict_masks import masks_folder, predict_masks
 
         folder = masks_folder(out, args.overwrite)
         overlays = masks_folder(out, args.overwrite, "overlays") if args.overlay else None
-        rows, skipped = predict_masks(model, files, transform, args, folder, overlays)
+        rows, skipped = predict_masks(model, files, preprocessing(model.spec), args, folder, overlays)
     else:
         if args.overlay:
-            raise KdError("kd predict: overlay=true draws a segmenter's masks; this model is a classifier")
-        rows, skipped = predict_files(model, files, transform, args)
+            raise KdError(
+                "kd predict: overlay=true draws a segmenter's masks or a detector's boxes; this model is a classifier"
+            )
+        rows, skipped = predict_files(model, files, preprocessing(model.spec), args)
     from kd_cli.data.on_disk import shown_path
 
     if skipped and args.strict:
@@ -156,7 +194,10 @@ def main(argv: list[str]) -> int:
         warn(f"skipped {len(skipped)} unreadable image(s) of {len(files)}: {shown}{more}")
     if not rows:
         raise KdError(f"none of the {len(files)} image(s) could be read; nothing written")
-    if segmenter:
+    if task == "detection":
+        write_boxes(out, results, rows, model, args.score_threshold)
+        return 0
+    if task == "segmentation":
         write_shares(out, rows, model.spec.class_names)
         print_masks(rows, model, args.out)
         return 0
@@ -252,6 +293,33 @@ def print_predictions(rows: list[dict], model: Predictor, out: Path) -> None:
         [("file", "left"), ("top-1", "left"), ("p", "right"), ("next", "left")],
         cells,
         notes=[*more, f"predictions: {out}"],
+    )
+
+
+def write_boxes(out: Path, results: Path, rows: list[dict], model: Predictor, threshold: float) -> None:
+    """A detector's CSV (a row per box) and COCO results file, then the first images' boxes printed."""
+    from kd_cli.commands.predict_boxes import csv_rows, write_results
+    from kd_cli.data.on_disk import shown_path
+
+    names = model.spec.class_names
+    _write_rows(out, *csv_rows(rows, names))
+    write_results(results, rows, model.spec.extra.get("category_ids") or list(range(len(names))))
+    cells = [
+        [
+            shown_path(row["file"]),
+            str(len(row["detections"])),
+            ", ".join(f"{names[d['label']]} {d['score']:.2f}" for d in row["detections"][:4])
+            + (" ..." if len(row["detections"]) > 4 else ""),
+        ]
+        for row in rows[:SHOWN_ROWS]
+    ]
+    more = [f"... and {len(rows) - SHOWN_ROWS} more"] if len(rows) > SHOWN_ROWS else []
+    total = sum(len(row["detections"]) for row in rows)
+    print_table(
+        f"kd predict: {len(rows)} image(s), {total} box(es) scoring >= {threshold:g}",
+        [("file", "left"), ("boxes", "right"), ("best", "left")],
+        cells,
+        notes=[*more, f"model: {model.spec.arch} ({model.source})", f"boxes: {out}", f"COCO results: {results}"],
     )
 
 

@@ -91,7 +91,7 @@ def predict_masks(
         mask = resized.argmax(1)[0].to(torch.uint8)
         picture = Image.fromarray(mask.numpy(), mode="P")
         picture.putpalette(palette)
-        name = _unique(path.stem, used)
+        name = unique_name(path.stem, used)
         picture.save(folder / f"{name}.png")
         if overlays is not None:
             Image.fromarray(overlay(image, mask, palette).numpy()).save(overlays / f"{name}.png")
@@ -102,7 +102,7 @@ def predict_masks(
     return rows, skipped
 
 
-def _unique(stem: str, used: set[str]) -> str:
+def unique_name(stem: str, used: set[str]) -> str:
     """The image's name for its mask; a second image of the same name gets `_2`, and so on."""
     name, count = stem, 1
     while name in used:

@@ -42,8 +42,9 @@ from kd_cli.engine.device import seed_everything
 from kd_cli.engine.files import atomic_write
 from kd_cli.engine.rundir import COMPLETE, RunDir
 from kd_cli.errors import KdError, unknown_choice
-from kd_cli.models.registry import check_stage_serves
+from kd_cli.models.registry import check_stage_serves, model_task
 from kd_cli.registry import Range, check_number
+from kd_cli.stages import export_boxes
 from kd_cli.stages.data import saved_dataset
 from kd_cli.stages.lifecycle import start_run
 from kd_cli.stages.results import print_results
@@ -66,6 +67,9 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     weights = resolve_weights(cfg.run)
     spec = load_spec(weights)
     check_stage_serves(spec.arch, "export")
+    detector = model_task(spec.arch) == "detection"
+    if detector:
+        export_boxes.check_options(cfg)
     if cfg.format == "onnx" and is_int8(spec.extra):
         raise KdError(
             f"ONNX export of int8 models is not supported ({weights} holds int8 weights); export the "
@@ -78,7 +82,10 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     log.info(f"export: format {cfg.format}")
     meta_text = weights.with_name(META).read_text()
     path = run.path / FILES[cfg.format]
-    result = write_checked(model, batches, source, path, cfg, meta_text)
+    if detector:  # one image per file run (stages/export_boxes.py)
+        result = export_boxes.write_checked(model, torch.cat(batches), source, path, cfg, meta_text)
+    else:
+        result = write_checked(model, batches, source, path, cfg, meta_text)
     atomic_write(run.path / META, lambda tmp: tmp.write_text(meta_text))
     summary = {
         "stage": "export",
@@ -88,33 +95,37 @@ def main(cfg: DictConfig, run: RunDir) -> float:
         "format": cfg.format,
         "file": path.name,
         "size_bytes": path.stat().st_size,
-        "exporter": "torch.onnx.export(dynamo=True)" if cfg.format == "onnx" else "torch.jit.trace",
+        "exporter": _exporter(cfg, detector),
         "opset": onnx_opset(path) if cfg.format == "onnx" else None,
-        "dynamic_batch": cfg.dynamic_batch,
+        "dynamic_batch": cfg.dynamic_batch and not detector,
         "int8": is_int8(spec.extra),
         "check_runtime": "onnxruntime CPUExecutionProvider" if cfg.format == "onnx" else "torch.jit.load",
         "check_inputs": source,
-        "check_batch_sizes": [len(b) for b in batches],
+        "check_batch_sizes": [1] if detector else [len(b) for b in batches],
         **result,
         "tolerance": cfg.tolerance,
     }
     run.write_summary(COMPLETE, **summary, wall_time_s=time.time() - started)
     kind = f"onnx (opset {summary['opset']})" if cfg.format == "onnx" else "torchscript"
-    print_results(
-        f"export {spec.arch} ({spec.dataset}) to {cfg.format}",
-        [
-            ("format", kind),
-            ("file", path.name),
-            ("size on disk (bytes)", summary["size_bytes"]),
+    rows = [("format", kind), ("file", path.name), ("size on disk (bytes)", summary["size_bytes"])]
+    if detector:
+        rows += [
+            ("input", "one image per run"),
+            ("checked on", f"{result['images_checked']} {source} ({result['boxes_checked']} boxes)"),
+            ("max box difference (pixels)", f"{result['max_box_diff']:.2e}"),
+            ("max score difference", f"{result['max_abs_diff']:.2e}"),
+            ("tolerances (box, score)", f"{cfg.box_tolerance:.0e}, {cfg.tolerance:.0e}"),
+        ]
+    else:
+        rows += [
             ("dynamic batch", _batch_label(cfg)),
             ("checked on", source),
             ("batch sizes checked", ", ".join(map(str, summary["check_batch_sizes"]))),
             ("max abs difference", f"{result['max_abs_diff']:.2e}"),
             ("same class (argmax) %", result["argmax_agreement"]),
             ("tolerance", f"{cfg.tolerance:.0e}"),
-        ],
-        run.path,
-    )
+        ]
+    print_results(f"export {spec.arch} ({spec.dataset}) to {cfg.format}", rows, run.path)
     return result["max_abs_diff"]
 
 
@@ -139,6 +150,12 @@ def write_checked(
 
     atomic_write(path, write_and_check)
     return result
+
+
+def _exporter(cfg: DictConfig, detector: bool) -> str:
+    if cfg.format != "onnx":
+        return "torch.jit.trace"
+    return export_boxes.EXPORTER if detector else "torch.onnx.export(dynamo=True)"
 
 
 def _batch_label(cfg: DictConfig) -> str:
@@ -177,6 +194,7 @@ def check_export_options(cfg: DictConfig) -> None:
             f"dynamic_batch=false for a file fixed at batch 1"
         )
     check_number("tolerance", cfg.tolerance, Range(0), hint="the largest difference from PyTorch accepted")
+    check_number("box_tolerance", cfg.box_tolerance, Range(0), hint="pixels a detector's exported box may differ by")
 
 
 # --- inputs for the check ---
@@ -260,7 +278,7 @@ def compare(
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, cfg: DictConfig, meta_text: str) -> None:
     dynamic = ({0: torch.export.Dim("batch")},) if cfg.dynamic_batch else None
-    with _exporter_output() as output:
+    with exporter_output() as output:
         try:
             program = torch.onnx.export(
                 model,
@@ -294,7 +312,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, cfg: DictCo
 
 
 @contextmanager
-def _exporter_output() -> Iterator[io.StringIO]:
+def exporter_output() -> Iterator[io.StringIO]:
     """While torch.onnx.export runs: its prints (graph dumps when torch.export fails) go to a buffer, and
     its loggers (and onnxscript's, which log every optimiser pass at INFO) say only errors."""
     buffer = io.StringIO()
@@ -321,7 +339,7 @@ def onnx_runner(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as error:  # an opset newer than this onnxruntime knows, for one
-        raise KdError(f"onnxruntime {ort.__version__} cannot load the exported file: {_first_line(error)}") from error
+        raise KdError(f"onnxruntime {ort.__version__} cannot load the exported file: {first_line(error)}") from error
 
     def run(batch: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0])
@@ -353,7 +371,7 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, cfg:
             traced = torch.jit.trace(model, (example,), check_trace=False)  # the check below compares outputs
             torch.jit.save(traced, str(path), _extra_files={METADATA_KEY: meta_text})
     except Exception as error:
-        raise KdError(f"TorchScript export failed: {_first_line(error)} (KD_DEBUG=1 shows the traceback)") from error
+        raise KdError(f"TorchScript export failed: {first_line(error)} (KD_DEBUG=1 shows the traceback)") from error
 
 
 def torchscript_runner(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -371,10 +389,10 @@ def _root_cause(error: BaseException) -> str:
     """The first line of the innermost cause (torch.export's own message), without colour codes."""
     while error.__cause__ is not None:
         error = error.__cause__
-    return _first_line(error)
+    return first_line(error)
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 

@@ -27,6 +27,10 @@ def options_with_defaults(model_cfg: DictConfig) -> dict:
 
 
 def model_spec(model_cfg: DictConfig, data, dataset_cfg: DictConfig) -> ModelSpec:
+    extra = {"crop_fraction": dataset_cfg.crop_fraction} if "crop_fraction" in dataset_cfg else {}
+    ids = getattr(data, "category_ids", None)
+    if ids and list(ids) != list(range(len(ids))):  # a COCO file's ids with gaps: kd predict's results use them
+        extra["category_ids"] = list(ids)
     return ModelSpec(
         arch=model_cfg.arch,
         kwargs=options_with_defaults(model_cfg),
@@ -38,7 +42,7 @@ def model_spec(model_cfg: DictConfig, data, dataset_cfg: DictConfig) -> ModelSpe
         class_names=list(data.class_names),
         dataset=dataset_cfg.name,
         # how an image file becomes this model's input (kd predict): the evaluation crop of image folders
-        extra={"crop_fraction": dataset_cfg.crop_fraction} if "crop_fraction" in dataset_cfg else {},
+        extra=extra,
     )
 
 
