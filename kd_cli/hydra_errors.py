@@ -27,7 +27,7 @@ def describe(error: BaseException) -> str:
         for line in lines
         if line and not line.startswith(NOISE) and "$VALUE" not in line and "$FULL_KEY" not in line
     ]
-    text = "; ".join(dict.fromkeys(_fold_option_lists(_without_repeats(lines))))
+    text = "; ".join(dict.fromkeys(_without_repeats(_fold_option_lists(lines))))
     text = _grammar_error(text)
     text = _group_of_another_stage(text)
     text = _interpolated_type_error(text)
@@ -87,11 +87,12 @@ TYPE_ERROR = re.compile(
 
 def _without_repeats(lines: list[str]) -> list[str]:
     """OmegaConf repeats a cause inside each wrapper's message: keep each line once, and drop one that is
-    only another line with a wrapper's prefix in front."""
+    only another line with a wrapper's prefix in front. (Option lists are folded into one line first, so
+    an option's name is never taken for a repeat of a message that quotes it: `method=pkdd` lists `pkd`.)"""
     kept: list[str] = []
     for line in lines:
         core = re.sub(r"^\w+ (?:raised )?while resolving interpolation: ", "", line)
-        if not any(core == other or core in other or other in core for other in kept):
+        if not any(core.endswith(other) or other.endswith(core) for other in kept):
             kept.append(core)
     return kept
 

@@ -323,8 +323,10 @@ def test_the_teacher_sees_the_students_backbone_input():
 
 def test_a_teacher_built_for_another_input_size_or_strides_is_refused():
     student = create_model("kd_fcos_tiny", 4, 1, 32)
-    with pytest.raises(KdError, match="prepare images differently.*min_size"):
+    with pytest.raises(KdError, match="prepare images differently.*min_size.*same input size"):
         check_same_input(student, create_model("kd_fcos", 4, 1, 64, width=8))
+    with pytest.raises(KdError, match="size_divisible 16 vs 32.*pair detectors of one family"):
+        check_same_input(student, create_model("fcos_resnet50_fpn", 4, 1, 32))
     teacher = create_model("fasterrcnn_mobilenet_v3_large_fpn", 4, 1, 32)
     assert list(level_shapes(student)) != list(level_shapes(teacher))
     with pytest.raises(KdError, match="(prepare images differently|FPN levels of equal size)"):
@@ -392,6 +394,16 @@ def test_an_interrupted_detection_distillation_resumes_longer(detection_teacher,
     )
     rows = (run / "metrics.csv").read_text().splitlines()
     assert [row.split(",")[0] for row in rows[1:]] == ["1", "2"] and "train_mgd" in rows[0]
+
+
+def test_teacher_options_beside_a_checkpoint_must_agree_with_it(detection_teacher, tmp_path):
+    common = [*TEACHER[:3], *TEACHER[6:], "method=pkd", f"teacher.checkpoint={detection_teacher}"]
+    out = f"hydra.run.dir={tmp_path / 'out'}"
+    result = kd_here("distill", *common, "teacher.kwargs.width=32", out, cwd=tmp_path)
+    assert_one_line_error(result, "teacher.kwargs.width=32 disagrees", "width=16", "drop teacher.kwargs.width=")
+    result = kd_here("distill", *common, "teacher=fcos_resnet50_fpn", out, cwd=tmp_path)
+    assert_one_line_error(result, "teacher=fcos_resnet50_fpn disagrees", "holds a kd_fcos")
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_untrained_teacher_is_refused_before_distilling(tmp_path):

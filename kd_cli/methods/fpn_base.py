@@ -65,12 +65,18 @@ def check_same_input(student: nn.Module, teacher: nn.Module) -> None:
             "and image size"
         )
     s, t = (transform_settings(inner_detector(m, role)) for m, role in ((student, "student"), (teacher, "teacher")))
-    differ = [f"{key} {s[key]} vs {t[key]}" for key in s if s[key] != t[key]]
-    if differ:
+    keys = [key for key in s if s[key] != t[key]]
+    if keys:
+        fix = (
+            "build both for the same data set (same input size)"
+            if {"min_size", "max_size"} & set(keys)
+            else "pair detectors of one family that pad alike (kd_fcos with kd_fcos_tiny; torchvision's "
+            "Faster R-CNN, RetinaNet and FCOS with each other)"
+        )
         raise KdError(
             "the student and the teacher prepare images differently (student vs teacher: "
-            f"{'; '.join(differ)}), so their features would come from different pixels; build both for the "
-            "same data set (same input size)"
+            f"{'; '.join(f'{key} {s[key]} vs {t[key]}' for key in keys)}), so their features would come from "
+            f"different pixels; {fix}"
         )
 
 

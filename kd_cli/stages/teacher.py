@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kd_cli.data import DataSplits
@@ -84,7 +84,33 @@ def plan_teacher(cfg: DictConfig, data: DataSplits, run: RunDir, device: torch.d
             log.info(f"teacher: {cfg.teacher.arch} from {found} (newest complete teacher run on this data)")
             return plan
         return TeacherPlan(new_teacher_dir(cfg), model_spec(cfg.teacher, data, cfg.dataset), train=True)
-    return _loaded(Path(source), data, device, _normalisation(cfg))
+    plan = _loaded(Path(source), data, device, _normalisation(cfg))
+    check_command_line_agrees(cfg, plan.spec, source)
+    return plan
+
+
+def check_command_line_agrees(cfg: DictConfig, spec: ModelSpec, source: str) -> None:
+    """A checkpoint says which network it holds (its model.json); a teacher architecture or option given on
+    the command line beside it would otherwise be ignored in silence. One that disagrees is refused."""
+    if not HydraConfig.initialized():
+        return
+    for override in HydraConfig.get().overrides.task:
+        key = override.lstrip("+~").split("=")[0]
+        if key in ("teacher", "teacher.arch") and str(cfg.teacher.arch) != spec.arch:
+            given, held = f"{key}={cfg.teacher.arch}", f"a {spec.arch}"
+        elif key.startswith("teacher.kwargs."):
+            name = key.removeprefix("teacher.kwargs.")
+            value = OmegaConf.select(cfg.teacher.kwargs, name)
+            value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+            if spec.kwargs.get(name) == value:
+                continue
+            given, held = f"{key}={value}", f"a {spec.arch} with {name}={spec.kwargs.get(name, 'unset')}"
+        else:
+            continue
+        raise KdError(
+            f"{given} disagrees with teacher.checkpoint={source}, which holds {held} (its model.json says what "
+            f"it is): drop {key}=, or give a checkpoint of that teacher"
+        )
 
 
 def _pinned(
