@@ -487,9 +487,7 @@ def scene_files(folder, count: int = 4, wide: bool = False) -> list:
 
 def test_export_writes_an_onnx_detector_that_agrees_with_pytorch_and_predict_reads_both(detection_teacher, tmp_path):
     export = tmp_path / "export"
-    kd_here_ok(
-        "export", f"run={detection_teacher}", "check_batch_size=4", f"hydra.run.dir={export}", cwd=tmp_path
-    )
+    kd_here_ok("export", f"run={detection_teacher}", "check_batch_size=4", f"hydra.run.dir={export}", cwd=tmp_path)
     s = summary(export)
     assert s["status"] == "complete" and s["exporter"].startswith("torch.onnx.export(dynamo=False)")
     assert s["images_checked"] == 5 and s["boxes_checked"] > 0 and s["check_batch_sizes"] == [1]
@@ -508,6 +506,21 @@ def test_export_writes_an_onnx_detector_that_agrees_with_pytorch_and_predict_rea
     results = json.loads((tmp_path / "torch.json").read_text())
     assert results and set(results[0]) == {"image_id", "category_id", "bbox", "score"}
     assert min(r["score"] for r in results) >= 0.1 and {r["image_id"] for r in results} <= {1, 2, 3, 4}
+
+
+def test_import_reads_a_torchvision_layout_detector_checkpoint_and_scores_it(detection_teacher, tmp_path):
+    from safetensors.torch import load_file
+
+    state = {k.removeprefix("detector."): v for k, v in load_file(detection_teacher / "model.safetensors").items()}
+    torch.save({"model": state, "epoch": 6}, tmp_path / "fcos.pth")  # torchvision's references save it so
+    run = tmp_path / "imported"
+    arch = ["arch=kd_fcos", "model.kwargs.width=16"]
+    kd_here_ok("import", str(tmp_path / "fcos.pth"), *arch, *TEACHER[:3], *FAST, f"hydra.run.dir={run}", cwd=tmp_path)
+    s = summary(run)
+    assert s["status"] == "complete" and s["metric"] == "map" and s["task"] == "detection"
+    assert s["map"] == pytest.approx(summary(detection_teacher)["last_map"], abs=1e-6)
+    wrong = kd_here("import", str(tmp_path / "fcos.pth"), "arch=kd_fcos", *TEACHER[:3], *FAST, cwd=tmp_path)
+    assert_one_line_error(wrong, "do not fit the model", "of another shape", "check the architecture")
 
 
 def test_torchscript_export_of_a_detector_is_one_line(detection_teacher, tmp_path):

@@ -35,6 +35,8 @@ class Detector(nn.Module):
     def __init__(self, detector: nn.Module, label_offset: int, in_channels: int, model_channels: int):
         super().__init__()
         self.detector = detector
+        # kd import: a torchvision checkpoint's keys (`backbone.body...`) are this wrapper's `detector.` ones
+        self.kd_foreign_key_map = {"": "detector."}
         self.label_offset = label_offset  # 1 where the detector's class 0 is the background
         self.repeat = model_channels // in_channels if in_channels != model_channels else 1
 

@@ -3,10 +3,11 @@
 The checkpoint is read by models/foreign_weights.py (weights_only, unnested, wrapper prefixes stripped),
 loaded strictly into `model.arch` built for the data set's classes, channels and size (a mismatch is
 one line with counts and the first names), scored on the data set's test split by the data set's task
-(top-1 for a classifier, mIoU for a segmenter; non-finite outputs refused), saved as model.safetensors +
-model.json, then reloaded from those files and required to give the same outputs. The run directory
+(top-1 for a classifier, mIoU for a segmenter, COCO mAP for a detector; non-finite outputs refused),
+saved as model.safetensors + model.json, then reloaded from those files and required to give the same outputs. The run directory
 then works everywhere a kd model does: teacher.checkpoint=, kd evaluate, kd compress, kd export,
-kd predict.
+kd predict. A torchvision detector's checkpoint (its own keys, `backbone.body...`) loads into kd's wrapper
+(`detector.backbone.body...`) as it is.
 """
 
 from __future__ import annotations
@@ -194,12 +195,27 @@ def _check_saved(run: RunDir, device: torch.device, loader, imported: torch.nn.M
     reloaded.eval()
     difference = 0.0
     for images, _ in loader:
-        difference = max(difference, (reloaded(images).float() - imported(images).float()).abs().max().item())
+        difference = max(difference, output_difference(reloaded(images), imported(images)))
     if difference > SAME_OUTPUTS:
         raise KdError(
             f"the saved model's outputs differ from the imported module's by {difference:.2g}; the "
             f"architecture has state outside its state dict: report it (run directory {run.path})"
         )
+
+
+def output_difference(got, expected) -> float:
+    """The largest |got - expected| over two models' outputs on a batch: logits, or a detector's per-image
+    boxes and scores (another number of boxes, or other labels, is an infinite difference)."""
+    if isinstance(expected, torch.Tensor):
+        return (got.float() - expected.float()).abs().max().item()
+    largest = 0.0
+    for mine, theirs in zip(got, expected, strict=True):
+        if len(mine["boxes"]) != len(theirs["boxes"]) or not torch.equal(mine["labels"], theirs["labels"]):
+            return float("inf")
+        for key in ("boxes", "scores"):
+            if len(theirs[key]):
+                largest = max(largest, (mine[key].float() - theirs[key].float()).abs().max().item())
+    return largest
 
 
 def _digest(source: Path) -> str:
