@@ -1,12 +1,12 @@
 """`kd import PATH arch=NAME dataset=...`: a checkpoint someone has -> a kd model directory.
 
 The checkpoint is read by models/foreign_weights.py (weights_only, unnested, wrapper prefixes stripped),
-loaded strictly into `model.arch` built for the data set's classes, channels and size (a mismatch is
-one line with counts and the first names), scored on the data set's test split by the data set's task
-(top-1 for a classifier, mIoU for a segmenter, COCO mAP for a detector; non-finite outputs refused),
-saved as model.safetensors + model.json, then reloaded from those files and required to give the same
-outputs. The run directory then works everywhere a kd model does: teacher.checkpoint=, kd evaluate, kd compress, kd export,
-kd predict. A torchvision detector's checkpoint (its own keys, `backbone.body...`) loads into kd's wrapper
+loaded strictly into `model.arch` built for the data set's classes, channels and size (a mismatch is one line
+with counts and the first names), scored on the data set's test split by the data set's task (top-1 for a
+classifier, mIoU for a segmenter, COCO mAP for a detector; non-finite outputs refused), saved as
+model.safetensors + model.json, then reloaded from those files and required to give the same outputs. The run
+directory then works everywhere a kd model does: teacher.checkpoint=, kd evaluate, kd compress, kd export, kd
+predict. A torchvision detector's checkpoint (its own keys, `backbone.body...`) loads into kd's wrapper
 (`detector.backbone.body...`) as it is.
 """
 
