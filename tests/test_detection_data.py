@@ -443,3 +443,116 @@ def test_a_coco_layout_trains_and_its_results_file_has_the_files_own_ids(tmp_pat
     detections = json.loads((tmp_path / "eval" / "detections.json").read_text())
     assert detections and {d["category_id"] for d in detections} <= set(GAPPY)
     assert {d["image_id"] for d in detections} <= {100, 101, 102, 103, 999}
+
+
+# --- a second fuzzing pass: each was a silent misreading or a message that did not say what to fix ---------
+
+
+def two_split_yolo_folder(root: Path) -> None:
+    for split, count in (("train", 3), ("val", 2)):
+        yolo_folder(root, write_scene_images(root / "images" / split, count), split)
+
+
+@pytest.mark.parametrize(
+    "names, fragment",
+    [
+        ("names: [cat, cat, dog]\n", "data.yaml: `names` lists 'cat' more than once"),
+        ("names: {0: cat, 1: dog, 2: cat, 3: dog}\n", "data.yaml: `names` lists 'cat', 'dog' more than once"),
+        ("names: [1, '1']\n", "data.yaml: `names` lists '1' more than once"),  # (both are the class name "1")
+    ],
+)
+def test_yolo_class_names_listed_twice_in_data_yaml_are_refused(tmp_path, names, fragment):
+    two_split_yolo_folder(tmp_path)
+    (tmp_path / "data.yaml").write_text(names)
+    with pytest.raises(KdError, match=re.escape(fragment) + ".*give each class its own name"):
+        load_dataset({"name": "yolo_detection", "root": str(tmp_path)})
+
+
+def test_yolo_class_names_option_listing_a_name_twice_is_refused(tmp_path):
+    two_split_yolo_folder(tmp_path)
+    names = [f"n{d}" for d in range(9)] + ["n3"]
+    with pytest.raises(KdError, match=r"^dataset.class_names lists 'n3' more than once; give each class its own name$"):
+        load_dataset({"name": "yolo_detection", "root": str(tmp_path), "class_names": names})
+
+
+def test_coco_categories_sharing_a_name_are_refused(tmp_path):
+    scenes = write_scene_images(tmp_path / "images", 2)
+    path = coco_file(tmp_path, scenes)
+    document = json.loads(path.read_text())
+    document["categories"][1]["name"] = "digit 0"  # id 2, as id 1
+    path.write_text(json.dumps(document))
+    with pytest.raises(
+        KdError, match=r"^instances.json: categories share a name: 'digit 0' \(ids 1, 2\); give each category its"
+    ):
+        coco_boxes(path, tmp_path / "images")
+
+
+def test_coco_train_and_test_categories_that_differ_are_named(tmp_path):
+    ids = {"train": GAPPY, "test": [*GAPPY[:-1], 90]}  # the test file numbers digit 9 as 90
+    for split in ("train", "test"):
+        coco_file(tmp_path / split, write_scene_images(tmp_path / split / "images", 2), ids=ids[split])
+    document = json.loads((tmp_path / "test" / "instances.json").read_text())
+    document["categories"][0]["name"] = "zero"  # and calls digit 0 zero
+    (tmp_path / "test" / "instances.json").write_text(json.dumps(document))
+    options = {
+        f"{split}_{what}": f"{split}/{kind}"
+        for split in ("train", "test")
+        for what, kind in (("annotations", "instances.json"), ("images", "images"))
+    }
+    fragment = "only in the training file: 1: digit 0, 89: digit 9; only in the test file: 1: zero, 90: digit 9"
+    with pytest.raises(KdError, match=re.escape(fragment) + "\\); give files of one category list$"):
+        load_dataset({"name": "coco_detection", "root": str(tmp_path), **options})
+
+
+def test_yolo_detection_refuses_an_explicitly_empty_class_names_list(tmp_path):
+    two_split_yolo_folder(tmp_path)
+    (tmp_path / "data.yaml").write_text("names: [" + ", ".join(f"n{d}" for d in range(10)) + "]\n")
+    with pytest.raises(
+        KdError, match=r"^dataset.class_names=\[\] lists no class; .*or leave it out to read data.yaml$"
+    ):
+        load_dataset({"name": "yolo_detection", "root": str(tmp_path), "class_names": []})
+    data = load_dataset({"name": "yolo_detection", "root": str(tmp_path), "class_names": None, "image_size": 48})
+    assert data.class_names == [f"n{d}" for d in range(10)]  # null, as left out, reads data.yaml
+
+
+@pytest.mark.parametrize("class_names", [None, ["a", "b"]])
+def test_a_missing_yolo_root_is_named_as_the_folder_not_as_its_data_yaml(tmp_path, class_names):
+    missing = tmp_path / "nowhere"
+    expected = r"YOLO folder .*nowhere not found \(expected images/<split>/, labels/<split>/ and data.yaml in it\)"
+    with pytest.raises(KdError, match=expected + "; give its path as dataset.root$"):
+        load_dataset({"name": "yolo_detection", "root": str(missing), "class_names": class_names})
+    with pytest.raises(KdError, match=expected):
+        yolo_boxes(missing, "train", ["a"])
+    missing.write_text("a file")
+    with pytest.raises(KdError, match="YOLO folder .*nowhere is a file, not a folder"):
+        yolo_boxes(missing, "train", ["a"])
+
+
+@pytest.mark.parametrize(
+    "bbox, fragment",
+    [
+        ([10, 10, -5, 4], "annotation 777: bbox [10, 10, -5, 4] has no area"),
+        ([40, 40, 20, 20], "annotation 777: bbox [40, 40, 20, 20] lies outside the 48x48 image"),
+        ([46.5, 10, 3.5, 4], "annotation 777: bbox [46.5, 10, 3.5, 4] lies outside"),  # (x2 = 50, not 3.5)
+    ],
+)
+def test_a_bad_coco_box_is_quoted_as_its_bbox_is_written(tmp_path, bbox, fragment):
+    scenes = write_scene_images(tmp_path / "images", 2)
+    annotation = {"id": 777, "image_id": 101, "category_id": 1, "bbox": bbox, "iscrowd": 0}
+    path = coco_file(tmp_path, scenes, extra_annotation=annotation)
+    with pytest.raises(KdError, match=re.escape(fragment)):
+        coco_boxes(path, tmp_path / "images")
+
+
+def test_a_fractional_yolo_class_index_is_said_to_be_one_not_a_row_of_non_numbers(tmp_path):
+    scenes = write_scene_images(tmp_path / "images" / "train", 2)
+    yolo_folder(tmp_path, scenes)
+    names = [str(d) for d in range(10)]
+    labels = tmp_path / "labels" / "train" / "scene_000.txt"
+    labels.write_text("1.0 0.5 0.5 0.2 0.2\n")  # a whole number written as a float: class 1, as Ultralytics reads it
+    assert yolo_boxes(tmp_path, "train", names).records[0].labels.tolist() == [1]
+    labels.write_text("1.0 0.5 0.5 0.2 0.2\n1.5 0.5 0.5 0.2 0.2\n")
+    with pytest.raises(
+        KdError, match=r"scene_000.txt:2: class index 1.5 must be a whole number 0..9 \(the first column\)"
+    ):
+        yolo_boxes(tmp_path, "train", names)

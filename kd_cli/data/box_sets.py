@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from kd_cli.data.base import BoxSplit, DataSplits, absolute, register_dataset, tensor_splits
-from kd_cli.data.boxes import BoxSet, coco_boxes, voc_boxes, yolo_boxes
+from kd_cli.data.boxes import BoxSet, check_yolo_root, coco_boxes, first_few, repeated, voc_boxes, yolo_boxes
 from kd_cli.data.images import decode_rgb
 from kd_cli.errors import KdError, warn
 from kd_cli.registry import Range
@@ -64,7 +64,7 @@ def splits_of(title: str, train: BoxSet, test: BoxSet, image_size: int, *identit
     if train.class_names != test.class_names or train.category_ids != test.category_ids:
         raise KdError(
             f"dataset={title}: the training and test annotations list different categories "
-            f"({len(train.class_names)} vs {len(test.class_names)}); give files of one category list"
+            f"({differ(train, test)}); give files of one category list"
         )
     for what, box_set in (("training", train), ("test", test)):
         if box_set.skipped:
@@ -85,6 +85,14 @@ def splits_of(title: str, train: BoxSet, test: BoxSet, image_size: int, *identit
     )
     data.category_ids = list(train.category_ids)
     return data
+
+
+def differ(train: BoxSet, test: BoxSet) -> str:
+    """The categories (id: name) one split lists and the other does not, the first few of each: what to fix."""
+    pairs = [[f"{i}: {n}" for i, n in zip(s.category_ids, s.class_names)] for s in (train, test)]
+    only = [[p for p in mine if p not in theirs] for mine, theirs in (pairs, pairs[::-1])]
+    parts = [f"only in the {what}: {first_few(o)}" for what, o in zip(("training file", "test file"), only) if o]
+    return "; ".join(parts) or "the same categories in another order"
 
 
 @register_dataset("coco_detection")
@@ -144,7 +152,16 @@ def yolo_detection(
     top = Path(absolute(root))
     if download:
         raise KdError("dataset=yolo_detection reads your own folder; there is nothing to download")
-    names = list(class_names) if class_names else yaml_class_names(top)
+    check_yolo_root(top)  # (before data.yaml: a wrong root is not a missing data.yaml)
+    if class_names is None:  # (left out: the folder's own data.yaml names the classes)
+        names = yaml_class_names(top)
+    elif not class_names:
+        raise KdError(
+            "dataset.class_names=[] lists no class; give the names (dataset.class_names=[cat,dog]), "
+            "or leave it out to read data.yaml"
+        )
+    else:
+        names = unique_names([str(n) for n in class_names], "dataset.class_names")
     train = yolo_boxes(top, train_split, names, skip_bad_boxes)
     test = yolo_boxes(top, test_split, names, skip_bad_boxes)
     return splits_of("yolo_detection", train, test, image_size, str(top), train_split, test_split)
@@ -171,7 +188,18 @@ def yaml_class_names(root: Path) -> list[str]:
         raise KdError(
             f"{path} has no usable `names` (a list of class names, or a map 0: name, 1: name, ... without gaps); fix it"
         )
-    return [str(n) for n in names]
+    return unique_names([str(n) for n in names], f"{path}: `names`")
+
+
+def unique_names(names: list[str], source: str) -> list[str]:
+    """`names` when no two classes share one: a class list's name is how scores and results tell classes
+    apart, and `[cat, cat]` is most often a slip for `[cat, dog]`, so it is refused, not trained on."""
+    twice = repeated(names)
+    if twice:
+        raise KdError(
+            f"{source} lists {first_few([repr(n) for n in twice])} more than once; give each class its own name"
+        )
+    return names
 
 
 for _set in (coco_detection, voc_detection, yolo_detection):

@@ -51,15 +51,28 @@ class BoxSet:
     skipped: list[str] = field(default_factory=list)  # why each left-out image was left out
 
 
-def check_box(box: list[float], width: int, height: int, where: str) -> None:
-    """A box of positive area inside its image (within EDGE pixels), or one line saying what is wrong."""
+def check_box(box: list[float], width: int, height: int, where: str, written: str = "") -> None:
+    """A box (x1, y1, x2, y2) of positive area inside its image (within EDGE pixels), or one line saying
+    what is wrong. `written` is the box as its file gives it (COCO's `bbox [x, y, width, height]`): the
+    message quotes that, the text the user can find in the file, rather than corners computed here."""
     x1, y1, x2, y2 = box
+    shown = written or f"box {_show(box)}"
     if not all(map(_finite, box)):
-        raise BadBox(f"{where}: box {_show(box)} is not a number")
+        raise BadBox(f"{where}: {shown} is not a number")
     if x2 <= x1 or y2 <= y1:
-        raise BadBox(f"{where}: box {_show(box)} has no area (x2 <= x1 or y2 <= y1)")
+        raise BadBox(f"{where}: {shown} has no area (its width or height is 0 or less)")
     if x1 < -EDGE or y1 < -EDGE or x2 > width + EDGE or y2 > height + EDGE:
-        raise BadBox(f"{where}: box {_show(box)} lies outside the {width}x{height} image")
+        raise BadBox(f"{where}: {shown} lies outside the {width}x{height} image")
+
+
+def repeated(names: list[str]) -> list[str]:
+    """The names listed more than once, each once, in the order they first appear."""
+    return [name for name in dict.fromkeys(names) if names.count(name) > 1]
+
+
+def first_few(items: list[str], first: int = 3) -> str:
+    """The first few of `items` for a one-line message, and how many there are when some are left out."""
+    return ", ".join(items[:first]) + (f" ... ({len(items)} in all)" if len(items) > first else "")
 
 
 def keep_good(reads, skip_bad: bool) -> tuple[list[BoxRecord], list[str]]:
@@ -108,6 +121,12 @@ def _check_coco_document(document: dict, file: str) -> list[dict]:
         twice = sorted({i for i in ids if ids.count(i) > 1}, key=str)
         if twice:
             raise KdError(f"{file}: {kind} id {twice[0]} is listed {ids.count(twice[0])} times; ids must be unique")
+    # Two categories of one name cannot be told apart in per-class scores or a model's class list; it is
+    # most often a copy-paste slip (cat, cat for cat, dog), so it is refused rather than trained on.
+    twice = repeated([c["name"] for c in categories])
+    if twice:
+        shared = [f"{n!r} (ids {', '.join(str(c['id']) for c in categories if c['name'] == n)})" for n in twice]
+        raise KdError(f"{file}: categories share a name: {first_few(shared)}; give each category its own name")
     listed = {image.get("id") for image in document.get("images") or []}
     strays = [a.get("id") for a in document.get("annotations") or [] if a.get("image_id") not in listed]
     if strays:
@@ -142,7 +161,7 @@ def _coco_record(coco, image_id: int, label_of: dict[int, int], images: Path, fi
             x, y, w, h = (float(v) for v in annotation["bbox"])
         except (KeyError, TypeError, ValueError):
             raise BadBox(f"{place}: 'bbox' must be [x, y, width, height]") from None
-        check_box([x, y, x + w, y + h], width, height, place)
+        check_box([x, y, x + w, y + h], width, height, place, f"bbox {_show([x, y, w, h])}")
         boxes.append([x, y, x + w, y + h])
         labels.append(label_of[annotation["category_id"]])
         is_crowd = annotation.get("iscrowd", 0)
@@ -230,6 +249,7 @@ def yolo_boxes(root: Path | str, split: str, class_names: list[str], skip_bad: b
     without a label file has no boxes; a label file without its image, or two images sharing one label
     file (a.jpg and a.png), is refused. `class_names` come from the data set's data.yaml or the user."""
     root = Path(root)
+    check_yolo_root(root)
     if not class_names:
         raise KdError("a YOLO folder needs its class names (data.yaml's `names`), in the order of the class indices")
     images, labels = root / "images" / split, root / "labels" / split
@@ -249,6 +269,16 @@ def yolo_boxes(root: Path | str, split: str, class_names: list[str], skip_bad: b
 
     records, skipped = keep_good([reader(i, f) for i, f in enumerate(files)], skip_bad)
     return BoxSet(records, list(class_names), list(range(len(class_names))), skipped)
+
+
+def check_yolo_root(root: Path) -> None:
+    """The folder itself first: a wrong dataset.root is named as such, not as the first file missing in it."""
+    if not root.is_dir():
+        state = "is a file, not a folder" if root.exists() else "not found"
+        raise KdError(
+            f"YOLO folder {shown_path(root)} {state} (expected images/<split>/, labels/<split>/ and data.yaml "
+            "in it); give its path as dataset.root"
+        )
 
 
 def _check_stems(files: list[Path], labels: Path) -> None:
@@ -300,9 +330,14 @@ def _yolo_row(row: str, width: int, height: int, classes: int, where: str) -> tu
     try:
         if any("_" in word for word in words):  # Python's float() reads 1_0 as 10; no annotation tool writes it
             raise ValueError
-        label, cx, cy, w, h = int(words[0]), *(float(v) for v in words[1:])
+        number, cx, cy, w, h = (float(v) for v in words)
     except ValueError:
         raise BadBox(f"{where}: '{row.strip()[:60]}' is not `class cx cy w h` (numbers)") from None
+    # The row is numbers, but 1.5 names no class: said as such, not as a row that is not numbers. 1.0 is
+    # class 1, as Ultralytics reads it (some exporters write the index as a float).
+    if not number.is_integer():
+        raise BadBox(f"{where}: class index {words[0]} must be a whole number 0..{classes - 1} (the first column)")
+    label = int(number)
     if not 0 <= label < classes:
         raise BadBox(f"{where}: class {label} is not one of the {classes} class names (0..{classes - 1})")
     box = [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height]
