@@ -457,17 +457,39 @@ def test_evaluate_reports_coco_figures_and_writes_a_results_file(detection_teach
     assert (run / "per_class.csv").read_text().splitlines()[0] == "class,ap"
 
 
-def test_compress_does_not_serve_detectors_yet_and_says_so_in_one_line(detection_teacher, tmp_path):
+def test_compress_prunes_a_detectors_backbone_recovers_with_pkd_and_the_result_exports(detection_teacher, tmp_path):
+    run = tmp_path / "pruned"
+    budget = ["trainer.epochs=1", "trainer.grad_clip=10", "latency_batch_sizes=[1]", "latency_batches=2"]
+    kd_here_ok("compress", f"run={detection_teacher}", *budget, *FAST, f"hydra.run.dir={run}", cwd=tmp_path)
+    s = summary(run)
+    assert s["status"] == "complete" and s["metric"] == "map" and s["method"] == "pkd"
+    assert s["map_original"] == pytest.approx(summary(detection_teacher)["last_map"], abs=1e-6)
+    assert s["params_ratio"] < 0.8 and s["size_ratio"] < 0.8 and s["macs_ratio"] < 1
+    assert s["reload_map"] == pytest.approx(s["last_map"], abs=1e-9)
+    steps = [row["step"] for row in s["rows"]]
+    assert steps == ["original", "prune_structured", "+ finetune (pkd)"]
+    fpn_widths = {
+        k: v
+        for k, v in json.loads((run / "model.json").read_text())["extra"]["transforms"][0]["layers"].items()
+        if "fpn.layer_blocks" in k
+    }
+    assert not fpn_widths  # the levels the heads read keep their widths
+    export = tmp_path / "export"
+    kd_here_ok("export", f"run={run}", "check_batch_size=2", f"hydra.run.dir={export}", cwd=tmp_path)
+    assert summary(export)["labels_differing"] == 0
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["compression=quantize_int8"], ["quantize_int8 does not serve detectors", "prune"]),
+        (["compression.prune_structured.importance=taylor"], ["importance=taylor", "magnitude"]),
+    ],
+)
+def test_compress_steps_a_detector_cannot_take_are_one_line(detection_teacher, tmp_path, args, words):
     out = tmp_path / "out"
-    result = kd_here(
-        "compress",
-        f"run={detection_teacher}",
-        "compression=prune_structured",
-        *FAST,
-        f"hydra.run.dir={out}",
-        cwd=tmp_path,
-    )
-    assert_one_line_error(result, "kd compress does not serve detectors yet", "kd evaluate")
+    result = kd_here("compress", f"run={detection_teacher}", *args, *FAST, f"hydra.run.dir={out}", cwd=tmp_path)
+    assert_one_line_error(result, *words)
     assert not out.exists()
 
 

@@ -23,7 +23,6 @@ from kd_cli.engine.artifacts import (
     spec_from_text,
 )
 from kd_cli.errors import KdError
-from kd_cli.models.registry import check_stage_serves
 
 log = logging.getLogger("kd")
 
@@ -49,7 +48,6 @@ def open_model(path: Path, device: str) -> Predictor:
             "a TorchScript file from kd export runs with torch.jit.load: export with format=onnx to predict with kd"
         )
     target = _device(device)
-    check_stage_serves(load_spec(resolve_weights(path)).arch, "predict")
     model, spec = load_model(resolve_weights(path), target)
     model_device = next(iter(model.parameters()), torch.empty(0)).device
     if model_device.type != target.type:

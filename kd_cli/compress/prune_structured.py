@@ -12,6 +12,7 @@ import logging
 from collections.abc import Mapping
 from typing import Literal
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -74,13 +75,16 @@ class PruneStructured(CompressionStep):
 
         self.check(model)
         model.eval()
-        classifier = classifier_name(model, ctx.example)
-        ignored = {*self.ignored_layers, *([classifier] if classifier else [])}
+        if is_detector(model):  # the backbone alone is traced: see backbone_of
+            traced, example, kept_whole = backbone_of(model, ctx.example)
+        else:
+            traced, example, kept_whole = model, ctx.example, [classifier_name(model, ctx.example)]
+        ignored = {*self.ignored_layers, *(name for name in kept_whole if name)}
         before = tensor_shapes(model)
         try:
             pruner = tp.pruner.MetaPruner(
-                model,
-                ctx.example,
+                traced,
+                example,
                 importance=self._criterion(tp),
                 global_pruning=self.scope == "global",
                 pruning_ratio=self.ratio,
@@ -88,6 +92,7 @@ class PruneStructured(CompressionStep):
                 iterative_steps=self.iterative_steps,
                 round_to=self.round_to,
                 ignored_layers=[model.get_submodule(name) for name in sorted(ignored)],
+                # (a detector's ignored layers outside its backbone are not in the traced graph: no effect)
             )
             for _ in range(self.iterative_steps):
                 if self.importance == "taylor":
@@ -139,3 +144,35 @@ class PruneStructured(CompressionStep):
                     f"compression.prune_structured removed every channel of {name}; lower ratio or "
                     f"max_layer_ratio, or add it to ignored_layers"
                 )
+
+
+def is_detector(model: nn.Module) -> bool:
+    """kd's detector wrapper (models/detection.py) around a torchvision detector with a backbone."""
+    return hasattr(model, "detector") and hasattr(model.detector, "backbone")
+
+
+def backbone_of(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, torch.Tensor, list[str]]:
+    """A detector is pruned in its backbone's body: the backbone is traced on the input it sees (captured
+    from a run of the whole detector on `example`: padded, channels repeated), and its FPN is kept whole, so
+    the levels the heads (and the distillation methods) read keep their widths; the FPN's lateral convs
+    lose the input channels the body loses. The post-processing after the heads (top-k, NMS) is never
+    traced. A detector without an FPN (SSDlite: its heads read the body directly) is refused."""
+    backbone = model.detector.backbone
+    fpn = getattr(backbone, "fpn", None)
+    if fpn is None:
+        raise KdError(
+            f"compression.prune_structured prunes a detector's backbone under its FPN, and "
+            f"{type(model.detector).__name__}'s backbone has none; use lowrank or prune_unstructured"
+        )
+    seen: list[torch.Tensor] = []
+    hook = backbone.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        hook.remove()
+    prefix = next(name for name, module in model.named_modules() if module is fpn)
+    kept = [
+        f"{prefix}.{name}" if name else prefix for name, module in fpn.named_modules() if isinstance(module, WEIGHTED)
+    ]
+    return backbone, seen[0], kept

@@ -14,7 +14,6 @@ from typing import Any, cast
 
 from torch import nn
 
-from kd_cli.errors import KdError
 from kd_cli.registry import Registry
 
 MODELS = Registry("model")
@@ -55,16 +54,3 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, input_size: 
 def model_task(name: str) -> str:
     """The task a registered model serves (its builder's `task` attribute; classification when unset)."""
     return getattr(MODELS.get(name), "task", "classification")
-
-
-# What kd does not do with a detector yet (issue 24 builds detection stage by stage): these refuse one
-# in one line, before any work, rather than fail inside a step written for logits.
-NOT_YET_FOR_DETECTION = ("compress",)
-
-
-def check_stage_serves(arch: str, command: str) -> None:
-    if command in NOT_YET_FOR_DETECTION and model_task(arch) == "detection":
-        raise KdError(
-            f"kd {command} does not serve detectors yet ({arch}); detectors are trained, distilled and scored by "
-            "kd train-teacher, kd distill and kd evaluate (which writes a COCO results file, detections.json)"
-        )

@@ -39,7 +39,6 @@ from kd_cli.engine.trackers import Trackers, open_trackers
 from kd_cli.errors import KdError
 from kd_cli.methods import method_requires_teacher
 from kd_cli.models import model_task
-from kd_cli.models.registry import check_stage_serves
 from kd_cli.models.torchvision_segmentation import without_training_heads
 from kd_cli.stages.data import Loaders, data_env, eval_loader, load_data, saved_dataset
 from kd_cli.stages.lifecycle import start_run
@@ -58,7 +57,8 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     started = time.time()
     steps = plan(cfg.compression)
     weights = resolve_weights(cfg.run)
-    check_stage_serves(load_spec(weights).arch, "compress")
+    if model_task(load_spec(weights).arch) == "detection":
+        check_detector_steps(cfg.compression)
     if is_int8(load_spec(weights).extra):
         raise KdError(f"{weights} is already int8; compress its float model instead")
     digest = weights_digest(weights)
@@ -148,6 +148,22 @@ def plan(compression: DictConfig) -> list[tuple[str, CompressionStep | None]]:
             raise KdError(f"compression.steps names {name} but compression.{name} has no settings")
         steps.append((name, build_step(name, cast("dict[str, Any]", OmegaConf.to_container(options, resolve=True)))))
     return steps
+
+
+def check_detector_steps(compression: DictConfig) -> None:
+    """What kd cannot do to a detector, said before any work: int8 (torch.fx cannot trace the data-dependent
+    post-processing after the heads) and Taylor importance (a detector's loss needs its training pass)."""
+    if "quantize_int8" in compression.steps:
+        raise KdError(
+            "compression.steps: quantize_int8 does not serve detectors (torch.fx cannot trace their box "
+            "post-processing); prune them (compression=prune_structured) or export them to ONNX for an int8 runtime"
+        )
+    prune = compression.get("prune_structured")
+    if "prune_structured" in compression.steps and prune is not None and prune.get("importance") == "taylor":
+        raise KdError(
+            "compression.prune_structured.importance=taylor needs a classifier's or segmenter's loss; for a "
+            "detector use importance=magnitude or bn_scale"
+        )
 
 
 def use_saved_dataset(cfg: DictConfig, weights: Path) -> None:

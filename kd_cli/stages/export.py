@@ -42,7 +42,7 @@ from kd_cli.engine.device import seed_everything
 from kd_cli.engine.files import atomic_write
 from kd_cli.engine.rundir import COMPLETE, RunDir
 from kd_cli.errors import KdError, unknown_choice
-from kd_cli.models.registry import check_stage_serves, model_task
+from kd_cli.models.registry import model_task
 from kd_cli.registry import Range, check_number
 from kd_cli.stages import export_boxes
 from kd_cli.stages.data import saved_dataset
@@ -66,7 +66,6 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     seed_everything(cfg.seed)
     weights = resolve_weights(cfg.run)
     spec = load_spec(weights)
-    check_stage_serves(spec.arch, "export")
     detector = model_task(spec.arch) == "detection"
     if detector:
         export_boxes.check_options(cfg)

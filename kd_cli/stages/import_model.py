@@ -29,7 +29,6 @@ from kd_cli.engine.rundir import COMPLETE, RunDir
 from kd_cli.errors import KdError, warn
 from kd_cli.models.foreign_weights import fit_state, read_state_dict
 from kd_cli.models.hf_models import hf_from_folder
-from kd_cli.models.registry import check_stage_serves
 from kd_cli.stages.data import dataset_options, eval_loader
 from kd_cli.stages.lifecycle import start_run
 from kd_cli.stages.models import count_parameters, model_spec
@@ -47,7 +46,6 @@ def main(cfg: DictConfig, run: RunDir) -> float:
     source = Path(str(cfg.source)).expanduser()
     if not source.exists():
         raise KdError(f"source={source} does not exist; give a .pt/.pth/.safetensors file or a save_pretrained folder")
-    check_stage_serves(str(cfg.model.arch), "import")
     state = read_state_dict(source, cfg.nested) if cfg.model.arch != "hf" else None  # a bad file fails first
     data = load_dataset(dataset_options(cfg))
     spec = model_spec(cfg.model, data, cfg.dataset)
