@@ -333,6 +333,18 @@ def test_a_teacher_built_for_another_input_size_or_strides_is_refused():
         build_method(config("pkd"), student, teacher, task="detection")
 
 
+def test_fpn_levels_pair_by_stride_across_backbones():
+    from kd_cli.methods.fpn_base import level_pairs
+
+    teacher = create_model("fasterrcnn_resnet50_fpn", 3, 3, 96)
+    student = create_model("fasterrcnn_mobilenet_v3_large_fpn", 3, 3, 96)
+    assert level_pairs(level_shapes(student), level_shapes(teacher)) == [("0", "3"), ("pool", "pool")]
+    method = build_method(config("pkd"), student, teacher.eval(), task="detection")
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 50.0, 60.0]]), "labels": torch.tensor([1])}] * 2
+    _, terms = method(torch.randn(2, 3, 96, 96), targets)
+    assert terms["pkd"].requires_grad and torch.isfinite(terms["pkd"]) and "det_classifier" in terms
+
+
 def test_fpn_methods_are_refused_for_classification():
     with pytest.raises(KdError, match="method=pkd distils detection models"):
         build_method(config("pkd"), create_model("cnn", 10, 1, 8), create_model("cnn", 10, 1, 8), task="classification")

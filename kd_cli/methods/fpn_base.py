@@ -5,14 +5,16 @@ Teacher and student see the same image: torchvision's detectors resize and pad i
 method that compared their features on images each model prepared itself could compare different
 pixels. Here the student's backbone input (after its transform) is captured by a hook and given to the
 teacher's backbone as it is; before the first step the two transforms are compared (size, padding,
-normalisation) and the levels of a dry run must have the same names and sizes, else one line says which
-differ. The detector's own losses stay, each its own term (`det_classification`, ...), scaled by
+normalisation), and each student level of a dry run is paired with the teacher level of its size (its
+stride): all of them for a pair of one family, the common strides for Faster R-CNN ResNet-50-FPN ->
+MobileNetV3-FPN; no common level is one line showing both. The detector's own losses stay, each its own term (`det_classification`, ...), scaled by
 `det_loss_scale` (> 0: the head learns from them alone); the method adds its terms per level (summed over
 levels, as the authors' configs do with one loss per FPN level of equal weight).
 """
 
 from __future__ import annotations
 
+import logging
 from abc import abstractmethod
 from collections import OrderedDict
 from typing import Any, cast
@@ -23,6 +25,8 @@ from torch import nn
 from kd_cli.errors import KdError
 from kd_cli.methods.base import Distiller
 from kd_cli.tasks.detection import detector_terms
+
+log = logging.getLogger("kd")
 
 Levels = list[torch.Tensor]
 
@@ -94,6 +98,19 @@ def level_shapes(model: nn.Module) -> OrderedDict[str, tuple[int, ...]]:
     return OrderedDict((name, tuple(level.shape[1:])) for name, level in levels.items())
 
 
+def level_pairs(student: OrderedDict, teacher: OrderedDict) -> list[tuple[str, str]]:
+    """Each student level with the teacher level of the same height and width (the same stride), shallow
+    to deep: kd_fcos's levels pair one to one; Faster R-CNN MobileNetV3-FPN's (strides 16, 32, pool) pair
+    with ResNet-50-FPN's of those strides."""
+    pairs, taken = [], set()
+    for name, (_, height, width) in student.items():
+        partner = next((t for t, shape in teacher.items() if shape[1:] == (height, width) and t not in taken), None)
+        if partner is not None:
+            pairs.append((name, partner))
+            taken.add(partner)
+    return pairs
+
+
 class FpnDistiller(Distiller):
     """A detection method comparing the FPN levels of student and teacher. A subclass writes
     `level_terms(student_levels, teacher_levels, targets)` and declares its options, passing
@@ -106,19 +123,27 @@ class FpnDistiller(Distiller):
         check_same_input(student, teacher)
         self.det_loss_scale = det_loss_scale
         student_shapes, teacher_shapes = level_shapes(student), level_shapes(teacher)
-        sizes = [(name, s[1:], t[1:]) for (name, s), t in zip(student_shapes.items(), teacher_shapes.values())]
-        if list(student_shapes) != list(teacher_shapes) or any(s != t for _, s, t in sizes):
+        pairs = level_pairs(student_shapes, teacher_shapes)
+        if not pairs:
             show = "; ".join(
                 f"{role} " + ", ".join(f"{n} {h}x{w}" for n, (_, h, w) in shapes.items())
                 for role, shapes in (("student", student_shapes), ("teacher", teacher_shapes))
             )
             raise KdError(
-                f"method={self.method_name} compares FPN levels of equal size, but they differ ({show}); "
-                "pick a student and a teacher with the same strides (e.g. kd_fcos_tiny with kd_fcos)"
+                f"method={self.method_name} compares FPN levels of equal size, and no level of the student has a "
+                f"teacher level of its size ({show}); pick a student and a teacher with common strides (e.g. "
+                "kd_fcos_tiny with kd_fcos)"
             )
-        self.level_names = list(student_shapes)
-        self.student_channels = [s[0] for s in student_shapes.values()]
-        self.teacher_channels = [t[0] for t in teacher_shapes.values()]
+        if len(pairs) < len(student_shapes) or len(pairs) < len(teacher_shapes):
+            log.info(
+                f"{self.method_name}: distils the FPN levels of equal size (student <- teacher: "
+                + ", ".join(f"{s} <- {t}" for s, t in pairs)
+                + "); the others have no partner"
+            )
+        self.level_names = [s for s, _ in pairs]
+        self.teacher_level_names = [t for _, t in pairs]
+        self.student_channels = [student_shapes[s][0] for s, _ in pairs]
+        self.teacher_channels = [teacher_shapes[t][0] for _, t in pairs]
 
     def forward(self, images: torch.Tensor, targets: Any):
         captured: dict[str, Any] = {}
@@ -145,7 +170,7 @@ class FpnDistiller(Distiller):
         if repeat > 1:  # a grey image the student takes as is, the teacher as RGB
             backbone_input = backbone_input.repeat(1, repeat, 1, 1)
         levels = inner_detector(self.teacher, "teacher").backbone(backbone_input)
-        return [levels[name].detach() for name in self.level_names]
+        return [levels[name].detach() for name in self.teacher_level_names]
 
     @abstractmethod
     def level_terms(self, student: Levels, teacher: Levels, targets: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
