@@ -733,3 +733,96 @@ def test_a_teacher_trained_on_other_normalisation_is_refused_by_the_fpn_methods(
     feed_own_form(teacher, Form(1, 32, (0.1,), (0.2,)), Form(1, 32, (0.5,), (0.5,)))
     with pytest.raises(KdError, match="teacher was trained on images of another form.*dataset.mean"):
         check_same_input(student, teacher)
+
+
+# --- CrossKD -----------------------------------------------------------------------------------------
+
+
+def crosskd_reference(stu_hold, tea_hold, reused_cls, tea_cls, reused_boxes, tea_boxes, avg_factor):
+    """Written from the authors' CrossKDFCOS (align_scale, KDQualityFocalLoss beta 1 weight 0.4, IoULoss
+    log mode weight 0.75) and mmdetection's weight_reduce_loss (sum / (avg_factor + float32 eps)), float64."""
+    n, c, h, w = stu_hold.size()
+    s = stu_hold.permute(1, 0, 2, 3).reshape(c, -1)
+    s = (s - s.mean(dim=-1, keepdim=True)) / (s.std(dim=-1, keepdim=True) + 1e-6)
+    t = tea_hold.permute(1, 0, 2, 3).reshape(c, -1)
+    aligned = (s * t.std(dim=-1, keepdim=True) + t.mean(dim=-1, keepdim=True)).reshape(c, n, h, w).permute(1, 0, 2, 3)
+    eps = torch.finfo(torch.float32).eps
+    target = tea_cls.detach().sigmoid()
+    qfl = F.binary_cross_entropy_with_logits(reused_cls, target, reduction="none")
+    qfl = qfl * torch.abs(reused_cls.sigmoid() - target).pow(1)
+    cls = 0.4 * qfl.sum() / (avg_factor + eps)
+    area1 = (reused_boxes[..., 2] - reused_boxes[..., 0]) * (reused_boxes[..., 3] - reused_boxes[..., 1])
+    area2 = (tea_boxes[..., 2] - tea_boxes[..., 0]) * (tea_boxes[..., 3] - tea_boxes[..., 1])
+    lt = torch.max(reused_boxes[..., :2], tea_boxes[..., :2])
+    rb = torch.min(reused_boxes[..., 2:], tea_boxes[..., 2:])
+    wh = (rb - lt).clamp(min=0)
+    overlap = wh[..., 0] * wh[..., 1]
+    union = torch.max(area1 + area2 - overlap, overlap.new_tensor([1e-6]))
+    ious = (overlap / union).clamp(min=1e-6)
+    weight = tea_cls.max(dim=-1)[0].sigmoid()
+    reg = 0.75 * (-ious.log() * weight).sum() / (avg_factor + eps)
+    return aligned, cls, reg
+
+
+def test_crosskd_terms_equal_the_authors_in_values_and_gradients():
+    from kd_cli.methods.crosskd import AVG_EPS, align_scale, iou_kd, quality_focal_kd
+
+    g = torch.Generator().manual_seed(0)
+    stu_hold = (torch.randn(2, 8, 5, 6, generator=g, dtype=torch.float64) * 3 + 1).requires_grad_()
+    tea_hold = torch.randn(2, 8, 5, 6, generator=g, dtype=torch.float64) * 2 - 1
+    reused_cls = torch.randn(2, 30, 4, generator=g, dtype=torch.float64).requires_grad_()
+    tea_cls = torch.randn(2, 30, 4, generator=g, dtype=torch.float64)
+    corner = torch.rand(2, 30, 2, generator=g, dtype=torch.float64) * 20
+    reused_boxes = torch.cat([corner, corner + 1 + torch.rand(2, 30, 2, generator=g, dtype=torch.float64) * 10], -1)
+    reused_boxes.requires_grad_()
+    tea_boxes = torch.cat([corner + 2, corner + 5 + torch.rand(2, 30, 2, generator=g, dtype=torch.float64) * 10], -1)
+    tea_boxes[0, 0] = torch.tensor([100.0, 100.0, 110.0, 110.0], dtype=torch.float64)  # no overlap: IoU clamped
+    avg = 7.25
+    aligned, cls, reg = crosskd_reference(stu_hold, tea_hold, reused_cls, tea_cls, reused_boxes, tea_boxes, avg)
+    mine_aligned = align_scale(stu_hold, tea_hold)
+    mine_cls = 0.4 * quality_focal_kd(reused_cls, tea_cls, 1.0) / (avg + AVG_EPS)
+    mine_reg = 0.75 * iou_kd(reused_boxes, tea_boxes, tea_cls.max(-1).values.sigmoid()) / (avg + AVG_EPS)
+    for mine, theirs, leaf in (
+        (mine_aligned, aligned, stu_hold),
+        (mine_cls, cls, reused_cls),
+        (mine_reg, reg, reused_boxes),
+    ):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+        weights = torch.randn_like(theirs)
+        (g_mine,) = torch.autograd.grad((mine * weights).sum(), leaf)
+        (g_theirs,) = torch.autograd.grad((theirs * weights).sum(), leaf)
+        torch.testing.assert_close(g_mine, g_theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_crosskds_avg_factor_is_the_centerness_of_fcos_matched_locations():
+    from torchvision.models.detection._utils import BoxLinearCoder
+
+    from kd_cli.methods.crosskd import centerness_sum
+
+    anchors = torch.tensor([[[0.0, 0.0, 8.0, 8.0], [8.0, 0.0, 16.0, 8.0], [0.0, 8.0, 8.0, 16.0]]])
+    targets = [{"boxes": torch.tensor([[2.0, 1.0, 14.0, 9.0]]), "labels": torch.tensor([0])}]
+    matched = [torch.tensor([0, 0, -1])]
+    # centres (4, 4) and (12, 4): distances l t r b = (2, 3, 10, 5) and (10, 3, 2, 5)
+    expected = 2 * (2 / 10 * 3 / 5) ** 0.5
+    assert float(centerness_sum(targets, matched, anchors, BoxLinearCoder(True))) == pytest.approx(expected)
+    assert float(centerness_sum(targets, [torch.tensor([-1, -1, -1])], anchors, BoxLinearCoder(True))) == pytest.approx(1e-6)
+
+
+def test_crosskd_sends_its_gradient_through_the_frozen_teacher_head_and_refuses_other_heads():
+    teacher = create_model("kd_fcos", 4, 1, 48, width=8).eval()
+    student = create_model("kd_fcos_tiny", 4, 1, 48)
+    method = build_method(config("crosskd", pkd_weight=2.0), student, teacher, task="detection")
+    student.train()
+    targets = [{"boxes": torch.tensor([[6.0, 8.0, 30.0, 40.0]]), "labels": torch.tensor([2])}] * 2
+    _, terms = method(torch.randn(2, 1, 48, 48), targets)
+    assert {"det_classification", "crosskd_cls", "crosskd_reg", "pkd"} <= set(terms)
+    terms["crosskd_cls"].backward()
+    assert student.detector.head.classification_head.conv[0].weight.grad.abs().sum() > 0  # through the crossing
+    assert student.detector.head.classification_head.cls_logits.weight.grad is None  # its own head: det losses only
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not hasattr(student.detector.head, "__dict__") or "compute_loss" not in student.detector.head.__dict__
+    with pytest.raises(KdError, match="reused_teacher_head_idx=2.*give 0..1"):
+        build_method(config("crosskd", reused_teacher_head_idx=2), student, teacher, task="detection")
+    rcnn = create_model("fasterrcnn_mobilenet_v3_large_fpn", 4, 1, 64)
+    with pytest.raises(KdError, match="student is a FasterRCNN.*pick FCOS detectors"):
+        build_method(config("crosskd"), rcnn, create_model("fasterrcnn_resnet50_fpn", 4, 1, 64), task="detection")

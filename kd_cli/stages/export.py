@@ -15,15 +15,13 @@ so the input normalisation, class names and input size travel with the model.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
-import re
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -46,6 +44,7 @@ from kd_cli.models.registry import model_task
 from kd_cli.registry import Range, check_number
 from kd_cli.stages import export_boxes
 from kd_cli.stages.data import saved_dataset
+from kd_cli.stages.export_common import METADATA_KEY, exporter_output, first_line
 from kd_cli.stages.lifecycle import start_run
 from kd_cli.stages.results import print_results
 
@@ -55,9 +54,7 @@ FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
 CHECK_INPUTS = ("auto", "random")
 MIN_OPSET = 18  # the torch.export-based exporter writes opset 18 and newer (it keeps 18 for lower requests)
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-EXPORTER_LOGGERS = ("torch", "onnxscript", "onnx_ir")
 ONNX_REPORT = "onnx_export_error.txt"  # the exporter's full report when it fails
-METADATA_KEY = "model.json"  # ONNX metadata_props key / TorchScript extra file holding model.json
 
 
 def main(cfg: DictConfig, run: RunDir) -> float:
@@ -310,28 +307,6 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, cfg: DictCo
         sys.stderr.write(output.getvalue())  # it exported: pass on what the exporter had to say
 
 
-@contextmanager
-def exporter_output() -> Iterator[io.StringIO]:
-    """While torch.onnx.export runs: its prints (graph dumps when torch.export fails) go to a buffer, and
-    its loggers (and onnxscript's, which log every optimiser pass at INFO) say only errors."""
-    buffer = io.StringIO()
-    loggers = [
-        logger
-        for name, logger in logging.Logger.manager.loggerDict.items()
-        if isinstance(logger, logging.Logger) and name.split(".")[0] in EXPORTER_LOGGERS
-    ]
-    loggers += [logging.getLogger(name) for name in EXPORTER_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with redirect_stdout(buffer), redirect_stderr(buffer):
-            yield buffer
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
 def onnx_runner(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     import onnxruntime as ort
 
@@ -389,11 +364,6 @@ def _root_cause(error: BaseException) -> str:
     while error.__cause__ is not None:
         error = error.__cause__
     return first_line(error)
-
-
-def first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _versions(fmt: str) -> dict:

@@ -22,6 +22,7 @@ from torch import nn
 
 from kd_cli.engine.files import atomic_write
 from kd_cli.errors import KdError
+from kd_cli.stages.export_common import METADATA_KEY, exporter_output, first_line
 
 OUTPUTS = ("boxes", "scores", "labels")  # the file's outputs, in this order (kd predict reads them by name)
 INPUT_NAME = "input"
@@ -68,8 +69,6 @@ def write_checked(model: nn.Module, images: torch.Tensor, source: str, path: Pat
 
 def export(single: OneImage, example: torch.Tensor, path: Path, cfg: DictConfig, meta: str) -> None:
     import onnx
-
-    from kd_cli.stages.export import METADATA_KEY, exporter_output, first_line
 
     with exporter_output(), warnings.catch_warnings():
         # the TorchScript-based exporter warns that it is deprecated, and the tracer warns at each Python
