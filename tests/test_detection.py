@@ -805,7 +805,9 @@ def test_crosskds_avg_factor_is_the_centerness_of_fcos_matched_locations():
     # centres (4, 4) and (12, 4): distances l t r b = (2, 3, 10, 5) and (10, 3, 2, 5)
     expected = 2 * (2 / 10 * 3 / 5) ** 0.5
     assert float(centerness_sum(targets, matched, anchors, BoxLinearCoder(True))) == pytest.approx(expected)
-    assert float(centerness_sum(targets, [torch.tensor([-1, -1, -1])], anchors, BoxLinearCoder(True))) == pytest.approx(1e-6)
+    assert float(centerness_sum(targets, [torch.tensor([-1, -1, -1])], anchors, BoxLinearCoder(True))) == pytest.approx(
+        1e-6
+    )
 
 
 def test_crosskd_sends_its_gradient_through_the_frozen_teacher_head_and_refuses_other_heads():
@@ -826,3 +828,27 @@ def test_crosskd_sends_its_gradient_through_the_frozen_teacher_head_and_refuses_
     rcnn = create_model("fasterrcnn_mobilenet_v3_large_fpn", 4, 1, 64)
     with pytest.raises(KdError, match="student is a FasterRCNN.*pick FCOS detectors"):
         build_method(config("crosskd"), rcnn, create_model("fasterrcnn_resnet50_fpn", 4, 1, 64), task="detection")
+
+
+@pytest.mark.slow  # a torchrun launch of two CPU processes (~30 s)
+def test_torchrun_ddp_trains_a_detector_on_shards_and_scores_the_whole_split(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = tmp_path / "ddp"
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        [*torchrun, "-m", "kd_cli", "train-teacher", *TEACHER[:3], *TEACHER[3:5], "trainer.epochs=2"]
+        + [*TEACHER[6:], f"paths.outputs={tmp_path}", f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    s = summary(run)
+    assert s["status"] == "complete" and json.loads((run / "env.json").read_text())["world_size"] == 2
+    evaluated = tmp_path / "eval"
+    kd_here_ok("evaluate", f"run={run}", *FAST, f"hydra.run.dir={evaluated}", cwd=tmp_path)
+    assert summary(evaluated)["map"] == pytest.approx(s["last_map"], abs=1e-6)  # rank 0 scored all 64 scenes
