@@ -852,3 +852,39 @@ def test_torchrun_ddp_trains_a_detector_on_shards_and_scores_the_whole_split(tmp
     evaluated = tmp_path / "eval"
     kd_here_ok("evaluate", f"run={run}", *FAST, f"hydra.run.dir={evaluated}", cwd=tmp_path)
     assert summary(evaluated)["map"] == pytest.approx(s["last_map"], abs=1e-6)  # rank 0 scored all 64 scenes
+
+
+# --- ROI-head KD -------------------------------------------------------------------------------------
+
+
+def test_roi_kd_is_hintons_kd_on_the_teachers_roi_head_run_on_the_students_proposals():
+    torch.manual_seed(0)
+    teacher = create_model("fasterrcnn_resnet50_fpn", 3, 1, 64).eval()
+    student = create_model("fasterrcnn_mobilenet_v3_large_fpn", 3, 1, 64)
+    method = build_method(config("roi_kd", temperature=2.0), student, teacher, task="detection")
+    student.train()
+    seen = {}
+    student.detector.roi_heads.box_roi_pool.register_forward_pre_hook(lambda m, a: seen.update(proposals=a[1]))
+    student.detector.roi_heads.box_predictor.register_forward_hook(lambda m, a, out: seen.update(logits=out[0]))
+    targets = [{"boxes": torch.tensor([[6.0, 8.0, 40.0, 50.0]]), "labels": torch.tensor([2])}] * 2
+    images = torch.randn(2, 1, 64, 64)
+    _, terms = method(images, targets)
+    with torch.no_grad():  # the teacher's head on the same proposals, by hand, in float64
+        levels = teacher.detector.backbone(images.repeat(1, 3, 1, 1))
+        heads = teacher.detector.roi_heads
+        pooled = heads.box_roi_pool(levels, seen["proposals"], [(64, 64), (64, 64)])
+        t = heads.box_predictor(heads.box_head(pooled))[0].double()
+    s = seen["logits"].double()
+    p_t = torch.softmax(t / 2, 1)
+    expected = 4 * (p_t * (p_t.log() - torch.log_softmax(s / 2, 1))).sum(1).mean()
+    assert len(seen["proposals"][0]) > 0 and float(terms["roi_kd"]) == pytest.approx(float(expected), rel=1e-5)
+    terms["roi_kd"].backward()
+    assert student.detector.roi_heads.box_predictor.cls_score.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    with pytest.raises(KdError, match="student is a FCOS.*pick Faster R-CNN"):
+        build_method(
+            config("roi_kd"),
+            create_model("kd_fcos_tiny", 3, 1, 64),
+            create_model("kd_fcos", 3, 1, 64),
+            task="detection",
+        )

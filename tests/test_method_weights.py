@@ -92,6 +92,10 @@ def segmentation_only(name: str) -> bool:
 
 def method(name: str, monkeypatch, **options):
     torch.manual_seed(0)
+    if name == "roi_kd":  # the ROI head's KD: a Faster R-CNN pair
+        student = create_model("fasterrcnn_mobilenet_v3_large_fpn", 4, 1, 32)
+        teacher = create_model("fasterrcnn_mobilenet_v3_large_fpn", 4, 1, 32)
+        return build_method(config(name, **options), student, teacher, task="detection")
     if "detection" in method_tasks(name):  # FPN methods: a small detector pair
         student, teacher = create_model("kd_fcos_tiny", 4, 1, 32), create_model("kd_fcos", 4, 1, 32, width=8)
         return build_method(config(name, **options), student, teacher, task="detection")

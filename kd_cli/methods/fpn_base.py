@@ -1,13 +1,13 @@
 """Base of the detection methods on FPN levels (PKD, MGD, FPN imitation, ...): the same image for both
 models, the levels of each, the detector's own losses.
 
-Teacher and student see the same image: torchvision's detectors resize and pad inside `forward`, so a
-method that compared their features on images each model prepared itself could compare different
-pixels. Here the student's backbone input (after its transform) is captured by a hook and given to the
-teacher's backbone as it is; before the first step the two transforms are compared (size, padding,
-normalisation), and each student level of a dry run is paired with the teacher level of its size (its
-stride): all of them for a pair of one family, the common strides for Faster R-CNN ResNet-50-FPN ->
-MobileNetV3-FPN; no common level is one line showing both. The detector's own losses stay, each its own term (`det_classification`, ...), scaled by
+Teacher and student see the same image: torchvision's detectors resize and pad inside `forward`, so a method
+that compared their features on images each model prepared itself could compare different pixels. Here the
+student's backbone input (after its transform) is captured by a hook and given to the teacher's backbone as it
+is; before the first step the two transforms are compared (size, padding, normalisation), and each student
+level of a dry run is paired with the teacher level of its size (its stride): all of them for a pair of one
+family, the common strides for Faster R-CNN ResNet-50-FPN -> MobileNetV3-FPN; no common level is one line
+showing both. The detector's own losses stay, each its own term (`det_classification`, ...), scaled by
 `det_loss_scale` (> 0: the head learns from them alone); the method adds its terms per level (summed over
 levels, as the authors' configs do with one loss per FPN level of equal weight).
 """
@@ -165,12 +165,19 @@ class FpnDistiller(Distiller):
 
     @torch.no_grad()
     def teacher_levels(self, backbone_input: torch.Tensor) -> Levels:
+        """The teacher's levels paired with the student's, in the student's order."""
+        levels = self.all_teacher_levels(backbone_input)
+        return [levels[name] for name in self.teacher_level_names]
+
+    @torch.no_grad()
+    def all_teacher_levels(self, backbone_input: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every level of the teacher's backbone on the student's backbone input."""
         assert self.teacher is not None
         repeat = getattr(self.teacher, "repeat", 1) // getattr(self.student, "repeat", 1)
         if repeat > 1:  # a grey image the student takes as is, the teacher as RGB
             backbone_input = backbone_input.repeat(1, repeat, 1, 1)
         levels = inner_detector(self.teacher, "teacher").backbone(backbone_input)
-        return [levels[name].detach() for name in self.teacher_level_names]
+        return {name: level.detach() for name, level in levels.items()}
 
     @abstractmethod
     def level_terms(self, student: Levels, teacher: Levels, targets: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
