@@ -888,3 +888,42 @@ def test_roi_kd_is_hintons_kd_on_the_teachers_roi_head_run_on_the_students_propo
             create_model("kd_fcos", 3, 1, 64),
             task="detection",
         )
+
+
+# --- dense-head KD -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pair", [("kd_fcos_tiny", "kd_fcos"), ("retinanet_resnet50_fpn", "retinanet_resnet50_fpn")])
+def test_head_kd_pulls_the_students_class_logits_to_the_teachers_at_every_location(pair):
+    from kd_cli.methods.crosskd import quality_focal_kd
+
+    torch.manual_seed(0)
+    student, teacher = create_model(pair[0], 3, 1, 64), create_model(pair[1], 3, 1, 64).eval()
+    method = build_method(config("head_kd", beta=2.0), student, teacher, task="detection")
+    student.train()
+    seen = {}
+    original = student.detector.head.compute_loss
+
+    def spy(targets, head_outputs, anchors, matched):
+        seen.update(logits=head_outputs["cls_logits"], matched=matched)
+        return original(targets, head_outputs, anchors, matched)
+
+    student.detector.head.compute_loss = spy
+    images = torch.randn(2, 1, 64, 64)
+    targets = [{"boxes": torch.tensor([[6.0, 8.0, 40.0, 50.0]]), "labels": torch.tensor([2])}] * 2
+    _, terms = method(images, targets)
+    with torch.no_grad():
+        shaped = images.repeat(1, teacher.repeat, 1, 1)
+        teacher_logits = teacher.detector.head(list(teacher.detector.backbone(shaped).values()))["cls_logits"]
+    foreground = sum(int((m >= 0).sum()) for m in seen["matched"])
+    assert foreground > 0
+    expected = quality_focal_kd(seen["logits"].double(), teacher_logits.double(), 2.0) / foreground
+    assert float(terms["head_kd"]) == pytest.approx(float(expected), rel=1e-5)
+    assert student.detector.head.compute_loss is spy  # kd put back what it found
+    with pytest.raises(KdError, match="student is a FasterRCNN.*RetinaNet or FCOS"):
+        build_method(
+            config("head_kd"),
+            create_model("fasterrcnn_mobilenet_v3_large_fpn", 3, 1, 64),
+            create_model("fasterrcnn_mobilenet_v3_large_fpn", 3, 1, 64),
+            task="detection",
+        )

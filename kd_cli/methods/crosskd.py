@@ -263,9 +263,10 @@ class capture:
                 norm = branch.conv[3 * self.index - 2]
                 self.handles.append(norm.register_forward_hook(lambda m, a, out, key=key: captured[key].append(out)))
         original = detector.head.compute_loss
+        self.own = detector.head.__dict__.get("compute_loss")  # an instance's own (a test's spy), put back on exit
 
         def compute_loss(targets, head_outputs, anchors, matched_idxs):
-            captured.update(targets=targets, anchors=anchors, matched=matched_idxs)
+            captured.update(targets=targets, head_outputs=head_outputs, anchors=anchors, matched=matched_idxs)
             return original(targets, head_outputs, anchors, matched_idxs)
 
         detector.head.compute_loss = compute_loss  # an instance attribute, removed on exit
@@ -275,4 +276,6 @@ class capture:
         for handle in self.handles:
             handle.remove()
         del self.detector.head.compute_loss
+        if self.own is not None:
+            self.detector.head.compute_loss = self.own
         return False
