@@ -12,15 +12,14 @@ mirrored). Rotation would turn boxes into shapes that are not boxes, so it is re
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from kd_cli.data.augment import Augmentation, channel_stats, random_erase
+from kd_cli.data.augment import Augmentation, random_erase
 from kd_cli.data.base import BoxSplit
-from kd_cli.data.order import epoch_seed, shard
+from kd_cli.data.order import InMemoryBatches
 from kd_cli.errors import KdError
 
 Targets = list[dict[str, Any]]
@@ -36,8 +35,10 @@ def check_box_augmentation(spec: Augmentation) -> None:
         raise KdError("augmentation.trivial_augment is for classification image folders; set it to false for detection")
 
 
-class BoxLoader:
+class BoxLoader(InMemoryBatches):
     """Shuffles, slices, augments and normalises an in-memory detection split on its device."""
+
+    kind = "boxes"
 
     def __init__(
         self,
@@ -55,6 +56,10 @@ class BoxLoader:
     ):
         if spec is not None:
             check_box_augmentation(spec)
+        channels = split.images.shape[1]
+        super().__init__(
+            len(split), channels, batch_size, spec, mean, std, device, seed, drop_last, rank, world_size, shuffle
+        )
         self.images = split.images.to(device)
         self.boxes = [b.to(device) for b in split.boxes]
         self.labels = [lab.to(device) for lab in split.labels]
@@ -68,36 +73,10 @@ class BoxLoader:
             self.boxes = [b[k] for b, k in zip(self.boxes, kept)]
             self.labels = [lab[k] for lab, k in zip(self.labels, kept)]
             self.crowds = None
-        self.mean, self.std = channel_stats(mean, std, split.images.shape[1], device, torch.float32)
-        self.batch_size, self.spec = batch_size, spec
-        self.device, self.seed, self.drop_last = device, seed, drop_last
-        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
-        self.epoch = 0
-        self.num_samples = len(shard(torch.arange(len(self.images)), rank, world_size, equal=shuffle))
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def stream_identity(self) -> dict[str, Any]:
-        return {
-            "kind": "boxes",
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "drop_last": self.drop_last,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "shuffle": self.shuffle,
-            "augmentation": None if self.spec is None else asdict(self.spec),
-        }
-
-    def __len__(self) -> int:
-        whole, part = divmod(self.num_samples, self.batch_size)
-        return whole if self.drop_last else whole + (part > 0)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, Targets]]:
-        order = shard(self._order(), self.rank, self.world_size, equal=self.shuffle)
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(epoch_seed(self.seed, self.epoch, f"augment/rank{self.rank}"))
+        order = self.epoch_order()
+        generator = self.augment_generator()
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size].tolist()
             images = self.images[torch.as_tensor(index, device=self.device)]
@@ -123,13 +102,6 @@ class BoxLoader:
         if self.crowds is not None:
             target["crowd"] = self.crowds[i]
         return target
-
-    def _order(self) -> torch.Tensor:
-        count = len(self.images)
-        if not self.shuffle:
-            return torch.arange(count)
-        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, "order"))
-        return torch.randperm(count, generator=generator)
 
 
 def augment_boxes(

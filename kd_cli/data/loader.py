@@ -8,7 +8,7 @@ resumed at epoch k sees exactly the batches an uninterrupted run would have seen
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence, Sized
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -29,7 +29,7 @@ from kd_cli.data.augment import (
 )
 from kd_cli.data.base import BoxSplit, FolderSplit, TensorSplit, folder_samples
 from kd_cli.data.images import UnreadableImage
-from kd_cli.data.order import epoch_seed, shard
+from kd_cli.data.order import InMemoryBatches, epoch_seed, shard
 from kd_cli.errors import KdError
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ def make_loader(
     )
 
 
-class TensorLoader:
+class TensorLoader(InMemoryBatches):
     """Shuffles, slices, augments and normalises an in-memory split, all on its device."""
 
     def __init__(
@@ -98,43 +98,18 @@ class TensorLoader:
     ):
         if spec is not None:
             check_in_memory(spec)  # fail before the first epoch, not after the data moved to the device
+        channels = split.images.shape[1]
+        super().__init__(
+            len(split.labels), channels, batch_size, spec, mean, std, device, seed, drop_last, rank, world_size, shuffle
+        )
         self.images = split.images.to(device)  # once: uint8 is 4x smaller than float
         self.labels = split.labels.to(device)
-        self.mean, self.std = channel_stats(mean, std, split.images.shape[1], device, torch.float32)
-        self.batch_size, self.spec = batch_size, spec
-        self.device, self.seed, self.drop_last = device, seed, drop_last
-        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
-        self.epoch = 0
-        self.num_samples = len(shard(torch.arange(len(self.labels)), rank, world_size, equal=shuffle))
         # Methods with a per-sample memory (CRD) need each sample's index in the split: a third item.
         self.with_index = False
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def stream_identity(self) -> dict[str, Any]:
-        """What decides the batches of every epoch besides the data (the teacher cache's key)."""
-        return {
-            "kind": "memory",
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "drop_last": self.drop_last,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "shuffle": self.shuffle,
-            "augmentation": None if self.spec is None else asdict(self.spec),
-            "mean": self.mean.flatten().tolist(),
-            "std": self.std.flatten().tolist(),
-        }
-
-    def __len__(self) -> int:
-        whole, part = divmod(self.num_samples, self.batch_size)
-        return whole if self.drop_last else whole + (part > 0)
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:  # a Batch, plus each sample's index with `with_index`
-        order = shard(self._order(), self.rank, self.world_size, equal=self.shuffle).to(self.device)
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(epoch_seed(self.seed, self.epoch, f"augment/rank{self.rank}"))
+        order = self.epoch_order().to(self.device)
+        generator = self.augment_generator()
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]
             images, labels = self.images[index], self.labels[index]
@@ -148,14 +123,6 @@ class TensorLoader:
             if labels.dim() == 3:
                 labels = labels.long()  # masks are stored as uint8 (4x smaller on the device)
             yield (images, labels, index) if self.with_index else (images, labels)
-
-    def _order(self) -> torch.Tensor:
-        count = len(self.labels)
-        if not self.shuffle:
-            return torch.arange(count)
-        # Drawn on the CPU, identically on every rank, so the shards of one epoch never overlap.
-        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, "order"))
-        return torch.randperm(count, generator=generator)
 
 
 class FolderLoader:
