@@ -927,3 +927,24 @@ def test_head_kd_pulls_the_students_class_logits_to_the_teachers_at_every_locati
             create_model("fasterrcnn_mobilenet_v3_large_fpn", 3, 1, 64),
             task="detection",
         )
+
+
+def test_a_torchvision_detectors_pretrained_backbone_loads_imagenet_weights_or_says_it_is_offline(monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    reference = torchvision.models.mobilenet_v3_large().state_dict()
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", lambda *a, **k: reference)
+    model = create_model("fasterrcnn_mobilenet_v3_large_fpn", 3, 1, 64, pretrained_backbone=True)
+    body = model.detector.backbone.body.state_dict()
+    assert torch.equal(body["0.0.weight"], reference["features.0.0.weight"])
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    with pytest.raises(
+        KdError, match="could not load the ImageNet backbone weights of fasterrcnn_mobilenet_v3_large_fpn"
+    ):
+        create_model("fasterrcnn_mobilenet_v3_large_fpn", 3, 1, 64, pretrained_backbone=True)

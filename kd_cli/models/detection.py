@@ -158,13 +158,14 @@ def kd_fcos_tiny(
     return _kd_fcos(num_classes, in_channels, input_size, width, fpn_channels, head_convs, score_thresh)
 
 
-# torchvision's detectors: builder name, whether class 0 is the background, the divisor of padded sizes.
+# torchvision's detectors: builder name, whether class 0 is the background, the divisor of padded sizes,
+# and the ImageNet weights of the backbone (`pretrained_backbone=true`, torchvision's `weights_backbone`).
 TORCHVISION_DETECTORS = {
-    "fasterrcnn_resnet50_fpn": (1, 32),
-    "fasterrcnn_mobilenet_v3_large_fpn": (1, 32),
-    "retinanet_resnet50_fpn": (0, 32),
-    "fcos_resnet50_fpn": (0, 32),
-    "ssdlite320_mobilenet_v3_large": (1, 1),
+    "fasterrcnn_resnet50_fpn": (1, 32, "ResNet50_Weights.IMAGENET1K_V1"),
+    "fasterrcnn_mobilenet_v3_large_fpn": (1, 32, "MobileNet_V3_Large_Weights.IMAGENET1K_V1"),
+    "retinanet_resnet50_fpn": (0, 32, "ResNet50_Weights.IMAGENET1K_V1"),
+    "fcos_resnet50_fpn": (0, 32, "ResNet50_Weights.IMAGENET1K_V1"),
+    "ssdlite320_mobilenet_v3_large": (1, 1, "MobileNet_V3_Large_Weights.IMAGENET1K_V1"),
 }
 
 
@@ -175,6 +176,7 @@ def _torchvision_detector(
     input_size: int,
     score_thresh: float,
     trainable_backbone_layers: int | None,
+    pretrained_backbone: bool = False,
 ) -> nn.Module:
     import torchvision
 
@@ -182,15 +184,26 @@ def _torchvision_detector(
         raise KdError(
             f"model {name} takes RGB (or grey, repeated to RGB) images; the data set's have {in_channels} channels"
         )
-    label_offset, size_divisible = TORCHVISION_DETECTORS[name]
-    options: dict[str, Any] = {"weights": None, "weights_backbone": None, "num_classes": num_classes + label_offset}
+    label_offset, size_divisible, backbone_weights = TORCHVISION_DETECTORS[name]
+    options: dict[str, Any] = {
+        "weights": None,
+        "weights_backbone": torchvision.models.get_weight(backbone_weights) if pretrained_backbone else None,
+        "num_classes": num_classes + label_offset,
+    }
     if name.startswith("ssdlite"):
         options["score_thresh"] = score_thresh
     else:
         options["box_score_thresh" if name.startswith("fasterrcnn") else "score_thresh"] = score_thresh
     if trainable_backbone_layers is not None:
         options["trainable_backbone_layers"] = trainable_backbone_layers
-    detector = torchvision.models.get_model(name, **options)
+    try:
+        detector = torchvision.models.get_model(name, **options)
+    except (OSError, RuntimeError, ValueError) as error:  # no network, a bad download, a full disk
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise KdError(
+            f"could not load the ImageNet backbone weights of {name}: {reason}; run with "
+            "pretrained_backbone=false, put the file in torch's hub cache, or run on a machine with internet once"
+        ) from None
     if name.startswith("ssdlite"):
         detector.transform.fixed_size = (input_size, input_size)
     fixed_size_transform(detector, input_size, 3, size_divisible)
@@ -204,12 +217,16 @@ def _register_torchvision(name: str) -> None:
         input_size: int,
         score_thresh: Probability = SCORE_THRESH,
         trainable_backbone_layers: int | None = None,
+        pretrained_backbone: bool = False,
     ) -> nn.Module:
         return _torchvision_detector(
-            name, num_classes, in_channels, input_size, score_thresh, trainable_backbone_layers
+            name, num_classes, in_channels, input_size, score_thresh, trainable_backbone_layers, pretrained_backbone
         )
 
-    build.__doc__ = f"torchvision's {name} (new weights), labels 0..C-1 and kd's normalised batches."
+    build.__doc__ = (
+        f"torchvision's {name}, labels 0..C-1 and kd's normalised batches; pretrained_backbone=true loads its "
+        "backbone's ImageNet weights (torch's hub cache, else a download), the FPN and heads new."
+    )
     build.task = "detection"  # type: ignore[attr-defined]
     register_model(name)(build)
 
