@@ -131,3 +131,45 @@ def test_no_predictions_score_as_cocoeval_scores_misses():
     empty = coco_map(TRUTH, [], GAPPY_IDS, NAMES).stats
     some = coco_map(TRUTH, [image(11, [[5, 5, 40, 30]], [1], [0.9])], GAPPY_IDS, NAMES).stats
     assert empty["map"] == 0.0 and empty["map_large"] == some["map_large"] == -1.0
+
+
+def test_voc_ap50_follows_the_devkits_rules_on_hand_made_cases():
+    from kd_cli.tasks.voc_ap import area_under_envelope, voc_ap50
+
+    truth = [
+        ImageBoxes(1, torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]]), torch.tensor([0, 0])),
+        ImageBoxes(
+            2,
+            torch.tensor([[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0]]),
+            torch.tensor([0, 1]),
+            crowd=torch.tensor([False, True]),
+        ),
+    ]
+    predictions = [
+        # best first: a hit, a duplicate of it (a miss), a box on nothing (a miss), then the other two hits
+        ImageBoxes(
+            1,
+            torch.tensor(
+                [[0.0, 0.0, 10.0, 10.0], [0.5, 0.0, 10.0, 10.0], [40.0, 40.0, 45.0, 45.0], [20.0, 20.0, 30.0, 31.0]]
+            ),
+            torch.tensor([0, 0, 0, 0]),
+            scores=torch.tensor([0.9, 0.8, 0.7, 0.6]),
+        ),
+        ImageBoxes(
+            2,
+            torch.tensor([[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0]]),
+            torch.tensor([0, 1]),
+            scores=torch.tensor([0.5, 0.95]),
+        ),
+    ]
+    mean, per_class = voc_ap50(truth, predictions, 3)
+    # class 0: hits at ranks 1, 4, 5 of 3 boxes: precision 1, 1/2, 1/3, 1/2, 3/5 -> envelope 1 to recall 1/3,
+    # then 3/5 to recall 1: AP = 1/3 + 2/3 * 3/5 = 0.7333...
+    assert per_class[0] == pytest.approx(100 * (1 / 3 + 2 / 3 * 3 / 5))
+    # class 1: its only box is difficult: no AP, left out of the mean (the detection on it counts neither way)
+    assert per_class[1] != per_class[1] and per_class[2] != per_class[2]
+    assert mean == pytest.approx(per_class[0])
+    assert area_under_envelope([1, 1], 2) == 1.0 and area_under_envelope([0, 1], 1) == 0.5
+    assert area_under_envelope([], 4) == 0.0
+    perfect = [ImageBoxes(t.image_id, t.boxes, t.labels, scores=torch.ones(len(t.labels))) for t in truth]
+    assert voc_ap50(truth, perfect, 3)[0] == pytest.approx(100.0)

@@ -152,6 +152,7 @@ def evaluate_boxes(
             ("AP50 %", summary["map50"]),
             ("AP75 %", summary["map75"]),
             ("AR@100 %", summary["mar100"]),
+            ("VOC AP50 % (all-point)", summary["voc_ap50"]),
             *figure_rows(cfg, summary),
         ],
         run.path,

@@ -17,6 +17,7 @@ from torch import nn
 
 from kd_cli.tasks.base import Score, Task, register_task
 from kd_cli.tasks.coco_map import STAT_NAMES, ImageBoxes, coco_map
+from kd_cli.tasks.voc_ap import voc_ap50
 
 # COCOeval's scalars kept in every epoch's row (the rest, and per-class AP, in `kd evaluate`'s report).
 ROW_STATS = ("map", "map50", "map75", "mar100")
@@ -82,10 +83,13 @@ class DetectionScore(Score):
 
     def report(self) -> dict[str, Any]:
         scored = self._coco()
+        voc, voc_per_class = voc_ap50(self.truth, self.predictions if self.all_finite else [], self.num_classes)
         return {
             **self.result(),
             **{name: _percent(scored.stats[name]) for name in STAT_NAMES},
+            "voc_ap50": voc,  # PASCAL VOC's AP50 (tasks/voc_ap.py), the figure VOC papers report
             "per_class_ap": [_percent(ap) for ap in scored.per_class_ap],
+            "per_class_voc_ap50": voc_per_class,
             "num_images": len(self.truth),
             "num_boxes": sum(len(t.labels) for t in self.truth),
         }
