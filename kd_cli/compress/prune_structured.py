@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -75,11 +75,13 @@ class PruneStructured(CompressionStep):
 
         self.check(model)
         model.eval()
+        kept_whole: list[str]
         if is_detector(model):  # the backbone alone is traced: see backbone_of
             traced, example, kept_whole = backbone_of(model, ctx.example)
         else:
-            traced, example, kept_whole = model, ctx.example, [classifier_name(model, ctx.example)]
-        ignored = {*self.ignored_layers, *(name for name in kept_whole if name)}
+            classifier = classifier_name(model, ctx.example)
+            traced, example, kept_whole = model, ctx.example, [classifier] if classifier else []
+        ignored = {*self.ignored_layers, *kept_whole}
         before = tensor_shapes(model)
         try:
             pruner = tp.pruner.MetaPruner(
@@ -157,13 +159,14 @@ def backbone_of(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, tor
     the levels the heads (and the distillation methods) read keep their widths; the FPN's lateral convs
     lose the input channels the body loses. The post-processing after the heads (top-k, NMS) is never
     traced. A detector without an FPN (SSDlite: its heads read the body directly) is refused."""
-    backbone = model.detector.backbone
+    backbone = cast(nn.Module, cast(nn.Module, model.detector).backbone)
     fpn = getattr(backbone, "fpn", None)
     if fpn is None:
         raise KdError(
             f"compression.prune_structured prunes a detector's backbone under its FPN, and "
             f"{type(model.detector).__name__}'s backbone has none; use lowrank or prune_unstructured"
         )
+    assert isinstance(fpn, nn.Module)
     seen: list[torch.Tensor] = []
     hook = backbone.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
     try:

@@ -86,7 +86,7 @@ class RoiKD(FpnDistiller):
         self.backbone_input_size = tuple(captured["input"].shape[-2:])
         teacher_levels = self.all_teacher_levels(captured["input"])
         if self.kd_weight:
-            teacher_logits = self.teacher_logits(teacher_levels, captured)
+            teacher_logits = self.teacher_roi_logits(teacher_levels, captured)
             terms["roi_kd"] = self.kd_weight * kd_loss(captured["logits"].float(), teacher_logits, self.temperature)
         student_levels = [captured["levels"][name] for name in self.level_names]
         paired = [teacher_levels[name] for name in self.teacher_level_names]
@@ -94,7 +94,7 @@ class RoiKD(FpnDistiller):
         return None, terms
 
     @torch.no_grad()
-    def teacher_logits(self, levels: dict[str, torch.Tensor], captured: dict[str, Any]) -> torch.Tensor:
+    def teacher_roi_logits(self, levels: dict[str, torch.Tensor], captured: dict[str, Any]) -> torch.Tensor:
         """The teacher's class logits for the student's sampled proposals, pooled from its own levels."""
         heads = self.heads[1]
         pooled = heads.box_roi_pool(levels, captured["proposals"], captured["image_shapes"])
